@@ -1,0 +1,1553 @@
+"""
+ERN: an Emotion Recognition Network for faces, in one file.
+
+A residual CNN with dual attention (channel + spatial, after every stage), an emotion context
+module (one learnable prototype per emotion; each face's cosine similarity to the prototypes
+gives a context distribution q whose expected prototype refines the prediction), and a hybrid
+loss (label-smoothed cross-entropy + lambda * KL(target || q)). Reads YOLO-format datasets
+(data.yaml + train/valid/test, each images/ + labels/), trains with AdamW and a warm-up +
+cosine schedule, and writes checkpoints, evaluation_results.json and plots into one run folder.
+
+    python emotion_recognition.py --demo                        # synthetic faces, a few minutes on a CPU
+    python emotion_recognition.py --data_dir=path/to/YOLO_format # the full protocol (GPU: 96 px, 50 epochs)
+    python emotion_recognition.py --data_dir=... --preset=cpu    # the CPU-budget protocol
+    python emotion_recognition.py --evaluate=outputs/RUN/best_emotion_model.pth --data_dir=...
+    python emotion_recognition.py --predict=face.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
+    python emotion_recognition.py --help                         # every field of Config
+
+Every field of Config below can be overridden as --name=value. Measured results, with their
+commands and machines, are in README.md and BENCHMARKS.md.
+"""
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str = "data/affectnet/YOLO_format"  # folder holding data.yaml (or the data.yaml itself)
+    image_size: int = 96  # pixels, square; the box crop is resized to this (>= 32)
+    crop_margin: float = 0.1  # fraction of the box size added on each side before cropping
+    cache_dir: str = "outputs/cache"  # decoded uint8 arrays, one per split, rebuilt when files change
+    strict: bool = True  # stop on any dataset problem; false: skip bad samples and list them
+    drop_duplicates: bool = False  # drop valid/test images that duplicate a training image
+    val_fraction: float = 0.1  # held out of train, stratified, only if the dataset has no val split
+    decode_threads: int = 0  # threads decoding images into the cache; 0 = one per core
+    # augmentation (on the device, per-sample randomness)
+    aug_scale: float = 0.1  # random zoom in [1 - a, 1 + a]
+    aug_translate: float = 0.1  # random shift, fraction of the image side
+    aug_rotate: float = 10.0  # random rotation, degrees in [-a, a]
+    aug_flip: float = 0.5  # probability of a horizontal flip
+    aug_brightness: float = 0.2  # brightness factor in [1 - a, 1 + a]
+    aug_contrast: float = 0.2  # contrast factor in [1 - a, 1 + a]
+    aug_erase: float = 0.25  # probability of erasing one random rectangle
+    mixup: float = 0.0  # mixup Beta(a, a) concentration; 0 = off
+    cutmix: float = 0.0  # cutmix Beta(a, a) concentration; 0 = off (with mixup: one or the other per batch)
+    tta_flip: bool = True  # evaluation averages the image and its mirror
+    # model
+    width: float = 1.0  # channel multiplier; 1.0 = the 27.5 M-parameter network
+    blocks: str = "2,4,7,2"  # residual blocks per stage
+    channel_attention: bool = True  # CBAM channel gate after every stage
+    spatial_attention: bool = True  # CBAM spatial gate after every stage
+    attention_reduction: int = 16  # channel-attention bottleneck ratio
+    context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
+    dropout: float = 0.3  # before the classifier
+    # loss
+    label_smoothing: float = 0.1  # epsilon of the smoothed target t
+    context_weight: float = 0.5  # lambda of the KL(t || q) term; 0 = cross-entropy only
+    context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
+    class_weights: bool = False  # weight the cross-entropy by inverse class frequency
+    # optimization
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
+    min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
+    grad_clip: float = 5.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off, e.g. 0.999
+    # system
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
+    channels_last: bool = True  # CUDA only: on the CPU, oneDNN's channels_last backward crashed (BENCHMARKS.md)
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
+    eval_batch_size: int = 512
+    # output
+    output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
+    run_name: str = "ern"
+    overwrite: bool = False  # allow writing into a folder that already holds a run's results
+    tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
+    # actions
+    preset: str = ""  # named overrides applied before the command line: cpu | demo
+    demo: bool = False  # write a synthetic dataset of drawn faces and train on it briefly
+    evaluate: str = ""  # checkpoint to evaluate (no training)
+    split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
+    resume: str = ""  # last.pth of an interrupted run
+    predict: str = ""  # image file or folder to classify with --checkpoint
+    checkpoint: str = ""  # checkpoint for --predict
+    detect_faces: bool = True  # --predict: find faces with OpenCV's Haar cascade (whole image if none)
+
+
+# Named sets of overrides. The CPU-budget protocol is measured in BENCHMARKS.md.
+PRESETS = {
+    "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=12, batch_size=128, lr=2e-3,
+                warmup_epochs=1.0, tsne_samples=1500),
+    "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
+                 warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
+}
+ACTION_FIELDS = ("preset", "demo", "evaluate", "split", "resume", "predict", "checkpoint", "overwrite", "output_dir")
+CHECKPOINT_FORMAT = "ern-checkpoint-v1"
+CACHE_VERSION = 1
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: --name=value overrides, presets, validation
+# ---------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """A problem the user can fix (arguments, data, checkpoint): printed as one message, no traceback."""
+
+
+def field_help():
+    """Trailing comments of Config's fields, for --help."""
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+
+
+def parse_value(name, text, kind):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def parse_args(argv, base=None):
+    """Config from --name=value arguments (a bare --flag means true), over a preset, over base."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
+    kinds = {k: {"str": str, "int": int, "float": float, "bool": bool}.get(v, v) for k, v in kinds.items()}
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__.strip() + "\n\nfields (--name=value):")
+            helps = field_help()
+            for f in dataclasses.fields(Config):
+                print(f"  --{f.name}={f.default!s:<28} {helps.get(f.name, '')}")
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: use --name=value")
+        name, eq, text = arg[2:].partition("=")
+        if name not in kinds:
+            close = difflib.get_close_matches(name, kinds, n=1)
+            raise UserError(f"unknown field --{name}" + (f"; did you mean --{close[0]}?" if close else ""))
+        if not eq:
+            if kinds[name] is not bool:
+                raise UserError(f"--{name} needs a value: --{name}=...")
+            text = "true"
+        overrides[name] = parse_value(name, text, kinds[name])
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    preset = overrides.get("preset", cfg.preset if base is None else "")
+    if overrides.get("demo") and not preset:
+        preset = "demo"
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        cfg = dataclasses.replace(cfg, **PRESETS[preset])
+    return dataclasses.replace(cfg, **overrides), overrides
+
+
+def parse_blocks(text):
+    try:
+        blocks = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"--blocks expects comma-separated integers, got {text!r}") from None
+    if not blocks or min(blocks) < 1:
+        raise UserError(f"--blocks needs at least one stage, each with >= 1 block, got {text!r}")
+    return blocks
+
+
+def validate_config(cfg):
+    """Refuse impossible values before any work starts."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+        (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
+        (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
+        (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
+        (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+        (0 < cfg.min_lr_ratio <= 1, f"--min_lr_ratio must be in (0, 1], got {cfg.min_lr_ratio}"),
+        (0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
+        (0 <= cfg.crop_margin <= 1, f"--crop_margin must be in [0, 1], got {cfg.crop_margin}"),
+        (cfg.attention_reduction >= 1, f"--attention_reduction must be >= 1, got {cfg.attention_reduction}"),
+        (cfg.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {cfg.split!r}"),
+        (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
+    ]
+    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix",
+                 "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
+        checks.append((getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}"))
+    for name in ("aug_flip", "aug_erase"):
+        checks.append((0 <= getattr(cfg, name) <= 1, f"--{name} is a probability, got {getattr(cfg, name)}"))
+    checks.append((cfg.aug_scale < 1, f"--aug_scale must be < 1, got {cfg.aug_scale}"))
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    min_size = 2 ** (len(parse_blocks(cfg.blocks)) + 1)
+    if cfg.image_size < max(32, min_size):
+        raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
+    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu or auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# Utilities
+# ---------------------------------------------------------------------------------------------
+
+def log(message, log_file=None):
+    """Print, and append to the run's log file: the log of a run is its console output."""
+    tqdm.write(message)
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            f.write(message + "\n")
+
+
+def seed_everything(seed, deterministic):
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never breaks a good file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: data.yaml -> split folders -> labelled samples (parsing and checks) -> decoded uint8 cache
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """One split's samples (one per labelled box) and, once decoded, its pixels."""
+    name: str
+    paths: list  # image file of each sample
+    labels: np.ndarray  # (N,) int64 class ids
+    boxes: np.ndarray  # (N, 4) float32 cx, cy, w, h, normalized
+    images: np.ndarray = None  # (N, 3, S, S) uint8 RGB, memory-mapped from the cache
+    hashes: list = None  # hash of each sample's decoded source image
+    formats: list = None  # decoded format of each sample's source image (jpeg, png, ...)
+    sizes: list = None  # (height, width) of each sample's source image
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, keep):
+        keep = np.asarray(keep, dtype=bool)
+        pick = lambda xs: None if xs is None else [x for x, k in zip(xs, keep) if k]
+        return Split(self.name, pick(self.paths), self.labels[keep], self.boxes[keep],
+                     None if self.images is None else self.images[keep],
+                     pick(self.hashes), pick(self.formats), pick(self.sizes))
+
+
+def read_data_yaml(data_dir):
+    """Class names (in data.yaml's order) and {split: images folder}, resolved as Ultralytics does.
+
+    Split paths are relative to `path` if given, else to the yaml's folder. If a path does not
+    exist, the standard folder beside the yaml (train/, valid/ or val/, test/) is used, with a note.
+    """
+    data_dir = Path(data_dir).expanduser()
+    yaml_path = data_dir if data_dir.suffix in (".yaml", ".yml") else data_dir / "data.yaml"
+    if not yaml_path.is_file():
+        raise UserError(f"no data.yaml at {yaml_path}: pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
+    try:
+        doc = yaml.safe_load(yaml_path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{yaml_path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict) or "names" not in doc:
+        raise UserError(f"{yaml_path}: expected a mapping with 'names' (and 'nc', 'train', 'val')")
+    names = doc["names"]
+    if isinstance(names, dict):  # Ultralytics also writes {0: name, 1: name, ...}
+        if sorted(names) != list(range(len(names))):
+            raise UserError(f"{yaml_path}: names keys must be 0..{len(names) - 1}, got {sorted(names)}")
+        names = [names[i] for i in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
+    names = [str(n) for n in names]
+    if "nc" in doc and doc["nc"] != len(names):
+        raise UserError(f"{yaml_path}: nc is {doc['nc']} but names lists {len(names)} classes: {names}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{yaml_path}: duplicate class names: {names}")
+    base = yaml_path.parent
+    root = (base / doc["path"]) if doc.get("path") else base
+    folders, notes = {}, []
+    for split, standard in (("train", ["train"]), ("val", ["valid", "val"]), ("test", ["test"])):
+        entry = doc.get(split)
+        if isinstance(entry, list):
+            raise UserError(f"{yaml_path}: '{split}' is a list of folders; this script reads one folder per split")
+        given = (root / entry).resolve() if entry else None
+        if given is not None and given.is_dir():
+            folders[split] = given
+            continue
+        fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
+        if fallback is not None:
+            folders[split] = fallback.resolve()
+            if given is not None:
+                notes.append(f"data.yaml's {split} path {entry!r} does not exist; using {fallback}")
+        elif given is not None and split != "test":
+            notes.append(f"data.yaml's {split} path {entry!r} does not exist and there is no {standard[0]}/images")
+    if "train" not in folders:
+        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path nor {base}/train/images exists")
+    return names, folders, notes
+
+
+def labels_folder(images_dir):
+    """Ultralytics convention: the last 'images' component of the path becomes 'labels'."""
+    parts = list(images_dir.parts)
+    if "images" not in parts:
+        return images_dir.parent / "labels"
+    i = len(parts) - 1 - parts[::-1].index("images")
+    return Path(*parts[:i], "labels", *parts[i + 1:])
+
+
+def parse_label_file(path, num_classes):
+    """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers])."""
+    boxes, problems = [], []
+    text = path.read_text(errors="replace")
+    if not text.strip():
+        return boxes, [f"{path}: empty label file (expected lines 'class cx cy w h')"]
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{n}"
+        if len(fields) != 5:
+            problems.append(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+            continue
+        try:
+            values = [float(v) for v in fields]
+        except ValueError:
+            problems.append(f"{where}: non-numeric field in {line.strip()!r}")
+            continue
+        cls = values[0]
+        if cls != int(cls) or not 0 <= cls < num_classes:
+            problems.append(f"{where}: class id {fields[0]} outside 0..{num_classes - 1}")
+            continue
+        cx, cy, w, h = values[1:]
+        if not all(0 <= v <= 1 for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
+            problems.append(f"{where}: box {cx} {cy} {w} {h} outside [0, 1] (normalized cx cy w h expected)")
+            continue
+        boxes.append((int(cls), cx, cy, w, h))
+    return boxes, problems
+
+
+def scan_split(name, images_dir, num_classes):
+    """Pair images with label files and parse them: (Split of the valid boxes, problems)."""
+    labels_dir = labels_folder(images_dir)
+    problems = []
+    if not labels_dir.is_dir():
+        raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
+    images, others = {}, []
+    for p in sorted(images_dir.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() in IMAGE_EXTS:
+            images[p.relative_to(images_dir).with_suffix("")] = p
+        else:
+            others.append(p)
+    problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
+    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in sorted(labels_dir.rglob("*.txt"))}
+    paths, labels, boxes = [], [], []
+    for stem, image in images.items():
+        label = label_files.get(stem)
+        if label is None:
+            problems.append(f"{image}: no label file (expected {labels_dir / stem}.txt)")
+            continue
+        found, bad = parse_label_file(label, num_classes)
+        problems += bad
+        for cls, *box in found:
+            paths.append(str(image))
+            labels.append(cls)
+            boxes.append(box)
+    problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in images]
+    split = Split(name, paths, np.array(labels, dtype=np.int64), np.array(boxes, dtype=np.float32).reshape(-1, 4))
+    return split, problems
+
+
+def image_format(data):
+    """Format from the file's magic bytes, never from its name."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def truncated(data, fmt):
+    """JPEG must end with its EOI marker, PNG with its IEND chunk (decoders accept partial files)."""
+    if fmt == "jpeg":
+        return b"\xff\xd9" not in data[-64:]
+    if fmt == "png":
+        return b"IEND" not in data[-32:]
+    return False
+
+
+def crop_box(image, box, margin, size):
+    """Crop a normalized cx, cy, w, h box, widened by margin on each side and clamped, resized to size."""
+    h, w = image.shape[:2]
+    cx, cy, bw, bh = box
+    x0, x1 = (cx - bw * (0.5 + margin)) * w, (cx + bw * (0.5 + margin)) * w
+    y0, y1 = (cy - bh * (0.5 + margin)) * h, (cy + bh * (0.5 + margin)) * h
+    x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
+    x1, y1 = min(w, max(x0 + 1, int(round(x1)))), min(h, max(y0 + 1, int(round(y1))))
+    crop = image[y0:y1, x0:x1]
+    interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def decode_image(path):
+    """RGB uint8 array of one file and its format, or raise ValueError saying what is wrong."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError("zero-size file")
+    fmt = image_format(data)
+    if fmt is None:
+        raise ValueError("not an image (unknown file signature)")
+    if truncated(data, fmt):
+        raise ValueError(f"truncated {fmt} file")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"unreadable {fmt} file")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
+
+
+def decode_split(split, out, size, margin, threads):
+    """Decode each image once (in parallel), crop its boxes into out[i]; per-sample (ok, hash, fmt, hw), problems."""
+    by_image = defaultdict(list)
+    for i, p in enumerate(split.paths):
+        by_image[p].append(i)
+    meta = [None] * len(split)
+    problems = []
+
+    def work(item):
+        path, idx = item
+        try:
+            image, fmt = decode_image(path)
+        except (ValueError, OSError) as e:
+            return path, idx, None, str(e)
+        digest = hashlib.blake2b(image.tobytes(), digest_size=12)
+        digest.update(str(image.shape).encode())
+        for i in idx:
+            out[i] = crop_box(image, split.boxes[i], margin, size).transpose(2, 0, 1)
+        return path, idx, (digest.hexdigest(), fmt, list(image.shape[:2])), None
+
+    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # cv2 releases the GIL
+        for path, idx, info, error in pool.map(work, by_image.items(), chunksize=64):
+            if error:
+                problems.append(f"{path}: {error}")
+            for i in idx:
+                meta[i] = info
+    return meta, problems
+
+
+def cache_key(split, size, margin):
+    h = hashlib.sha1(f"{CACHE_VERSION}|{size}|{margin}".encode())
+    for p in dict.fromkeys(split.paths):
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(split.boxes.tobytes())
+    return h.hexdigest()[:20]
+
+
+def load_split_pixels(split, cfg, log_file=None):
+    """Fill split.images from the cache (memory-mapped), decoding into it first if the files changed.
+
+    Returns the problems found while decoding (unreadable, truncated, not an image); samples
+    whose image failed stay in the split with ok=False in the returned mask.
+    """
+    size, margin = cfg.image_size, cfg.crop_margin
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(split.paths[0]).parent if split.paths else Path(".")
+    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px"
+    stem = cache_dir / f"{prefix}_{cache_key(split, size, margin)}"
+    array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    if not (array_path.exists() and meta_path.exists()):
+        t0 = time.time()
+        tmp = stem.with_suffix(".npy.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
+        meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
+        out.flush()
+        del out
+        os.replace(tmp, array_path)
+        write_json({"meta": meta, "problems": problems}, meta_path)
+        for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
+            if old.stem.split(".")[0] != stem.name:
+                old.unlink()
+        log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {time.time() - t0:.1f}s", log_file)
+    cached = json.loads(meta_path.read_text())
+    meta = cached["meta"]
+    split.images = np.load(array_path, mmap_mode="r")
+    ok = np.array([m is not None for m in meta], dtype=bool)
+    split.hashes = [m[0] if m else None for m in meta]
+    split.formats = [m[1] if m else None for m in meta]
+    split.sizes = [tuple(m[2]) if m else None for m in meta]
+    return ok, cached["problems"]
+
+
+def stratified_holdout(labels, fraction, seed):
+    """Boolean mask of a class-stratified random fraction of the samples."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held[idx[:max(1, round(fraction * len(idx)))]] = True
+    return held
+
+
+def split_report(split, class_names):
+    return {
+        "samples": len(split),
+        "images": len(set(split.paths)),
+        "per_class": {n: int((split.labels == i).sum()) for i, n in enumerate(class_names)},
+        "formats": dict(Counter(split.formats)),
+        "image_sizes": {f"{h}x{w}": n for (h, w), n in Counter(split.sizes).most_common(10)},
+    }
+
+
+def find_duplicates(splits):
+    """Exact duplicates (same decoded pixels) within each split and of training images in the others."""
+    report = {}
+    owners = defaultdict(lambda: defaultdict(set))  # hash -> split -> labels
+    first_path = {}
+    for s in splits.values():
+        seen = defaultdict(set)
+        for p, h, y in zip(s.paths, s.hashes, s.labels):
+            seen[h].add(p)
+            owners[h][s.name].add(int(y))
+            first_path.setdefault((h, s.name), p)
+        groups = [ps for ps in seen.values() if len(ps) > 1]
+        conflicts = sum(1 for h, ps in seen.items() if len(ps) > 1 and len(owners[h][s.name]) > 1)
+        report[f"{s.name}_within"] = {"groups": len(groups), "extra_images": sum(len(g) - 1 for g in groups),
+                                      "label_conflicts": conflicts}
+    train_hashes = set(splits["train"].hashes)
+    for s in splits.values():
+        if s.name == "train":
+            continue
+        dup = [h in train_hashes for h in s.hashes]
+        images = {p for p, d in zip(s.paths, dup) if d}
+        conflicts = sorted({first_path[(h, s.name)] for h in set(s.hashes) & train_hashes
+                            if owners[h][s.name] != owners[h]["train"]})
+        report[f"{s.name}_in_train"] = {"samples": int(sum(dup)), "images": len(images),
+                                        "label_conflicts": len(conflicts), "conflict_examples": conflicts[:10]}
+    return report
+
+
+def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
+    """Class names, decoded splits and the data report; every problem is collected before deciding.
+
+    Strict (default): any problem stops the run with the full list. Otherwise the offending
+    samples are skipped and listed in the report. Unreadable images are never replaced.
+    """
+    class_names, folders, notes = read_data_yaml(cfg.data_dir)
+    for note in notes:
+        log(f"note: {note}", log_file)
+    splits, problems = {}, []
+    for name in splits_wanted:
+        if name in folders:
+            splits[name], found = scan_split(name, folders[name], len(class_names))
+            problems += found
+    ok = {}
+    for name, split in splits.items():
+        if len(split):
+            ok[name], found = load_split_pixels(split, cfg, log_file)
+            problems += found
+    if problems and cfg.strict:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n"
+                        "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
+    for name in list(splits):
+        if name in ok:
+            splits[name] = splits[name].subset(ok[name])
+        if not len(splits[name]):
+            if name == "train":
+                raise UserError(f"the training split in {folders['train']} has no usable samples")
+            del splits[name]
+    if problems:
+        log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
+    if "val" not in splits and "train" in splits_wanted:
+        held = stratified_holdout(splits["train"].labels, cfg.val_fraction, cfg.seed)
+        splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
+        splits["train"] = splits["train"].subset(~held)
+        log(f"note: no validation split; holding out {held.sum()} training samples (--val_fraction={cfg.val_fraction})", log_file)
+    duplicates = find_duplicates(splits) if "train" in splits else {}
+    for name, d in duplicates.items():
+        if name.endswith("_in_train") and d["samples"]:
+            log(f"warning: {d['samples']} {name.split('_')[0]} samples duplicate training images pixel for pixel "
+                f"({d['label_conflicts']} with other labels)" + ("; dropping them" if cfg.drop_duplicates else
+                                                                 "; --drop_duplicates=true drops them"), log_file)
+            if cfg.drop_duplicates:
+                train_hashes = set(splits["train"].hashes)
+                s = splits[name.split("_")[0]]
+                splits[s.name] = s.subset([h not in train_hashes for h in s.hashes])
+    report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes,
+              "problems": problems, "skipped_problems": len(problems),
+              "splits": {n: split_report(s, class_names) for n, s in splits.items()},
+              "duplicates": duplicates}
+    return class_names, splits, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation: whole batches on the device, per-sample randomness
+# ---------------------------------------------------------------------------------------------
+
+def normalize(x_uint8, mean, std):
+    return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def augment_batch(x, mean, std, cfg):
+    """uint8 (B, 3, S, S) -> normalized float: affine (zoom, shift, rotation, flip), jitter, erasing.
+
+    The flip and the affine share one affine_grid + grid_sample; every sample draws its own.
+    """
+    b, dev = x.shape[0], x.device
+    x = x.float() / 255
+    u = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # uniform in [-1, 1]
+    if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip:
+        angle = u(b) * math.radians(cfg.aug_rotate)
+        zoom = 1 + u(b) * cfg.aug_scale
+        flip = torch.where(torch.rand(b, device=dev) < cfg.aug_flip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        shift = u(b, 2) * cfg.aug_translate * 2  # grid coordinates span 2 per image side
+        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if cfg.aug_brightness or cfg.aug_contrast:
+        mean_px = x.mean((1, 2, 3), keepdim=True)
+        contrast = 1 + u(b, 1, 1, 1) * cfg.aug_contrast
+        bright = 1 + u(b, 1, 1, 1) * cfg.aug_brightness
+        x = (((x - mean_px) * contrast + mean_px) * bright).clamp_(0, 1)
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    if cfg.aug_erase:
+        s = x.shape[-1]
+        area = torch.empty(b, device=dev).uniform_(0.02, 0.25)
+        aspect = torch.exp(torch.empty(b, device=dev).uniform_(math.log(0.3), math.log(3.3)))
+        eh, ew = (area * aspect).sqrt() * s, (area / aspect).sqrt() * s
+        cy, cx = torch.rand(b, device=dev) * s, torch.rand(b, device=dev) * s
+        r = torch.arange(s, device=dev, dtype=x.dtype)
+        rows = ((r.view(1, s) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2)
+        cols = ((r.view(1, s) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2)
+        erase = rows.view(b, 1, s, 1) & cols.view(b, 1, 1, s) & (torch.rand(b, 1, 1, 1, device=dev) < cfg.aug_erase)
+        x = x.masked_fill(erase, 0.0)  # 0 = the dataset mean after normalization
+    return x
+
+
+def mix_batch(x, target, cfg):
+    """Mixup or cutmix (one per batch, by coin flip when both are on) of images and target distributions."""
+    if not (cfg.mixup or cfg.cutmix):
+        return x, target
+    use_cutmix = cfg.cutmix > 0 and (cfg.mixup == 0 or torch.rand(()) < 0.5)
+    alpha = cfg.cutmix if use_cutmix else cfg.mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    if use_cutmix:
+        s = x.shape[-1]
+        cut = int(s * math.sqrt(1 - lam))
+        cy, cx = (int(v) for v in torch.randint(0, s, (2,)))
+        y0, y1, x0, x1 = max(cy - cut // 2, 0), min(cy + cut // 2, s), max(cx - cut // 2, 0), min(cx + cut // 2, s)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (s * s)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: dual attention (channel + spatial), residual backbone, emotion context module
+# ---------------------------------------------------------------------------------------------
+
+class ChannelAttention(nn.Module):
+    """CBAM channel attention (Woo et al., ECCV 2018): avg- and max-pooled descriptors through one
+    shared bottleneck MLP, summed, one sigmoid gate per channel."""
+
+    def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 8):
+        super().__init__()
+        hidden = max(channels // reduction, min_hidden)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=False)
+
+    def forward(self, x):
+        avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        mx = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * torch.sigmoid(avg + mx)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention: the channel-wise mean and max maps through a 7x7 convolution,
+    one sigmoid gate per position."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        maps = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+        return x * torch.sigmoid(self.bn(self.conv(maps)))
+
+
+class DualAttention(nn.Module):
+    """Channel attention, then spatial attention (CBAM's order); either can be switched off."""
+
+    def __init__(self, channels: int, channel: bool = True, spatial: bool = True, reduction: int = 16):
+        super().__init__()
+        self.channel = ChannelAttention(channels, reduction) if channel else nn.Identity()
+        self.spatial = SpatialAttention() if spatial else nn.Identity()
+
+    def forward(self, x):
+        return self.spatial(self.channel(x))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al., 2016): two 3x3 convolutions and a projection shortcut when shapes change."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x), inplace=True)
+
+
+class EmotionContext(nn.Module):
+    """Learnable emotion prototypes P (K x D) and each face's similarity to them.
+
+    s_k = cos(f, P_k) / tau (the context logits), q = softmax(s) (the context distribution),
+    c = q^T P (the context vector, the expected prototype) refines the prediction.
+    """
+
+    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1):
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
+        self.temperature = temperature
+
+    def context_similarity(self, f):
+        return F.normalize(f, dim=1) @ F.normalize(self.prototypes, dim=1).t() / self.temperature
+
+    def forward(self, f):
+        s = self.context_similarity(f)
+        c = s.softmax(1).to(self.prototypes.dtype) @ self.prototypes
+        return c, s
+
+
+class ERN(nn.Module):
+    """Emotion Recognition Network: stem, residual stages each followed by dual attention,
+    global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c].
+
+    forward(x) -> (logits, context logits s or None, features f).
+    """
+
+    def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
+                 spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3):
+        super().__init__()
+        widths = [max(8, int(round(c * width / 8)) * 8) for c in (80, 160, 320, 640)[:len(blocks)]]
+        stem = widths[0] // 2
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        stages, cin = [], stem
+        for cout, n in zip(widths, blocks):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
+            layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
+            layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction))
+            stages.append(nn.Sequential(*layers))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.feature_dim = cin
+        self.context = EmotionContext(cin, num_classes, temperature) if context else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cin * (2 if context else 1), num_classes)
+
+    def forward(self, x):
+        f = self.stages(self.stem(x)).mean((2, 3))
+        if self.context is None:
+            return self.classifier(self.dropout(f)), None, f
+        c, s = self.context(f)
+        return self.classifier(self.dropout(torch.cat([f, c], 1))), s, f
+
+
+def build_model(cfg, num_classes):
+    return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def smooth_targets(labels, num_classes, smoothing):
+    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
+    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
+
+    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
+    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
+    t is the label-smoothed (possibly mixed) target distribution; with class_weights w, the
+    cross-entropy is the w_y-weighted mean. Without the context module the KL term is 0.
+    """
+    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
+    if class_weights is not None:
+        w = target @ class_weights
+        ce = (ce * w).sum() / w.sum()
+    else:
+        ce = ce.mean()
+    if context_logits is None:
+        return ce, ce, torch.zeros_like(ce)
+    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
+    return ce + context_weight * kl, ce, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of the weights (and a copy of the buffers), evaluated instead of the model."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        ema, live = self.model.state_dict(), model.state_dict()
+        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - self.decay)
+        for k, v in ema.items():
+            if not v.dtype.is_floating_point:
+                v.copy_(live[k])
+
+
+def make_optimizer(model, cfg):
+    """AdamW; no weight decay on biases, norms and prototypes (1-d or scale-free parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+
+
+def make_scheduler(optimizer, cfg, steps_per_epoch):
+    """Per step: linear warm-up from 1 % of lr, then cosine annealing to min_lr_ratio * lr."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step):
+        if step < warmup:
+            return 0.01 + 0.99 * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, ema=None,
+                    class_weights=None, num_classes=None):
+    """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
+
+    Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
+    device and are read only at log points, which is also where a non-finite loss is caught.
+    """
+    model.train()
+    dev = images.device
+    n = images.shape[0]
+    batch = min(cfg.batch_size, n)
+    steps = n // batch  # drop the ragged last batch: BatchNorm dislikes tiny ones
+    perm = torch.randperm(n, device=dev)
+    sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
+    first_bad = torch.full((), -1, device=dev, dtype=torch.long)
+    amp_dtype = autocast_dtype(cfg, dev)
+    log_every = max(1, steps // 10)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+    for step in bar:
+        idx = perm[step * batch:(step + 1) * batch]
+        y = labels[idx]
+        x = augment_batch(images[idx], mean, std, cfg)
+        target = smooth_targets(y, num_classes, cfg.label_smoothing)
+        x, target = mix_batch(x, target, cfg)
+        if use_channels_last(cfg, dev):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, context_logits, _ = model(x)
+        loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        with torch.no_grad():
+            terms = torch.stack([loss, ce, kl]).detach()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
+            sums += torch.cat([terms * len(idx), (logits.argmax(1) == y).sum().view(1)])
+        if (step + 1) % log_every == 0 or step == steps - 1:  # the only host syncs of the loop
+            if first_bad.item() >= 0:
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
+            seen = (step + 1) * batch
+            bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
+    total = steps * batch
+    loss, ce, kl, correct = (sums / total).tolist()
+    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
+
+
+def use_channels_last(cfg, device):
+    # torch 2.14's oneDNN CPU backward corrupts the heap with channels_last at width 0.25 (BENCHMARKS.md)
+    return cfg.channels_last and device.type == "cuda"
+
+
+def autocast_dtype(cfg, device):
+    if device.type != "cuda" or not cfg.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
+    """One self-contained dict: enough to evaluate or predict without the dataset or this file's defaults."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dataclasses.asdict(cfg),
+            "class_names": list(class_names), "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+            "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
+
+
+def training_state(optimizer, scheduler, scaler, ema, history, best):
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": None if ema is None else ema.model.state_dict(), "history": history, "best": best, "rng": rng}
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, class_names=None, image_size=None):
+    """Rebuild the network a checkpoint describes; refuse one whose classes or image size differ."""
+    if class_names is not None and list(class_names) != ckpt["class_names"]:
+        raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
+    if image_size is not None and image_size != ckpt["image_size"]:
+        raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    model = build_model(cfg, len(ckpt["class_names"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit the architecture its config describes: {str(e)[:300]}") from None
+    return model, cfg
+
+
+def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
+    """The training loop: per-epoch validation, best and last checkpoints, metrics.jsonl, Ctrl-C safety."""
+    k = len(class_names)
+    train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
+    train_y = torch.from_numpy(splits["train"].labels).to(device)
+    val = splits["val"]
+    steps_per_epoch = len(train_y) // min(cfg.batch_size, len(train_y))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    class_weights = None
+    if cfg.class_weights:
+        counts = torch.bincount(train_y, minlength=k).float().clamp(min=1)
+        class_weights = (counts.sum() / (k * counts)).to(device)
+    history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        if ema is not None and resume["ema"] is not None:
+            ema.model.load_state_dict(resume["ema"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        history, best, start = resume["history"], resume["best"], resume["epoch"] + 1
+    fwd = torch.compile(model) if cfg.compile else model
+    last_path, resume_cmd = run_dir / "last.pth", f"python {Path(sys.argv[0]).name} --resume={run_dir / 'last.pth'}"
+    save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
+        model, cfg, class_names, mean, std, epoch, metrics,
+        **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
+    if resume is None:
+        save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
+    t_start = time.time() - sum(h["epoch_seconds"] for h in history)
+    epoch = start - 1
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.time()
+            stats = train_one_epoch(fwd, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
+                                    ema, class_weights, k)
+            judged = ema.model if ema is not None else model
+            val_out = run_inference(judged, val.images, mean, std, device, cfg, tta=False)
+            target = smooth_targets(torch.from_numpy(val.labels), k, cfg.label_smoothing)
+            val_loss = hybrid_loss(val_out["logits"], val_out["context_logits"], target, cfg.context_weight)[0].item()
+            val_pred = val_out["logits"].argmax(1).numpy()
+            stats.update(epoch=epoch, val_loss=val_loss, val_accuracy=float((val_pred == val.labels).mean()),
+                         val_macro_f1=macro_f1(val.labels, val_pred, k), lr=scheduler.get_last_lr()[0],
+                         epoch_seconds=time.time() - t0)
+            history.append(stats)
+            improved = stats["val_accuracy"] > best["val_accuracy"]
+            if improved:
+                best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
+                atomic_save(checkpoint_dict(judged, cfg, class_names, mean, std, epoch, stats), run_dir / "best_emotion_model.pth")
+            save_last(epoch, stats)
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+            log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
+                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {val_loss:.4f} "
+                f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
+                f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
+    except KeyboardInterrupt:
+        log(f"\ninterrupted during epoch {epoch + 1}; {last_path} holds the end of epoch {epoch}. Resume with:\n  {resume_cmd}", log_file)
+        raise SystemExit(130)
+    except NonFiniteLoss as e:
+        raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {epoch}).") from None
+    final = ema.model if ema is not None else model
+    atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1]), run_dir / "final_emotion_model.pth")
+    return history, best, time.time() - t_start
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def run_inference(model, images, mean, std, device, cfg, tta=None):
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages logits)."""
+    model.eval()
+    tta = cfg.tta_flip if tta is None else tta
+    amp_dtype = autocast_dtype(cfg, device)
+    outs = defaultdict(list)
+    for i in range(0, len(images), cfg.eval_batch_size):
+        x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
+        if use_channels_last(cfg, device):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, s, f = model(x)
+            if tta:
+                logits_m, s_m, f_m = model(x.flip(3))
+                logits, f = (logits + logits_m) / 2, (f + f_m) / 2
+                s = None if s is None else (s + s_m) / 2
+        outs["logits"].append(logits.float().cpu())
+        outs["features"].append(f.float().cpu())
+        if s is not None:
+            outs["context_logits"].append(s.float().cpu())
+    return {"logits": torch.cat(outs["logits"]), "features": torch.cat(outs["features"]),
+            "context_logits": torch.cat(outs["context_logits"]) if outs["context_logits"] else None}
+
+
+def confusion(y_true, y_pred, k):
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def macro_f1(y_true, y_pred, k):
+    cm = confusion(y_true, y_pred, k)
+    tp = np.diag(cm)
+    denom = cm.sum(0) + cm.sum(1)
+    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+
+
+def evaluation_results(split, out, class_names, train_hashes=None):
+    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, per-source accuracy."""
+    k = len(class_names)
+    y, pred = split.labels, out["logits"].argmax(1).numpy()
+    cm = confusion(y, pred, k)
+    report = {}
+    for i, name in enumerate(class_names):
+        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
+        p = tp / predicted if predicted else 0.0
+        r = tp / support if support else 0.0
+        report[name] = {"precision": float(p), "recall": float(r),
+                        "f1-score": float(2 * p * r / (p + r)) if p + r else 0.0, "support": int(support)}
+    correct = pred == y
+    results = {"test_accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred, k), "class_names": list(class_names),
+               "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
+    results["accuracy_by_source_format"] = {fmt: {"accuracy": float(correct[[f == fmt for f in split.formats]].mean()),
+                                                  "samples": int(sum(f == fmt for f in split.formats))}
+                                            for fmt in sorted(set(split.formats))}
+    if train_hashes is not None:
+        fresh = np.array([h not in train_hashes for h in split.hashes], dtype=bool)
+        results["accuracy_excluding_train_duplicates"] = float(correct[fresh].mean()) if fresh.any() else None
+        results["samples_duplicating_train"] = int((~fresh).sum())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+def plot_history(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (total)")
+    axes[0].plot(ep, [h["train_ce"] for h in history], "--", label="train CE")
+    axes[0].plot(ep, [h["train_kl"] for h in history], ":", label="train KL")
+    axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+    axes[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
+    axes[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
+    axes[2].plot(ep, [h["lr"] for h in history], "o-")
+    for ax, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=None, vmax=None):
+    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(row_names)), row_names)
+    ax.set_title(title)
+    hi = np.nanmax(np.abs(matrix)) if matrix.size else 1
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
+                color="white" if abs(v) > 0.6 * hi else "black")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+
+
+def plot_confusion(cm, class_names, path):
+    import matplotlib.pyplot as plt
+    cm = np.asarray(cm)
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    heatmap(axes[0], cm, class_names, class_names, "confusion matrix (counts)", "d")
+    heatmap(axes[1], rows, class_names, class_names, "row-normalized (recall on the diagonal)", ".2f", vmin=0, vmax=1)
+    for ax in axes:
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_context(prototypes, q, labels, class_names, path):
+    """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
+    import matplotlib.pyplot as plt
+    k = len(class_names)
+    p = F.normalize(prototypes.float(), dim=1)
+    sim = (p @ p.t()).numpy()
+    mean_q = np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    heatmap(axes[0], sim, class_names, class_names, "prototype cosine similarity", ".2f", cmap="RdBu_r", vmin=-1, vmax=1)
+    heatmap(axes[1], mean_q, class_names, class_names, "mean context distribution q by true class", ".2f", vmin=0, vmax=1)
+    axes[1].set_xlabel("prototype")
+    axes[1].set_ylabel("true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed):
+    """t-SNE of a class-stratified sample of the features, prototypes embedded alongside and marked."""
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(labels))[:max_points]
+    pts = F.normalize(features[idx].float(), dim=1).numpy()  # the context module compares directions
+    if prototypes is not None:
+        pts = np.concatenate([pts, F.normalize(prototypes.float(), dim=1).numpy()])
+    fig, ax = plt.subplots(figsize=(9, 8))
+    if len(pts) >= 5:
+        emb = TSNE(2, perplexity=min(30.0, (len(pts) - 1) / 3), init="pca", random_state=seed).fit_transform(pts)
+        cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+        for i, name in enumerate(class_names):
+            m = labels[idx] == i
+            ax.scatter(emb[:len(idx)][m, 0], emb[:len(idx)][m, 1], s=6, alpha=0.6, color=cmap(i % cmap.N), label=name)
+            if prototypes is not None:
+                ax.scatter(*emb[len(idx) + i], marker="*", s=400, color=cmap(i % cmap.N), edgecolors="black", linewidths=1.2)
+        ax.legend(markerscale=3, fontsize=8, loc="best")
+    ax.set_title(f"t-SNE of {len(idx)} feature vectors" + (" (stars: emotion prototypes)" if prototypes is not None else ""))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
+    """Evaluate one split and write evaluation_results.json and the confusion, context and t-SNE plots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    out = run_inference(model, split.images, mean, std, device, cfg)
+    results = evaluation_results(split, out, class_names, train_hashes)
+    results.update(extra)
+    write_json(results, run_dir / "evaluation_results.json")
+    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
+    net = getattr(model, "_orig_mod", model)
+    prototypes = net.context.prototypes.detach().cpu() if net.context is not None else None
+    if prototypes is not None:
+        q = out["context_logits"].softmax(1).numpy()
+        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
+    if cfg.tsne_samples:
+        plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
+                           cfg.tsne_samples, cfg.seed)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+
+def predict(checkpoint_path, inputs, detect_faces=True, device="cpu"):
+    """Classify every face (or whole image) in a file or folder: [(path, box, class name, probabilities)]."""
+    ckpt = load_checkpoint(checkpoint_path)
+    model, cfg = model_from_checkpoint(ckpt)
+    model.to(device).eval()
+    mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
+    inputs = Path(inputs)
+    files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if inputs.is_dir() else [inputs]
+    if not files:
+        raise UserError(f"no images in {inputs}")
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml") if detect_faces else None
+    rows = []
+    for path in files:
+        try:
+            image, _ = decode_image(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"{path}: {e}") from None
+        h, w = image.shape[:2]
+        boxes = []
+        if cascade is not None:
+            found = cascade.detectMultiScale(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 1.1, 5, minSize=(24, 24))
+            boxes = [((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h) for x, y, bw, bh in found]
+        boxes = boxes or [(0.5, 0.5, 1.0, 1.0)]
+        crops = np.stack([crop_box(image, b, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1) for b in boxes])
+        with torch.inference_mode():
+            x = normalize(torch.from_numpy(crops).to(device), mean, std)
+            probs = ((model(x)[0].softmax(1) + model(x.flip(3))[0].softmax(1)) / 2).cpu().numpy()
+        for b, p in zip(boxes, probs):
+            rows.append((str(path), [round(float(v), 4) for v in b], ckpt["class_names"][int(p.argmax())],
+                         {n: round(float(v), 4) for n, v in zip(ckpt["class_names"], p)}))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo data: drawn faces in YOLO format
+# ---------------------------------------------------------------------------------------------
+
+DEMO_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+# Per expression: brow tilt (inner end down > 0), brow lift, eye openness, mouth curve (smile > 0),
+# mouth opening, mouth asymmetry. They differ only in small strokes, so raw pixels don't separate them.
+DEMO_FACES = {
+    "Anger": (0.9, -0.05, 0.7, -0.3, 0.0, 0.0), "Contempt": (0.0, 0.0, 0.8, 0.0, 0.0, 1.0),
+    "Disgust": (0.5, -0.05, 0.5, -0.6, 0.25, 0.0), "Fear": (-0.7, 0.12, 1.4, -0.2, 0.5, 0.0),
+    "Happy": (0.0, 0.0, 0.8, 1.0, 0.2, 0.0), "Neutral": (0.0, 0.0, 1.0, 0.0, 0.0, 0.0),
+    "Sad": (-0.8, 0.03, 0.8, -1.0, 0.0, 0.0), "Surprise": (0.0, 0.18, 1.5, 0.0, 1.0, 0.0),
+}
+
+
+def draw_face(rng, expression, size):
+    """One synthetic photo (size x size RGB) with a face of the given expression; returns it and the face box."""
+    brow_tilt, brow_lift, eye_open, curve, opening, asym = DEMO_FACES[expression]
+    bg = rng.integers(0, 256, 3)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = bg
+    img += np.linspace(0, 1, size)[None, :, None] * rng.normal(0, 60, 3)  # background gradient
+    face = 256  # draw large, then warp down: antialiased strokes at any scale
+    canvas = np.zeros((face, face, 3), np.uint8)
+    mask = np.zeros((face, face), np.uint8)
+    skin = tuple(int(v) for v in rng.integers(60, 250, 3))
+    ink = tuple(int(v) for v in np.clip(np.array(skin) - rng.integers(90, 160), 0, 255))
+    c = face // 2
+    axes = (int(face * rng.uniform(0.33, 0.4)), int(face * rng.uniform(0.42, 0.47)))
+    cv2.ellipse(canvas, (c, c), axes, 0, 0, 360, skin, -1, cv2.LINE_AA)
+    cv2.ellipse(mask, (c, c), axes, 0, 0, 360, 255, -1, cv2.LINE_AA)
+    j = lambda s: rng.normal(0, s)
+    eye_y, eye_dx = int(c - face * 0.08 + j(3)), int(face * 0.15 + j(3))
+    thick = max(2, int(face * 0.025))
+    for side in (-1, 1):
+        ex = c + side * eye_dx
+        eh = max(2, int(face * 0.04 * eye_open + j(1)))
+        cv2.ellipse(canvas, (ex, eye_y), (int(face * 0.06), eh), 0, 0, 360, (250, 250, 250), -1, cv2.LINE_AA)
+        cv2.circle(canvas, (ex, eye_y), max(2, int(face * 0.025)), ink, -1, cv2.LINE_AA)
+        by = eye_y - face * (0.1 + brow_lift) + j(2)
+        inner, outer = ex - side * face * 0.07, ex + side * face * 0.08
+        tilt = brow_tilt * face * 0.04
+        cv2.line(canvas, (int(inner), int(by + tilt)), (int(outer), int(by - tilt)), ink, thick, cv2.LINE_AA)
+    mouth_y, half = c + face * 0.2 + j(3), face * rng.uniform(0.11, 0.15)
+    xs = np.linspace(-1, 1, 24)
+    corners = face * 0.06 * (curve * xs ** 2 + asym * np.maximum(xs, 0) ** 2)  # smile: corners up
+    upper = np.stack([c + xs * half, mouth_y - corners], 1)
+    if opening > 0:
+        lower = upper.copy()
+        lower[:, 1] += opening * face * 0.12 * (1 - xs ** 2)
+        poly = np.concatenate([upper, lower[::-1]]).astype(np.int32)
+        cv2.fillPoly(canvas, [poly], (40, 20, 20), cv2.LINE_AA)
+    cv2.polylines(canvas, [upper.astype(np.int32)], False, ink, thick, cv2.LINE_AA)
+    # place the face: random scale, rotation and position inside the photo
+    scale = rng.uniform(0.45, 0.8) * size / face
+    angle = rng.uniform(-20, 20)
+    fw = face * scale
+    cx, cy = rng.uniform(fw / 2, size - fw / 2, 2)
+    m = cv2.getRotationMatrix2D((c, c), angle, scale)
+    m[:, 2] += (cx - c, cy - c)
+    warped = cv2.warpAffine(canvas, m, (size, size), flags=cv2.INTER_AREA)
+    alpha = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_LINEAR)[..., None] / 255.0
+    img = img * (1 - alpha) + warped * alpha + rng.normal(0, rng.uniform(3, 15), img.shape)
+    box = ((cx) / size, (cy) / size, min(1.0, 2 * axes[0] * scale * 1.1 / size), min(1.0, 2 * axes[1] * scale * 1.05 / size))
+    return np.clip(img, 0, 255).astype(np.uint8), box
+
+
+def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=DEMO_CLASSES):
+    """A YOLO-format dataset of drawn faces: data.yaml and train/valid/test with images/ and labels/.
+
+    per_class gives the images per class in train, valid and test (0 = no such split). JPEG and
+    PNG are mixed, and every label ends without a trailing newline, as in the AffectNet export.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in zip(("train", "valid", "test"), per_class):
+        if not n:
+            continue
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        for cls, name in enumerate(names):
+            for i in range(n):
+                img, (cx, cy, w, h) = draw_face(rng, DEMO_CLASSES[cls % len(DEMO_CLASSES)], size)
+                stem = f"{name.lower()}_{i:04d}"
+                ext = ".png" if rng.random() < 0.3 else ".jpg"
+                cv2.imwrite(str(root / split / "images" / (stem + ext)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                (root / split / "labels" / (stem + ".txt")).write_text(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        splits[split] = f"{split}/images"
+    doc = {"path": ".", "train": splits.get("train"), "val": splits.get("valid"), "test": splits.get("test"),
+           "nc": len(names), "names": list(names)}
+    (root / "data.yaml").write_text(yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def make_run_dir(cfg, resuming=False):
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else \
+        Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    taken = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
+    if taken and not (resuming or cfg.overwrite):
+        raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); choose another --output_dir, "
+                        f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
+    if cfg.overwrite and not resuming:
+        for n in ("metrics.jsonl", "train.log"):
+            (run_dir / n).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def dataset_normalization(images, max_images=4096):
+    """Per-channel mean and std of the training pixels (a strided subsample), in [0, 1] units."""
+    step = max(1, len(images) // max_images)
+    x = np.asarray(images[::step], dtype=np.float32) / 255
+    return torch.tensor(x.mean((0, 2, 3))), torch.tensor(x.std((0, 2, 3)) + 1e-3)
+
+
+def run_training(cfg, resume_ckpt=None):
+    run_dir = make_run_dir(cfg, resuming=resume_ckpt is not None)
+    log_file = run_dir / "train.log"
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+    class_names, splits, report = load_dataset(cfg, log_file)
+    write_json(report, run_dir / "data_report.json")
+    evaluated = "test" if "test" in splits else "val"
+    log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
+    log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
+        ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
+    if resume_ckpt is not None:
+        mean, std = (torch.tensor(resume_ckpt["normalization"][k]) for k in ("mean", "std"))
+        model_from_checkpoint(resume_ckpt, class_names, cfg.image_size)  # refuses a foreign checkpoint
+    else:
+        mean, std = dataset_normalization(splits["train"].images)
+    mean, std = mean.to(device), std.to(device)
+    model = build_model(cfg, len(class_names)).to(device)
+    if use_channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    n_params = count_parameters(model)
+    log(f"ERN: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}"
+        f"{'' if autocast_dtype(cfg, device) is None else f', autocast {autocast_dtype(cfg, device)}'} | run folder {run_dir}", log_file)
+    history, best, seconds = train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume_ckpt)
+    best_ckpt = load_checkpoint(run_dir / "best_emotion_model.pth")
+    model.load_state_dict(best_ckpt["model"])
+    plot_history(history, run_dir / "training_history.png")
+    dup = report["duplicates"].get(f"{evaluated}_in_train", {})
+    results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
+        "evaluated_split": evaluated, "num_parameters": n_params, "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"], "training_seconds": round(seconds, 1),
+        "checkpoint": str(run_dir / "best_emotion_model.pth"), "duplicates": report["duplicates"],
+        "duplicates_dropped": cfg.drop_duplicates, "config": dataclasses.asdict(cfg)},
+        None if cfg.drop_duplicates or not dup else set(splits["train"].hashes))
+    log(f"{evaluated} accuracy {results['test_accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
+        f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}); outputs in {run_dir}", log_file)
+    return run_dir, results
+
+
+def run_evaluation(cfg, overrides):
+    ckpt = load_checkpoint(cfg.evaluate)
+    saved = ckpt["config"]
+    # preprocessing and architecture come from the checkpoint; the dataset and output from the command line
+    keep = {k: getattr(cfg, k) for k in overrides if k not in ("image_size", "crop_margin", "width", "blocks")}
+    cfg = dataclasses.replace(Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}),
+                              **keep, evaluate=cfg.evaluate)
+    if not cfg.output_dir or cfg.output_dir == saved.get("output_dir"):
+        cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
+    run_dir = make_run_dir(cfg)
+    device = resolve_device(cfg.device)
+    class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
+    write_json(report, run_dir / "data_report.json")
+    split = cfg.split or ("test" if "test" in splits else "val")
+    if split not in splits:
+        raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
+    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
+    model.to(device)
+    mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
+    results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+        "evaluated_split": split, "num_parameters": count_parameters(model), "best_epoch": ckpt["epoch"],
+        "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
+        "checkpoint": str(cfg.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+        set(splits["train"].hashes) if split != "train" else None)
+    log(f"{split} accuracy {results['test_accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {cfg.evaluate}; "
+        f"outputs in {run_dir}", run_dir / "train.log")
+    return run_dir, results
+
+
+def main(argv):
+    cfg, overrides = parse_args(argv)
+    validate_config(cfg)
+    if cfg.predict:
+        if not cfg.checkpoint:
+            raise UserError("--predict needs --checkpoint=PATH.pth")
+        for path, box, name, probs in predict(cfg.checkpoint, cfg.predict, cfg.detect_faces, resolve_device(cfg.device)):
+            print(json.dumps({"image": path, "box_cxcywh": box, "emotion": name, "probabilities": probs}))
+        return
+    if cfg.evaluate:
+        return run_evaluation(cfg, overrides)
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        known = {f.name for f in dataclasses.fields(Config)}
+        cfg = dataclasses.replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}),
+                                  **{k: v for k, v in overrides.items() if k not in ("preset", "demo")},
+                                  output_dir=str(Path(cfg.resume).parent))
+        validate_config(cfg)
+        return run_training(cfg, ckpt)
+    if cfg.demo:
+        data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
+        if not (data / "data.yaml").exists():
+            print(f"writing a synthetic dataset of drawn faces to {data} ...")
+            make_synthetic_dataset(data, per_class=(150, 50, 0), size=64, seed=cfg.seed)
+        cfg = dataclasses.replace(cfg, data_dir=str(data))
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
