@@ -909,8 +909,8 @@ def make_optimizer(model, cfg):
 
 def make_scheduler(optimizer, cfg, steps_per_epoch):
     """Per step: linear warm-up from 1 % of lr, then cosine annealing to min_lr_ratio * lr."""
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)  # short runs still anneal
 
     def factor(step):
         if step < warmup:
