@@ -1,0 +1,33 @@
+"""Shared fixtures: the script imported as a module, tiny synthetic YOLO datasets, a subprocess runner."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "emotion_recognition.py"
+sys.path.insert(0, str(ROOT))
+
+import emotion_recognition as ern  # noqa: E402
+
+# Small enough for a 2-core CPU: 32 px crops, a quarter-width one-block-per-stage network.
+TINY = ["--image_size=32", "--width=0.125", "--blocks=1,1,1,1", "--batch_size=16", "--tsne_samples=60",
+        "--eval_batch_size=64", "--warmup_epochs=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """8 classes x (12 train, 4 valid, 4 test) drawn faces at 48 px, in YOLO format. Read-only: copy to modify."""
+    return ern.make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", per_class=(12, 4, 4), size=48, seed=1)
+
+
+def run_script(*args, cwd, timeout=300, check=True):
+    """Run emotion_recognition.py in a subprocess; returns the CompletedProcess (stdout and stderr as text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc

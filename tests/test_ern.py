@@ -1,0 +1,690 @@
+"""Core features of emotion_recognition.py: the end-to-end run, the data path, every block and formula.
+
+The end-to-end tests run the script in a subprocess on a tiny synthetic dataset (see conftest.py)
+and check the files and numbers it wrote; the unit tests import the script and call its functions.
+Failure modes and bad data are in test_reliability.py.
+"""
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from conftest import TINY, ern, run_script
+
+RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "metrics.jsonl",
+             "data_report.json", "evaluation_results.json", "training_history.png", "confusion_matrix.png",
+             "context_similarities.png", "feature_space.png"]
+EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png",
+              "feature_space.png"]
+PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
+RESULT_KEYS = ["test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
+               "evaluated_split", "num_parameters", "best_epoch", "best_val_accuracy", "training_seconds", "config"]
+NO_AUGMENTATION = dict(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_flip=0.0, aug_brightness=0.0,
+                       aug_contrast=0.0, aug_erase=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: one training run, shared by the assertions below
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    """Two epochs on the tiny dataset (which has a test split): (run folder, finished process)."""
+    tmp = tmp_path_factory.mktemp("run")
+    proc = run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=2", f"--output_dir={tmp / 'run'}",
+                      f"--cache_dir={tmp / 'cache'}", cwd=tmp)
+    return tmp / "run", proc
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tiny_dataset, tmp_path_factory):
+    """--evaluate of the trained run's best checkpoint into a new folder: (folder, finished process)."""
+    run_dir, _ = trained
+    tmp = tmp_path_factory.mktemp("eval")
+    proc = run_script(f"--evaluate={run_dir / 'best_emotion_model.pth'}", f"--data_dir={tiny_dataset}",
+                      f"--output_dir={tmp / 'eval'}", f"--cache_dir={tmp / 'cache'}", cwd=tmp)
+    return tmp / "eval", proc
+
+
+def read_results(folder):
+    return json.loads((folder / "evaluation_results.json").read_text())
+
+
+def check_consistent_with_confusion(results):
+    """Every number of evaluation_results.json recomputed from its confusion matrix."""
+    cm = np.array(results["confusion_matrix"])
+    k = len(results["class_names"])
+    assert cm.shape == (k, k)
+    assert cm.sum() == results["evaluated_samples"]
+    assert results["test_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    f1s = []
+    for i, name in enumerate(results["class_names"]):
+        row = results["classification_report"][name]
+        support, predicted = cm[i].sum(), cm[:, i].sum()
+        precision = cm[i, i] / predicted if predicted else 0.0
+        recall = cm[i, i] / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        assert row["support"] == support, name
+        assert row["recall"] == pytest.approx(recall), name
+        assert row["precision"] == pytest.approx(precision), name
+        assert row["f1-score"] == pytest.approx(f1), name
+        f1s.append(row["f1-score"])
+    assert results["macro_f1"] == pytest.approx(np.mean(f1s))
+
+
+def test_run_writes_every_output(trained):
+    run_dir, proc = trained
+    missing = [n for n in RUN_FILES if not (run_dir / n).is_file()]
+    assert not missing, f"missing outputs: {missing}\nstdout:\n{proc.stdout[-2000:]}"
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 2
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert {n: s["samples"] for n, s in report["splits"].items()} == {"train": 96, "val": 32, "test": 32}
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_run_plots_open(trained, name):
+    with Image.open(trained[0] / name) as im:
+        im.load()
+        assert im.width > 100 and im.height > 100
+
+
+def test_run_evaluation_results(trained, tiny_dataset):
+    run_dir, proc = trained
+    results = read_results(run_dir)
+    assert not [k for k in RESULT_KEYS if k not in results]
+    yaml_names = yaml.safe_load((tiny_dataset / "data.yaml").read_text())["names"]
+    assert results["class_names"] == yaml_names
+    assert list(results["classification_report"]) == yaml_names
+    assert results["evaluated_split"] == "test"
+    cm = np.array(results["confusion_matrix"])
+    assert cm.sum(1).tolist() == [4] * 8  # the test split: 4 faces per class
+    check_consistent_with_confusion(results)
+    assert results["config"]["epochs"] == 2 and results["config"]["width"] == 0.125
+    cfg = ern.Config(**results["config"])
+    assert results["num_parameters"] == ern.count_parameters(ern.build_model(cfg, 8))
+    assert results["training_seconds"] > 0
+    assert "test accuracy" in proc.stdout
+
+
+def test_run_best_epoch_is_the_best_validation_epoch(trained):
+    run_dir, _ = trained
+    results = read_results(run_dir)
+    val = [json.loads(line)["val_accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert results["best_val_accuracy"] == pytest.approx(max(val))
+    assert results["best_epoch"] == 1 + int(np.argmax(val))  # the first epoch that reached the maximum
+    best = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
+    assert best["epoch"] == results["best_epoch"]
+    assert best["class_names"] == results["class_names"]
+    assert {"model", "config", "normalization", "metrics", "image_size"} <= set(best)
+
+
+def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_dataset):
+    """Rebuild the best model from its checkpoint, crop the test faces here, and recount the confusion matrix."""
+    run_dir, _ = trained
+    results = read_results(run_dir)
+    ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
+    model, cfg = ern.model_from_checkpoint(ckpt)
+    model.eval()
+    crops, labels = [], []
+    for label_file in sorted((tiny_dataset / "test" / "labels").glob("*.txt")):
+        image_file = next((tiny_dataset / "test" / "images").glob(label_file.stem + ".*"))
+        image = cv2.cvtColor(cv2.imread(str(image_file)), cv2.COLOR_BGR2RGB)
+        cls, *box = (float(v) for v in label_file.read_text().split())
+        crops.append(ern.crop_box(image, box, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1))
+        labels.append(int(cls))
+    mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
+    x = ern.normalize(torch.from_numpy(np.stack(crops)), mean, std)
+    with torch.no_grad():
+        logits = (model(x)[0] + model(x.flip(3))[0]) / 2  # flip TTA, as the evaluation does
+    cm = ern.confusion(np.array(labels), logits.argmax(1).numpy(), 8)
+    assert cm.tolist() == results["confusion_matrix"]
+
+
+def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
+    """No test folder and no test key: the final evaluation is on the validation split, and says so.
+    The class names are written in a non-alphabetical order to show that the yaml's order is kept."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns("test"))
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    del doc["test"]
+    doc["names"] = doc["names"][::-1]
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = run_script(*TINY, f"--data_dir={data}", "--epochs=1", f"--output_dir={tmp_path / 'run'}",
+                      f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", cwd=tmp_path)
+    results = read_results(tmp_path / "run")
+    assert results["evaluated_split"] == "val"
+    assert results["evaluated_samples"] == 32
+    assert results["class_names"] == doc["names"]
+    check_consistent_with_confusion(results)
+    assert "no test split" in proc.stdout
+    assert "val accuracy" in proc.stdout.splitlines()[-1]
+
+
+def test_evaluate_writes_results_without_training(evaluated, trained):
+    eval_dir, proc = evaluated
+    missing = [n for n in EVAL_FILES if not (eval_dir / n).is_file()]
+    assert not missing, f"missing outputs: {missing}\nstdout:\n{proc.stdout[-2000:]}"
+    for n in ("last.pth", "final_emotion_model.pth", "metrics.jsonl", "training_history.png"):
+        assert not (eval_dir / n).exists(), f"--evaluate trained: it wrote {n}"
+    assert "epoch " not in proc.stdout
+    for n in EVAL_FILES:
+        if n.endswith(".png"):
+            with Image.open(eval_dir / n) as im:
+                assert im.width > 100 and im.height > 100
+    results, trained_results = read_results(eval_dir), read_results(trained[0])
+    assert not [k for k in RESULT_KEYS if k not in results]
+    assert results["evaluated_split"] == "test"
+    check_consistent_with_confusion(results)
+    # the same checkpoint on the same split: the same predictions as the run's own evaluation
+    for k in ("confusion_matrix", "test_accuracy", "macro_f1", "class_names", "best_epoch", "num_parameters"):
+        assert results[k] == trained_results[k], k
+
+
+def test_evaluation_results_match_sklearn():
+    """The evaluation numbers on hand-made predictions, one class never right and one with no support."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
+    pred = np.array([0, 1, 0, 1, 2, 2, 2, 0, 3, 1])
+    split = ern.Split("test", [f"{i}.jpg" for i in range(10)], y, np.zeros((10, 4), np.float32),
+                      formats=["jpeg"] * 6 + ["png"] * 4, hashes=[str(i) for i in range(10)])
+    results = ern.evaluation_results(split, {"logits": F.one_hot(torch.from_numpy(pred), 4).float()}, list("abcd"))
+    labels = list(range(4))
+    assert results["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
+    assert results["test_accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert results["macro_f1"] == pytest.approx(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+    p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    for i, name in enumerate("abcd"):
+        row = results["classification_report"][name]
+        assert (row["precision"], row["recall"], row["f1-score"], row["support"]) == \
+            (pytest.approx(p[i]), pytest.approx(r[i]), pytest.approx(f[i]), support[i])
+    assert results["accuracy_by_source_format"] == {"jpeg": {"accuracy": pytest.approx(4 / 6), "samples": 6},
+                                                    "png": {"accuracy": pytest.approx(2 / 4), "samples": 4}}
+    check_consistent_with_confusion(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: label files, data.yaml resolution, box crops
+# ---------------------------------------------------------------------------------------------
+
+def test_parse_label_file_valid_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("3 0.5 0.4 0.25 0.75\n")
+    assert ern.parse_label_file(f, 8) == ([(3, 0.5, 0.4, 0.25, 0.75)], [])
+
+
+def test_parse_label_file_multiple_boxes_and_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("0 0.1 0.2 0.1 0.2\n\n7 0.9 0.8 0.2 0.1\n1 0.5 0.5 1 1\n")
+    boxes, problems = ern.parse_label_file(f, 8)
+    assert problems == []
+    assert boxes == [(0, 0.1, 0.2, 0.1, 0.2), (7, 0.9, 0.8, 0.2, 0.1), (1, 0.5, 0.5, 1.0, 1.0)]
+    assert all(isinstance(b[0], int) for b in boxes)
+
+
+def test_parse_label_file_without_trailing_newline(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("2 0.5 0.5 0.3 0.4\n5 0.25 0.75 0.5 0.5")  # as the AffectNet export writes them
+    assert ern.parse_label_file(f, 8) == ([(2, 0.5, 0.5, 0.3, 0.4), (5, 0.25, 0.75, 0.5, 0.5)], [])
+
+
+def make_split_folders(root, splits=("train", "valid", "test")):
+    for s in splits:
+        (root / s / "images").mkdir(parents=True)
+        (root / s / "labels").mkdir(parents=True)
+
+
+def write_yaml(yaml_path, **doc):
+    yaml_path.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return yaml_path
+
+
+def test_read_data_yaml_paths_relative_to_path_key(tmp_path):
+    make_split_folders(tmp_path / "elsewhere")
+    write_yaml(tmp_path / "cfg" / "data.yaml", path="../elsewhere", train="train/images", val="valid/images",
+               test="test/images", nc=2, names=["b", "a"])
+    names, folders, notes = ern.read_data_yaml(tmp_path / "cfg")
+    assert names == ["b", "a"]  # the yaml's order, not sorted
+    assert folders == {s: (tmp_path / "elsewhere" / d / "images").resolve()
+                       for s, d in (("train", "train"), ("val", "valid"), ("test", "test"))}
+    assert notes == []
+
+
+def test_read_data_yaml_paths_relative_to_yaml_folder(tmp_path):
+    make_split_folders(tmp_path / "ds" / "sub", ("tr", "va"))
+    yaml_path = write_yaml(tmp_path / "ds" / "my.yaml", train="sub/tr/images", val="sub/va/images", names=["x", "y"])
+    names, folders, notes = ern.read_data_yaml(yaml_path)  # a .yaml file may be passed directly
+    assert folders == {"train": (tmp_path / "ds" / "sub" / "tr" / "images").resolve(),
+                       "val": (tmp_path / "ds" / "sub" / "va" / "images").resolve()}
+    assert notes == []
+
+
+def test_read_data_yaml_ultralytics_parent_style(tmp_path):
+    """The AffectNet export: data.yaml inside YOLO_format says train: "../YOLO_format/train/images", and the
+    test folder it names does not exist (there is no test split)."""
+    base = tmp_path / "affectnet" / "YOLO_format"
+    make_split_folders(base, ("train", "valid"))
+    (base / "data.yaml").write_text('data: "../YOLO_format"\n\ntrain: "../YOLO_format/train/images"\n'
+                                    'val: "../YOLO_format/valid/images"\ntest: "../YOLO_format/test/images"\n\n'
+                                    'nc: 8\n\nnames:\n  [\n    "Anger",\n    "Contempt",\n    "Disgust",\n    "Fear",\n'
+                                    '    "Happy",\n    "Neutral",\n    "Sad",\n    "Surprise",\n  ]\n')
+    names, folders, notes = ern.read_data_yaml(base)
+    assert names == ern.DEMO_CLASSES
+    assert folders == {"train": (base / "train" / "images").resolve(), "val": (base / "valid" / "images").resolve()}
+    assert notes == []
+
+
+def test_read_data_yaml_falls_back_to_standard_folders(tmp_path):
+    base = tmp_path / "moved"
+    make_split_folders(base, ("train", "val"))
+    write_yaml(base / "data.yaml", train="/old/machine/train/images", val="../gone/valid/images", names=["a", "b"])
+    names, folders, notes = ern.read_data_yaml(base)
+    assert folders == {"train": (base / "train" / "images").resolve(), "val": (base / "val" / "images").resolve()}
+    assert len(notes) == 2
+    assert "/old/machine/train/images" in notes[0] and "does not exist" in notes[0]
+    assert "../gone/valid/images" in notes[1] and "does not exist" in notes[1]
+
+
+def test_read_data_yaml_names_as_dict(tmp_path):
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", nc=3, names={2: "c", 0: "z", 1: "b"})
+    assert ern.read_data_yaml(tmp_path)[0] == ["z", "b", "c"]
+
+
+def test_read_data_yaml_nc_names_mismatch(tmp_path):
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", nc=3, names=["a", "b"])
+    with pytest.raises(ern.UserError, match="nc is 3"):
+        ern.read_data_yaml(tmp_path)
+
+
+def test_crop_box_whole_image_is_a_plain_resize():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    for margin in (0.0, 0.1):  # the margin is clamped at the image border
+        assert np.array_equal(ern.crop_box(image, (0.5, 0.5, 1.0, 1.0), margin, 32), cv2.resize(image, (32, 32),
+                              interpolation=cv2.INTER_AREA))
+    square = image[:, :40]
+    assert np.array_equal(ern.crop_box(square, (0.5, 0.5, 1.0, 1.0), 0.1, 40), square)
+
+
+def test_crop_box_sub_box_crops_the_right_region():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    # x 60..120, y 20..60 of a 120 x 80 image; at size 40 the rows are kept 1:1
+    crop = ern.crop_box(image, (0.75, 0.5, 0.5, 0.5), 0.0, 40)
+    assert np.array_equal(crop, cv2.resize(image[20:60, 60:120], (40, 40), interpolation=cv2.INTER_LINEAR))
+    # a 40 x 20 box at x 40..80, y 20..40; a margin of 0.25 widens it by a quarter of its size on each side
+    crop = ern.crop_box(image, (60 / 120, 30 / 80, 40 / 120, 20 / 80), 0.25, 20)
+    assert np.array_equal(crop, cv2.resize(image[15:45, 30:90], (20, 20), interpolation=cv2.INTER_AREA))
+
+
+def test_pipeline_crops_each_label_box(tmp_path):
+    """One image, left half red and right half blue, with a box on each half: each sample holds its half."""
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, :40] = (255, 0, 0)
+    image[:, 40:] = (0, 0, 255)
+    make_split_folders(tmp_path / "data", ("train",))
+    cv2.imwrite(str(tmp_path / "data" / "train" / "images" / "two.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    (tmp_path / "data" / "train" / "labels" / "two.txt").write_text("1 0.75 0.5 0.4 0.8\n0 0.25 0.5 0.4 0.8")
+    split, problems = ern.scan_split("train", tmp_path / "data" / "train" / "images", 2)
+    assert problems == []
+    cfg = ern.Config(cache_dir=str(tmp_path / "cache"), image_size=32, crop_margin=0.1)
+    ok, problems = ern.load_split_pixels(split, cfg)
+    assert ok.all() and problems == []
+    assert split.labels.tolist() == [1, 0]
+    assert split.images.shape == (2, 3, 32, 32)
+    blue, red = split.images[0], split.images[1]
+    assert (blue[2] == 255).all() and (blue[:2] == 0).all()
+    assert (red[0] == 255).all() and (red[1:] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: attention blocks, emotion context, parameter count, ablations
+# ---------------------------------------------------------------------------------------------
+
+def positive_input(shape=(2, 32, 6, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=g) + 0.1
+
+
+@pytest.mark.parametrize("block", [ern.ChannelAttention(32, reduction=4), ern.SpatialAttention(),
+                                   ern.DualAttention(32, reduction=4)], ids=lambda b: type(b).__name__)
+def test_attention_preserves_shape_and_gates_in_unit_interval(block):
+    block.eval()
+    x = positive_input()
+    with torch.no_grad():
+        out = block(x)
+    assert out.shape == x.shape
+    gate = out / x
+    assert (gate > 0).all() and (gate < 1).all()
+    assert gate.std() > 1e-4  # a gate that depends on the input, not a constant
+
+
+def test_channel_attention_gates_channels_spatial_attention_gates_positions():
+    x = positive_input()
+    with torch.no_grad():
+        channel_gate = ern.ChannelAttention(32, reduction=4)(x) / x
+        spatial_gate = ern.SpatialAttention().eval()(x) / x
+    # one gate per (sample, channel), the same at every position; one per (sample, position) for all channels
+    assert torch.allclose(channel_gate, channel_gate[:, :, :1, :1].expand_as(x), atol=1e-6)
+    assert torch.allclose(spatial_gate, spatial_gate[:, :1].expand_as(x), atol=1e-6)
+    assert not torch.allclose(channel_gate, channel_gate[:, :1].expand_as(x), atol=1e-6)
+    assert not torch.allclose(spatial_gate, spatial_gate[:, :, :1, :1].expand_as(x), atol=1e-6)
+
+
+def test_dual_attention_switches():
+    x = positive_input()
+    off = ern.DualAttention(32, channel=False, spatial=False)
+    assert isinstance(off.channel, nn.Identity) and isinstance(off.spatial, nn.Identity)
+    assert torch.equal(off(x), x)
+    assert ern.count_parameters(off) == 0
+    only_spatial = ern.DualAttention(32, channel=False)
+    assert isinstance(only_spatial.channel, nn.Identity) and isinstance(only_spatial.spatial, ern.SpatialAttention)
+    only_channel = ern.DualAttention(32, spatial=False)
+    assert isinstance(only_channel.channel, ern.ChannelAttention) and isinstance(only_channel.spatial, nn.Identity)
+
+
+def test_dual_attention_is_channel_then_spatial():
+    dual = ern.DualAttention(32, reduction=4).eval()
+    x = positive_input()
+    with torch.no_grad():
+        out = dual(x)
+        assert torch.allclose(out, dual.spatial(dual.channel(x)))
+        assert not torch.allclose(out, dual.channel(x), atol=1e-4)
+        assert not torch.allclose(out, dual.channel(dual.spatial(x)), atol=1e-6)
+
+
+def test_context_similarity_is_cosine_over_temperature():
+    torch.manual_seed(0)
+    ctx = ern.EmotionContext(dim=6, num_classes=4, temperature=0.2)
+    f = torch.randn(3, 6)
+    s = ctx.context_similarity(f).detach().numpy()
+    fn, pn = f.numpy().astype(np.float64), ctx.prototypes.detach().numpy().astype(np.float64)
+    for i in range(3):
+        for k in range(4):
+            cos = sum(fn[i, d] * pn[k, d] for d in range(6)) / (math.sqrt((fn[i] ** 2).sum()) * math.sqrt((pn[k] ** 2).sum()))
+            assert s[i, k] == pytest.approx(cos / 0.2, rel=1e-5, abs=1e-5)
+
+
+def test_context_vector_is_expected_prototype():
+    torch.manual_seed(1)
+    ctx = ern.EmotionContext(dim=5, num_classes=3, temperature=0.5)
+    f = torch.randn(4, 5)
+    c, s = ctx(f)
+    s_np, p = s.detach().numpy().astype(np.float64), ctx.prototypes.detach().numpy().astype(np.float64)
+    assert np.allclose(s_np, ctx.context_similarity(f).detach().numpy())
+    for i in range(4):
+        q = np.exp(s_np[i] - s_np[i].max())
+        q /= q.sum()
+        expected = sum(q[k] * p[k] for k in range(3))
+        assert np.allclose(c[i].detach().numpy(), expected, atol=1e-6)
+
+
+def test_classifier_sees_features_and_context_vector():
+    torch.manual_seed(2)
+    model = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1"), 8).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits, s, f = model(x)
+        c, s_again = model.context(f)
+        assert torch.allclose(s, s_again)
+        assert torch.allclose(logits, model.classifier(torch.cat([f, c], 1)), atol=1e-6)
+        model.context.prototypes.mul_(-1)  # the same features, another context vector: other logits
+        logits_flipped, _, f_again = model(x)
+        assert torch.allclose(f_again, f)
+        assert not torch.allclose(logits_flipped, logits, atol=1e-4)
+
+
+def test_default_model_has_27_5_million_parameters():
+    n = ern.count_parameters(ern.build_model(ern.Config(), 8))
+    assert abs(n - 27.5e6) <= 0.05 * 27.5e6, f"{n:,} parameters"
+
+
+@pytest.mark.parametrize("switch", ["none", "channel_attention", "spatial_attention", "context", "all"])
+def test_ablations_build_and_run(switch):
+    off = {"none": {}, "all": dict(channel_attention=False, spatial_attention=False, context=False)}.get(
+        switch, {switch: False})
+    cfg = ern.Config(width=0.125, blocks="1,1,1,1", **off)
+    full = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1"), 8)
+    model = ern.build_model(cfg, 8).eval()
+    kinds = {type(m) for m in model.modules()}
+    assert (ern.ChannelAttention in kinds) == cfg.channel_attention
+    assert (ern.SpatialAttention in kinds) == cfg.spatial_attention
+    assert (model.context is not None) == cfg.context
+    assert (ern.count_parameters(model) < ern.count_parameters(full)) == bool(off)
+    with torch.no_grad():
+        logits, s, f = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 8) and f.shape == (2, model.feature_dim)
+    assert (s is None) == (not cfg.context)
+    if s is not None:
+        assert s.shape == (2, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def random_distribution(b, k, gen):
+    return torch.softmax(torch.randn(b, k, generator=gen) * 2, 1)
+
+
+def test_kl_is_nonnegative():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        target = random_distribution(16, 7, gen)
+        _, _, kl = ern.hybrid_loss(torch.randn(16, 7, generator=gen), torch.randn(16, 7, generator=gen) * 5, target, 0.5)
+        assert kl.item() >= -1e-6
+    target = ern.smooth_targets(torch.arange(7), 7, 0.1)
+    _, _, kl = ern.hybrid_loss(torch.randn(7, 7, generator=gen), torch.randn(7, 7, generator=gen), target, 0.5)
+    assert kl.item() > 0.01  # and strictly positive when q differs from t
+
+
+def test_kl_is_zero_when_q_equals_target():
+    gen = torch.Generator().manual_seed(1)
+    for target in (random_distribution(8, 5, gen), ern.smooth_targets(torch.tensor([0, 4, 2]), 5, 0.1)):
+        total, ce, kl = ern.hybrid_loss(torch.randn(len(target), 5, generator=gen), target.log(), target, 0.5)
+        assert abs(kl.item()) < 1e-6
+        assert total.item() == pytest.approx(ce.item(), abs=1e-6)
+
+
+def test_hybrid_loss_matches_hand_computation():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    context = np.array([[1.0, -1.0, 0.0], [3.0, 0.0, -2.0]])
+    labels, eps, lam, k = [0, 2], 0.1, 0.7, 3
+    ce_terms, kl_terms = [], []
+    for i, y in enumerate(labels):
+        t = [(1 - eps) * (j == y) + eps / k for j in range(k)]
+        log_p = [logits[i, j] - math.log(sum(math.exp(v) for v in logits[i])) for j in range(k)]
+        log_q = [context[i, j] - math.log(sum(math.exp(v) for v in context[i])) for j in range(k)]
+        ce_terms.append(-sum(t[j] * log_p[j] for j in range(k)))
+        kl_terms.append(sum(t[j] * (math.log(t[j]) - log_q[j]) for j in range(k)))
+    ce, kl = np.mean(ce_terms), np.mean(kl_terms)
+    target = ern.smooth_targets(torch.tensor(labels), k, eps)
+    total_t, ce_t, kl_t = ern.hybrid_loss(torch.tensor(logits, dtype=torch.float32),
+                                          torch.tensor(context, dtype=torch.float32), target, lam)
+    assert ce_t.item() == pytest.approx(ce, rel=1e-5)
+    assert kl_t.item() == pytest.approx(kl, rel=1e-5)
+    assert total_t.item() == pytest.approx(ce + lam * kl, rel=1e-5)
+
+
+def test_class_weighted_cross_entropy():
+    """Each sample's weight is its target's expected class weight t . w: w_y for a one-hot target."""
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, -3.0]])
+    labels, w = [0, 2, 1], [0.5, 1.0, 3.0]
+    ce = [F.cross_entropy(logits[i:i + 1], torch.tensor([y])).item() for i, y in enumerate(labels)]
+    _, ce_w, _ = ern.hybrid_loss(logits, None, ern.smooth_targets(torch.tensor(labels), 3, 0.0), 0.5,
+                                 class_weights=torch.tensor(w))
+    assert ce_w.item() == pytest.approx(sum(w[y] * c for y, c in zip(labels, ce)) / sum(w[y] for y in labels), rel=1e-5)
+    assert ce_w.item() != pytest.approx(np.mean(ce), rel=1e-3)
+    target = ern.smooth_targets(torch.tensor(labels), 3, 0.3)
+    sample_w = [sum(target[i, j].item() * w[j] for j in range(3)) for i in range(3)]
+    ce_s = [-(target[i] * F.log_softmax(logits[i], 0)).sum().item() for i in range(3)]
+    _, ce_w, _ = ern.hybrid_loss(logits, None, target, 0.5, class_weights=torch.tensor(w))
+    assert ce_w.item() == pytest.approx(sum(a * b for a, b in zip(sample_w, ce_s)) / sum(sample_w), rel=1e-5)
+
+
+def test_hybrid_loss_without_context_is_cross_entropy():
+    gen = torch.Generator().manual_seed(2)
+    logits, target = torch.randn(6, 4, generator=gen), random_distribution(6, 4, gen)
+    total, ce, kl = ern.hybrid_loss(logits, None, target, 0.5)
+    assert kl.item() == 0.0
+    assert total.item() == ce.item()
+    assert ce.item() == pytest.approx(-(target * F.log_softmax(logits, 1)).sum(1).mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_label_smoothing_matches_pytorch(eps):
+    gen = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(10, 8, generator=gen), torch.randint(0, 8, (10,), generator=gen)
+    target = ern.smooth_targets(labels, 8, eps)
+    assert torch.allclose(target.sum(1), torch.ones(10))
+    _, ce, _ = ern.hybrid_loss(logits, torch.randn(10, 8, generator=gen), target, 0.5)
+    assert ce.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=eps).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a tiny model memorizes a small batch
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronization, and on a busy 2-core machine it waits for a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread):
+    cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, width=0.125,
+                     blocks="1,1,1,1", batch_size=16, epochs=80, lr=3e-3, warmup_epochs=0, dropout=0.0,
+                     label_smoothing=0.0, **NO_AUGMENTATION)
+    _, splits, _ = ern.load_dataset(cfg, splits_wanted=("train",))
+    train = splits["train"]
+    pick = np.concatenate([np.flatnonzero(train.labels == c)[:2] for c in range(8)])  # 2 faces per class
+    x, y = torch.from_numpy(np.ascontiguousarray(train.images[pick])), torch.from_numpy(train.labels[pick])
+    mean, std = ern.dataset_normalization(x.numpy())
+    torch.manual_seed(0)
+    model = ern.build_model(cfg, 8)
+    optimizer = ern.make_optimizer(model, cfg)
+    scheduler = ern.make_scheduler(optimizer, cfg, steps_per_epoch=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    history = [ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch, num_classes=8)
+               for epoch in range(1, cfg.epochs + 1)]  # one full-batch step per epoch
+    assert history[-1]["train_loss"] < 0.1 * history[0]["train_loss"], (history[0], history[-1])
+    out = ern.run_inference(model, x.numpy(), mean, std, torch.device("cpu"), cfg, tta=False)
+    assert (out["logits"].argmax(1) == y).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+def test_parse_args_overrides():
+    cfg, overrides = ern.parse_args(["--epochs=3", "--lr=0.01", "--context=false", "--blocks=1,1"])
+    assert overrides == {"epochs": 3, "lr": 0.01, "context": False, "blocks": "1,1"}
+    assert (cfg.epochs, cfg.lr, cfg.context, cfg.blocks) == (3, 0.01, False, "1,1")
+    assert type(cfg.epochs) is int
+    assert cfg.batch_size == ern.Config().batch_size
+    assert ern.parse_args(["--tta_flip"])[0].tta_flip is True  # a bare flag means true
+
+
+def test_parse_args_unknown_field_suggests_closest():
+    with pytest.raises(ern.UserError, match=r"unknown field --epoch\b.*did you mean --epochs\?"):
+        ern.parse_args(["--epoch=3"])
+    with pytest.raises(ern.UserError, match="did you mean --context_weight"):
+        ern.parse_args(["--context_wieght=0.1"])
+
+
+@pytest.mark.parametrize("arg", ["--epochs=three", "--epochs=2.5", "--lr=fast", "--context=maybe", "--epochs"])
+def test_parse_args_wrong_type(arg):
+    with pytest.raises(ern.UserError, match="--epochs|--lr|--context"):
+        ern.parse_args([arg])
+
+
+@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be >= 1"),
+                                          (dict(context_weight=-0.1), "--context_weight must be >= 0"),
+                                          (dict(image_size=16), "--image_size must be >= 32"),
+                                          (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64")])
+def test_validate_config_refuses(bad, message):
+    base = dict(image_size=32, blocks="1,1,1,1")
+    ern.validate_config(ern.Config(**base))  # the same config without the bad value passes
+    with pytest.raises(ern.UserError, match=message):
+        ern.validate_config(ern.Config(**{**base, **bad}))
+
+
+def test_bad_argument_exits_with_one_error_line(tmp_path):
+    proc = run_script("--epoch=3", cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "--epochs" in errors[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------
+
+MEAN, STD = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.25, 0.2, 0.3])
+
+
+def asymmetric_batch(n=2, size=16):
+    """n copies of one image that differs from its mirror and its rotations."""
+    g = torch.Generator().manual_seed(0)
+    one = torch.randint(0, 256, (1, 3, size, size), generator=g, dtype=torch.uint8)
+    return one.expand(n, -1, -1, -1).contiguous()
+
+
+def test_augment_batch_keeps_shape_and_is_float():
+    x = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    out = ern.augment_batch(x, MEAN, STD, ern.Config())
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, ern.normalize(x, MEAN, STD))
+
+
+def test_augment_batch_off_is_normalize():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    out = ern.augment_batch(x, MEAN, STD, ern.Config(**NO_AUGMENTATION))
+    assert torch.equal(out, ern.normalize(x, MEAN, STD))
+
+
+def test_augment_batch_flip_is_per_sample():
+    """With only flips on, each sample comes out as itself or its exact mirror, drawn independently."""
+    x = asymmetric_batch(n=8)
+    plain = ern.normalize(x, MEAN, STD)
+    cfg = ern.Config(**{**NO_AUGMENTATION, "aug_flip": 0.5})
+    torch.manual_seed(0)
+    flips = []
+    for _ in range(5):
+        out = ern.augment_batch(x, MEAN, STD, cfg)
+        for i in range(len(x)):
+            if torch.allclose(out[i], plain[i], atol=1e-5):
+                flips.append(False)
+            else:
+                assert torch.allclose(out[i], plain[i].flip(2), atol=1e-5)
+                flips.append(True)
+    assert 0.2 < np.mean(flips) < 0.8
+    assert any(len(set(flips[j:j + 8])) == 2 for j in range(0, len(flips), 8))  # mixed within one batch
+
+
+@pytest.mark.parametrize("field", ["aug_rotate", "aug_scale", "aug_translate", "aug_brightness", "aug_contrast"])
+def test_augment_batch_randomness_is_per_sample(field):
+    x = asymmetric_batch(n=2)
+    cfg = ern.Config(**{**NO_AUGMENTATION, field: 30.0 if field == "aug_rotate" else 0.3})
+    torch.manual_seed(0)
+    out = ern.augment_batch(x, MEAN, STD, cfg)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    assert not torch.allclose(out[0], ern.normalize(x, MEAN, STD)[0], atol=1e-3)
