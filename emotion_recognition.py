@@ -80,8 +80,8 @@ class Config:
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
-    epochs: int = 50
-    batch_size: int = 128
+    epochs: int = 50  # passes over the training set
+    batch_size: int = 128  # images per optimizer step
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
@@ -89,7 +89,7 @@ class Config:
     grad_clip: float = 5.0  # max gradient norm; 0 = off
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off, e.g. 0.999
     # system
-    seed: int = 0
+    seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
     channels_last: bool = True  # CUDA only: on the CPU, oneDNN's channels_last backward crashed (BENCHMARKS.md)
@@ -263,8 +263,12 @@ def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never breaks a good file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(obj, path):
@@ -301,8 +305,11 @@ class Split:
                      pick(self.hashes), pick(self.formats), pick(self.sizes))
 
 
-def read_data_yaml(data_dir):
+def read_data_yaml(data_dir, problems=None):
     """Class names (in data.yaml's order) and {split: images folder}, resolved as Ultralytics does.
+
+    An nc that disagrees with names is raised, or appended to `problems` if a list is given (so
+    that it is reported together with the label and image problems).
 
     Split paths are relative to `path` if given, else to the yaml's folder. If a path does not
     exist, the standard folder beside the yaml (train/, valid/ or val/, test/) is used, with a note.
@@ -326,7 +333,10 @@ def read_data_yaml(data_dir):
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
     names = [str(n) for n in names]
     if "nc" in doc and doc["nc"] != len(names):
-        raise UserError(f"{yaml_path}: nc is {doc['nc']} but names lists {len(names)} classes: {names}")
+        problem = f"{yaml_path}: nc is {doc['nc']} but names lists {len(names)} classes: {names}"
+        if problems is None:
+            raise UserError(problem)
+        problems.append(problem)
     if len(set(names)) != len(names):
         raise UserError(f"{yaml_path}: duplicate class names: {names}")
     base = yaml_path.parent
@@ -606,10 +616,11 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     Strict (default): any problem stops the run with the full list. Otherwise the offending
     samples are skipped and listed in the report. Unreadable images are never replaced.
     """
-    class_names, folders, notes = read_data_yaml(cfg.data_dir)
+    yaml_problems = []  # no sample to skip: these stop the run even with --strict=false
+    class_names, folders, notes = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
-    splits, problems = {}, []
+    splits, problems = {}, list(yaml_problems)
     for name in splits_wanted:
         if name in folders:
             splits[name], found = scan_split(name, folders[name], len(class_names))
@@ -619,12 +630,13 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if len(split):
             ok[name], found = load_split_pixels(split, cfg, log_file)
             problems += found
-    if problems and cfg.strict:
+    if problems and (cfg.strict or yaml_problems):
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
-        raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n"
-                        "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
+        advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
+                  "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
+        raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
     for name in list(splits):
-        if name in ok:
+        if name in ok and not ok[name].all():  # subset() copies: keep the memory map when nothing is dropped
             splits[name] = splits[name].subset(ok[name])
         if not len(splits[name]):
             if name == "train":
@@ -665,10 +677,12 @@ def normalize(x_uint8, mean, std):
 def augment_batch(x, mean, std, cfg):
     """uint8 (B, 3, S, S) -> normalized float: affine (zoom, shift, rotation, flip), jitter, erasing.
 
-    The flip and the affine share one affine_grid + grid_sample; every sample draws its own.
+    The flip and the affine share one sampling grid and grid_sample; every sample draws its own.
     """
+    if x.device.type == "cpu" and x.shape[0] > 32:  # pieces that stay in the CPU's cache: 1.8x faster at 96 px
+        return torch.cat([augment_batch(part, mean, std, cfg) for part in x.split(32)])
     b, dev = x.shape[0], x.device
-    x = x.float() / 255
+    x = x.float().div_(255)  # in place from here on: on the CPU every fresh batch-sized tensor costs page faults
     u = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # uniform in [-1, 1]
     if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip:
         angle = u(b) * math.radians(cfg.aug_rotate)
@@ -678,14 +692,19 @@ def augment_batch(x, mean, std, cfg):
         shift = u(b, 2) * cfg.aug_translate * 2  # grid coordinates span 2 per image side
         theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
                              torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        # F.affine_grid(theta, x.shape, align_corners=False) as a column term plus a row term: its
+        # (S*S, 3) batched matmul was 6x slower on the CPU (benchmarks/bench_pipeline.py)
+        s = x.shape[-1]
+        r = (torch.arange(s, device=dev, dtype=x.dtype) * 2 + 1) / s - 1  # pixel centres in grid coordinates
+        grid = theta[:, :, 0].view(b, 1, 1, 2) * r.view(1, 1, s, 1) + \
+            (theta[:, :, 1].view(b, 1, 1, 2) * r.view(1, s, 1, 1) + theta[:, :, 2].view(b, 1, 1, 2))
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if cfg.aug_brightness or cfg.aug_contrast:
         mean_px = x.mean((1, 2, 3), keepdim=True)
         contrast = 1 + u(b, 1, 1, 1) * cfg.aug_contrast
         bright = 1 + u(b, 1, 1, 1) * cfg.aug_brightness
-        x = (((x - mean_px) * contrast + mean_px) * bright).clamp_(0, 1)
-    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        x = x.mul_(contrast * bright).add_(mean_px * (1 - contrast) * bright).clamp_(0, 1)  # ((x - m) c + m) b
+    x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
     if cfg.aug_erase:
         s = x.shape[-1]
         area = torch.empty(b, device=dev).uniform_(0.02, 0.25)
@@ -696,7 +715,7 @@ def augment_batch(x, mean, std, cfg):
         rows = ((r.view(1, s) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2)
         cols = ((r.view(1, s) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2)
         erase = rows.view(b, 1, s, 1) & cols.view(b, 1, 1, s) & (torch.rand(b, 1, 1, 1, device=dev) < cfg.aug_erase)
-        x = x.masked_fill(erase, 0.0)  # 0 = the dataset mean after normalization
+        x = x.masked_fill_(erase, 0.0)  # 0 = the dataset mean after normalization
     return x
 
 
@@ -862,8 +881,9 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
     CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed (possibly mixed) target distribution; with class_weights w, the
-    cross-entropy is the w_y-weighted mean. Without the context module the KL term is 0.
+    t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
+    sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
+    mean is taken. Without the context module the KL term is 0.
     """
     ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
     if class_weights is not None:
@@ -946,7 +966,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     for step in bar:
         idx = perm[step * batch:(step + 1) * batch]
         y = labels[idx]
-        x = augment_batch(images[idx], mean, std, cfg)
+        x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
         x, target = mix_batch(x, target, cfg)
         if use_channels_last(cfg, dev):
@@ -1019,12 +1039,19 @@ def load_checkpoint(path):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, class_names=None, image_size=None):
-    """Rebuild the network a checkpoint describes; refuse one whose classes or image size differ."""
+def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
+    """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
+    architecture (that of the Config `expected`, if given) differ."""
     if class_names is not None and list(class_names) != ckpt["class_names"]:
         raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
     if image_size is not None and image_size != ckpt["image_size"]:
         raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
+    if expected is not None:
+        differ = [f"--{k}={ckpt['config'].get(k)} in the checkpoint, {getattr(expected, k)} in the run"
+                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction", "context")
+                  if ckpt["config"].get(k) != getattr(expected, k)]
+        if differ:
+            raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
     known = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
     model = build_model(cfg, len(ckpt["class_names"]))
@@ -1064,14 +1091,16 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         history, best, start = resume["history"], resume["best"], resume["epoch"] + 1
     fwd = torch.compile(model) if cfg.compile else model
-    last_path, resume_cmd = run_dir / "last.pth", f"python {Path(sys.argv[0]).name} --resume={run_dir / 'last.pth'}"
+    last_path, resume_cmd = run_dir / "last.pth", f"python {sys.argv[0]} --resume={run_dir / 'last.pth'}"
     save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
         model, cfg, class_names, mean, std, epoch, metrics,
         **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
+    if resume is not None:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
-    epoch = start - 1
+    epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
     try:
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
@@ -1091,6 +1120,7 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
                 best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
                 atomic_save(checkpoint_dict(judged, cfg, class_names, mean, std, epoch, stats), run_dir / "best_emotion_model.pth")
             save_last(epoch, stats)
+            saved = epoch
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
@@ -1098,10 +1128,10 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
                 f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
     except KeyboardInterrupt:
-        log(f"\ninterrupted during epoch {epoch + 1}; {last_path} holds the end of epoch {epoch}. Resume with:\n  {resume_cmd}", log_file)
+        log(f"\ninterrupted during epoch {saved + 1}; {last_path} holds the end of epoch {saved}. Resume with:\n  {resume_cmd}", log_file)
         raise SystemExit(130)
     except NonFiniteLoss as e:
-        raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {epoch}).") from None
+        raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {saved}).") from None
     final = ema.model if ema is not None else model
     atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1]), run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start
@@ -1462,7 +1492,7 @@ def run_training(cfg, resume_ckpt=None):
         ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     if resume_ckpt is not None:
         mean, std = (torch.tensor(resume_ckpt["normalization"][k]) for k in ("mean", "std"))
-        model_from_checkpoint(resume_ckpt, class_names, cfg.image_size)  # refuses a foreign checkpoint
+        model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
     else:
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
@@ -1494,7 +1524,7 @@ def run_evaluation(cfg, overrides):
     # preprocessing and architecture come from the checkpoint; the dataset and output from the command line
     keep = {k: getattr(cfg, k) for k in overrides if k not in ("image_size", "crop_margin", "width", "blocks")}
     cfg = dataclasses.replace(Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}),
-                              **keep, evaluate=cfg.evaluate)
+                              **{**keep, "evaluate": cfg.evaluate})
     if not cfg.output_dir or cfg.output_dir == saved.get("output_dir"):
         cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir = make_run_dir(cfg)
@@ -1530,6 +1560,8 @@ def main(argv):
         return run_evaluation(cfg, overrides)
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{cfg.resume} holds weights but no training state; resume from the run's last.pth")
         known = {f.name for f in dataclasses.fields(Config)}
         cfg = dataclasses.replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}),
                                   **{k: v for k, v in overrides.items() if k not in ("preset", "demo")},

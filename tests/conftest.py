@@ -17,6 +17,15 @@ TINY = ["--image_size=32", "--width=0.125", "--blocks=1,1,1,1", "--batch_size=16
         "--eval_batch_size=64", "--warmup_epochs=0"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_run():
+    """One OpenMP thread per subprocess: on a 2-core machine shared with other work, two threads per
+    tiny run spend most of their time spinning (a failing run took 12 s instead of 4 s)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """8 classes x (12 train, 4 valid, 4 test) drawn faces at 48 px, in YOLO format. Read-only: copy to modify."""

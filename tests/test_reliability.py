@@ -1,0 +1,460 @@
+"""Reliability of emotion_recognition.py: bad data, duplicates, checkpoints, interruptions.
+
+Every test builds its own broken copy of the tiny dataset (or its own checkpoint file) in tmp_path,
+runs the script in a subprocess where the behaviour is the command line's, and checks what it
+printed and wrote. Core features are in test_ern.py.
+"""
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from conftest import SCRIPT, TINY, ern, run_script
+
+FAST = [*TINY, "--tsne_samples=0"]  # the plots are test_ern.py's business; t-SNE only costs time here
+EPOCHS = 3  # of the deterministic reference run that the interrupted-and-resumed run must reproduce
+SPLIT_FOLDERS = {"train": "train", "val": "valid", "test": "test"}
+
+
+def args_for(data, tmp, *extra, run="run"):
+    return [*FAST, f"--data_dir={data}", f"--output_dir={tmp / run}", f"--cache_dir={tmp / 'cache'}", *extra]
+
+
+def assert_clean_error(proc):
+    """Non-zero exit, an 'error:' message, no traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "error:" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# A copy of the tiny dataset with one of every fault
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Broken:
+    root: Path
+    expected: list  # (text that must start a reported line: "path: " or "path:line: ", keyword of the fault)
+    counts: dict  # split -> Counter(class id -> samples that must survive a lenient load)
+    dropped: set  # image paths none of whose samples may survive
+    multiplicity: dict  # image path -> samples it must still contribute (files with one bad line among good)
+
+
+def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
+    root = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    rng = np.random.default_rng(0)
+    pool, counts = {}, {}
+    for split, folder in SPLIT_FOLDERS.items():
+        pool[split] = sorted((root / folder / "images").iterdir())
+        counts[split] = Counter(int(p.read_text().split()[0]) for p in (root / folder / "labels").glob("*.txt"))
+    b = Broken(root, [], counts, set(), {})
+
+    def take(split, ext=None):
+        """An untouched image of the split (with that extension), its label file and class id."""
+        img = next(p for p in pool[split] if ext is None or p.suffix == ext)
+        pool[split].remove(img)
+        label = root / SPLIT_FOLDERS[split] / "labels" / (img.stem + ".txt")
+        return img, label, int(label.read_text().split()[0])
+
+    def fault(where, keyword, split=None, img=None, cls=None):
+        """Expect `where` reported with `keyword`; if split is given, img's samples must not survive."""
+        b.expected.append((where, keyword))
+        if split is not None:
+            b.counts[split][cls] -= 1
+            b.dropped.add(str(img))
+
+    # images
+    img, _, c = take("train", ".jpg")
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    fault(f"{img}: ", "truncat", "train", img, c)
+    img, _, c = take("train", ".png")
+    data = img.read_bytes()
+    img.write_bytes(data[:100] + rng.bytes(200) + data[300:])  # IDAT damaged, IEND intact: only decoding can tell
+    fault(f"{img}: ", "unreadable", "train", img, c)
+    img, _, c = take("train", ".png")
+    img.write_bytes(rng.bytes(3000))
+    fault(f"{img}: ", "not an image", "train", img, c)
+    img, _, c = take("train")
+    img.write_bytes(b"")
+    fault(f"{img}: ", "zero", "train", img, c)
+    notes = root / "train" / "images" / "notes.txt"
+    notes.write_text("not a picture")
+    fault(f"{notes}: ", "not an image")
+    # pairing of images and label files
+    img, label, c = take("train")
+    label.unlink()
+    fault(f"{img}: ", "label", "train", img, c)
+    orphan = root / "train" / "labels" / "orphan_0000.txt"
+    orphan.write_text("0 0.5 0.5 0.4 0.4")
+    fault(f"{orphan}: ", "image")
+    # label files
+    img, label, c = take("train")
+    label.write_text("")
+    fault(f"{label}: ", "empty", "train", img, c)
+    img, label, c = take("train")
+    label.write_text(label.read_text().strip() + "\n3 0.5 0.5 0.4\n")  # line 1 good, line 2 four fields
+    b.multiplicity[str(img)] = 1
+    fault(f"{label}:2: ", "field")
+    img, label, c = take("train")
+    label.write_text(f"{c} 0.5 abc 0.4 0.4")
+    fault(f"{label}:1: ", "numeric", "train", img, c)
+    img, label, c = take("train")
+    label.write_text(f"{c} 1.5 0.5 0.4 0.4")
+    fault(f"{label}:1: ", "outside", "train", img, c)
+    img, label, c = take("train")
+    good = label.read_text().strip()
+    label.write_text(f"{good}\n{good}\n8 0.5 0.5 0.4 0.4")  # two good boxes, then class 8 of nc=8
+    b.counts["train"][c] += 1
+    b.multiplicity[str(img)] = 2
+    fault(f"{label}:3: ", "class")
+    # the other splits are checked as well
+    img, _, c = take("val", ".jpg")
+    img.write_bytes(img.read_bytes()[:-300])
+    fault(f"{img}: ", "truncat", "val", img, c)
+    img, label, c = take("test")
+    label.write_text("-1 0.5 0.5 0.4 0.4")
+    fault(f"{label}:1: ", "class", "test", img, c)
+    if nc_mismatch:
+        doc = yaml.safe_load((root / "data.yaml").read_text())
+        (root / "data.yaml").write_text(yaml.safe_dump({**doc, "nc": 9}, sort_keys=False))
+        fault(f"{root / 'data.yaml'}: ", "nc")
+    return b
+
+
+def test_strict_run_reports_every_problem_and_stops_before_training(tiny_dataset, tmp_path):
+    b = broken_copy(tiny_dataset, tmp_path, nc_mismatch=True)
+    proc = run_script(*args_for(b.root, tmp_path, "--epochs=1"), cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    lines = proc.stderr.splitlines()
+    for where, keyword in b.expected:
+        hits = [line.split(where, 1)[1] for line in lines if where in line]
+        assert hits, f"not reported: {where!r}\n{proc.stderr}"
+        assert any(keyword in hit.lower() for hit in hits), f"{where!r} reported without {keyword!r}: {hits}"
+    assert not re.search(r"^epoch\s+\d", proc.stdout, re.M), "training started"
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_path):
+    b = broken_copy(tiny_dataset, tmp_path)
+    run_script(*args_for(b.root, tmp_path, "--strict=false", "--epochs=1"), cwd=tmp_path)
+    run = tmp_path / "run"
+    report = json.loads((run / "data_report.json").read_text())
+    assert len(report["problems"]) == len(b.expected), report["problems"]  # and nothing clean was flagged
+    for where, keyword in b.expected:
+        assert any(p.startswith(where) and keyword in p[len(where):].lower() for p in report["problems"]), where
+    names = report["class_names"]
+    for split, counts in b.counts.items():
+        assert report["splits"][split]["per_class"] == {n: counts[i] for i, n in enumerate(names)}, split
+        assert report["splits"][split]["samples"] == sum(counts.values()), split
+    log = (run / "train.log").read_text().replace(str(tmp_path), "")  # the folder's name holds "skip"
+    count = re.compile(rf"\b{len(b.expected)}\b")
+    assert any("skip" in line.lower() and count.search(line) for line in log.splitlines()), log
+    assert (run / "evaluation_results.json").exists()
+
+
+def test_lenient_load_keeps_no_bad_sample_and_never_a_blank_image(tiny_dataset, tmp_path):
+    b = broken_copy(tiny_dataset, tmp_path)
+    cfg = ern.Config(data_dir=str(b.root), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    _, splits, _ = ern.load_dataset(cfg)
+    paths = [p for s in splits.values() for p in s.paths]
+    assert not b.dropped & set(paths)
+    for path, n in b.multiplicity.items():
+        assert paths.count(path) == n, path
+    for s in splits.values():
+        pixels = np.asarray(s.images).reshape(len(s), -1).astype(np.float32)
+        assert (pixels.std(1) > 1).all(), f"{s.name}: a constant (substituted) image"
+
+
+def test_nc_names_mismatch_stops_even_when_lenient_and_is_reported_with_the_rest(tiny_dataset, tmp_path):
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    (data / "data.yaml").write_text(yaml.safe_dump({**doc, "nc": 7}, sort_keys=False))
+    empty = sorted((data / "train" / "images").iterdir())[0]
+    empty.write_bytes(b"")
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    with pytest.raises(ern.UserError) as error:
+        ern.load_dataset(cfg)
+    message = str(error.value)
+    assert f"{data / 'data.yaml'}: " in message and f"{empty}: " in message  # not only the first problem
+    yaml_line = message.split(f"{data / 'data.yaml'}: ", 1)[1].splitlines()[0]
+    assert all(w in yaml_line for w in ("nc", "7", "8")), yaml_line
+
+
+# ---------------------------------------------------------------------------------------------
+# Duplicates and leakage
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def duplicated(tiny_dataset, tmp_path_factory):
+    """The tiny dataset plus exact duplicates of training images in valid (one re-encoded, one relabelled),
+    in test, and within train (relabelled); one strict 1-epoch run on it: (tmp, data, {name: path}, process)."""
+    tmp = tmp_path_factory.mktemp("dup")
+    data = Path(shutil.copytree(tiny_dataset, tmp / "data")).resolve()
+    train = sorted((data / "train" / "images").glob("*.png"))
+    label = lambda img: data / "train" / "labels" / (img.stem + ".txt")
+
+    def relabelled(img):
+        cls, *box = label(img).read_text().split()
+        return " ".join([str((int(cls) + 1) % 8), *box])
+
+    dups = {"val_same": data / "valid" / "images" / "dup_same.bmp",
+            "val_conflict": data / "valid" / "images" / "dup_conflict.png",
+            "test_same": data / "test" / "images" / "dup_test.png",
+            "train_conflict": data / "train" / "images" / "dup_within.png"}
+    # a lossless re-encode: other bytes, the same decoded pixels
+    cv2.imwrite(str(dups["val_same"]), cv2.imread(str(train[0]), cv2.IMREAD_COLOR))
+    shutil.copy(label(train[0]), data / "valid" / "labels" / "dup_same.txt")
+    shutil.copy(train[1], dups["val_conflict"])
+    (data / "valid" / "labels" / "dup_conflict.txt").write_text(relabelled(train[1]))
+    shutil.copy(train[2], dups["test_same"])
+    shutil.copy(label(train[2]), data / "test" / "labels" / "dup_test.txt")
+    shutil.copy(train[3], dups["train_conflict"])
+    (data / "train" / "labels" / "dup_within.txt").write_text(relabelled(train[3]))
+    proc = run_script(*args_for(data, tmp, "--epochs=1"), cwd=tmp)
+    return tmp, data, dups, proc
+
+
+def test_duplicates_are_reported_with_conflicts_and_leakage_is_counted_in_results(duplicated):
+    tmp, data, dups, proc = duplicated
+    assert re.search(r"warning.*\b2\b.*val.*duplicate", proc.stdout, re.I), proc.stdout
+    assert re.search(r"warning.*\b1\b.*test.*duplicate", proc.stdout, re.I), proc.stdout
+    report = json.loads((tmp / "run" / "data_report.json").read_text())
+    d = report["duplicates"]
+    assert (d["val_in_train"]["samples"], d["val_in_train"]["label_conflicts"]) == (2, 1)
+    assert str(dups["val_conflict"]) in d["val_in_train"]["conflict_examples"]
+    assert (d["test_in_train"]["samples"], d["test_in_train"]["label_conflicts"]) == (1, 0)
+    assert (d["train_within"]["groups"], d["train_within"]["label_conflicts"]) == (1, 1)
+    assert d["val_within"]["groups"] == 0 and d["test_within"]["groups"] == 0
+    results = json.loads((tmp / "run" / "evaluation_results.json").read_text())
+    assert results["duplicates"]["val_in_train"]["samples"] == 2
+    assert results["duplicates"]["test_in_train"]["samples"] == 1
+    assert results["samples_duplicating_train"] == 1  # the evaluated split is test
+
+
+def test_data_report_has_per_class_counts_sizes_and_formats(duplicated):
+    tmp, data, _, _ = duplicated
+    report = json.loads((tmp / "run" / "data_report.json").read_text())
+    names = report["class_names"]
+    for split, folder in SPLIT_FOLDERS.items():
+        files = sorted((data / folder / "images").iterdir())
+        classes = Counter(int((data / folder / "labels" / (p.stem + ".txt")).read_text().split()[0]) for p in files)
+        suffix = {".jpg": "jpeg", ".png": "png", ".bmp": "bmp"}
+        r = report["splits"][split]
+        assert r["per_class"] == {n: classes[i] for i, n in enumerate(names)}, split
+        assert r["formats"] == dict(Counter(suffix[p.suffix] for p in files)), split
+        assert r["image_sizes"] == {"48x48": len(files)}, split
+
+
+def test_drop_duplicates_removes_exactly_the_val_and_test_copies_of_training_images(duplicated):
+    tmp, data, dups, _ = duplicated
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp / "cache"), image_size=32)
+    _, kept, _ = ern.load_dataset(cfg)
+    _, dropped, report = ern.load_dataset(dataclasses.replace(cfg, drop_duplicates=True))
+    for split, key in (("val", "val_same"), ("val", "val_conflict"), ("test", "test_same")):
+        assert str(dups[key]) in kept[split].paths
+        assert str(dups[key]) not in dropped[split].paths
+    assert len(dropped["val"]) == len(kept["val"]) - 2 and len(dropped["test"]) == len(kept["test"]) - 1
+    assert dropped["train"].paths == kept["train"].paths  # training images are never dropped
+    assert report["splits"]["val"]["samples"] == len(dropped["val"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, last.pth, exact resume after Ctrl-C, non-finite loss, run folders
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt])
+def test_atomic_save_keeps_the_good_file_when_the_write_fails(tmp_path, monkeypatch, failure):
+    path = tmp_path / "last.pth"
+    ern.atomic_save({"w": torch.arange(5.0)}, path)
+    targets = []
+
+    def partial_save(obj, f, *args, **kwargs):
+        if hasattr(f, "write"):
+            targets.append(Path(f.name))
+            f.write(b"PK\x03\x04 half a checkpoint")
+        else:
+            targets.append(Path(f))
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise failure("interrupted mid-write")
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(failure):
+        ern.atomic_save({"w": torch.zeros(5)}, path)
+    monkeypatch.undo()
+    assert targets and targets[0] != path, "torch.save wrote the final path directly"
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5.0))
+    assert sorted(tmp_path.iterdir()) == [path], "a temporary file was left behind"
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dataset, tmp_path_factory):
+    """An uninterrupted deterministic run of EPOCHS epochs: its run folder."""
+    tmp = tmp_path_factory.mktemp("finished")
+    run_script(*args_for(tiny_dataset, tmp, f"--epochs={EPOCHS}", "--deterministic=true", "--seed=3"), cwd=tmp)
+    return tmp / "run"
+
+
+def test_last_checkpoint_holds_the_whole_training_state(finished):
+    ckpt = torch.load(finished / "last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == EPOCHS
+    assert ckpt["optimizer"]["state"], "optimizer moments missing"
+    steps = 96 // 16  # the tiny train split, TINY's batch size
+    assert ckpt["scheduler"]["last_epoch"] == EPOCHS * steps
+    assert "scaler" in ckpt and isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["config"]["epochs"] == EPOCHS and len(ckpt["class_names"]) == 8
+    assert not list(finished.glob("*.tmp"))
+
+
+def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(finished, tiny_dataset, tmp_path):
+    args = args_for(tiny_dataset, tmp_path, f"--epochs={EPOCHS}", "--deterministic=true", "--seed=3")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen, interrupted = [], False
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(r"epoch\s+1/", line):
+            proc.send_signal(signal.SIGINT)
+            interrupted = True
+            break
+    out, err = proc.communicate(timeout=300)
+    out = "".join(seen) + out
+    assert interrupted, f"no first epoch line\n{out}\n{err}"
+    assert proc.returncode != 0 and "Traceback" not in err, f"exit {proc.returncode}\n{out}\n{err}"
+    last = torch.load(tmp_path / "run" / "last.pth", map_location="cpu", weights_only=True)
+    assert 1 <= last["epoch"] < EPOCHS, "interrupted after the last epoch: make EPOCHS larger"
+    after = out[out.rindex(seen[-1]) + len(seen[-1]):]  # what it printed on the way out
+    assert f"epoch {last['epoch']}" in after, after
+    command = next((line.strip() for line in after.splitlines() if "--resume=" in line), None)
+    assert command, f"no resume command in\n{after}"
+    argv = shlex.split(command)
+    assert Path(argv[0]).name.startswith("python"), command
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, EPOCHS + 1))
+    want = torch.load(finished / "final_emotion_model.pth", map_location="cpu", weights_only=True)["model"]
+    got = torch.load(tmp_path / "run" / "final_emotion_model.pth", map_location="cpu", weights_only=True)["model"]
+    assert want.keys() == got.keys()
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    proc = run_script(*args_for(tiny_dataset, tmp_path, "--epochs=2", "--lr=1e30"), cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    assert re.search(r"non-finite.*epoch 1\b.*step \d+", proc.stderr, re.I), proc.stderr
+    last = torch.load(tmp_path / "run" / "last.pth", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "final_emotion_model.pth").exists()
+    assert not (tmp_path / "run" / "evaluation_results.json").exists()
+
+
+class NaNAtCall(nn.Module):
+    """A linear classifier on mean colour whose logits turn NaN on one forward call."""
+
+    def __init__(self, bad_call, num_classes=8):
+        super().__init__()
+        self.linear = nn.Linear(3, num_classes)
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, x):
+        self.calls += 1
+        f = x.mean((2, 3))
+        logits = self.linear(f)
+        return (logits * float("nan") if self.calls == self.bad_call else logits), None, f
+
+
+def test_train_one_epoch_names_the_epoch_and_step_of_a_non_finite_loss():
+    cfg = ern.Config(batch_size=4, epochs=9, mixup=0.0, cutmix=0.0)
+    model = NaNAtCall(bad_call=3)
+    optimizer = ern.make_optimizer(model, cfg)
+    scheduler = ern.make_scheduler(optimizer, cfg, 10)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(40) % 8
+    with pytest.raises(ern.NonFiniteLoss, match=r"epoch 7\b.*step 3\b"):
+        ern.train_one_epoch(model, images, labels, torch.full((3,), 0.5), torch.full((3,), 0.25), optimizer,
+                            scheduler, torch.amp.GradScaler("cpu", enabled=False), cfg, 7, num_classes=8)
+
+
+def test_finished_run_folder_is_never_overwritten_without_overwrite(finished, tiny_dataset, tmp_path):
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = run_script(*args_for(tiny_dataset, tmp_path, "--epochs=1"), cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    assert str(run) in proc.stderr and "--overwrite" in proc.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    run_script(*args_for(tiny_dataset, tmp_path, "--epochs=1", "--overwrite=true"), cwd=tmp_path)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad checkpoints
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    (["--width=0.25"], ["width", "0.125", "0.25"]),
+    (["--blocks=1,1,1"], ["blocks", "1,1,1,1", "1,1,1"]),
+    (["--image_size=48"], ["image size", "32", "48"]),
+    ("renamed", ["Anger", "Rage"]),
+], ids=["width", "blocks", "image_size", "class_names"])
+def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_dataset, tmp_path, change, words):
+    (tmp_path / "run").mkdir()
+    last = Path(shutil.copy(finished / "last.pth", tmp_path / "run" / "last.pth"))
+    if change == "renamed":
+        data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+        doc = yaml.safe_load((data / "data.yaml").read_text())
+        (data / "data.yaml").write_text(yaml.safe_dump({**doc, "names": ["Rage", *doc["names"][1:]]}, sort_keys=False))
+        change = [f"--data_dir={data}"]
+    proc = run_script(f"--resume={last}", f"--cache_dir={tmp_path / 'cache'}", *change, cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    message = proc.stderr[proc.stderr.index("error:"):].splitlines()[0].replace(str(tmp_path), "")
+    assert all(w in message for w in words), message
+    assert not re.search(r"^epoch\s+\d", proc.stdout, re.M), "training started"
+
+
+class RunsCode:
+    """Pickles to a call of os.mkdir: what a malicious checkpoint does on a plain torch.load."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("kind", ["missing", "state_dict", "random_bytes", "runs_code", "weights_only_for_resume"])
+def test_bad_checkpoint_file_gives_one_clear_line(finished, tiny_dataset, tmp_path, kind):
+    path = tmp_path / f"{kind}.pth"
+    action = "--evaluate"
+    if kind == "state_dict":
+        torch.save(ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1"), 8).state_dict(), path)
+    elif kind == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "runs_code":
+        torch.save({"format": ern.CHECKPOINT_FORMAT, "payload": RunsCode(str(tmp_path / "pwned"))}, path)
+    elif kind == "weights_only_for_resume":
+        shutil.copy(finished / "best_emotion_model.pth", path)
+        action = "--resume"
+    proc = run_script(f"{action}={path}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'out'}",
+                      f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and path.name in lines[0], proc.stderr
+    assert not (tmp_path / "pwned").exists(), "the checkpoint ran code: torch.load without weights_only=True"
