@@ -119,7 +119,6 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
-ACTION_FIELDS = ("preset", "demo", "evaluate", "split", "resume", "predict", "checkpoint", "overwrite", "output_dir")
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 CACHE_VERSION = 1
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -262,7 +261,7 @@ def resolve_device(name):
 def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never breaks a good file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -273,7 +272,7 @@ def atomic_save(obj, path):
 
 def write_json(obj, path):
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
@@ -541,7 +540,7 @@ def load_split_pixels(split, cfg, log_file=None):
     array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (array_path.exists() and meta_path.exists()):
         t0 = time.time()
-        tmp = stem.with_suffix(".npy.tmp")
+        tmp = stem.with_suffix(f".npy.{os.getpid()}.tmp")  # two runs may build the same cache at once
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
         meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
         out.flush()
@@ -554,7 +553,7 @@ def load_split_pixels(split, cfg, log_file=None):
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {time.time() - t0:.1f}s", log_file)
     cached = json.loads(meta_path.read_text())
     meta = cached["meta"]
-    split.images = np.load(array_path, mmap_mode="r")
+    split.images = np.load(array_path, mmap_mode="c")  # copy-on-write: torch wants writable arrays
     ok = np.array([m is not None for m in meta], dtype=bool)
     split.hashes = [m[0] if m else None for m in meta]
     split.formats = [m[1] if m else None for m in meta]

@@ -1,0 +1,105 @@
+"""
+The ERN ablation table: each row is one run of emotion_recognition.py with one more component on.
+
+    python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
+        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--rows=plain,full]
+
+Every row shares the protocol and seed; rows run `--parallel` at a time, each with one OpenMP
+thread (two one-thread runs use a 2-core machine better than one two-thread run). Prints a
+markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's class names,
+accuracy without the validation images that duplicate training images, accuracy per image
+source format, wall time) and writes it, with every command, to OUT/ablation.json.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {  # name: overrides, in the order components are added
+    "plain": "--channel_attention=false --spatial_attention=false --context=false",
+    "+channel": "--spatial_attention=false --context=false",
+    "+spatial": "--channel_attention=false --context=false",
+    "+dual": "--context=false",
+    "+context (lambda=0)": "--context_weight=0",
+    "full ERN": "",
+}
+RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)
+    "full, no random erasing": "--aug_erase=0",
+    "full, no label smoothing": "--label_smoothing=0",
+    "full, mixup 0.2": "--mixup=0.2",
+    "full, cutmix 1.0": "--cutmix=1.0",
+    "full, EMA 0.995": "--ema_decay=0.995",
+    "full, class weights": "--class_weights=true",
+}
+ROWS.update(RECIPE)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE), help="comma-separated row names")
+    ap.add_argument("--extra", default="", help="overrides added to every row (e.g. --cache_dir=...)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for seed in args.seeds.split(","):
+        for row in args.rows.split(","):
+            run_dir = out / f"{row.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}__seed{seed}"
+            cmd = [sys.executable, str(ROOT / "emotion_recognition.py"), f"--data_dir={args.data_dir}",
+                   *shlex.split(args.protocol), *shlex.split(ROWS[row]), *shlex.split(args.extra),
+                   f"--seed={seed}", f"--output_dir={run_dir}", "--tsne_samples=0"]
+            jobs.append((row, seed, run_dir, cmd))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    pending, running, results = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            row, seed, run_dir, cmd = pending.pop(0)
+            if (run_dir / "evaluation_results.json").exists():  # finished earlier: reuse
+                results.append((row, seed, run_dir, cmd, None))
+                continue
+            log = open(out / f"{run_dir.name}.log", "w")
+            print(f"start {row} seed {seed}: {shlex.join(cmd)}", flush=True)
+            running.append((row, seed, run_dir, cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                            time.time()))
+        for job in list(running):
+            row, seed, run_dir, cmd, proc, t0 = job
+            if proc.poll() is not None:
+                running.remove(job)
+                print(f"done  {row} seed {seed}: exit {proc.returncode}, {time.time() - t0:.0f} s", flush=True)
+                results.append((row, seed, run_dir, cmd, time.time() - t0))
+        time.sleep(2)
+    table = []
+    for row, seed, run_dir, cmd, wall in sorted(results, key=lambda r: (list(ROWS).index(r[0]), r[1])):
+        res = json.loads((run_dir / "evaluation_results.json").read_text())
+        table.append({"row": row, "seed": int(seed), "command": shlex.join(cmd[1:]), "wall_seconds": wall,
+                      "val_accuracy": res["test_accuracy"], "macro_f1": res["macro_f1"],
+                      "accuracy_excluding_train_duplicates": res.get("accuracy_excluding_train_duplicates"),
+                      "accuracy_by_source_format": {k: v["accuracy"] for k, v in res["accuracy_by_source_format"].items()},
+                      "f1": {k: v["f1-score"] for k, v in res["classification_report"].items()},
+                      "training_seconds": res["training_seconds"], "num_parameters": res["num_parameters"]})
+    (out / "ablation.json").write_text(json.dumps(table, indent=2))
+    names = list(table[0]["f1"])
+    formats = sorted(table[0]["accuracy_by_source_format"])
+    print("\n| row | seed | params | val acc | macro-F1 | acc w/o train dups | " +
+          " | ".join(f"acc {f}" for f in formats) + " | " + " | ".join(f"F1 {n}" for n in names) + " | train s |")
+    print("|" + "---|" * (7 + len(formats) + len(names)))
+    for t in table:
+        print(f"| {t['row']} | {t['seed']} | {t['num_parameters'] / 1e6:.2f} M | {t['val_accuracy']:.2%} | {t['macro_f1']:.4f} | "
+              f"{t['accuracy_excluding_train_duplicates']:.2%} | " +
+              " | ".join(f"{t['accuracy_by_source_format'][f]:.2%}" for f in formats) + " | " +
+              " | ".join(f"{t['f1'][n]:.3f}" for n in names) + f" | {t['training_seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
