@@ -15,8 +15,11 @@ cosine schedule, and writes checkpoints, evaluation_results.json and plots into 
     python emotion_recognition.py --predict=face.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
     python emotion_recognition.py --help                         # every field of Config
 
-Every field of Config below can be overridden as --name=value. Measured results, with their
-commands and machines, are in README.md and BENCHMARKS.md.
+Measured (2-core CPU, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet YOLO export's
+17,101 training faces in 25 minutes and reaches 64.45 % validation accuracy (macro-F1 0.632,
+4.4 M parameters). The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol and has not
+been run here. Every field of Config can be overridden as --name=value; commands and figures are
+in README.md and BENCHMARKS.md.
 """
 
 import copy
@@ -67,7 +70,7 @@ class Config:
     cutmix: float = 0.0  # cutmix Beta(a, a) concentration; 0 = off (with mixup: one or the other per batch)
     tta_flip: bool = True  # evaluation averages the image and its mirror
     # model
-    width: float = 1.0  # channel multiplier; 1.0 = the 27.5 M-parameter network
+    width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
     blocks: str = "2,4,7,2"  # residual blocks per stage
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
@@ -95,10 +98,10 @@ class Config:
     channels_last: bool = True  # CUDA only: on the CPU, oneDNN's channels_last backward crashed (BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per forward pass in evaluation
     # output
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
-    run_name: str = "ern"
+    run_name: str = "ern"  # first part of the default run folder's name
     overwrite: bool = False  # allow writing into a folder that already holds a run's results
     tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
     # actions
@@ -242,7 +245,6 @@ def log(message, log_file=None):
 
 
 def seed_everything(seed, deterministic):
-    np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -256,6 +258,18 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def use_channels_last(cfg, device):
+    # torch 2.14's oneDNN CPU backward corrupts the heap with channels_last at width 0.25 (BENCHMARKS.md)
+    return cfg.channels_last and device.type == "cuda"
+
+
+def autocast_dtype(cfg, device):
+    """bf16 on Ampere and newer; fp16 (with a GradScaler) before, where bf16 is only emulated."""
+    if device.type != "cuda" or not cfg.amp:
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def atomic_save(obj, path):
@@ -390,7 +404,7 @@ def parse_label_file(path, num_classes):
             problems.append(f"{where}: non-numeric field in {line.strip()!r}")
             continue
         cls = values[0]
-        if cls != int(cls) or not 0 <= cls < num_classes:
+        if not 0 <= cls < num_classes or cls != int(cls):  # range first: int(nan) raises
             problems.append(f"{where}: class id {fields[0]} outside 0..{num_classes - 1}")
             continue
         cx, cy, w, h = values[1:]
@@ -411,8 +425,11 @@ def scan_split(name, images_dir, num_classes):
     for p in sorted(images_dir.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
-        if p.suffix.lower() in IMAGE_EXTS:
-            images[p.relative_to(images_dir).with_suffix("")] = p
+        stem = p.relative_to(images_dir).with_suffix("")
+        if p.suffix.lower() in IMAGE_EXTS and stem in images:
+            problems.append(f"{p}: shares its label file {stem}.txt with {images[stem]}")
+        elif p.suffix.lower() in IMAGE_EXTS:
+            images[stem] = p
         else:
             others.append(p)
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
@@ -464,7 +481,7 @@ def crop_box(image, box, margin, size):
     cx, cy, bw, bh = box
     x0, x1 = (cx - bw * (0.5 + margin)) * w, (cx + bw * (0.5 + margin)) * w
     y0, y1 = (cy - bh * (0.5 + margin)) * h, (cy + bh * (0.5 + margin)) * h
-    x0, y0 = max(0, int(round(x0))), max(0, int(round(y0)))
+    x0, y0 = min(max(0, int(round(x0))), w - 1), min(max(0, int(round(y0))), h - 1)  # a box on the edge keeps a pixel
     x1, y1 = min(w, max(x0 + 1, int(round(x1)))), min(h, max(y0 + 1, int(round(y1))))
     crop = image[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR
@@ -535,7 +552,7 @@ def load_split_pixels(split, cfg, log_file=None):
     cache_dir = Path(cfg.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(split.paths[0]).parent if split.paths else Path(".")
-    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px"
+    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px_m{margin}"
     stem = cache_dir / f"{prefix}_{cache_key(split, size, margin)}"
     array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (array_path.exists() and meta_path.exists()):
@@ -548,8 +565,8 @@ def load_split_pixels(split, cfg, log_file=None):
         os.replace(tmp, array_path)
         write_json({"meta": meta, "problems": problems}, meta_path)
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
-            if old.stem.split(".")[0] != stem.name:
-                old.unlink()
+            if old.stem.split(".")[0] != stem.name and not old.name.endswith(".tmp"):  # not another run's build
+                old.unlink(missing_ok=True)
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {time.time() - t0:.1f}s", log_file)
     cached = json.loads(meta_path.read_text())
     meta = cached["meta"]
@@ -663,6 +680,24 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
               "splits": {n: split_report(s, class_names) for n, s in splits.items()},
               "duplicates": duplicates}
     return class_names, splits, report
+
+
+def dataset_normalization(images, max_images=4096):
+    """Per-channel mean and std of the training pixels (a strided subsample), in [0, 1] units.
+
+    Summed 256 images at a time: float copies of the whole subsample raised the peak memory by
+    1.3 GB at 96 px (benchmarks/bench_pipeline.py).
+    """
+    sample = images[::max(1, len(images) // max_images)]
+    sums, squares = np.zeros(3), np.zeros(3)
+    for i in range(0, len(sample), 256):
+        x = np.asarray(sample[i:i + 256], dtype=np.float64) / 255
+        sums += x.sum((0, 2, 3))
+        squares += (x * x).sum((0, 2, 3))
+    n = len(sample) * sample.shape[2] * sample.shape[3]
+    mean = sums / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std + 1e-3, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -901,20 +936,21 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 # ---------------------------------------------------------------------------------------------
 
 class EMA:
-    """Exponential moving average of the weights (and a copy of the buffers), evaluated instead of the model."""
+    """Exponential moving average of a model's floating-point weights and buffers (integer buffers
+    such as BatchNorm's batch count are copied); the average is what gets evaluated."""
 
     def __init__(self, model, decay):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # tensors, paired once
+        self.floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+        self.ints = [(e, m) for e, m in pairs if not e.dtype.is_floating_point]
 
     @torch.no_grad()
-    def update(self, model):
-        ema, live = self.model.state_dict(), model.state_dict()
-        floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - self.decay)
-        for k, v in ema.items():
-            if not v.dtype.is_floating_point:
-                v.copy_(live[k])
+    def update(self):
+        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], 1 - self.decay)
+        for e, m in self.ints:
+            e.copy_(m)
 
 
 def make_optimizer(model, cfg):
@@ -944,8 +980,8 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, ema=None,
-                    class_weights=None, num_classes=None):
+def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
+                    ema=None, class_weights=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
@@ -982,12 +1018,12 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         scaler.update()
         scheduler.step()
         if ema is not None:
-            ema.update(model)
+            ema.update()
         with torch.no_grad():
             terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
             sums += torch.cat([terms * len(idx), (logits.argmax(1) == y).sum().view(1)])
-        if (step + 1) % log_every == 0 or step == steps - 1:  # the only host syncs of the loop
+        if (step + 1) % log_every == 0 or step == steps - 1:  # the loop's only host syncs (but fp16's GradScaler)
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
             seen = (step + 1) * batch
@@ -997,20 +1033,8 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
-def use_channels_last(cfg, device):
-    # torch 2.14's oneDNN CPU backward corrupts the heap with channels_last at width 0.25 (BENCHMARKS.md)
-    return cfg.channels_last and device.type == "cuda"
-
-
-def autocast_dtype(cfg, device):
-    if device.type != "cuda" or not cfg.amp:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
     """One self-contained dict: enough to evaluate or predict without the dataset or this file's defaults."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the module
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dataclasses.asdict(cfg),
             "class_names": list(class_names), "normalization": {"mean": mean.tolist(), "std": std.tolist()},
             "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
@@ -1038,6 +1062,11 @@ def load_checkpoint(path):
     return ckpt
 
 
+def config_from_checkpoint(ckpt):
+    known = {f.name for f in dataclasses.fields(Config)}  # fields a newer file dropped are ignored
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
 def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
     """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
     architecture (that of the Config `expected`, if given) differ."""
@@ -1051,8 +1080,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                   if ckpt["config"].get(k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    known = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    cfg = config_from_checkpoint(ckpt)
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -1072,7 +1100,6 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
     class_weights = None
     if cfg.class_weights:
         counts = torch.bincount(train_y, minlength=k).float().clamp(min=1)
@@ -1083,12 +1110,13 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
-        if ema is not None and resume["ema"] is not None:
-            ema.model.load_state_dict(resume["ema"])
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
         history, best, start = resume["history"], resume["best"], resume["epoch"] + 1
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # after the resumed weights are in
+    if ema is not None and resume is not None and resume["ema"] is not None:
+        ema.model.load_state_dict(resume["ema"])
     fwd = torch.compile(model) if cfg.compile else model
     last_path, resume_cmd = run_dir / "last.pth", f"python {sys.argv[0]} --resume={run_dir / 'last.pth'}"
     save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
@@ -1096,7 +1124,7 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
         **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
-    if resume is not None:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
+    else:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
@@ -1104,9 +1132,9 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
             stats = train_one_epoch(fwd, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                    ema, class_weights, k)
+                                    num_classes=k, ema=ema, class_weights=class_weights)
             judged = ema.model if ema is not None else model
-            val_out = run_inference(judged, val.images, mean, std, device, cfg, tta=False)
+            val_out = run_inference(judged, val.images, mean, std, device, cfg)  # the metric reported at the end
             target = smooth_targets(torch.from_numpy(val.labels), k, cfg.label_smoothing)
             val_loss = hybrid_loss(val_out["logits"], val_out["context_logits"], target, cfg.context_weight)[0].item()
             val_pred = val_out["logits"].argmax(1).numpy()
@@ -1152,15 +1180,15 @@ def run_inference(model, images, mean, std, device, cfg, tta=None):
         if use_channels_last(cfg, device):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, s, f = model(x)
+            logits, s, f = (None if t is None else t.float() for t in model(x))
             if tta:
-                logits_m, s_m, f_m = model(x.flip(3))
+                logits_m, s_m, f_m = (None if t is None else t.float() for t in model(x.flip(3)))
                 logits, f = (logits + logits_m) / 2, (f + f_m) / 2
                 s = None if s is None else (s + s_m) / 2
-        outs["logits"].append(logits.float().cpu())
-        outs["features"].append(f.float().cpu())
+        outs["logits"].append(logits.cpu())
+        outs["features"].append(f.cpu())
         if s is not None:
-            outs["context_logits"].append(s.float().cpu())
+            outs["context_logits"].append(s.cpu())
     return {"logits": torch.cat(outs["logits"]), "features": torch.cat(outs["features"]),
             "context_logits": torch.cat(outs["context_logits"]) if outs["context_logits"] else None}
 
@@ -1274,7 +1302,7 @@ def plot_context(prototypes, q, labels, class_names, path):
 
 
 def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed):
-    """t-SNE of a class-stratified sample of the features, prototypes embedded alongside and marked."""
+    """t-SNE of a random sample of the features, prototypes embedded alongside and marked."""
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
     rng = np.random.default_rng(seed)
@@ -1309,8 +1337,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     results.update(extra)
     write_json(results, run_dir / "evaluation_results.json")
     plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    net = getattr(model, "_orig_mod", model)
-    prototypes = net.context.prototypes.detach().cpu() if net.context is not None else None
+    prototypes = model.context.prototypes.detach().cpu() if model.context is not None else None
     if prototypes is not None:
         q = out["context_logits"].softmax(1).numpy()
         plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
@@ -1328,7 +1355,8 @@ def predict(checkpoint_path, inputs, detect_faces=True, device="cpu"):
     """Classify every face (or whole image) in a file or folder: [(path, box, class name, probabilities)]."""
     ckpt = load_checkpoint(checkpoint_path)
     model, cfg = model_from_checkpoint(ckpt)
-    model.to(device).eval()
+    device = torch.device(device)
+    model.to(device)
     mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
     inputs = Path(inputs)
     files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if inputs.is_dir() else [inputs]
@@ -1348,9 +1376,7 @@ def predict(checkpoint_path, inputs, detect_faces=True, device="cpu"):
             boxes = [((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h) for x, y, bw, bh in found]
         boxes = boxes or [(0.5, 0.5, 1.0, 1.0)]
         crops = np.stack([crop_box(image, b, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1) for b in boxes])
-        with torch.inference_mode():
-            x = normalize(torch.from_numpy(crops).to(device), mean, std)
-            probs = ((model(x)[0].softmax(1) + model(x.flip(3))[0].softmax(1)) / 2).cpu().numpy()
+        probs = run_inference(model, crops, mean, std, device, cfg)["logits"].softmax(1).numpy()
         for b, p in zip(boxes, probs):
             rows.append((str(path), [round(float(v), 4) for v in b], ckpt["class_names"][int(p.argmax())],
                          {n: round(float(v), 4) for n, v in zip(ckpt["class_names"], p)}))
@@ -1456,6 +1482,11 @@ def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=D
 # Main
 # ---------------------------------------------------------------------------------------------
 
+RUN_FILES = ("config.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
+             "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
+             "confusion_matrix.png", "context_similarities.png", "feature_space.png")
+
+
 def make_run_dir(cfg, resuming=False):
     run_dir = Path(cfg.output_dir) if cfg.output_dir else \
         Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -1463,29 +1494,11 @@ def make_run_dir(cfg, resuming=False):
     if taken and not (resuming or cfg.overwrite):
         raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); choose another --output_dir, "
                         f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
-    if cfg.overwrite and not resuming:
-        for n in ("metrics.jsonl", "train.log"):
+    if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
+        for n in RUN_FILES:
             (run_dir / n).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def dataset_normalization(images, max_images=4096):
-    """Per-channel mean and std of the training pixels (a strided subsample), in [0, 1] units.
-
-    Summed 256 images at a time: float copies of the whole subsample raised the peak memory by
-    1.3 GB at 96 px (benchmarks/bench_pipeline.py).
-    """
-    sample = images[::max(1, len(images) // max_images)]
-    sums, squares = np.zeros(3), np.zeros(3)
-    for i in range(0, len(sample), 256):
-        x = np.asarray(sample[i:i + 256], dtype=np.float64) / 255
-        sums += x.sum((0, 2, 3))
-        squares += (x * x).sum((0, 2, 3))
-    n = len(sample) * sample.shape[2] * sample.shape[3]
-    mean = sums / n
-    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0))
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std + 1e-3, dtype=torch.float32)
 
 
 def run_training(cfg, resume_ckpt=None):
@@ -1516,27 +1529,32 @@ def run_training(cfg, resume_ckpt=None):
     best_ckpt = load_checkpoint(run_dir / "best_emotion_model.pth")
     model.load_state_dict(best_ckpt["model"])
     plot_history(history, run_dir / "training_history.png")
-    dup = report["duplicates"].get(f"{evaluated}_in_train", {})
     results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": evaluated, "num_parameters": n_params, "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"], "training_seconds": round(seconds, 1),
         "checkpoint": str(run_dir / "best_emotion_model.pth"), "duplicates": report["duplicates"],
         "duplicates_dropped": cfg.drop_duplicates, "config": dataclasses.asdict(cfg)},
-        None if cfg.drop_duplicates or not dup else set(splits["train"].hashes))
+        set(splits["train"].hashes))
     log(f"{evaluated} accuracy {results['test_accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
         f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}); outputs in {run_dir}", log_file)
     return run_dir, results
 
 
+# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
+FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
+                   "attention_reduction", "context", "context_temperature", "dropout", "seed", "val_fraction")
+
+
 def run_evaluation(cfg, overrides):
     ckpt = load_checkpoint(cfg.evaluate)
-    saved = ckpt["config"]
-    # preprocessing and architecture come from the checkpoint; the dataset and output from the command line
-    keep = {k: getattr(cfg, k) for k in overrides if k not in ("image_size", "crop_margin", "width", "blocks")}
-    cfg = dataclasses.replace(Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}}),
-                              **{**keep, "evaluate": cfg.evaluate})
-    if not cfg.output_dir or cfg.output_dir == saved.get("output_dir"):
+    clash = [k for k in FROM_CHECKPOINT if k in overrides]
+    if clash:
+        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
+    saved = config_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
+    if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
+    validate_config(cfg)
     run_dir = make_run_dir(cfg)
     device = resolve_device(cfg.device)
     class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
@@ -1572,8 +1590,7 @@ def main(argv):
         ckpt = load_checkpoint(cfg.resume)
         if "optimizer" not in ckpt:
             raise UserError(f"{cfg.resume} holds weights but no training state; resume from the run's last.pth")
-        known = {f.name for f in dataclasses.fields(Config)}
-        cfg = dataclasses.replace(Config(**{k: v for k, v in ckpt["config"].items() if k in known}),
+        cfg = dataclasses.replace(config_from_checkpoint(ckpt),
                                   **{k: v for k, v in overrides.items() if k not in ("preset", "demo")},
                                   output_dir=str(Path(cfg.resume).parent))
         validate_config(cfg)
