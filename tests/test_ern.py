@@ -688,3 +688,76 @@ def test_augment_batch_randomness_is_per_sample(field):
     out = ern.augment_batch(x, MEAN, STD, cfg)
     assert not torch.allclose(out[0], out[1], atol=1e-3)
     assert not torch.allclose(out[0], ern.normalize(x, MEAN, STD)[0], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions from review: label and box edge cases, EMA, --evaluate's configuration, predict
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", ["nan", "inf", "-inf", "2.5"])
+def test_parse_label_file_reports_non_integer_class_ids(tmp_path, cls):
+    label = tmp_path / "a.txt"
+    label.write_text(f"{cls} 0.5 0.5 1 1\n3 0.5 0.5 1 1")
+    boxes, problems = ern.parse_label_file(label, 8)
+    assert boxes == [(3, 0.5, 0.5, 1.0, 1.0)]
+    assert len(problems) == 1 and f"{label}:1" in problems[0] and "class id" in problems[0]
+
+
+def test_crop_box_on_the_image_edge_keeps_a_pixel():
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[:, -1] = 200  # last column
+    crop = ern.crop_box(image, (1.0, 0.5, 0.001, 0.5), 0.0, 8)
+    assert crop.shape == (8, 8, 3) and (crop == 200).all()
+
+
+def test_images_sharing_a_label_stem_are_reported(tiny_dataset, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(tiny_dataset / "train" / "images", images)
+    shutil.copytree(tiny_dataset / "train" / "labels", tmp_path / "labels")
+    first = sorted(images.iterdir())[0]
+    twin = first.with_suffix(".bmp")
+    cv2.imwrite(str(twin), cv2.imread(str(first)))
+    split, problems = ern.scan_split("train", images, 8)
+    assert len(split) == len(list(images.iterdir())) - 1
+    shared = [p for p in problems if "shares its label file" in p]
+    assert len(shared) == 1 and str(twin) in shared[0] and str(first) in shared[0]
+
+
+def test_ema_follows_the_model_by_its_decay():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = ern.EMA(model, 0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(4, 3))  # moves the BatchNorm statistics and its integer batch count
+    ema.update()
+    for e, s in zip(ema.model.parameters(), start):
+        assert torch.allclose(e, s + 0.1)  # lerp by 1 - decay toward the live weights
+    assert ema.model[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 1
+
+
+def test_evaluate_refuses_architecture_overrides(trained, tiny_dataset, tmp_path):
+    run_dir, _ = trained
+    proc = run_script(f"--evaluate={run_dir / 'best_emotion_model.pth'}", f"--data_dir={tiny_dataset}", "--width=0.5",
+                      f"--output_dir={tmp_path / 'eval'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--width" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset):
+    """predict() on whole images equals run_inference on the same whole-image crops (same TTA, same weights)."""
+    run_dir, _ = trained
+    ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
+    model, cfg = ern.model_from_checkpoint(ckpt)
+    files = sorted((tiny_dataset / "test" / "images").iterdir())[:6]
+    rows = ern.predict(run_dir / "best_emotion_model.pth", files[0].parent, detect_faces=False)
+    by_path = {r[0]: r for r in rows}
+    crops = np.stack([ern.crop_box(ern.decode_image(f)[0], (0.5, 0.5, 1.0, 1.0), cfg.crop_margin, cfg.image_size)
+                      .transpose(2, 0, 1) for f in files])
+    mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
+    probs = ern.run_inference(model, crops, mean, std, torch.device("cpu"), cfg)["logits"].softmax(1)
+    for f, p in zip(files, probs):
+        row = by_path[str(f)]
+        assert row[2] == ckpt["class_names"][int(p.argmax())]
+        assert list(row[3].values()) == pytest.approx(p.tolist(), abs=1e-3)
