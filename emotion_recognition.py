@@ -552,12 +552,12 @@ def load_split_pixels(split, cfg, log_file=None):
     cache_dir = Path(cfg.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(split.paths[0]).parent if split.paths else Path(".")
-    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px_m{margin}"
-    stem = cache_dir / f"{prefix}_{cache_key(split, size, margin)}"
-    array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px_m{round(margin * 1000)}"
+    name = f"{prefix}_{cache_key(split, size, margin)}"  # no dots: the suffix is ours alone
+    array_path, meta_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if not (array_path.exists() and meta_path.exists()):
         t0 = time.time()
-        tmp = stem.with_suffix(f".npy.{os.getpid()}.tmp")  # two runs may build the same cache at once
+        tmp = cache_dir / f"{name}.npy.{os.getpid()}.tmp"  # two runs may build the same cache at once
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
         meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
         out.flush()
@@ -565,7 +565,7 @@ def load_split_pixels(split, cfg, log_file=None):
         os.replace(tmp, array_path)
         write_json({"meta": meta, "problems": problems}, meta_path)
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
-            if old.stem.split(".")[0] != stem.name and not old.name.endswith(".tmp"):  # not another run's build
+            if old.name.split(".")[0] != name and not old.name.endswith(".tmp"):  # not another run's build
                 old.unlink(missing_ok=True)
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {time.time() - t0:.1f}s", log_file)
     cached = json.loads(meta_path.read_text())

@@ -30,12 +30,12 @@ ROWS = {  # name: overrides, in the order components are added
     "full ERN": "",
 }
 RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)
-    "full, no random erasing": "--aug_erase=0",
-    "full, no label smoothing": "--label_smoothing=0",
-    "full, mixup 0.2": "--mixup=0.2",
-    "full, cutmix 1.0": "--cutmix=1.0",
-    "full, EMA 0.995": "--ema_decay=0.995",
-    "full, class weights": "--class_weights=true",
+    "no erasing": "--aug_erase=0",
+    "no label smoothing": "--label_smoothing=0",
+    "mixup 0.2": "--mixup=0.2",
+    "cutmix 1.0": "--cutmix=1.0",
+    "EMA 0.995": "--ema_decay=0.995",
+    "class weights": "--class_weights=true",
 }
 ROWS.update(RECIPE)
 

@@ -761,3 +761,32 @@ def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset):
         row = by_path[str(f)]
         assert row[2] == ckpt["class_names"][int(p.argmax())]
         assert list(row[3].values()) == pytest.approx(p.tolist(), abs=1e-3)
+
+
+def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    cfg = ern.Config(data_dir=str(data), image_size=32, cache_dir=str(tmp_path / "cache"))
+    images = data / "train" / "images"
+
+    def load():
+        split, problems = ern.scan_split("train", images, 8)
+        ok, decode_problems = ern.load_split_pixels(split, cfg)
+        assert ok.all() and not problems and not decode_problems
+        return split
+
+    first = load()
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 1
+    again = load()
+    assert sorted((tmp_path / "cache").glob("*.npy")) == cached and np.array_equal(again.images, first.images)
+    target = sorted(images.iterdir())[0]
+    i = first.paths.index(str(target))
+    cv2.imwrite(str(target), np.full((48, 48, 3), 255, np.uint8))  # same name, new pixels
+    changed = load()
+    assert sorted((tmp_path / "cache").glob("*.npy")) != cached  # rebuilt under a new key, the old one removed
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert (changed.images[i] == 255).all() and not (first.images[i] == 255).all()
+    target.unlink()
+    (data / "train" / "labels" / (target.stem + ".txt")).unlink()
+    assert len(load()) == len(first) - 1  # a removed file rebuilds too
