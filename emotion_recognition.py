@@ -75,6 +75,7 @@ class Config:
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
     attention_reduction: int = 16  # channel-attention bottleneck ratio
+    attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
     dropout: float = 0.3  # before the classifier
     # loss
@@ -810,15 +811,23 @@ class SpatialAttention(nn.Module):
 
 
 class DualAttention(nn.Module):
-    """Channel attention, then spatial attention (CBAM's order); either can be switched off."""
+    """Channel attention, then spatial attention (CBAM's order); either can be switched off.
 
-    def __init__(self, channels: int, channel: bool = True, spatial: bool = True, reduction: int = 16):
+    residual: x * (1 + g) instead of x * g, attention residual learning (Wang et al., CVPR 2017).
+    Gated on the main path after every stage, the features shrink by about 4x per stage at
+    initialization, and in our short AffectNet runs dual attention cost accuracy (BENCHMARKS.md).
+    """
+
+    def __init__(self, channels: int, channel: bool = True, spatial: bool = True, reduction: int = 16,
+                 residual: bool = True):
         super().__init__()
         self.channel = ChannelAttention(channels, reduction) if channel else nn.Identity()
         self.spatial = SpatialAttention() if spatial else nn.Identity()
+        self.residual = residual and (channel or spatial)
 
     def forward(self, x):
-        return self.spatial(self.channel(x))
+        gated = self.spatial(self.channel(x))
+        return x + gated if self.residual else gated
 
 
 class BasicBlock(nn.Module):
@@ -867,7 +876,8 @@ class ERN(nn.Module):
     """
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
-                 spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3):
+                 spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
+                 attention_residual=True):
         super().__init__()
         widths = [max(8, int(round(c * width / 8)) * 8) for c in (80, 160, 320, 640)[:len(blocks)]]
         stem = widths[0] // 2
@@ -875,7 +885,7 @@ class ERN(nn.Module):
         stages, cin = [], stem
         for cout, n in zip(widths, blocks):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
             layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
-            layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction))
+            layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual))
             stages.append(nn.Sequential(*layers))
             cin = cout
         self.stages = nn.Sequential(*stages)
@@ -894,7 +904,7 @@ class ERN(nn.Module):
 
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
-               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout)
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual)
 
 
 def count_parameters(model):
@@ -1076,7 +1086,8 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
         raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
     if expected is not None:
         differ = [f"--{k}={ckpt['config'].get(k)} in the checkpoint, {getattr(expected, k)} in the run"
-                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction", "context")
+                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
+                            "attention_residual", "context")
                   if ckpt["config"].get(k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
@@ -1542,7 +1553,7 @@ def run_training(cfg, resume_ckpt=None):
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
 FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
-                   "attention_reduction", "context", "context_temperature", "dropout", "seed", "val_fraction")
+                   "attention_reduction", "attention_residual", "context", "context_temperature", "dropout", "seed", "val_fraction")
 
 
 def run_evaluation(cfg, overrides):

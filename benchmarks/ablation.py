@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = {  # name: overrides, in the order components are added
+ROWS = {  # name: overrides, in the order components are added; CBAM gating first, then the default residual gating
     "plain": "--channel_attention=false --spatial_attention=false --context=false",
-    "+channel": "--spatial_attention=false --context=false",
-    "+spatial": "--channel_attention=false --context=false",
-    "+dual": "--context=false",
-    "+context (lambda=0)": "--context_weight=0",
+    "+channel": "--spatial_attention=false --context=false --attention_residual=false",
+    "+spatial": "--channel_attention=false --context=false --attention_residual=false",
+    "+dual": "--context=false --attention_residual=false",
+    "+context (lambda=0)": "--context_weight=0 --attention_residual=false",
+    "full ERN CBAM gating": "--attention_residual=false",
+    "+dual residual": "--context=false",
     "full ERN": "",
 }
 RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)

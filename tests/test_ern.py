@@ -359,7 +359,7 @@ def positive_input(shape=(2, 32, 6, 6), seed=0):
 
 
 @pytest.mark.parametrize("block", [ern.ChannelAttention(32, reduction=4), ern.SpatialAttention(),
-                                   ern.DualAttention(32, reduction=4)], ids=lambda b: type(b).__name__)
+                                   ern.DualAttention(32, reduction=4, residual=False)], ids=lambda b: type(b).__name__)
 def test_attention_preserves_shape_and_gates_in_unit_interval(block):
     block.eval()
     x = positive_input()
@@ -395,8 +395,18 @@ def test_dual_attention_switches():
     assert isinstance(only_channel.channel, ern.ChannelAttention) and isinstance(only_channel.spatial, nn.Identity)
 
 
+def test_residual_dual_attention_scales_by_one_plus_the_gate():
+    dual = ern.DualAttention(32, reduction=4).eval()  # residual by default
+    x = positive_input()
+    with torch.no_grad():
+        scale = dual(x) / x
+        assert torch.allclose(dual(x), x + dual.spatial(dual.channel(x)))
+    assert (scale > 1).all() and (scale < 2).all() and scale.std() > 1e-4
+    assert not ern.DualAttention(32, channel=False, spatial=False).residual  # nothing on: the identity, not 2x
+
+
 def test_dual_attention_is_channel_then_spatial():
-    dual = ern.DualAttention(32, reduction=4).eval()
+    dual = ern.DualAttention(32, reduction=4, residual=False).eval()
     x = positive_input()
     with torch.no_grad():
         out = dual(x)
