@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -1616,6 +1617,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Ctrl-C saves and prints the resume command even where the launching shell ignored SIGINT (`cmd &`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main(sys.argv[1:])
     except UserError as e:
