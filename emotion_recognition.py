@@ -96,8 +96,8 @@ class Config:
     # system
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # CUDA only: bf16 autocast where supported, else fp16 with a GradScaler
-    channels_last: bool = True  # CUDA only: on the CPU, oneDNN's channels_last backward crashed (BENCHMARKS.md)
+    amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively
+    channels_last: bool = True  # CUDA, and CPU under bf16 autocast (its fp32 backward crashed there: BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
     eval_batch_size: int = 512  # images per forward pass in evaluation
@@ -121,7 +121,7 @@ class Config:
 # BENCHMARKS.md: 12 epochs took 31 minutes there, hence 11. It underfits, so it drops random
 # erasing, which cost accuracy in short runs.
 PRESETS = {
-    "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=11, batch_size=128, lr=2e-3,
+    "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
@@ -264,16 +264,24 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def use_channels_last(cfg, device):
-    # torch 2.14's oneDNN CPU backward corrupts the heap with channels_last at width 0.25 (BENCHMARKS.md)
-    return cfg.channels_last and device.type == "cuda"
+def cpu_has_bf16():
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 itself. Elsewhere oneDNN emulates it, slower than fp32."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def autocast_dtype(cfg, device):
-    """bf16 on Ampere and newer; fp16 (with a GradScaler) before, where bf16 is only emulated."""
-    if device.type != "cuda" or not cfg.amp:
+    """CUDA: bf16 on Ampere and newer, fp16 (with a GradScaler) before, where bf16 is only emulated.
+    CPU: bf16 where native (1.5x a training step of the CPU preset's model, 2.0x in channels_last)."""
+    if not cfg.amp:
         return None
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+
+
+def use_channels_last(cfg, device):
+    # CPU in fp32: torch 2.14's oneDNN backward corrupted the heap in channels_last at width 0.25 (BENCHMARKS.md)
+    return cfg.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) is not None)
 
 
 def atomic_save(obj, path):

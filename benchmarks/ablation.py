@@ -2,7 +2,7 @@
 The ERN ablation table: each row is one run of emotion_recognition.py with one more component on.
 
     python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
-        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--rows="plain,full ERN"]
+        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--rows="plain,full ERN" | --rows=all]
 
 Every row shares the protocol and seed; rows run `--parallel` at a time, each with one OpenMP
 thread (two one-thread runs use a 2-core machine better than one two-thread run). Prints a
@@ -33,14 +33,21 @@ ROWS = {  # name: overrides, in the order components are added; CBAM gating firs
     "full ERN": "",
 }
 RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)
-    "no erasing": "--aug_erase=0 --attention_residual=false",  # measured against "full ERN CBAM gating"
+    "erasing 0.25": "--aug_erase=0.25",
     "no label smoothing": "--label_smoothing=0",
     "mixup 0.2": "--mixup=0.2",
     "cutmix 1.0": "--cutmix=1.0",
     "EMA 0.995": "--ema_decay=0.995",
     "class weights": "--class_weights=true",
 }
+CONTEXT = {  # full ERN with the context module's temperature tau or KL weight lambda changed (defaults 0.1, 0.5)
+    "tau 0.05": "--context_temperature=0.05",
+    "tau 0.2": "--context_temperature=0.2",
+    "lambda 0.25": "--context_weight=0.25",
+    "lambda 1.0": "--context_weight=1.0",
+}
 ROWS.update(RECIPE)
+ROWS.update(CONTEXT)
 
 
 def main():
@@ -50,14 +57,15 @@ def main():
     ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE), help="comma-separated row names")
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE and r not in CONTEXT),
+                    help="comma-separated row names, or all")
     ap.add_argument("--extra", default="", help="overrides added to every row (e.g. --cache_dir=...)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
     for seed in args.seeds.split(","):
-        for row in args.rows.split(","):
+        for row in (list(ROWS) if args.rows == "all" else args.rows.split(",")):
             run_dir = out / f"{row.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}__seed{seed}"
             cmd = [sys.executable, str(ROOT / "emotion_recognition.py"), f"--data_dir={args.data_dir}",
                    *shlex.split(args.protocol), *shlex.split(ROWS[row]), *shlex.split(args.extra),

@@ -16,7 +16,9 @@ cache, training feed, memory. Every comparison measures both sides in the same r
    labels, stat the files for the cache key, memory-map the array).
 3. Training images/s of the default model (96 px, width 1.0: a few steps, slow on a CPU) and of
    the CPU preset's model (PRESETS["cpu"]), through train_one_epoch fed by our pipeline, and by
-   pre-made random tensors of the same shape (augment_batch swapped out: the compute bound).
+   pre-made random tensors of the same shape (augment_batch swapped out: the compute bound). Where
+   the script autocasts (CUDA; a CPU with native bf16), the preset's model also trains in float32,
+   rounds alternating, for the speedup of autocast.
 4. Peak resident memory (ru_maxrss) after each phase, beside the decoded dataset's and the model's size.
 
 Times are time.perf_counter over the measured steps only; warm-up steps are excluded. A benchmark,
@@ -229,33 +231,43 @@ def augment_replaced_by(batches):
         ern.augment_batch = original
 
 
-def time_training(cfg, images, labels, mean, std, device, num_classes, rounds, steps):
-    """Training images/s {pipeline, random}: one warm-up step, then rounds of `steps` steps per feed,
-    the order alternating from round to round so that a change in the machine's load hits both."""
-    torch.manual_seed(cfg.seed)
-    model = ern.build_model(cfg, num_classes).to(device)
-    optimizer = ern.make_optimizer(model, cfg)
-    scheduler = ern.make_scheduler(optimizer, cfg, max(1, len(labels) // cfg.batch_size))
-    scaler = torch.amp.GradScaler(device.type, enabled=ern.autocast_dtype(cfg, device) == torch.float16)
+def time_training(cfg, images, labels, mean, std, device, num_classes, rounds, steps, variants=None):
+    """Training images/s per variant {name: (feed, config)}, feed "pipeline" (ours) or "random" (pre-made
+    tensors); default: both feeds with cfg. One model per variant, built alike (seed, channels_last as the
+    script does); one warm-up step each, then rounds of `steps` steps per variant, the order reversed
+    from round to round so that a change in the machine's load hits all of them."""
+    variants = variants or {"pipeline": ("pipeline", cfg), "random": ("random", cfg)}
     b, s = cfg.batch_size, cfg.image_size
     premade = [torch.randn(b, 3, s, s, device=device) for _ in range(2)]
+    states = {}
+    for name, (feed, c) in variants.items():
+        torch.manual_seed(c.seed)
+        model = ern.build_model(c, num_classes).to(device)
+        if ern.use_channels_last(c, device):
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = ern.make_optimizer(model, c)
+        scheduler = ern.make_scheduler(optimizer, c, max(1, len(labels) // b))
+        scaler = torch.amp.GradScaler(device.type, enabled=ern.autocast_dtype(c, device) == torch.float16)
+        states[name] = (feed, c, model, optimizer, scheduler, scaler)
 
-    def run(n_steps, feed, epoch):
+    def run(name, n_steps, epoch):
+        feed, c, model, optimizer, scheduler, scaler = states[name]
         pick = torch.randperm(len(labels), device=device)[:n_steps * b]
         x, y = images[pick], labels[pick]
         with augment_replaced_by(premade) if feed == "random" else contextlib.nullcontext():
             sync(device)
             t0 = time.perf_counter()
-            ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch, num_classes=num_classes)
+            ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, c, epoch, num_classes=num_classes)
             sync(device)
         return time.perf_counter() - t0
 
-    run(1, "pipeline", 0)
-    seconds = {"pipeline": 0.0, "random": 0.0}
+    for name in states:
+        run(name, 1, 0)
+    seconds = dict.fromkeys(states, 0.0)
     for r in range(rounds):
-        for feed in ("pipeline", "random") if r % 2 == 0 else ("random", "pipeline"):
-            seconds[feed] += run(steps, feed, r + 1)
-    return {feed: rounds * steps * b / t for feed, t in seconds.items()}, ern.count_parameters(model)
+        for name in list(states)[::1 if r % 2 == 0 else -1]:
+            seconds[name] += run(name, steps, r + 1)
+    return {name: rounds * steps * b / t for name, t in seconds.items()}, ern.count_parameters(states[name][2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +366,14 @@ def main(argv):
                                 "steps_per_feed": plan["small_rounds"] * plan["small_steps"]},
                    train_small_pipeline_images_per_s=ips["pipeline"], train_small_random_images_per_s=ips["random"],
                    compute_bound_fraction=ips["pipeline"] / ips["random"])
+        amp_dtype = ern.autocast_dtype(small, device)
+        if amp_dtype is not None:  # the same model in float32 (and the contiguous layout, as the script then uses)
+            ips, _ = time_training(small, small_x, small_y, small_mean, small_std, device, k, plan["small_rounds"],
+                                   plan["small_steps"], {"fp32": ("pipeline", dataclasses.replace(small, amp=False)),
+                                                         "autocast": ("pipeline", small)})
+            out.update(autocast_dtype=str(amp_dtype), channels_last=ern.use_channels_last(small, device),
+                       train_small_fp32_images_per_s=ips["fp32"], train_small_autocast_images_per_s=ips["autocast"],
+                       autocast_speedup=ips["autocast"] / ips["fp32"])
         del small_x, small_y
         phase_rss["small_model"] = peak_rss_mb()
 
@@ -399,6 +419,12 @@ def main(argv):
         (f"train img/s, cpu preset ({small.image_size}px w{small.width})", f"{out['train_small_pipeline_images_per_s']:,.1f}",
          f"random tensors: {out['train_small_random_images_per_s']:,.1f}", f"{out['compute_bound_fraction']:.1%}", ">= 90%",
          yes(out["compute_bound_fraction"] >= 0.9)),
+    ]
+    if "autocast_speedup" in out:
+        rows.append((f"  autocast {out['autocast_dtype'].split('.')[-1]}{' + channels_last' if out['channels_last'] else ''}",
+                     f"{out['train_small_autocast_images_per_s']:,.1f}", f"float32: {out['train_small_fp32_images_per_s']:,.1f}",
+                     f"{out['autocast_speedup']:.2f}x", "", ""))
+    rows += [
         (f"train img/s, default ({cfg.image_size}px w{default.width} b{default.batch_size})",
          f"{out['train_default_pipeline_images_per_s']:,.2f}", f"random tensors: {out['train_default_random_images_per_s']:,.2f}",
          f"{out['compute_bound_fraction_default']:.1%}", "", ""),

@@ -4,6 +4,7 @@ The end-to-end tests run the script in a subprocess on a tiny synthetic dataset 
 and check the files and numbers it wrote; the unit tests import the script and call its functions.
 Failure modes and bad data are in test_reliability.py.
 """
+import dataclasses
 import json
 import math
 import shutil
@@ -576,10 +577,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread):
+def test_cpu_autocasts_only_where_bf16_is_native(monkeypatch):
+    cpu, on, off = torch.device("cpu"), ern.Config(), ern.Config(amp=False)
+    monkeypatch.setattr(ern, "cpu_has_bf16", lambda: True)
+    assert ern.autocast_dtype(on, cpu) is torch.bfloat16 and ern.use_channels_last(on, cpu)
+    assert ern.autocast_dtype(off, cpu) is None and not ern.use_channels_last(off, cpu)
+    assert not ern.use_channels_last(dataclasses.replace(on, channels_last=False), cpu)
+    monkeypatch.setattr(ern, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower than float32
+    assert ern.autocast_dtype(on, cpu) is None and not ern.use_channels_last(on, cpu)
+
+
+@pytest.mark.parametrize("amp", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not ern.cpu_has_bf16(), reason="this CPU has no native bf16: the script does not autocast on it"))])
+def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, amp):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, width=0.125,
                      blocks="1,1,1,1", batch_size=16, epochs=80, lr=3e-3, warmup_epochs=0, dropout=0.0,
-                     label_smoothing=0.0, **NO_AUGMENTATION)
+                     label_smoothing=0.0, amp=amp, **NO_AUGMENTATION)
     _, splits, _ = ern.load_dataset(cfg, splits_wanted=("train",))
     train = splits["train"]
     pick = np.concatenate([np.flatnonzero(train.labels == c)[:2] for c in range(8)])  # 2 faces per class
@@ -587,6 +600,8 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread):
     mean, std = ern.dataset_normalization(x.numpy())
     torch.manual_seed(0)
     model = ern.build_model(cfg, 8)
+    if ern.use_channels_last(cfg, torch.device("cpu")):  # as run_training does
+        model = model.to(memory_format=torch.channels_last)
     optimizer = ern.make_optimizer(model, cfg)
     scheduler = ern.make_scheduler(optimizer, cfg, steps_per_epoch=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
