@@ -15,11 +15,11 @@ cosine schedule, and writes checkpoints, evaluation_results.json and plots into 
     python emotion_recognition.py --predict=face.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
     python emotion_recognition.py --help                         # every field of Config
 
-Measured (2-core CPU, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet YOLO export's
-17,101 training faces in 25 minutes and reaches 64.45 % validation accuracy (macro-F1 0.632,
-4.4 M parameters). The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol and has not
-been run here. Every field of Config can be overridden as --name=value; commands and figures are
-in README.md and BENCHMARKS.md.
+Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet
+YOLO export's 17,101 training faces in 23.4 minutes and reaches 70.63 % validation accuracy
+(macro-F1 0.698, 4.4 M parameters). The 96 px, 27.6 M-parameter, 50-epoch default is the GPU
+protocol and has not been run here. Every field of Config can be overridden as --name=value;
+commands and figures are in README.md and BENCHMARKS.md.
 """
 
 import copy
@@ -118,8 +118,8 @@ class Config:
 
 
 # Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
-# BENCHMARKS.md: 12 epochs took 31 minutes there, hence 11. It underfits, so it drops random
-# erasing, which cost accuracy in short runs.
+# BENCHMARKS.md: 18 epochs in bf16 took 23.4 minutes (in float32, on a CPU without native bf16,
+# about 150 s an epoch: use --epochs=11 there). It underfits, so it drops random erasing.
 PRESETS = {
     "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
@@ -1227,7 +1227,8 @@ def macro_f1(y_true, y_pred, k):
 
 
 def evaluation_results(split, out, class_names, train_hashes=None):
-    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, per-source accuracy."""
+    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
+    format: accuracy, recall per class and their mean (balanced accuracy)."""
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
     cm = confusion(y, pred, k)
@@ -1241,9 +1242,13 @@ def evaluation_results(split, out, class_names, train_hashes=None):
     correct = pred == y
     results = {"test_accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred, k), "class_names": list(class_names),
                "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
-    results["accuracy_by_source_format"] = {fmt: {"accuracy": float(correct[[f == fmt for f in split.formats]].mean()),
-                                                  "samples": int(sum(f == fmt for f in split.formats))}
-                                            for fmt in sorted(set(split.formats))}
+    results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
+    for fmt in sorted(set(split.formats)):
+        mine = np.array([f == fmt for f in split.formats])
+        recall = {name: float(correct[mine & (y == i)].mean()) for i, name in enumerate(class_names) if (mine & (y == i)).any()}
+        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[mine].mean()), "samples": int(mine.sum()),
+                                                     "balanced_accuracy": float(np.mean(list(recall.values()))),
+                                                     "recall": recall}
     if train_hashes is not None:
         fresh = np.array([h not in train_hashes for h in split.hashes], dtype=bool)
         results["accuracy_excluding_train_duplicates"] = float(correct[fresh].mean()) if fresh.any() else None

@@ -191,9 +191,11 @@ def test_evaluate_writes_results_without_training(evaluated, trained):
         assert results[k] == trained_results[k], k
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn, on the png rows
 def test_evaluation_results_match_sklearn():
     """The evaluation numbers on hand-made predictions, one class never right and one with no support."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                                 precision_recall_fscore_support)
     y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])
     pred = np.array([0, 1, 0, 1, 2, 2, 2, 0, 3, 1])
     split = ern.Split("test", [f"{i}.jpg" for i in range(10)], y, np.zeros((10, 4), np.float32),
@@ -208,8 +210,13 @@ def test_evaluation_results_match_sklearn():
         row = results["classification_report"][name]
         assert (row["precision"], row["recall"], row["f1-score"], row["support"]) == \
             (pytest.approx(p[i]), pytest.approx(r[i]), pytest.approx(f[i]), support[i])
-    assert results["accuracy_by_source_format"] == {"jpeg": {"accuracy": pytest.approx(4 / 6), "samples": 6},
-                                                    "png": {"accuracy": pytest.approx(2 / 4), "samples": 4}}
+    by_source = results["accuracy_by_source_format"]
+    assert {fmt: (d["accuracy"], d["samples"]) for fmt, d in by_source.items()} == \
+        {"jpeg": (pytest.approx(4 / 6), 6), "png": (pytest.approx(2 / 4), 4)}
+    assert by_source["jpeg"]["recall"] == {"a": pytest.approx(2 / 3), "b": 0.5, "c": 1.0}  # only the classes present
+    assert by_source["png"]["recall"] == {"b": 1.0, "c": pytest.approx(1 / 3)}
+    for fmt, rows in (("jpeg", slice(0, 6)), ("png", slice(6, 10))):
+        assert by_source[fmt]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[rows], pred[rows]))
     check_consistent_with_confusion(results)
 
 
