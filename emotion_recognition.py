@@ -119,7 +119,7 @@ class Config:
 
 # Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
 # BENCHMARKS.md: 18 epochs in bf16 took 23.4 minutes (in float32, on a CPU without native bf16,
-# about 150 s an epoch: use --epochs=11 there). It underfits, so it drops random erasing.
+# about 157 s an epoch: use --epochs=11 there). It underfits, so it drops random erasing.
 PRESETS = {
     "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
@@ -127,6 +127,7 @@ PRESETS = {
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --predict: these from the command line
 CACHE_VERSION = 1
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -265,13 +266,15 @@ def resolve_device(name):
 
 
 def cpu_has_bf16():
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 itself. Elsewhere oneDNN emulates it, slower than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 itself; elsewhere oneDNN emulates it. The probes
+    are private torch functions: a torch without them gets float32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def autocast_dtype(cfg, device):
     """CUDA: bf16 on Ampere and newer, fp16 (with a GradScaler) before, where bf16 is only emulated.
-    CPU: bf16 where native (1.5x a training step of the CPU preset's model, 2.0x in channels_last)."""
+    CPU: bf16 where native (with channels_last, 2.3x a training step of the CPU preset's model: BENCHMARKS.md)."""
     if not cfg.amp:
         return None
     if device.type == "cuda":
@@ -282,6 +285,13 @@ def autocast_dtype(cfg, device):
 def use_channels_last(cfg, device):
     # CPU in fp32: torch 2.14's oneDNN backward corrupted the heap in channels_last at width 0.25 (BENCHMARKS.md)
     return cfg.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) is not None)
+
+
+def precision(cfg, device):
+    """What the run computes in, as resolved on this machine (amp=true means bf16 on one CPU, float32 on another)."""
+    dtype = autocast_dtype(cfg, device)
+    return {"autocast": None if dtype is None else str(dtype).removeprefix("torch."),
+            "channels_last": use_channels_last(cfg, device)}
 
 
 def atomic_save(obj, path):
@@ -918,6 +928,12 @@ def build_model(cfg, num_classes):
                cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual)
 
 
+def place_model(model, cfg, device):
+    """On the device, and in channels_last where the run's inputs are (train_one_epoch, run_inference)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if use_channels_last(cfg, device) else model
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -1016,7 +1032,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     perm = torch.randperm(n, device=dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-    amp_dtype = autocast_dtype(cfg, dev)
+    amp_dtype, channels_last = autocast_dtype(cfg, dev), use_channels_last(cfg, dev)
     log_every = max(1, steps // 10)
     bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
     for step in bar:
@@ -1025,7 +1041,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
         x, target = mix_batch(x, target, cfg)
-        if use_channels_last(cfg, dev):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, context_logits, _ = model(x)
@@ -1195,11 +1211,11 @@ def run_inference(model, images, mean, std, device, cfg, tta=None):
     """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages logits)."""
     model.eval()
     tta = cfg.tta_flip if tta is None else tta
-    amp_dtype = autocast_dtype(cfg, device)
+    amp_dtype, channels_last = autocast_dtype(cfg, device), use_channels_last(cfg, device)
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
         x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        if use_channels_last(cfg, device):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, s, f = (None if t is None else t.float() for t in model(x))
@@ -1226,9 +1242,14 @@ def macro_f1(y_true, y_pred, k):
     return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
 
 
+def recall_by_class(y, pred, class_names):
+    """{class name: recall} over the classes present in y."""
+    return {name: float((pred[y == i] == i).mean()) for i, name in enumerate(class_names) if (y == i).any()}
+
+
 def evaluation_results(split, out, class_names, train_hashes=None):
     """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
-    format: accuracy, recall per class and their mean (balanced accuracy)."""
+    format: accuracy, recall per class present in that source, and their mean (balanced accuracy)."""
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
     cm = confusion(y, pred, k)
@@ -1245,7 +1266,7 @@ def evaluation_results(split, out, class_names, train_hashes=None):
     results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
     for fmt in sorted(set(split.formats)):
         mine = np.array([f == fmt for f in split.formats])
-        recall = {name: float(correct[mine & (y == i)].mean()) for i, name in enumerate(class_names) if (mine & (y == i)).any()}
+        recall = recall_by_class(y[mine], pred[mine], class_names)
         results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[mine].mean()), "samples": int(mine.sum()),
                                                      "balanced_accuracy": float(np.mean(list(recall.values()))),
                                                      "recall": recall}
@@ -1378,12 +1399,15 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 # Prediction
 # ---------------------------------------------------------------------------------------------
 
-def predict(checkpoint_path, inputs, detect_faces=True, device="cpu"):
-    """Classify every face (or whole image) in a file or folder: [(path, box, class name, probabilities)]."""
+def predict(checkpoint_path, inputs, detect_faces=True, device="cpu", **settings):
+    """Classify every face (or whole image) in a file or folder: [(path, box, class name, probabilities)].
+
+    settings: inference fields (INFERENCE_SETTINGS) that replace the checkpoint's, as --name=value does."""
     ckpt = load_checkpoint(checkpoint_path)
     model, cfg = model_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, **settings)
     device = torch.device(device)
-    model.to(device)
+    model = place_model(model, cfg, device)
     mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
     inputs = Path(inputs)
     files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if inputs.is_dir() else [inputs]
@@ -1546,18 +1570,20 @@ def run_training(cfg, resume_ckpt=None):
     else:
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
-    model = build_model(cfg, len(class_names)).to(device)
-    if use_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(cfg, len(class_names)), cfg, device)
     n_params = count_parameters(model)
-    log(f"ERN: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}"
-        f"{'' if autocast_dtype(cfg, device) is None else f', autocast {autocast_dtype(cfg, device)}'} | run folder {run_dir}", log_file)
+    computes = precision(cfg, device)
+    log(f"ERN: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
+        f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
+    if cfg.preset == "cpu" and device.type == "cpu" and computes["autocast"] is None:
+        log("note: this CPU trains in float32 (no native bf16), about 2.3x slower than the bf16 that --preset=cpu's "
+            "18 epochs were timed with (23 minutes); --epochs=11 stays inside 30 minutes on 2 cores", log_file)
     history, best, seconds = train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume_ckpt)
     best_ckpt = load_checkpoint(run_dir / "best_emotion_model.pth")
     model.load_state_dict(best_ckpt["model"])
     plot_history(history, run_dir / "training_history.png")
     results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": evaluated, "num_parameters": n_params, "best_epoch": best["epoch"],
+        "evaluated_split": evaluated, "num_parameters": n_params, "precision": computes, "best_epoch": best["epoch"],
         "best_val_accuracy": best["val_accuracy"], "training_seconds": round(seconds, 1),
         "checkpoint": str(run_dir / "best_emotion_model.pth"), "duplicates": report["duplicates"],
         "duplicates_dropped": cfg.drop_duplicates, "config": dataclasses.asdict(cfg)},
@@ -1590,10 +1616,11 @@ def run_evaluation(cfg, overrides):
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
     model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
-    model.to(device)
+    model = place_model(model, cfg, device)
     mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": split, "num_parameters": count_parameters(model), "best_epoch": ckpt["epoch"],
+        "evaluated_split": split, "num_parameters": count_parameters(model), "precision": precision(cfg, device),
+        "best_epoch": ckpt["epoch"],
         "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
         "checkpoint": str(cfg.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
         set(splits["train"].hashes) if split != "train" else None)
@@ -1608,7 +1635,9 @@ def main(argv):
     if cfg.predict:
         if not cfg.checkpoint:
             raise UserError("--predict needs --checkpoint=PATH.pth")
-        for path, box, name, probs in predict(cfg.checkpoint, cfg.predict, cfg.detect_faces, resolve_device(cfg.device)):
+        settings = {k: v for k, v in overrides.items() if k in INFERENCE_SETTINGS}
+        for path, box, name, probs in predict(cfg.checkpoint, cfg.predict, cfg.detect_faces, resolve_device(cfg.device),
+                                              **settings):
             print(json.dumps({"image": path, "box_cxcywh": box, "emotion": name, "probabilities": probs}))
         return
     if cfg.evaluate:

@@ -242,9 +242,7 @@ def time_training(cfg, images, labels, mean, std, device, num_classes, rounds, s
     states = {}
     for name, (feed, c) in variants.items():
         torch.manual_seed(c.seed)
-        model = ern.build_model(c, num_classes).to(device)
-        if ern.use_channels_last(c, device):
-            model = model.to(memory_format=torch.channels_last)
+        model = ern.place_model(ern.build_model(c, num_classes), c, device)
         optimizer = ern.make_optimizer(model, c)
         scheduler = ern.make_scheduler(optimizer, c, max(1, len(labels) // b))
         scaler = torch.amp.GradScaler(device.type, enabled=ern.autocast_dtype(c, device) == torch.float16)
@@ -267,7 +265,7 @@ def time_training(cfg, images, labels, mean, std, device, num_classes, rounds, s
     for r in range(rounds):
         for name in list(states)[::1 if r % 2 == 0 else -1]:
             seconds[name] += run(name, steps, r + 1)
-    return {name: rounds * steps * b / t for name, t in seconds.items()}, ern.count_parameters(states[name][2])
+    return {name: rounds * steps * b / t for name, t in seconds.items()}, ern.count_parameters(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +365,7 @@ def main(argv):
                    train_small_pipeline_images_per_s=ips["pipeline"], train_small_random_images_per_s=ips["random"],
                    compute_bound_fraction=ips["pipeline"] / ips["random"])
         amp_dtype = ern.autocast_dtype(small, device)
-        if amp_dtype is not None:  # the same model in float32 (and the contiguous layout, as the script then uses)
+        if amp_dtype is not None:  # the same model in float32 (in the layout the script then uses: contiguous on a CPU)
             ips, _ = time_training(small, small_x, small_y, small_mean, small_std, device, k, plan["small_rounds"],
                                    plan["small_steps"], {"fp32": ("pipeline", dataclasses.replace(small, amp=False)),
                                                          "autocast": ("pipeline", small)})

@@ -28,12 +28,13 @@ import emotion_recognition as ern  # noqa: E402
 
 def jpeg_roundtrip(rgb, quality):
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {rgb.shape} image as JPEG quality {quality}")
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def summary(pred, labels, class_names):
-    recall = {n: float((pred[labels == i] == i).mean()) for i, n in enumerate(class_names) if (labels == i).any()}
+    recall = ern.recall_by_class(labels, pred, class_names)
     share = {n: float((pred == i).mean()) for i, n in enumerate(class_names)}
     return {"accuracy": float((pred == labels).mean()), "balanced_accuracy": float(np.mean(list(recall.values()))),
             "recall": recall, "predicted_share": share}
@@ -51,8 +52,8 @@ def main():
     cfg = dataclasses.replace(ern.config_from_checkpoint(ckpt), data_dir=args.data_dir, cache_dir=args.cache_dir)
     class_names, splits, _ = ern.load_dataset(cfg, splits_wanted=("val",))
     val = splits["val"]
-    model, _ = ern.model_from_checkpoint(ckpt, class_names, cfg.image_size)
     device = torch.device("cpu")
+    model = ern.place_model(ern.model_from_checkpoint(ckpt, class_names, cfg.image_size)[0], cfg, device)
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
 
     png = np.flatnonzero(np.array(val.formats) == "png")
@@ -60,15 +61,16 @@ def main():
     reencoded = np.empty_like(as_decoded)
     for j, i in enumerate(png):
         rgb, _ = ern.decode_image(val.paths[i])
-        crop = lambda image: ern.crop_box(image, val.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1)
-        assert np.array_equal(crop(rgb), as_decoded[j]), f"{val.paths[i]}: the probe's crop differs from the script's"
-        reencoded[j] = crop(jpeg_roundtrip(rgb, args.quality))
+        if not np.array_equal(ern.crop_box(rgb, val.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1), as_decoded[j]):
+            raise RuntimeError(f"{val.paths[i]}: the probe's crop differs from the script's cached one")
+        reencoded[j] = ern.crop_box(jpeg_roundtrip(rgb, args.quality), val.boxes[i], cfg.crop_margin,
+                                    cfg.image_size).transpose(2, 0, 1)
 
     predict = lambda images: ern.run_inference(model, images, mean, std, device, cfg)["logits"].argmax(1).numpy()
     labels = val.labels[png]
     before, after = predict(as_decoded), predict(reencoded)
     jpeg = np.flatnonzero(np.array(val.formats) == "jpeg")
-    out = {"checkpoint": args.checkpoint, "quality": args.quality, "png_samples": int(len(png)),
+    out = {"checkpoint": args.checkpoint, "precision": ern.precision(cfg, device), "quality": args.quality, "png_samples": int(len(png)),
            "mean_abs_pixel_change": float(np.abs(reencoded.astype(np.int16) - as_decoded).mean()),
            "predictions_changed": float((before != after).mean()),
            "png_as_decoded": summary(before, labels, class_names),
