@@ -777,13 +777,16 @@ def test_evaluate_refuses_architecture_overrides(trained, tiny_dataset, tmp_path
     assert proc.returncode == 2 and "--width" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset):
-    """predict() on whole images equals run_inference on the same whole-image crops (same TTA, same weights)."""
+@pytest.mark.parametrize("settings", [{}, {"amp": False, "tta_flip": False}])
+def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset, settings):
+    """predict() on whole images equals run_inference on the same whole-image crops (same TTA, precision,
+    weights); settings given to predict (as --predict takes them from the command line) replace the checkpoint's."""
     run_dir, _ = trained
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
     model, cfg = ern.model_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, **settings)
     files = sorted((tiny_dataset / "test" / "images").iterdir())[:6]
-    rows = ern.predict(run_dir / "best_emotion_model.pth", files[0].parent, detect_faces=False)
+    rows = ern.predict(run_dir / "best_emotion_model.pth", files[0].parent, detect_faces=False, **settings)
     by_path = {r[0]: r for r in rows}
     crops = np.stack([ern.crop_box(ern.decode_image(f)[0], (0.5, 0.5, 1.0, 1.0), cfg.crop_margin, cfg.image_size)
                       .transpose(2, 0, 1) for f in files])
