@@ -8,7 +8,9 @@ Every row shares the protocol and seed; rows run `--parallel` at a time, each wi
 thread (two one-thread runs use a 2-core machine better than one two-thread run). Prints a
 markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's class names,
 accuracy without the validation images that duplicate training images, accuracy per image
-source format, training seconds) and writes it, with every command, to OUT/ablation.json.
+source format, training seconds), with several seeds also their mean per row, and writes it,
+with every command, to OUT/ablation.json. ROWS add one component at a time; RECIPE rows change
+one training choice of full ERN, CONTEXT rows its temperature or KL weight.
 Rows already finished in OUT are read, not rerun.
 """
 
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {  # name: overrides, in the order components are added; CBAM gating first, then the default residual gating
@@ -110,6 +114,14 @@ def main():
               f"{t['accuracy_excluding_train_duplicates']:.2%} | " +
               " | ".join(f"{t['accuracy_by_source_format'][f]:.2%}" for f in formats) + " | " +
               " | ".join(f"{t['f1'][n]:.3f}" for n in names) + f" | {t['training_seconds']:.0f} |")
+    by_row = {}
+    for t in table:
+        by_row.setdefault(t["row"], []).append(t)
+    if any(len(runs) > 1 for runs in by_row.values()):  # several seeds: the mean, and each seed's accuracy
+        print("\n| row | seeds | val acc, mean | per seed | macro-F1, mean |\n|---|---|---|---|---|")
+        for row, runs in by_row.items():
+            print(f"| {row} | {len(runs)} | {np.mean([t['val_accuracy'] for t in runs]):.2%} | "
+                  + ", ".join(f"{t['val_accuracy']:.2%}" for t in runs) + f" | {np.mean([t['macro_f1'] for t in runs]):.4f} |")
 
 
 if __name__ == "__main__":
