@@ -59,12 +59,12 @@ def main():
     png = np.flatnonzero(np.array(val.formats) == "png")
     as_decoded = np.asarray(val.images[png])
     reencoded = np.empty_like(as_decoded)
+    crop = lambda image, i: ern.crop_box(image, val.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1)
     for j, i in enumerate(png):
         rgb, _ = ern.decode_image(val.paths[i])
-        if not np.array_equal(ern.crop_box(rgb, val.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1), as_decoded[j]):
+        if not np.array_equal(crop(rgb, i), as_decoded[j]):
             raise RuntimeError(f"{val.paths[i]}: the probe's crop differs from the script's cached one")
-        reencoded[j] = ern.crop_box(jpeg_roundtrip(rgb, args.quality), val.boxes[i], cfg.crop_margin,
-                                    cfg.image_size).transpose(2, 0, 1)
+        reencoded[j] = crop(jpeg_roundtrip(rgb, args.quality), i)
 
     predict = lambda images: ern.run_inference(model, images, mean, std, device, cfg)["logits"].argmax(1).numpy()
     labels = val.labels[png]
