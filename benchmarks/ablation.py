@@ -4,13 +4,14 @@ The ERN ablation table: each row is one run of emotion_recognition.py with one m
     python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
         [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--rows="plain,full ERN" | --rows=all]
 
-Every row shares the protocol and seed; rows run `--parallel` at a time, each with one OpenMP
-thread (two one-thread runs use a 2-core machine better than one two-thread run). Prints a
+Every row shares the protocol and seed; rows run `--parallel` at a time, each with `--threads`
+OpenMP threads (default 1: two one-thread runs use a 2-core machine better than one two-thread run). Prints a
 markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's class names,
 accuracy without the validation images that duplicate training images, accuracy per image
 source format, training seconds), with several seeds also their mean per row, and writes it,
 with every command, to OUT/ablation.json. ROWS add one component at a time; RECIPE rows change
-one training choice of full ERN, CONTEXT rows its temperature or KL weight.
+one training choice of full ERN, CONTEXT rows its temperature or KL weight;
+RESIDUAL rows are the component ladder in the shipped residual gating.
 Rows already finished in OUT are read, not rerun.
 """
 
@@ -50,8 +51,14 @@ CONTEXT = {  # full ERN with the context module's temperature tau or KL weight l
     "lambda 0.25": "--context_weight=0.25",
     "lambda 1.0": "--context_weight=1.0",
 }
+RESIDUAL = {  # the component ladder in the gating ERN ships with, x * (1 + gate); with "plain", "+dual residual", "full ERN"
+    "+channel residual": "--spatial_attention=false --context=false",
+    "+spatial residual": "--channel_attention=false --context=false",
+    "+context residual (lambda=0)": "--context_weight=0",
+}
 ROWS.update(RECIPE)
 ROWS.update(CONTEXT)
+ROWS.update(RESIDUAL)
 
 
 def main():
@@ -61,8 +68,9 @@ def main():
     ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE and r not in CONTEXT),
+    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE and r not in CONTEXT and r not in RESIDUAL),
                     help="comma-separated row names, or all")
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     ap.add_argument("--extra", default="", help="overrides added to every row (e.g. --cache_dir=...)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -75,7 +83,7 @@ def main():
                    *shlex.split(args.protocol), *shlex.split(ROWS[row]), *shlex.split(args.extra),
                    f"--seed={seed}", f"--output_dir={run_dir}", "--tsne_samples=0"]
             jobs.append((row, seed, run_dir, cmd))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     pending, running, results = list(jobs), [], []
     while pending or running:
         while pending and len(running) < args.parallel:
