@@ -78,6 +78,7 @@ class Config:
     attention_reduction: int = 16  # channel-attention bottleneck ratio
     attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
+    context_fusion: str = "concat"  # where the context enters: concat = a classifier on [f, c]; logits = W f + s
     dropout: float = 0.3  # before the classifier
     # loss
     label_smoothing: float = 0.1  # epsilon of the smoothed target t
@@ -211,6 +212,7 @@ def validate_config(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
+        (cfg.context_fusion in ("concat", "logits"), f"--context_fusion must be concat or logits, got {cfg.context_fusion!r}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -891,14 +893,15 @@ class EmotionContext(nn.Module):
 
 class ERN(nn.Module):
     """Emotion Recognition Network: stem, residual stages each followed by dual attention,
-    global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c].
+    global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c]
+    (fusion "concat"), or W f + s, the context logits added as a cosine classifier's (fusion "logits").
 
     forward(x) -> (logits, context logits s or None, features f).
     """
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True):
+                 attention_residual=True, fusion="concat"):
         super().__init__()
         widths = [max(8, int(round(c * width / 8)) * 8) for c in (80, 160, 320, 640)[:len(blocks)]]
         stem = widths[0] // 2
@@ -912,20 +915,25 @@ class ERN(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.feature_dim = cin
         self.context = EmotionContext(cin, num_classes, temperature) if context else None
+        self.fusion = fusion
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(cin * (2 if context else 1), num_classes)
+        self.classifier = nn.Linear(cin * (2 if context and fusion == "concat" else 1), num_classes)
 
     def forward(self, x):
         f = self.stages(self.stem(x)).mean((2, 3))
         if self.context is None:
             return self.classifier(self.dropout(f)), None, f
+        if self.fusion == "logits":
+            s = self.context.context_similarity(f)
+            return self.classifier(self.dropout(f)) + s, s, f
         c, s = self.context(f)
         return self.classifier(self.dropout(torch.cat([f, c], 1))), s, f
 
 
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
-               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual)
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
+               cfg.context_fusion)
 
 
 def place_model(model, cfg, device):
@@ -1114,8 +1122,8 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     if expected is not None:
         differ = [f"--{k}={ckpt['config'].get(k)} in the checkpoint, {getattr(expected, k)} in the run"
                   for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "context")
-                  if ckpt["config"].get(k) != getattr(expected, k)]
+                            "attention_residual", "context", "context_fusion")
+                  if ckpt["config"].get(k, getattr(Config, k)) != getattr(expected, k)]  # a key older files lack: its default
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
     cfg = config_from_checkpoint(ckpt)
@@ -1595,7 +1603,8 @@ def run_training(cfg, resume_ckpt=None):
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
 FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
-                   "attention_reduction", "attention_residual", "context", "context_temperature", "dropout", "seed", "val_fraction")
+                   "attention_reduction", "attention_residual", "context", "context_fusion", "context_temperature", "dropout", "seed",
+                   "val_fraction")
 
 
 def run_evaluation(cfg, overrides):

@@ -464,6 +464,29 @@ def test_classifier_sees_features_and_context_vector():
         assert not torch.allclose(logits_flipped, logits, atol=1e-4)
 
 
+def test_logits_fusion_adds_the_context_logits_to_a_classifier_on_f():
+    torch.manual_seed(3)
+    model = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1", context_fusion="logits"), 8).eval()
+    assert model.classifier.in_features == model.feature_dim
+    with torch.no_grad():
+        logits, s, f = model(torch.randn(3, 3, 32, 32))
+        assert torch.allclose(s, model.context.context_similarity(f))
+        assert torch.allclose(logits, model.classifier(f) + s, atol=1e-6)
+
+
+def test_checkpoint_from_before_context_fusion_loads_as_concat():
+    cfg = ern.Config(width=0.125, blocks="1,1,1,1")
+    model = ern.build_model(cfg, 8)
+    config = dataclasses.asdict(cfg)
+    del config["context_fusion"]  # a file written before the switch existed
+    ckpt = {"config": config, "class_names": [str(k) for k in range(8)], "image_size": cfg.image_size,
+            "model": model.state_dict()}
+    loaded, loaded_cfg = ern.model_from_checkpoint(ckpt, expected=cfg)
+    assert loaded_cfg.context_fusion == "concat"
+    with pytest.raises(ern.UserError, match="context_fusion"):
+        ern.model_from_checkpoint(ckpt, expected=dataclasses.replace(cfg, context_fusion="logits"))
+
+
 def test_default_model_has_27_5_million_parameters():
     n = ern.count_parameters(ern.build_model(ern.Config(), 8))
     assert abs(n - 27.5e6) <= 0.05 * 27.5e6, f"{n:,} parameters"
