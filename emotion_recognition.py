@@ -79,6 +79,7 @@ class Config:
     attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
     context_fusion: str = "concat"  # where the context enters: concat = a classifier on [f, c]; logits = W f + s
+    prototype_init: str = "random"  # random; imprint = after epoch 1, P_k along class k's mean training feature
     dropout: float = 0.3  # before the classifier
     # loss
     label_smoothing: float = 0.1  # epsilon of the smoothed target t
@@ -213,6 +214,7 @@ def validate_config(cfg):
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (cfg.context_fusion in ("concat", "logits"), f"--context_fusion must be concat or logits, got {cfg.context_fusion!r}"),
+        (cfg.prototype_init in ("random", "imprint"), f"--prototype_init must be random or imprint, got {cfg.prototype_init!r}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -1135,6 +1137,20 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     return model, cfg
 
 
+@torch.no_grad()
+def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, max_images=4096):
+    """Weight imprinting (Qi et al., 2018): turn each prototype P_k, keeping its norm, towards the mean
+    unit feature of class k over an evenly spaced sample of training images (no augmentation), and
+    restart the prototypes' AdamW moments. A class absent from the sample keeps its prototype."""
+    idx = torch.linspace(0, len(labels) - 1, min(max_images, len(labels)), device=labels.device).long()
+    out = run_inference(model, images[idx].cpu().numpy(), mean, std, images.device, cfg, tta=False)
+    f, y = F.normalize(out["features"], dim=1), labels[idx].cpu()
+    p = model.context.prototypes
+    for k in y.unique().tolist():
+        p[k] = F.normalize(f[y == k].mean(0), dim=0).to(p) * p[k].norm()
+    optimizer.state.pop(p, None)
+
+
 def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
     """The training loop: per-epoch validation, best and last checkpoints, metrics.jsonl, Ctrl-C safety."""
     k = len(class_names)
@@ -1179,6 +1195,10 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
             t0 = time.time()
             stats = train_one_epoch(fwd, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=class_weights)
+            if epoch == 1 and cfg.prototype_init == "imprint" and model.context is not None:
+                imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer)
+                if ema is not None:
+                    ema.model.context.prototypes.copy_(model.context.prototypes)
             judged = ema.model if ema is not None else model
             val_out = run_inference(judged, val.images, mean, std, device, cfg)  # the metric reported at the end
             target = smooth_targets(torch.from_numpy(val.labels), k, cfg.label_smoothing)

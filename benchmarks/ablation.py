@@ -10,8 +10,8 @@ markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's cla
 accuracy without the validation images that duplicate training images, accuracy per image
 source format, training seconds), with several seeds also their mean per row, and writes it,
 with every command, to OUT/ablation.json. ROWS add one component at a time; RECIPE rows change
-one training choice of full ERN, CONTEXT rows its temperature, KL weight or where
-the context enters;
+one training choice of full ERN, CONTEXT rows its temperature, KL weight, where
+the context enters or how the prototypes start;
 RESIDUAL rows are the component ladder in the shipped residual gating.
 Rows already finished in OUT are read, not rerun.
 """
@@ -46,12 +46,13 @@ RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: default
     "EMA 0.995": "--ema_decay=0.995",
     "class weights": "--class_weights=true",
 }
-CONTEXT = {  # full ERN with the context module's temperature tau, KL weight lambda (defaults 0.1, 0.5) or fusion changed
+CONTEXT = {  # full ERN with the context module's temperature tau, KL weight lambda (defaults 0.1, 0.5), fusion or prototype init changed
     "tau 0.05": "--context_temperature=0.05",
     "tau 0.2": "--context_temperature=0.2",
     "lambda 0.25": "--context_weight=0.25",
     "lambda 1.0": "--context_weight=1.0",
     "context in the logits": "--context_fusion=logits",  # W f + s instead of a classifier on [f, c]
+    "prototypes imprinted": "--prototype_init=imprint",  # after epoch 1, P_k along class k's mean feature
 }
 RESIDUAL = {  # the component ladder in the gating ERN ships with, x * (1 + gate); with "plain", "+dual residual", "full ERN"
     "+channel residual": "--spatial_attention=false --context=false",

@@ -487,6 +487,48 @@ def test_checkpoint_from_before_context_fusion_loads_as_concat():
         ern.model_from_checkpoint(ckpt, expected=dataclasses.replace(cfg, context_fusion="logits"))
 
 
+def unit_class_means(model, images, labels, cfg):
+    out = ern.run_inference(model, images.numpy(), torch.full((3,), 0.5), torch.full((3,), 0.25),
+                            torch.device("cpu"), cfg, tta=False)
+    f = F.normalize(out["features"], dim=1)
+    return {k: F.normalize(f[labels == k].mean(0), dim=0) for k in labels.unique().tolist()}
+
+
+def test_imprinting_turns_each_prototype_to_its_class_mean_feature(one_thread):
+    torch.manual_seed(4)
+    cfg = ern.Config(width=0.125, blocks="1,1,1,1", image_size=32, amp=False)
+    model = ern.build_model(cfg, 4)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 3] * 8)  # class 2 absent: its prototype stays
+    optimizer = ern.make_optimizer(model, cfg)
+    logits, s, _ = model(torch.randn(2, 3, 32, 32))
+    (logits.sum() + s.sum()).backward()
+    optimizer.step()  # AdamW state for every parameter
+    before = model.context.prototypes.detach().clone()
+    ern.imprint_prototypes(model, images, labels, torch.full((3,), 0.5), torch.full((3,), 0.25), cfg, optimizer)
+    p = model.context.prototypes.detach()
+    for k, direction in unit_class_means(model, images, labels, cfg).items():
+        assert F.cosine_similarity(p[k], direction, dim=0) > 0.9999, k
+    assert torch.allclose(p.norm(dim=1), before.norm(dim=1))
+    assert torch.equal(p[2], before[2]) and not torch.allclose(p[0], before[0])
+    assert model.context.prototypes not in optimizer.state and model.classifier.weight in optimizer.state
+
+
+def test_training_imprints_the_prototypes_after_the_first_epoch(tiny_dataset, tmp_path, one_thread):
+    cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, width=0.125,
+                     blocks="1,1,1,1", batch_size=16, epochs=1, amp=False, prototype_init="imprint", tsne_samples=0)
+    _, splits, _ = ern.load_dataset(cfg, splits_wanted=("train", "val"))
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    torch.manual_seed(0)
+    model = ern.build_model(cfg, 8)
+    ern.train(model, splits, [str(k) for k in range(8)], mean, std, cfg, tmp_path, torch.device("cpu"), None)
+    saved, _ = ern.model_from_checkpoint(torch.load(tmp_path / "last.pth", weights_only=True))
+    images, labels = torch.from_numpy(splits["train"].images), torch.from_numpy(splits["train"].labels)
+    p = saved.context.prototypes.detach()  # imprinted after the epoch's last step: the saved weights' class means
+    for k, direction in unit_class_means(saved, images, labels, cfg).items():
+        assert F.cosine_similarity(p[k], direction, dim=0) > 0.9999, k
+
+
 def test_default_model_has_27_5_million_parameters():
     n = ern.count_parameters(ern.build_model(ern.Config(), 8))
     assert abs(n - 27.5e6) <= 0.05 * 27.5e6, f"{n:,} parameters"
