@@ -231,6 +231,8 @@ def validate_config(cfg):
     for name in ("aug_flip", "aug_erase"):
         checks.append((0 <= getattr(cfg, name) <= 1, f"--{name} is a probability, got {getattr(cfg, name)}"))
     checks.append((cfg.aug_scale < 1, f"--aug_scale must be < 1, got {cfg.aug_scale}"))
+    for name, plain in (("context_fusion", "concat"), ("prototype_init", "random")):
+        checks.append((cfg.context or getattr(cfg, name) == plain, f"--{name}={getattr(cfg, name)} needs --context=true"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -896,7 +898,7 @@ class EmotionContext(nn.Module):
 class ERN(nn.Module):
     """Emotion Recognition Network: stem, residual stages each followed by dual attention,
     global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c]
-    (fusion "concat"), or W f + s, the context logits added as a cosine classifier's (fusion "logits").
+    (fusion "concat"), or W f + b + s, the context logits added to a linear classifier on f (fusion "logits").
 
     forward(x) -> (logits, context logits s or None, features f).
     """
@@ -1121,14 +1123,13 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
         raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
     if image_size is not None and image_size != ckpt["image_size"]:
         raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
+    cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
     if expected is not None:
-        differ = [f"--{k}={ckpt['config'].get(k)} in the checkpoint, {getattr(expected, k)} in the run"
+        differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
                   for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "context", "context_fusion")
-                  if ckpt["config"].get(k, getattr(Config, k)) != getattr(expected, k)]  # a key older files lack: its default
+                            "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    cfg = config_from_checkpoint(ckpt)
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -1138,17 +1139,19 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
 
 
 @torch.no_grad()
-def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, max_images=4096):
-    """Weight imprinting (Qi et al., 2018): turn each prototype P_k, keeping its norm, towards the mean
+def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=None, max_images=4096):
+    """Weight imprinting (Qi et al., 2018): set each prototype P_k, keeping its norm, along the mean
     unit feature of class k over an evenly spaced sample of training images (no augmentation), and
-    restart the prototypes' AdamW moments. A class absent from the sample keeps its prototype."""
+    restart the prototypes' AdamW moments. A class absent from the sample keeps its prototype. The
+    EMA's prototypes are imprinted from the EMA's own features."""
     idx = torch.linspace(0, len(labels) - 1, min(max_images, len(labels)), device=labels.device).long()
-    out = run_inference(model, images[idx].cpu().numpy(), mean, std, images.device, cfg, tta=False)
-    f, y = F.normalize(out["features"], dim=1), labels[idx].cpu()
-    p = model.context.prototypes
-    for k in y.unique().tolist():
-        p[k] = F.normalize(f[y == k].mean(0), dim=0).to(p) * p[k].norm()
-    optimizer.state.pop(p, None)
+    sample, y = images[idx].cpu().numpy(), labels[idx].cpu()
+    for net in [model] + ([ema.model] if ema is not None else []):
+        out = run_inference(net, sample, mean, std, images.device, cfg, tta=False)
+        f, p = F.normalize(out["features"], dim=1), net.context.prototypes
+        for k in y.unique().tolist():
+            p[k] = F.normalize(f[y == k].mean(0), dim=0).to(p) * p[k].norm()
+    optimizer.state.pop(model.context.prototypes, None)
 
 
 def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
@@ -1195,10 +1198,8 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
             t0 = time.time()
             stats = train_one_epoch(fwd, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=class_weights)
-            if epoch == 1 and cfg.prototype_init == "imprint" and model.context is not None:
-                imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer)
-                if ema is not None:
-                    ema.model.context.prototypes.copy_(model.context.prototypes)
+            if epoch == 1 and cfg.prototype_init == "imprint":
+                imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer, ema)
             judged = ema.model if ema is not None else model
             val_out = run_inference(judged, val.images, mean, std, device, cfg)  # the metric reported at the end
             target = smooth_targets(torch.from_numpy(val.labels), k, cfg.label_smoothing)
@@ -1580,7 +1581,8 @@ def make_run_dir(cfg, resuming=False):
     return run_dir
 
 
-def run_training(cfg, resume_ckpt=None):
+def run_training(cfg, resume_ckpt=None, build=build_model):
+    """Train and evaluate one run; build(cfg, num_classes) makes the network (benchmarks pass a baseline's)."""
     run_dir = make_run_dir(cfg, resuming=resume_ckpt is not None)
     log_file = run_dir / "train.log"
     device = resolve_device(cfg.device)
@@ -1598,10 +1600,10 @@ def run_training(cfg, resume_ckpt=None):
     else:
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
-    model = place_model(build_model(cfg, len(class_names)), cfg, device)
+    model = place_model(build(cfg, len(class_names)), cfg, device)
     n_params = count_parameters(model)
     computes = precision(cfg, device)
-    log(f"ERN: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
+    log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     if cfg.preset == "cpu" and device.type == "cpu" and computes["autocast"] is None:
         log("note: this CPU trains in float32 (no native bf16), about 2.3x slower than the bf16 that --preset=cpu's "

@@ -2,7 +2,8 @@
 The ERN ablation table: each row is one run of emotion_recognition.py with one more component on.
 
     python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
-        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--rows="plain,full ERN" | --rows=all]
+        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--threads=1] \
+        [--rows="plain,full ERN" | --rows=all] [--extra="--cache_dir=..."]
 
 Every row shares the protocol and seed; rows run `--parallel` at a time, each with `--threads`
 OpenMP threads (default 1: two one-thread runs use a 2-core machine better than one two-thread run). Prints a
@@ -76,6 +77,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     ap.add_argument("--extra", default="", help="overrides added to every row (e.g. --cache_dir=...)")
     args = ap.parse_args()
+    if args.parallel < 1 or args.threads < 1:
+        ap.error("--parallel and --threads must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []

@@ -191,6 +191,20 @@ def test_evaluate_writes_results_without_training(evaluated, trained):
         assert results[k] == trained_results[k], k
 
 
+def test_logits_fusion_and_imprinting_from_the_command_line_to_evaluate(tiny_dataset, tmp_path):
+    """The context switches reach the run, its checkpoint, and --evaluate's rebuilt network."""
+    proc = run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=2", "--context_fusion=logits",
+                      "--prototype_init=imprint", f"--output_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}",
+                      "--tsne_samples=0", cwd=tmp_path)
+    ckpt = ern.load_checkpoint(tmp_path / "run" / "best_emotion_model.pth")
+    assert ckpt["config"]["context_fusion"] == "logits" and ckpt["config"]["prototype_init"] == "imprint"
+    run_script(f"--evaluate={tmp_path / 'run' / 'best_emotion_model.pth'}", f"--data_dir={tiny_dataset}",
+               f"--output_dir={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", cwd=tmp_path)
+    results, trained = read_results(tmp_path / "eval"), read_results(tmp_path / "run")
+    for k in ("confusion_matrix", "test_accuracy", "num_parameters"):
+        assert results[k] == trained[k], (k, proc.stdout[-2000:])
+
+
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn, on the png rows
 def test_evaluation_results_match_sklearn():
     """The evaluation numbers on hand-made predictions, one class never right and one with no support."""
@@ -483,7 +497,7 @@ def test_checkpoint_from_before_context_fusion_loads_as_concat():
             "model": model.state_dict()}
     loaded, loaded_cfg = ern.model_from_checkpoint(ckpt, expected=cfg)
     assert loaded_cfg.context_fusion == "concat"
-    with pytest.raises(ern.UserError, match="context_fusion"):
+    with pytest.raises(ern.UserError, match="--context_fusion=concat in the checkpoint, logits in the run"):
         ern.model_from_checkpoint(ckpt, expected=dataclasses.replace(cfg, context_fusion="logits"))
 
 
@@ -514,19 +528,31 @@ def test_imprinting_turns_each_prototype_to_its_class_mean_feature(one_thread):
     assert model.context.prototypes not in optimizer.state and model.classifier.weight in optimizer.state
 
 
-def test_training_imprints_the_prototypes_after_the_first_epoch(tiny_dataset, tmp_path, one_thread):
+def test_training_imprints_model_and_ema_prototypes_once_after_the_first_epoch(tiny_dataset, tmp_path, one_thread,
+                                                                              monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, width=0.125,
-                     blocks="1,1,1,1", batch_size=16, epochs=1, amp=False, prototype_init="imprint", tsne_samples=0)
+                     blocks="1,1,1,1", batch_size=16, epochs=2, amp=False, prototype_init="imprint", ema_decay=0.9)
     _, splits, _ = ern.load_dataset(cfg, splits_wanted=("train", "val"))
-    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
-    torch.manual_seed(0)
-    model = ern.build_model(cfg, 8)
-    ern.train(model, splits, [str(k) for k in range(8)], mean, std, cfg, tmp_path, torch.device("cpu"), None)
-    saved, _ = ern.model_from_checkpoint(torch.load(tmp_path / "last.pth", weights_only=True))
     images, labels = torch.from_numpy(splits["train"].images), torch.from_numpy(splits["train"].labels)
-    p = saved.context.prototypes.detach()  # imprinted after the epoch's last step: the saved weights' class means
-    for k, direction in unit_class_means(saved, images, labels, cfg).items():
-        assert F.cosine_similarity(p[k], direction, dim=0) > 0.9999, k
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    calls, imprint = [], ern.imprint_prototypes
+
+    def spy(model, train_x, train_y, *args):
+        imprint(model, train_x, train_y, *args)
+        ema = args[-1]
+        finished = tmp_path / "metrics.jsonl"  # one line per finished epoch
+        calls.append(len(finished.read_text().splitlines()) if finished.exists() else 0)
+        for net in (model, ema.model):  # each imprinted from the full training set (< 4096 images), in its own features
+            p = net.context.prototypes.detach()
+            for k, direction in unit_class_means(net, images, labels, cfg).items():
+                assert F.cosine_similarity(p[k], direction, dim=0) > 0.9999, k
+        assert not ema.model.context.prototypes.requires_grad
+
+    monkeypatch.setattr(ern, "imprint_prototypes", spy)
+    torch.manual_seed(0)
+    ern.train(ern.build_model(cfg, 8), splits, [str(k) for k in range(8)], mean, std, cfg, tmp_path,
+              torch.device("cpu"), None)
+    assert calls == [0]
 
 
 def test_default_model_has_27_5_million_parameters():
@@ -713,7 +739,10 @@ def test_parse_args_wrong_type(arg):
 @pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be >= 1"),
                                           (dict(context_weight=-0.1), "--context_weight must be >= 0"),
                                           (dict(image_size=16), "--image_size must be >= 32"),
-                                          (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64")])
+                                          (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64"),
+                                          (dict(context=False, context_fusion="logits"), "--context_fusion=logits needs"),
+                                          (dict(context=False, prototype_init="imprint"), "--prototype_init=imprint needs"),
+                                          (dict(prototype_init="class_mean"), "--prototype_init must be random or")])
 def test_validate_config_refuses(bad, message):
     base = dict(image_size=32, blocks="1,1,1,1")
     ern.validate_config(ern.Config(**base))  # the same config without the bad value passes
