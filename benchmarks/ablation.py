@@ -10,10 +10,10 @@ OpenMP threads (default 1: two one-thread runs use a 2-core machine better than 
 markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's class names,
 accuracy without the validation images that duplicate training images, accuracy per image
 source format, training seconds), with several seeds also their mean per row, and writes it,
-with every command, to OUT/ablation.json. ROWS add one component at a time; RECIPE rows change
-one training choice of full ERN, CONTEXT rows its temperature, KL weight, where
-the context enters or how the prototypes start;
-RESIDUAL rows are the component ladder in the shipped residual gating.
+with every command, to OUT/ablation.json. ROWS add one component at a time (the default
+--rows), in CBAM's gating and in the shipped residual gating; RECIPE rows change one training
+choice of full ERN, CONTEXT rows its temperature, KL weight, where the context enters or how the
+prototypes start.
 Rows already finished in OUT are read, not rerun.
 """
 
@@ -29,14 +29,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = {  # name: overrides, in the order components are added; CBAM gating first, then the default residual gating
+ROWS = {  # name: overrides, one component added at a time: with CBAM's gating x * gate, then the shipped x * (1 + gate)
     "plain": "--channel_attention=false --spatial_attention=false --context=false",
     "+channel": "--spatial_attention=false --context=false --attention_residual=false",
     "+spatial": "--channel_attention=false --context=false --attention_residual=false",
     "+dual": "--context=false --attention_residual=false",
     "+context (lambda=0)": "--context_weight=0 --attention_residual=false",
     "full ERN CBAM gating": "--attention_residual=false",
+    "+channel residual": "--spatial_attention=false --context=false",
+    "+spatial residual": "--channel_attention=false --context=false",
     "+dual residual": "--context=false",
+    "+context residual (lambda=0)": "--context_weight=0",
     "full ERN": "",
 }
 RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)
@@ -47,7 +50,7 @@ RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: default
     "EMA 0.995": "--ema_decay=0.995",
     "class weights": "--class_weights=true",
 }
-CONTEXT = {  # full ERN with the context module's temperature tau, KL weight lambda (defaults 0.1, 0.5), fusion or prototype init changed
+CONTEXT = {  # full ERN with the context module's tau, lambda (defaults 0.1, 0.5), fusion or prototype init changed
     "tau 0.05": "--context_temperature=0.05",
     "tau 0.2": "--context_temperature=0.2",
     "lambda 0.25": "--context_weight=0.25",
@@ -55,15 +58,9 @@ CONTEXT = {  # full ERN with the context module's temperature tau, KL weight lam
     "context in the logits": "--context_fusion=logits",  # W f + s instead of a classifier on [f, c]
     "prototypes imprinted": "--prototype_init=imprint",  # after epoch 1, P_k along class k's mean feature
 }
-RESIDUAL = {  # the component ladder in the gating ERN ships with, x * (1 + gate); with "plain", "+dual residual", "full ERN"
-    "+channel residual": "--spatial_attention=false --context=false",
-    "+spatial residual": "--channel_attention=false --context=false",
-    "+context residual (lambda=0)": "--context_weight=0",
-}
+LADDER = list(ROWS)
 ROWS.update(RECIPE)
 ROWS.update(CONTEXT)
-ROWS.update(RESIDUAL)
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +69,7 @@ def main():
     ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--rows", default=",".join(r for r in ROWS if r not in RECIPE and r not in CONTEXT and r not in RESIDUAL),
+    ap.add_argument("--rows", default=",".join(LADDER),
                     help="comma-separated row names, or all")
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads per run")
     ap.add_argument("--extra", default="", help="overrides added to every row (e.g. --cache_dir=...)")
