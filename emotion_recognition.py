@@ -23,6 +23,7 @@ commands and figures are in README.md and BENCHMARKS.md.
 """
 
 import copy
+import csv
 import dataclasses
 import difflib
 import hashlib
@@ -108,15 +109,39 @@ class Config:
     run_name: str = "ern"  # first part of the default run folder's name
     overwrite: bool = False  # allow writing into a folder that already holds a run's results
     tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
-    # actions
     preset: str = ""  # named overrides applied before the command line: cpu | demo
+
+
+@dataclass
+class Action:
+    """What a call does besides training a new model: at most one action. Kept apart from Config, which
+    is saved in every checkpoint and holds only what shapes a model and its training."""
+    # actions (at most one; none = train)
     demo: bool = False  # write a synthetic dataset of drawn faces and train on it briefly
     evaluate: str = ""  # checkpoint to evaluate (no training)
-    split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
     resume: str = ""  # last.pth of an interrupted run
-    predict: str = ""  # image file or folder to classify with --checkpoint
-    checkpoint: str = ""  # checkpoint for --predict
-    detect_faces: bool = True  # --predict: find faces with OpenCV's Haar cascade (whole image if none)
+    predict: str = ""  # image, video, folder (recursive) or camera:N; several: comma-separated, or @list.txt (one per line)
+    # evaluation
+    split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
+    # prediction
+    checkpoint: str = ""  # model for --predict (.pth)
+    every: int = 1  # videos and cameras: classify one frame in N
+    max_frames: int = 0  # videos and cameras: stop after this many classified frames; 0 = to the end (camera: Ctrl-C)
+    detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
+    no_face: str = "classify"  # an image or frame without a face: classify = the whole image (face_detected false) | skip
+    detect_width: int = 640  # detection runs on a copy resized to at most this width (pixels; 0 = full size)
+    face_scale_factor: float = 1.1  # Haar image-pyramid step (smaller: slower, finds more sizes)
+    face_min_neighbors: int = 5  # Haar: overlapping hits a face needs (higher: fewer false faces)
+    face_min_size: float = 0.08  # smallest face side, fraction of the image's shorter side
+    profile_faces: bool = True  # also the profile cascade (both directions) for faces the frontal one misses
+    face_crop_scale: float = 1.45  # crop side / Haar box side: the framing of the training crops (BENCHMARKS.md)
+    face_crop_shift: float = 0.0  # crop centre below the Haar box centre, fraction of its side
+    track_iou: float = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
+    track_max_missed: int = 10  # videos: classified frames a track may go without its face before it ends
+    smoothing: float = 0.0  # videos: per-track exponential smoothing of probabilities for timeline and summary; 0 = raw
+    prediction_batch: int = 64  # faces per forward pass, gathered across images and frames
+    jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
+    show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
 
 
 # Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
@@ -143,8 +168,9 @@ class UserError(Exception):
 
 
 def field_help():
-    """Trailing comments of Config's fields, for --help."""
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    """Trailing comments of Config's and Action's fields, for --help."""
+    source = inspect.getsource(Config) + inspect.getsource(Action)
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", source, re.M))
 
 
 def parse_value(name, text, kind):
@@ -160,38 +186,87 @@ def parse_value(name, text, kind):
         raise UserError(f"--{name} expects {kind.__name__}, got {text!r}") from None
 
 
+def field_kinds(cls):
+    return {f.name: {"str": str, "int": int, "float": float, "bool": bool}.get(f.type, f.type) for f in dataclasses.fields(cls)}
+
+
+def print_help():
+    print(__doc__.strip())
+    helps = field_help()
+    for cls, title in ((Config, "experiment fields (saved with the model)"), (Action, "actions and their settings")):
+        print(f"\n{title}, as --name=value:")
+        for f in dataclasses.fields(cls):
+            print(f"  --{f.name}={f.default!s:<28} {helps.get(f.name, '')}")
+
+
 def parse_args(argv, base=None):
-    """Config from --name=value arguments (a bare --flag means true), over a preset, over base."""
-    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
-    kinds = {k: {"str": str, "int": int, "float": float, "bool": bool}.get(v, v) for k, v in kinds.items()}
-    overrides = {}
+    """(Config, Action, Config overrides) from --name=value arguments (a bare --flag means true).
+
+    The Config is built over a preset (--preset, or --demo's), over base or the defaults."""
+    kinds, action_kinds = field_kinds(Config), field_kinds(Action)
+    overrides, action_fields = {}, {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\nfields (--name=value):")
-            helps = field_help()
-            for f in dataclasses.fields(Config):
-                print(f"  --{f.name}={f.default!s:<28} {helps.get(f.name, '')}")
+            print_help()
             sys.exit(0)
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: use --name=value")
         name, eq, text = arg[2:].partition("=")
-        if name not in kinds:
-            close = difflib.get_close_matches(name, kinds, n=1)
+        kind = kinds.get(name) or action_kinds.get(name)
+        if kind is None:
+            close = difflib.get_close_matches(name, [*kinds, *action_kinds], n=1)
             raise UserError(f"unknown field --{name}" + (f"; did you mean --{close[0]}?" if close else ""))
         if not eq:
-            if kinds[name] is not bool:
+            if kind is not bool:
                 raise UserError(f"--{name} needs a value: --{name}=...")
             text = "true"
-        overrides[name] = parse_value(name, text, kinds[name])
+        (overrides if name in kinds else action_fields)[name] = parse_value(name, text, kind)
+    action = Action(**action_fields)
     cfg = dataclasses.replace(base) if base is not None else Config()
     preset = overrides.get("preset", cfg.preset if base is None else "")
-    if overrides.get("demo") and not preset:
+    if action.demo and not preset:
         preset = "demo"
     if preset:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        cfg = dataclasses.replace(cfg, **PRESETS[preset])
-    return dataclasses.replace(cfg, **overrides), overrides
+        cfg = dataclasses.replace(cfg, **PRESETS[preset], preset=preset)
+    return dataclasses.replace(cfg, **overrides), action, overrides
+
+
+ACTION_FIELDS = [f.name for f in dataclasses.fields(Action)]
+PREDICTION_FIELDS = ACTION_FIELDS[ACTION_FIELDS.index("checkpoint"):]  # the settings of --predict
+
+
+def validate_action(action):
+    """At most one action, and each action's settings only with it."""
+    chosen = [f"--{n}" for n in ("demo", "evaluate", "resume", "predict") if getattr(action, n)]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)} are separate actions: give one per call")
+    defaults = Action()
+    stray = [n for n in PREDICTION_FIELDS if getattr(action, n) != getattr(defaults, n) and not action.predict]
+    if action.split and not action.evaluate:
+        stray.append("split")
+    if stray:
+        raise UserError(f"{', '.join('--' + n for n in stray)} only apply{'s' if len(stray) == 1 else ''} with "
+                        f"{'--evaluate' if stray == ['split'] else '--predict'}")
+    checks = [(action.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {action.split!r}"),
+              (action.every >= 1, f"--every must be >= 1, got {action.every}"),
+              (action.max_frames >= 0, f"--max_frames must be >= 0, got {action.max_frames}"),
+              (action.no_face in ("classify", "skip"), f"--no_face must be classify or skip, got {action.no_face!r}"),
+              (action.detect_width >= 0, f"--detect_width must be >= 0, got {action.detect_width}"),
+              (action.face_scale_factor > 1, f"--face_scale_factor must be > 1, got {action.face_scale_factor}"),
+              (action.face_min_neighbors >= 0, f"--face_min_neighbors must be >= 0, got {action.face_min_neighbors}"),
+              (0 < action.face_min_size < 1, f"--face_min_size must be in (0, 1), got {action.face_min_size}"),
+              (action.face_crop_scale > 0, f"--face_crop_scale must be > 0, got {action.face_crop_scale}"),
+              (0 <= action.track_iou <= 1, f"--track_iou must be in [0, 1], got {action.track_iou}"),
+              (action.track_max_missed >= 0, f"--track_max_missed must be >= 0, got {action.track_max_missed}"),
+              (0 <= action.smoothing < 1, f"--smoothing must be in [0, 1), got {action.smoothing}"),
+              (action.prediction_batch >= 1, f"--prediction_batch must be >= 1, got {action.prediction_batch}")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if action.predict and not action.checkpoint:
+        raise UserError("--predict needs --checkpoint=PATH.pth")
 
 
 def parse_blocks(text):
@@ -222,7 +297,6 @@ def validate_config(cfg):
         (0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
         (0 <= cfg.crop_margin <= 1, f"--crop_margin must be in [0, 1], got {cfg.crop_margin}"),
         (cfg.attention_reduction >= 1, f"--attention_reduction must be >= 1, got {cfg.attention_reduction}"),
-        (cfg.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {cfg.split!r}"),
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
     ]
     for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix",
@@ -494,12 +568,35 @@ def image_format(data):
     return None
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: zero length, type, its fixed CRC
+
+
+def jpeg_complete(data):
+    """Whether the scan data, after the headers, reaches an end-of-image marker. Bytes after it (phone
+    cameras append trailers) are allowed; an EXIF thumbnail's own end marker is skipped with its header segment,
+    and inside the entropy-coded data 0xFF is always followed by 0x00 or a restart marker, never by 0xD9."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False  # the header chain is broken
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i) >= 0
+        elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
 def truncated(data, fmt):
-    """JPEG must end with its EOI marker, PNG with its IEND chunk (decoders accept partial files)."""
+    """JPEG must reach its end-of-image marker, PNG its IEND chunk (decoders accept partial files)."""
     if fmt == "jpeg":
-        return b"\xff\xd9" not in data[-64:]
+        return not jpeg_complete(data)
     if fmt == "png":
-        return b"IEND" not in data[-32:]
+        return PNG_END not in data[-4096:]
     return False
 
 
@@ -1111,6 +1208,11 @@ def load_checkpoint(path):
     return ckpt
 
 
+def checkpoint_normalization(ckpt, device):
+    """The (mean, std) the checkpoint's model was trained with, as tensors on the device."""
+    return tuple(torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
+
+
 def config_from_checkpoint(ckpt):
     known = {f.name for f in dataclasses.fields(Config)}  # fields a newer file dropped are ignored
     return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
@@ -1425,42 +1527,496 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 
 
 # ---------------------------------------------------------------------------------------------
-# Prediction
+# Prediction: faces in photos, folders, videos and cameras -> predictions.csv, annotated media, summary
 # ---------------------------------------------------------------------------------------------
 
-def predict(checkpoint_path, inputs, detect_faces=True, device="cpu", **settings):
-    """Classify every face (or whole image) in a file or folder: [(path, box, class name, probabilities)].
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
+PROFILE_OVERLAP = 0.3  # a profile hit overlapping a frontal one by this IoU is the same face
+TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
+WHOLE_FRAME = -1  # the track of a video's whole-frame rows (frames without a detected face)
 
-    settings: inference fields (INFERENCE_SETTINGS) that replace the checkpoint's, as --name=value does."""
-    ckpt = load_checkpoint(checkpoint_path)
-    model, cfg = model_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, **settings)
-    device = torch.device(device)
-    model = place_model(model, cfg, device)
-    mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
-    inputs = Path(inputs)
-    files = sorted(p for p in inputs.rglob("*") if p.suffix.lower() in IMAGE_EXTS) if inputs.is_dir() else [inputs]
-    if not files:
-        raise UserError(f"no images in {inputs}")
-    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml") if detect_faces else None
-    rows = []
-    for path in files:
+
+def box_iou(a, b):
+    """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceDetector:
+    """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces,
+    then profile faces, looking either way, that no frontal face overlaps. detector(rgb) -> pixel boxes
+    (x1, y1, x2, y2), left to right, in the image's coordinates."""
+
+    def __init__(self, action):
+        folder = Path(cv2.data.haarcascades)
+        names = ["frontalface_default"] + (["profileface"] if action.profile_faces else [])
+        self.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml")) for n in names]
+        if any(c.empty() for c in self.cascades):
+            raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
+        self.action = action
+
+    def __call__(self, image):
+        a = self.action
+        h, w = image.shape[:2]
+        scale = min(1.0, a.detect_width / w) if a.detect_width else 1.0  # the cascades cost grows with the pixels
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        if scale < 1:
+            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        gray = cv2.equalizeHist(gray)  # as OpenCV's face-detection sample does: less dependence on exposure
+        side = max(24, round(a.face_min_size * min(gray.shape)))  # 24: the cascades' window
+        hits = lambda cascade, img: [(x, y, x + bw, y + bh) for x, y, bw, bh in cascade.detectMultiScale(
+            img, scaleFactor=a.face_scale_factor, minNeighbors=a.face_min_neighbors, minSize=(side, side))]
+        boxes = hits(self.cascades[0], gray)
+        if len(self.cascades) > 1:  # the profile cascade finds faces turned one way: the mirror finds the others
+            gw = gray.shape[1]
+            profiles = hits(self.cascades[1], gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in
+                                                       hits(self.cascades[1], cv2.flip(gray, 1))]
+            for box in profiles:
+                if all(box_iou(box, kept) < PROFILE_OVERLAP for kept in boxes):
+                    boxes.append(box)
+        return sorted(tuple(float(v) / scale for v in box) for box in boxes)
+
+
+def face_crop_box(box, image_shape, scale, shift):
+    """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
+    training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's (Action's face_crop_*)."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1)
+    h, w = image_shape[:2]
+    return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
+
+
+class EmotionPredictor:
+    """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected,
+    emotion, confidence, probabilities by class name). --predict is built on it; so can a notebook be:
+
+        predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
+        faces = predictor(rgb_array)                         # Haar faces, or the whole image if none
+        faces = predictor(rgb_array, boxes=[(x1, y1, x2, y2)])  # your own face boxes, in pixels
+
+    settings: Config's inference fields (INFERENCE_SETTINGS) replacing the checkpoint's; action: the
+    detection, crop and batching fields of Action. Crops are cut by crop_box and classified by
+    run_inference, the functions that made the training crops and evaluate the model."""
+
+    def __init__(self, checkpoint, device="cpu", action=None, **settings):
+        self.action = action or Action()
+        ckpt = load_checkpoint(checkpoint)
+        model, cfg = model_from_checkpoint(ckpt)
+        self.cfg = dataclasses.replace(cfg, **settings)
+        self.device = torch.device(device)
+        self.model = place_model(model, self.cfg, self.device)
+        self.mean, self.std = checkpoint_normalization(ckpt, self.device)
+        self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
+        self.detector = FaceDetector(self.action) if self.action.detect_faces else None
+
+    def faces(self, image, boxes=None):
+        """[(pixel box, face_detected, uint8 crop (3, S, S))] of an RGB image: the given boxes (cropped as the
+        dataset's label boxes are, with the checkpoint's crop_margin), else the detected faces, else (unless
+        --no_face=skip) the whole image with face_detected false."""
+        h, w = image.shape[:2]
+        a, margin, size = self.action, self.cfg.crop_margin, self.image_size
+        if boxes is not None:
+            regions = [((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h) for x1, y1, x2, y2 in boxes]
+            found = [(tuple(map(float, b)), True, crop_box(image, r, margin, size)) for b, r in zip(boxes, regions)]
+        elif self.detector is not None:
+            found = [(b, True, crop_box(image, face_crop_box(b, image.shape, a.face_crop_scale, a.face_crop_shift), 0.0, size))
+                     for b in self.detector(image)]  # margin 0: face_crop_scale already frames the face
+            if not found and a.no_face == "classify":
+                found = [((0.0, 0.0, float(w), float(h)), False, crop_box(image, (0.5, 0.5, 1.0, 1.0), margin, size))]
+        else:
+            found = [((0.0, 0.0, float(w), float(h)), False, crop_box(image, (0.5, 0.5, 1.0, 1.0), margin, size))]
+        return [(b, detected, crop.transpose(2, 0, 1)) for b, detected, crop in found]
+
+    def classify(self, crops):
+        """Class probabilities (N, K) of uint8 crops (N, 3, S, S), as evaluation computes them."""
+        if not len(crops):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return run_inference(self.model, crops, self.mean, self.std, self.device, self.cfg)["logits"].softmax(1).numpy()
+
+    def describe(self, faces, probs):
+        return [{"box": [round(v, 1) for v in box], "face_detected": detected,
+                 "emotion": self.class_names[int(p.argmax())], "confidence": float(p.max()),
+                 "probabilities": dict(zip(self.class_names, map(float, p)))} for (box, detected, _), p in zip(faces, probs)]
+
+    def __call__(self, image, boxes=None):
+        faces = self.faces(image, boxes)
+        return self.describe(faces, self.classify(np.stack([crop for *_, crop in faces]) if faces else []))
+
+
+class FaceTracker:
+    """A video's faces across frames: each face continues the live track whose last box it overlaps most
+    (IoU >= track_iou, best pairs first) or starts a new one; a track ends after track_max_missed classified
+    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
+
+    def __init__(self, action):
+        self.min_iou, self.max_missed, self.smoothing = action.track_iou, action.track_max_missed, action.smoothing
+        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
+
+    def update(self, faces, probs):
+        """Track ids and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
+        pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
+                        for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
+        match = {}
+        for iou, tid, j in pairs:
+            if iou >= self.min_iou and j not in match and tid not in match.values():
+                match[j] = tid
+        ids, smoothed = [], []
+        for j, ((box, detected, _), p) in enumerate(zip(faces, probs)):
+            tid = match.get(j, WHOLE_FRAME if not detected else None)
+            if tid is None:
+                tid, self.next_id = self.next_id, self.next_id + 1
+            track = self.tracks.get(tid)
+            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
+            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
+            ids.append(tid)
+            smoothed.append(p)
+        for tid in [t for t in self.tracks if t not in ids]:
+            self.tracks[tid]["missed"] += 1
+            if self.tracks[tid]["missed"] > self.max_missed:
+                del self.tracks[tid]
+        return ids, smoothed
+
+
+def prediction_inputs(spec):
+    """[(kind, path, name)] of --predict's value: one path, comma-separated paths, or @list.txt (one per line).
+    Folders are searched recursively, hidden files and folders skipped. kind: image | video | camera, or
+    missing / empty (errors) / ignored (a file in a folder that is neither image nor video). name: where the
+    source's annotated copy goes, relative to the output folder's annotated/."""
+    if spec.startswith("@"):
+        listing = Path(spec[1:]).expanduser()
+        if not listing.is_file():
+            raise UserError(f"--predict={spec}: no list file {listing}")
+        parts = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    else:
+        parts = [spec] if Path(spec).expanduser().exists() else [p for p in spec.split(",") if p]
+    found = []
+    for part in parts:
+        if re.fullmatch(r"camera:\d+", part):
+            found.append(("camera", part, part.replace(":", "_")))
+            continue
+        path = Path(part).expanduser()
+        if path.is_dir():
+            files = [f for f in sorted(path.rglob("*")) if f.is_file() and
+                     not any(p.startswith(".") for p in f.relative_to(path).parts)]
+            kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
+                     "ignored" for f in files]
+            found += [(k, str(f), str(Path(path.name) / f.relative_to(path))) for k, f in zip(kinds, files)]
+            if not ({"image", "video"} & set(kinds)):
+                found.append(("empty", str(path), path.name))
+        elif path.is_file():  # named on its own: an unknown extension is tried as an image
+            found.append(("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
+        else:
+            found.append(("missing", str(path), path.name))
+    return found
+
+
+def ordered_prefetch(fn, items, pool, depth):
+    """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order."""
+    pending = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+def annotate(image, faces, rows, tracks=None):
+    """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
+    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    thick = max(1, round(min(image.shape[:2]) / 300))
+    for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
+        label = f"{row['emotion']} {row['confidence']:.2f}"
+        if tracks is not None and tracks[j] != WHOLE_FRAME:
+            label = f"#{tracks[j]} " + label
+        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, thick)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
+        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick, cv2.LINE_AA)
+    return out
+
+
+def plot_timeline(times, track_probs, class_names, title, path):
+    """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS]
+    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for ax, tid in zip(axes[:, 0], sorted(shown)):
+        t, p = np.array(times[tid]), np.array(track_probs[tid])
+        for k, name in enumerate(class_names):
+            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability")
+        ax.set_title("frames without a detected face (whole frame)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if not shown:
+        axes[0, 0].set_title("no faces")
+    axes[-1, 0].set_xlabel("time (s)")
+    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class PredictionOutputs:
+    """One prediction folder: predictions.csv written and flushed row by row (an interrupted run keeps what was
+    done), annotated copies, timelines, and summary.json; JSON lines on stdout when asked."""
+
+    def __init__(self, out_dir, class_names, jsonl):
+        self.dir, self.class_names, self.jsonl = Path(out_dir), class_names, jsonl
+        self.file = open(self.dir / "predictions.csv", "w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(CSV_COLUMNS + list(class_names))
+        self.sources = []
+
+    def rows(self, source, frame, time_s, faces, rows, face_ids):
+        for (box, detected, _), row, face in zip(faces, rows, face_ids):
+            self.csv.writerow([source, "" if frame is None else frame, "" if time_s is None else f"{time_s:.3f}", face,
+                               *(f"{v:.1f}" for v in box), str(detected).lower(), row["emotion"],
+                               f"{row['confidence']:.4f}", *(f"{v:.4f}" for v in row["probabilities"].values())])
+            if self.jsonl:
+                print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
+        self.file.flush()
+
+    def path(self, name, suffix=None, folder="annotated"):
+        path = self.dir / folder / name
+        path = path.with_suffix(suffix) if suffix else path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def source(self, entry):
+        """Record one source's summary and print its line (errors, and everything when stdout carries JSON
+        lines, to stderr)."""
+        self.sources.append(entry)
+        tqdm.write(source_line(entry), file=sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
+
+    def close(self, extra):
+        self.file.close()
+        errors = [{"source": s["source"], "error": s["error"]} for s in self.sources if s.get("error")]
+        write_json({**extra, "sources": self.sources, "errors": errors}, self.dir / "summary.json")
+        return errors
+
+
+def emotion_shares(probs, class_names):
+    """{emotion: share of the rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
+    if not len(probs):
+        return {}, None
+    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
+    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
+
+
+def source_line(entry):
+    if entry.get("error"):
+        return f"{entry['source']}: error: {entry['error']}"
+    what = f"{entry['frames']} frames, " if entry["kind"] != "image" else ""
+    dominant = f"; {entry['dominant_emotion']} {entry['emotion_share'][entry['dominant_emotion']]:.0%}" \
+        if entry["dominant_emotion"] else ""
+    return f"{entry['source']}: {what}{entry['faces']} face(s) detected, {entry['rows']} row(s){dominant}"
+
+
+def predict_images(predictor, items, out, progress):
+    """Images, decoded and searched for faces in threads, classified prediction_batch faces at a time."""
+    def prepare(item):
+        _, path, name = item
         try:
             image, _ = decode_image(path)
         except (ValueError, OSError) as e:
-            raise UserError(f"{path}: {e}") from None
-        h, w = image.shape[:2]
-        boxes = []
-        if cascade is not None:
-            found = cascade.detectMultiScale(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), 1.1, 5, minSize=(24, 24))
-            boxes = [((x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h) for x, y, bw, bh in found]
-        boxes = boxes or [(0.5, 0.5, 1.0, 1.0)]
-        crops = np.stack([crop_box(image, b, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1) for b in boxes])
-        probs = run_inference(model, crops, mean, std, device, cfg)["logits"].softmax(1).numpy()
-        for b, p in zip(boxes, probs):
-            rows.append((str(path), [round(float(v), 4) for v in b], ckpt["class_names"][int(p.argmax())],
-                         {n: round(float(v), 4) for n, v in zip(ckpt["class_names"], p)}))
-    return rows
+            return item, None, None, str(e)
+        return item, image, predictor.faces(image), None
+
+    def flush(ready):
+        crops = [crop for _, image, faces, _ in ready for *_, crop in faces]
+        probs = predictor.classify(np.stack(crops) if crops else [])
+        start = 0
+        for (_, path, name), image, faces, _ in ready:
+            rows = predictor.describe(faces, probs[start:start + len(faces)])
+            start += len(faces)
+            out.rows(path, None, None, faces, rows, range(len(faces)))
+            annotated = out.path(name, None if Path(name).suffix.lower() in IMAGE_EXTS else ".png")
+            cv2.imwrite(str(annotated), annotate(image, faces, rows))
+            shares, dominant = emotion_shares(probs[start - len(faces):start], predictor.class_names)
+            out.source({"source": path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
+                        "rows": len(faces), "dominant_emotion": dominant, "emotion_share": shares,
+                        "annotated": str(annotated), "error": None})
+            progress.update()
+
+    ready, waiting = [], 0
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
+        for item, image, faces, error in ordered_prefetch(prepare, items, pool, 2 * predictor.action.prediction_batch):
+            if error:
+                out.source({"source": item[1], "kind": "image", "error": error})
+                progress.update()
+                continue
+            ready.append((item, image, faces, None))
+            waiting += len(faces)
+            if waiting >= predictor.action.prediction_batch:
+                flush(ready)
+                ready, waiting = [], 0
+        flush(ready)
+
+
+def video_frames(capture, every, max_frames, fps):
+    """(frame index, time in seconds, RGB frame) of every `every`-th frame; the others are skipped without
+    decoding. fps 0 (a camera): the time is the wall clock since the first frame."""
+    start, index, taken = time.time(), 0, 0
+    while not max_frames or taken < max_frames:
+        if index % every:
+            if not capture.grab():
+                return
+        else:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            taken += 1
+            yield index, index / fps if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        index += 1
+
+
+def predict_video(predictor, item, out):
+    """A video file or a camera, frame by frame: faces tracked, classified prediction_batch faces at a time
+    (a camera one frame at a time, for latency), rows written as they come, an annotated video, a timeline."""
+    kind, source, name = item
+    a = predictor.action
+    entry = {"source": source, "kind": kind, "error": None}
+    capture = cv2.VideoCapture(int(source.split(":")[1]) if kind == "camera" else source)
+    if not capture.isOpened():
+        return {**entry, "error": "cannot open the camera" if kind == "camera" else
+                "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
+    fps = capture.get(cv2.CAP_PROP_FPS) if kind == "video" else 0.0
+    if kind == "video" and not fps > 0:
+        fps, entry["warning"] = 30.0, "the container gives no frame rate; times assume 30 frames per second"
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind == "video" else 0
+    expected = -(-total // a.every) if total > 0 else None
+    if expected and a.max_frames:
+        expected = min(expected, a.max_frames)
+    tracker, writer, show = FaceTracker(a), None, a.show
+    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), [], Counter()
+    annotated = out.path(name, ".mp4")
+
+    def prepare(frame):
+        index, t, image = frame
+        return index, t, image, predictor.faces(image)
+
+    def flush(ready):
+        nonlocal writer, show
+        crops = [crop for *_, faces in ready for *_, crop in faces]
+        probs = predictor.classify(np.stack(crops) if crops else [])
+        start = 0
+        for index, t, image, faces in ready:
+            p = probs[start:start + len(faces)]
+            start += len(faces)
+            ids, smoothed = tracker.update(faces, p)
+            rows = predictor.describe(faces, p)
+            out.rows(source, index, t, faces, rows, ids)
+            shown = predictor.describe(faces, smoothed)  # the overlay follows the smoothed track
+            frame = annotate(image, faces, shown, ids)
+            if writer is None:
+                rate = fps or capture.get(cv2.CAP_PROP_FPS) or 30.0
+                writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
+            writer.write(frame)
+            if show:
+                try:
+                    cv2.imshow(name, frame)
+                    cv2.waitKey(1)
+                except cv2.error:
+                    show = False
+                    tqdm.write("note: --show needs OpenCV with a GUI and a display; writing the outputs only", file=sys.stderr)
+            for tid, q, (_, detected, _) in zip(ids, smoothed, faces):
+                times[tid].append(t)
+                track_probs[tid].append(q)
+                shares.append(q)
+                counts["faces"] += detected
+            counts["frames"] += 1
+            bar.update()
+
+    bar = tqdm(total=expected, desc=name, unit="frame", leave=False, disable=None)
+    ready, waiting = [], 0
+    try:
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # detection of the next frames overlaps classification
+            frames = video_frames(capture, a.every, a.max_frames, fps)
+            for prepared in ordered_prefetch(prepare, frames, pool, 2 * a.prediction_batch if kind == "video" else 1):
+                ready.append(prepared)
+                waiting += len(prepared[3])
+                if waiting >= a.prediction_batch or len(ready) >= (a.prediction_batch if kind == "video" else 1):
+                    flush(ready)
+                    ready, waiting = [], 0
+            flush(ready)
+    except KeyboardInterrupt:
+        if kind != "camera":
+            raise
+        entry["warning"] = "stopped by Ctrl-C"  # a camera's normal end
+    except cv2.error as e:
+        entry["error"] = f"OpenCV failed while reading: {str(e).strip().splitlines()[-1][:200]}"
+    finally:
+        capture.release()
+        bar.close()
+        if writer is not None:
+            writer.release()
+        if show:
+            cv2.destroyAllWindows()
+    if not counts["frames"] and not entry["error"]:
+        entry["error"] = "no frame could be decoded"
+    if counts["frames"] and expected and counts["frames"] < expected and not a.max_frames:
+        entry["warning"] = f"the video ended after {counts['frames']} of the {expected} frames its header announces"
+    share, dominant = emotion_shares(shares, predictor.class_names)
+    entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"],
+                 tracks=len([t for t in times if t != WHOLE_FRAME]), rows=len(shares), dominant_emotion=dominant,
+                 emotion_share=share, annotated=str(annotated) if writer is not None else None)
+    if counts["frames"]:
+        entry["timeline"] = str(out.path(name, ".png", folder="timelines"))
+        plot_timeline(times, track_probs, predictor.class_names, f"{source} (smoothing {a.smoothing})", entry["timeline"])
+    return entry
+
+
+def run_prediction(cfg, action, overrides):
+    """--predict: every input into one output folder. Returns the exit status: 0 when every input was read, 1
+    when some were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
+    settings = {k: v for k, v in overrides.items() if k in INFERENCE_SETTINGS}
+    predictor = EmotionPredictor(action.checkpoint, resolve_device(cfg.device), action, **settings)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out_dir / "predictions.csv").exists() and not cfg.overwrite:
+        raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = prediction_inputs(action.predict)
+    out = PredictionOutputs(out_dir, predictor.class_names, action.jsonl)
+    problems = {"missing": "no such file or folder", "empty": "no images or videos in this folder"}
+    for kind, path, _ in inputs:
+        if kind in problems:
+            out.source({"source": path, "kind": kind, "error": problems[kind]})
+    images = [item for item in inputs if item[0] == "image"]
+    interrupted = False
+    try:
+        with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
+            predict_images(predictor, images, out, bar)
+        for item in inputs:
+            if item[0] in ("video", "camera"):
+                out.source(predict_video(predictor, item, out))
+    except KeyboardInterrupt:
+        interrupted = True
+    errors = out.close({
+        "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "predict": action.predict,
+        "interrupted": interrupted, "ignored": [path for kind, path, _ in inputs if kind == "ignored"],
+        "settings": {**{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}, **dataclasses.asdict(action)},
+        "precision": precision(predictor.cfg, predictor.device)})
+    console = sys.stderr if action.jsonl else sys.stdout
+    print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
+          f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
+          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=console)
+    if interrupted:
+        print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
+        return 130
+    return 1 if errors else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1595,7 +2151,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model):
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
         ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     if resume_ckpt is not None:
-        mean, std = (torch.tensor(resume_ckpt["normalization"][k]) for k in ("mean", "std"))
+        mean, std = checkpoint_normalization(resume_ckpt, "cpu")
         model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
     else:
         mean, std = dataset_normalization(splits["train"].images)
@@ -1629,60 +2185,55 @@ FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_atte
                    "val_fraction")
 
 
-def run_evaluation(cfg, overrides):
-    ckpt = load_checkpoint(cfg.evaluate)
+def run_evaluation(cfg, action, overrides):
+    ckpt = load_checkpoint(action.evaluate)
     clash = [k for k in FROM_CHECKPOINT if k in overrides]
     if clash:
         raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
     saved = config_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
     if not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
+        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
     run_dir = make_run_dir(cfg)
     device = resolve_device(cfg.device)
     class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
     write_json(report, run_dir / "data_report.json")
-    split = cfg.split or ("test" if "test" in splits else "val")
+    split = action.split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
     model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
     model = place_model(model, cfg, device)
-    mean, std = (torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
+    mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "num_parameters": count_parameters(model), "precision": precision(cfg, device),
         "best_epoch": ckpt["epoch"],
         "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
-        "checkpoint": str(cfg.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+        "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
         set(splits["train"].hashes) if split != "train" else None)
-    log(f"{split} accuracy {results['test_accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {cfg.evaluate}; "
+    log(f"{split} accuracy {results['test_accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
         f"outputs in {run_dir}", run_dir / "train.log")
     return run_dir, results
 
 
 def main(argv):
-    cfg, overrides = parse_args(argv)
+    """Parse, validate, and do the one action asked for (none: train). Returns the exit status for --predict."""
+    cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
-    if cfg.predict:
-        if not cfg.checkpoint:
-            raise UserError("--predict needs --checkpoint=PATH.pth")
-        settings = {k: v for k, v in overrides.items() if k in INFERENCE_SETTINGS}
-        for path, box, name, probs in predict(cfg.checkpoint, cfg.predict, cfg.detect_faces, resolve_device(cfg.device),
-                                              **settings):
-            print(json.dumps({"image": path, "box_cxcywh": box, "emotion": name, "probabilities": probs}))
-        return
-    if cfg.evaluate:
-        return run_evaluation(cfg, overrides)
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    validate_action(action)
+    if action.predict:
+        return run_prediction(cfg, action, overrides)
+    if action.evaluate:
+        return run_evaluation(cfg, action, overrides)
+    if action.resume:
+        ckpt = load_checkpoint(action.resume)
         if "optimizer" not in ckpt:
-            raise UserError(f"{cfg.resume} holds weights but no training state; resume from the run's last.pth")
-        cfg = dataclasses.replace(config_from_checkpoint(ckpt),
-                                  **{k: v for k, v in overrides.items() if k not in ("preset", "demo")},
-                                  output_dir=str(Path(cfg.resume).parent))
+            raise UserError(f"{action.resume} holds weights but no training state; resume from the run's last.pth")
+        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
+                                  output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt)
-    if cfg.demo:
+    if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():
             print(f"writing a synthetic dataset of drawn faces to {data} ...")
@@ -1695,7 +2246,8 @@ if __name__ == "__main__":
     # Ctrl-C saves and prints the resume command even where the launching shell ignored SIGINT (`cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        main(sys.argv[1:])
+        status = main(sys.argv[1:])
+        sys.exit(status if isinstance(status, int) else 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -60,9 +60,9 @@ def main():
     ap.add_argument("--extra", default="", help="more emotion_recognition.py overrides (e.g. --cache_dir=...)")
     ap.add_argument("--ern", default="", help="an ERN run's evaluation_results.json to compare with")
     args = ap.parse_args()
-    cfg, _ = ern.parse_args(["--preset=cpu", f"--data_dir={args.data_dir}", f"--epochs={args.epochs}",
-                             f"--image_size={args.image_size}", f"--seed={args.seed}", f"--output_dir={args.out}",
-                             "--tsne_samples=0", *shlex.split(args.extra)])
+    cfg, _, _ = ern.parse_args(["--preset=cpu", f"--data_dir={args.data_dir}", f"--epochs={args.epochs}",
+                                f"--image_size={args.image_size}", f"--seed={args.seed}", f"--output_dir={args.out}",
+                                "--tsne_samples=0", *shlex.split(args.extra)])
     ern.validate_config(cfg)
     _, results = ern.run_training(cfg, build=lambda cfg, k: ResNet18(k))
     lines = ["| model | params | epochs | val acc | macro-F1 | acc w/o train dups | acc jpeg | acc png | train s |",

@@ -715,7 +715,8 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, a
 # ---------------------------------------------------------------------------------------------
 
 def test_parse_args_overrides():
-    cfg, overrides = ern.parse_args(["--epochs=3", "--lr=0.01", "--context=false", "--blocks=1,1"])
+    cfg, action, overrides = ern.parse_args(["--epochs=3", "--lr=0.01", "--context=false", "--blocks=1,1"])
+    assert action == ern.Action()
     assert overrides == {"epochs": 3, "lr": 0.01, "context": False, "blocks": "1,1"}
     assert (cfg.epochs, cfg.lr, cfg.context, cfg.blocks) == (3, 0.01, False, "1,1")
     assert type(cfg.epochs) is int
