@@ -247,7 +247,7 @@ def validate_action(action):
     if action.split and not action.evaluate:
         stray.append("split")
     if stray:
-        raise UserError(f"{', '.join('--' + n for n in stray)} only apply{'s' if len(stray) == 1 else ''} with "
+        raise UserError(f"{', '.join('--' + n for n in stray)} only {'applies' if len(stray) == 1 else 'apply'} with "
                         f"{'--evaluate' if stray == ['split'] else '--predict'}")
     checks = [(action.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {action.split!r}"),
               (action.every >= 1, f"--every must be >= 1, got {action.every}"),
@@ -1566,7 +1566,6 @@ class FaceDetector:
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         if scale < 1:
             gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        gray = cv2.equalizeHist(gray)  # as OpenCV's face-detection sample does: less dependence on exposure
         side = max(24, round(a.face_min_size * min(gray.shape)))  # 24: the cascades' window
         hits = lambda cascade, img: [(x, y, x + bw, y + bh) for x, y, bw, bh in cascade.detectMultiScale(
             img, scaleFactor=a.face_scale_factor, minNeighbors=a.face_min_neighbors, minSize=(side, side))]
