@@ -7,13 +7,16 @@ gives a context distribution q whose expected prototype refines the prediction),
 loss (label-smoothed cross-entropy + lambda * KL(target || q)). Reads YOLO-format datasets
 (data.yaml + train/valid/test, each images/ + labels/), trains with AdamW and a warm-up +
 cosine schedule, and writes checkpoints, evaluation_results.json and plots into one run folder.
+A trained model classifies the faces of photos, folders, videos and cameras (--predict, or
+EmotionPredictor in a notebook).
 
     python emotion_recognition.py --demo                        # synthetic faces, about a minute on a CPU
     python emotion_recognition.py --data_dir=path/to/YOLO_format # the full protocol (GPU: 96 px, 50 epochs)
     python emotion_recognition.py --data_dir=... --preset=cpu    # the CPU-budget protocol
     python emotion_recognition.py --evaluate=outputs/RUN/best_emotion_model.pth --data_dir=...
-    python emotion_recognition.py --predict=face.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
-    python emotion_recognition.py --help                         # every field of Config
+    python emotion_recognition.py --predict=photo.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
+    python emotion_recognition.py --predict=clip.mp4,photos/ --checkpoint=...  # videos, folders, camera:0; CSV + annotated copies
+    python emotion_recognition.py --help                         # every field of Config and Action
 
 Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet
 YOLO export's 17,101 training faces in 23.4 minutes and reaches 70.63 % validation accuracy
@@ -34,6 +37,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +113,7 @@ class Config:
     run_name: str = "ern"  # first part of the default run folder's name
     overwrite: bool = False  # allow writing into a folder that already holds a run's results
     tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
+    # preset
     preset: str = ""  # named overrides applied before the command line: cpu | demo
 
 
@@ -133,8 +138,8 @@ class Action:
     face_scale_factor: float = 1.1  # Haar image-pyramid step (smaller: slower, finds more sizes)
     face_min_neighbors: int = 5  # Haar: overlapping hits a face needs (higher: fewer false faces)
     face_min_size: float = 0.08  # smallest face side, fraction of the image's shorter side
-    profile_faces: bool = True  # also the profile cascade (both directions) for faces the frontal one misses
-    face_crop_scale: float = 1.45  # crop side / Haar box side: the framing of the training crops (BENCHMARKS.md)
+    profile_faces: str = "missing"  # profile cascade, both directions: missing = where the frontal one found none | always | off
+    face_crop_scale: float = 1.25  # crop side / Haar box side: most like the training crops' predictions (BENCHMARKS.md)
     face_crop_shift: float = 0.0  # crop centre below the Haar box centre, fraction of its side
     track_iou: float = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
     track_max_missed: int = 10  # videos: classified frames a track may go without its face before it ends
@@ -155,7 +160,7 @@ PRESETS = {
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --predict: these from the command line
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -243,16 +248,17 @@ def validate_action(action):
     if len(chosen) > 1:
         raise UserError(f"{' and '.join(chosen)} are separate actions: give one per call")
     defaults = Action()
-    stray = [n for n in PREDICTION_FIELDS if getattr(action, n) != getattr(defaults, n) and not action.predict]
-    if action.split and not action.evaluate:
-        stray.append("split")
-    if stray:
-        raise UserError(f"{', '.join('--' + n for n in stray)} only {'applies' if len(stray) == 1 else 'apply'} with "
-                        f"{'--evaluate' if stray == ['split'] else '--predict'}")
+    for owner, fields in (("predict", PREDICTION_FIELDS), ("evaluate", ["split"])):
+        stray = [n for n in fields if getattr(action, n) != getattr(defaults, n)]
+        if stray and not getattr(action, owner):
+            raise UserError(f"{', '.join('--' + n for n in stray)} only {'applies' if len(stray) == 1 else 'apply'} "
+                            f"with --{owner}")
     checks = [(action.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {action.split!r}"),
               (action.every >= 1, f"--every must be >= 1, got {action.every}"),
               (action.max_frames >= 0, f"--max_frames must be >= 0, got {action.max_frames}"),
               (action.no_face in ("classify", "skip"), f"--no_face must be classify or skip, got {action.no_face!r}"),
+              (action.profile_faces in ("missing", "always", "off"),
+               f"--profile_faces must be missing, always or off, got {action.profile_faces!r}"),
               (action.detect_width >= 0, f"--detect_width must be >= 0, got {action.detect_width}"),
               (action.face_scale_factor > 1, f"--face_scale_factor must be > 1, got {action.face_scale_factor}"),
               (action.face_min_neighbors >= 0, f"--face_min_neighbors must be >= 0, got {action.face_min_neighbors}"),
@@ -577,8 +583,8 @@ def jpeg_complete(data):
     and inside the entropy-coded data 0xFF is always followed by 0x00 or a restart marker, never by 0xD9."""
     i = 2
     while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return False  # the header chain is broken
+        if data[i] != 0xFF:  # stray bytes between segments (libjpeg skips them): look for the end marker from here
+            return data.find(b"\xff\xd9", i) >= 0
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -600,14 +606,21 @@ def truncated(data, fmt):
     return False
 
 
-def crop_box(image, box, margin, size):
-    """Crop a normalized cx, cy, w, h box, widened by margin on each side and clamped, resized to size."""
-    h, w = image.shape[:2]
+def crop_region(shape, box, margin):
+    """Pixel rows and columns (x0, y0, x1, y1) that crop_box cuts: a normalized cx, cy, w, h box widened by
+    margin on each side, clamped to the image."""
+    h, w = shape[:2]
     cx, cy, bw, bh = box
     x0, x1 = (cx - bw * (0.5 + margin)) * w, (cx + bw * (0.5 + margin)) * w
     y0, y1 = (cy - bh * (0.5 + margin)) * h, (cy + bh * (0.5 + margin)) * h
     x0, y0 = min(max(0, int(round(x0))), w - 1), min(max(0, int(round(y0))), h - 1)  # a box on the edge keeps a pixel
     x1, y1 = min(w, max(x0 + 1, int(round(x1)))), min(h, max(y0 + 1, int(round(y1))))
+    return x0, y0, x1, y1
+
+
+def crop_box(image, box, margin, size):
+    """Crop a normalized cx, cy, w, h box, widened by margin on each side and clamped, resized to size."""
+    x0, y0, x1, y1 = crop_region(image.shape, box, margin)
     crop = image[y0:y1, x0:x1]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR
     return cv2.resize(crop, (size, size), interpolation=interp)
@@ -1532,9 +1545,12 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
-PROFILE_OVERLAP = 0.3  # a profile hit overlapping a frontal one by this IoU is the same face
+WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
+PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
-WHOLE_FRAME = -1  # the track of a video's whole-frame rows (frames without a detected face)
+WHOLE_FRAME = -1  # the track number of a video's whole-frame rows (frames without a detected face)
+BUFFER_PIXELS = 2 ** 25  # images or frames decoded ahead and awaiting classification: about 100 MB of RGB
+FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 
 
 def box_iou(a, b):
@@ -1548,33 +1564,45 @@ def box_iou(a, b):
 
 class FaceDetector:
     """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces,
-    then profile faces, looking either way, that no frontal face overlaps. detector(rgb) -> pixel boxes
-    (x1, y1, x2, y2), left to right, in the image's coordinates."""
+    then (--profile_faces) profile faces, looking either way, that no kept face overlaps. detector(rgb) -> pixel boxes
+    (x1, y1, x2, y2), left to right, in the image's coordinates. Safe to call from several threads."""
 
     def __init__(self, action):
-        folder = Path(cv2.data.haarcascades)
-        names = ["frontalface_default"] + (["profileface"] if action.profile_faces else [])
-        self.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml")) for n in names]
-        if any(c.empty() for c in self.cascades):
-            raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
         self.action = action
+        self.names = ["frontalface_default"] + (["profileface"] if action.profile_faces != "off" else [])
+        self.local = threading.local()  # a CascadeClassifier is not re-entrant: one set per thread
+        self.cascades()  # a broken installation is reported before any input is read
+
+    def cascades(self):
+        if not hasattr(self.local, "cascades"):
+            folder = Path(cv2.data.haarcascades)
+            self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml")) for n in self.names]
+            if any(c.empty() for c in self.local.cascades):
+                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
+        return self.local.cascades
 
     def __call__(self, image):
-        a = self.action
+        action = self.action
         h, w = image.shape[:2]
-        scale = min(1.0, a.detect_width / w) if a.detect_width else 1.0  # the cascades cost grows with the pixels
+        scale = min(1.0, action.detect_width / w) if action.detect_width else 1.0  # the cascades' cost grows with pixels
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         if scale < 1:
             gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        side = max(24, round(a.face_min_size * min(gray.shape)))  # 24: the cascades' window
-        hits = lambda cascade, img: [(x, y, x + bw, y + bh) for x, y, bw, bh in cascade.detectMultiScale(
-            img, scaleFactor=a.face_scale_factor, minNeighbors=a.face_min_neighbors, minSize=(side, side))]
-        boxes = hits(self.cascades[0], gray)
-        if len(self.cascades) > 1:  # the profile cascade finds faces turned one way: the mirror finds the others
+
+        def hits(cascade, img):
+            side = max(max(cascade.getOriginalWindowSize()), round(action.face_min_size * min(img.shape)))
+            found = cascade.detectMultiScale(img, scaleFactor=action.face_scale_factor,
+                                             minNeighbors=action.face_min_neighbors, minSize=(side, side))
+            return [(x, y, x + bw, y + bh) for x, y, bw, bh in found]
+
+        frontal, *profile = self.cascades()
+        boxes = hits(frontal, gray)
+        if profile and (action.profile_faces == "always" or not boxes):  # 2.3x the frontal pass: BENCHMARKS.md
+            # the profile cascade finds faces turned one way: the mirror image finds the others
             gw = gray.shape[1]
-            profiles = hits(self.cascades[1], gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in
-                                                       hits(self.cascades[1], cv2.flip(gray, 1))]
-            for box in profiles:
+            turned = hits(profile[0], gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in
+                                               hits(profile[0], cv2.flip(gray, 1))]
+            for box in turned:
                 if all(box_iou(box, kept) < PROFILE_OVERLAP for kept in boxes):
                     boxes.append(box)
         return sorted(tuple(float(v) / scale for v in box) for box in boxes)
@@ -1594,41 +1622,48 @@ class EmotionPredictor:
     emotion, confidence, probabilities by class name). --predict is built on it; so can a notebook be:
 
         predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
-        faces = predictor(rgb_array)                         # Haar faces, or the whole image if none
+        faces = predictor(rgb_array)                            # Haar faces, or the whole image if none
         faces = predictor(rgb_array, boxes=[(x1, y1, x2, y2)])  # your own face boxes, in pixels
 
     settings: Config's inference fields (INFERENCE_SETTINGS) replacing the checkpoint's; action: the
     detection, crop and batching fields of Action. Crops are cut by crop_box and classified by
-    run_inference, the functions that made the training crops and evaluate the model."""
+    run_inference, the functions that made the training crops and that evaluate the model."""
 
-    def __init__(self, checkpoint, device="cpu", action=None, **settings):
+    def __init__(self, checkpoint, device="auto", action=None, **settings):
+        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise UserError(f"prediction takes only the inference settings {', '.join(INFERENCE_SETTINGS)} "
+                            f"from the command line; the checkpoint decides {', '.join(unknown)}")
         self.action = action or Action()
         ckpt = load_checkpoint(checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
         self.cfg = dataclasses.replace(cfg, **settings)
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))
         self.model = place_model(model, self.cfg, self.device)
         self.mean, self.std = checkpoint_normalization(ckpt, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector(self.action) if self.action.detect_faces else None
+
+    def crop(self, image, box, margin):
+        return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
 
     def faces(self, image, boxes=None):
         """[(pixel box, face_detected, uint8 crop (3, S, S))] of an RGB image: the given boxes (cropped as the
         dataset's label boxes are, with the checkpoint's crop_margin), else the detected faces, else (unless
         --no_face=skip) the whole image with face_detected false."""
         h, w = image.shape[:2]
-        a, margin, size = self.action, self.cfg.crop_margin, self.image_size
+        margin = self.cfg.crop_margin
         if boxes is not None:
-            regions = [((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h) for x1, y1, x2, y2 in boxes]
-            found = [(tuple(map(float, b)), True, crop_box(image, r, margin, size)) for b, r in zip(boxes, regions)]
-        elif self.detector is not None:
-            found = [(b, True, crop_box(image, face_crop_box(b, image.shape, a.face_crop_scale, a.face_crop_shift), 0.0, size))
-                     for b in self.detector(image)]  # margin 0: face_crop_scale already frames the face
-            if not found and a.no_face == "classify":
-                found = [((0.0, 0.0, float(w), float(h)), False, crop_box(image, (0.5, 0.5, 1.0, 1.0), margin, size))]
-        else:
-            found = [((0.0, 0.0, float(w), float(h)), False, crop_box(image, (0.5, 0.5, 1.0, 1.0), margin, size))]
-        return [(b, detected, crop.transpose(2, 0, 1)) for b, detected, crop in found]
+            return [(tuple(map(float, b)), True, self.crop(image, ((b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h,
+                                                                   (b[2] - b[0]) / w, (b[3] - b[1]) / h), margin))
+                    for b in boxes]
+        if self.detector is not None:
+            scale, shift = self.action.face_crop_scale, self.action.face_crop_shift
+            found = [(b, True, self.crop(image, face_crop_box(b, image.shape, scale, shift), 0.0))  # scale holds the margin
+                     for b in self.detector(image)]
+            if found or self.action.no_face == "skip":
+                return found
+        return [((0.0, 0.0, float(w), float(h)), False, self.crop(image, WHOLE_IMAGE, margin))]
 
     def classify(self, crops):
         """Class probabilities (N, K) of uint8 crops (N, 3, S, S), as evaluation computes them."""
@@ -1656,7 +1691,7 @@ class FaceTracker:
         self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
 
     def update(self, faces, probs):
-        """Track ids and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
+        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
         pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
                         for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
         match = {}
@@ -1680,36 +1715,51 @@ class FaceTracker:
         return ids, smoothed
 
 
+@dataclass
+class MediaSource:
+    """One input of --predict."""
+    kind: str  # image | video | camera | ignored (in a folder, neither image nor video) | error
+    path: str
+    name: str = ""  # its annotated copy's path under annotated/
+    error: str = ""
+
+
 def prediction_inputs(spec):
-    """[(kind, path, name)] of --predict's value: one path, comma-separated paths, or @list.txt (one per line).
-    Folders are searched recursively, hidden files and folders skipped. kind: image | video | camera, or
-    missing / empty (errors) / ignored (a file in a folder that is neither image nor video). name: where the
-    source's annotated copy goes, relative to the output folder's annotated/."""
+    """The MediaSources of --predict's value: one path, comma-separated paths, or @list.txt (one per line).
+    Folders are searched recursively, hidden files and folders skipped; a file named on its own with an
+    unknown extension is tried as an image."""
     if spec.startswith("@"):
         listing = Path(spec[1:]).expanduser()
-        if not listing.is_file():
-            raise UserError(f"--predict={spec}: no list file {listing}")
-        parts = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        try:
+            parts = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--predict={spec}: cannot read the list file {listing}: {e}") from None
     else:
-        parts = [spec] if Path(spec).expanduser().exists() else [p for p in spec.split(",") if p]
+        parts = [spec] if Path(spec).expanduser().exists() else [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise UserError(f"--predict={spec!r} names no input")
     found = []
     for part in parts:
         if re.fullmatch(r"camera:\d+", part):
-            found.append(("camera", part, part.replace(":", "_")))
+            found.append(MediaSource("camera", part, part.replace(":", "_")))
             continue
         path = Path(part).expanduser()
         if path.is_dir():
-            files = [f for f in sorted(path.rglob("*")) if f.is_file() and
-                     not any(p.startswith(".") for p in f.relative_to(path).parts)]
+            try:
+                files = [f for f in sorted(path.rglob("*")) if f.is_file() and
+                         not any(p.startswith(".") for p in f.relative_to(path).parts)]
+            except OSError as e:
+                found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
+                continue
             kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
                      "ignored" for f in files]
-            found += [(k, str(f), str(Path(path.name) / f.relative_to(path))) for k, f in zip(kinds, files)]
-            if not ({"image", "video"} & set(kinds)):
-                found.append(("empty", str(path), path.name))
-        elif path.is_file():  # named on its own: an unknown extension is tried as an image
-            found.append(("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
+            found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
+            if not {"image", "video"} & set(kinds):
+                found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
+        elif path.is_file():
+            found.append(MediaSource("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
         else:
-            found.append(("missing", str(path), path.name))
+            found.append(MediaSource("error", str(path), error="no such file or folder"))
     return found
 
 
@@ -1724,10 +1774,34 @@ def ordered_prefetch(fn, items, pool, depth):
         yield future.result()
 
 
+def in_batches(prepared, max_faces, max_items):
+    """Group prepared items (tuples ending in image, faces) into lists of about max_faces faces, at most
+    max_items items and BUFFER_PIXELS pixels: one forward pass each."""
+    ready, faces, pixels = [], 0, 0
+    for item in prepared:
+        ready.append(item)
+        faces += len(item[-1])
+        pixels += 0 if item[-2] is None else item[-2].shape[0] * item[-2].shape[1]
+        if faces >= max_faces or len(ready) >= max_items or pixels >= BUFFER_PIXELS:
+            yield ready
+            ready, faces, pixels = [], 0, 0
+    if ready:
+        yield ready
+
+
+def classify_batch(predictor, ready):
+    """The probabilities of every face of a batch of prepared items in one pass, split back per item."""
+    crops = [crop for *_, faces in ready for *_, crop in faces]
+    probs = predictor.classify(np.stack(crops) if crops else [])
+    ends = np.cumsum([len(item[-1]) for item in ready])
+    return np.split(probs, ends[:-1])
+
+
 def annotate(image, faces, rows, tracks=None):
     """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    thick = max(1, round(min(image.shape[:2]) / 300))
+    thick = max(1, round(min(image.shape[:2]) / 300))  # lines and letters grow with the image: 1 px up to 450 px
+    font_scale = 0.4 * thick  # 0.4: about 9 px tall letters per unit of thickness
     for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
@@ -1735,10 +1809,10 @@ def annotate(image, faces, rows, tracks=None):
         if tracks is not None and tracks[j] != WHOLE_FRAME:
             label = f"#{tracks[j]} " + label
         cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, thick)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2  # above the box, else inside
         cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
-        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thick, (0, 0, 0), thick, cv2.LINE_AA)
+        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
     return out
 
 
@@ -1747,10 +1821,10 @@ def plot_timeline(times, track_probs, class_names, title, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shown = sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS]
+    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
     fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    for ax, tid in zip(axes[:, 0], sorted(shown)):
+    for ax, tid in zip(axes[:, 0], shown):
         t, p = np.array(times[tid]), np.array(track_probs[tid])
         for k, name in enumerate(class_names):
             ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
@@ -1774,10 +1848,11 @@ class PredictionOutputs:
 
     def __init__(self, out_dir, class_names, jsonl):
         self.dir, self.class_names, self.jsonl = Path(out_dir), class_names, jsonl
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.dir / "predictions.csv", "w", newline="")
         self.csv = csv.writer(self.file)
         self.csv.writerow(CSV_COLUMNS + list(class_names))
-        self.sources = []
+        self.sources, self.claimed = [], set()
 
     def rows(self, source, frame, time_s, faces, rows, face_ids):
         for (box, detected, _), row, face in zip(faces, rows, face_ids):
@@ -1788,9 +1863,18 @@ class PredictionOutputs:
                 print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
         self.file.flush()
 
-    def path(self, name, suffix=None, folder="annotated"):
+    def claim(self, name, suffix=None):
+        """A path under annotated/ for one source that no other source of this call has (name_2, name_3, ...)."""
+        path = Path(name).with_suffix(suffix) if suffix else Path(name)
+        stem, n = path.with_suffix(""), 1
+        while path in self.claimed:
+            n += 1
+            path = Path(f"{stem}_{n}{path.suffix}")
+        self.claimed.add(path)
+        return path
+
+    def path(self, name, folder="annotated"):
         path = self.dir / folder / name
-        path = path.with_suffix(suffix) if suffix else path
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -1818,56 +1902,43 @@ def emotion_shares(probs, class_names):
 def source_line(entry):
     if entry.get("error"):
         return f"{entry['source']}: error: {entry['error']}"
-    what = f"{entry['frames']} frames, " if entry["kind"] != "image" else ""
-    dominant = f"; {entry['dominant_emotion']} {entry['emotion_share'][entry['dominant_emotion']]:.0%}" \
-        if entry["dominant_emotion"] else ""
-    return f"{entry['source']}: {what}{entry['faces']} face(s) detected, {entry['rows']} row(s){dominant}"
+    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
+    dominant = entry["dominant_emotion"]
+    share = f"; {dominant} {entry['emotion_share'][dominant]:.0%}" if dominant else ""
+    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
+    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected, {entry['rows']} row(s){share}{warnings}"
 
 
-def predict_images(predictor, items, out, progress):
+def predict_images(predictor, sources, out, progress):
     """Images, decoded and searched for faces in threads, classified prediction_batch faces at a time."""
-    def prepare(item):
-        _, path, name = item
+    def prepare(source):
         try:
-            image, _ = decode_image(path)
-        except (ValueError, OSError) as e:
-            return item, None, None, str(e)
-        return item, image, predictor.faces(image), None
+            image, _ = decode_image(source.path)
+            return source, None, image, predictor.faces(image)
+        except (ValueError, OSError, cv2.error) as e:
+            return source, str(e).strip().splitlines()[-1], None, []
 
-    def flush(ready):
-        crops = [crop for _, image, faces, _ in ready for *_, crop in faces]
-        probs = predictor.classify(np.stack(crops) if crops else [])
-        start = 0
-        for (_, path, name), image, faces, _ in ready:
-            rows = predictor.describe(faces, probs[start:start + len(faces)])
-            start += len(faces)
-            out.rows(path, None, None, faces, rows, range(len(faces)))
-            annotated = out.path(name, None if Path(name).suffix.lower() in IMAGE_EXTS else ".png")
-            cv2.imwrite(str(annotated), annotate(image, faces, rows))
-            shares, dominant = emotion_shares(probs[start - len(faces):start], predictor.class_names)
-            out.source({"source": path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
-                        "rows": len(faces), "dominant_emotion": dominant, "emotion_share": shares,
-                        "annotated": str(annotated), "error": None})
-            progress.update()
-
-    ready, waiting = [], 0
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
-        for item, image, faces, error in ordered_prefetch(prepare, items, pool, 2 * predictor.action.prediction_batch):
-            if error:
-                out.source({"source": item[1], "kind": "image", "error": error})
+        prepared = ordered_prefetch(prepare, sources, pool, 2 * os.cpu_count())
+        for ready in in_batches(prepared, predictor.action.prediction_batch, predictor.action.prediction_batch):
+            for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                 progress.update()
-                continue
-            ready.append((item, image, faces, None))
-            waiting += len(faces)
-            if waiting >= predictor.action.prediction_batch:
-                flush(ready)
-                ready, waiting = [], 0
-        flush(ready)
+                if error:
+                    out.source({"source": source.path, "kind": "image", "error": error})
+                    continue
+                rows = predictor.describe(faces, probs)
+                out.rows(source.path, None, None, faces, rows, range(len(faces)))
+                annotated = out.path(out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png"))
+                cv2.imwrite(str(annotated), annotate(image, faces, rows))
+                share, dominant = emotion_shares(probs, predictor.class_names)
+                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
+                            "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
+                            "annotated": str(annotated), "error": None})
 
 
 def video_frames(capture, every, max_frames, fps):
-    """(frame index, time in seconds, RGB frame) of every `every`-th frame; the others are skipped without
-    decoding. fps 0 (a camera): the time is the wall clock since the first frame."""
+    """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
+    converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
     start, index, taken = time.time(), 0, 0
     while not max_frames or taken < max_frames:
         if index % every:
@@ -1882,136 +1953,143 @@ def video_frames(capture, every, max_frames, fps):
         index += 1
 
 
-def predict_video(predictor, item, out):
+def predict_video(predictor, source, out):
     """A video file or a camera, frame by frame: faces tracked, classified prediction_batch faces at a time
-    (a camera one frame at a time, for latency), rows written as they come, an annotated video, a timeline."""
-    kind, source, name = item
-    a = predictor.action
-    entry = {"source": source, "kind": kind, "error": None}
-    capture = cv2.VideoCapture(int(source.split(":")[1]) if kind == "camera" else source)
+    (a camera one frame at a time, for latency), rows written as they come; an annotated video at the
+    source's frame rate divided by --every (it lasts as long as the source), and a timeline."""
+    action = predictor.action
+    entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
+    camera = source.kind == "camera"
+    capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
     if not capture.isOpened():
-        return {**entry, "error": "cannot open the camera" if kind == "camera" else
+        return {**entry, "error": "cannot open the camera" if camera else
                 "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
-    fps = capture.get(cv2.CAP_PROP_FPS) if kind == "video" else 0.0
-    if kind == "video" and not fps > 0:
-        fps, entry["warning"] = 30.0, "the container gives no frame rate; times assume 30 frames per second"
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind == "video" else 0
-    expected = -(-total // a.every) if total > 0 else None
-    if expected and a.max_frames:
-        expected = min(expected, a.max_frames)
-    tracker, writer, show = FaceTracker(a), None, a.show
+    fps = 0.0 if camera else capture.get(cv2.CAP_PROP_FPS)
+    if not camera and not fps > 0:
+        fps = FALLBACK_FPS
+        entry["warnings"].append(f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames per second")
+    total = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    expected = -(-total // action.every) if total > 0 else None
+    if expected and action.max_frames:
+        expected = min(expected, action.max_frames)
+    tracker, writer, window = FaceTracker(action), None, None
     times, track_probs, shares, counts = defaultdict(list), defaultdict(list), [], Counter()
-    annotated = out.path(name, ".mp4")
+    name = out.claim(source.name, ".mp4")
+    annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
 
     def prepare(frame):
-        index, t, image = frame
-        return index, t, image, predictor.faces(image)
+        return (*frame, predictor.faces(frame[2]))
 
-    def flush(ready):
-        nonlocal writer, show
-        crops = [crop for *_, faces in ready for *_, crop in faces]
-        probs = predictor.classify(np.stack(crops) if crops else [])
-        start = 0
-        for index, t, image, faces in ready:
-            p = probs[start:start + len(faces)]
-            start += len(faces)
-            ids, smoothed = tracker.update(faces, p)
-            rows = predictor.describe(faces, p)
-            out.rows(source, index, t, faces, rows, ids)
-            shown = predictor.describe(faces, smoothed)  # the overlay follows the smoothed track
-            frame = annotate(image, faces, shown, ids)
-            if writer is None:
-                rate = fps or capture.get(cv2.CAP_PROP_FPS) or 30.0
-                writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
-            writer.write(frame)
-            if show:
-                try:
-                    cv2.imshow(name, frame)
-                    cv2.waitKey(1)
-                except cv2.error:
-                    show = False
-                    tqdm.write("note: --show needs OpenCV with a GUI and a display; writing the outputs only", file=sys.stderr)
-            for tid, q, (_, detected, _) in zip(ids, smoothed, faces):
-                times[tid].append(t)
-                track_probs[tid].append(q)
-                shares.append(q)
-                counts["faces"] += detected
-            counts["frames"] += 1
-            bar.update()
+    def show(frame):
+        nonlocal window
+        try:
+            cv2.imshow(str(name), frame)
+            cv2.waitKey(1)
+            window = True
+        except cv2.error:
+            window = False
+            entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
 
-    bar = tqdm(total=expected, desc=name, unit="frame", leave=False, disable=None)
-    ready, waiting = [], 0
+    frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    most = 1 if camera else int(min(action.prediction_batch, max(1, BUFFER_PIXELS // frame_pixels)))
+    bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
     try:
         with ThreadPoolExecutor(os.cpu_count()) as pool:  # detection of the next frames overlaps classification
-            frames = video_frames(capture, a.every, a.max_frames, fps)
-            for prepared in ordered_prefetch(prepare, frames, pool, 2 * a.prediction_batch if kind == "video" else 1):
-                ready.append(prepared)
-                waiting += len(prepared[3])
-                if waiting >= a.prediction_batch or len(ready) >= (a.prediction_batch if kind == "video" else 1):
-                    flush(ready)
-                    ready, waiting = [], 0
-            flush(ready)
+            prepared = ordered_prefetch(prepare, video_frames(capture, action.every, action.max_frames, fps), pool, most)
+            for ready in in_batches(prepared, action.prediction_batch, most):
+                for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
+                    ids, smoothed = tracker.update(faces, probs)
+                    out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
+                    frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
+                    if writer is None:
+                        rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / action.every
+                        writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
+                        if not writer.isOpened():
+                            writer = False
+                            entry["warnings"].append("this OpenCV cannot write mp4v video: no annotated video")
+                    if writer:
+                        writer.write(frame)
+                    if action.show and window is not False:
+                        show(frame)
+                    for tid, q, (_, detected, _) in zip(ids, smoothed, faces):
+                        times[tid].append(t)
+                        track_probs[tid].append(q)
+                        shares.append(q)
+                        counts["faces"] += detected
+                    counts["frames"] += 1
+                    bar.update()
     except KeyboardInterrupt:
-        if kind != "camera":
+        if not camera:
             raise
-        entry["warning"] = "stopped by Ctrl-C"  # a camera's normal end
+        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end
     except cv2.error as e:
-        entry["error"] = f"OpenCV failed while reading: {str(e).strip().splitlines()[-1][:200]}"
+        entry["error"] = f"OpenCV failed after {counts['frames']} frames: {str(e).strip().splitlines()[-1][:200]}"
     finally:
         capture.release()
         bar.close()
-        if writer is not None:
+        if writer:
             writer.release()
-        if show:
+        if window:
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
         entry["error"] = "no frame could be decoded"
-    if counts["frames"] and expected and counts["frames"] < expected and not a.max_frames:
-        entry["warning"] = f"the video ended after {counts['frames']} of the {expected} frames its header announces"
+    if counts["frames"] and expected and counts["frames"] < expected:
+        entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(shares, predictor.class_names)
     entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"],
                  tracks=len([t for t in times if t != WHOLE_FRAME]), rows=len(shares), dominant_emotion=dominant,
-                 emotion_share=share, annotated=str(annotated) if writer is not None else None)
+                 emotion_share=share, annotated=str(annotated) if writer else None)
     if counts["frames"]:
-        entry["timeline"] = str(out.path(name, ".png", folder="timelines"))
-        plot_timeline(times, track_probs, predictor.class_names, f"{source} (smoothing {a.smoothing})", entry["timeline"])
+        plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {action.smoothing})", timeline)
+        entry["timeline"] = str(timeline)
     return entry
 
 
 def run_prediction(cfg, action, overrides):
     """--predict: every input into one output folder. Returns the exit status: 0 when every input was read, 1
     when some were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
+    ignored = sorted(set(overrides) - set(INFERENCE_SETTINGS) - {"device", "output_dir", "overwrite"})
+    if ignored:
+        raise UserError(f"--predict takes {', '.join('--' + k for k in ignored)} from the checkpoint; drop "
+                        f"{'it' if len(ignored) == 1 else 'them'} (the command line sets only {', '.join(INFERENCE_SETTINGS)})")
     settings = {k: v for k, v in overrides.items() if k in INFERENCE_SETTINGS}
-    predictor = EmotionPredictor(action.checkpoint, resolve_device(cfg.device), action, **settings)
+    predictor = EmotionPredictor(action.checkpoint, cfg.device, action, **settings)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "predictions.csv").exists() and not cfg.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
-    out_dir.mkdir(parents=True, exist_ok=True)
     inputs = prediction_inputs(action.predict)
-    out = PredictionOutputs(out_dir, predictor.class_names, action.jsonl)
-    problems = {"missing": "no such file or folder", "empty": "no images or videos in this folder"}
-    for kind, path, _ in inputs:
-        if kind in problems:
-            out.source({"source": path, "kind": kind, "error": problems[kind]})
-    images = [item for item in inputs if item[0] == "image"]
+    try:
+        out = PredictionOutputs(out_dir, predictor.class_names, action.jsonl)
+    except OSError as e:
+        raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
+    for source in inputs:
+        if source.kind == "error":
+            out.source({"source": source.path, "kind": "input", "error": source.error})
+    left_out = [s.path for s in inputs if s.kind == "ignored"]
+    if left_out:
+        print(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
+              f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", file=sys.stderr)
+    images = [s for s in inputs if s.kind == "image"]
     interrupted = False
     try:
         with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
             predict_images(predictor, images, out, bar)
-        for item in inputs:
-            if item[0] in ("video", "camera"):
-                out.source(predict_video(predictor, item, out))
+        for source in inputs:
+            if source.kind in ("video", "camera"):
+                out.source(predict_video(predictor, source, out))
     except KeyboardInterrupt:
         interrupted = True
-    errors = out.close({
-        "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "predict": action.predict,
-        "interrupted": interrupted, "ignored": [path for kind, path, _ in inputs if kind == "ignored"],
-        "settings": {**{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}, **dataclasses.asdict(action)},
-        "precision": precision(predictor.cfg, predictor.device)})
-    console = sys.stderr if action.jsonl else sys.stdout
+    except OSError as e:
+        raise UserError(f"writing into {out_dir} failed: {e}") from None
+    finally:
+        errors = out.close({
+            "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "predict": action.predict,
+            "interrupted": interrupted, "ignored": left_out,
+            "settings": {**{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}, **dataclasses.asdict(action)},
+            "precision": precision(predictor.cfg, predictor.device)})
     print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
           f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
-          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=console)
+          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if action.jsonl else sys.stdout)
     if interrupted:
         print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
         return 130
@@ -2250,3 +2328,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # outside training (which saves and prints its resume command): loading, evaluating
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -2,15 +2,17 @@
 
 A Haar box is a tight square around eyes, nose and mouth; a training crop is the dataset's own box
 (in the AffectNet export, the whole 96 px image, with the hair, chin and some background). This
-script puts validation faces into larger photos (each face upscaled 1.5-3.5x at a random place on a
-640x480 noisy gradient), finds them with --predict's FaceDetector, and fits the crop that frames
-them as in training: the side of the training crop in Haar sides (face_crop_scale) and its centre's
-offset below the Haar box's centre (face_crop_shift), as medians over the first half of the faces.
+script puts validation images into larger photos (each enlarged 1.5-3.5x at a random place on a
+640x480 noisy gradient), finds their faces with --predict's FaceDetector, and fits the crop that
+frames them as training did (the label box widened by crop_margin, clamped: crop_region): the side
+of the training crop in Haar sides (face_crop_scale) and its centre's offset below the Haar box's
+centre (face_crop_shift), as medians over the first half of the faces.
 On the second half it compares, against the model's prediction on the training crop itself:
 
-  placed exactly    the embedded image cut back out of the photo (resampling alone)
+  placed exactly    the training crop's region cut back out of the photo (resampling alone)
   Haar box + margin the tight Haar box widened by the checkpoint's crop_margin (what a plain loop does)
-  calibrated        the fitted framing (--face_crop_scale / --face_crop_shift), what --predict does
+  fitted            the fitted framing (--face_crop_scale / --face_crop_shift)
+  scale S           other framings, the fitted shift kept (--scales)
 
     python benchmarks/crop_calibration.py --checkpoint=outputs/RUN/best_emotion_model.pth \
         --data_dir=../shared/data/affectnet/YOLO_format --images=2000 --out=outputs/crop_calibration.json
@@ -28,15 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
 
 
-def place(face, rng, canvas=(480, 640)):
-    """The face image upscaled at a random place in a noisy gradient photo; returns the photo and its box."""
+def place(image, rng, background, canvas=(480, 640)):
+    """The image enlarged 1.5-3.5x (at most 90 % of the photo's shorter side) at a random place in a photo;
+    returns the photo, the enlargement and the image's top-left corner in the photo. background: gradient
+    (a noisy colour gradient: a crop wider than the image shows what no training image had) or reflect
+    (the image mirrored outwards: a wider crop shows hair and background, as a real photo would)."""
     h, w = canvas
-    side = int(face.shape[0] * rng.uniform(1.5, 3.5))
-    x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+    zoom = min(rng.uniform(1.5, 3.5), 0.9 * min(h, w) / max(image.shape[:2]))
+    ih, iw = round(image.shape[0] * zoom), round(image.shape[1] * zoom)
+    x, y = int(rng.integers(0, w - iw + 1)), int(rng.integers(0, h - ih + 1))
+    big = cv2.resize(image, (iw, ih), interpolation=cv2.INTER_LINEAR)
+    if background == "reflect":
+        return cv2.copyMakeBorder(big, y, h - ih - y, x, w - iw - x, cv2.BORDER_REFLECT_101), zoom, (x, y)
     photo = np.linspace(rng.uniform(40, 200, 3), rng.uniform(40, 200, 3), w)[None].repeat(h, 0)
     photo = np.clip(photo + rng.normal(0, 8, photo.shape), 0, 255).astype(np.uint8)
-    photo[y:y + side, x:x + side] = cv2.resize(face, (side, side), interpolation=cv2.INTER_LINEAR)
-    return photo, (x, y, x + side, y + side)
+    photo[y:y + ih, x:x + iw] = big
+    return photo, zoom, (x, y)
 
 
 def main():
@@ -45,6 +54,9 @@ def main():
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--images", type=int, default=2000, help="validation images, evenly spaced")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--background", default="reflect", choices=["reflect", "gradient"])
+    ap.add_argument("--scales", default="1.0,1.1,1.2,1.3,1.4,1.5", help="more framings to compare (face_crop_scale)")
+    ap.add_argument("--shift", type=float, default=None, help="face_crop_shift of those rows (default: the fitted one)")
     ap.add_argument("--out", default="outputs/crop_calibration.json")
     args = ap.parse_args()
     names, folders, _ = ern.read_data_yaml(args.data_dir)
@@ -53,55 +65,68 @@ def main():
     rng = np.random.default_rng(args.seed)
     predictor = ern.EmotionPredictor(args.checkpoint)
     margin = predictor.cfg.crop_margin
-    samples = []  # (label, training crop, photo, placed box, Haar box)
+    samples = []  # (label, training crop, photo, training crop region in the photo, Haar box)
     for i in pick:
-        image = ern.decode_image(split.paths[i])[0]
-        photo, placed = place(image, rng)
-        found = [b for b in predictor.detector(photo) if ern.box_iou(b, placed) > 0.1]
-        haar = max(found, key=lambda b: ern.box_iou(b, placed)) if found else None
-        box = ern.crop_box(image, split.boxes[i], margin, predictor.image_size).transpose(2, 0, 1)  # as in training
-        samples.append((int(split.labels[i]), box, photo, placed, haar))
+        image, fmt = ern.decode_image(split.paths[i])
+        photo, zoom, (ox, oy) = place(image, rng, args.background)
+        x0, y0, x1, y1 = ern.crop_region(image.shape, split.boxes[i], margin)  # what training cut, in the photo:
+        region = (x0 * zoom + ox, y0 * zoom + oy, x1 * zoom + ox, y1 * zoom + oy)
+        found = [b for b in predictor.detector(photo) if ern.box_iou(b, region) > 0.1]
+        haar = max(found, key=lambda b: ern.box_iou(b, region)) if found else None
+        crop = ern.crop_box(image, split.boxes[i], margin, predictor.image_size).transpose(2, 0, 1)  # as in training
+        samples.append((int(split.labels[i]), crop, photo, region, haar, fmt))
     detected = [s for s in samples if s[4] is not None]
     fit, test = detected[: len(detected) // 2], detected[len(detected) // 2:]
 
-    def framing(placed, haar):
+    def framing(region, haar):
         side = haar[2] - haar[0]
-        return ((placed[2] - placed[0]) / side, ((placed[1] + placed[3]) - (haar[1] + haar[3])) / 2 / side,
-                ((placed[0] + placed[2]) - (haar[0] + haar[2])) / 2 / side)
+        return ((region[2] - region[0]) / side, ((region[1] + region[3]) - (haar[1] + haar[3])) / 2 / side,
+                ((region[0] + region[2]) - (haar[0] + haar[2])) / 2 / side)
 
     measured = np.array([framing(s[3], s[4]) for s in fit])
+    formats = np.array([s[5] for s in fit])
+    by_source = {f: float(np.median(measured[formats == f, 0])) for f in sorted(set(formats))}
     scale, shift, shift_x = np.median(measured, 0)
     reference = predictor.classify(np.stack([s[1] for s in test]))
+    test_formats = np.array([s[5] for s in test])
     labels = np.array([s[0] for s in test])
 
     def crops_with(scale_, shift_):
-        return np.stack([ern.crop_box(s[2], ern.face_crop_box(s[4], s[2].shape, scale_, shift_), 0.0,
-                                      predictor.image_size).transpose(2, 0, 1) for s in test])
+        return np.stack([predictor.crop(s[2], ern.face_crop_box(s[4], s[2].shape, scale_, shift_), 0.0) for s in test])
 
-    exact = np.stack([ern.crop_box(s[2], ((s[3][0] + s[3][2]) / 2 / 640, (s[3][1] + s[3][3]) / 2 / 480,
-                                          (s[3][2] - s[3][0]) / 640, (s[3][3] - s[3][1]) / 480), 0.0,
-                                   predictor.image_size).transpose(2, 0, 1) for s in test])
+    def normalized(region, shape):
+        (x0, y0, x1, y1), (h, w) = region, shape[:2]
+        return ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
+
+    exact = np.stack([predictor.crop(s[2], normalized(s[3], s[2].shape), 0.0) for s in test])
     rows = {"training crop (reference)": reference,
             "placed exactly": predictor.classify(exact),
             f"Haar box + margin (scale {1 + 2 * margin:.2f})": predictor.classify(crops_with(1 + 2 * margin, 0.0)),
-            f"calibrated (scale {scale:.2f}, shift {shift:+.3f})": predictor.classify(crops_with(scale, shift))}
-    results = {"checkpoint": args.checkpoint, "faces": len(samples), "detected": len(detected),
+            f"fitted (scale {scale:.2f}, shift {shift:+.3f})": predictor.classify(crops_with(scale, shift))}
+    other_shift = shift if args.shift is None else args.shift
+    for other in (float(v) for v in args.scales.split(",")):
+        rows[f"scale {other:.2f}, shift {other_shift:+.3f}"] = predictor.classify(crops_with(other, other_shift))
+    results = {"checkpoint": args.checkpoint, "background": args.background, "faces": len(samples), "detected": len(detected),
                "detection_rate": len(detected) / len(samples), "fitted_on": len(fit), "evaluated_on": len(test),
                "face_crop_scale": float(scale), "face_crop_shift": float(shift), "horizontal_shift": float(shift_x),
-               "scale_quartiles": np.percentile(measured[:, 0], [25, 75]).tolist(),
+               "scale_quartiles": np.percentile(measured[:, 0], [25, 75]).tolist(), "scale_by_source_format": by_source,
                "shift_quartiles": np.percentile(measured[:, 1], [25, 75]).tolist(),
                "detector": {k: v for k, v in dataclasses.asdict(predictor.action).items() if k.startswith(("face_", "detect"))},
                "rows": {}}
     print(f"{len(detected)} of {len(samples)} faces detected ({results['detection_rate']:.1%}); "
           f"fitted on {len(fit)}: face_crop_scale {scale:.3f} (quartiles {results['scale_quartiles'][0]:.2f}-"
-          f"{results['scale_quartiles'][1]:.2f}), face_crop_shift {shift:+.3f}, horizontal {shift_x:+.3f}")
-    print(f"\nevaluated on {len(test)} faces | {'crop':<38} | agrees with training crop | accuracy | mean |dp|")
+          f"{results['scale_quartiles'][1]:.2f}; by source format: "
+          + ", ".join(f"{f} {v:.3f}" for f, v in by_source.items()) + f"), face_crop_shift {shift:+.3f}, horizontal {shift_x:+.3f}")
+    print(f"\nevaluated on {len(test)} faces | {'crop':<38} | agrees with training crop | accuracy | mean |dp| | agreement by format")
     for name, probs in rows.items():
         agree = float((probs.argmax(1) == reference.argmax(1)).mean())
         acc = float((probs.argmax(1) == labels).mean())
         dp = float(np.abs(probs - reference).mean())
-        results["rows"][name] = {"agreement": agree, "accuracy": acc, "mean_abs_prob_diff": dp}
-        print(f"{'':<{len(f'evaluated on {len(test)} faces')}} | {name:<38} | {agree:24.2%} | {acc:8.2%} | {dp:.4f}")
+        per_format = {f: float((probs.argmax(1) == reference.argmax(1))[test_formats == f].mean()) for f in by_source}
+        results["rows"][name] = {"agreement": agree, "accuracy": acc, "mean_abs_prob_diff": dp,
+                                 "agreement_by_source_format": per_format}
+        print(f"{'':<{len(f'evaluated on {len(test)} faces')}} | {name:<38} | {agree:24.2%} | {acc:8.2%} | {dp:.4f} | "
+              + " ".join(f"{f} {a:.1%}" for f, a in per_format.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -874,23 +874,22 @@ def test_evaluate_refuses_architecture_overrides(trained, tiny_dataset, tmp_path
 
 @pytest.mark.parametrize("settings", [{}, {"amp": False, "tta_flip": False}])
 def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset, settings):
-    """predict() on whole images equals run_inference on the same whole-image crops (same TTA, precision,
-    weights); settings given to predict (as --predict takes them from the command line) replace the checkpoint's."""
+    """EmotionPredictor on whole images equals run_inference on the same whole-image crops (same TTA, precision,
+    weights); settings given to it (as --predict takes them from the command line) replace the checkpoint's."""
     run_dir, _ = trained
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
     model, cfg = ern.model_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **settings)
     files = sorted((tiny_dataset / "test" / "images").iterdir())[:6]
-    rows = ern.predict(run_dir / "best_emotion_model.pth", files[0].parent, detect_faces=False, **settings)
-    by_path = {r[0]: r for r in rows}
+    predictor = ern.EmotionPredictor(run_dir / "best_emotion_model.pth", "cpu", ern.Action(detect_faces=False), **settings)
     crops = np.stack([ern.crop_box(ern.decode_image(f)[0], (0.5, 0.5, 1.0, 1.0), cfg.crop_margin, cfg.image_size)
                       .transpose(2, 0, 1) for f in files])
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
     probs = ern.run_inference(model, crops, mean, std, torch.device("cpu"), cfg)["logits"].softmax(1)
     for f, p in zip(files, probs):
-        row = by_path[str(f)]
-        assert row[2] == ckpt["class_names"][int(p.argmax())]
-        assert list(row[3].values()) == pytest.approx(p.tolist(), abs=1e-3)
+        [face] = predictor(ern.decode_image(f)[0])
+        assert face["emotion"] == ckpt["class_names"][int(p.argmax())] and face["face_detected"] is False
+        assert list(face["probabilities"].values()) == pytest.approx(p.tolist(), abs=1e-5)
 
 
 def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dataset, tmp_path):
