@@ -6,7 +6,12 @@ that matplotlib (a requirement) ships: Grace Hopper's portrait. Nothing is downl
 import csv
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -14,7 +19,7 @@ import pytest
 import torch
 from matplotlib import cbook
 
-from conftest import ern, run_script
+from conftest import SCRIPT, ern, run_script
 
 HOPPER = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # 512x600 RGB portrait, one frontal face
 CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
@@ -44,12 +49,14 @@ def read_csv(folder):
 
 
 def write_video(path, frames, fps=10.0, size=(640, 480)):
-    """A video of the Hopper head (without the flag) moving right by 6 px a frame on a grey background."""
+    """A video of the Hopper head (without the flag) moving right by 6 px a frame on a grey background (back to
+    the left edge after 55 frames)."""
     face = cv2.resize(cv2.imread(str(HOPPER))[60:400, 110:420], (220, 240))
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     for i in range(frames):
         frame = np.full((size[1], size[0], 3), 90, np.uint8)
-        frame[120:360, 80 + 6 * i:300 + 6 * i] = face
+        x = 80 + 6 * i % 330
+        frame[120:360, x:x + 220] = face
         writer.write(frame)
     writer.release()
     return path
@@ -97,6 +104,29 @@ def test_csv_columns_boxes_and_probabilities_on_a_real_photograph(checkpoint, tm
     assert probs.sum() == pytest.approx(1, abs=1e-3)
     assert row["emotion"] == CLASSES[int(probs.argmax())] and float(row["confidence"]) == pytest.approx(probs.max(), abs=1e-4)
     assert "1 face(s) detected" in proc.stdout
+
+
+def test_ctrl_c_keeps_the_rows_written(checkpoint, tmp_path):
+    """Ctrl-C in the middle of a video: exit 130, no traceback, the rows of the frames done are in the CSV, the
+    summary says interrupted, and the annotated video holds those frames."""
+    video = write_video(tmp_path / "long.mp4", frames=400)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), f"--predict={video}", f"--checkpoint={checkpoint}",
+                             f"--output_dir={out}", "--prediction_batch=8"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 120
+    while not (out / "predictions.csv").exists() or len(read_csv(out)) < 16:  # two batches of 8 frames written
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"ended or too slow before two batches: {proc.communicate()}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
+    frames = sorted({int(r["frame"]) for r in read_csv(out)})
+    assert 16 <= len(frames) < 400 and frames == list(range(len(frames)))
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
+    assert int(cv2.VideoCapture(str(out / "annotated" / "long.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == len(frames)
 
 
 def test_a_video_every_second_frame(checkpoint, tmp_path):
