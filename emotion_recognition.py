@@ -138,7 +138,7 @@ class Action:
     face_scale_factor: float = 1.1  # Haar image-pyramid step (smaller: slower, finds more sizes)
     face_min_neighbors: int = 5  # Haar: overlapping hits a face needs (higher: fewer false faces)
     face_min_size: float = 0.08  # smallest face side, fraction of the image's shorter side
-    profile_faces: str = "missing"  # profile cascade, both directions: missing = where the frontal one found none | always | off
+    profile_faces: str = "auto"  # profile cascade, both ways: auto = always on photos, missing on video frames | always | missing | off
     face_crop_scale: float = 1.25  # crop side / Haar box side: most like the training crops' predictions (BENCHMARKS.md)
     face_crop_shift: float = 0.0  # crop centre below the Haar box centre, fraction of its side
     track_iou: float = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
@@ -257,8 +257,8 @@ def validate_action(action):
               (action.every >= 1, f"--every must be >= 1, got {action.every}"),
               (action.max_frames >= 0, f"--max_frames must be >= 0, got {action.max_frames}"),
               (action.no_face in ("classify", "skip"), f"--no_face must be classify or skip, got {action.no_face!r}"),
-              (action.profile_faces in ("missing", "always", "off"),
-               f"--profile_faces must be missing, always or off, got {action.profile_faces!r}"),
+              (action.profile_faces in ("auto", "always", "missing", "off"),
+               f"--profile_faces must be auto, always, missing or off, got {action.profile_faces!r}"),
               (action.detect_width >= 0, f"--detect_width must be >= 0, got {action.detect_width}"),
               (action.face_scale_factor > 1, f"--face_scale_factor must be > 1, got {action.face_scale_factor}"),
               (action.face_min_neighbors >= 0, f"--face_min_neighbors must be >= 0, got {action.face_min_neighbors}"),
@@ -1549,7 +1549,7 @@ WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
 PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 WHOLE_FRAME = -1  # the track number of a video's whole-frame rows (frames without a detected face)
-BUFFER_PIXELS = 2 ** 25  # images or frames decoded ahead and awaiting classification: about 100 MB of RGB
+BUFFER_PIXELS = 2 ** 25  # decoded frames or images per batch, about 100 MB of RGB (prefetch: up to as much again)
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 
 
@@ -1565,7 +1565,9 @@ def box_iou(a, b):
 class FaceDetector:
     """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces,
     then (--profile_faces) profile faces, looking either way, that no kept face overlaps. detector(rgb) -> pixel boxes
-    (x1, y1, x2, y2), left to right, in the image's coordinates. Safe to call from several threads."""
+    (x1, y1, x2, y2), left to right, in the image's coordinates. still=False (a video frame): with
+    --profile_faces=auto the profile pass runs only where the frontal one found no face, for speed.
+    Safe to call from several threads."""
 
     def __init__(self, action):
         self.action = action
@@ -1581,7 +1583,7 @@ class FaceDetector:
                 raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
         return self.local.cascades
 
-    def __call__(self, image):
+    def __call__(self, image, still=True):
         action = self.action
         h, w = image.shape[:2]
         scale = min(1.0, action.detect_width / w) if action.detect_width else 1.0  # the cascades' cost grows with pixels
@@ -1597,7 +1599,8 @@ class FaceDetector:
 
         frontal, *profile = self.cascades()
         boxes = hits(frontal, gray)
-        if profile and (action.profile_faces == "always" or not boxes):  # 2.3x the frontal pass: BENCHMARKS.md
+        every_time = action.profile_faces == "always" or (action.profile_faces == "auto" and still)
+        if profile and (every_time or not boxes):  # the profile pass costs 2.3x the frontal one: BENCHMARKS.md
             # the profile cascade finds faces turned one way: the mirror image finds the others
             gw = gray.shape[1]
             turned = hits(profile[0], gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in
@@ -1647,10 +1650,10 @@ class EmotionPredictor:
     def crop(self, image, box, margin):
         return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
 
-    def faces(self, image, boxes=None):
-        """[(pixel box, face_detected, uint8 crop (3, S, S))] of an RGB image: the given boxes (cropped as the
-        dataset's label boxes are, with the checkpoint's crop_margin), else the detected faces, else (unless
-        --no_face=skip) the whole image with face_detected false."""
+    def faces(self, image, boxes=None, still=True):
+        """[(pixel box, face_detected, uint8 crop (3, S, S))] of an RGB image (still=False: a video frame): the
+        given boxes (cropped as the dataset's label boxes are, with the checkpoint's crop_margin), else the
+        detected faces, else (unless --no_face=skip) the whole image with face_detected false."""
         h, w = image.shape[:2]
         margin = self.cfg.crop_margin
         if boxes is not None:
@@ -1660,7 +1663,7 @@ class EmotionPredictor:
         if self.detector is not None:
             scale, shift = self.action.face_crop_scale, self.action.face_crop_shift
             found = [(b, True, self.crop(image, face_crop_box(b, image.shape, scale, shift), 0.0))  # scale holds the margin
-                     for b in self.detector(image)]
+                     for b in self.detector(image, still)]
             if found or self.action.no_face == "skip":
                 return found
         return [((0.0, 0.0, float(w), float(h)), False, self.crop(image, WHOLE_IMAGE, margin))]
@@ -1740,7 +1743,7 @@ def prediction_inputs(spec):
         raise UserError(f"--predict={spec!r} names no input")
     found = []
     for part in parts:
-        if re.fullmatch(r"camera:\d+", part):
+        if re.fullmatch(r"camera:\d{1,4}", part):
             found.append(MediaSource("camera", part, part.replace(":", "_")))
             continue
         path = Path(part).expanduser()
@@ -1849,7 +1852,7 @@ class PredictionOutputs:
     def __init__(self, out_dir, class_names, jsonl):
         self.dir, self.class_names, self.jsonl = Path(out_dir), class_names, jsonl
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / "predictions.csv", "w", newline="")
+        self.file = open(self.dir / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape")
         self.csv = csv.writer(self.file)
         self.csv.writerow(CSV_COLUMNS + list(class_names))
         self.sources, self.claimed = [], set()
@@ -1860,7 +1863,10 @@ class PredictionOutputs:
                                *(f"{v:.1f}" for v in box), str(detected).lower(), row["emotion"],
                                f"{row['confidence']:.4f}", *(f"{v:.4f}" for v in row["probabilities"].values())])
             if self.jsonl:
-                print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
+                try:
+                    print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
+                except BrokenPipeError:  # the reader (head, a closed pipe) has gone: keep writing the CSV
+                    self.jsonl, sys.stdout = False, open(os.devnull, "w")
         self.file.flush()
 
     def claim(self, name, suffix=None):
@@ -1929,11 +1935,12 @@ def predict_images(predictor, sources, out, progress):
                 rows = predictor.describe(faces, probs)
                 out.rows(source.path, None, None, faces, rows, range(len(faces)))
                 annotated = out.path(out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png"))
-                cv2.imwrite(str(annotated), annotate(image, faces, rows))
+                written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
                             "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
-                            "annotated": str(annotated), "error": None})
+                            "annotated": str(annotated) if written else None, "error": None,
+                            "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
 
 
 def video_frames(capture, every, max_frames, fps):
@@ -1960,7 +1967,10 @@ def predict_video(predictor, source, out):
     action = predictor.action
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
-    capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
+    try:
+        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
+    except cv2.error as e:
+        return {**entry, "error": f"OpenCV cannot open it: {str(e).strip().splitlines()[-1][:200]}"}
     if not capture.isOpened():
         return {**entry, "error": "cannot open the camera" if camera else
                 "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
@@ -1972,13 +1982,13 @@ def predict_video(predictor, source, out):
     expected = -(-total // action.every) if total > 0 else None
     if expected and action.max_frames:
         expected = min(expected, action.max_frames)
-    tracker, writer, window = FaceTracker(action), None, None
-    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), [], Counter()
+    tracker, writer, window, interrupted = FaceTracker(action), None, None, False
+    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
 
     def prepare(frame):
-        return (*frame, predictor.faces(frame[2]))
+        return (*frame, predictor.faces(frame[2], still=False))
 
     def show(frame):
         nonlocal window
@@ -2014,14 +2024,13 @@ def predict_video(predictor, source, out):
                     for tid, q, (_, detected, _) in zip(ids, smoothed, faces):
                         times[tid].append(t)
                         track_probs[tid].append(q)
-                        shares.append(q)
+                        shares[detected].append(q)
                         counts["faces"] += detected
                     counts["frames"] += 1
                     bar.update()
     except KeyboardInterrupt:
-        if not camera:
-            raise
-        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end
+        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
+        interrupted = not camera
     except cv2.error as e:
         entry["error"] = f"OpenCV failed after {counts['frames']} frames: {str(e).strip().splitlines()[-1][:200]}"
     finally:
@@ -2035,13 +2044,17 @@ def predict_video(predictor, source, out):
         entry["error"] = "no frame could be decoded"
     if counts["frames"] and expected and counts["frames"] < expected:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
-    share, dominant = emotion_shares(shares, predictor.class_names)
+    share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"],
-                 tracks=len([t for t in times if t != WHOLE_FRAME]), rows=len(shares), dominant_emotion=dominant,
+                 tracks=len([t for t in times if t != WHOLE_FRAME]), rows=len(shares[True]) + len(shares[False]),
+                 dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if writer else None)
     if counts["frames"]:
         plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {action.smoothing})", timeline)
         entry["timeline"] = str(timeline)
+    if interrupted:
+        out.source(entry)
+        raise KeyboardInterrupt
     return entry
 
 

