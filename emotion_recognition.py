@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -319,8 +320,12 @@ def validate_config(cfg):
     min_size = 2 ** (len(parse_blocks(cfg.blocks)) + 1)
     if cfg.image_size < max(32, min_size):
         raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu or auto")
+    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device={cfg.device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1298,7 +1303,8 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
     if ema is not None and resume is not None and resume["ema"] is not None:
         ema.model.load_state_dict(resume["ema"])
     fwd = torch.compile(model) if cfg.compile else model
-    last_path, resume_cmd = run_dir / "last.pth", f"python {sys.argv[0]} --resume={run_dir / 'last.pth'}"
+    last_path = run_dir / "last.pth"
+    resume_cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), f"--resume={last_path}"])  # this interpreter
     save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
         model, cfg, class_names, mean, std, epoch, metrics,
         **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
@@ -2306,6 +2312,11 @@ def run_evaluation(cfg, action, overrides):
     return run_dir, results
 
 
+# What a resumed run keeps from its checkpoint, and why
+RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
+
+
 def main(argv):
     """Parse, validate, and do the one action asked for (none: train). Returns the exit status for --predict."""
     cfg, action, overrides = parse_args(argv)
@@ -2319,6 +2330,13 @@ def main(argv):
         ckpt = load_checkpoint(action.resume)
         if "optimizer" not in ckpt:
             raise UserError(f"{action.resume} holds weights but no training state; resume from the run's last.pth")
+        folder = Path(action.resume).parent
+        if Path(overrides.get("output_dir", folder)).resolve() == folder.resolve():
+            overrides.pop("output_dir", None)  # naming the run's own folder is no change
+        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != ckpt["config"].get(k)]
+        if unresumable:
+            raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
+                            f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")
         cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)

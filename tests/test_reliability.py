@@ -341,7 +341,7 @@ def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(
     command = next((line.strip() for line in after.splitlines() if "--resume=" in line), None)
     assert command, f"no resume command in\n{after}"
     argv = shlex.split(command)
-    assert Path(argv[0]).name.startswith("python"), command
+    assert argv[0] == sys.executable and Path(argv[1]) == SCRIPT.resolve(), command  # this interpreter, this file
     resumed = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -458,3 +458,26 @@ def test_bad_checkpoint_file_gives_one_clear_line(finished, tiny_dataset, tmp_pa
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and path.name in lines[0], proc.stderr
     assert not (tmp_path / "pwned").exists(), "the checkpoint ran code: torch.load without weights_only=True"
+
+
+def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
+    """Another output folder or batch size: one line naming the field and why, before any work; the run's own
+    folder is no change. (Before: a TypeError traceback, and a scheduler silently out of step.)"""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, output_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    last = tmp_path / "run" / "last.pth"
+    torch.save({**ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 1, {}),
+                "optimizer": {}}, last)
+    for arg, field in ((f"--output_dir={tmp_path / 'elsewhere'}", "--output_dir"), ("--batch_size=32", "--batch_size")):
+        proc = run_script(f"--resume={last}", arg, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"error: --resume cannot change {field}:"), proc.stderr
+    with pytest.raises(ern.UserError, match="no data.yaml"):  # past the refusal: the same folder, the same batch
+        ern.main([f"--resume={last}", f"--output_dir={tmp_path / 'run'}", "--batch_size=16"])
+
+
+@pytest.mark.parametrize("device, message", [("foo", "--device must be auto, cpu, cuda or cuda:N"),
+                                             ("cuda:7", "--device=cuda:7 but")])
+def test_an_unknown_device_is_one_line(tmp_path, device, message):
+    proc = run_script(f"--device={device}", "--epochs=1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
