@@ -100,7 +100,7 @@ class Config:
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
     min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
     grad_clip: float = 5.0  # max gradient norm; 0 = off
-    ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off, e.g. 0.999
+    ema_decay: float = 0.0  # weights' exponential moving average, warmed up: min(d, (1+t)/(10+t)); 0 = off, e.g. 0.999
     # system
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -1101,7 +1101,11 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
 class EMA:
     """Exponential moving average of a model's floating-point weights and buffers (integer buffers
-    such as BatchNorm's batch count are copied); the average is what gets evaluated."""
+    such as BatchNorm's batch count are copied); the average is what gets evaluated.
+
+    The decay warms up, min(decay, (1 + t) / (10 + t)) at optimizer step t (as TensorFlow's
+    ExponentialMovingAverage with num_updates, and timm's ModelEmaV2 warm-up): with a fixed 0.999 the
+    first epochs' average would be mostly the random initial weights, and it chooses the best epoch."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -1110,9 +1114,13 @@ class EMA:
         self.floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
         self.ints = [(e, m) for e, m in pairs if not e.dtype.is_floating_point]
 
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self):
-        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], 1 - self.decay)
+    def update(self, step):
+        """Move the average toward the model after optimizer step `step` (0-based; the scheduler counts it)."""
+        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], 1 - self.decay_at(step))
         for e, m in self.ints:
             e.copy_(m)
 
@@ -1182,7 +1190,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         scaler.update()
         scheduler.step()
         if ema is not None:
-            ema.update()
+            ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
         with torch.no_grad():
             terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)

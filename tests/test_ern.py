@@ -850,7 +850,10 @@ def test_images_sharing_a_label_stem_are_reported(tiny_dataset, tmp_path):
     assert len(shared) == 1 and str(twin) in shared[0] and str(first) in shared[0]
 
 
-def test_ema_follows_the_model_by_its_decay():
+@pytest.mark.parametrize("step, moved", [(0, 0.9), (8, 0.5), (100, 0.1)])
+def test_ema_follows_the_model_by_its_warmed_up_decay(step, moved):
+    """decay 0.9 warmed up as min(decay, (1 + t) / (10 + t)): 0.1 at step 0 (the average jumps 0.9 of the way to
+    the model), 0.5 at step 8, the full 0.9 from step 80 on. Before the warm-up, every step moved it 0.1."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = ern.EMA(model, 0.9)
@@ -859,9 +862,9 @@ def test_ema_follows_the_model_by_its_decay():
         for p in model.parameters():
             p.add_(1.0)
     model.train()(torch.randn(4, 3))  # moves the BatchNorm statistics and its integer batch count
-    ema.update()
+    ema.update(step)
     for e, s in zip(ema.model.parameters(), start):
-        assert torch.allclose(e, s + 0.1)  # lerp by 1 - decay toward the live weights
+        assert torch.allclose(e, s + moved)  # lerp by 1 - decay toward the live weights
     assert ema.model[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 1
 
 
