@@ -843,6 +843,99 @@ def dataset_normalization(images, max_images=4096):
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std + 1e-3, dtype=torch.float32)
 
 
+# The demo data: drawn faces in YOLO format
+
+DEMO_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
+# Per expression: brow tilt (inner end down > 0), brow lift, eye openness, mouth curve (smile > 0),
+# mouth opening, mouth asymmetry. They differ only in small strokes, so raw pixels don't separate them.
+DEMO_FACES = {
+    "Anger": (0.9, -0.05, 0.7, -0.3, 0.0, 0.0), "Contempt": (0.0, 0.0, 0.8, 0.0, 0.0, 1.0),
+    "Disgust": (0.5, -0.05, 0.5, -0.6, 0.25, 0.0), "Fear": (-0.7, 0.12, 1.4, -0.2, 0.5, 0.0),
+    "Happy": (0.0, 0.0, 0.8, 1.0, 0.2, 0.0), "Neutral": (0.0, 0.0, 1.0, 0.0, 0.0, 0.0),
+    "Sad": (-0.8, 0.03, 0.8, -1.0, 0.0, 0.0), "Surprise": (0.0, 0.18, 1.5, 0.0, 1.0, 0.0),
+}
+
+
+def draw_face(rng, expression, size):
+    """One synthetic photo (size x size RGB) with a face of the given expression; returns it and the face box."""
+    brow_tilt, brow_lift, eye_open, curve, opening, asym = DEMO_FACES[expression]
+    bg = rng.integers(0, 256, 3)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = bg
+    img += np.linspace(0, 1, size)[None, :, None] * rng.normal(0, 60, 3)  # background gradient
+    face = 256  # draw large, then warp down: antialiased strokes at any scale
+    canvas = np.zeros((face, face, 3), np.uint8)
+    mask = np.zeros((face, face), np.uint8)
+    skin = tuple(int(v) for v in rng.integers(60, 250, 3))
+    ink = tuple(int(v) for v in np.clip(np.array(skin) - rng.integers(90, 160), 0, 255))
+    c = face // 2
+    axes = (int(face * rng.uniform(0.33, 0.4)), int(face * rng.uniform(0.42, 0.47)))
+    cv2.ellipse(canvas, (c, c), axes, 0, 0, 360, skin, -1, cv2.LINE_AA)
+    cv2.ellipse(mask, (c, c), axes, 0, 0, 360, 255, -1, cv2.LINE_AA)
+    j = lambda s: rng.normal(0, s)
+    eye_y, eye_dx = int(c - face * 0.08 + j(3)), int(face * 0.15 + j(3))
+    thick = max(2, int(face * 0.025))
+    for side in (-1, 1):
+        ex = c + side * eye_dx
+        eh = max(2, int(face * 0.04 * eye_open + j(1)))
+        cv2.ellipse(canvas, (ex, eye_y), (int(face * 0.06), eh), 0, 0, 360, (250, 250, 250), -1, cv2.LINE_AA)
+        cv2.circle(canvas, (ex, eye_y), max(2, int(face * 0.025)), ink, -1, cv2.LINE_AA)
+        by = eye_y - face * (0.1 + brow_lift) + j(2)
+        inner, outer = ex - side * face * 0.07, ex + side * face * 0.08
+        tilt = brow_tilt * face * 0.04
+        cv2.line(canvas, (int(inner), int(by + tilt)), (int(outer), int(by - tilt)), ink, thick, cv2.LINE_AA)
+    mouth_y, half = c + face * 0.2 + j(3), face * rng.uniform(0.11, 0.15)
+    xs = np.linspace(-1, 1, 24)
+    corners = face * 0.06 * (curve * xs ** 2 + asym * np.maximum(xs, 0) ** 2)  # smile: corners up
+    upper = np.stack([c + xs * half, mouth_y - corners], 1)
+    if opening > 0:
+        lower = upper.copy()
+        lower[:, 1] += opening * face * 0.12 * (1 - xs ** 2)
+        poly = np.concatenate([upper, lower[::-1]]).astype(np.int32)
+        cv2.fillPoly(canvas, [poly], (40, 20, 20), cv2.LINE_AA)
+    cv2.polylines(canvas, [upper.astype(np.int32)], False, ink, thick, cv2.LINE_AA)
+    # place the face: random scale, rotation and position inside the photo
+    scale = rng.uniform(0.45, 0.8) * size / face
+    angle = rng.uniform(-20, 20)
+    fw = face * scale
+    cx, cy = rng.uniform(fw / 2, size - fw / 2, 2)
+    m = cv2.getRotationMatrix2D((c, c), angle, scale)
+    m[:, 2] += (cx - c, cy - c)
+    warped = cv2.warpAffine(canvas, m, (size, size), flags=cv2.INTER_AREA)
+    alpha = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_LINEAR)[..., None] / 255.0
+    img = img * (1 - alpha) + warped * alpha + rng.normal(0, rng.uniform(3, 15), img.shape)
+    box = ((cx) / size, (cy) / size, min(1.0, 2 * axes[0] * scale * 1.1 / size), min(1.0, 2 * axes[1] * scale * 1.05 / size))
+    return np.clip(img, 0, 255).astype(np.uint8), box
+
+
+def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=DEMO_CLASSES):
+    """A YOLO-format dataset of drawn faces: data.yaml and train/valid/test with images/ and labels/.
+
+    per_class gives the images per class in train, valid and test (0 = no such split). JPEG and
+    PNG are mixed, and every label ends without a trailing newline, as in the AffectNet export.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in zip(("train", "valid", "test"), per_class):
+        if not n:
+            continue
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+        for cls, name in enumerate(names):
+            for i in range(n):
+                img, (cx, cy, w, h) = draw_face(rng, DEMO_CLASSES[cls % len(DEMO_CLASSES)], size)
+                stem = f"{name.lower()}_{i:04d}"
+                ext = ".png" if rng.random() < 0.3 else ".jpg"
+                cv2.imwrite(str(root / split / "images" / (stem + ext)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                (root / split / "labels" / (stem + ".txt")).write_text(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
+        splits[split] = f"{split}/images"
+    doc = {"path": ".", "train": splits.get("train"), "val": splits.get("valid"), "test": splits.get("test"),
+           "nc": len(names), "names": list(names)}
+    (root / "data.yaml").write_text(yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False))
+    return root
+
+
 # ---------------------------------------------------------------------------------------------
 # Augmentation: whole batches on the device, per-sample randomness
 # ---------------------------------------------------------------------------------------------
@@ -1096,6 +1189,71 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
 
 # ---------------------------------------------------------------------------------------------
+# Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics)
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
+    """One self-contained dict: enough to evaluate or predict without the dataset or this file's defaults."""
+    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dataclasses.asdict(cfg),
+            "class_names": list(class_names), "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+            "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
+
+
+def training_state(optimizer, scheduler, scaler, ema, history, best):
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "ema": None if ema is None else ema.model.state_dict(), "history": history, "best": best, "rng": rng}
+
+
+def load_checkpoint(path):
+    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
+    return ckpt
+
+
+def checkpoint_normalization(ckpt, device):
+    """The (mean, std) the checkpoint's model was trained with, as tensors on the device."""
+    return tuple(torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
+
+
+def config_from_checkpoint(ckpt):
+    known = {f.name for f in dataclasses.fields(Config)}  # fields a newer file dropped are ignored
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
+def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
+    """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
+    architecture (that of the Config `expected`, if given) differ."""
+    if class_names is not None and list(class_names) != ckpt["class_names"]:
+        raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
+    if image_size is not None and image_size != ckpt["image_size"]:
+        raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
+    cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
+    if expected is not None:
+        differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
+                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
+                            "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
+        if differ:
+            raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
+    model = build_model(cfg, len(ckpt["class_names"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit the architecture its config describes: {str(e)[:300]}") from None
+    return model, cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -1203,67 +1361,6 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     total = steps * batch
     loss, ce, kl, correct = (sums / total).tolist()
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
-
-
-def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
-    """One self-contained dict: enough to evaluate or predict without the dataset or this file's defaults."""
-    return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dataclasses.asdict(cfg),
-            "class_names": list(class_names), "normalization": {"mean": mean.tolist(), "std": std.tolist()},
-            "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
-
-
-def training_state(optimizer, scheduler, scaler, ema, history, best):
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": None if ema is None else ema.model.state_dict(), "history": history, "best": best, "rng": rng}
-
-
-def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or damaged files
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
-    return ckpt
-
-
-def checkpoint_normalization(ckpt, device):
-    """The (mean, std) the checkpoint's model was trained with, as tensors on the device."""
-    return tuple(torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
-
-
-def config_from_checkpoint(ckpt):
-    known = {f.name for f in dataclasses.fields(Config)}  # fields a newer file dropped are ignored
-    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
-
-
-def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
-    """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
-    architecture (that of the Config `expected`, if given) differ."""
-    if class_names is not None and list(class_names) != ckpt["class_names"]:
-        raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
-    if image_size is not None and image_size != ckpt["image_size"]:
-        raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
-    cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
-    if expected is not None:
-        differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
-                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
-        if differ:
-            raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    model = build_model(cfg, len(ckpt["class_names"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit the architecture its config describes: {str(e)[:300]}") from None
-    return model, cfg
 
 
 @torch.no_grad()
@@ -1567,6 +1664,11 @@ BUFFER_PIXELS = 2 ** 25  # decoded frames or images per batch, about 100 MB of R
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 
 
+def opencv_message(error):
+    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
+    return str(error).strip().splitlines()[-1][:200]
+
+
 def box_iou(a, b):
     """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -1625,6 +1727,12 @@ class FaceDetector:
         return sorted(tuple(float(v) / scale for v in box) for box in boxes)
 
 
+def normalized_box(box, image_shape):
+    """A pixel box (x1, y1, x2, y2) as the normalized cx, cy, w, h of YOLO labels and crop_box."""
+    (x1, y1, x2, y2), (h, w) = box, image_shape[:2]
+    return ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
+
+
 def face_crop_box(box, image_shape, scale, shift):
     """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
     training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's (Action's face_crop_*)."""
@@ -1649,8 +1757,8 @@ class EmotionPredictor:
     def __init__(self, checkpoint, device="auto", action=None, **settings):
         unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
         if unknown:
-            raise UserError(f"prediction takes only the inference settings {', '.join(INFERENCE_SETTINGS)} "
-                            f"from the command line; the checkpoint decides {', '.join(unknown)}")
+            raise UserError(f"prediction takes {', '.join('--' + k for k in unknown)} from the checkpoint; drop "
+                            f"{'it' if len(unknown) == 1 else 'them'} (only {', '.join(INFERENCE_SETTINGS)} can be set)")
         self.action = action or Action()
         ckpt = load_checkpoint(checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
@@ -1671,9 +1779,7 @@ class EmotionPredictor:
         h, w = image.shape[:2]
         margin = self.cfg.crop_margin
         if boxes is not None:
-            return [(tuple(map(float, b)), True, self.crop(image, ((b[0] + b[2]) / 2 / w, (b[1] + b[3]) / 2 / h,
-                                                                   (b[2] - b[0]) / w, (b[3] - b[1]) / h), margin))
-                    for b in boxes]
+            return [(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin)) for b in boxes]
         if self.detector is not None:
             scale, shift = self.action.face_crop_scale, self.action.face_crop_shift
             found = [(b, True, self.crop(image, face_crop_box(b, image.shape, scale, shift), 0.0))  # scale holds the margin
@@ -1936,7 +2042,7 @@ def predict_images(predictor, sources, out, progress):
             image, _ = decode_image(source.path)
             return source, None, image, predictor.faces(image)
         except (ValueError, OSError, cv2.error) as e:
-            return source, str(e).strip().splitlines()[-1], None, []
+            return source, opencv_message(e) if isinstance(e, cv2.error) else str(e), None, []
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
         prepared = ordered_prefetch(prepare, sources, pool, 2 * os.cpu_count())
@@ -1984,7 +2090,7 @@ def predict_video(predictor, source, out):
     try:
         capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
     except cv2.error as e:
-        return {**entry, "error": f"OpenCV cannot open it: {str(e).strip().splitlines()[-1][:200]}"}
+        return {**entry, "error": f"OpenCV cannot open it: {opencv_message(e)}"}
     if not capture.isOpened():
         return {**entry, "error": "cannot open the camera" if camera else
                 "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
@@ -2046,7 +2152,7 @@ def predict_video(predictor, source, out):
         entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
         interrupted = not camera
     except cv2.error as e:
-        entry["error"] = f"OpenCV failed after {counts['frames']} frames: {str(e).strip().splitlines()[-1][:200]}"
+        entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
     finally:
         capture.release()
         bar.close()
@@ -2075,11 +2181,7 @@ def predict_video(predictor, source, out):
 def run_prediction(cfg, action, overrides):
     """--predict: every input into one output folder. Returns the exit status: 0 when every input was read, 1
     when some were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    ignored = sorted(set(overrides) - set(INFERENCE_SETTINGS) - {"device", "output_dir", "overwrite"})
-    if ignored:
-        raise UserError(f"--predict takes {', '.join('--' + k for k in ignored)} from the checkpoint; drop "
-                        f"{'it' if len(ignored) == 1 else 'them'} (the command line sets only {', '.join(INFERENCE_SETTINGS)})")
-    settings = {k: v for k, v in overrides.items() if k in INFERENCE_SETTINGS}
+    settings = {k: v for k, v in overrides.items() if k not in ("device", "output_dir", "overwrite")}  # the run's own
     predictor = EmotionPredictor(action.checkpoint, cfg.device, action, **settings)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "predictions.csv").exists() and not cfg.overwrite:
@@ -2121,101 +2223,6 @@ def run_prediction(cfg, action, overrides):
         print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
         return 130
     return 1 if errors else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Demo data: drawn faces in YOLO format
-# ---------------------------------------------------------------------------------------------
-
-DEMO_CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
-# Per expression: brow tilt (inner end down > 0), brow lift, eye openness, mouth curve (smile > 0),
-# mouth opening, mouth asymmetry. They differ only in small strokes, so raw pixels don't separate them.
-DEMO_FACES = {
-    "Anger": (0.9, -0.05, 0.7, -0.3, 0.0, 0.0), "Contempt": (0.0, 0.0, 0.8, 0.0, 0.0, 1.0),
-    "Disgust": (0.5, -0.05, 0.5, -0.6, 0.25, 0.0), "Fear": (-0.7, 0.12, 1.4, -0.2, 0.5, 0.0),
-    "Happy": (0.0, 0.0, 0.8, 1.0, 0.2, 0.0), "Neutral": (0.0, 0.0, 1.0, 0.0, 0.0, 0.0),
-    "Sad": (-0.8, 0.03, 0.8, -1.0, 0.0, 0.0), "Surprise": (0.0, 0.18, 1.5, 0.0, 1.0, 0.0),
-}
-
-
-def draw_face(rng, expression, size):
-    """One synthetic photo (size x size RGB) with a face of the given expression; returns it and the face box."""
-    brow_tilt, brow_lift, eye_open, curve, opening, asym = DEMO_FACES[expression]
-    bg = rng.integers(0, 256, 3)
-    img = np.empty((size, size, 3), np.float32)
-    img[:] = bg
-    img += np.linspace(0, 1, size)[None, :, None] * rng.normal(0, 60, 3)  # background gradient
-    face = 256  # draw large, then warp down: antialiased strokes at any scale
-    canvas = np.zeros((face, face, 3), np.uint8)
-    mask = np.zeros((face, face), np.uint8)
-    skin = tuple(int(v) for v in rng.integers(60, 250, 3))
-    ink = tuple(int(v) for v in np.clip(np.array(skin) - rng.integers(90, 160), 0, 255))
-    c = face // 2
-    axes = (int(face * rng.uniform(0.33, 0.4)), int(face * rng.uniform(0.42, 0.47)))
-    cv2.ellipse(canvas, (c, c), axes, 0, 0, 360, skin, -1, cv2.LINE_AA)
-    cv2.ellipse(mask, (c, c), axes, 0, 0, 360, 255, -1, cv2.LINE_AA)
-    j = lambda s: rng.normal(0, s)
-    eye_y, eye_dx = int(c - face * 0.08 + j(3)), int(face * 0.15 + j(3))
-    thick = max(2, int(face * 0.025))
-    for side in (-1, 1):
-        ex = c + side * eye_dx
-        eh = max(2, int(face * 0.04 * eye_open + j(1)))
-        cv2.ellipse(canvas, (ex, eye_y), (int(face * 0.06), eh), 0, 0, 360, (250, 250, 250), -1, cv2.LINE_AA)
-        cv2.circle(canvas, (ex, eye_y), max(2, int(face * 0.025)), ink, -1, cv2.LINE_AA)
-        by = eye_y - face * (0.1 + brow_lift) + j(2)
-        inner, outer = ex - side * face * 0.07, ex + side * face * 0.08
-        tilt = brow_tilt * face * 0.04
-        cv2.line(canvas, (int(inner), int(by + tilt)), (int(outer), int(by - tilt)), ink, thick, cv2.LINE_AA)
-    mouth_y, half = c + face * 0.2 + j(3), face * rng.uniform(0.11, 0.15)
-    xs = np.linspace(-1, 1, 24)
-    corners = face * 0.06 * (curve * xs ** 2 + asym * np.maximum(xs, 0) ** 2)  # smile: corners up
-    upper = np.stack([c + xs * half, mouth_y - corners], 1)
-    if opening > 0:
-        lower = upper.copy()
-        lower[:, 1] += opening * face * 0.12 * (1 - xs ** 2)
-        poly = np.concatenate([upper, lower[::-1]]).astype(np.int32)
-        cv2.fillPoly(canvas, [poly], (40, 20, 20), cv2.LINE_AA)
-    cv2.polylines(canvas, [upper.astype(np.int32)], False, ink, thick, cv2.LINE_AA)
-    # place the face: random scale, rotation and position inside the photo
-    scale = rng.uniform(0.45, 0.8) * size / face
-    angle = rng.uniform(-20, 20)
-    fw = face * scale
-    cx, cy = rng.uniform(fw / 2, size - fw / 2, 2)
-    m = cv2.getRotationMatrix2D((c, c), angle, scale)
-    m[:, 2] += (cx - c, cy - c)
-    warped = cv2.warpAffine(canvas, m, (size, size), flags=cv2.INTER_AREA)
-    alpha = cv2.warpAffine(mask, m, (size, size), flags=cv2.INTER_LINEAR)[..., None] / 255.0
-    img = img * (1 - alpha) + warped * alpha + rng.normal(0, rng.uniform(3, 15), img.shape)
-    box = ((cx) / size, (cy) / size, min(1.0, 2 * axes[0] * scale * 1.1 / size), min(1.0, 2 * axes[1] * scale * 1.05 / size))
-    return np.clip(img, 0, 255).astype(np.uint8), box
-
-
-def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=DEMO_CLASSES):
-    """A YOLO-format dataset of drawn faces: data.yaml and train/valid/test with images/ and labels/.
-
-    per_class gives the images per class in train, valid and test (0 = no such split). JPEG and
-    PNG are mixed, and every label ends without a trailing newline, as in the AffectNet export.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    splits = {}
-    for split, n in zip(("train", "valid", "test"), per_class):
-        if not n:
-            continue
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "labels").mkdir(parents=True, exist_ok=True)
-        for cls, name in enumerate(names):
-            for i in range(n):
-                img, (cx, cy, w, h) = draw_face(rng, DEMO_CLASSES[cls % len(DEMO_CLASSES)], size)
-                stem = f"{name.lower()}_{i:04d}"
-                ext = ".png" if rng.random() < 0.3 else ".jpg"
-                cv2.imwrite(str(root / split / "images" / (stem + ext)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-                (root / split / "labels" / (stem + ".txt")).write_text(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-        splits[split] = f"{split}/images"
-    doc = {"path": ".", "train": splits.get("train"), "val": splits.get("valid"), "test": splits.get("test"),
-           "nc": len(names), "names": list(names)}
-    (root / "data.yaml").write_text(yaml.safe_dump({k: v for k, v in doc.items() if v is not None}, sort_keys=False))
-    return root
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,11 +94,7 @@ def main():
     def crops_with(scale_, shift_):
         return np.stack([predictor.crop(s[2], ern.face_crop_box(s[4], s[2].shape, scale_, shift_), 0.0) for s in test])
 
-    def normalized(region, shape):
-        (x0, y0, x1, y1), (h, w) = region, shape[:2]
-        return ((x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h)
-
-    exact = np.stack([predictor.crop(s[2], normalized(s[3], s[2].shape), 0.0) for s in test])
+    exact = np.stack([predictor.crop(s[2], ern.normalized_box(s[3], s[2].shape), 0.0) for s in test])
     rows = {"training crop (reference)": reference,
             "placed exactly": predictor.classify(exact),
             f"Haar box + margin (scale {1 + 2 * margin:.2f})": predictor.classify(crops_with(1 + 2 * margin, 0.0)),
