@@ -114,6 +114,7 @@ class Config:
     run_name: str = "ern"  # first part of the default run folder's name
     overwrite: bool = False  # allow writing into a folder that already holds a run's results
     tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
+    attention_samples: int = 2000  # faces in attention_maps.png (a forward and a backward pass each); 0 = no figure
     # preset
     preset: str = ""  # named overrides applied before the command line: cpu | demo
 
@@ -127,10 +128,11 @@ class Action:
     evaluate: str = ""  # checkpoint to evaluate (no training)
     resume: str = ""  # last.pth of an interrupted run
     predict: str = ""  # image, video, folder (recursive) or camera:N; several: comma-separated, or @list.txt (one per line)
+    export: str = ""  # onnx: --checkpoint as model.onnx (normalization and softmax inside), checked against PyTorch
+    checkpoint: str = ""  # the model of --predict (.pth or exported .onnx) and of --export (.pth)
     # evaluation
     split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
     # prediction
-    checkpoint: str = ""  # model for --predict (.pth)
     every: int = 1  # videos and cameras: classify one frame in N
     max_frames: int = 0  # videos and cameras: stop after this many classified frames; 0 = to the end (camera: Ctrl-C)
     detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
@@ -148,6 +150,7 @@ class Action:
     prediction_batch: int = 64  # faces per forward pass, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
     show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
+    explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
 
 
 # Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
@@ -160,6 +163,8 @@ PRESETS = {
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
+ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
+EXPORT_TOLERANCE = 1e-4  # largest probability difference between an export and PyTorch that --export accepts
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --predict: these from the command line
 CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -240,20 +245,22 @@ def parse_args(argv, base=None):
 
 
 ACTION_FIELDS = [f.name for f in dataclasses.fields(Action)]
-PREDICTION_FIELDS = ACTION_FIELDS[ACTION_FIELDS.index("checkpoint"):]  # the settings of --predict
+PREDICTION_FIELDS = ACTION_FIELDS[ACTION_FIELDS.index("every"):]  # the settings of --predict
+EXPORT_FORMATS = ("onnx",)
 
 
 def validate_action(action):
     """At most one action, and each action's settings only with it."""
-    chosen = [f"--{n}" for n in ("demo", "evaluate", "resume", "predict") if getattr(action, n)]
+    chosen = [f"--{n}" for n in ("demo", "evaluate", "resume", "predict", "export") if getattr(action, n)]
     if len(chosen) > 1:
         raise UserError(f"{' and '.join(chosen)} are separate actions: give one per call")
     defaults = Action()
-    for owner, fields in (("predict", PREDICTION_FIELDS), ("evaluate", ["split"])):
+    for owners, fields in ((("predict",), PREDICTION_FIELDS), (("evaluate",), ["split"]),
+                           (("predict", "export"), ["checkpoint"])):
         stray = [n for n in fields if getattr(action, n) != getattr(defaults, n)]
-        if stray and not getattr(action, owner):
+        if stray and not any(getattr(action, owner) for owner in owners):
             raise UserError(f"{', '.join('--' + n for n in stray)} only {'applies' if len(stray) == 1 else 'apply'} "
-                            f"with --{owner}")
+                            f"with {' or '.join('--' + owner for owner in owners)}")
     checks = [(action.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {action.split!r}"),
               (action.every >= 1, f"--every must be >= 1, got {action.every}"),
               (action.max_frames >= 0, f"--max_frames must be >= 0, got {action.max_frames}"),
@@ -272,8 +279,11 @@ def validate_action(action):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if action.predict and not action.checkpoint:
-        raise UserError("--predict needs --checkpoint=PATH.pth")
+    if action.export and action.export not in EXPORT_FORMATS:
+        raise UserError(f"--export must be {' or '.join(EXPORT_FORMATS)}, got {action.export!r}")
+    for name in ("predict", "export"):
+        if getattr(action, name) and not action.checkpoint:
+            raise UserError(f"--{name} needs --checkpoint=PATH.pth")
 
 
 def parse_blocks(text):
@@ -305,6 +315,7 @@ def validate_config(cfg):
         (0 <= cfg.crop_margin <= 1, f"--crop_margin must be in [0, 1], got {cfg.crop_margin}"),
         (cfg.attention_reduction >= 1, f"--attention_reduction must be >= 1, got {cfg.attention_reduction}"),
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
+        (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
     for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix",
                  "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
@@ -1189,7 +1200,8 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics)
+# Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics); an exported
+# .onnx file carries the same facts as metadata and is read back in their place
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
@@ -1208,10 +1220,13 @@ def training_state(optimizer, scheduler, scaler, ema, history, best):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code)."""
+    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code); an .onnx file: its
+    metadata under the same keys, and its onnxruntime session."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        return load_onnx(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
@@ -1219,6 +1234,39 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
     return ckpt
+
+
+def load_onnx(path):
+    import onnxruntime
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for files it cannot read
+        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("format") != ONNX_FORMAT:
+        raise UserError(f"{path} is not an ERN export (no '{ONNX_FORMAT}' format tag in its metadata)")
+    ckpt = {k: json.loads(meta[k]) for k in ("class_names", "image_size", "config", "epoch", "metrics", "num_parameters")}
+    # the graph takes [0, 1] and normalizes inside: normalize(x, 0, 1) is that x / 255
+    return {**ckpt, "format": ONNX_FORMAT, "session": session, "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}
+
+
+class OnnxModel:
+    """An exported ERN run by onnxruntime where run_inference runs the network: images in [0, 1] in, and
+    log-probabilities out in place of the logits (flip TTA's mean of log-probabilities has the softmax of the mean
+    of logits: they differ by one constant per image). No features or context logits: the graph gives neither."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def to(self, *args, **kwargs):  # onnxruntime holds the model on the CPU
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        probs = self.session.run(["probabilities"], {"images": np.ascontiguousarray(x.float().cpu().numpy())})[0]
+        return torch.from_numpy(probs).clamp_min(torch.finfo(torch.float32).tiny).log(), None, None
 
 
 def checkpoint_normalization(ckpt, device):
@@ -1245,6 +1293,8 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                             "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
+    if ckpt["format"] == ONNX_FORMAT:
+        return OnnxModel(ckpt["session"]), cfg
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -1463,7 +1513,8 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
 
 @torch.inference_mode()
 def run_inference(model, images, mean, std, device, cfg, tta=None):
-    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages logits)."""
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages logits).
+    An OnnxModel gives log-probabilities for logits, and neither context logits nor features (None)."""
     model.eval()
     tta = cfg.tta_flip if tta is None else tta
     amp_dtype, channels_last = autocast_dtype(cfg, device), use_channels_last(cfg, device)
@@ -1475,15 +1526,12 @@ def run_inference(model, images, mean, std, device, cfg, tta=None):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, s, f = (None if t is None else t.float() for t in model(x))
             if tta:
-                logits_m, s_m, f_m = (None if t is None else t.float() for t in model(x.flip(3)))
-                logits, f = (logits + logits_m) / 2, (f + f_m) / 2
-                s = None if s is None else (s + s_m) / 2
-        outs["logits"].append(logits.cpu())
-        outs["features"].append(f.cpu())
-        if s is not None:
-            outs["context_logits"].append(s.cpu())
-    return {"logits": torch.cat(outs["logits"]), "features": torch.cat(outs["features"]),
-            "context_logits": torch.cat(outs["context_logits"]) if outs["context_logits"] else None}
+                mirrored = model(x.flip(3))
+                logits, s, f = (None if t is None else (t + t_m.float()) / 2 for t, t_m in zip((logits, s, f), mirrored))
+        for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
+            if t is not None:
+                outs[name].append(t.cpu())
+    return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
 
 
 def confusion(y_true, y_pred, k):
@@ -1632,22 +1680,165 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
 
 
 def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
-    """Evaluate one split and write evaluation_results.json and the confusion, context and t-SNE plots."""
+    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots
+    (an exported .onnx model gives probabilities only: the confusion matrix alone)."""
     import matplotlib
     matplotlib.use("Agg")
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
-    write_json(results, run_dir / "evaluation_results.json")
     plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    prototypes = model.context.prototypes.detach().cpu() if model.context is not None else None
+    network = isinstance(model, nn.Module)
+    prototypes = model.context.prototypes.detach().cpu() if network and model.context is not None else None
     if prototypes is not None:
         q = out["context_logits"].softmax(1).numpy()
         plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
-    if cfg.tsne_samples:
+    if cfg.tsne_samples and network:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)
+    if cfg.attention_samples and network:
+        results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
+                                                        mean, std, device, cfg, run_dir / "attention_maps.png")
+    if not network:
+        results["plots_left_out"] = "context_similarities, feature_space, attention_maps: an .onnx model gives probabilities only"
+    write_json(results, run_dir / "evaluation_results.json")
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanation: what the network looks at (its spatial-attention gates and Grad-CAM), read from the network
+# itself by forward hooks
+# ---------------------------------------------------------------------------------------------
+
+EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
+
+def explain_faces(model, images, mean, std, device, target=None):
+    """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
+    upsampled to S x S, (N, stages, S, S), or None without spatial attention; "gradcam", Grad-CAM (Selvaraju et
+    al., ICCV 2017) of the target class (default: the predicted one) on the last stage's output, (N, S, S),
+    scaled by its maximum; both in [0, 1]. Also "probabilities" (N, K) and the context distribution "q"
+    (N, K, or None without the context module). Evaluation mode: dropout off, BatchNorm's running statistics."""
+    model.eval()
+    size = images.shape[-1]
+    gates, stage_out = [], []
+    hooks = [m.bn.register_forward_hook(lambda module, inputs, out: gates.append(torch.sigmoid(out.float())))
+             for m in model.modules() if isinstance(m, SpatialAttention)]
+    hooks.append(model.stages[-1].register_forward_hook(lambda module, inputs, out: stage_out.append(out)))
+    outs = defaultdict(list)
+    try:
+        for i in range(0, len(images), EXPLAIN_BATCH):
+            gates.clear()
+            stage_out.clear()
+            x = normalize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
+            with torch.enable_grad():
+                logits, s, _ = model(x)
+                t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
+                [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
+            a = stage_out[0].detach()
+            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # channels weighted by mean gradient
+            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
+            if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
+                outs["gates"].append(torch.cat([F.interpolate(g.detach(), size=size, mode="bilinear", align_corners=False)
+                                                for g in gates], 1).cpu())
+            outs["probabilities"].append(logits.detach().float().softmax(1).cpu())
+            if s is not None:
+                outs["q"].append(s.detach().float().softmax(1).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
+
+
+def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
+    """A heat map in [vmin, vmax] over a uint8 (3, S, S) face."""
+    ax.imshow(face.transpose(1, 2, 0))
+    ax.imshow(heat, cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def plot_explanation(face, explanation, probs, class_names, title, path):
+    """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
+    class, the class probabilities and the context distribution q over the emotion prototypes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
+    stages = 0 if gates is None else gates.shape[0]
+    fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
+                             gridspec_kw={"width_ratios": [1] * (2 + max(stages, 1)) + [1.6, 1.6]})
+    axes[0].imshow(face.transpose(1, 2, 0))
+    axes[0].set_title("crop (network input)", fontsize=8)
+    axes[0].axis("off")
+    for j in range(stages):
+        overlay(axes[1 + j], face, gates[j], f"stage {j + 1} spatial attention\n(gate {gates[j].min():.2f}-{gates[j].max():.2f})",
+                gates[j].min(), max(gates[j].max(), gates[j].min() + 1e-6))
+    if not stages:
+        axes[1].text(0.5, 0.5, "no spatial attention\n(--spatial_attention=false)", ha="center", va="center", fontsize=8)
+        axes[1].axis("off")
+    k = int(probs.argmax())
+    overlay(axes[1 + max(stages, 1)], face, cam, f"Grad-CAM: {class_names[k]}")
+    for ax, values, name in ((axes[-2], probs, "probabilities"), (axes[-1], q, "context q (prototypes)")):
+        if values is None:
+            ax.text(0.5, 0.5, "no context module\n(--context=false)", ha="center", va="center", fontsize=8)
+            ax.axis("off")
+            continue
+        ax.barh(range(len(class_names)), values, color=["tab:red" if i == k else "tab:gray" for i in range(len(class_names))])
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg, path):
+    """attention_maps.png: per true class, the mean face of (at most attention_samples) evaluated faces, and the
+    mean spatial attention (over stages) and mean Grad-CAM of the predicted class, correctly and incorrectly
+    classified faces side by side. Returns what it shows, as numbers, for evaluation_results.json."""
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(cfg.seed)
+    idx = np.sort(rng.permutation(len(split))[:cfg.attention_samples])
+    faces, labels, pred = np.asarray(split.images[idx]), split.labels[idx], pred[idx]
+    maps = explain_faces(model, faces, mean, std, device, target=pred)
+    attention = None if maps["gates"] is None else maps["gates"].mean(1)
+    columns = [("attention", attention), ("Grad-CAM", maps["gradcam"])]
+    groups = [(c, name, m) for name, m in columns for c in (True, False)]
+    shown = {}
+    for i, name in enumerate(class_names):
+        for correct, title, m in groups:
+            chosen = (labels == i) & ((pred == labels) == correct)
+            shown[(i, title, correct)] = (m[chosen].mean(0) if m is not None and chosen.any() else None, int(chosen.sum()))
+    gate_values = [v for (_, title, _), (v, _) in shown.items() if title == "attention" and v is not None]
+    gate_range = (min(v.min() for v in gate_values), max(v.max() for v in gate_values)) if gate_values else (0, 1)
+    k = len(class_names)
+    fig, axes = plt.subplots(k, 5, figsize=(10, 2.1 * k + 0.6), squeeze=False)
+    for i, name in enumerate(class_names):
+        mine = labels == i
+        mean_face = faces[mine].mean(0).round().astype(np.uint8) if mine.any() else np.zeros_like(faces[0])
+        axes[i, 0].imshow(mean_face.transpose(1, 2, 0))
+        axes[i, 0].set_title(f"{name}: mean face (n={int(mine.sum())})", fontsize=8)
+        axes[i, 0].axis("off")
+        for j, (correct, title, m) in enumerate(groups):
+            ax = axes[i, 1 + j]
+            heat, n = shown[(i, title, correct)]
+            label = f"{title}, {'correct' if correct else 'wrong'} (n={n})"
+            if heat is None:
+                ax.text(0.5, 0.5, "no spatial attention" if m is None else "no faces", ha="center", va="center", fontsize=8)
+                ax.set_title(label, fontsize=8)
+                ax.axis("off")
+            else:
+                overlay(ax, mean_face, heat, label, *(gate_range if title == "attention" else (0, 1)))
+    fig.suptitle(f"{len(idx)} faces of the evaluated split; attention: mean spatial gate over stages, colour range "
+                 f"{gate_range[0]:.2f}-{gate_range[1]:.2f}; Grad-CAM of the predicted class, 0-1", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return {"faces": int(len(idx)), "gate_range": [float(v) for v in gate_range]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1768,6 +1959,8 @@ class EmotionPredictor:
         self.mean, self.std = checkpoint_normalization(ckpt, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector(self.action) if self.action.detect_faces else None
+        if self.action.explain and not isinstance(self.model, nn.Module):
+            raise UserError("--explain needs the .pth checkpoint: Grad-CAM takes gradients, which an .onnx file cannot give")
 
     def crop(self, image, box, margin):
         return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
@@ -1920,6 +2113,20 @@ def classify_batch(predictor, ready):
     return np.split(probs, ends[:-1])
 
 
+def write_explanations(predictor, out, stem, faces, probs, face_ids):
+    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with flip TTA
+    where it is on), the maps and q those of the crop itself."""
+    if not faces:
+        return
+    maps = explain_faces(predictor.model, np.stack([crop for *_, crop in faces]), predictor.mean, predictor.std,
+                         predictor.device)
+    for j, ((_, detected, crop), p, face) in enumerate(zip(faces, probs, face_ids)):
+        title = f"{stem}, face {face}{'' if detected else ' (no face found: whole image)'}: " \
+                f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
+        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
+                         title, out.path(f"{stem}_face{face}.png", "explain"))
+
+
 def annotate(image, faces, rows, tracks=None):
     """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -2054,7 +2261,10 @@ def predict_images(predictor, sources, out, progress):
                     continue
                 rows = predictor.describe(faces, probs)
                 out.rows(source.path, None, None, faces, rows, range(len(faces)))
-                annotated = out.path(out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png"))
+                name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
+                annotated = out.path(name)
+                if predictor.action.explain:
+                    write_explanations(predictor, out, name.stem, faces, probs, range(len(faces)))
                 written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
@@ -2130,6 +2340,8 @@ def predict_video(predictor, source, out):
                 for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                     ids, smoothed = tracker.update(faces, probs)
                     out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
+                    if action.explain:
+                        write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     if writer is None:
                         rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / action.every
@@ -2226,12 +2438,101 @@ def run_prediction(cfg, action, overrides):
 
 
 # ---------------------------------------------------------------------------------------------
+# Export: the trained network as one ONNX file that runs without PyTorch or this file
+# ---------------------------------------------------------------------------------------------
+
+class ExportedERN(nn.Module):
+    """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
+    checkpoint's normalization and the softmax inside the graph."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, images):
+        return self.model(normalize(images * 255, self.mean, self.std))[0].softmax(1)
+
+
+def export_inputs(image_size, seed=0):
+    """Inputs in [0, 1] to compare an export with PyTorch on: uniform noise, and the real face of the portrait
+    matplotlib ships (cropped as --predict crops a detected face, and the whole image), each also mirrored."""
+    from matplotlib import cbook
+    image = cv2.cvtColor(cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
+    action = Action()
+    boxes = [face_crop_box(b, image.shape, action.face_crop_scale, action.face_crop_shift)
+             for b in FaceDetector(action)(image)] + [WHOLE_IMAGE]
+    real = np.stack([crop_box(image, b, 0.0, image_size).transpose(2, 0, 1) for b in boxes])
+    real = torch.from_numpy(np.concatenate([real, real[..., ::-1]])).float() / 255
+    noise = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    return {"random": noise, "real": real}
+
+
+def export_onnx(checkpoint, path):
+    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, metrics, config)
+    inside; then run it with onnxruntime against PyTorch. Returns the largest probability difference per input kind."""
+    import onnx
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{checkpoint} is already an export: --export takes a .pth checkpoint")
+    model, cfg = model_from_checkpoint(ckpt)
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu")).eval()
+    size = ckpt["image_size"]
+    example = torch.rand(2, 3, size, size)
+    torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                      verbose=False)
+    graph = onnx.load(str(path))
+    graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
+                        f"crop_margin {cfg.crop_margin} around the face box -> probabilities (N, {len(ckpt['class_names'])}) "
+                        f"over the metadata's class_names")
+    meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
+            "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
+            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model),
+            "checkpoint": Path(checkpoint).name}
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(graph, str(path))
+    session = load_onnx(path)["session"]
+    differences = {}
+    with torch.inference_mode():
+        for kind, x in export_inputs(size).items():
+            got = session.run(["probabilities"], {"images": x.numpy()})[0]
+            differences[kind] = float(np.abs(got - exported(x).numpy()).max())
+    return differences
+
+
+def run_export(cfg, action, overrides):
+    """--export=onnx: model.onnx in --output_dir, or beside the checkpoint; exit 1 when onnxruntime disagrees with
+    PyTorch by more than the prediction tests allow."""
+    taken = sorted(set(overrides) - {"output_dir", "overwrite"})
+    if taken:
+        raise UserError(f"--export takes {', '.join('--' + k for k in taken)} from the checkpoint; drop "
+                        f"{'it' if len(taken) == 1 else 'them'}")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(action.checkpoint).parent
+    path = out_dir / "model.onnx"
+    if path.exists() and not cfg.overwrite:
+        raise UserError(f"{path} exists; choose another --output_dir, or --overwrite=true")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    differences = export_onnx(action.checkpoint, path)
+    worst = max(differences.values())
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability difference: "
+          + ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items()))
+    if worst > EXPORT_TOLERANCE:
+        print(f"error: the export differs from PyTorch by {worst:.2e} > {EXPORT_TOLERANCE:g}: do not use it", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
 RUN_FILES = ("config.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
              "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
-             "confusion_matrix.png", "context_similarities.png", "feature_space.png")
+             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png")
 
 
 def make_run_dir(cfg, resuming=False):
@@ -2317,7 +2618,8 @@ def run_evaluation(cfg, action, overrides):
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": split, "num_parameters": count_parameters(model), "precision": precision(cfg, device),
+        "evaluated_split": split, "precision": precision(cfg, device),
+        "num_parameters": ckpt["num_parameters"] if ckpt["format"] == ONNX_FORMAT else count_parameters(model),
         "best_epoch": ckpt["epoch"],
         "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
         "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
@@ -2339,6 +2641,8 @@ def main(argv):
     validate_action(action)
     if action.predict:
         return run_prediction(cfg, action, overrides)
+    if action.export:
+        return run_export(cfg, action, overrides)
     if action.evaluate:
         return run_evaluation(cfg, action, overrides)
     if action.resume:

@@ -22,8 +22,8 @@ from conftest import TINY, ern, run_script
 
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "metrics.jsonl",
              "data_report.json", "evaluation_results.json", "training_history.png", "confusion_matrix.png",
-             "context_similarities.png", "feature_space.png"]
-EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png",
+             "context_similarities.png", "feature_space.png", "attention_maps.png"]
+EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
               "feature_space.png"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
 RESULT_KEYS = ["test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",

@@ -1,0 +1,268 @@
+"""Explanations (attention gates, Grad-CAM, --explain, attention_maps.png) and the ONNX export (--export=onnx,
+--predict and --evaluate through the .onnx file).
+
+The explanation checks follow Adebayo et al., "Sanity Checks for Saliency Maps" (2018): maps of the input's size
+in [0, 1], Grad-CAM that changes when the trained weights are randomized, and mirrored faces; Grad-CAM is also
+compared with CAM (Zhou et al., 2016), which it equals for a network ending in pooling and a linear layer.
+"""
+import csv
+import json
+import shutil
+
+import cv2
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+
+from conftest import TINY, ern, run_script
+from test_predict import HOPPER
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset, tmp_path_factory):
+    """Six epochs with flips (the default aug_flip) on the tiny dataset: the run folder."""
+    tmp = tmp_path_factory.mktemp("run")
+    run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=6", f"--output_dir={tmp / 'run'}",
+               f"--cache_dir={tmp / 'cache'}", cwd=tmp)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    """model.onnx of the run's best checkpoint: (path, finished process)."""
+    out = tmp_path_factory.mktemp("export")
+    proc = run_script("--export=onnx", f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output_dir={out}", cwd=out)
+    return out / "model.onnx", proc
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    ckpt = ern.load_checkpoint(run / "best_emotion_model.pth")
+    model, cfg = ern.model_from_checkpoint(ckpt)
+    return model, cfg, *ern.checkpoint_normalization(ckpt, "cpu")
+
+
+def faces_of(tiny_dataset, split="test"):
+    cfg = ern.Config(data_dir=str(tiny_dataset), image_size=32, cache_dir="", decode_threads=1)
+    _, splits, _ = ern.load_dataset(cfg, None, (split,))
+    return np.asarray(splits[split].images)
+
+
+def read_probabilities(folder):
+    with open(folder / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = list(rows[0])[len(ern.CSV_COLUMNS):]
+    return rows, np.array([[float(r[c]) for c in classes] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanations
+# ---------------------------------------------------------------------------------------------
+
+def test_maps_have_the_input_size_and_lie_in_the_unit_interval(trained, tiny_dataset):
+    model, cfg, mean, std = trained
+    faces = faces_of(tiny_dataset)
+    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
+    n, k = len(faces), len(cfg_classes(trained))
+    assert maps["gates"].shape == (n, 4, 32, 32) and maps["gradcam"].shape == (n, 32, 32)
+    for m in (maps["gates"], maps["gradcam"]):
+        assert m.min() >= 0 and m.max() <= 1
+    lit = maps["gradcam"].reshape(n, -1).max(1)
+    assert np.all((lit == pytest.approx(1.0)) | (lit == 0))  # scaled by its maximum, or nothing positive
+    assert maps["probabilities"].shape == maps["q"].shape == (n, k)
+    expected = ern.run_inference(model, faces, mean, std, torch.device("cpu"), cfg, tta=False)
+    assert maps["probabilities"] == pytest.approx(expected["logits"].softmax(1).numpy(), abs=1e-5)
+    assert maps["q"] == pytest.approx(expected["context_logits"].softmax(1).numpy(), abs=1e-5)
+
+
+def cfg_classes(trained):
+    return range(trained[0].classifier.out_features)
+
+
+def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_dataset):
+    """Without the context module, logit_c = W_c . mean(A) + b: Grad-CAM's weights are W_c / (H W), so its map is
+    ReLU(sum_k W_ck A_k), CAM, up to the scale its maximum removes."""
+    torch.manual_seed(0)
+    model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), context=False).eval()
+    faces = faces_of(tiny_dataset)[:6]
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+    target = np.arange(6) % 8
+    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"), target=target)
+    with torch.no_grad():
+        a = model.stages(model.stem(ern.normalize(torch.from_numpy(faces), mean, std)))
+        cam = F.relu(torch.einsum("nkhw,nk->nhw", a, model.classifier.weight[target]))[:, None]
+        cam = F.interpolate(cam, size=32, mode="bilinear", align_corners=False)[:, 0]
+        cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)
+    assert maps["gradcam"] == pytest.approx(cam.numpy(), abs=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:An input array is constant")  # a map with nothing positive: rho undefined, left out
+def test_gradcam_changes_when_the_trained_weights_are_randomized(trained, tiny_dataset):
+    """Adebayo et al.'s model-randomization test: the same faces and target classes through a freshly initialized
+    network of the same architecture give Grad-CAM maps of low rank correlation with the trained network's."""
+    model, cfg, mean, std = trained
+    faces = faces_of(tiny_dataset)
+    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
+    torch.manual_seed(123)
+    random = ern.build_model(cfg, model.classifier.out_features)
+    shuffled = ern.explain_faces(random, faces, mean, std, torch.device("cpu"), target=maps["probabilities"].argmax(1))
+    rho = [spearmanr(a.ravel(), b.ravel())[0] for a, b in zip(maps["gradcam"], shuffled["gradcam"])]
+    assert np.nanmedian(rho) < 0.5, rho
+    again = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))  # not noise: the same weights, the same map
+    assert again["gradcam"] == pytest.approx(maps["gradcam"], abs=1e-6)
+
+
+def mirror_symmetric(model):
+    """Every convolution kernel made mirror-symmetric: on inputs whose side stays odd through every stride-2 stage
+    (33 -> 17 -> 9 -> 5 -> 3, so that each stride keeps the centre column), the network is then exactly equivariant
+    to a horizontal flip (zero padding, pooling, per-channel gates and the 7x7 spatial convolution commute with it)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_((m.weight + m.weight.flip(-1)) / 2)
+    return model
+
+
+def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_network(trained, tiny_dataset):
+    model, cfg, mean, std = trained
+    model = mirror_symmetric(ern.build_model(cfg, model.classifier.out_features).eval())
+    faces = np.stack([cv2.resize(f.transpose(1, 2, 0), (33, 33)).transpose(2, 0, 1) for f in faces_of(tiny_dataset)])
+    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
+    mirrored = ern.explain_faces(model, faces[..., ::-1].copy(), mean, std, torch.device("cpu"))
+    assert mirrored["gates"][..., ::-1] == pytest.approx(maps["gates"], abs=1e-4)
+    assert mirrored["gradcam"][..., ::-1] == pytest.approx(maps["gradcam"], abs=1e-3)
+    assert np.abs(maps["gates"] - maps["gates"][..., ::-1]).max() > 0.01  # the faces themselves are not symmetric
+
+
+@pytest.mark.xfail(strict=True, reason="measured, not yet true: the learned gates are not mirror-consistent (median "
+                                       "correlation 0.2-0.4 here, -0.68 for the last stage on AffectNet; BENCHMARKS.md)")
+def test_attention_of_a_mirrored_face_is_the_mirrored_attention_for_a_model_trained_with_flips(trained, tiny_dataset):
+    model, cfg, mean, std = trained
+    assert cfg.aug_flip == 0.5
+    faces = faces_of(tiny_dataset)
+    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))["gates"].mean(1)
+    mirrored = ern.explain_faces(model, faces[..., ::-1].copy(), mean, std, torch.device("cpu"))["gates"].mean(1)[..., ::-1]
+    r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, mirrored)]
+    assert np.median(r) >= 0.9, r
+
+
+def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, tmp_path):
+    torch.manual_seed(0)
+    model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), spatial_attention=False).eval()
+    faces = faces_of(tiny_dataset)[:2]
+    maps = ern.explain_faces(model, faces, torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"))
+    assert maps["gates"] is None and maps["gradcam"].shape == (2, 32, 32) and maps["gradcam"].max() > 0
+    one = {k: None if v is None else v[0] for k, v in maps.items()}
+    ern.plot_explanation(faces[0], one, maps["probabilities"][0], ern.DEMO_CLASSES, "no attention", tmp_path / "e.png")
+    assert (tmp_path / "e.png").stat().st_size > 5000
+
+
+def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((tiny_dataset / "test" / "images").iterdir())[:2]:
+        shutil.copy(p, photos)
+    shutil.copy(HOPPER, photos)
+    run_script(f"--predict={photos}", f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain",
+               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    rows, _ = read_probabilities(tmp_path / "out")
+    expected = {f"{name.rsplit('.', 1)[0].split('/')[-1]}_face{r['face']}.png"
+                for r, name in ((r, r["source"]) for r in rows)}
+    assert len(rows) == 3 and {p.name for p in (tmp_path / "out" / "explain").iterdir()} == expected
+
+
+def test_training_and_evaluation_draw_attention_maps(run):
+    results = json.loads((run / "evaluation_results.json").read_text())
+    assert (run / "attention_maps.png").stat().st_size > 20000
+    assert results["attention_maps"]["faces"] == results["evaluated_samples"]  # fewer than attention_samples
+    lo, hi = results["attention_maps"]["gate_range"]
+    assert 0 <= lo < hi <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export
+# ---------------------------------------------------------------------------------------------
+
+def test_export_agrees_with_pytorch_and_says_by_how_much(exported, trained):
+    path, proc = exported
+    differences = [float(v) for v in __import__("re").findall(r"([\d.]+e[-+]\d+) on (?:random|real) inputs", proc.stdout)]
+    assert len(differences) == 2 and max(differences) < 1e-5, proc.stdout
+    model, cfg, mean, std = trained
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [inp], [out] = session.get_inputs(), session.get_outputs()
+    assert (inp.name, out.name, inp.shape[1:]) == ("images", "probabilities", [3, 32, 32])
+    assert isinstance(inp.shape[0], str)  # a dynamic batch
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # an independent oracle: the network on the normalized input, softmax
+        expected = model.eval()((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0].softmax(1).numpy()
+    for batch in (x[:1], x):
+        got = session.run(["probabilities"], {"images": batch.numpy()})[0]
+        assert got == pytest.approx(expected[:len(batch)], abs=1e-5)
+
+
+def test_export_carries_the_metadata(exported, run):
+    path, _ = exported
+    meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    ckpt = torch.load(run / "best_emotion_model.pth", map_location="cpu", weights_only=True)
+    assert meta["format"] == ern.ONNX_FORMAT
+    assert json.loads(meta["class_names"]) == ckpt["class_names"] == ern.DEMO_CLASSES
+    assert json.loads(meta["image_size"]) == 32 and json.loads(meta["crop_margin"]) == ckpt["config"]["crop_margin"]
+    assert json.loads(meta["metrics"]) == pytest.approx(ckpt["metrics"])
+    assert json.loads(meta["normalization"]) == ckpt["normalization"]
+
+
+def test_predict_through_onnx_agrees_with_the_checkpoint(exported, run, tiny_dataset, tmp_path):
+    path, _ = exported
+    photos = tmp_path / "photos"
+    shutil.copytree(tiny_dataset / "valid" / "images", photos)
+    shutil.copy(HOPPER, photos)
+    for name, model in (("pth", run / "best_emotion_model.pth"), ("onnx", path)):
+        run_script(f"--predict={photos}", f"--checkpoint={model}", f"--output_dir={tmp_path / name}", cwd=tmp_path)
+    rows_pth, p_pth = read_probabilities(tmp_path / "pth")
+    rows_onnx, p_onnx = read_probabilities(tmp_path / "onnx")
+    assert len(rows_pth) == 33
+    assert [r["source"] for r in rows_onnx] == [r["source"] for r in rows_pth]
+    assert np.abs(p_onnx - p_pth).max() <= 1e-4
+    summary = json.loads((tmp_path / "onnx" / "summary.json").read_text())
+    assert summary["checkpoint"] == str(path)
+
+
+def test_evaluate_through_onnx_gives_the_checkpoints_results(exported, run, tiny_dataset, tmp_path):
+    path, _ = exported
+    for name, model in (("pth", run / "best_emotion_model.pth"), ("onnx", path)):
+        run_script(f"--evaluate={model}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / name}",
+                   f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    pth, onnx = (json.loads((tmp_path / n / "evaluation_results.json").read_text()) for n in ("pth", "onnx"))
+    assert onnx["confusion_matrix"] == pth["confusion_matrix"] and onnx["test_accuracy"] == pth["test_accuracy"]
+    assert "plots_left_out" in onnx and not (tmp_path / "onnx" / "attention_maps.png").exists()
+    assert (tmp_path / "onnx" / "confusion_matrix.png").exists()
+
+
+def test_export_refuses_what_is_not_an_ern_checkpoint(tmp_path):
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "bare.pth")
+    proc = run_script("--export=onnx", f"--checkpoint={tmp_path / 'bare.pth'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not an ERN checkpoint" in proc.stderr
+    torch.onnx.export(nn.Linear(2, 2), (torch.rand(1, 2),), str(tmp_path / "other.onnx"), dynamo=False)
+    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={tmp_path / 'other.onnx'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not an ERN export" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--export=tflite", "--checkpoint=x.pth"], "--export must be onnx"),
+    (["--export=onnx"], "--export needs --checkpoint"),
+    (["--checkpoint=x.pth"], "--checkpoint only applies with --predict or --export"),
+    (["--export=onnx", "--checkpoint=x.pth", "--image_size=64"], "--export takes --image_size from the checkpoint"),
+])
+def test_export_arguments_are_checked(args, message, tmp_path):
+    (tmp_path / "x.pth").write_bytes(b"")
+    proc = run_script(*args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_explain_refuses_an_onnx_model(exported, tmp_path):
+    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={exported[0]}", "--explain", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--explain needs the .pth checkpoint" in proc.stderr
