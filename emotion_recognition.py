@@ -1293,7 +1293,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                             "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    if ckpt["format"] == ONNX_FORMAT:
+    if ckpt.get("format") == ONNX_FORMAT:
         return OnnxModel(ckpt["session"]), cfg
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
@@ -2619,7 +2619,7 @@ def run_evaluation(cfg, action, overrides):
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "precision": precision(cfg, device),
-        "num_parameters": ckpt["num_parameters"] if ckpt["format"] == ONNX_FORMAT else count_parameters(model),
+        "num_parameters": ckpt["num_parameters"] if ckpt.get("format") == ONNX_FORMAT else count_parameters(model),
         "best_epoch": ckpt["epoch"],
         "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
         "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},

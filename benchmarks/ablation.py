@@ -84,7 +84,7 @@ def main():
             run_dir = out / f"{row.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}__seed{seed}"
             cmd = [sys.executable, str(ROOT / "emotion_recognition.py"), f"--data_dir={args.data_dir}",
                    *shlex.split(args.protocol), *shlex.split(ROWS[row]), *shlex.split(args.extra),
-                   f"--seed={seed}", f"--output_dir={run_dir}", "--tsne_samples=0"]
+                   f"--seed={seed}", f"--output_dir={run_dir}", "--tsne_samples=0", "--attention_samples=0"]
             jobs.append((row, seed, run_dir, cmd))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     pending, running, results = list(jobs), [], []

@@ -25,7 +25,7 @@ import yaml
 
 from conftest import SCRIPT, TINY, ern, run_script
 
-FAST = [*TINY, "--tsne_samples=0"]  # the plots are test_ern.py's business; t-SNE only costs time here
+FAST = [*TINY, "--tsne_samples=0", "--attention_samples=0"]  # the plots are test_ern.py's business: they only cost time here
 EPOCHS = 3  # of the deterministic reference run that the interrupted-and-resumed run must reproduce
 SPLIT_FOLDERS = {"train": "train", "val": "valid", "test": "test"}
 
