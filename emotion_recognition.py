@@ -8,7 +8,8 @@ loss (label-smoothed cross-entropy + lambda * KL(target || q)). Reads YOLO-forma
 (data.yaml + train/valid/test, each images/ + labels/), trains with AdamW and a warm-up +
 cosine schedule, and writes checkpoints, evaluation_results.json and plots into one run folder.
 A trained model classifies the faces of photos, folders, videos and cameras (--predict, or
-EmotionPredictor in a notebook).
+EmotionPredictor in a notebook), shows what it looks at (--explain: spatial attention and Grad-CAM),
+and exports to ONNX (--export=onnx), which --predict and --evaluate also run.
 
     python emotion_recognition.py --demo                        # synthetic faces, about a minute on a CPU
     python emotion_recognition.py --data_dir=path/to/YOLO_format # the full protocol (GPU: 96 px, 50 epochs)
@@ -16,6 +17,8 @@ EmotionPredictor in a notebook).
     python emotion_recognition.py --evaluate=outputs/RUN/best_emotion_model.pth --data_dir=...
     python emotion_recognition.py --predict=photo.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
     python emotion_recognition.py --predict=clip.mp4,photos/ --checkpoint=...  # videos, folders, camera:0; CSV + annotated copies
+    python emotion_recognition.py --predict=photo.jpg --explain --checkpoint=...  # + explain/: attention and Grad-CAM per face
+    python emotion_recognition.py --export=onnx --checkpoint=outputs/RUN/best_emotion_model.pth  # -> outputs/RUN/model.onnx
     python emotion_recognition.py --help                         # every field of Config and Action
 
 Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet
@@ -1293,8 +1296,8 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                             "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    if ckpt.get("format") == ONNX_FORMAT:
-        return OnnxModel(ckpt["session"]), cfg
+    if ckpt.get("format") == ONNX_FORMAT:  # onnxruntime computes in float32, in its own layout
+        return OnnxModel(ckpt["session"]), dataclasses.replace(cfg, amp=False, channels_last=False)
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -2614,7 +2617,9 @@ def run_evaluation(cfg, action, overrides):
     split = action.split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
+    model, saved = model_from_checkpoint(ckpt, class_names, cfg.image_size)
+    if isinstance(model, OnnxModel):
+        cfg = dataclasses.replace(cfg, amp=saved.amp, channels_last=saved.channels_last)
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {

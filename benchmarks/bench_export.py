@@ -52,11 +52,12 @@ def ms_per_face(run, x, calls):
     return (time.perf_counter() - t0) / calls / len(x) * 1000
 
 
-def quantize(path, kind, calibration, out):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+def quantize(path, kind, calibration, out, method="MinMax", ops=""):
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = out.with_name(out.stem + "_prepared.onnx")
-    quant_pre_process(str(path), str(prepared))  # shape inference and fusions the quantizer expects
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference and fusions
     if kind == "int8 dynamic":
         quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
         return out
@@ -70,7 +71,9 @@ def quantize(path, kind, calibration, out):
             return None if batch is None else {"images": batch}
 
     quantize_static(str(prepared), str(out), Faces(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    op_types_to_quantize=ops.split(",") if ops else None)
     return out
 
 
@@ -89,6 +92,9 @@ def main():
     ap.add_argument("--data_dir", default="", help="the dataset of --checkpoint (validation split: accuracy)")
     ap.add_argument("--cache_dir", default="outputs/cache")
     ap.add_argument("--calibration", type=int, default=512, help="training faces that calibrate static int8")
+    ap.add_argument("--calibrate_method", default="MinMax", choices=["MinMax", "Entropy", "Percentile"],
+                    help="how static int8 sets activation ranges from the calibration faces")
+    ap.add_argument("--int8_ops", default="", help="operator types static int8 quantizes, e.g. Conv; empty = all it can")
     ap.add_argument("--out", default="outputs/bench_export.json")
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
@@ -97,7 +103,7 @@ def main():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     results = {"cpu": cpu, "bf16_native": ern.cpu_has_bf16(), "threads": threads, "torch": torch.__version__,
-               "onnxruntime": ort.__version__, "precision": "float32 (PyTorch eager and onnxruntime)", "models": {}}
+               "onnxruntime": ort.__version__, "calibrate_method": args.calibrate_method, "int8_ops": args.int8_ops or "all", "precision": "float32 (PyTorch eager and onnxruntime)", "models": {}}
     print(f"{cpu} | native bf16: {results['bf16_native']} | {threads} threads | torch {torch.__version__} | "
           f"onnxruntime {ort.__version__} | float32\n")
     for name in args.models.split(","):
@@ -130,7 +136,7 @@ def main():
             pick = np.random.default_rng(0).permutation(len(splits["train"]))[:args.calibration]
             calibration = np.asarray(splits["train"].images[np.sort(pick)], np.float32) / 255
             for kind in ("int8 dynamic", "int8 static"):
-                s = session(quantize(onnx_path, kind, calibration, tmp / f"{kind.replace(' ', '_')}.onnx"), "all", threads)
+                s = session(quantize(onnx_path, kind, calibration, tmp / f"{kind.replace(' ', '_')}.onnx", args.calibrate_method, args.int8_ops), "all", threads)
                 runs[f"onnxruntime {kind}"] = lambda x, s=s: s.run(["probabilities"], {"images": x})[0]
         rng = np.random.default_rng(0)
         x1, x64 = (rng.random((n, 3, size, size), dtype=np.float32) for n in (1, 64))
