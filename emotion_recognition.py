@@ -735,14 +735,16 @@ def load_split_pixels(split, cfg, log_file=None):
     return ok, cached["problems"]
 
 
-def stratified_holdout(labels, fraction, seed):
-    """Boolean mask of a class-stratified random fraction of the samples."""
+def stratified_holdout(labels, images, fraction, seed):
+    """Boolean mask of the samples (boxes) of a random fraction of the images, stratified by each image's first
+    label: the faces of one photo stay on one side."""
     rng = np.random.default_rng(seed)
-    held = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        held[idx[:max(1, round(fraction * len(idx)))]] = True
-    return held
+    names, first, group = np.unique(np.asarray(images, dtype=object).astype(str), return_index=True, return_inverse=True)
+    held_images = np.zeros(len(names), dtype=bool)
+    for c in np.unique(labels[first]):
+        idx = rng.permutation(np.flatnonzero(labels[first] == c))
+        held_images[idx[:max(1, round(fraction * len(idx)))]] = True
+    return held_images[group]
 
 
 def split_report(split, class_names):
@@ -818,10 +820,11 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     if problems:
         log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
     if "val" not in splits and "train" in splits_wanted:
-        held = stratified_holdout(splits["train"].labels, cfg.val_fraction, cfg.seed)
+        held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
         splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
         splits["train"] = splits["train"].subset(~held)
-        log(f"note: no validation split; holding out {held.sum()} training samples (--val_fraction={cfg.val_fraction})", log_file)
+        log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
+            f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
     duplicates = find_duplicates(splits) if "train" in splits else {}
     for name, d in duplicates.items():
         if name.endswith("_in_train") and d["samples"]:
@@ -1129,7 +1132,7 @@ class ERN(nn.Module):
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
                  attention_residual=True, fusion="concat"):
         super().__init__()
-        widths = [max(8, int(round(c * width / 8)) * 8) for c in (80, 160, 320, 640)[:len(blocks)]]
+        widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         stem = widths[0] // 2
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem

@@ -481,3 +481,26 @@ def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
 def test_an_unknown_device_is_one_line(tmp_path, device, message):
     proc = run_script(f"--device={device}", "--epochs=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_more_than_four_stages_are_built_as_asked():
+    """--blocks=1,1,1,1,1 builds five stages (widths doubling from 80 x width), as its config and checkpoint say."""
+    model = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1,1", image_size=64), 8).eval()
+    assert len(model.stages) == 5 and [len(stage) for stage in model.stages] == [2] * 5  # one block + attention each
+    assert model.feature_dim == 1280 // 8
+    with torch.no_grad():
+        logits, _, f = model(torch.rand(2, 3, 64, 64))
+    assert logits.shape == (2, 8) and f.shape == (2, 160)
+
+
+def test_held_out_validation_keeps_the_faces_of_a_photo_together():
+    rng = np.random.default_rng(0)
+    images = [f"img{i}.jpg" for i in range(200) for _ in range(1 + i % 3)]  # one to three faces a photo
+    labels = rng.integers(0, 4, len(images))
+    held = ern.stratified_holdout(labels, images, 0.2, seed=1)
+    on_both_sides = {p for p, h in zip(images, held) if h} & {p for p, h in zip(images, held) if not h}
+    assert not on_both_sides
+    held_photos = {p for p, h in zip(images, held) if h}
+    assert 30 <= len(held_photos) <= 50  # a fifth of the 200 photos, per class rounded
+    first_labels = {p: l for p, l in reversed(list(zip(images, labels)))}
+    assert {first_labels[p] for p in held_photos} == {0, 1, 2, 3}  # every class of first label is represented
