@@ -37,9 +37,11 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -157,8 +159,9 @@ class Action:
 
 
 # Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
-# BENCHMARKS.md: 18 epochs in bf16 took 23.4 minutes (in float32, on a CPU without native bf16,
-# about 157 s an epoch: use --epochs=11 there). It underfits, so it drops random erasing.
+# BENCHMARKS.md: 18 epochs in bf16 took 23.4 minutes. In float32 an epoch took 157 s on that AVX512 CPU and
+# about 420 s on a 2-core AVX2 AMD EPYC (18 epochs: about 2 hours; 4 fit 30 minutes). It underfits, so it
+# drops random erasing.
 PRESETS = {
     "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
@@ -397,6 +400,39 @@ def precision(cfg, device):
     dtype = autocast_dtype(cfg, device)
     return {"autocast": None if dtype is None else str(dtype).removeprefix("torch."),
             "channels_last": use_channels_last(cfg, device)}
+
+
+def provenance(argv, device, data_dir, data_report):
+    """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
+    and the dataset's fingerprint."""
+    script = Path(__file__).resolve()
+
+    def git(*args):  # None outside a git checkout, or without git
+        try:
+            done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("log", "-1", "--format=%H")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
+        "command": shlex.join([sys.executable, str(script), *argv]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "opencv": cv2.__version__, "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu, "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
+        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+        "git_commit": commit or None,  # the last commit that changed the script
+        "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
+        "data_dir": str(Path(data_dir).resolve()),
+        "dataset": {name: {"images": r["images"], "samples": r["samples"], "file_list_sha256": r["file_list_sha256"]}
+                    for name, r in data_report["splits"].items()},
+    }
 
 
 def atomic_save(obj, path):
@@ -747,10 +783,19 @@ def stratified_holdout(labels, images, fraction, seed):
     return held_images[group]
 
 
+def file_list_fingerprint(paths):
+    """sha256 of the sorted image paths relative to their common folder: the same files give the same hash
+    wherever the dataset lies."""
+    files = sorted(set(map(str, paths)))
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
+    return hashlib.sha256("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()
+
+
 def split_report(split, class_names):
     return {
         "samples": len(split),
         "images": len(set(split.paths)),
+        "file_list_sha256": file_list_fingerprint(split.paths),
         "per_class": {n: int((split.labels == i).sum()) for i, n in enumerate(class_names)},
         "formats": dict(Counter(split.formats)),
         "image_sizes": {f"{h}x{w}": n for (h, w), n in Counter(split.sizes).most_common(10)},
@@ -2536,7 +2581,7 @@ def run_export(cfg, action, overrides):
 # Main
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
+RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
              "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
              "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png")
 
@@ -2555,8 +2600,12 @@ def make_run_dir(cfg, resuming=False):
     return run_dir
 
 
-def run_training(cfg, resume_ckpt=None, build=build_model):
-    """Train and evaluate one run; build(cfg, num_classes) makes the network (benchmarks pass a baseline's)."""
+def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
+    """Train and evaluate one run; build(cfg, num_classes) makes the network (benchmarks pass a baseline's); argv:
+    the command line, for provenance.json (one entry per start and resume)."""
+    # absolute data and cache folders in the config and checkpoints: --resume works from any folder
+    cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
+                              cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
     run_dir = make_run_dir(cfg, resuming=resume_ckpt is not None)
     log_file = run_dir / "train.log"
     device = resolve_device(cfg.device)
@@ -2564,6 +2613,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model):
     write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     class_names, splits, report = load_dataset(cfg, log_file)
     write_json(report, run_dir / "data_report.json")
+    starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
+        (run_dir / "provenance.json").exists() else []
+    write_json(starts + [provenance(argv, device, cfg.data_dir, report)], run_dir / "provenance.json")
     evaluated = "test" if "test" in splits else "val"
     log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
@@ -2580,8 +2632,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model):
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     if cfg.preset == "cpu" and device.type == "cpu" and computes["autocast"] is None:
-        log("note: this CPU trains in float32 (no native bf16), about 2.3x slower than the bf16 that --preset=cpu's "
-            "18 epochs were timed with (23 minutes); --epochs=11 stays inside 30 minutes on 2 cores", log_file)
+        log("note: this CPU trains in float32 (no native bf16), not the bf16 that --preset=cpu's 18 epochs were timed "
+            "with (23 minutes); a 2-core AVX2 CPU took about 420 s an epoch (18 epochs: about 2 hours; --epochs=4 "
+            "fits 30 minutes there, BENCHMARKS.md)", log_file)
     history, best, seconds = train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume_ckpt)
     best_ckpt = load_checkpoint(run_dir / "best_emotion_model.pth")
     model.load_state_dict(best_ckpt["model"])
@@ -2667,14 +2720,14 @@ def main(argv):
         cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
-        return run_training(cfg, ckpt)
+        return run_training(cfg, ckpt, argv=argv)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():
             print(f"writing a synthetic dataset of drawn faces to {data} ...")
             make_synthetic_dataset(data, per_class=(150, 50, 0), size=64, seed=cfg.seed)
         cfg = dataclasses.replace(cfg, data_dir=str(data))
-    return run_training(cfg)
+    return run_training(cfg, argv=argv)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ runs the script in a subprocess where the behaviour is the command line's, and c
 printed and wrote. Core features are in test_ern.py.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -504,3 +505,30 @@ def test_held_out_validation_keeps_the_faces_of_a_photo_together():
     assert 30 <= len(held_photos) <= 50  # a fifth of the 200 photos, per class rounded
     first_labels = {p: l for p, l in reversed(list(zip(images, labels)))}
     assert {first_labels[p] for p in held_photos} == {0, 1, 2, 3}  # every class of first label is represented
+
+
+def test_provenance_and_resume_from_another_folder(tiny_dataset, tmp_path):
+    """provenance.json holds the command, versions, machine, code version and the dataset's fingerprint; a run
+    started with relative --data_dir and --cache_dir resumes from another working folder, and the resume is
+    appended to provenance.json."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    shutil.copytree(tiny_dataset, start / "data")
+    elsewhere.mkdir()
+    run_script(*FAST, "--data_dir=data", "--cache_dir=cache", "--epochs=1", "--output_dir=run", cwd=start)
+    [first] = json.loads((start / "run" / "provenance.json").read_text())
+    assert first["command"].startswith(shlex.join([sys.executable, str(SCRIPT.resolve())]))
+    assert "--data_dir=data" in first["command"] and first["cwd"] == str(start)
+    assert first["data_dir"] == str((start / "data").resolve())
+    assert first["versions"]["torch"] == torch.__version__ and first["threads"] >= 1 and first["cpu"]
+    assert first["cpu_bf16_native"] == ern.cpu_has_bf16() and first["device"] == "cpu"
+    names = sorted(p.name for p in (start / "data" / "train" / "images").iterdir())
+    assert first["dataset"]["train"] == {"images": 96, "samples": 96,
+                                         "file_list_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    assert first["script_sha256"] == hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
+    git = subprocess.run(["git", "-C", str(SCRIPT.parent), "log", "-1", "--format=%H", "--", SCRIPT.name],
+                         capture_output=True, text=True)
+    assert first["git_commit"] == ((git.stdout.strip() or None) if git.returncode == 0 else None)
+    run_script(f"--resume={start / 'run' / 'last.pth'}", cwd=elsewhere)  # the finished run: evaluated again
+    entries = json.loads((start / "run" / "provenance.json").read_text())
+    assert len(entries) == 2 and entries[1]["cwd"] == str(elsewhere) and entries[1]["dataset"] == first["dataset"]
+    assert not (elsewhere / "cache").exists()  # the run's own cache, found by its absolute path
