@@ -109,7 +109,7 @@ def main():
     for row, seed, run_dir, cmd, wall in sorted(results, key=lambda r: (list(ROWS).index(r[0]), r[1])):
         res = json.loads((run_dir / "evaluation_results.json").read_text())
         table.append({"row": row, "seed": int(seed), "command": shlex.join(cmd[1:]), "wall_seconds": wall,
-                      "val_accuracy": res["test_accuracy"], "macro_f1": res["macro_f1"],
+                      "val_accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
                       "accuracy_excluding_train_duplicates": res.get("accuracy_excluding_train_duplicates"),
                       "accuracy_by_source_format": {k: v["accuracy"] for k, v in res["accuracy_by_source_format"].items()},
                       "f1": {k: v["f1-score"] for k, v in res["classification_report"].items()},

@@ -45,7 +45,7 @@ class ResNet18(nn.Module):
 
 def row(name, r):
     fmt = {k: v["accuracy"] for k, v in r["accuracy_by_source_format"].items()}
-    return (f"| {name} | {r['num_parameters'] / 1e6:.2f} M | {r['config']['epochs']} | {r['test_accuracy']:.2%} | "
+    return (f"| {name} | {r['num_parameters'] / 1e6:.2f} M | {r['config']['epochs']} | {r['accuracy']:.2%} | "
             f"{r['macro_f1']:.4f} | {r['accuracy_excluding_train_duplicates']:.2%} | {fmt.get('jpeg', float('nan')):.2%} | "
             f"{fmt.get('png', float('nan')):.2%} | {r['training_seconds']:.0f} |")
 
@@ -70,7 +70,7 @@ def main():
     if args.ern:
         ours = json.loads(Path(args.ern).read_text())
         lines.append(row("ERN", ours))
-        lines.append(f"\nERN - ResNet-18: {100 * (ours['test_accuracy'] - results['test_accuracy']):+.2f} points of "
+        lines.append(f"\nERN - ResNet-18: {100 * (ours['accuracy'] - results['accuracy']):+.2f} points of "
                      f"accuracy; training time ratio ERN / ResNet-18 {ours['training_seconds'] / results['training_seconds']:.2f}")
     print("\n".join(lines))
 

@@ -26,7 +26,7 @@ RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "c
 EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
               "feature_space.png"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
-RESULT_KEYS = ["test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
+RESULT_KEYS = ["accuracy", "test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
                "evaluated_split", "num_parameters", "best_epoch", "best_val_accuracy", "training_seconds", "config"]
 NO_AUGMENTATION = dict(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_flip=0.0, aug_brightness=0.0,
                        aug_contrast=0.0, aug_erase=0.0)
@@ -65,7 +65,7 @@ def check_consistent_with_confusion(results):
     k = len(results["class_names"])
     assert cm.shape == (k, k)
     assert cm.sum() == results["evaluated_samples"]
-    assert results["test_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert results["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     f1s = []
     for i, name in enumerate(results["class_names"]):
         row = results["classification_report"][name]
@@ -169,6 +169,10 @@ def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
     check_consistent_with_confusion(results)
     assert "no test split" in proc.stdout
     assert "val accuracy" in proc.stdout.splitlines()[-1]
+    assert "test_accuracy" not in results  # a validation figure is never called a test accuracy
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (results["final_epoch"], results["final_epoch_val_accuracy"]) == (1, metrics[-1]["val_accuracy"])
+    assert "chosen on this split: the final epoch 1 reached" in proc.stdout.splitlines()[-1]
 
 
 def test_evaluate_writes_results_without_training(evaluated, trained):
@@ -217,7 +221,7 @@ def test_evaluation_results_match_sklearn():
     results = ern.evaluation_results(split, {"logits": F.one_hot(torch.from_numpy(pred), 4).float()}, list("abcd"))
     labels = list(range(4))
     assert results["confusion_matrix"] == confusion_matrix(y, pred, labels=labels).tolist()
-    assert results["test_accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert results["accuracy"] == results["test_accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert results["macro_f1"] == pytest.approx(f1_score(y, pred, labels=labels, average="macro", zero_division=0))
     p, r, f, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for i, name in enumerate("abcd"):

@@ -237,7 +237,7 @@ def test_evaluate_through_onnx_gives_the_checkpoints_results(exported, run, tiny
         run_script(f"--evaluate={model}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / name}",
                    f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
     pth, onnx = (json.loads((tmp_path / n / "evaluation_results.json").read_text()) for n in ("pth", "onnx"))
-    assert onnx["confusion_matrix"] == pth["confusion_matrix"] and onnx["test_accuracy"] == pth["test_accuracy"]
+    assert onnx["confusion_matrix"] == pth["confusion_matrix"] and onnx["accuracy"] == pth["accuracy"]
     assert "plots_left_out" in onnx and not (tmp_path / "onnx" / "attention_maps.png").exists()
     assert (tmp_path / "onnx" / "confusion_matrix.png").exists()
 
