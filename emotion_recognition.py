@@ -803,7 +803,8 @@ def split_report(split, class_names):
 
 
 def find_duplicates(splits):
-    """Exact duplicates (same decoded pixels) within each split and of training images in the others."""
+    """Exact duplicates (same decoded pixels) within each split and of training images in the others, counted
+    and listed by file: each group within a split, and each valid/test image with the training files it repeats."""
     report = {}
     owners = defaultdict(lambda: defaultdict(set))  # hash -> split -> labels
     first_path = {}
@@ -816,8 +817,11 @@ def find_duplicates(splits):
         groups = [ps for ps in seen.values() if len(ps) > 1]
         conflicts = sum(1 for h, ps in seen.items() if len(ps) > 1 and len(owners[h][s.name]) > 1)
         report[f"{s.name}_within"] = {"groups": len(groups), "extra_images": sum(len(g) - 1 for g in groups),
-                                      "label_conflicts": conflicts}
+                                      "label_conflicts": conflicts, "files": sorted(sorted(map(str, g)) for g in groups)}
     train_hashes = set(splits["train"].hashes)
+    train_files = defaultdict(set)
+    for p, h in zip(splits["train"].paths, splits["train"].hashes):
+        train_files[h].add(str(p))
     for s in splits.values():
         if s.name == "train":
             continue
@@ -825,8 +829,11 @@ def find_duplicates(splits):
         images = {p for p, d in zip(s.paths, dup) if d}
         conflicts = sorted({first_path[(h, s.name)] for h in set(s.hashes) & train_hashes
                             if owners[h][s.name] != owners[h]["train"]})
+        repeats = {(str(p), h) for p, h, d in zip(s.paths, s.hashes, dup) if d}
         report[f"{s.name}_in_train"] = {"samples": int(sum(dup)), "images": len(images),
-                                        "label_conflicts": len(conflicts), "conflict_examples": conflicts[:10]}
+                                        "label_conflicts": len(conflicts), "conflict_examples": conflicts[:10],
+                                        "files": [{"image": p, "train_images": sorted(train_files[h])}
+                                                  for p, h in sorted(repeats)]}
     return report
 
 

@@ -240,6 +240,12 @@ def test_duplicates_are_reported_with_conflicts_and_leakage_is_counted_in_result
     assert (d["test_in_train"]["samples"], d["test_in_train"]["label_conflicts"]) == (1, 0)
     assert (d["train_within"]["groups"], d["train_within"]["label_conflicts"]) == (1, 1)
     assert d["val_within"]["groups"] == 0 and d["test_within"]["groups"] == 0
+    train = sorted(p for p in (data / "train" / "images").glob("*.png") if p != dups["train_conflict"])  # as the fixture saw them
+    assert d["val_in_train"]["files"] == sorted([{"image": str(dups["val_same"]), "train_images": [str(train[0])]},
+                                                 {"image": str(dups["val_conflict"]), "train_images": [str(train[1])]}],
+                                                key=lambda e: e["image"])
+    assert d["test_in_train"]["files"] == [{"image": str(dups["test_same"]), "train_images": [str(train[2])]}]
+    assert d["train_within"]["files"] == [sorted([str(dups["train_conflict"]), str(train[3])])]
     results = json.loads((tmp / "run" / "evaluation_results.json").read_text())
     assert results["duplicates"]["val_in_train"]["samples"] == 2
     assert results["duplicates"]["test_in_train"]["samples"] == 1
