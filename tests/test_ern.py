@@ -631,6 +631,40 @@ def test_hybrid_loss_matches_hand_computation():
     assert total_t.item() == pytest.approx(ce + lam * kl, rel=1e-5)
 
 
+def test_kl_term_is_pytorchs_kl_div_of_target_and_context_and_not_symmetric():
+    """KL(t || q) with q = softmax(s): F.kl_div(log q, t, reduction="batchmean"); swapping the roles changes it."""
+    gen = torch.Generator().manual_seed(2)
+    target = ern.smooth_targets(torch.tensor([0, 3, 5, 1]), 6, 0.1)
+    context = torch.randn(4, 6, generator=gen) * 3
+    _, _, kl = ern.hybrid_loss(torch.randn(4, 6, generator=gen), context, target, 0.5)
+    assert kl.item() == pytest.approx(F.kl_div(context.log_softmax(1), target, reduction="batchmean").item(), rel=1e-5)
+    reverse = F.kl_div(target.log(), context.softmax(1), reduction="batchmean").item()  # KL(q || t)
+    assert abs(kl.item() - reverse) > 0.1
+
+
+@pytest.mark.parametrize("warmup_epochs", [2.0, 100.0])
+def test_scheduler_warms_up_peaks_and_anneals_to_the_floor(warmup_epochs):
+    """Start at 1 % of lr, peak lr at the end of warm-up, lr * min_lr_ratio after the last step (cosine between);
+    a warm-up longer than half the run is clamped to half of it."""
+    cfg = ern.Config(epochs=10, lr=1e-3, min_lr_ratio=0.05, warmup_epochs=warmup_epochs)
+    steps, total = 7, 70
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = ern.make_scheduler(optimizer, cfg, steps)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    warmup = 14 if warmup_epochs == 2.0 else 35
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[warmup] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:warmup], lrs[1:warmup + 1]))  # rising through the warm-up
+    assert lrs[total] == pytest.approx(5e-5)
+    middle = warmup + (total - warmup) // 2 if (total - warmup) % 2 == 0 else None
+    if middle is not None:  # halfway through the cosine: half way between peak and floor
+        assert lrs[middle] == pytest.approx((1e-3 + 5e-5) / 2)
+
+
 def test_class_weighted_cross_entropy():
     """Each sample's weight is its target's expected class weight t . w: w_y for a one-hot target."""
     logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [1.0, 1.0, -3.0]])
