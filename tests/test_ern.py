@@ -960,3 +960,26 @@ def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dat
     target.unlink()
     (data / "train" / "labels" / (target.stem + ".txt")).unlink()
     assert len(load()) == len(first) - 1  # a removed file rebuilds too
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixed_targets_sum_to_one_and_match_the_mixed_pixels(kind):
+    """Each mixed target is a distribution; mixup's images are lam x + (1 - lam) x[perm] with the targets' lam;
+    cutmix's lam is one minus the pasted area, measured from the pixels."""
+    cfg = ern.Config(mixup=0.4 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 32, 32).clone()  # image i: all i
+        target = ern.smooth_targets(torch.tensor([0, 1, 2, 3]), 4, 0.0)
+        mixed, t = ern.mix_batch(x, target, cfg)
+        assert t.sum(1) == pytest.approx(torch.ones(4)) and (t >= 0).all()
+        own = t[torch.arange(4), torch.arange(4)]  # lam, or 1 where the partner is itself
+        if kind == "mixup":
+            for i in range(4):
+                other = [j for j in range(4) if j != i and t[i, j] > 0] or [i]
+                assert mixed[i].mean().item() == pytest.approx(own[i].item() * i + (1 - own[i].item()) * other[0], abs=1e-5)
+        else:
+            for i in range(4):
+                kept = (mixed[i, 0] == i).float().mean().item()
+                if own[i] < 1:
+                    assert own[i].item() == pytest.approx(kept, abs=1e-6)
