@@ -289,7 +289,7 @@ def validate_action(action):
         raise UserError(f"--export must be {' or '.join(EXPORT_FORMATS)}, got {action.export!r}")
     for name in ("predict", "export"):
         if getattr(action, name) and not action.checkpoint:
-            raise UserError(f"--{name} needs --checkpoint=PATH.pth")
+            raise UserError(f"--{name} needs --checkpoint=PATH.pth" + (" (or an exported .onnx)" if name == "predict" else ""))
 
 
 def parse_blocks(text):
@@ -1747,21 +1747,22 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
+    exported = isinstance(model, OnnxModel)
+    if exported:
+        results["plots_left_out"] = "context_similarities, feature_space, attention_maps: an .onnx model gives probabilities only"
+    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
     plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    network = isinstance(model, nn.Module)
-    prototypes = model.context.prototypes.detach().cpu() if network and model.context is not None else None
+    prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
     if prototypes is not None:
         q = out["context_logits"].softmax(1).numpy()
         plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
-    if cfg.tsne_samples and network:
+    if cfg.tsne_samples and not exported:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)
-    if cfg.attention_samples and network:
+    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
         results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
                                                         mean, std, device, cfg, run_dir / "attention_maps.png")
-    if not network:
-        results["plots_left_out"] = "context_similarities, feature_space, attention_maps: an .onnx model gives probabilities only"
-    write_json(results, run_dir / "evaluation_results.json")
+        write_json(results, run_dir / "evaluation_results.json")
     return results
 
 
@@ -1771,6 +1772,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 # ---------------------------------------------------------------------------------------------
 
 EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
+
 
 def explain_faces(model, images, mean, std, device, target=None):
     """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
@@ -1795,7 +1797,7 @@ def explain_faces(model, images, mean, std, device, target=None):
                 t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
                 [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
             a = stage_out[0].detach()
-            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # channels weighted by mean gradient
+            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # Selvaraju et al.'s eq. 1-2
             cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
             outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
             if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
@@ -1874,7 +1876,7 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
             chosen = (labels == i) & ((pred == labels) == correct)
             shown[(i, title, correct)] = (m[chosen].mean(0) if m is not None and chosen.any() else None, int(chosen.sum()))
     gate_values = [v for (_, title, _), (v, _) in shown.items() if title == "attention" and v is not None]
-    gate_range = (min(v.min() for v in gate_values), max(v.max() for v in gate_values)) if gate_values else (0, 1)
+    gate_range = (min(v.min() for v in gate_values), max(v.max() for v in gate_values)) if gate_values else None
     k = len(class_names)
     fig, axes = plt.subplots(k, 5, figsize=(10, 2.1 * k + 0.6), squeeze=False)
     for i, name in enumerate(class_names):
@@ -1893,12 +1895,13 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
                 ax.axis("off")
             else:
                 overlay(ax, mean_face, heat, label, *(gate_range if title == "attention" else (0, 1)))
-    fig.suptitle(f"{len(idx)} faces of the evaluated split; attention: mean spatial gate over stages, colour range "
-                 f"{gate_range[0]:.2f}-{gate_range[1]:.2f}; Grad-CAM of the predicted class, 0-1", fontsize=9)
+    shown_range = "no spatial attention" if gate_range is None else \
+        f"attention: mean spatial gate over stages, colour range {gate_range[0]:.2f}-{gate_range[1]:.2f}"
+    fig.suptitle(f"{len(idx)} faces of the evaluated split; {shown_range}; Grad-CAM of the predicted class, 0-1", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {"faces": int(len(idx)), "gate_range": [float(v) for v in gate_range]}
+    return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2015,11 +2018,14 @@ class EmotionPredictor:
         model, cfg = model_from_checkpoint(ckpt)
         self.cfg = dataclasses.replace(cfg, **settings)
         self.device = resolve_device(str(device))
+        if isinstance(model, OnnxModel):  # onnxruntime runs on the CPU in float32, whatever was asked
+            self.cfg = dataclasses.replace(self.cfg, amp=False, channels_last=False)
+            self.device = torch.device("cpu")
         self.model = place_model(model, self.cfg, self.device)
         self.mean, self.std = checkpoint_normalization(ckpt, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector(self.action) if self.action.detect_faces else None
-        if self.action.explain and not isinstance(self.model, nn.Module):
+        if self.action.explain and isinstance(self.model, OnnxModel):
             raise UserError("--explain needs the .pth checkpoint: Grad-CAM takes gradients, which an .onnx file cannot give")
 
     def crop(self, image, box, margin):
@@ -2183,8 +2189,9 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
     for j, ((_, detected, crop), p, face) in enumerate(zip(faces, probs, face_ids)):
         title = f"{stem}, face {face}{'' if detected else ' (no face found: whole image)'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
+        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
         plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
-                         title, out.path(f"{stem}_face{face}.png", "explain"))
+                         title, out.path(name, "explain"))
 
 
 def annotate(image, faces, rows, tracks=None):
@@ -2576,13 +2583,20 @@ def run_export(cfg, action, overrides):
     if path.exists() and not cfg.overwrite:
         raise UserError(f"{path} exists; choose another --output_dir, or --overwrite=true")
     out_dir.mkdir(parents=True, exist_ok=True)
-    differences = export_onnx(action.checkpoint, path)
-    worst = max(differences.values())
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability difference: "
-          + ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items()))
-    if worst > EXPORT_TOLERANCE:
-        print(f"error: the export differs from PyTorch by {worst:.2e} > {EXPORT_TOLERANCE:g}: do not use it", file=sys.stderr)
-        return 1
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # model.onnx appears only once it passed the check
+    try:
+        differences = export_onnx(action.checkpoint, tmp)
+        worst = max(differences.values())
+        report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
+        if worst > EXPORT_TOLERANCE:
+            print(f"error: onnxruntime differs from PyTorch by up to {worst:.2e} > {EXPORT_TOLERANCE:g} ({report}); "
+                  f"nothing written", file=sys.stderr)
+            return 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability "
+          f"difference: {report}")
     return 0
 
 
@@ -2692,7 +2706,7 @@ def run_evaluation(cfg, action, overrides):
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "precision": precision(cfg, device),
-        "num_parameters": ckpt["num_parameters"] if ckpt.get("format") == ONNX_FORMAT else count_parameters(model),
+        "num_parameters": ckpt["num_parameters"] if isinstance(model, OnnxModel) else count_parameters(model),
         "best_epoch": ckpt["epoch"],
         "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
         "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},

@@ -7,6 +7,7 @@ compared with CAM (Zhou et al., 2016), which it equals for a network ending in p
 """
 import csv
 import json
+import re
 import shutil
 
 import cv2
@@ -46,8 +47,13 @@ def trained(run):
     return model, cfg, *ern.checkpoint_normalization(ckpt, "cpu")
 
 
-def faces_of(tiny_dataset, split="test"):
-    cfg = ern.Config(data_dir=str(tiny_dataset), image_size=32, cache_dir="", decode_threads=1)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def faces_of(tiny_dataset, cache, split="test"):
+    cfg = ern.Config(data_dir=str(tiny_dataset), image_size=32, cache_dir=str(cache), decode_threads=1)
     _, splits, _ = ern.load_dataset(cfg, None, (split,))
     return np.asarray(splits[split].images)
 
@@ -63,32 +69,28 @@ def read_probabilities(folder):
 # Explanations
 # ---------------------------------------------------------------------------------------------
 
-def test_maps_have_the_input_size_and_lie_in_the_unit_interval(trained, tiny_dataset):
+def test_maps_have_the_input_size_and_lie_in_the_unit_interval(trained, tiny_dataset, cache):
     model, cfg, mean, std = trained
-    faces = faces_of(tiny_dataset)
+    faces = faces_of(tiny_dataset, cache)
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
-    n, k = len(faces), len(cfg_classes(trained))
+    n, k = len(faces), trained[0].classifier.out_features
     assert maps["gates"].shape == (n, 4, 32, 32) and maps["gradcam"].shape == (n, 32, 32)
     for m in (maps["gates"], maps["gradcam"]):
         assert m.min() >= 0 and m.max() <= 1
     lit = maps["gradcam"].reshape(n, -1).max(1)
-    assert np.all((lit == pytest.approx(1.0)) | (lit == 0))  # scaled by its maximum, or nothing positive
+    assert np.all(np.isclose(lit, 1.0) | (lit == 0)) and np.isclose(lit, 1.0).any()  # scaled by its maximum
     assert maps["probabilities"].shape == maps["q"].shape == (n, k)
     expected = ern.run_inference(model, faces, mean, std, torch.device("cpu"), cfg, tta=False)
     assert maps["probabilities"] == pytest.approx(expected["logits"].softmax(1).numpy(), abs=1e-5)
     assert maps["q"] == pytest.approx(expected["context_logits"].softmax(1).numpy(), abs=1e-5)
 
 
-def cfg_classes(trained):
-    return range(trained[0].classifier.out_features)
-
-
-def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_dataset):
+def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_dataset, cache):
     """Without the context module, logit_c = W_c . mean(A) + b: Grad-CAM's weights are W_c / (H W), so its map is
     ReLU(sum_k W_ck A_k), CAM, up to the scale its maximum removes."""
     torch.manual_seed(0)
     model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), context=False).eval()
-    faces = faces_of(tiny_dataset)[:6]
+    faces = faces_of(tiny_dataset, cache)[:6]
     mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
     target = np.arange(6) % 8
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"), target=target)
@@ -101,11 +103,11 @@ def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_
 
 
 @pytest.mark.filterwarnings("ignore:An input array is constant")  # a map with nothing positive: rho undefined, left out
-def test_gradcam_changes_when_the_trained_weights_are_randomized(trained, tiny_dataset):
+def test_gradcam_changes_when_the_trained_weights_are_randomized(trained, tiny_dataset, cache):
     """Adebayo et al.'s model-randomization test: the same faces and target classes through a freshly initialized
     network of the same architecture give Grad-CAM maps of low rank correlation with the trained network's."""
     model, cfg, mean, std = trained
-    faces = faces_of(tiny_dataset)
+    faces = faces_of(tiny_dataset, cache)
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
     torch.manual_seed(123)
     random = ern.build_model(cfg, model.classifier.out_features)
@@ -127,10 +129,10 @@ def mirror_symmetric(model):
     return model
 
 
-def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_network(trained, tiny_dataset):
+def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_network(trained, tiny_dataset, cache):
     model, cfg, mean, std = trained
     model = mirror_symmetric(ern.build_model(cfg, model.classifier.out_features).eval())
-    faces = np.stack([cv2.resize(f.transpose(1, 2, 0), (33, 33)).transpose(2, 0, 1) for f in faces_of(tiny_dataset)])
+    faces = np.stack([cv2.resize(f.transpose(1, 2, 0), (33, 33)).transpose(2, 0, 1) for f in faces_of(tiny_dataset, cache)])
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))
     mirrored = ern.explain_faces(model, faces[..., ::-1].copy(), mean, std, torch.device("cpu"))
     assert mirrored["gates"][..., ::-1] == pytest.approx(maps["gates"], abs=1e-4)
@@ -139,21 +141,21 @@ def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_ne
 
 
 @pytest.mark.xfail(strict=True, reason="measured, not yet true: the learned gates are not mirror-consistent (median "
-                                       "correlation 0.2-0.4 here, -0.68 for the last stage on AffectNet; BENCHMARKS.md)")
-def test_attention_of_a_mirrored_face_is_the_mirrored_attention_for_a_model_trained_with_flips(trained, tiny_dataset):
+                                       "correlation 0.2-0.4 here, -0.64 for the last stage on AffectNet; BENCHMARKS.md)")
+def test_attention_of_a_mirrored_face_is_the_mirrored_attention_for_a_model_trained_with_flips(trained, tiny_dataset, cache):
     model, cfg, mean, std = trained
     assert cfg.aug_flip == 0.5
-    faces = faces_of(tiny_dataset)
+    faces = faces_of(tiny_dataset, cache)
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))["gates"].mean(1)
     mirrored = ern.explain_faces(model, faces[..., ::-1].copy(), mean, std, torch.device("cpu"))["gates"].mean(1)[..., ::-1]
     r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, mirrored)]
     assert np.median(r) >= 0.9, r
 
 
-def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, tmp_path):
+def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, cache, tmp_path):
     torch.manual_seed(0)
     model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), spatial_attention=False).eval()
-    faces = faces_of(tiny_dataset)[:2]
+    faces = faces_of(tiny_dataset, cache)[:2]
     maps = ern.explain_faces(model, faces, torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"))
     assert maps["gates"] is None and maps["gradcam"].shape == (2, 32, 32) and maps["gradcam"].max() > 0
     one = {k: None if v is None else v[0] for k, v in maps.items()}
@@ -189,7 +191,7 @@ def test_training_and_evaluation_draw_attention_maps(run):
 
 def test_export_agrees_with_pytorch_and_says_by_how_much(exported, trained):
     path, proc = exported
-    differences = [float(v) for v in __import__("re").findall(r"([\d.]+e[-+]\d+) on (?:random|real) inputs", proc.stdout)]
+    differences = [float(v) for v in re.findall(r"([\d.]+e[-+]\d+) on (?:random|real) inputs", proc.stdout)]
     assert len(differences) == 2 and max(differences) < 1e-5, proc.stdout
     model, cfg, mean, std = trained
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -266,3 +268,25 @@ def test_export_arguments_are_checked(args, message, tmp_path):
 def test_explain_refuses_an_onnx_model(exported, tmp_path):
     proc = run_script(f"--predict={HOPPER}", f"--checkpoint={exported[0]}", "--explain", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--explain needs the .pth checkpoint" in proc.stderr
+
+
+def test_explain_on_a_video_writes_one_picture_per_row(run, tmp_path):
+    from test_predict import write_video
+    video = write_video(tmp_path / "clip.mp4", 6)
+    run_script(f"--predict={video}", f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain", "--every=2",
+               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    rows, _ = read_probabilities(tmp_path / "out")
+    expected = {f"clip_frame{int(r['frame']):06d}_{'whole' if r['face'] == '-1' else 'face' + r['face']}.png" for r in rows}
+    assert len(rows) >= 3 and {p.name for p in (tmp_path / "out" / "explain").iterdir()} == expected
+
+
+def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(ern, "EXPORT_TOLERANCE", 0.0)  # every real export differs by more than nothing
+    status = ern.main(["--export=onnx", f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output_dir={tmp_path}"])
+    assert status == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_predictor_computes_in_float32_on_the_cpu(exported):
+    predictor = ern.EmotionPredictor(exported[0], "cpu", amp=True, channels_last=True)
+    assert (predictor.cfg.amp, predictor.cfg.channels_last, predictor.device.type) == (False, False, "cpu")
+    assert ern.precision(predictor.cfg, predictor.device) == {"autocast": None, "channels_last": False}
