@@ -28,6 +28,7 @@ protocol and has not been run here. Every field of Config can be overridden as -
 commands and figures are in README.md and BENCHMARKS.md.
 """
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -380,6 +381,15 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def cpu_model():
+    """The CPU's model name, as /proc/cpuinfo gives it (elsewhere, what the platform module knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def autocast_dtype(cfg, device):
     """CUDA: bf16 on Ampere and newer, fp16 (with a GradScaler) before, where bf16 is only emulated.
     CPU: bf16 where native (with channels_last, 2.3x a training step of the CPU preset's model: BENCHMARKS.md)."""
@@ -416,8 +426,6 @@ def provenance(argv, device, data_dir, data_report):
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("log", "-1", "--format=%H")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
         "command": shlex.join([sys.executable, str(script), *argv]),
@@ -425,7 +433,7 @@ def provenance(argv, device, data_dir, data_report):
                      "opencv": cv2.__version__, "cuda": torch.version.cuda,
                      "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu, "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
         "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
         "git_commit": commit or None,  # the last commit that changed the script
         "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,

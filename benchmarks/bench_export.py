@@ -18,7 +18,6 @@ Speed does not depend on the weights: without --checkpoint, both models are untr
 import argparse
 import dataclasses
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -100,8 +99,7 @@ def main():
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench_export_"))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = ern.cpu_model()
     results = {"cpu": cpu, "bf16_native": ern.cpu_has_bf16(), "threads": threads, "torch": torch.__version__,
                "onnxruntime": ort.__version__, "calibrate_method": args.calibrate_method, "int8_ops": args.int8_ops or "all", "precision": "float32 (PyTorch eager and onnxruntime)", "models": {}}
     print(f"{cpu} | native bf16: {results['bf16_native']} | {threads} threads | torch {torch.__version__} | "

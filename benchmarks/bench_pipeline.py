@@ -91,9 +91,7 @@ def sync(device):
 
 
 def machine_info(device):
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    cpu = ern.cpu_model()
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

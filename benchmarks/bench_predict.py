@@ -18,7 +18,6 @@ says, float32 or bf16 as the CPU allows); rounds alternate between the two.
 import argparse
 import dataclasses
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -87,8 +86,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench_predict_"))
     video = tmp / "clip.mp4"
     write_video(video, args.frames)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = ern.cpu_model()
     results = {"cpu": cpu, "bf16_native": ern.cpu_has_bf16(), "torch_threads": torch.get_num_threads(),
                "action": args.action, "tta_flip": args.tta_flip,
                "frames": args.frames, "video": "640x480, 25 fps, one face", "models": {}}

@@ -17,7 +17,6 @@ Medians over the faces; prints a table and writes JSON.
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -60,8 +59,7 @@ def main():
     random = ern.explain_faces(ern.build_model(cfg, len(ckpt["class_names"])), faces, mean, std, cpu,
                                target=maps["probabilities"].argmax(1))
     other = np.roll(np.arange(len(faces)), 1)  # each face against the next one of the sample
-    results = {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                            if line.startswith("model name")), platform.processor()),
+    results = {"cpu": ern.cpu_model(),
                "checkpoint": args.checkpoint, "checkpoint_metrics": ckpt["metrics"], "epoch": ckpt["epoch"],
                "faces": len(faces), "stages": {}}
     rho, n = median_correlation(maps["gradcam"], random["gradcam"], rank=True)
