@@ -1311,7 +1311,8 @@ def load_onnx(path):
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get("format") != ONNX_FORMAT:
         raise UserError(f"{path} is not an ERN export (no '{ONNX_FORMAT}' format tag in its metadata)")
-    ckpt = {k: json.loads(meta[k]) for k in ("class_names", "image_size", "config", "epoch", "metrics", "num_parameters")}
+    ckpt = {k: json.loads(meta[k]) for k in ("class_names", "image_size", "config", "epoch", "metrics", "num_parameters",
+                                             "best") if k in meta}
     # the graph takes [0, 1] and normalizes inside: normalize(x, 0, 1) is that x / 255
     return {**ckpt, "format": ONNX_FORMAT, "session": session, "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}
 
@@ -1554,7 +1555,8 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
             improved = stats["val_accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
-                atomic_save(checkpoint_dict(judged, cfg, class_names, mean, std, epoch, stats), run_dir / "best_emotion_model.pth")
+                atomic_save(checkpoint_dict(judged, cfg, class_names, mean, std, epoch, stats, best=best),
+                            run_dir / "best_emotion_model.pth")
             save_last(epoch, stats)
             saved = epoch
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -1569,7 +1571,8 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
     except NonFiniteLoss as e:
         raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {saved}).") from None
     final = ema.model if ema is not None else model
-    atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1]), run_dir / "final_emotion_model.pth")
+    atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1], best=best),
+                run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start
 
 
@@ -2564,7 +2567,7 @@ def export_onnx(checkpoint, path):
                         f"over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
             "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
-            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model),
+            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
             "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
@@ -2715,8 +2718,9 @@ def run_evaluation(cfg, action, overrides):
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "precision": precision(cfg, device),
         "num_parameters": ckpt["num_parameters"] if isinstance(model, OnnxModel) else count_parameters(model),
-        "best_epoch": ckpt["epoch"],
-        "best_val_accuracy": ckpt["metrics"].get("val_accuracy"), "training_seconds": None,
+        "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+        "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+        "training_seconds": None,
         "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
         set(splits["train"].hashes) if split != "train" else None)
     log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "

@@ -195,6 +195,20 @@ def test_evaluate_writes_results_without_training(evaluated, trained):
         assert results[k] == trained_results[k], k
 
 
+@pytest.mark.parametrize("name", ["last.pth", "final_emotion_model.pth"])
+def test_evaluate_of_the_last_or_final_checkpoint_reports_the_runs_best_epoch(trained, tiny_dataset, tmp_path, name):
+    """Its own epoch as checkpoint_epoch; best_epoch and best_val_accuracy are the run's (metrics.jsonl's best),
+    not the evaluated checkpoint's epoch."""
+    run_dir, _ = trained
+    run_script(f"--evaluate={run_dir / name}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'eval'}",
+               f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", "--attention_samples=0", cwd=tmp_path)
+    results = read_results(tmp_path / "eval")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best = max(metrics, key=lambda m: m["val_accuracy"])  # the first of equals, as training keeps it
+    assert results["checkpoint_epoch"] == 2
+    assert (results["best_epoch"], results["best_val_accuracy"]) == (best["epoch"], best["val_accuracy"])
+
+
 def test_logits_fusion_and_imprinting_from_the_command_line_to_evaluate(tiny_dataset, tmp_path):
     """The context switches reach the run, its checkpoint, and --evaluate's rebuilt network."""
     proc = run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=2", "--context_fusion=logits",
