@@ -2700,6 +2700,8 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
     saved = config_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
+    # the rule of --predict too: inference settings as the checkpoint was trained, unless the command line says
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)

@@ -209,6 +209,22 @@ def test_evaluate_of_the_last_or_final_checkpoint_reports_the_runs_best_epoch(tr
     assert (results["best_epoch"], results["best_val_accuracy"]) == (best["epoch"], best["val_accuracy"])
 
 
+def test_evaluate_and_predict_take_inference_settings_by_one_rule(tiny_dataset, tmp_path):
+    """Both compute as the checkpoint was trained (here without flip TTA and with another eval batch size),
+    unless the command line says otherwise."""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", tta_flip=False, eval_batch_size=7)
+    ckpt = tmp_path / "model.pth"
+    torch.save(ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.full((3,), 0.5),
+                                   torch.full((3,), 0.25), 1, {}), ckpt)
+    for name, extra in (("saved", []), ("given", ["--tta_flip=true"])):
+        run_script(f"--evaluate={ckpt}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / name}",
+                   f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", "--attention_samples=0", *extra, cwd=tmp_path)
+    saved, given = (read_results(tmp_path / n)["config"] for n in ("saved", "given"))
+    assert (saved["tta_flip"], saved["eval_batch_size"]) == (False, 7)
+    assert (given["tta_flip"], given["eval_batch_size"]) == (True, 7)
+    assert ern.EmotionPredictor(ckpt).cfg.tta_flip is False and ern.EmotionPredictor(ckpt, tta_flip=True).cfg.tta_flip
+
+
 def test_logits_fusion_and_imprinting_from_the_command_line_to_evaluate(tiny_dataset, tmp_path):
     """The context switches reach the run, its checkpoint, and --evaluate's rebuilt network."""
     proc = run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=2", "--context_fusion=logits",
