@@ -590,8 +590,27 @@ def test_training_imprints_model_and_ema_prototypes_once_after_the_first_epoch(t
 
 
 def test_default_model_has_27_5_million_parameters():
+    """The exact count from the architecture on paper: a 40-channel 3x3 stem; stages of 80, 160, 320, 640 channels
+    with 2, 4, 7, 2 basic blocks (two 3x3 convolutions with BatchNorm; a 1x1 projection where the shape changes);
+    after each stage CBAM attention (a bottleneck MLP of max(c / 16, 8) hidden units, no biases; a 7x7 convolution
+    over 2 maps with a BatchNorm); 8 prototypes of 640; a linear classifier on [f, c]."""
+    def bn(c):
+        return 2 * c  # weight and bias (running statistics are buffers)
+
+    total, cin = 3 * 40 * 9 + bn(40), 40
+    for cout, blocks in zip((80, 160, 320, 640), (2, 4, 7, 2)):
+        for i in range(blocks):
+            c_in = cin if i == 0 else cout
+            total += c_in * cout * 9 + bn(cout) + cout * cout * 9 + bn(cout)
+            if i == 0:
+                total += c_in * cout + bn(cout)
+        hidden = max(cout // 16, 8)
+        total += 2 * cout * hidden + 2 * 49 + bn(1)
+        cin = cout
+    total += 8 * 640 + (2 * 640) * 8 + 8
     n = ern.count_parameters(ern.build_model(ern.Config(), 8))
-    assert abs(n - 27.5e6) <= 0.05 * 27.5e6, f"{n:,} parameters"
+    assert n == total, f"{n:,} parameters, {total:,} on paper"
+    assert abs(n - 27.5e6) <= 0.01 * 27.5e6
 
 
 @pytest.mark.parametrize("switch", ["none", "channel_attention", "spatial_attention", "context", "all"])
