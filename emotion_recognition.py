@@ -1336,6 +1336,14 @@ class OnnxModel:
         return torch.from_numpy(probs).clamp_min(torch.finfo(torch.float32).tiny).log(), None, None
 
 
+def computes_with(model, cfg, device):
+    """The settings and device a loaded model computes with: an OnnxModel runs in onnxruntime, on the CPU, in
+    float32 and its own layout, whatever cfg and device ask."""
+    if isinstance(model, OnnxModel):
+        return dataclasses.replace(cfg, amp=False, channels_last=False), torch.device("cpu")
+    return cfg, device
+
+
 def checkpoint_normalization(ckpt, device):
     """The (mean, std) the checkpoint's model was trained with, as tensors on the device."""
     return tuple(torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
@@ -1360,8 +1368,8 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                             "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    if ckpt.get("format") == ONNX_FORMAT:  # onnxruntime computes in float32, in its own layout
-        return OnnxModel(ckpt["session"]), dataclasses.replace(cfg, amp=False, channels_last=False)
+    if ckpt.get("format") == ONNX_FORMAT:
+        return OnnxModel(ckpt["session"]), cfg
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -2027,11 +2035,7 @@ class EmotionPredictor:
         self.action = action or Action()
         ckpt = load_checkpoint(checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
-        self.cfg = dataclasses.replace(cfg, **settings)
-        self.device = resolve_device(str(device))
-        if isinstance(model, OnnxModel):  # onnxruntime runs on the CPU in float32, whatever was asked
-            self.cfg = dataclasses.replace(self.cfg, amp=False, channels_last=False)
-            self.device = torch.device("cpu")
+        self.cfg, self.device = computes_with(model, dataclasses.replace(cfg, **settings), resolve_device(str(device)))
         self.model = place_model(model, self.cfg, self.device)
         self.mean, self.std = checkpoint_normalization(ckpt, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
@@ -2537,7 +2541,7 @@ def export_inputs(image_size, seed=0):
     """Inputs in [0, 1] to compare an export with PyTorch on: uniform noise, and the real face of the portrait
     matplotlib ships (cropped as --predict crops a detected face, and the whole image), each also mirrored."""
     from matplotlib import cbook
-    image = cv2.cvtColor(cv2.imread(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))), cv2.COLOR_BGR2RGB)
+    image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     action = Action()
     boxes = [face_crop_box(b, image.shape, action.face_crop_scale, action.face_crop_shift)
              for b in FaceDetector(action)(image)] + [WHOLE_IMAGE]
@@ -2712,9 +2716,8 @@ def run_evaluation(cfg, action, overrides):
     split = action.split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-    model, saved = model_from_checkpoint(ckpt, class_names, cfg.image_size)
-    if isinstance(model, OnnxModel):
-        cfg = dataclasses.replace(cfg, amp=saved.amp, channels_last=saved.channels_last)
+    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
+    cfg, device = computes_with(model, cfg, device)
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
