@@ -99,7 +99,8 @@ class Config:
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
-    epochs: int = 50  # passes over the training set
+    epochs: int = 50  # passes over the training set (with time_budget: at most this many)
+    time_budget: float = 0.0  # minutes for training, validation and final evaluation; 0 = off. Times a few steps, sets epochs to fit
     batch_size: int = 128  # images per optimizer step
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay
@@ -111,7 +112,7 @@ class Config:
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively
-    channels_last: bool = True  # CUDA, and CPU under bf16 autocast (its fp32 backward crashed there: BENCHMARKS.md)
+    channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: faster in float32 and bf16, BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
     eval_batch_size: int = 512  # images per forward pass in evaluation
@@ -159,12 +160,11 @@ class Action:
     explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
 
 
-# Named sets of overrides. The CPU-budget protocol (at most 30 minutes on 2 cores) is measured in
-# BENCHMARKS.md: 18 epochs in bf16 took 23.4 minutes. In float32 an epoch took 157 s on that AVX512 CPU and
-# about 420 s on a 2-core AVX2 AMD EPYC (18 epochs: about 2 hours; 4 fit 30 minutes). It underfits, so it
-# drops random erasing.
+# Named sets of overrides. The CPU-budget protocol: at most 30 minutes on 2 cores, as --time_budget makes sure (it
+# times this machine and trains at most 18 epochs: 18 took 23.4 minutes in bf16 on an AVX512-BF16 CPU, while a
+# 2-core AVX2 CPU trains in float32 and fits fewer; BENCHMARKS.md). It underfits, so it drops random erasing.
 PRESETS = {
-    "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, batch_size=128, lr=2e-3,
+    "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, time_budget=30.0, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
@@ -324,7 +324,7 @@ def validate_config(cfg):
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
         (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
-    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix",
+    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
                  "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
         checks.append((getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}"))
     for name in ("aug_flip", "aug_erase"):
@@ -400,16 +400,11 @@ def autocast_dtype(cfg, device):
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
-def use_channels_last(cfg, device):
-    # CPU in fp32: torch 2.14's oneDNN backward corrupted the heap in channels_last at width 0.25 (BENCHMARKS.md)
-    return cfg.channels_last and (device.type == "cuda" or autocast_dtype(cfg, device) is not None)
-
-
 def precision(cfg, device):
     """What the run computes in, as resolved on this machine (amp=true means bf16 on one CPU, float32 on another)."""
     dtype = autocast_dtype(cfg, device)
     return {"autocast": None if dtype is None else str(dtype).removeprefix("torch."),
-            "channels_last": use_channels_last(cfg, device)}
+            "channels_last": cfg.channels_last}
 
 
 def provenance(argv, device, data_dir, data_report):
@@ -725,12 +720,15 @@ def decode_split(split, out, size, margin, threads):
             out[i] = crop_box(image, split.boxes[i], margin, size).transpose(2, 0, 1)
         return path, idx, (digest.hexdigest(), fmt, list(image.shape[:2])), None
 
-    with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # cv2 releases the GIL
+    pool = ThreadPoolExecutor(threads or os.cpu_count())  # cv2 releases the GIL
+    try:
         for path, idx, info, error in pool.map(work, by_image.items(), chunksize=64):
             if error:
                 problems.append(f"{path}: {error}")
             for i in idx:
                 meta[i] = info
+    finally:  # Ctrl-C: drop the queued images instead of decoding the whole split first
+        pool.shutdown(wait=True, cancel_futures=True)
     return meta, problems
 
 
@@ -760,10 +758,14 @@ def load_split_pixels(split, cfg, log_file=None):
         t0 = time.time()
         tmp = cache_dir / f"{name}.npy.{os.getpid()}.tmp"  # two runs may build the same cache at once
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
-        meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
-        out.flush()
-        del out
-        os.replace(tmp, array_path)
+        try:
+            meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
+            out.flush()
+            del out
+            os.replace(tmp, array_path)
+        except BaseException:  # Ctrl-C or a full disk: no half-built cache left behind
+            tmp.unlink(missing_ok=True)
+            raise
         write_json({"meta": meta, "problems": problems}, meta_path)
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
             if old.name.split(".")[0] != name and not old.name.endswith(".tmp"):  # not another run's build
@@ -1021,49 +1023,73 @@ def normalize(x_uint8, mean, std):
     return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
+# Random erasing (Zhong et al., AAAI 2020): the erased rectangle's area, fraction of the image, and its aspect ratio
+ERASE_AREA = (0.02, 0.25)
+ERASE_ASPECT = (0.3, 3.3)  # height / width, drawn log-uniformly
+AUGMENT_CHUNK = 32  # images per piece on the CPU: pieces that stay in the cache were 1.8x faster at 96 px
+
+
+def affine_theta(angle, zoom, shift, flip):
+    """(B, 2, 3) matrices for F.affine_grid (align_corners=False) that mirror each image left-right where flip,
+    then rotate it by angle (degrees, counter-clockwise as shown: cv2.getRotationMatrix2D's sense) and magnify it
+    by zoom about its centre, then move it by shift (B, 2): (right, down), fractions of the image side.
+    The grid maps each output position back to the input position it samples: the inverse of that map."""
+    a = torch.deg2rad(angle)
+    cos, sin = torch.cos(a) / zoom, torch.sin(a) / zoom
+    mirror = torch.where(flip, -1.0, 1.0)
+    dx, dy = shift[:, 0] * 2, shift[:, 1] * 2  # grid coordinates span 2 per image side
+    # input = M^-1 (output - d) with M = zoom * R_ccw(angle) * mirror; in y-down coordinates R_ccw^-1 = [[c, -s], [s, c]]
+    row_x = torch.stack([cos * mirror, -sin * mirror, -(cos * dx - sin * dy) * mirror], 1)
+    row_y = torch.stack([sin, cos, -(sin * dx + cos * dy)], 1)
+    return torch.stack([row_x, row_y], 1)
+
+
+def sampling_grid(theta, size):
+    """F.affine_grid(theta, (B, C, size, size), align_corners=False) as a column term plus a row term: its
+    (S*S, 3) batched matmul was 6x slower on the CPU (benchmarks/bench_pipeline.py)."""
+    b = theta.shape[0]
+    r = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1  # pixel centres
+    return theta[:, :, 0].view(b, 1, 1, 2) * r.view(1, 1, size, 1) + \
+        (theta[:, :, 1].view(b, 1, 1, 2) * r.view(1, size, 1, 1) + theta[:, :, 2].view(b, 1, 1, 2))
+
+
 def augment_batch(x, mean, std, cfg):
     """uint8 (B, 3, S, S) -> normalized float: affine (zoom, shift, rotation, flip), jitter, erasing.
 
     The flip and the affine share one sampling grid and grid_sample; every sample draws its own.
     """
-    if x.device.type == "cpu" and x.shape[0] > 32:  # pieces that stay in the CPU's cache: 1.8x faster at 96 px
-        return torch.cat([augment_batch(part, mean, std, cfg) for part in x.split(32)])
-    b, dev = x.shape[0], x.device
+    if x.device.type == "cpu" and x.shape[0] > AUGMENT_CHUNK:
+        return torch.cat([augment_batch(part, mean, std, cfg) for part in x.split(AUGMENT_CHUNK)])
+    b, dev, s = x.shape[0], x.device, x.shape[-1]
     x = x.float().div_(255)  # in place from here on: on the CPU every fresh batch-sized tensor costs page faults
-    u = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # uniform in [-1, 1]
+    uniform = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # in [-1, 1]
     if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip:
-        angle = u(b) * math.radians(cfg.aug_rotate)
-        zoom = 1 + u(b) * cfg.aug_scale
-        flip = torch.where(torch.rand(b, device=dev) < cfg.aug_flip, -1.0, 1.0)
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        shift = u(b, 2) * cfg.aug_translate * 2  # grid coordinates span 2 per image side
-        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-        # F.affine_grid(theta, x.shape, align_corners=False) as a column term plus a row term: its
-        # (S*S, 3) batched matmul was 6x slower on the CPU (benchmarks/bench_pipeline.py)
-        s = x.shape[-1]
-        r = (torch.arange(s, device=dev, dtype=x.dtype) * 2 + 1) / s - 1  # pixel centres in grid coordinates
-        grid = theta[:, :, 0].view(b, 1, 1, 2) * r.view(1, 1, s, 1) + \
-            (theta[:, :, 1].view(b, 1, 1, 2) * r.view(1, s, 1, 1) + theta[:, :, 2].view(b, 1, 1, 2))
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        theta = affine_theta(uniform(b) * cfg.aug_rotate, 1 + uniform(b) * cfg.aug_scale, uniform(b, 2) * cfg.aug_translate,
+                             torch.rand(b, device=dev) < cfg.aug_flip)
+        x = F.grid_sample(x, sampling_grid(theta.to(x.dtype), s), mode="bilinear", padding_mode="reflection",
+                          align_corners=False)
     if cfg.aug_brightness or cfg.aug_contrast:
         mean_px = x.mean((1, 2, 3), keepdim=True)
-        contrast = 1 + u(b, 1, 1, 1) * cfg.aug_contrast
-        bright = 1 + u(b, 1, 1, 1) * cfg.aug_brightness
+        contrast = 1 + uniform(b, 1, 1, 1) * cfg.aug_contrast
+        bright = 1 + uniform(b, 1, 1, 1) * cfg.aug_brightness
         x = x.mul_(contrast * bright).add_(mean_px * (1 - contrast) * bright).clamp_(0, 1)  # ((x - m) c + m) b
     x = x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
     if cfg.aug_erase:
-        s = x.shape[-1]
-        area = torch.empty(b, device=dev).uniform_(0.02, 0.25)
-        aspect = torch.exp(torch.empty(b, device=dev).uniform_(math.log(0.3), math.log(3.3)))
-        eh, ew = (area * aspect).sqrt() * s, (area / aspect).sqrt() * s
-        cy, cx = torch.rand(b, device=dev) * s, torch.rand(b, device=dev) * s
-        r = torch.arange(s, device=dev, dtype=x.dtype)
-        rows = ((r.view(1, s) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2)
-        cols = ((r.view(1, s) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2)
-        erase = rows.view(b, 1, s, 1) & cols.view(b, 1, 1, s) & (torch.rand(b, 1, 1, 1, device=dev) < cfg.aug_erase)
-        x = x.masked_fill_(erase, 0.0)  # 0 = the dataset mean after normalization
+        x = x.masked_fill_(erase_mask(b, s, dev) & (torch.rand(b, 1, 1, 1, device=dev) < cfg.aug_erase), 0.0)  # 0 = the mean
     return x
+
+
+def erase_mask(b, size, device):
+    """(B, 1, S, S) masks of one random rectangle each: area ERASE_AREA of the image, aspect ERASE_ASPECT, any centre
+    (clipped at the border)."""
+    area = torch.empty(b, device=device).uniform_(*ERASE_AREA)
+    aspect = torch.exp(torch.empty(b, device=device).uniform_(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
+    eh, ew = (area * aspect).sqrt() * size, (area / aspect).sqrt() * size
+    cy, cx = torch.rand(b, device=device) * size, torch.rand(b, device=device) * size
+    r = torch.arange(size, device=device, dtype=torch.float32) + 0.5  # pixel centres
+    rows = (r.view(1, size) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2
+    cols = (r.view(1, size) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2
+    return rows.view(b, 1, size, 1) & cols.view(b, 1, 1, size)
 
 
 def mix_batch(x, target, cfg):
@@ -1193,7 +1219,9 @@ class ERN(nn.Module):
                  attention_residual=True, fusion="concat"):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
-        stem = widths[0] // 2
+        # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
+        # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.2 are concerned
+        stem = max(8, widths[0] // 2)
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
         for cout, n in zip(widths, blocks):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
@@ -1228,7 +1256,7 @@ def build_model(cfg, num_classes):
 def place_model(model, cfg, device):
     """On the device, and in channels_last where the run's inputs are (train_one_epoch, run_inference)."""
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if use_channels_last(cfg, device) else model
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
 
 def count_parameters(model):
@@ -1435,22 +1463,27 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def steps_per_epoch(n, cfg):
+    """Optimizer steps in one pass over n training faces: full batches only (BatchNorm dislikes a tiny last one)."""
+    return n // min(cfg.batch_size, n)
+
+
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
                     ema=None, class_weights=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
+    A step that fp16's GradScaler skips (gradients overflowed) moves neither the schedule nor the EMA.
     """
     model.train()
     dev = images.device
-    n = images.shape[0]
-    batch = min(cfg.batch_size, n)
-    steps = n // batch  # drop the ragged last batch: BatchNorm dislikes tiny ones
-    perm = torch.randperm(n, device=dev)
+    batch = min(cfg.batch_size, images.shape[0])
+    steps = steps_per_epoch(images.shape[0], cfg)
+    perm = torch.randperm(images.shape[0], device=dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
-    amp_dtype, channels_last = autocast_dtype(cfg, dev), use_channels_last(cfg, dev)
+    amp_dtype = autocast_dtype(cfg, dev)
     log_every = max(1, steps // 10)
     bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
     for step in bar:
@@ -1459,7 +1492,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
         x, target = mix_batch(x, target, cfg)
-        if channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, context_logits, _ = model(x)
@@ -1469,11 +1502,13 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync, fp16 only
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
+        if scale is None or scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
+            scheduler.step()
+            if ema is not None:
+                ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
         with torch.no_grad():
             terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
@@ -1483,9 +1518,65 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
             seen = (step + 1) * batch
             bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
-    total = steps * batch
-    loss, ce, kl, correct = (sums / total).tolist()
+    loss, ce, kl, correct = (sums / (steps * batch)).tolist()
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
+
+
+def validate(model, val, mean, std, device, cfg, num_classes):
+    """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
+    out = run_inference(model, val.images, mean, std, device, cfg)
+    target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
+    loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight)[0].item()
+    pred = out["logits"].argmax(1).numpy()
+    return {"val_loss": loss, "val_accuracy": float((pred == val.labels).mean()), "val_macro_f1": macro_f1(val.labels, pred)}
+
+
+# --time_budget: what it measures, and the share of the budget it keeps free
+BUDGET_TIMED_STEPS = 3  # training steps timed, after one warm-up step (which also pays torch.compile's compilation)
+BUDGET_VAL_FACES = 1024  # validation faces timed; the pass is scaled to the split's size
+BUDGET_MARGIN = 0.05  # kept free for what the measurement leaves out: t-SNE, figures, checkpoints, the machine's drift
+
+
+def epochs_within(budget_s, fixed_s, epoch_s, max_epochs):
+    """Whole epochs of epoch_s seconds that fit in budget_s after fixed_s seconds: at least 1, at most max_epochs."""
+    return max(1, min(max_epochs, math.floor((budget_s - fixed_s) / epoch_s)))
+
+
+def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes):
+    """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
+    state put back afterwards: the run then equals one given --epochs=N) and a validation pass on this machine, then
+    return the plan: the number of epochs (at most cfg.epochs) whose training, per-epoch validation and final
+    evaluation of eval_faces faces (a pass, and attention maps: a forward and a backward pass per face) fit the budget."""
+    t_start = time.perf_counter()
+    batch = min(cfg.batch_size, len(train_y))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trial = copy.deepcopy(model)
+        optimizer = make_optimizer(trial, cfg)
+        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(len(train_y), cfg))
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
+        ema = EMA(trial, cfg.ema_decay) if cfg.ema_decay else None
+        fwd = torch.compile(trial) if cfg.compile else trial
+        seconds = []
+        for n in (1, BUDGET_TIMED_STEPS):
+            idx = torch.randperm(len(train_y), device=device)[:n * batch]
+            t0 = time.perf_counter()
+            train_one_epoch(fwd, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
+                            num_classes=num_classes, ema=ema)
+            seconds.append(time.perf_counter() - t0)
+        faces = min(BUDGET_VAL_FACES, len(val))
+        t0 = time.perf_counter()
+        run_inference(trial, val.images[:faces], mean, std, device, cfg)
+        face_s = (time.perf_counter() - t0) / faces
+    del trial, fwd, optimizer, ema
+    step_s = seconds[1] / BUDGET_TIMED_STEPS
+    epoch_s = steps_per_epoch(len(train_y), cfg) * step_s + len(val) * face_s
+    final_s = eval_faces * face_s + min(cfg.attention_samples, eval_faces) / batch * step_s
+    budget_s = cfg.time_budget * 60
+    fixed_s = time.perf_counter() - t_start + max(0.0, seconds[0] - step_s) + final_s + BUDGET_MARGIN * budget_s
+    epochs = epochs_within(budget_s, fixed_s, epoch_s, cfg.epochs)
+    return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
+            "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "final_evaluation_seconds": final_s,
+            "expected_minutes": (fixed_s - BUDGET_MARGIN * budget_s + epochs * epoch_s) / 60}
 
 
 @torch.no_grad()
@@ -1504,35 +1595,37 @@ def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=Non
     optimizer.state.pop(model.context.prototypes, None)
 
 
-def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
-    """The training loop: per-epoch validation, best and last checkpoints, metrics.jsonl, Ctrl-C safety."""
+def restore_training_state(resume, model, optimizer, scheduler, scaler):
+    """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first epoch)."""
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
+        scaler.load_state_dict(resume["scaler"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    if "cuda" in resume["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    return resume["history"], resume["best"], resume["epoch"] + 1
+
+
+def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
+    """The training loop on the on-device training set: per-epoch validation, best and last checkpoints,
+    metrics.jsonl, Ctrl-C safety."""
     k = len(class_names)
-    train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
-    train_y = torch.from_numpy(splits["train"].labels).to(device)
-    val = splits["val"]
-    steps_per_epoch = len(train_y) // min(cfg.batch_size, len(train_y))
     optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    amp_dtype = autocast_dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(len(train_y), cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
     class_weights = None
     if cfg.class_weights:
         counts = torch.bincount(train_y, minlength=k).float().clamp(min=1)
         class_weights = (counts.sum() / (k * counts)).to(device)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if "cuda" in resume["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        history, best, start = resume["history"], resume["best"], resume["epoch"] + 1
+        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # after the resumed weights are in
     if ema is not None and resume is not None and resume["ema"] is not None:
         ema.model.load_state_dict(resume["ema"])
-    fwd = torch.compile(model) if cfg.compile else model
+    compiled = torch.compile(model) if cfg.compile else model
     last_path = run_dir / "last.pth"
     resume_cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), f"--resume={last_path}"])  # this interpreter
     save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
@@ -1547,30 +1640,25 @@ def train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file,
     try:
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
-            stats = train_one_epoch(fwd, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
+            stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=class_weights)
             if epoch == 1 and cfg.prototype_init == "imprint":
                 imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer, ema)
-            judged = ema.model if ema is not None else model
-            val_out = run_inference(judged, val.images, mean, std, device, cfg)  # the metric reported at the end
-            target = smooth_targets(torch.from_numpy(val.labels), k, cfg.label_smoothing)
-            val_loss = hybrid_loss(val_out["logits"], val_out["context_logits"], target, cfg.context_weight)[0].item()
-            val_pred = val_out["logits"].argmax(1).numpy()
-            stats.update(epoch=epoch, val_loss=val_loss, val_accuracy=float((val_pred == val.labels).mean()),
-                         val_macro_f1=macro_f1(val.labels, val_pred, k), lr=scheduler.get_last_lr()[0],
+            evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
+            stats.update(epoch=epoch, **validate(evaluated, val, mean, std, device, cfg, k), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
             history.append(stats)
             improved = stats["val_accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
-                atomic_save(checkpoint_dict(judged, cfg, class_names, mean, std, epoch, stats, best=best),
+                atomic_save(checkpoint_dict(evaluated, cfg, class_names, mean, std, epoch, stats, best=best),
                             run_dir / "best_emotion_model.pth")
             save_last(epoch, stats)
             saved = epoch
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
-                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {val_loss:.4f} "
+                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
                 f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
     except KeyboardInterrupt:
@@ -1594,11 +1682,11 @@ def run_inference(model, images, mean, std, device, cfg, tta=None):
     An OnnxModel gives log-probabilities for logits, and neither context logits nor features (None)."""
     model.eval()
     tta = cfg.tta_flip if tta is None else tta
-    amp_dtype, channels_last = autocast_dtype(cfg, device), use_channels_last(cfg, device)
+    amp_dtype = autocast_dtype(cfg, device)
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
         x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        if channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, s, f = (None if t is None else t.float() for t in model(x))
@@ -1612,14 +1700,17 @@ def run_inference(model, images, mean, std, device, cfg, tta=None):
 
 
 def confusion(y_true, y_pred, k):
-    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    """K x K counts, rows true, columns predicted, every class in data.yaml order (a class absent from the split: a zero row)."""
+    from sklearn.metrics import confusion_matrix
+    return confusion_matrix(y_true, y_pred, labels=np.arange(k))
 
 
-def macro_f1(y_true, y_pred, k):
-    cm = confusion(y_true, y_pred, k)
-    tp = np.diag(cm)
-    denom = cm.sum(0) + cm.sum(1)
-    return float(np.mean(np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)))
+def macro_f1(y_true, y_pred):
+    """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
+    a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
+    predicts but the split lacks counts 0."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
 def recall_by_class(y, pred, class_names):
@@ -1633,15 +1724,12 @@ def evaluation_results(split, out, class_names, train_hashes=None):
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
     cm = confusion(y, pred, k)
-    report = {}
-    for i, name in enumerate(class_names):
-        tp, support, predicted = cm[i, i], cm[i].sum(), cm[:, i].sum()
-        p = tp / predicted if predicted else 0.0
-        r = tp / support if support else 0.0
-        report[name] = {"precision": float(p), "recall": float(r),
-                        "f1-score": float(2 * p * r / (p + r)) if p + r else 0.0, "support": int(support)}
+    from sklearn.metrics import precision_recall_fscore_support
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
+              for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
     correct = pred == y
-    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred, k), "class_names": list(class_names),
+    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred), "class_names": list(class_names),
                "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
     if split.name == "test":  # the name says which split: never "test" for a validation figure
         results["test_accuracy"] = results["accuracy"]
@@ -2651,9 +2739,6 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     class_names, splits, report = load_dataset(cfg, log_file)
     write_json(report, run_dir / "data_report.json")
-    starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
-        (run_dir / "provenance.json").exists() else []
-    write_json(starts + [provenance(argv, device, cfg.data_dir, report)], run_dir / "provenance.json")
     evaluated = "test" if "test" in splits else "val"
     log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
@@ -2669,21 +2754,40 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     computes = precision(cfg, device)
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
-    if cfg.preset == "cpu" and device.type == "cpu" and computes["autocast"] is None:
-        log("note: this CPU trains in float32 (no native bf16), not the bf16 that --preset=cpu's 18 epochs were timed "
-            "with (23 minutes); a 2-core AVX2 CPU took about 420 s an epoch (18 epochs: about 2 hours; --epochs=4 "
-            "fits 30 minutes there, BENCHMARKS.md)", log_file)
-    history, best, seconds = train(model, splits, class_names, mean, std, cfg, run_dir, device, log_file, resume_ckpt)
-    best_ckpt = load_checkpoint(run_dir / "best_emotion_model.pth")
-    model.load_state_dict(best_ckpt["model"])
-    plot_history(history, run_dir / "training_history.png")
-    results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": evaluated, "num_parameters": n_params, "precision": computes, "best_epoch": best["epoch"],
-        "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
-        "final_epoch_val_accuracy": history[-1]["val_accuracy"], "training_seconds": round(seconds, 1),
-        "checkpoint": str(run_dir / "best_emotion_model.pth"), "duplicates": report["duplicates"],
-        "duplicates_dropped": cfg.drop_duplicates, "config": dataclasses.asdict(cfg)},
-        set(splits["train"].hashes))
+    train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
+    train_y = torch.from_numpy(splits["train"].labels).to(device)
+    plan = None
+    if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
+        plan = plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std, cfg, device,
+                           len(class_names))
+        cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
+        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+        log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
+            f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s "
+            f"-> {plan['epochs']} of at most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+    starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
+        (run_dir / "provenance.json").exists() else []
+    write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan}],
+               run_dir / "provenance.json")
+    history, best, seconds = train(model, train_x, train_y, splits["val"], class_names, mean, std, cfg, run_dir, device,
+                                   log_file, resume_ckpt)
+    del train_x, train_y
+    best_path = run_dir / "best_emotion_model.pth"
+    try:
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+        plot_history(history, run_dir / "training_history.png")
+        results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
+            "evaluated_split": evaluated, "num_parameters": n_params, "precision": computes, "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
+            "final_epoch_val_accuracy": history[-1]["val_accuracy"], "training_seconds": round(seconds, 1),
+            "checkpoint": str(best_path), "duplicates": report["duplicates"], "duplicates_dropped": cfg.drop_duplicates,
+            "config": dataclasses.asdict(cfg)},
+            set(splits["train"].hashes))
+    except KeyboardInterrupt:
+        evaluate_cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), f"--evaluate={best_path}"])
+        log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  {evaluate_cmd}",
+            log_file)
+        raise SystemExit(130)
     chosen_on_it = "" if evaluated == "test" else \
         f"; chosen on this split: the final epoch {history[-1]['epoch']} reached {history[-1]['val_accuracy']:.2%}"
     log(f"{evaluated} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
@@ -2782,6 +2886,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside training (which saves and prints its resume command): loading, evaluating
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (which saves and prints its resume command): decoding, evaluating
+        print("interrupted (nothing half-written is left: a decode cache is kept only when complete)", file=sys.stderr)
         sys.exit(130)

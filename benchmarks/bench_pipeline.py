@@ -367,7 +367,7 @@ def main(argv):
             ips, _ = time_training(small, small_x, small_y, small_mean, small_std, device, k, plan["small_rounds"],
                                    plan["small_steps"], {"fp32": ("pipeline", dataclasses.replace(small, amp=False)),
                                                          "autocast": ("pipeline", small)})
-            out.update(autocast_dtype=str(amp_dtype), channels_last=ern.use_channels_last(small, device),
+            out.update(autocast_dtype=str(amp_dtype), channels_last=small.channels_last,
                        train_small_fp32_images_per_s=ips["fp32"], train_small_autocast_images_per_s=ips["autocast"],
                        autocast_speedup=ips["autocast"] / ips["fp32"])
         del small_x, small_y

@@ -77,7 +77,8 @@ def check_consistent_with_confusion(results):
         assert row["recall"] == pytest.approx(recall), name
         assert row["precision"] == pytest.approx(precision), name
         assert row["f1-score"] == pytest.approx(f1), name
-        f1s.append(row["f1-score"])
+        if support or predicted:  # a class neither in the split nor predicted stays out of the mean
+            f1s.append(row["f1-score"])
     assert results["macro_f1"] == pytest.approx(np.mean(f1s))
 
 
@@ -266,6 +267,19 @@ def test_evaluation_results_match_sklearn():
     for fmt, rows in (("jpeg", slice(0, 6)), ("png", slice(6, 10))):
         assert by_source[fmt]["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y[rows], pred[rows]))
     check_consistent_with_confusion(results)
+
+
+def test_macro_f1_leaves_out_a_class_the_split_lacks_and_nobody_predicts():
+    """By hand: classes 0-2 of four; class 3 neither in the labels nor predicted."""
+    y, pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
+    f1 = [2 * 0.5 * 0.5 / (0.5 + 0.5), 2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * 1 * 0.5 / (1 + 0.5)]  # (p, r) per class
+    assert ern.macro_f1(y, pred) == pytest.approx(np.mean(f1))
+    split = ern.Split("val", [f"{i}.jpg" for i in range(6)], y, np.zeros((6, 4), np.float32), formats=["jpeg"] * 6,
+                      hashes=[str(i) for i in range(6)])
+    results = ern.evaluation_results(split, {"logits": F.one_hot(torch.from_numpy(pred), 4).float()}, list("abcd"))
+    assert results["classification_report"]["d"] == {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0}
+    assert results["macro_f1"] == pytest.approx(np.mean(f1))
+    assert np.array(results["confusion_matrix"]).shape == (4, 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,8 +598,8 @@ def test_training_imprints_model_and_ema_prototypes_once_after_the_first_epoch(t
 
     monkeypatch.setattr(ern, "imprint_prototypes", spy)
     torch.manual_seed(0)
-    ern.train(ern.build_model(cfg, 8), splits, [str(k) for k in range(8)], mean, std, cfg, tmp_path,
-              torch.device("cpu"), None)
+    ern.train(ern.build_model(cfg, 8), images, labels, splits["val"], [str(k) for k in range(8)], mean, std, cfg,
+              tmp_path, torch.device("cpu"), None)
     assert calls == [0]
 
 
@@ -765,16 +779,15 @@ def one_thread():
 def test_cpu_autocasts_only_where_bf16_is_native(monkeypatch):
     cpu, on, off = torch.device("cpu"), ern.Config(), ern.Config(amp=False)
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: True)
-    assert ern.autocast_dtype(on, cpu) is torch.bfloat16 and ern.use_channels_last(on, cpu)
-    assert ern.autocast_dtype(off, cpu) is None and not ern.use_channels_last(off, cpu)
-    assert not ern.use_channels_last(dataclasses.replace(on, channels_last=False), cpu)
+    assert ern.autocast_dtype(on, cpu) is torch.bfloat16 and ern.autocast_dtype(off, cpu) is None
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: False)  # bf16 only emulated: the script stays in float32
-    assert ern.autocast_dtype(on, cpu) is None and not ern.use_channels_last(on, cpu)
+    assert ern.autocast_dtype(on, cpu) is None
+    assert ern.precision(on, cpu) == {"autocast": None, "channels_last": True}  # the layout: channels_last either way
 
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, amp, monkeypatch):
-    """In float32, and in the CPU's bf16 autocast + channels_last (forced where bf16 is only emulated: slower, not wrong)."""
+    """In float32, and in the CPU's bf16 autocast (forced where bf16 is only emulated: slower, not wrong), channels_last."""
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: amp)
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, width=0.125,
                      blocks="1,1,1,1", batch_size=16, epochs=80, lr=3e-3, warmup_epochs=0, dropout=0.0,
@@ -786,7 +799,7 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, a
     mean, std = ern.dataset_normalization(x.numpy())
     torch.manual_seed(0)
     model = ern.place_model(ern.build_model(cfg, 8), cfg, torch.device("cpu"))
-    assert ern.precision(cfg, torch.device("cpu")) == {"autocast": "bfloat16" if amp else None, "channels_last": amp}
+    assert ern.precision(cfg, torch.device("cpu")) == {"autocast": "bfloat16" if amp else None, "channels_last": True}
     optimizer = ern.make_optimizer(model, cfg)
     scheduler = ern.make_scheduler(optimizer, cfg, steps_per_epoch=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
