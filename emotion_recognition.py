@@ -478,10 +478,10 @@ class Split:
 
     def subset(self, keep):
         keep = np.asarray(keep, dtype=bool)
-        pick = lambda xs: None if xs is None else [x for x, k in zip(xs, keep) if k]
-        return Split(self.name, pick(self.paths), self.labels[keep], self.boxes[keep],
+        kept = lambda xs: None if xs is None else [x for x, k in zip(xs, keep) if k]
+        return Split(self.name, kept(self.paths), self.labels[keep], self.boxes[keep],
                      None if self.images is None else self.images[keep],
-                     pick(self.hashes), pick(self.formats), pick(self.sizes))
+                     kept(self.hashes), kept(self.formats), kept(self.sizes))
 
 
 def read_data_yaml(data_dir, problems=None):
@@ -722,12 +722,12 @@ def decode_split(split, out, size, margin, threads):
 
     pool = ThreadPoolExecutor(threads or os.cpu_count())  # cv2 releases the GIL
     try:
-        for path, idx, info, error in pool.map(work, by_image.items(), chunksize=64):
+        for path, idx, info, error in pool.map(work, by_image.items()):
             if error:
                 problems.append(f"{path}: {error}")
             for i in idx:
                 meta[i] = info
-    finally:  # Ctrl-C: drop the queued images instead of decoding the whole split first
+    finally:  # Ctrl-C: drop the queued images instead of decoding the whole split first (the running ones finish)
         pool.shutdown(wait=True, cancel_futures=True)
     return meta, problems
 
@@ -904,7 +904,10 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     return class_names, splits, report
 
 
-def dataset_normalization(images, max_images=4096):
+STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization and imprinted prototypes
+
+
+def dataset_normalization(images, max_images=STATISTICS_SAMPLE):
     """Per-channel mean and std of the training pixels (a strided subsample), in [0, 1] units.
 
     Summed 256 images at a time: float copies of the whole subsample raised the peak memory by
@@ -1066,8 +1069,7 @@ def augment_batch(x, mean, std, cfg):
     if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip:
         theta = affine_theta(uniform(b) * cfg.aug_rotate, 1 + uniform(b) * cfg.aug_scale, uniform(b, 2) * cfg.aug_translate,
                              torch.rand(b, device=dev) < cfg.aug_flip)
-        x = F.grid_sample(x, sampling_grid(theta.to(x.dtype), s), mode="bilinear", padding_mode="reflection",
-                          align_corners=False)
+        x = F.grid_sample(x, sampling_grid(theta, s), mode="bilinear", padding_mode="reflection", align_corners=False)
     if cfg.aug_brightness or cfg.aug_contrast:
         mean_px = x.mean((1, 2, 3), keepdim=True)
         contrast = 1 + uniform(b, 1, 1, 1) * cfg.aug_contrast
@@ -1220,7 +1222,7 @@ class ERN(nn.Module):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
-        # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.2 are concerned
+        # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.15 are concerned
         stem = max(8, widths[0] // 2)
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
@@ -1445,6 +1447,9 @@ def make_optimizer(model, cfg):
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
+WARMUP_START = 0.01  # the warm-up's first learning rate, fraction of lr
+
+
 def make_scheduler(optimizer, cfg, steps_per_epoch):
     """Per step: linear warm-up from 1 % of lr, then cosine annealing to min_lr_ratio * lr."""
     total = cfg.epochs * steps_per_epoch
@@ -1452,7 +1457,7 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
 
     def factor(step):
         if step < warmup:
-            return 0.01 + 0.99 * step / warmup
+            return WARMUP_START + (1 - WARMUP_START) * step / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -1463,7 +1468,7 @@ class NonFiniteLoss(Exception):
     pass
 
 
-def steps_per_epoch(n, cfg):
+def epoch_steps(n, cfg):
     """Optimizer steps in one pass over n training faces: full batches only (BatchNorm dislikes a tiny last one)."""
     return n // min(cfg.batch_size, n)
 
@@ -1479,7 +1484,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     model.train()
     dev = images.device
     batch = min(cfg.batch_size, images.shape[0])
-    steps = steps_per_epoch(images.shape[0], cfg)
+    steps = epoch_steps(images.shape[0], cfg)
     perm = torch.randperm(images.shape[0], device=dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
@@ -1502,7 +1507,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scale = scaler.get_scale() if scaler.is_enabled() else None  # a host sync, fp16 only
+        scale = scaler.get_scale() if scaler.is_enabled() else None  # fp16 only, which syncs in scaler.step anyway
         scaler.step(optimizer)
         scaler.update()
         if scale is None or scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
@@ -1551,26 +1556,25 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     batch = min(cfg.batch_size, len(train_y))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
-        optimizer = make_optimizer(trial, cfg)
-        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(len(train_y), cfg))
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
-        ema = EMA(trial, cfg.ema_decay) if cfg.ema_decay else None
-        fwd = torch.compile(trial) if cfg.compile else trial
-        seconds = []
+        optimizer, scheduler, scaler, ema = training_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
+        compiled = torch.compile(trial) if cfg.compile else trial
+        seconds, steps = [], []
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = time.perf_counter()
-            train_one_epoch(fwd, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
+            train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
                             num_classes=num_classes, ema=ema)
             seconds.append(time.perf_counter() - t0)
+            steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
         t0 = time.perf_counter()
         run_inference(trial, val.images[:faces], mean, std, device, cfg)
         face_s = (time.perf_counter() - t0) / faces
-    del trial, fwd, optimizer, ema
-    step_s = seconds[1] / BUDGET_TIMED_STEPS
-    epoch_s = steps_per_epoch(len(train_y), cfg) * step_s + len(val) * face_s
+    step_s = seconds[1] / steps[1]
+    epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val) * face_s
     final_s = eval_faces * face_s + min(cfg.attention_samples, eval_faces) / batch * step_s
+    if cfg.prototype_init == "imprint":  # once, after epoch 1: a pass (no flip) over a sample, for the model and its EMA
+        final_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     budget_s = cfg.time_budget * 60
     fixed_s = time.perf_counter() - t_start + max(0.0, seconds[0] - step_s) + final_s + BUDGET_MARGIN * budget_s
     epochs = epochs_within(budget_s, fixed_s, epoch_s, cfg.epochs)
@@ -1580,7 +1584,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
 
 
 @torch.no_grad()
-def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=None, max_images=4096):
+def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=None, max_images=STATISTICS_SAMPLE):
     """Weight imprinting (Qi et al., 2018): set each prototype P_k, keeping its norm, along the mean
     unit feature of class k over an evenly spaced sample of training images (no augmentation), and
     restart the prototypes' AdamW moments. A class absent from the sample keeps its prototype. The
@@ -1595,9 +1599,26 @@ def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=Non
     optimizer.state.pop(model.context.prototypes, None)
 
 
-def restore_training_state(resume, model, optimizer, scheduler, scaler):
-    """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first epoch)."""
+def training_parts(model, cfg, device, steps_per_epoch):
+    """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
+    without ema_decay)."""
+    optimizer = make_optimizer(model, cfg)
+    return (optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
+            torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16),
+            EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
+
+
+def script_command(*args):
+    """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
+    return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
+
+
+def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
+    """Load a last.pth's weights, optimizer, schedule, GradScaler, EMA and random state; returns (history, best, first
+    epoch). An EMA the run did not have before starts from the resumed weights."""
     model.load_state_dict(resume["model"])
+    if ema is not None:
+        ema.model.load_state_dict(resume["model"] if resume["ema"] is None else resume["ema"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
@@ -1612,22 +1633,17 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     """The training loop on the on-device training set: per-epoch validation, best and last checkpoints,
     metrics.jsonl, Ctrl-C safety."""
     k = len(class_names)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(len(train_y), cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16)
+    optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, epoch_steps(len(train_y), cfg))
     class_weights = None
     if cfg.class_weights:
         counts = torch.bincount(train_y, minlength=k).float().clamp(min=1)
         class_weights = (counts.sum() / (k * counts)).to(device)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
-        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # after the resumed weights are in
-    if ema is not None and resume is not None and resume["ema"] is not None:
-        ema.model.load_state_dict(resume["ema"])
+        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
     compiled = torch.compile(model) if cfg.compile else model
     last_path = run_dir / "last.pth"
-    resume_cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), f"--resume={last_path}"])  # this interpreter
+    resume_cmd = script_command(f"--resume={last_path}")
     save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
         model, cfg, class_names, mean, std, epoch, metrics,
         **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
@@ -1721,10 +1737,10 @@ def recall_by_class(y, pred, class_names):
 def evaluation_results(split, out, class_names, train_hashes=None):
     """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
     format: accuracy, recall per class present in that source, and their mean (balanced accuracy)."""
+    from sklearn.metrics import precision_recall_fscore_support
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
     cm = confusion(y, pred, k)
-    from sklearn.metrics import precision_recall_fscore_support
     p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
     report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
               for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
@@ -1735,15 +1751,15 @@ def evaluation_results(split, out, class_names, train_hashes=None):
         results["test_accuracy"] = results["accuracy"]
     results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
     for fmt in sorted(set(split.formats)):
-        mine = np.array([f == fmt for f in split.formats])
-        recall = recall_by_class(y[mine], pred[mine], class_names)
-        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[mine].mean()), "samples": int(mine.sum()),
+        of_fmt = np.array([f == fmt for f in split.formats])
+        recall = recall_by_class(y[of_fmt], pred[of_fmt], class_names)
+        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[of_fmt].mean()), "samples": int(of_fmt.sum()),
                                                      "balanced_accuracy": float(np.mean(list(recall.values()))),
                                                      "recall": recall}
     if train_hashes is not None:
-        fresh = np.array([h not in train_hashes for h in split.hashes], dtype=bool)
-        results["accuracy_excluding_train_duplicates"] = float(correct[fresh].mean()) if fresh.any() else None
-        results["samples_duplicating_train"] = int((~fresh).sum())
+        unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
+        results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
+        results["samples_duplicating_train"] = int((~unseen).sum())
     return results
 
 
@@ -1987,10 +2003,10 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     k = len(class_names)
     fig, axes = plt.subplots(k, 5, figsize=(10, 2.1 * k + 0.6), squeeze=False)
     for i, name in enumerate(class_names):
-        mine = labels == i
-        mean_face = faces[mine].mean(0).round().astype(np.uint8) if mine.any() else np.zeros_like(faces[0])
+        of_class = labels == i
+        mean_face = faces[of_class].mean(0).round().astype(np.uint8) if of_class.any() else np.zeros_like(faces[0])
         axes[i, 0].imshow(mean_face.transpose(1, 2, 0))
-        axes[i, 0].set_title(f"{name}: mean face (n={int(mine.sum())})", fontsize=8)
+        axes[i, 0].set_title(f"{name}: mean face (n={int(of_class.sum())})", fontsize=8)
         axes[i, 0].axis("off")
         for j, (correct, title, m) in enumerate(groups):
             ax = axes[i, 1 + j]
@@ -2510,6 +2526,12 @@ def predict_video(predictor, source, out):
                 for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                     ids, smoothed = tracker.update(faces, probs)
                     out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
+                    for tid, q, (_, detected, _) in zip(ids, smoothed, faces):  # counted with its rows: a Ctrl-C
+                        times[tid].append(t)  # from here on leaves the summary in step with the CSV
+                        track_probs[tid].append(q)
+                        shares[detected].append(q)
+                        counts["faces"] += detected
+                    counts["frames"] += 1
                     if action.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
@@ -2523,12 +2545,6 @@ def predict_video(predictor, source, out):
                         writer.write(frame)
                     if action.show and window is not False:
                         show(frame)
-                    for tid, q, (_, detected, _) in zip(ids, smoothed, faces):
-                        times[tid].append(t)
-                        track_probs[tid].append(q)
-                        shares[detected].append(q)
-                        counts["faces"] += detected
-                    counts["frames"] += 1
                     bar.update()
     except KeyboardInterrupt:
         entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
@@ -2764,7 +2780,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s "
-            f"-> {plan['epochs']} of at most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+            f"-> {plan['epochs']} of at most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min"
+            f"{'; over the budget: one epoch does not fit' if plan['expected_minutes'] > cfg.time_budget else ''})", log_file)
     starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
         (run_dir / "provenance.json").exists() else []
     write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan}],
@@ -2784,9 +2801,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
             "config": dataclasses.asdict(cfg)},
             set(splits["train"].hashes))
     except KeyboardInterrupt:
-        evaluate_cmd = shlex.join([sys.executable, str(Path(__file__).resolve()), f"--evaluate={best_path}"])
-        log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  {evaluate_cmd}",
-            log_file)
+        log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
+            f"{script_command(f'--evaluate={best_path}')}", log_file)
         raise SystemExit(130)
     chosen_on_it = "" if evaluated == "test" else \
         f"; chosen on this split: the final epoch {history[-1]['epoch']} reached {history[-1]['val_accuracy']:.2%}"

@@ -363,7 +363,7 @@ def main(argv):
                    train_small_pipeline_images_per_s=ips["pipeline"], train_small_random_images_per_s=ips["random"],
                    compute_bound_fraction=ips["pipeline"] / ips["random"])
         amp_dtype = ern.autocast_dtype(small, device)
-        if amp_dtype is not None:  # the same model in float32 (in the layout the script then uses: contiguous on a CPU)
+        if amp_dtype is not None:  # the same model in float32, in the same layout
             ips, _ = time_training(small, small_x, small_y, small_mean, small_std, device, k, plan["small_rounds"],
                                    plan["small_steps"], {"fp32": ("pipeline", dataclasses.replace(small, amp=False)),
                                                          "autocast": ("pipeline", small)})
