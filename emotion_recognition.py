@@ -19,6 +19,7 @@ and exports to ONNX (--export=onnx), which --predict and --evaluate also run.
     python emotion_recognition.py --predict=clip.mp4,photos/ --checkpoint=...  # videos, folders, camera:0; CSV + annotated copies
     python emotion_recognition.py --predict=photo.jpg --explain --checkpoint=...  # + explain/: attention and Grad-CAM per face
     python emotion_recognition.py --export=onnx --checkpoint=outputs/RUN/best_emotion_model.pth  # -> outputs/RUN/model.onnx
+    torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field of Config and Action
 
 Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet
@@ -32,6 +33,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import inspect
@@ -101,7 +103,7 @@ class Config:
     # optimization
     epochs: int = 50  # passes over the training set (with time_budget: at most this many)
     time_budget: float = 0.0  # minutes for training, validation and final evaluation; 0 = off. Times a few steps, sets epochs to fit
-    batch_size: int = 128  # images per optimizer step
+    batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
@@ -115,6 +117,8 @@ class Config:
     channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: faster in float32 and bf16, BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (every process's share together)
+    dist_timeout: float = 10.0  # under torchrun: minutes a collective waits for the other processes before failing
     eval_batch_size: int = 512  # images per forward pass in evaluation
     # output
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
@@ -351,7 +355,9 @@ def validate_config(cfg):
 # ---------------------------------------------------------------------------------------------
 
 def log(message, log_file=None):
-    """Print, and append to the run's log file: the log of a run is its console output."""
+    """Print, and append to the run's log file: the log of a run is its console output (rank 0's, under torchrun)."""
+    if distributed()[0] != 0:
+        return
     tqdm.write(message)
     if log_file is not None:
         with open(log_file, "a") as f:
@@ -369,9 +375,17 @@ def seed_everything(seed, deterministic):
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def distributed():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def cpu_has_bf16():
@@ -1409,6 +1423,98 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
 
 
 # ---------------------------------------------------------------------------------------------
+# Distributed: under torchrun every process (rank) trains on its share of each global batch, DDP averages
+# the gradients, and rank 0 alone logs and writes
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed(cfg):
+    """Join torchrun's process group when it launched several processes (WORLD_SIZE > 1): NCCL on CUDA, gloo on
+    the CPU, every collective failing after cfg.dist_timeout minutes. Returns this process's device."""
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=cfg.dist_timeout))
+    return device
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Rank 0 runs the block first (and builds the decode cache); the other ranks wait, then run it (and read it)."""
+    rank, world = distributed()
+    if rank > 0:
+        torch.distributed.barrier()
+    yield
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+
+
+def from_rank_zero(obj):
+    """Rank 0's obj, on every rank (a run folder named by the time, a time-budget plan)."""
+    if distributed()[1] == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks_sum(t):
+    """The sum of t over the ranks (t itself in one process)."""
+    if distributed()[1] > 1:
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """--sync_bn: in training, the statistics of the global batch (the sum and sum of squares of every rank's share,
+    all-reduced with gradients flowing back to each share), as one process with the whole batch computes them; in
+    evaluation, or in one process, BatchNorm2d itself. torch's SyncBatchNorm runs on GPUs only; this one runs on gloo
+    too. The same parameters and buffers as BatchNorm2d: checkpoints do not know the difference."""
+
+    def forward(self, x):
+        if not (self.training and distributed()[1] > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # differentiable
+        c, xf = x.shape[1], x.float()
+        count = torch.full((1,), xf.numel() / c, device=x.device)
+        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c:2 * c] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # the unbiased variance, as BatchNorm2d keeps
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batch_norm(model):
+    """Every BatchNorm2d of model as a GlobalBatchNorm2d (same parameters and buffers), in place."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return model
+
+
+@torch.inference_mode()
+def run_inference_sharded(model, images, mean, std, device, cfg):
+    """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
+    outputs one process gives (BatchNorm in evaluation treats every face alone)."""
+    rank, world = distributed()
+    if world == 1:
+        return run_inference(model, images, mean, std, device, cfg)
+    bounds = np.linspace(0, len(images), world + 1).astype(int)
+    part = run_inference(model, images[bounds[rank]:bounds[rank + 1]], mean, std, device, cfg)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, part)
+    return {name: None if part[name] is None else torch.cat([p[name] for p in parts]) for name in part}
+
+
+# ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
 
@@ -1483,16 +1589,19 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     """
     model.train()
     dev = images.device
+    rank, world = distributed()
     batch = min(cfg.batch_size, images.shape[0])
+    share = batch // world  # this rank's part of each global batch
     steps = epoch_steps(images.shape[0], cfg)
-    perm = torch.randperm(images.shape[0], device=dev)
+    # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
     amp_dtype = autocast_dtype(cfg, dev)
     log_every = max(1, steps // 10)
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=None if rank == 0 else True, dynamic_ncols=True)
     for step in bar:
-        idx = perm[step * batch:(step + 1) * batch]
+        idx = perm[step * batch + rank * share:step * batch + (rank + 1) * share]
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
@@ -1519,17 +1628,19 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
             sums += torch.cat([terms * len(idx), (logits.argmax(1) == y).sum().view(1)])
         if (step + 1) % log_every == 0 or step == steps - 1:  # the loop's only host syncs (but fp16's GradScaler)
+            if world > 1:  # every rank stops together
+                torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
-            seen = (step + 1) * batch
+            seen = (step + 1) * share
             bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
-    loss, ce, kl, correct = (sums / (steps * batch)).tolist()
+    loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
 def validate(model, val, mean, std, device, cfg, num_classes):
     """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
-    out = run_inference(model, val.images, mean, std, device, cfg)
+    out = run_inference_sharded(model, val.images, mean, std, device, cfg)
     target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
     loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight)[0].item()
     pred = out["logits"].argmax(1).numpy()
@@ -1623,9 +1734,10 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
         scaler.load_state_dict(resume["scaler"])
-    torch.set_rng_state(resume["rng"]["torch"])
-    if "cuda" in resume["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    if distributed()[0] == 0:  # the random state saved is rank 0's; the other ranks keep their own seeds
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
     return resume["history"], resume["best"], resume["epoch"] + 1
 
 
@@ -1641,15 +1753,24 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
-    compiled = torch.compile(model) if cfg.compile else model
+    writes = distributed()[0] == 0  # under torchrun, rank 0 alone writes
+    ddp = distributed()[1] > 1
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp else model  # averages the gradients of the ranks' shares
+    compiled = torch.compile(net) if cfg.compile else net
     last_path = run_dir / "last.pth"
     resume_cmd = script_command(f"--resume={last_path}")
-    save_last = lambda epoch, metrics: atomic_save(checkpoint_dict(
-        model, cfg, class_names, mean, std, epoch, metrics,
-        **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
+    if ddp:
+        resume_cmd += "  (or under torchrun, with any number of processes)"
+
+    def save_last(epoch, metrics):
+        if writes:
+            atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics,
+                                        **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
+
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
-    else:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
+    elif writes:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
@@ -1667,12 +1788,14 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             improved = stats["val_accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
-                atomic_save(checkpoint_dict(evaluated, cfg, class_names, mean, std, epoch, stats, best=best),
-                            run_dir / "best_emotion_model.pth")
+                if writes:
+                    atomic_save(checkpoint_dict(evaluated, cfg, class_names, mean, std, epoch, stats, best=best),
+                                run_dir / "best_emotion_model.pth")
             save_last(epoch, stats)
             saved = epoch
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+            if writes:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(stats) + "\n")
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
                 f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
@@ -1683,8 +1806,9 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     except NonFiniteLoss as e:
         raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {saved}).") from None
     final = ema.model if ema is not None else model
-    atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1], best=best),
-                run_dir / "final_emotion_model.pth")
+    if writes:
+        atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1], best=best),
+                    run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start
 
 
@@ -2748,13 +2872,22 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     # absolute data and cache folders in the config and checkpoints: --resume works from any folder
     cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
                               cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
-    run_dir = make_run_dir(cfg, resuming=resume_ckpt is not None)
+    device = init_distributed(cfg)
+    rank, world = distributed()
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size={cfg.batch_size} (the global batch) does not divide among {world} processes")
+    run_dir = Path(from_rank_zero(str(make_run_dir(cfg, resuming=resume_ckpt is not None)) if rank == 0 else None))
     log_file = run_dir / "train.log"
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    write_json(dataclasses.asdict(cfg), run_dir / "config.json")
-    class_names, splits, report = load_dataset(cfg, log_file)
-    write_json(report, run_dir / "data_report.json")
+    seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
+    if rank == 0:
+        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+    with rank_zero_first():  # one decode, then the others read the cache
+        class_names, splits, report = load_dataset(cfg, log_file)
+    if rank == 0:
+        write_json(report, run_dir / "data_report.json")
+    if world > 1:
+        log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
+            f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)
     evaluated = "test" if "test" in splits else "val"
     log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
@@ -2766,6 +2899,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
     model = place_model(build(cfg, len(class_names)), cfg, device)
+    if cfg.sync_bn and world > 1:
+        global_batch_norm(model)
     n_params = count_parameters(model)
     computes = precision(cfg, device)
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
@@ -2774,21 +2909,26 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     train_y = torch.from_numpy(splits["train"].labels).to(device)
     plan = None
     if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
-        plan = plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std, cfg, device,
-                           len(class_names))
+        plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std,
+                                          cfg, device, len(class_names)))  # every rank measures (in step), rank 0's plan
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
-        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+        if rank == 0:
+            write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s "
             f"-> {plan['epochs']} of at most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min"
             f"{'; over the budget: one epoch does not fit' if plan['expected_minutes'] > cfg.time_budget else ''})", log_file)
-    starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
-        (run_dir / "provenance.json").exists() else []
-    write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan}],
-               run_dir / "provenance.json")
+    if rank == 0:
+        starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
+            (run_dir / "provenance.json").exists() else []
+        write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
+                              "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None}],
+                   run_dir / "provenance.json")
     history, best, seconds = train(model, train_x, train_y, splits["val"], class_names, mean, std, cfg, run_dir, device,
                                    log_file, resume_ckpt)
     del train_x, train_y
+    if rank > 0:  # rank 0 evaluates alone: the whole test split, as one process
+        return run_dir, None
     best_path = run_dir / "best_emotion_model.pth"
     try:
         model.load_state_dict(load_checkpoint(best_path)["model"])
@@ -2863,6 +3003,9 @@ def main(argv):
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (action.predict or action.export or action.evaluate or action.demo):
+        raise UserError("under torchrun the script trains and resumes; run --predict, --evaluate, --export and --demo "
+                        "with python")
     if action.predict:
         return run_prediction(cfg, action, overrides)
     if action.export:
@@ -2898,9 +3041,12 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = main(sys.argv[1:])
+        if distributed()[1] > 1:
+            torch.distributed.destroy_process_group()
         sys.exit(status if isinstance(status, int) else 0)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank, world = distributed()
+        print(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside training (which saves and prints its resume command): decoding, evaluating
         print("interrupted (nothing half-written is left: a decode cache is kept only when complete)", file=sys.stderr)
