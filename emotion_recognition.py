@@ -452,23 +452,24 @@ def provenance(argv, device, data_dir, data_report):
     }
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never breaks a good file."""
+def atomic_write(path, write):
+    """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
         tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def write_json(obj, path):
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,17 +771,15 @@ def load_split_pixels(split, cfg, log_file=None):
     array_path, meta_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if not (array_path.exists() and meta_path.exists()):
         t0 = time.time()
-        tmp = cache_dir / f"{name}.npy.{os.getpid()}.tmp"  # two runs may build the same cache at once
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
-        try:
-            meta, problems = decode_split(split, out, size, margin, cfg.decode_threads)
+        decoded = {}
+
+        def decode_into(tmp):  # a temporary file per process: two runs may build the same cache at once
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
+            decoded["meta"], decoded["problems"] = decode_split(split, out, size, margin, cfg.decode_threads)
             out.flush()
-            del out
-            os.replace(tmp, array_path)
-        except BaseException:  # Ctrl-C or a full disk: no half-built cache left behind
-            tmp.unlink(missing_ok=True)
-            raise
-        write_json({"meta": meta, "problems": problems}, meta_path)
+
+        atomic_write(array_path, decode_into)  # Ctrl-C or a full disk: no half-built cache left behind
+        write_json(decoded, meta_path)
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
             if old.name.split(".")[0] != name and not old.name.endswith(".tmp"):  # not another run's build
                 old.unlink(missing_ok=True)
@@ -1441,12 +1440,13 @@ def init_distributed(cfg):
 
 @contextlib.contextmanager
 def rank_zero_first():
-    """Rank 0 runs the block first (and builds the decode cache); the other ranks wait, then run it (and read it)."""
-    rank, world = distributed()
-    if rank > 0:
+    """Each machine's first process (LOCAL_RANK 0) runs the block first (and builds the decode cache in its
+    --cache_dir); the other processes wait, then run it (and read that cache)."""
+    first, world = int(os.environ.get("LOCAL_RANK", "0")) == 0, distributed()[1]
+    if world > 1 and not first:
         torch.distributed.barrier()
     yield
-    if rank == 0 and world > 1:
+    if world > 1 and first:
         torch.distributed.barrier()
 
 
@@ -1457,6 +1457,32 @@ def from_rank_zero(obj):
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def same_as_rank_zero(*modules):
+    """Rank 0's parameters and buffers in every rank's copy of each module: the initialization (each rank draws its
+    own from seed + rank), and the BatchNorm statistics, which each rank updates from its own share."""
+    if distributed()[1] > 1:
+        for module in modules:
+            for t in module.state_dict().values():
+                torch.distributed.broadcast(t, 0)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks, with the gradient summed over the ranks in turn (each rank's loss depends on every
+    share through it)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
 
 
 def all_ranks_sum(t):
@@ -1476,13 +1502,12 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and distributed()[1] > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce  # differentiable
         c, xf = x.shape[1], x.float()
         count = torch.full((1,), xf.numel() / c, device=x.device)
-        stats = all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        stats = AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
         n = stats[-1]
         mean = stats[:c] / n
-        var = stats[c:2 * c] / n - mean * mean
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)  # E[x^2] - E[x]^2 may round below 0
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
@@ -1511,7 +1536,8 @@ def run_inference_sharded(model, images, mean, std, device, cfg):
     part = run_inference(model, images[bounds[rank]:bounds[rank + 1]], mean, std, device, cfg)
     parts = [None] * world
     torch.distributed.all_gather_object(parts, part)
-    return {name: None if part[name] is None else torch.cat([p[name] for p in parts]) for name in part}
+    return {name: None if all(p[name] is None for p in parts) else torch.cat([p[name] for p in parts if p[name] is not None])
+            for name in part}  # a rank with no faces (a split smaller than the world) gives None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1777,8 +1803,11 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     try:
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.time()
+            if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
+                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + distributed()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=class_weights)
+            same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             if epoch == 1 and cfg.prototype_init == "imprint":
                 imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer, ema)
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
@@ -2876,6 +2905,10 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     rank, world = distributed()
     if cfg.batch_size % world:
         raise UserError(f"--batch_size={cfg.batch_size} (the global batch) does not divide among {world} processes")
+    if world > 1 and cfg.class_weights:  # each process would normalize its loss by its own share's weights
+        raise UserError("--class_weights is not supported under torchrun yet; train it with python")
+    if world > 1 and cfg.sync_bn and cfg.compile:
+        raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir = Path(from_rank_zero(str(make_run_dir(cfg, resuming=resume_ckpt is not None)) if rank == 0 else None))
     log_file = run_dir / "train.log"
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
@@ -2899,6 +2932,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
     model = place_model(build(cfg, len(class_names)), cfg, device)
+    same_as_rank_zero(model)  # before the EMA copies it
     if cfg.sync_bn and world > 1:
         global_batch_norm(model)
     n_params = count_parameters(model)

@@ -31,20 +31,6 @@ def weights(run):
     return torch.load(run / "final_emotion_model.pth", map_location="cpu", weights_only=True)["model"]
 
 
-def test_two_processes_train_and_write_every_output_once(tiny_dataset, tmp_path):
-    proc = torchrun(*FAST, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'run'}", "--epochs=2", cwd=tmp_path)
-    run = tmp_path / "run"
-    log = (run / "train.log").read_text()
-    assert log.count("distributed: world size 2 (gloo)") == 1
-    assert len(re.findall(r"^epoch\s+\d+/2", log, re.M)) == 2
-    assert proc.stdout.count("distributed: world size 2") == 1  # rank 0 alone prints
-    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    results = json.loads((run / "evaluation_results.json").read_text())
-    assert sum(map(sum, results["confusion_matrix"])) == 32  # the whole test split
-    assert json.loads((run / "provenance.json").read_text())[0]["world_size"] == 2
-    assert not list(run.glob("*.tmp"))
-
-
 def test_two_processes_end_with_the_weights_and_metrics_of_one(tiny_dataset, tmp_path):
     """No augmentation or dropout, BatchNorm over the global batch: the global batch, the schedule and the averaged
     gradient are one process's, so one epoch ends with the same weights (floating-point noise aside)."""
@@ -63,29 +49,41 @@ def test_two_processes_end_with_the_weights_and_metrics_of_one(tiny_dataset, tmp
     print(f"largest weight difference after one epoch, 2 processes vs 1: {worst:.2e}")
 
 
-def test_a_run_interrupted_under_torchrun_resumes_under_torchrun_and_under_python(tiny_dataset, tmp_path):
-    args = [*FAST, f"--data_dir={tiny_dataset}", "--epochs=3"]
+def interrupted_after_epoch(command, epoch, cwd):
+    """Run command (a torchrun or python command line), Ctrl-C it once it logs `epoch {epoch}/`; its stdout so far."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    for launcher in ("torchrun", "python"):
-        run = tmp_path / launcher
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(SCRIPT), *args, f"--output_dir={run}"], cwd=tmp_path, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        for line in proc.stdout:
-            if re.match(r"epoch\s+1/3", line):
-                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both workers
-                break
-        proc.communicate(timeout=120)
-        last = torch.load(run / "last.pth", map_location="cpu", weights_only=True)
-        assert 1 <= last["epoch"] < 3
-        resume = [f"--resume={run / 'last.pth'}"]
-        if launcher == "torchrun":
-            torchrun(*resume, cwd=tmp_path)
-        else:
-            run_script(*resume, cwd=tmp_path)
-        epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert epochs == [1, 2, 3], (launcher, epochs)
-        assert (run / "evaluation_results.json").exists()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if re.match(rf"epoch\s+{epoch}/", line):
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun gets it and passes it on
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "not interrupted: the run ended first"
+    return "".join(seen) + out
+
+
+def test_torchrun_writes_once_and_a_run_it_interrupts_resumes_under_torchrun_and_under_python(tiny_dataset, tmp_path):
+    """Two processes: one log line saying so, rank 0 alone writing. Ctrl-C after epoch 1; --resume under torchrun,
+    Ctrl-C after epoch 2; --resume under python to the end: one metrics line per epoch, the whole test split."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    first = interrupted_after_epoch([*launch, *FAST, f"--data_dir={tiny_dataset}", "--epochs=3", f"--output_dir={run}"],
+                                    1, tmp_path)
+    assert first.count("distributed: world size 2 (gloo)") == 1  # rank 0 alone prints
+    assert len(re.findall(r"^epoch\s+1/3", first, re.M)) == 1
+    assert torch.load(run / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 1
+    interrupted_after_epoch([*launch, f"--resume={run / 'last.pth'}"], 2, tmp_path)
+    assert torch.load(run / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 2
+    run_script(f"--resume={run / 'last.pth'}", cwd=tmp_path)
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (run / "train.log").read_text().count("distributed: world size 2 (gloo)") == 2  # the two torchrun starts
+    results = json.loads((run / "evaluation_results.json").read_text())
+    assert sum(map(sum, results["confusion_matrix"])) == 32  # the whole test split
+    assert [p["world_size"] for p in json.loads((run / "provenance.json").read_text())] == [2, 2, 1]
+    assert not list(run.glob("*.tmp"))
 
 
 def children(pid):
@@ -122,3 +120,11 @@ def test_a_rank_that_dies_ends_the_other_and_the_run(tiny_dataset, tmp_path):
     assert proc.returncode != 0
     assert time.time() - t0 < 90
     assert not any(os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z" for w in workers)
+
+
+def test_a_global_batch_that_does_not_divide_is_refused_before_any_work(tiny_dataset, tmp_path):
+    proc = torchrun(*FAST, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'run'}", "--batch_size=15",
+                    cwd=tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "error (rank 0 of 2): --batch_size=15 (the global batch) does not divide among 2 processes" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -79,7 +79,7 @@ def test_augment_batch_draws_each_geometry_within_its_range(monkeypatch):
 def test_erased_rectangles_cover_the_configured_area_and_aspect():
     torch.manual_seed(0)
     s = 400
-    masks = ern.erase_mask(3000, s, torch.device("cpu"))[:, 0]
+    masks = ern.erase_mask(1500, s, torch.device("cpu"))[:, 0]
     rows, cols = masks.any(2).sum(1).float(), masks.any(1).sum(1).float()
     area = masks.sum((1, 2)).float() / s ** 2
     inside = ~(masks[:, 0].any(1) | masks[:, -1].any(1) | masks[:, :, 0].any(1) | masks[:, :, -1].any(1))
@@ -150,8 +150,7 @@ def test_epochs_within_the_budget(budget, fixed, epoch, most, want):
 
 def test_time_budget_plans_the_epochs_saves_them_and_trains_as_that_many_epochs(tiny_dataset, tmp_path, monkeypatch):
     """A budget too small for more than one epoch: the run trains 1 epoch (config, provenance, log), with the weights of
-    a plain --epochs=1 run (the measurement leaves the random state as it found it); a resume does not measure again;
-    a generous budget keeps --epochs."""
+    a plain --epochs=1 run (the measurement leaves the random state as it found it); a resume does not measure again."""
     common = [*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--deterministic=true", "--seed=3"]
     run_script(*common, "--epochs=3", "--time_budget=0.001", f"--output_dir={tmp_path / 'budget'}", cwd=tmp_path)
     run_script(*common, "--epochs=1", f"--output_dir={tmp_path / 'plain'}", cwd=tmp_path)
@@ -170,8 +169,6 @@ def test_time_budget_plans_the_epochs_saves_them_and_trains_as_that_many_epochs(
     ern.main([f"--resume={budget / 'last.pth'}"])
     assert json.loads((budget / "config.json").read_text())["epochs"] == 1
 
-    run_script(*common, "--epochs=2", "--time_budget=1000", f"--output_dir={tmp_path / 'roomy'}", cwd=tmp_path)
-    assert json.loads((tmp_path / "roomy" / "config.json").read_text())["epochs"] == 2
 
 
 def test_plan_epochs_from_timings_by_hand(monkeypatch):
