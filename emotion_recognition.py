@@ -1069,6 +1069,19 @@ def sampling_grid(theta, size):
         (theta[:, :, 1].view(b, 1, 1, 2) * r.view(1, size, 1, 1) + theta[:, :, 2].view(b, 1, 1, 2))
 
 
+def erase_mask(b, size, device):
+    """(B, 1, S, S) masks of one random rectangle each: area ERASE_AREA of the image, aspect ERASE_ASPECT, any centre
+    (clipped at the border)."""
+    area = torch.empty(b, device=device).uniform_(*ERASE_AREA)
+    aspect = torch.exp(torch.empty(b, device=device).uniform_(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
+    eh, ew = (area * aspect).sqrt() * size, (area / aspect).sqrt() * size
+    cy, cx = torch.rand(b, device=device) * size, torch.rand(b, device=device) * size
+    r = torch.arange(size, device=device, dtype=torch.float32) + 0.5  # pixel centres
+    rows = (r.view(1, size) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2
+    cols = (r.view(1, size) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2
+    return rows.view(b, 1, size, 1) & cols.view(b, 1, 1, size)
+
+
 def augment_batch(x, mean, std, cfg):
     """uint8 (B, 3, S, S) -> normalized float: affine (zoom, shift, rotation, flip), jitter, erasing.
 
@@ -1092,19 +1105,6 @@ def augment_batch(x, mean, std, cfg):
     if cfg.aug_erase:
         x = x.masked_fill_(erase_mask(b, s, dev) & (torch.rand(b, 1, 1, 1, device=dev) < cfg.aug_erase), 0.0)  # 0 = the mean
     return x
-
-
-def erase_mask(b, size, device):
-    """(B, 1, S, S) masks of one random rectangle each: area ERASE_AREA of the image, aspect ERASE_ASPECT, any centre
-    (clipped at the border)."""
-    area = torch.empty(b, device=device).uniform_(*ERASE_AREA)
-    aspect = torch.exp(torch.empty(b, device=device).uniform_(math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
-    eh, ew = (area * aspect).sqrt() * size, (area / aspect).sqrt() * size
-    cy, cx = torch.rand(b, device=device) * size, torch.rand(b, device=device) * size
-    r = torch.arange(size, device=device, dtype=torch.float32) + 0.5  # pixel centres
-    rows = (r.view(1, size) - cy.view(b, 1)).abs() < eh.view(b, 1) / 2
-    cols = (r.view(1, size) - cx.view(b, 1)).abs() < ew.view(b, 1) / 2
-    return rows.view(b, 1, size, 1) & cols.view(b, 1, 1, size)
 
 
 def mix_batch(x, target, cfg):
@@ -1487,10 +1487,7 @@ class AllReduceSum(torch.autograd.Function):
 
 def all_ranks_sum(t):
     """The sum of t over the ranks (t itself in one process)."""
-    if distributed()[1] > 1:
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
+    return AllReduceSum.apply(t) if distributed()[1] > 1 else t
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -1525,7 +1522,6 @@ def global_batch_norm(model):
     return model
 
 
-@torch.inference_mode()
 def run_inference_sharded(model, images, mean, std, device, cfg):
     """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
     outputs one process gives (BatchNorm in evaluation treats every face alone)."""
