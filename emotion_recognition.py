@@ -97,7 +97,10 @@ class Config:
     dropout: float = 0.3  # before the classifier
     # loss
     label_smoothing: float = 0.1  # epsilon of the smoothed target t
-    context_weight: float = 0.5  # lambda of the KL(t || q) term; 0 = cross-entropy only
+    context_weight: float = 0.5  # lambda of the KL term; 0 = cross-entropy only
+    context_target: str = "label"  # the KL term: label = KL(t || q), q the context similarities; distribution = KL(M[y] || p), M the last epoch's mean prediction per class; teacher = KL(EMA's sharpened p || p)
+    affinity_weight: float = 0.0  # DAN's affinity loss: pull f to its class prototype over the prototypes' spread; 0 = off
+    logit_adjustment: float = 0.0  # tau of the logit-adjusted cross-entropy, z + tau log(class prior); 0 = off, 1 = balanced
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
@@ -173,6 +176,7 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
+CONTEXT_TARGETS = ("label", "distribution", "teacher")
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
 EXPORT_TOLERANCE = 1e-4  # largest probability difference between an export and PyTorch that --export accepts
@@ -318,6 +322,8 @@ def validate_config(cfg):
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (cfg.context_fusion in ("concat", "logits"), f"--context_fusion must be concat or logits, got {cfg.context_fusion!r}"),
         (cfg.prototype_init in ("random", "imprint"), f"--prototype_init must be random or imprint, got {cfg.prototype_init!r}"),
+        (cfg.context_target in CONTEXT_TARGETS, f"--context_target must be {' or '.join(CONTEXT_TARGETS)}, got {cfg.context_target!r}"),
+        (cfg.context_target != "teacher" or cfg.ema_decay > 0, "--context_target=teacher needs --ema_decay > 0 (the teacher)"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -328,14 +334,15 @@ def validate_config(cfg):
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
         (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
-    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
+    for name in ("context_weight", "affinity_weight", "logit_adjustment", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
                  "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
         checks.append((getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}"))
     for name in ("aug_flip", "aug_erase"):
         checks.append((0 <= getattr(cfg, name) <= 1, f"--{name} is a probability, got {getattr(cfg, name)}"))
     checks.append((cfg.aug_scale < 1, f"--aug_scale must be < 1, got {cfg.aug_scale}"))
-    for name, plain in (("context_fusion", "concat"), ("prototype_init", "random")):
+    for name, plain in (("context_fusion", "concat"), ("prototype_init", "random"), ("affinity_weight", 0.0)):
         checks.append((cfg.context or getattr(cfg, name) == plain, f"--{name}={getattr(cfg, name)} needs --context=true"))
+    checks.append((cfg.context or cfg.context_target != "distribution", "--context_target=distribution needs --context=true"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -1205,12 +1212,16 @@ class EmotionContext(nn.Module):
 
     s_k = cos(f, P_k) / tau (the context logits), q = softmax(s) (the context distribution),
     c = q^T P (the context vector, the expected prototype) refines the prediction.
+    With distributions, it also holds M (K x K, a buffer): row k the mean predicted distribution of the previous
+    epoch's correctly classified training faces of class k (zeros: not yet reliable), the KL term's target.
     """
 
-    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1):
+    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1, distributions: bool = False):
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
         self.temperature = temperature
+        if distributions:
+            self.register_buffer("distributions", torch.zeros(num_classes, num_classes))
 
     def context_similarity(self, f):
         return F.normalize(f, dim=1) @ F.normalize(self.prototypes, dim=1).t() / self.temperature
@@ -1231,7 +1242,7 @@ class ERN(nn.Module):
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True, fusion="concat"):
+                 attention_residual=True, fusion="concat", distributions=False):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
@@ -1246,7 +1257,7 @@ class ERN(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.feature_dim = cin
-        self.context = EmotionContext(cin, num_classes, temperature) if context else None
+        self.context = EmotionContext(cin, num_classes, temperature, distributions) if context else None
         self.fusion = fusion
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cin * (2 if context and fusion == "concat" else 1), num_classes)
@@ -1265,7 +1276,7 @@ class ERN(nn.Module):
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
                cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
-               cfg.context_fusion)
+               cfg.context_fusion, cfg.context_target == "distribution")
 
 
 def place_model(model, cfg, device):
@@ -1287,25 +1298,61 @@ def smooth_targets(labels, num_classes, smoothing):
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
 
 
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
-    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
+TEACHER_TEMPERATURE = 0.5  # --context_target=teacher: the EMA's logits are divided by this (sharpened) before softmax
+DISTRIBUTION_MIN_FACES = 20  # --context_target=distribution: correctly classified faces a class needs for its row of M
 
-    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
+
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None, context_target=None,
+                logit_offset=None):
+    """L = CE(z, t) + lambda * KL, returned as (L, CE, KL).
+
+    CE(z, t) = -sum_k t_k log softmax(z + o)_k    (cross-entropy with label smoothing via t; o = logit_offset,
+                                                   tau log(prior) for the logit-adjusted loss, else 0)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
+    or, given context_target r (a distribution per face), KL(r || p) with p = softmax(z), the prediction.
     t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
     sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
-    mean is taken. Without the context module the KL term is 0.
+    mean is taken. Without the context module and without r the KL term is 0.
     """
-    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
+    z = logits.float() if logit_offset is None else logits.float() + logit_offset
+    ce = -(target * F.log_softmax(z, 1)).sum(1)
     if class_weights is not None:
         w = target @ class_weights
         ce = (ce * w).sum() / w.sum()
     else:
         ce = ce.mean()
-    if context_logits is None:
+    r, predicted = (target, context_logits) if context_target is None else (context_target, logits)
+    if predicted is None:
         return ce, ce, torch.zeros_like(ce)
-    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
+    kl = (torch.xlogy(r, r) - r * F.log_softmax(predicted.float(), 1)).sum(1).mean()
     return ce + context_weight * kl, ce, kl
+
+
+def kl_target(cfg, y, t, distributions=None, teacher_logits=None):
+    """r, the KL term's target for --context_target (None for label: the term is then KL(t || q)).
+
+    distribution: M[y], the row of the face's class (label smoothing's t while that row is not yet reliable, all
+    zeros); teacher: softmax(z_EMA / TEACHER_TEMPERATURE), the EMA's prediction for the same augmented face."""
+    if cfg.context_target == "distribution":
+        return torch.where(distributions[y].sum(1, keepdim=True) > 0, distributions[y], t)
+    if cfg.context_target == "teacher":
+        return (teacher_logits.float() / TEACHER_TEMPERATURE).softmax(1)
+    return None
+
+
+def class_distributions(sums, counts):
+    """M from per-class sums of predicted distributions over counts correct faces: rows of classes with fewer than
+    DISTRIBUTION_MIN_FACES faces are zeros (kl_target falls back to t for them)."""
+    return torch.where(counts[:, None] >= DISTRIBUTION_MIN_FACES, sums / counts.clamp(min=1)[:, None], 0.0)
+
+
+def affinity_loss(features, prototypes, labels):
+    """DAN's affinity loss (Wen et al., 2023) on the unit sphere the context compares on: the mean squared
+    distance of each face's unit feature to its class's unit prototype, over the prototypes' spread (the summed
+    per-dimension variance across classes). It pulls faces to their class centre and pushes the centres apart."""
+    f, p = F.normalize(features.float(), dim=1), F.normalize(prototypes.float(), dim=1)
+    pull = (f - p[labels]).pow(2).sum(1).mean()
+    return pull / (p.var(0, unbiased=False).sum() + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1602,12 +1649,14 @@ def epoch_steps(n, cfg):
 
 
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
-                    ema=None, class_weights=None):
+                    ema=None, class_weights=None, logit_offset=None, prototypes=None, distributions=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
     A step that fp16's GradScaler skips (gradients overflowed) moves neither the schedule nor the EMA.
+    The parts of loss_parts: with distributions (M, the KL targets of this epoch), M is replaced at the end by
+    this epoch's (class_distributions); with prototypes, the affinity loss joins the loss.
     """
     model.train()
     dev = images.device
@@ -1618,6 +1667,8 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
+    if distributions is not None:  # next epoch's M: summed predicted distributions and counts of correct faces
+        m_sums, m_counts = torch.zeros_like(distributions), torch.zeros(num_classes, device=dev)
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
     amp_dtype = autocast_dtype(cfg, dev)
     log_every = max(1, steps // 10)
@@ -1627,12 +1678,20 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
-        x, target = mix_batch(x, target, cfg)
+        r = kl_target(cfg, y, target, distributions) if distributions is not None else None
+        x, target = mix_batch(x, target if r is None else torch.cat([target, r], 1), cfg)  # r mixed as t is
+        if r is not None:
+            target, r = target.split(num_classes, 1)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, context_logits, _ = model(x)
-        loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights)
+            logits, context_logits, features = model(x)
+            if cfg.context_target == "teacher":
+                with torch.no_grad():
+                    r = kl_target(cfg, y, target, teacher_logits=ema.model(x)[0])
+        loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights, r, logit_offset)
+        if prototypes is not None:
+            loss = loss + cfg.affinity_weight * affinity_loss(features, prototypes, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -1649,6 +1708,10 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
             sums += torch.cat([terms * len(idx), (logits.argmax(1) == y).sum().view(1)])
+            if distributions is not None:
+                right = logits.argmax(1) == y
+                m_sums.index_add_(0, y[right], logits[right].float().softmax(1))
+                m_counts += torch.bincount(y[right], minlength=num_classes)
         if (step + 1) % log_every == 0 or step == steps - 1:  # the loop's only host syncs (but fp16's GradScaler)
             if world > 1:  # every rank stops together
                 torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
@@ -1657,14 +1720,19 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             seen = (step + 1) * share
             bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
     loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
+    if distributions is not None:
+        distributions.copy_(class_distributions(all_ranks_sum(m_sums), all_ranks_sum(m_counts)))
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
 def validate(model, val, mean, std, device, cfg, num_classes):
     """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
     out = run_inference_sharded(model, val.images, mean, std, device, cfg)
-    target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
-    loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight)[0].item()
+    y = torch.from_numpy(val.labels)
+    target = smooth_targets(y, num_classes, cfg.label_smoothing)
+    distributions = getattr(model.context, "distributions", None)  # the evaluated model is the teacher itself
+    r = kl_target(cfg, y, target, None if distributions is None else distributions.cpu(), out["logits"])
+    loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight, context_target=r)[0].item()
     pred = out["logits"].argmax(1).numpy()
     return {"val_loss": loss, "val_accuracy": float((pred == val.labels).mean()), "val_macro_f1": macro_f1(val.labels, pred)}
 
@@ -1696,7 +1764,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = time.perf_counter()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, ema=ema)
+                            num_classes=num_classes, ema=ema, **loss_parts(trial, cfg, train_y, num_classes))
             seconds.append(time.perf_counter() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
@@ -1741,6 +1809,17 @@ def training_parts(model, cfg, device, steps_per_epoch):
             EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
 
 
+def loss_parts(model, cfg, train_y, num_classes):
+    """What the loss takes from the training split and the model, as train_one_epoch's keywords: inverse-frequency
+    class weights, the logit adjustment's offset tau log(prior), the affinity loss's prototypes, and M (the
+    model's buffer, updated in place each epoch); None where off."""
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+    return {"class_weights": counts.sum() / (num_classes * counts) if cfg.class_weights else None,
+            "logit_offset": cfg.logit_adjustment * (counts / counts.sum()).log() if cfg.logit_adjustment else None,
+            "prototypes": model.context.prototypes if cfg.affinity_weight else None,
+            "distributions": model.context.distributions if cfg.context_target == "distribution" else None}
+
+
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
     return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
@@ -1768,10 +1847,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     metrics.jsonl, Ctrl-C safety."""
     k = len(class_names)
     optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, epoch_steps(len(train_y), cfg))
-    class_weights = None
-    if cfg.class_weights:
-        counts = torch.bincount(train_y, minlength=k).float().clamp(min=1)
-        class_weights = (counts.sum() / (k * counts)).to(device)
+    parts = loss_parts(model, cfg, train_y, k)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
@@ -1802,7 +1878,9 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + distributed()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                    num_classes=k, ema=ema, class_weights=class_weights)
+                                    num_classes=k, ema=ema, **parts)
+            if ema is not None and parts["distributions"] is not None:  # M is this epoch's, not an average
+                ema.model.context.distributions.copy_(parts["distributions"])
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             if epoch == 1 and cfg.prototype_init == "imprint":
                 imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer, ema)
@@ -1945,7 +2023,7 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
     ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
     ax.set_yticks(range(len(row_names)), row_names)
     ax.set_title(title)
-    hi = np.nanmax(np.abs(matrix)) if matrix.size else 1
+    hi = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1
     for (i, j), v in np.ndenumerate(matrix):
         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
                 color="white" if abs(v) > 0.6 * hi else "black")
@@ -1967,18 +2045,25 @@ def plot_confusion(cm, class_names, path):
     plt.close(fig)
 
 
-def plot_context(prototypes, q, labels, class_names, path):
-    """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
+def plot_context(prototypes, q, labels, class_names, path, distributions=None):
+    """Prototype-to-prototype cosine similarity, the mean context distribution q per true class, and with
+    --context_target=distribution M, the prototypical emotion distributions (rows not yet reliable are blank)."""
     import matplotlib.pyplot as plt
     k = len(class_names)
     p = F.normalize(prototypes.float(), dim=1)
     sim = (p @ p.t()).numpy()
     mean_q = np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig, axes = plt.subplots(1, 2 if distributions is None else 3, figsize=(15 if distributions is None else 22, 6.5))
     heatmap(axes[0], sim, class_names, class_names, "prototype cosine similarity", ".2f", cmap="RdBu_r", vmin=-1, vmax=1)
     heatmap(axes[1], mean_q, class_names, class_names, "mean context distribution q by true class", ".2f", vmin=0, vmax=1)
     axes[1].set_xlabel("prototype")
     axes[1].set_ylabel("true class")
+    if distributions is not None:
+        m = distributions.float().numpy()
+        m = np.where(m.sum(1, keepdims=True) > 0, m, np.nan)
+        heatmap(axes[2], m, class_names, class_names, "emotion distributions M (the KL targets)", ".2f", vmin=0, vmax=1)
+        axes[2].set_xlabel("predicted class")
+        axes[2].set_ylabel("class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -2027,7 +2112,9 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
     if prototypes is not None:
         q = out["context_logits"].softmax(1).numpy()
-        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
+        distributions = getattr(model.context, "distributions", None)
+        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png",
+                     None if distributions is None else distributions.cpu())
     if cfg.tsne_samples and not exported:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)

@@ -2,7 +2,7 @@
 The ERN ablation table: each row is one run of emotion_recognition.py with one more component on.
 
     python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
-        [--protocol="--preset=cpu --image_size=48 --epochs=5"] [--seeds=0,1] [--parallel=2] [--threads=1] \
+        [--protocol="--preset=cpu --image_size=48 --epochs=5 --time_budget=0"] [--seeds=0,1] [--parallel=2] [--threads=1] \
         [--rows="plain,full ERN" | --rows=all] [--extra="--cache_dir=..."]
 
 Every row shares the protocol and seed; rows run `--parallel` at a time, each with `--threads`
@@ -13,7 +13,9 @@ source format, training seconds), with several seeds also their mean per row, an
 with every command, to OUT/ablation.json. ROWS add one component at a time (the default
 --rows), in CBAM's gating and in the shipped residual gating; RECIPE rows change one training
 choice of full ERN, CONTEXT rows its temperature, KL weight, where the context enters or how the
-prototypes start.
+prototypes start; TARGETS rows what the context computes (issue 15: M, the EMA teacher, DAN's affinity loss)
+and the class-balance baseline. With several seeds it also prints each row's mean, spread (max - min) and
+training time against plain's.
 Rows already finished in OUT are read, not rerun.
 """
 
@@ -58,15 +60,24 @@ CONTEXT = {  # full ERN with the context module's tau, lambda (defaults 0.1, 0.5
     "context in the logits": "--context_fusion=logits",  # W f + s instead of a classifier on [f, c]
     "prototypes imprinted": "--prototype_init=imprint",  # after epoch 1, P_k along class k's mean feature
 }
+TARGETS = {  # what the context computes (issue 15), and the class-balance baseline ERN must beat
+    "plain + logit adjustment": ROWS["plain"] + " --logit_adjustment=1",
+    "M distributions": "--context_target=distribution",  # KL(M[y] || p): last epoch's mean prediction per class
+    "EMA teacher": "--context_target=teacher --ema_decay=0.999",  # KL(EMA's sharpened p || p), EMA evaluated
+    "EMA 0.999": "--ema_decay=0.999",  # the teacher row's EMA alone
+    "affinity 0.5": "--affinity_weight=0.5",  # DAN's affinity loss on the prototypes
+    "logit adjustment": "--logit_adjustment=1",
+}
 LADDER = list(ROWS)
 ROWS.update(RECIPE)
 ROWS.update(CONTEXT)
+ROWS.update(TARGETS)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5")
+    ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --epochs=5 --time_budget=0")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--rows", default=",".join(LADDER),
@@ -128,11 +139,25 @@ def main():
     by_row = {}
     for t in table:
         by_row.setdefault(t["row"], []).append(t)
-    if any(len(runs) > 1 for runs in by_row.values()):  # several seeds: the mean, and each seed's accuracy
-        print("\n| row | seeds | val acc, mean | per seed | macro-F1, mean |\n|---|---|---|---|---|")
+    if any(len(runs) > 1 for runs in by_row.values()):  # several seeds: mean, spread (max - min), cost against plain
+        def stat(runs, get):
+            v = [get(t) for t in runs]
+            return np.mean(v), max(v) - min(v)
+
+        plain_s = np.mean([t["training_seconds"] for t in by_row["plain"]]) if "plain" in by_row else None
+        print("\n| row | seeds | val acc, mean ± spread | per seed | w/o train dups | macro-F1, mean ± spread | " +
+              " | ".join(f"acc {f}" for f in formats) + " | train s | vs plain |\n|" + "---|" * (8 + len(formats)))
         for row, runs in by_row.items():
-            print(f"| {row} | {len(runs)} | {np.mean([t['val_accuracy'] for t in runs]):.2%} | "
-                  + ", ".join(f"{t['val_accuracy']:.2%}" for t in runs) + f" | {np.mean([t['macro_f1'] for t in runs]):.4f} |")
+            acc, macro = stat(runs, lambda t: t["val_accuracy"]), stat(runs, lambda t: t["macro_f1"])
+            secs = np.mean([t["training_seconds"] for t in runs])
+            print(f"| {row} | {len(runs)} | {acc[0]:.2%} ± {acc[1]:.2%} | "
+                  + ", ".join(f"{t['val_accuracy']:.2%}" for t in runs)
+                  + f" | {stat(runs, lambda t: t['accuracy_excluding_train_duplicates'])[0]:.2%} | {macro[0]:.4f} ± {macro[1]:.4f} | "
+                  + " | ".join(f"{stat(runs, lambda t: t['accuracy_by_source_format'][f])[0]:.2%}" for f in formats)
+                  + f" | {secs:.0f} | " + (f"{secs / plain_s:.2f}x" if plain_s else "") + " |")
+        print("\n| row | " + " | ".join(f"F1 {n}, mean" for n in names) + " |\n|" + "---|" * (1 + len(names)))
+        for row, runs in by_row.items():
+            print(f"| {row} | " + " | ".join(f"{stat(runs, lambda t: t['f1'][n])[0]:.3f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

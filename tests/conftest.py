@@ -12,6 +12,9 @@ sys.path.insert(0, str(ROOT))
 
 import emotion_recognition as ern  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, for its own tensors too
+    ern.torch.set_num_threads(1)
+
 # Small enough for a 2-core CPU: 32 px crops, a quarter-width one-block-per-stage network.
 TINY = ["--image_size=32", "--width=0.125", "--blocks=1,1,1,1", "--batch_size=16", "--tsne_samples=60",
         "--eval_batch_size=64", "--warmup_epochs=0"]
