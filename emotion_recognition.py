@@ -98,7 +98,7 @@ class Config:
     # loss
     label_smoothing: float = 0.1  # epsilon of the smoothed target t
     context_weight: float = 0.5  # lambda of the KL term; 0 = cross-entropy only
-    context_target: str = "label"  # the KL term: label = KL(t || q), q the context similarities; distribution = KL(M[y] || p), M the last epoch's mean prediction per class; teacher = KL(EMA's sharpened p || p)
+    context_target: str = "label"  # the KL term: label = KL(t || q), q the context distribution; distribution = KL(M[y] || p), M the last epoch's mean prediction per class; teacher = KL(EMA's sharpened p || p)
     affinity_weight: float = 0.0  # DAN's affinity loss: pull f to its class prototype over the prototypes' spread; 0 = off
     logit_adjustment: float = 0.0  # tau of the logit-adjusted cross-entropy, z + tau log(class prior); 0 = off, 1 = balanced
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
@@ -324,6 +324,10 @@ def validate_config(cfg):
         (cfg.prototype_init in ("random", "imprint"), f"--prototype_init must be random or imprint, got {cfg.prototype_init!r}"),
         (cfg.context_target in CONTEXT_TARGETS, f"--context_target must be {' or '.join(CONTEXT_TARGETS)}, got {cfg.context_target!r}"),
         (cfg.context_target != "teacher" or cfg.ema_decay > 0, "--context_target=teacher needs --ema_decay > 0 (the teacher)"),
+        (cfg.context_target == "label" or cfg.context_weight > 0,
+         f"--context_target={cfg.context_target} needs --context_weight > 0 (the KL term that uses it)"),
+        (cfg.context_target != "distribution" or not (cfg.mixup or cfg.cutmix),
+         "--context_target=distribution cannot be mixed with --mixup or --cutmix: M averages predictions of unmixed faces"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -1216,11 +1220,11 @@ class EmotionContext(nn.Module):
     epoch's correctly classified training faces of class k (zeros: not yet reliable), the KL term's target.
     """
 
-    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1, distributions: bool = False):
+    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1, with_distributions: bool = False):
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
         self.temperature = temperature
-        if distributions:
+        if with_distributions:
             self.register_buffer("distributions", torch.zeros(num_classes, num_classes))
 
     def context_similarity(self, f):
@@ -1242,7 +1246,7 @@ class ERN(nn.Module):
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True, fusion="concat", distributions=False):
+                 attention_residual=True, fusion="concat", with_distributions=False):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
@@ -1257,7 +1261,7 @@ class ERN(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.feature_dim = cin
-        self.context = EmotionContext(cin, num_classes, temperature, distributions) if context else None
+        self.context = EmotionContext(cin, num_classes, temperature, with_distributions) if context else None
         self.fusion = fusion
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cin * (2 if context and fusion == "concat" else 1), num_classes)
@@ -1302,14 +1306,13 @@ TEACHER_TEMPERATURE = 0.5  # --context_target=teacher: the EMA's logits are divi
 DISTRIBUTION_MIN_FACES = 20  # --context_target=distribution: correctly classified faces a class needs for its row of M
 
 
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None, context_target=None,
-                logit_offset=None):
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None, r=None, logit_offset=None):
     """L = CE(z, t) + lambda * KL, returned as (L, CE, KL).
 
     CE(z, t) = -sum_k t_k log softmax(z + o)_k    (cross-entropy with label smoothing via t; o = logit_offset,
-                                                   tau log(prior) for the logit-adjusted loss, else 0)
+                                                   a log(prior) for the logit-adjusted loss, else 0)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    or, given context_target r (a distribution per face), KL(r || p) with p = softmax(z), the prediction.
+    or, given r (kl_target: a distribution per face), KL(r || p) with p = softmax(z), the prediction (unadjusted).
     t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
     sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
     mean is taken. Without the context module and without r the KL term is 0.
@@ -1321,7 +1324,7 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
         ce = (ce * w).sum() / w.sum()
     else:
         ce = ce.mean()
-    r, predicted = (target, context_logits) if context_target is None else (context_target, logits)
+    r, predicted = (target, context_logits) if r is None else (r, logits)
     if predicted is None:
         return ce, ce, torch.zeros_like(ce)
     kl = (torch.xlogy(r, r) - r * F.log_softmax(predicted.float(), 1)).sum(1).mean()
@@ -1332,7 +1335,7 @@ def kl_target(cfg, y, t, distributions=None, teacher_logits=None):
     """r, the KL term's target for --context_target (None for label: the term is then KL(t || q)).
 
     distribution: M[y], the row of the face's class (label smoothing's t while that row is not yet reliable, all
-    zeros); teacher: softmax(z_EMA / TEACHER_TEMPERATURE), the EMA's prediction for the same augmented face."""
+    zeros, as in epoch 1: the term is then a second label-smoothed cross-entropy on p); teacher: softmax(z_EMA / TEACHER_TEMPERATURE), the EMA's prediction for the same augmented face."""
     if cfg.context_target == "distribution":
         return torch.where(distributions[y].sum(1, keepdim=True) > 0, distributions[y], t)
     if cfg.context_target == "teacher":
@@ -1347,9 +1350,10 @@ def class_distributions(sums, counts):
 
 
 def affinity_loss(features, prototypes, labels):
-    """DAN's affinity loss (Wen et al., 2023) on the unit sphere the context compares on: the mean squared
-    distance of each face's unit feature to its class's unit prototype, over the prototypes' spread (the summed
-    per-dimension variance across classes). It pulls faces to their class centre and pushes the centres apart."""
+    """Adapted from DAN's affinity loss (Wen et al., 2023), mean_i ||f_i - c_{y_i}||^2 / sum_d var_k(c_kd): here the
+    centres c are the context prototypes, and features and prototypes are taken on the unit sphere the context
+    compares on (DAN: free centres, raw features, the unbiased variance). It pulls faces to their class's
+    prototype and pushes the prototypes apart."""
     f, p = F.normalize(features.float(), dim=1), F.normalize(prototypes.float(), dim=1)
     pull = (f - p[labels]).pow(2).sum(1).mean()
     return pull / (p.var(0, unbiased=False).sum() + 1e-6)
@@ -1666,7 +1670,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     steps = epoch_steps(images.shape[0], cfg)
     # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
-    sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
+    sums = torch.zeros(5, device=dev)  # loss, ce, kl, affinity, correct
     if distributions is not None:  # next epoch's M: summed predicted distributions and counts of correct faces
         m_sums, m_counts = torch.zeros_like(distributions), torch.zeros(num_classes, device=dev)
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
@@ -1678,7 +1682,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
-        r = kl_target(cfg, y, target, distributions) if distributions is not None else None
+        r = kl_target(cfg, y, target, distributions) if cfg.context_target == "distribution" else None
         x, target = mix_batch(x, target if r is None else torch.cat([target, r], 1), cfg)  # r mixed as t is
         if r is not None:
             target, r = target.split(num_classes, 1)
@@ -1690,8 +1694,8 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
                 with torch.no_grad():
                     r = kl_target(cfg, y, target, teacher_logits=ema.model(x)[0])
         loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights, r, logit_offset)
-        if prototypes is not None:
-            loss = loss + cfg.affinity_weight * affinity_loss(features, prototypes, y)
+        affinity = affinity_loss(features, prototypes, y) if prototypes is not None else torch.zeros_like(loss)
+        loss = loss + cfg.affinity_weight * affinity
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -1705,11 +1709,11 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             if ema is not None:
                 ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
         with torch.no_grad():
-            terms = torch.stack([loss, ce, kl]).detach()
+            terms = torch.stack([loss, ce, kl, affinity]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
-            sums += torch.cat([terms * len(idx), (logits.argmax(1) == y).sum().view(1)])
+            right = logits.argmax(1) == y
+            sums += torch.cat([terms * len(idx), right.sum().view(1)])
             if distributions is not None:
-                right = logits.argmax(1) == y
                 m_sums.index_add_(0, y[right], logits[right].float().softmax(1))
                 m_counts += torch.bincount(y[right], minlength=num_classes)
         if (step + 1) % log_every == 0 or step == steps - 1:  # the loop's only host syncs (but fp16's GradScaler)
@@ -1718,21 +1722,23 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
             seen = (step + 1) * share
-            bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
-    loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
+            bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[4].item() / seen:.3f}")
+    loss, ce, kl, affinity, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
     if distributions is not None:
         distributions.copy_(class_distributions(all_ranks_sum(m_sums), all_ranks_sum(m_counts)))
-    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
+    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_affinity": affinity, "train_accuracy": correct}
 
 
 def validate(model, val, mean, std, device, cfg, num_classes):
-    """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
+    """The per-epoch validation: loss, accuracy and macro-F1 of the split. The loss is the hybrid loss on smoothed
+    targets without the training-only terms: no logit adjustment, no affinity, and with --context_target=teacher
+    cross-entropy alone (the evaluated model is the teacher itself)."""
     out = run_inference_sharded(model, val.images, mean, std, device, cfg)
     y = torch.from_numpy(val.labels)
     target = smooth_targets(y, num_classes, cfg.label_smoothing)
-    distributions = getattr(model.context, "distributions", None)  # the evaluated model is the teacher itself
-    r = kl_target(cfg, y, target, None if distributions is None else distributions.cpu(), out["logits"])
-    loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight, context_target=r)[0].item()
+    r = kl_target(cfg, y, target, model.context.distributions.cpu()) if cfg.context_target == "distribution" else None
+    weight = 0.0 if cfg.context_target == "teacher" else cfg.context_weight
+    loss = hybrid_loss(out["logits"], out["context_logits"], target, weight, r=r)[0].item()
     pred = out["logits"].argmax(1).numpy()
     return {"val_loss": loss, "val_accuracy": float((pred == val.labels).mean()), "val_macro_f1": macro_f1(val.labels, pred)}
 
@@ -1759,12 +1765,13 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         trial = copy.deepcopy(model)
         optimizer, scheduler, scaler, ema = training_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
         compiled = torch.compile(trial) if cfg.compile else trial
+        parts = loss_parts(trial, cfg, train_y, num_classes)
         seconds, steps = [], []
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = time.perf_counter()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, ema=ema, **loss_parts(trial, cfg, train_y, num_classes))
+                            num_classes=num_classes, ema=ema, **parts)
             seconds.append(time.perf_counter() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
@@ -1899,8 +1906,9 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if writes:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
+            affinity = f" affinity {stats['train_affinity']:.4f}" if cfg.affinity_weight else ""
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
-                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
+                f"kl {stats['train_kl']:.4f}{affinity}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
                 f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
     except KeyboardInterrupt:
@@ -2003,6 +2011,8 @@ def plot_history(history, path):
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (total)")
     axes[0].plot(ep, [h["train_ce"] for h in history], "--", label="train CE")
     axes[0].plot(ep, [h["train_kl"] for h in history], ":", label="train KL")
+    if any(h.get("train_affinity") for h in history):
+        axes[0].plot(ep, [h["train_affinity"] for h in history], "-.", label="train affinity")
     axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     axes[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     axes[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
@@ -2025,6 +2035,8 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
     ax.set_title(title)
     hi = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1
     for (i, j), v in np.ndenumerate(matrix):
+        if not np.isfinite(v):  # left blank
+            continue
         ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7,
                 color="white" if abs(v) > 0.6 * hi else "black")
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
@@ -3112,7 +3124,8 @@ def run_evaluation(cfg, action, overrides):
 
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
-                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
+                "context_target": "the model holds M only with --context_target=distribution"}
 
 
 def main(argv):

@@ -15,8 +15,7 @@ with every command, to OUT/ablation.json. ROWS add one component at a time (the 
 choice of full ERN, CONTEXT rows its temperature, KL weight, where the context enters or how the
 prototypes start; TARGETS rows what the context computes (issue 15: M, the EMA teacher, DAN's affinity loss)
 and the class-balance baseline. With several seeds it also prints each row's mean, spread (max - min) and
-training time against plain's.
-Rows already finished in OUT are read, not rerun.
+training time against plain's. Finished rows are reused by folder name: give a new OUT for a new protocol.
 """
 
 import argparse
@@ -145,14 +144,14 @@ def main():
             return np.mean(v), max(v) - min(v)
 
         plain_s = np.mean([t["training_seconds"] for t in by_row["plain"]]) if "plain" in by_row else None
-        print("\n| row | seeds | val acc, mean ± spread | per seed | w/o train dups | macro-F1, mean ± spread | " +
+        print("\n| row | seeds | val acc, mean (spread) | per seed | w/o train dups | macro-F1, mean (spread) | " +
               " | ".join(f"acc {f}" for f in formats) + " | train s | vs plain |\n|" + "---|" * (8 + len(formats)))
         for row, runs in by_row.items():
             acc, macro = stat(runs, lambda t: t["val_accuracy"]), stat(runs, lambda t: t["macro_f1"])
             secs = np.mean([t["training_seconds"] for t in runs])
-            print(f"| {row} | {len(runs)} | {acc[0]:.2%} ± {acc[1]:.2%} | "
+            print(f"| {row} | {len(runs)} | {acc[0]:.2%} ({acc[1]:.2%}) | "
                   + ", ".join(f"{t['val_accuracy']:.2%}" for t in runs)
-                  + f" | {stat(runs, lambda t: t['accuracy_excluding_train_duplicates'])[0]:.2%} | {macro[0]:.4f} ± {macro[1]:.4f} | "
+                  + f" | {stat(runs, lambda t: t['accuracy_excluding_train_duplicates'])[0]:.2%} | {macro[0]:.4f} ({macro[1]:.4f}) | "
                   + " | ".join(f"{stat(runs, lambda t: t['accuracy_by_source_format'][f])[0]:.2%}" for f in formats)
                   + f" | {secs:.0f} | " + (f"{secs / plain_s:.2f}x" if plain_s else "") + " |")
         print("\n| row | " + " | ".join(f"F1 {n}, mean" for n in names) + " |\n|" + "---|" * (1 + len(names)))

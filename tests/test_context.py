@@ -22,7 +22,7 @@ def test_kl_against_a_target_distribution_is_kl_div_of_the_prediction():
     r = torch.rand(6, 5, generator=gen).softmax(1)
     want = F.kl_div(logits.log_softmax(1), r, reduction="batchmean").item()
     for context_logits in (context, None):
-        total, ce, kl = ern.hybrid_loss(logits, context_logits, t, 0.5, context_target=r)
+        total, ce, kl = ern.hybrid_loss(logits, context_logits, t, 0.5, r=r)
         assert kl.item() == pytest.approx(want, rel=1e-5)
         assert total.item() == pytest.approx(ce.item() + 0.5 * want, rel=1e-5)
     _, _, kl_label = ern.hybrid_loss(logits, context, t, 0.5)
@@ -65,7 +65,11 @@ def test_affinity_loss_is_dans_on_the_unit_sphere():
     p.requires_grad_(True)  # a step on the prototypes alone spreads them apart
     ern.affinity_loss(f, p, y).backward()
     q = (p - 0.05 * p.grad).detach()
-    assert ern.affinity_loss(f, q, y) < ern.affinity_loss(f, p.detach(), y)
+
+    def spread(c):
+        return F.normalize(c, dim=1).var(0, unbiased=False).sum().item()
+
+    assert spread(q) > spread(p.detach())
 
 
 class Recorder(nn.Module):
@@ -82,7 +86,7 @@ class Recorder(nn.Module):
         return out
 
 
-def one_epoch(cfg, n=64, k=4, **kwargs):
+def epoch_parts(cfg, n=64, k=4):
     torch.manual_seed(0)
     model = ern.build_model(cfg, k)
     optimizer = ern.make_optimizer(model, cfg)
@@ -94,15 +98,17 @@ def one_epoch(cfg, n=64, k=4, **kwargs):
 
 
 def test_an_epoch_leaves_m_as_the_mean_prediction_of_its_correct_faces(monkeypatch):
-    """Oracle: the logits the network returned, paired with the labels of the epoch's permutation."""
+    """Oracle: the logits the network returned, paired with the labels of the epoch's permutation; the KL term
+    used the previous M's reliable row and t elsewhere."""
     monkeypatch.setattr(ern, "DISTRIBUTION_MIN_FACES", 2)
     cfg = ern.Config(batch_size=8, width=0.25, blocks="1,1,1,1", context_target="distribution", lr=3e-3,
                      channels_last=False, epochs=1)
-    model, optimizer, scheduler, scaler, images, labels = one_epoch(cfg)
+    model, optimizer, scheduler, scaler, images, labels = epoch_parts(cfg)
     m = model.context.distributions
     m[1] = torch.tensor([0.1, 0.7, 0.1, 0.1])  # a reliable row from "the previous epoch"
+    before = m.clone()
     net = Recorder(model)
-    ern.train_one_epoch(net, images, labels, torch.full((3,), 0.5), torch.full((3,), 0.25), optimizer, scheduler,
+    stats = ern.train_one_epoch(net, images, labels, torch.full((3,), 0.5), torch.full((3,), 0.25), optimizer, scheduler,
                         scaler, cfg, 7, num_classes=4, distributions=m)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7))
     y = labels[perm]
@@ -116,12 +122,16 @@ def test_an_epoch_leaves_m_as_the_mean_prediction_of_its_correct_faces(monkeypat
             want[c] = logits[mine].softmax(1).mean(0)
     torch.testing.assert_close(m, want, rtol=1e-5, atol=1e-6)
     assert (m.sum(1) > 0).any()
+    t = ern.smooth_targets(y, 4, cfg.label_smoothing)
+    r = torch.where((y == 1)[:, None], before[1], t)
+    kl = [F.kl_div(z.log_softmax(1), r[i * 8:(i + 1) * 8], reduction="batchmean") for i, z in enumerate(net.logits)]
+    assert stats["train_kl"] == pytest.approx(torch.stack(kl).mean().item(), rel=1e-4)
 
 
 def test_the_teacher_sees_the_students_faces_and_is_its_kl_target():
     cfg = ern.Config(batch_size=8, width=0.25, blocks="1,1,1,1", context_target="teacher", ema_decay=0.9,
                      channels_last=False, epochs=1, context_weight=1.0)
-    model, optimizer, scheduler, scaler, images, labels = one_epoch(cfg, n=32)
+    model, optimizer, scheduler, scaler, images, labels = epoch_parts(cfg, n=32)
     ema = ern.EMA(model, cfg.ema_decay)
     ema.model = Recorder(ema.model)
     student = Recorder(model)
@@ -137,6 +147,8 @@ def test_the_teacher_sees_the_students_faces_and_is_its_kl_target():
 
 @pytest.mark.parametrize("args, message", [
     (["--context_target=teacher"], "needs --ema_decay"),
+    (["--context_target=teacher", "--ema_decay=0.99", "--context_weight=0"], "needs --context_weight > 0"),
+    (["--context_target=distribution", "--mixup=0.2"], "cannot be mixed with --mixup"),
     (["--context_target=distribution", "--context=false"], "needs --context=true"),
     (["--affinity_weight=0.1", "--context=false"], "needs --context=true"),
     (["--context_target=prototypes"], "must be label or distribution or teacher"),
@@ -147,12 +159,16 @@ def test_context_settings_that_cannot_work_are_refused(args, message):
         ern.validate_config(ern.parse_args(args)[0])
 
 
-def test_a_run_with_every_candidate_saves_m_plots_it_and_evaluates(tiny_dataset, tmp_path, monkeypatch):
+def test_a_run_with_m_affinity_and_logit_adjustment_saves_m_plots_it_and_evaluates(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(ern, "DISTRIBUTION_MIN_FACES", 1)
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     ern.main([*FAST, f"--data_dir={tiny_dataset}", "--epochs=2", f"--output_dir={run}", "--context_target=distribution",
               "--affinity_weight=0.1", "--logit_adjustment=1", "--ema_decay=0.9"])
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["train_affinity"] > 0 for h in history)
+    with pytest.raises(ern.UserError, match="--resume cannot change --context_target"):
+        ern.main([f"--resume={run / 'last.pth'}", "--context_target=label"])
     best = torch.load(run / "best_emotion_model.pth", weights_only=True)
     last = torch.load(run / "last.pth", weights_only=True)
     m = last["model"]["context.distributions"]
