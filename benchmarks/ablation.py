@@ -65,6 +65,7 @@ TARGETS = {  # what the context computes (issue 15), and the class-balance basel
     "EMA teacher": "--context_target=teacher --ema_decay=0.999",  # KL(EMA's sharpened p || p), EMA evaluated
     "EMA 0.999": "--ema_decay=0.999",  # the teacher row's EMA alone
     "affinity 0.5": "--affinity_weight=0.5",  # DAN's affinity loss on the prototypes
+    "affinity 0.1": "--affinity_weight=0.1",
     "logit adjustment": "--logit_adjustment=1",
 }
 LADDER = list(ROWS)
