@@ -1312,7 +1312,7 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
     CE(z, t) = -sum_k t_k log softmax(z + o)_k    (cross-entropy with label smoothing via t; o = logit_offset,
                                                    a log(prior) for the logit-adjusted loss, else 0)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    or, given r (kl_target: a distribution per face), KL(r || p) with p = softmax(z), the prediction (unadjusted).
+    or, given r (M's rows, distribution_target, or the EMA teacher's sharpened prediction), KL(r || p) with p = softmax(z), the prediction (unadjusted).
     t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
     sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
     mean is taken. Without the context module and without r the KL term is 0.
@@ -1331,21 +1331,15 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
     return ce + context_weight * kl, ce, kl
 
 
-def kl_target(cfg, y, t, distributions=None, teacher_logits=None):
-    """r, the KL term's target for --context_target (None for label: the term is then KL(t || q)).
-
-    distribution: M[y], the row of the face's class (label smoothing's t while that row is not yet reliable, all
-    zeros, as in epoch 1: the term is then a second label-smoothed cross-entropy on p); teacher: softmax(z_EMA / TEACHER_TEMPERATURE), the EMA's prediction for the same augmented face."""
-    if cfg.context_target == "distribution":
-        return torch.where(distributions[y].sum(1, keepdim=True) > 0, distributions[y], t)
-    if cfg.context_target == "teacher":
-        return (teacher_logits.float() / TEACHER_TEMPERATURE).softmax(1)
-    return None
+def distribution_target(distributions, y, t):
+    """r for --context_target=distribution: M[y], the row of the face's class (label smoothing's t while that row is
+    not yet reliable, all zeros, as in epoch 1: the term is then a second label-smoothed cross-entropy on p)."""
+    return torch.where(distributions[y].sum(1, keepdim=True) > 0, distributions[y], t)
 
 
 def class_distributions(sums, counts):
     """M from per-class sums of predicted distributions over counts correct faces: rows of classes with fewer than
-    DISTRIBUTION_MIN_FACES faces are zeros (kl_target falls back to t for them)."""
+    DISTRIBUTION_MIN_FACES faces are zeros (distribution_target falls back to t for them)."""
     return torch.where(counts[:, None] >= DISTRIBUTION_MIN_FACES, sums / counts.clamp(min=1)[:, None], 0.0)
 
 
@@ -1682,7 +1676,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         target = smooth_targets(y, num_classes, cfg.label_smoothing)
-        r = kl_target(cfg, y, target, distributions) if cfg.context_target == "distribution" else None
+        r = distribution_target(distributions, y, target) if cfg.context_target == "distribution" else None
         x, target = mix_batch(x, target if r is None else torch.cat([target, r], 1), cfg)  # r mixed as t is
         if r is not None:
             target, r = target.split(num_classes, 1)
@@ -1691,8 +1685,8 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, context_logits, features = model(x)
             if cfg.context_target == "teacher":
-                with torch.no_grad():
-                    r = kl_target(cfg, y, target, teacher_logits=ema.model(x)[0])
+                with torch.no_grad():  # the EMA's sharpened prediction for the same augmented faces
+                    r = (ema.model(x)[0].float() / TEACHER_TEMPERATURE).softmax(1)
         loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights, r, logit_offset)
         affinity = affinity_loss(features, prototypes, y) if prototypes is not None else torch.zeros_like(loss)
         loss = loss + cfg.affinity_weight * affinity
@@ -1736,7 +1730,7 @@ def validate(model, val, mean, std, device, cfg, num_classes):
     out = run_inference_sharded(model, val.images, mean, std, device, cfg)
     y = torch.from_numpy(val.labels)
     target = smooth_targets(y, num_classes, cfg.label_smoothing)
-    r = kl_target(cfg, y, target, model.context.distributions.cpu()) if cfg.context_target == "distribution" else None
+    r = distribution_target(model.context.distributions.cpu(), y, target) if cfg.context_target == "distribution" else None
     weight = 0.0 if cfg.context_target == "teacher" else cfg.context_weight
     loss = hybrid_loss(out["logits"], out["context_logits"], target, weight, r=r)[0].item()
     pred = out["logits"].argmax(1).numpy()

@@ -49,7 +49,7 @@ def test_class_distributions_keep_reliable_rows_and_the_target_falls_back_to_t()
     torch.testing.assert_close(m, torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))  # 3 < 20 faces
     y = torch.tensor([0, 1, 2, 0])
     t = ern.smooth_targets(y, 3, 0.3)
-    r = ern.kl_target(ern.Config(context_target="distribution"), y, t, m)
+    r = ern.distribution_target(m, y, t)
     torch.testing.assert_close(r, torch.stack([m[0], t[1], t[2], m[0]]))
 
 
