@@ -415,6 +415,20 @@ def cpu_model():
     return platform.processor()
 
 
+def user_cache_dir():
+    """Where verdicts about this machine are kept across runs and datasets: $XDG_CACHE_HOME/ern or ~/.cache/ern."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ern"
+
+
+def cpu_flags():
+    """The CPU's feature flags (avx2, avx512f, avx512_bf16, ...), as /proc/cpuinfo lists them."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].split()
+    return []
+
+
 def autocast_dtype(cfg, device):
     """CUDA: bf16 on Ampere and newer, fp16 (with a GradScaler) before, where bf16 is only emulated.
     CPU: bf16 where native (with channels_last, 2.3x a training step of the CPU preset's model: BENCHMARKS.md)."""
@@ -498,6 +512,7 @@ class Split:
     hashes: list = None  # hash of each sample's decoded source image
     formats: list = None  # decoded format of each sample's source image (jpeg, png, ...)
     sizes: list = None  # (height, width) of each sample's source image
+    decode_seconds: float = 0.0  # spent decoding into the cache in this process (0: read from the cache)
 
     def __len__(self):
         return len(self.labels)
@@ -794,7 +809,8 @@ def load_split_pixels(split, cfg, log_file=None):
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
             if old.name.split(".")[0] != name and not old.name.endswith(".tmp"):  # not another run's build
                 old.unlink(missing_ok=True)
-        log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {time.time() - t0:.1f}s", log_file)
+        split.decode_seconds = time.time() - t0
+        log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {split.decode_seconds:.1f}s", log_file)
     cached = json.loads(meta_path.read_text())
     meta = cached["meta"]
     split.images = np.load(array_path, mmap_mode="c")  # copy-on-write: torch wants writable arrays
@@ -891,6 +907,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if len(split):
             ok[name], found = load_split_pixels(split, cfg, log_file)
             problems += found
+    decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
         shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
         advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
@@ -922,6 +939,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                 s = splits[name.split("_")[0]]
                 splits[s.name] = s.subset([h not in train_hashes for h in s.hashes])
     report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes,
+              "decode_seconds": round(decode_seconds, 2),
               "problems": problems, "skipped_problems": len(problems),
               "splits": {n: split_report(s, class_names) for n, s in splits.items()},
               "duplicates": duplicates}
@@ -1293,6 +1311,101 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+# channels_last on the CPU, only where this machine has shown it works. oneDNN picks its convolution kernels by the
+# CPU's instruction set, the thread count, the dtype and each layer's shape, and some of them crash or hang in the
+# NHWC layout (benchmarks/onednn_*_repro.py: an AVX2 hang at 2-7 input channels, an AVX-512 segfault at 8). No rule
+# about channel counts covers CPUs nobody here has, so a child process runs the run's own model first.
+PROBE_BATCH = 2  # faces in the probe's passes (the AVX-512 crash happens at batch 1)
+PROBE_TIMEOUT = 300  # seconds before a probe that has not answered counts as hung (the AVX2 bug hangs with 2 threads)
+PROBE_SLACK = 1e-3  # channels_last may miss the float64 gradients by twice what the contiguous layout misses, plus this
+
+
+def probe_channels_last(model, image_size, amp_dtype, threads):
+    """The probe's work, in the child: a training step's forward and backward pass of a copy of model in
+    channels_last (the kernels that crashed), then the gradients of both layouts in eval mode (BatchNorm's running
+    statistics: well conditioned at batch 2) against a float64 contiguous oracle. Returns the two relative errors
+    (channels_last, contiguous)."""
+    torch.set_num_threads(threads)
+    x = torch.randn(PROBE_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+
+    def gradients(fmt, dtype, amp, train):
+        net = copy.deepcopy(model).to(dtype).to(memory_format=fmt).train(train)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            outputs = net(x.to(dtype).contiguous(memory_format=fmt))
+        sum(t.float().square().mean() for t in outputs if t is not None).backward()
+        return torch.cat([p.grad.double().flatten() for p in net.parameters() if p.grad is not None])
+
+    gradients(torch.channels_last, torch.float32, amp_dtype, train=True)
+    truth = gradients(torch.contiguous_format, torch.float64, None, train=False)
+    return tuple(((gradients(fmt, torch.float32, amp_dtype, train=False) - truth).norm() / truth.norm()).item()
+                 for fmt in (torch.channels_last, torch.contiguous_format))
+
+
+def _probe_child(model, image_size, amp_dtype, threads, conn):
+    try:
+        conn.send(("errors", probe_channels_last(model, image_size, amp_dtype, threads)))
+    except Exception as e:  # a kernel that raises instead of crashing: a verdict too
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+
+
+def run_probe(model, image_size, amp_dtype, threads, timeout=PROBE_TIMEOUT):
+    """Run probe_channels_last in a spawned child; returns (safe, reason)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_probe_child, args=(model, image_size, amp_dtype, threads, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        answer = receive.recv() if receive.poll(timeout) else ("hung", f"no answer within {timeout} s")
+    except EOFError:  # the child died before it answered
+        answer = None
+    if child.is_alive():
+        child.kill()
+    child.join()
+    if answer is None:
+        code = child.exitcode
+        name = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.valid_signals() else None
+        return False, f"the probe process died ({name or f'exit {code}'})"
+    kind, value = answer
+    if kind != "errors":
+        return False, f"the probe {'hung' if kind == 'hung' else 'failed'}: {value}"
+    nhwc, nchw = value
+    if not nhwc <= 2 * nchw + PROBE_SLACK:  # NaN fails too
+        return False, f"its gradients miss float64's by {nhwc:.2g} (the contiguous layout's by {nchw:.2g})"
+    return True, f"gradients within {nhwc:.2g} of float64's (the contiguous layout's: {nchw:.2g})"
+
+
+def channels_last_checked(model, cfg, device, log_file=None):
+    """(cfg, verdict): cfg with channels_last kept only where a probe of this model (run_probe) passed on this
+    machine, as cached under everything that picks the kernels; verdict is None off the CPU or without channels_last."""
+    if not cfg.channels_last or device.type != "cpu":
+        return cfg, None
+    amp_dtype = autocast_dtype(cfg, device)
+    key = {"cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "torch": torch.__version__,
+           "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+           "threads": torch.get_num_threads(), "dtype": str(amp_dtype), "image_size": cfg.image_size,
+           "batch": PROBE_BATCH, "model": hashlib.sha256(repr(model).encode()).hexdigest()}
+    path = user_cache_dir() / f"channels_last_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
+    verdict = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            verdict = {**cached["verdict"], "cached": str(path)}
+    if verdict is None:
+        t0 = time.perf_counter()
+        safe, reason = run_probe(model, cfg.image_size, amp_dtype, key["threads"])
+        verdict = {"channels_last": safe, "reason": reason, "seconds": round(time.perf_counter() - t0, 2)}
+        with contextlib.suppress(OSError):  # an unwritable cache costs a probe next time, nothing else
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json({"key": key, "verdict": verdict}, path)
+        verdict["cached"] = None
+    if not verdict["channels_last"]:
+        log(f"channels_last off: {verdict['reason']} in the probe of this model on this CPU; computing in the "
+            f"contiguous layout (slower, same results)", log_file)
+    return dataclasses.replace(cfg, channels_last=verdict["channels_last"]), verdict
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
@@ -1637,6 +1750,17 @@ def make_scheduler(optimizer, cfg, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch):
+    """The schedule of make_scheduler laid out for cfg.epochs, at the step `scheduler` has reached (--time_budget's
+    re-plan); the optimizer keeps its learning rate until the next step."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    relaid = make_scheduler(optimizer, cfg, steps_per_epoch)
+    relaid.load_state_dict(scheduler.state_dict())  # the step count; the lambda stays the new one
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+    return relaid
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -1737,23 +1861,44 @@ def validate(model, val, mean, std, device, cfg, num_classes):
     return {"val_loss": loss, "val_accuracy": float((pred == val.labels).mean()), "val_macro_f1": macro_f1(val.labels, pred)}
 
 
-# --time_budget: what it measures, and the share of the budget it keeps free
+# --time_budget: what it measures, and the share of the budget it keeps free. The budget runs from the process's
+# start to the last file written; only decoding a dataset into the cache the first time is outside it.
 BUDGET_TIMED_STEPS = 3  # training steps timed, after one warm-up step (which also pays torch.compile's compilation)
 BUDGET_VAL_FACES = 1024  # validation faces timed; the pass is scaled to the split's size
-BUDGET_MARGIN = 0.05  # kept free for what the measurement leaves out: t-SNE, figures, checkpoints, the machine's drift
+BUDGET_MARGIN = 0.03  # of the budget, kept free for the machine's drift (epochs are re-planned as they are timed)
+BUDGET_FIGURES_SECONDS = 8.0  # the figures without t-SNE (matplotlib's import, five PNGs), 2-core CPU, generous
+TSNE_SECONDS_PER_POINT = 0.012  # sklearn's Barnes-Hut t-SNE (1,000 iterations), 2-core CPU, 1,500-2,000 points
 
 
-def epochs_within(budget_s, fixed_s, epoch_s, max_epochs):
-    """Whole epochs of epoch_s seconds that fit in budget_s after fixed_s seconds: at least 1, at most max_epochs."""
-    return max(1, min(max_epochs, math.floor((budget_s - fixed_s) / epoch_s)))
+def process_start_time():
+    """time.time() when this process started (Linux: /proc), so that the budget includes the imports; elsewhere, now."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    return time.time()
 
 
-def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes):
+def final_seconds(eval_faces, face_s, step_s, batch, cfg):
+    """The final evaluation's time: a pass over eval_faces faces, the attention maps (a forward and a backward pass
+    per face, about a training step's cost per batch), t-SNE and the figures."""
+    attention_s = min(cfg.attention_samples, eval_faces) / batch * step_s
+    tsne_s = min(cfg.tsne_samples, eval_faces) * TSNE_SECONDS_PER_POINT
+    return eval_faces * face_s + attention_s + tsne_s + BUDGET_FIGURES_SECONDS
+
+
+def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0):
+    """The epochs a run that has trained `done` should end with: as many more of epoch_s seconds as end, with the
+    final evaluation and the margin, by the deadline (at most max_epochs in all; fewer than `done`: none more)."""
+    return max(done, min(max_epochs, done + math.floor((deadline - now - final_s - margin_s) / epoch_s)))
+
+
+def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time):
     """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
     state put back afterwards: the run then equals one given --epochs=N) and a validation pass on this machine, then
-    return the plan: the number of epochs (at most cfg.epochs) whose training, per-epoch validation and final
-    evaluation of eval_faces faces (a pass, and attention maps: a forward and a backward pass per face) fit the budget."""
-    t_start = time.perf_counter()
+    return the plan: the number of epochs (at most cfg.epochs; 0 if not even one fits) whose training and per-epoch
+    validation, followed by the final evaluation of eval_faces faces, end by the deadline (a clock() time)."""
+    t_start = clock()
     batch = min(cfg.batch_size, len(train_y))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
@@ -1763,26 +1908,29 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         seconds, steps = [], []
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
-            t0 = time.perf_counter()
+            t0 = clock()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
                             num_classes=num_classes, ema=ema, **parts)
-            seconds.append(time.perf_counter() - t0)
+            seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
-        t0 = time.perf_counter()
+        t0 = clock()
         run_inference(trial, val.images[:faces], mean, std, device, cfg)
-        face_s = (time.perf_counter() - t0) / faces
+        face_s = (clock() - t0) / faces
     step_s = seconds[1] / steps[1]
     epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val) * face_s
-    final_s = eval_faces * face_s + min(cfg.attention_samples, eval_faces) / batch * step_s
+    final_s = final_seconds(eval_faces, face_s, step_s, batch, cfg)
     if cfg.prototype_init == "imprint":  # once, after epoch 1: a pass (no flip) over a sample, for the model and its EMA
         final_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     budget_s = cfg.time_budget * 60
-    fixed_s = time.perf_counter() - t_start + max(0.0, seconds[0] - step_s) + final_s + BUDGET_MARGIN * budget_s
-    epochs = epochs_within(budget_s, fixed_s, epoch_s, cfg.epochs)
+    first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
+    now = clock()
+    epochs = 0 if deadline - now - final_s - BUDGET_MARGIN * budget_s < first_s else \
+        epochs_before(deadline, now + first_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs - 1) + 1
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
             "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "final_evaluation_seconds": final_s,
-            "expected_minutes": (fixed_s - BUDGET_MARGIN * budget_s + epochs * epoch_s) / 60}
+            "measuring_seconds": now - t_start, "seconds_left_at_plan": deadline - now, "deadline": deadline,
+            "expected_minutes": (budget_s - (deadline - now) + first_s + (epochs - 1) * epoch_s + final_s) / 60}
 
 
 @torch.no_grad()
@@ -1843,11 +1991,14 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
     return resume["history"], resume["best"], resume["epoch"] + 1
 
 
-def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None):
+def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None, plan=None):
     """The training loop on the on-device training set: per-epoch validation, best and last checkpoints,
-    metrics.jsonl, Ctrl-C safety."""
+    metrics.jsonl, Ctrl-C safety. With a time-budget plan, the number of epochs is re-planned after each one from
+    its measured time (the schedule re-laid for it), so that the run ends by the plan's deadline. Returns the
+    history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
     k = len(class_names)
-    optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, epoch_steps(len(train_y), cfg))
+    steps_per_epoch = epoch_steps(len(train_y), cfg)
+    optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, steps_per_epoch)
     parts = loss_parts(model, cfg, train_y, k)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
@@ -1874,7 +2025,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
     try:
-        for epoch in range(start, cfg.epochs + 1):
+        while epoch < cfg.epochs:
+            epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + distributed()[0])
@@ -1900,6 +2052,17 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if writes:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
+            if plan is not None:  # re-plan from the epoch just timed (validation and checkpoints included)
+                epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), stats["epoch_seconds"],
+                                                      plan["final_evaluation_seconds"],
+                                                      BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch))
+                if epochs != cfg.epochs:
+                    cfg = dataclasses.replace(cfg, epochs=epochs)
+                    scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
+                    log(f"time budget: {epochs} epochs in all, from epoch {epoch}'s {stats['epoch_seconds']:.1f} s", log_file)
+                    if writes:
+                        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+                        save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
             affinity = f" affinity {stats['train_affinity']:.4f}" if cfg.affinity_weight else ""
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
                 f"kl {stats['train_kl']:.4f}{affinity}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
@@ -1914,7 +2077,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     if writes:
         atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1], best=best),
                     run_dir / "final_emotion_model.pth")
-    return history, best, time.time() - t_start
+    return history, best, time.time() - t_start, cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2382,6 +2545,7 @@ class EmotionPredictor:
         ckpt = load_checkpoint(checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
         self.cfg, self.device = computes_with(model, dataclasses.replace(cfg, **settings), resolve_device(str(device)))
+        self.cfg, _ = channels_last_checked(model, self.cfg, self.device)
         self.model = place_model(model, self.cfg, self.device)
         self.mean, self.std = checkpoint_normalization(ckpt, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
@@ -2987,6 +3151,7 @@ def make_run_dir(cfg, resuming=False):
 def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     """Train and evaluate one run; build(cfg, num_classes) makes the network (benchmarks pass a baseline's); argv:
     the command line, for provenance.json (one entry per start and resume)."""
+    started = process_start_time()  # --time_budget counts from here
     # absolute data and cache folders in the config and checkpoints: --resume works from any folder
     cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
                               cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
@@ -3020,7 +3185,10 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     else:
         mean, std = dataset_normalization(splits["train"].images)
     mean, std = mean.to(device), std.to(device)
-    model = place_model(build(cfg, len(class_names)), cfg, device)
+    model = build(cfg, len(class_names))
+    with rank_zero_first():  # one probe per machine: the other processes read its verdict
+        cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file)
+    model = place_model(model, cfg, device)
     same_as_rank_zero(model)  # before the EMA copies it
     if cfg.sync_bn and world > 1:
         global_batch_norm(model)
@@ -3032,23 +3200,32 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     train_y = torch.from_numpy(splits["train"].labels).to(device)
     plan = None
     if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
+        deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget
         plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std,
-                                          cfg, device, len(class_names)))  # every rank measures (in step), rank 0's plan
+                                          cfg, device, len(class_names), deadline))  # every rank measures, rank 0's plan
+        if not plan["epochs"]:
+            fixed_s = cfg.time_budget * 60 - plan["seconds_left_at_plan"] + plan["final_evaluation_seconds"]
+            need = (fixed_s + plan["epoch_seconds"] + plan["first_step_seconds"]) / (1 - BUDGET_MARGIN) / 60
+            raise UserError(f"--time_budget={cfg.time_budget:g} min cannot be kept: starting and measuring took "
+                            f"{cfg.time_budget * 60 - plan['seconds_left_at_plan']:.0f} s, one epoch takes "
+                            f"{plan['epoch_seconds']:.0f} s and the final evaluation {plan['final_evaluation_seconds']:.0f} s; "
+                            f"give at least --time_budget={math.ceil(need * 10) / 10:g}, or --time_budget=0 and --epochs")
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
-        if rank == 0:
-            write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
-            f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s "
-            f"-> {plan['epochs']} of at most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min"
-            f"{'; over the budget: one epoch does not fit' if plan['expected_minutes'] > cfg.time_budget else ''})", log_file)
+            f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
+            f"{cfg.time_budget * 60 - plan['seconds_left_at_plan']:.0f} s spent before training -> {plan['epochs']} of at "
+            f"most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+    if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
+        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:
         starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
             (run_dir / "provenance.json").exists() else []
         write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
+                              "channels_last_probe": memory_verdict,
                               "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None}],
                    run_dir / "provenance.json")
-    history, best, seconds = train(model, train_x, train_y, splits["val"], class_names, mean, std, cfg, run_dir, device,
-                                   log_file, resume_ckpt)
+    history, best, seconds, cfg = train(model, train_x, train_y, splits["val"], class_names, mean, std, cfg, run_dir,
+                                        device, log_file, resume_ckpt, plan)
     del train_x, train_y
     if rank > 0:  # rank 0 evaluates alone: the whole test split, as one process
         return run_dir, None
@@ -3101,6 +3278,7 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
     model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
     cfg, device = computes_with(model, cfg, device)
+    cfg, _ = channels_last_checked(model, cfg, device, run_dir / "train.log")
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
