@@ -44,6 +44,7 @@ import platform
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -105,7 +106,7 @@ class Config:
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
     epochs: int = 50  # passes over the training set (with time_budget: at most this many)
-    time_budget: float = 0.0  # minutes for training, validation and final evaluation; 0 = off. Times a few steps, sets epochs to fit
+    time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.05  # AdamW decoupled weight decay
@@ -117,7 +118,7 @@ class Config:
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively
-    channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: faster in float32 and bf16, BENCHMARKS.md)
+    channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: where the probe of the model passed; faster in float32 and bf16, BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (every process's share together)
@@ -399,13 +400,6 @@ def distributed():
     return 0, 1
 
 
-def cpu_has_bf16():
-    """AVX512-BF16 or AMX: the CPU multiplies bf16 itself; elsewhere oneDNN emulates it. The probes
-    are private torch functions: a torch without them gets float32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-
-
 def cpu_model():
     """The CPU's model name, as /proc/cpuinfo gives it (elsewhere, what the platform module knows)."""
     with contextlib.suppress(OSError):
@@ -427,6 +421,34 @@ def cpu_flags():
             if line.startswith(("flags", "Features")):
                 return line.split(":", 1)[1].split()
     return []
+
+
+# oneDNN's instruction-set levels, in order, with the CPU flags each adds: ONEDNN_MAX_CPU_ISA=NAME caps its kernels at
+# one of them (a wider CPU then runs the narrower kernels). Below AVX512_CORE_BF16, bf16 is emulated.
+ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
+               "AVX512_CORE": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX512_CORE_VNNI": ("avx512_vnni",),
+               "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16")}
+
+
+def onednn_isas(flags):
+    """The oneDNN levels (ONEDNN_ISAS) that a CPU with these flags can run, narrowest first."""
+    have, needed = [], set()
+    for name, adds in ONEDNN_ISAS.items():
+        needed |= set(adds)
+        if not needed <= set(flags):
+            break
+        have.append(name)
+    return have
+
+
+def cpu_has_bf16():
+    """AVX512-BF16 or AMX, and oneDNN not capped below them (ONEDNN_MAX_CPU_ISA): the CPU multiplies bf16 itself;
+    elsewhere oneDNN emulates it, slowly. The probes are private torch functions: a torch without them gets float32."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in {*list(ONEDNN_ISAS)[:list(ONEDNN_ISAS).index("AVX512_CORE_BF16")], "AVX2_VNNI", "AVX2_VNNI_2"}:
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def autocast_dtype(cfg, device):
@@ -1316,15 +1338,18 @@ def count_parameters(model):
 # NHWC layout (benchmarks/onednn_*_repro.py: an AVX2 hang at 2-7 input channels, an AVX-512 segfault at 8). No rule
 # about channel counts covers CPUs nobody here has, so a child process runs the run's own model first.
 PROBE_BATCH = 2  # faces in the probe's passes (the AVX-512 crash happens at batch 1)
-PROBE_TIMEOUT = 300  # seconds before a probe that has not answered counts as hung (the AVX2 bug hangs with 2 threads)
-PROBE_SLACK = 1e-3  # channels_last may miss the float64 gradients by twice what the contiguous layout misses, plus this
+PROBE_START_TIMEOUT = 300  # seconds for the child to start and time its contiguous passes (imports, a loaded machine)
+PROBE_HANG_FACTOR = 20  # the channels_last passes may take this many times the contiguous ones (run_probe's minimum)
+PROBE_SLACK = {None: 1e-3, torch.bfloat16: 2e-2}  # channels_last may miss the float64 gradients by twice what the
+# contiguous layout misses, plus this (per autocast dtype; a wrong kernel misses by O(1))
+PROBE_DEFINITE = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")  # deaths that are the kernels', cached as such
 
 
-def probe_channels_last(model, image_size, amp_dtype, threads):
-    """The probe's work, in the child: a training step's forward and backward pass of a copy of model in
-    channels_last (the kernels that crashed), then the gradients of both layouts in eval mode (BatchNorm's running
-    statistics: well conditioned at batch 2) against a float64 contiguous oracle. Returns the two relative errors
-    (channels_last, contiguous)."""
+def probe_channels_last(model, image_size, amp_dtype, threads, report):
+    """The probe's work, in the child: the gradients of both layouts in eval mode (BatchNorm's running statistics:
+    well conditioned at batch 2) against a float64 contiguous oracle, the contiguous ones first (their time is
+    reported, to time the rest out), then a training step's forward and backward pass in channels_last (the
+    kernels that crashed). Returns the relative errors (channels_last, contiguous)."""
     torch.set_num_threads(threads)
     x = torch.randn(PROBE_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
@@ -1335,50 +1360,65 @@ def probe_channels_last(model, image_size, amp_dtype, threads):
         sum(t.float().square().mean() for t in outputs if t is not None).backward()
         return torch.cat([p.grad.double().flatten() for p in net.parameters() if p.grad is not None])
 
-    gradients(torch.channels_last, torch.float32, amp_dtype, train=True)
+    t0 = time.perf_counter()
     truth = gradients(torch.contiguous_format, torch.float64, None, train=False)
-    return tuple(((gradients(fmt, torch.float32, amp_dtype, train=False) - truth).norm() / truth.norm()).item()
-                 for fmt in (torch.channels_last, torch.contiguous_format))
+    nchw = gradients(torch.contiguous_format, torch.float32, amp_dtype, train=False)
+    report(time.perf_counter() - t0)
+    gradients(torch.channels_last, torch.float32, amp_dtype, train=True)
+    nhwc = gradients(torch.channels_last, torch.float32, amp_dtype, train=False)
+    return tuple(((g - truth).norm() / truth.norm()).item() for g in (nhwc, nchw))
 
 
 def _probe_child(model, image_size, amp_dtype, threads, conn):
     try:
-        conn.send(("errors", probe_channels_last(model, image_size, amp_dtype, threads)))
+        errors = probe_channels_last(model, image_size, amp_dtype, threads, lambda s: conn.send(("contiguous", s)))
+        conn.send(("errors", errors))
     except Exception as e:  # a kernel that raises instead of crashing: a verdict too
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
-def run_probe(model, image_size, amp_dtype, threads, timeout=PROBE_TIMEOUT):
-    """Run probe_channels_last in a spawned child; returns (safe, reason)."""
+def run_probe(model, image_size, amp_dtype, threads, start_timeout=PROBE_START_TIMEOUT, min_timeout=30.0):
+    """Run probe_channels_last in a spawned child; returns (safe, reason, definite): definite is False where the
+    outcome may be the machine's rather than the kernels' (a child that could not start, was killed, or raised)."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_probe_child, args=(model, image_size, amp_dtype, threads, send), daemon=True)
     child.start()
     send.close()
+    answer, timeout = None, start_timeout
     try:
-        answer = receive.recv() if receive.poll(timeout) else ("hung", f"no answer within {timeout} s")
+        while answer is None or answer[0] == "contiguous":
+            if not receive.poll(timeout):
+                answer = ("hung", f"no answer within {timeout:.0f} s")
+                break
+            answer = receive.recv()
+            if answer[0] == "contiguous":
+                timeout = max(min_timeout, PROBE_HANG_FACTOR * answer[1])
     except EOFError:  # the child died before it answered
         answer = None
-    if child.is_alive():
-        child.kill()
-    child.join()
+    finally:
+        receive.close()
+        if child.is_alive():
+            child.kill()
+        child.join()
     if answer is None:
         code = child.exitcode
         name = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.valid_signals() else None
-        return False, f"the probe process died ({name or f'exit {code}'})"
+        return False, f"the probe process died ({name or f'exit {code}'})", name in PROBE_DEFINITE
     kind, value = answer
     if kind != "errors":
-        return False, f"the probe {'hung' if kind == 'hung' else 'failed'}: {value}"
+        return False, f"the probe {kind if kind == 'hung' else 'failed'}: {value}", kind == "hung"
     nhwc, nchw = value
-    if not nhwc <= 2 * nchw + PROBE_SLACK:  # NaN fails too
-        return False, f"its gradients miss float64's by {nhwc:.2g} (the contiguous layout's by {nchw:.2g})"
-    return True, f"gradients within {nhwc:.2g} of float64's (the contiguous layout's: {nchw:.2g})"
+    if not nhwc <= 2 * nchw + PROBE_SLACK[amp_dtype]:  # NaN fails too
+        return False, f"its gradients miss float64's by {nhwc:.2g} (the contiguous layout's by {nchw:.2g})", True
+    return True, f"gradients within {nhwc:.2g} of float64's (the contiguous layout's: {nchw:.2g})", True
 
 
 def channels_last_checked(model, cfg, device, log_file=None):
     """(cfg, verdict): cfg with channels_last kept only where a probe of this model (run_probe) passed on this
-    machine, as cached under everything that picks the kernels; verdict is None off the CPU or without channels_last."""
+    machine, as cached under everything that picks the kernels (an outcome that may be the machine's, not the
+    kernels', is not cached); verdict is None off the CPU or without channels_last."""
     if not cfg.channels_last or device.type != "cpu":
         return cfg, None
     amp_dtype = autocast_dtype(cfg, device)
@@ -1394,11 +1434,12 @@ def channels_last_checked(model, cfg, device, log_file=None):
             verdict = {**cached["verdict"], "cached": str(path)}
     if verdict is None:
         t0 = time.perf_counter()
-        safe, reason = run_probe(model, cfg.image_size, amp_dtype, key["threads"])
+        safe, reason, definite = run_probe(model, cfg.image_size, amp_dtype, key["threads"])
         verdict = {"channels_last": safe, "reason": reason, "seconds": round(time.perf_counter() - t0, 2)}
-        with contextlib.suppress(OSError):  # an unwritable cache costs a probe next time, nothing else
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json({"key": key, "verdict": verdict}, path)
+        if definite:
+            with contextlib.suppress(OSError):  # an unwritable cache costs a probe next time, nothing else
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json({"key": key, "verdict": verdict}, path)
         verdict["cached"] = None
     if not verdict["channels_last"]:
         log(f"channels_last off: {verdict['reason']} in the probe of this model on this CPU; computing in the "
@@ -1866,17 +1907,20 @@ def validate(model, val, mean, std, device, cfg, num_classes):
 BUDGET_TIMED_STEPS = 3  # training steps timed, after one warm-up step (which also pays torch.compile's compilation)
 BUDGET_VAL_FACES = 1024  # validation faces timed; the pass is scaled to the split's size
 BUDGET_MARGIN = 0.03  # of the budget, kept free for the machine's drift (epochs are re-planned as they are timed)
-BUDGET_FIGURES_SECONDS = 8.0  # the figures without t-SNE (matplotlib's import, five PNGs), 2-core CPU, generous
-TSNE_SECONDS_PER_POINT = 0.012  # sklearn's Barnes-Hut t-SNE (1,000 iterations), 2-core CPU, 1,500-2,000 points
+BUDGET_FIGURES_SECONDS = 4.0  # the figures but t-SNE (matplotlib's import, five PNGs): 3 s on a 2-core CPU
+TSNE_SECONDS_PER_POINT = 0.006  # sklearn's t-SNE: 3.8 ms a point at 2,000 points on a 2-core AVX-512 CPU
 
 
 def process_start_time():
-    """time.time() when this process started (Linux: /proc), so that the budget includes the imports; elsewhere, now."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    return time.time()
+    """time.time() when this process started (Linux: /proc), so that the budget includes the imports; elsewhere, or
+    where the answer is implausible (a container's clocks), now."""
+    now = time.time()
+    with contextlib.suppress(OSError, ValueError, IndexError, AttributeError):
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        if 0 <= age < 600:
+            return now - age
+    return now
 
 
 def final_seconds(eval_faces, face_s, step_s, batch, cfg):
@@ -1895,7 +1939,7 @@ def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0)
 
 def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time):
     """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
-    state put back afterwards: the run then equals one given --epochs=N) and a validation pass on this machine, then
+    state put back afterwards: measuring draws none of the run's random numbers) and a validation pass, then
     return the plan: the number of epochs (at most cfg.epochs; 0 if not even one fits) whose training and per-epoch
     validation, followed by the final evaluation of eval_faces faces, end by the deadline (a clock() time)."""
     t_start = clock()
@@ -1920,10 +1964,10 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     step_s = seconds[1] / steps[1]
     epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val) * face_s
     final_s = final_seconds(eval_faces, face_s, step_s, batch, cfg)
-    if cfg.prototype_init == "imprint":  # once, after epoch 1: a pass (no flip) over a sample, for the model and its EMA
-        final_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
+    if cfg.prototype_init == "imprint":  # after epoch 1: a pass (no flip) over a sample, for the model and its EMA
+        first_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     now = clock()
     epochs = 0 if deadline - now - final_s - BUDGET_MARGIN * budget_s < first_s else \
         epochs_before(deadline, now + first_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs - 1) + 1
@@ -2024,6 +2068,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
+    walls = []  # seconds of each epoch from its start to its last write (checkpoints and metrics included)
     try:
         while epoch < cfg.epochs:
             epoch += 1
@@ -2052,14 +2097,17 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if writes:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
-            if plan is not None:  # re-plan from the epoch just timed (validation and checkpoints included)
-                epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), stats["epoch_seconds"],
+            walls.append(time.time() - t0)
+            if plan is not None and epoch > 1:  # re-plan from the epochs as timed
+                epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
+                epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s,
                                                       plan["final_evaluation_seconds"],
                                                       BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch))
-                if epochs != cfg.epochs:
+                # fewer whenever needed; more only by two or more and in the first half (the schedule's rise is mild)
+                if epochs < cfg.epochs or (epochs > cfg.epochs + 1 and 2 * epoch <= cfg.epochs):
                     cfg = dataclasses.replace(cfg, epochs=epochs)
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs} epochs in all, from epoch {epoch}'s {stats['epoch_seconds']:.1f} s", log_file)
+                    log(f"time budget: {epochs} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
@@ -3148,10 +3196,11 @@ def make_run_dir(cfg, resuming=False):
     return run_dir
 
 
-def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
+def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None):
     """Train and evaluate one run; build(cfg, num_classes) makes the network (benchmarks pass a baseline's); argv:
-    the command line, for provenance.json (one entry per start and resume)."""
-    started = process_start_time()  # --time_budget counts from here
+    the command line, for provenance.json (one entry per start and resume); started: the time.time() that
+    --time_budget counts from (the script: its process's start; a caller such as a notebook: now)."""
+    started = started or time.time()
     # absolute data and cache folders in the config and checkpoints: --resume works from any folder
     cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
                               cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
@@ -3188,6 +3237,12 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     model = build(cfg, len(class_names))
     with rank_zero_first():  # one probe per machine: the other processes read its verdict
         cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file)
+    if world > 1 and memory_verdict is not None:  # one layout everywhere (machines may differ): NHWC if all passed
+        every = torch.tensor([int(cfg.channels_last)])
+        torch.distributed.all_reduce(every, torch.distributed.ReduceOp.MIN)
+        if cfg.channels_last and not every.item():
+            log("channels_last off: another machine's probe failed", log_file)
+        cfg = dataclasses.replace(cfg, channels_last=bool(every.item()))
     model = place_model(model, cfg, device)
     same_as_rank_zero(model)  # before the EMA copies it
     if cfg.sync_bn and world > 1:
@@ -3230,6 +3285,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
     if rank > 0:  # rank 0 evaluates alone: the whole test split, as one process
         return run_dir, None
     best_path = run_dir / "best_emotion_model.pth"
+    t_final = time.time()
     try:
         model.load_state_dict(load_checkpoint(best_path)["model"])
         plot_history(history, run_dir / "training_history.png")
@@ -3248,6 +3304,10 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=()):
         f"; chosen on this split: the final epoch {history[-1]['epoch']} reached {history[-1]['val_accuracy']:.2%}"
     log(f"{evaluated} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
         f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}){chosen_on_it}; outputs in {run_dir}", log_file)
+    if plan is not None:
+        log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (planned "
+            f"{plan['final_evaluation_seconds']:.0f} s); {(time.time() - started) / 60:.2f} of {cfg.time_budget:g} "
+            f"minutes used", log_file)
     return run_dir, results
 
 
@@ -3300,8 +3360,9 @@ RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folde
                 "context_target": "the model holds M only with --context_target=distribution"}
 
 
-def main(argv):
-    """Parse, validate, and do the one action asked for (none: train). Returns the exit status for --predict."""
+def main(argv, started=None):
+    """Parse, validate, and do the one action asked for (none: train). Returns the exit status for --predict.
+    started: the time.time() a --time_budget counts from (default: now)."""
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)
@@ -3328,21 +3389,21 @@ def main(argv):
         cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
-        return run_training(cfg, ckpt, argv=argv)
+        return run_training(cfg, ckpt, argv=argv, started=started)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():
             print(f"writing a synthetic dataset of drawn faces to {data} ...")
             make_synthetic_dataset(data, per_class=(150, 50, 0), size=64, seed=cfg.seed)
         cfg = dataclasses.replace(cfg, data_dir=str(data))
-    return run_training(cfg, argv=argv)
+    return run_training(cfg, argv=argv, started=started)
 
 
 if __name__ == "__main__":
     # Ctrl-C saves and prints the resume command even where the launching shell ignored SIGINT (`cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        status = main(sys.argv[1:])
+        status = main(sys.argv[1:], started=process_start_time())
         if distributed()[1] > 1:
             torch.distributed.destroy_process_group()
         sys.exit(status if isinstance(status, int) else 0)

@@ -1,6 +1,8 @@
 # oneDNN (torch CPU) bug: backward of a 1x1, stride-2 convolution with 4 input channels, float32, channels_last,
-# on an AVX2 CPU without AVX512: 1 thread -> "free(): invalid next size", 2 threads -> hangs in
-# jit_avx2_1x1_convolution_bwd_weights_t. The contiguous format runs cleanly.
+# in oneDNN's AVX2 kernels (jit_1x1:avx2, backward_weights): 1 thread -> "free(): invalid next size" or "double free or
+# corruption", 2 threads -> hangs in jit_avx2_1x1_convolution_bwd_weights_t. Torch 2.14.1, oneDNN 3.12.0, on a 2-core AMD
+# EPYC with AVX2 only (2026-11-26), and on a 2-core AMD EPYC with avx512_bf16 under ONEDNN_MAX_CPU_ISA=AVX2 (2026-11-29).
+# The contiguous format runs cleanly.
 import sys
 import torch
 fmt = torch.channels_last if sys.argv[1] == "channels_last" else torch.contiguous_format

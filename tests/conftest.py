@@ -21,12 +21,24 @@ TINY = ["--image_size=32", "--width=0.125", "--blocks=1,1,1,1", "--batch_size=16
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_thread_per_run():
+def one_thread_per_run(tmp_path_factory):
     """One OpenMP thread per subprocess: on a 2-core machine shared with other work, two threads per
-    tiny run spend most of their time spinning (a failing run took 12 s instead of 4 s)."""
+    tiny run spend most of their time spinning (a failing run took 12 s instead of 4 s). The machine's verdicts
+    (the channels_last probe) are cached in a folder of this test session's, shared by its workers."""
+    base = tmp_path_factory.getbasetemp()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
+        mp.setenv("XDG_CACHE_HOME", str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "user_cache"))
         yield
+
+
+@pytest.fixture(autouse=True)
+def deterministic_algorithms_restored():
+    """A test that runs main() with --deterministic=true in-process turns torch's deterministic mode on for its worker;
+    put it back as it was for the next test."""
+    was = ern.torch.are_deterministic_algorithms_enabled()
+    yield
+    ern.torch.use_deterministic_algorithms(was)
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,10 @@ from test_predict import HOPPER
 
 @pytest.fixture(scope="module")
 def run(tiny_dataset, tmp_path_factory):
-    """Six epochs with flips (the default aug_flip) on the tiny dataset: the run folder."""
+    """Six epochs with flips (the default aug_flip) on the tiny dataset, in float32 (the .onnx file computes in float32;
+    amp is bf16 on a CPU with native bf16): the run folder."""
     tmp = tmp_path_factory.mktemp("run")
-    run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=6", f"--output_dir={tmp / 'run'}",
+    run_script(*TINY, f"--data_dir={tiny_dataset}", "--epochs=6", "--amp=false", f"--output_dir={tmp / 'run'}",
                f"--cache_dir={tmp / 'cache'}", cwd=tmp)
     return tmp / "run"
 
@@ -80,7 +81,8 @@ def test_maps_have_the_input_size_and_lie_in_the_unit_interval(trained, tiny_dat
     lit = maps["gradcam"].reshape(n, -1).max(1)
     assert np.all(np.isclose(lit, 1.0) | (lit == 0)) and np.isclose(lit, 1.0).any()  # scaled by its maximum
     assert maps["probabilities"].shape == maps["q"].shape == (n, k)
-    expected = ern.run_inference(model, faces, mean, std, torch.device("cpu"), cfg, tta=False)
+    expected = ern.run_inference(model, faces, mean, std, torch.device("cpu"), ern.dataclasses.replace(cfg, amp=False),
+                                 tta=False)  # explain_faces computes in float32
     assert maps["probabilities"] == pytest.approx(expected["logits"].softmax(1).numpy(), abs=1e-5)
     assert maps["q"] == pytest.approx(expected["context_logits"].softmax(1).numpy(), abs=1e-5)
 

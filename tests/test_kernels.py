@@ -1,0 +1,119 @@
+"""The channels_last probe and the kernels it guards. Every width and image size that a preset, the demo or the README
+names trains in the default settings under every oneDNN instruction set this CPU can run (ONEDNN_MAX_CPU_ISA makes
+it run the narrower ones): oneDNN 3.12 crashes or hangs in some channels_last kernels (benchmarks/onednn_*_repro.py),
+and the probe must catch them before training does. Each instruction set in its own child process, one training
+step per model at batch 8 (the probe's batch is 2). The probe's verdicts on a child that aborts, hangs or computes
+wrong numbers, and its cache, are checked with small models that do so on purpose."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, ern
+
+# The defaults with each preset's overrides, and the sizes the README names (BENCHMARKS.md: the full matrix).
+CPU, DEMO = ern.PRESETS["cpu"], ern.PRESETS["demo"]
+NAMED = {"default (width 1.0, 96 px)": {},
+         "cpu preset (width 0.5, 64 px)": dict(CPU),
+         "cpu preset at 48 px": {**CPU, "image_size": 48},
+         "short ablation (cpu preset, width 0.25, 48 px)": {**CPU, "image_size": 48, "width": 0.25},
+         "demo (width 0.25, 48 px)": dict(DEMO),
+         "width 0.25 at 64 px": {"width": 0.25, "image_size": 64},
+         "width 0.25 at 96 px": {"width": 0.25}}
+
+CHILD = """
+import json, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+import emotion_recognition as ern
+if __name__ == "__main__":
+    cpu = torch.device("cpu")
+    for name, overrides in json.loads(sys.argv[2]).items():
+        cfg = ern.Config(**overrides)
+        model = ern.build_model(cfg, 8)
+        cfg, verdict = ern.channels_last_checked(model, cfg, cpu)
+        model = ern.place_model(model, cfg, cpu)
+        optimizer, scheduler, scaler, ema = ern.training_parts(model, cfg, cpu, 1)
+        x = torch.randint(0, 256, (8, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+        y = torch.arange(8)
+        mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
+        stats = ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, 1, num_classes=8,
+                                    **ern.loss_parts(model, cfg, y, 8))
+        ern.run_inference(model, x.numpy(), mean, std, cpu, cfg)
+        print(json.dumps({"model": name, "channels_last": cfg.channels_last, "autocast": str(ern.autocast_dtype(cfg, cpu)),
+                          "probe": verdict and verdict["reason"], "loss": stats["train_loss"]}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("isa", ern.onednn_isas(ern.cpu_flags()) or [None])
+def test_every_named_model_trains_a_step_under_each_instruction_set(isa):
+    if isa is None:
+        pytest.skip("not an x86 CPU that oneDNN's levels describe")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(NAMED)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"ONEDNN_MAX_CPU_ISA={isa}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["model"] for line in lines] == list(NAMED)
+    for line in lines:
+        assert line["loss"] == line["loss"] and line["loss"] > 0, line  # finite (NaN != NaN)
+        assert line["probe"], line  # the probe decided (channels_last is on by default)
+
+
+class Layout(nn.Module):
+    """A 1x1 convolution whose forward in channels_last does `what`: abort (as the oneDNN bugs do), hang, compute wrong
+    numbers, or nothing unusual ("fine")."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.conv, self.what = nn.Conv2d(3, 4, 1), what
+
+    def forward(self, x):
+        y = self.conv(x)
+        if not x.is_contiguous():  # channels_last
+            if self.what == "abort":
+                os.abort()
+            if self.what == "hang":
+                time.sleep(600)
+            if self.what == "wrong":
+                y = y * 1.5
+        return y.mean((2, 3)), None
+
+
+@pytest.mark.parametrize("what, safe, reason, definite", [
+    ("fine", True, "gradients within", True), ("abort", False, "the probe process died (SIGABRT)", True),
+    ("hang", False, "the probe hung: no answer within 1 s", True), ("wrong", False, "its gradients miss float64's", True)])
+def test_the_probe_tells_a_safe_layout_from_one_that_crashes_hangs_or_is_wrong(what, safe, reason, definite):
+    t0 = time.time()
+    verdict = ern.run_probe(Layout(what), 8, None, 1, min_timeout=1.0)
+    assert verdict[0] == safe and verdict[1].startswith(reason) and verdict[2] == definite, verdict
+    assert time.time() - t0 < 60  # a hang is cut short: 1 s after the contiguous passes answered
+
+
+def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls, answer = [], [(False, "the probe process died (SIGSEGV)", True)]
+    monkeypatch.setattr(ern, "run_probe", lambda *a, **k: calls.append(a) or answer[0])
+    cfg, cpu = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", amp=False), torch.device("cpu")
+    model = ern.build_model(cfg, 8)
+    checked, verdict = ern.channels_last_checked(model, cfg, cpu)
+    assert not checked.channels_last and verdict["cached"] is None and len(calls) == 1
+    checked, verdict = ern.channels_last_checked(model, cfg, cpu)  # the same machine and model: no second probe
+    assert not checked.channels_last and verdict["cached"] and len(calls) == 1
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other kernels: probed again
+    ern.channels_last_checked(model, cfg, cpu)
+    assert len(calls) == 2
+    other = ern.dataclasses.replace(cfg, image_size=48)  # another input shape: probed again
+    ern.channels_last_checked(ern.build_model(other, 8), other, cpu)
+    assert len(calls) == 3
+    answer[0] = (False, "the probe process died (exit 1)", False)  # could not start: not the kernels' fault
+    fresh = ern.dataclasses.replace(cfg, width=0.25)
+    for _ in range(2):
+        ern.channels_last_checked(ern.build_model(fresh, 8), fresh, cpu)
+    assert len(calls) == 5
+    assert ern.channels_last_checked(model, ern.dataclasses.replace(cfg, channels_last=False), cpu)[1] is None
