@@ -37,13 +37,6 @@ VARIANTS = {"eager contiguous": dict(compile=False, channels_last=False),
             "compile channels_last": dict(compile=True, channels_last=True)}
 
 
-def cpu_flags():
-    """The vector extensions of this CPU, as /proc/cpuinfo lists them."""
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
-
-
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True)
@@ -97,7 +90,7 @@ def main(argv):
     ref = "eager contiguous"
     out = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + argv),
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "machine": {**machine_info(device), "cpu_flags": cpu_flags(), "cpu_bf16_native": ern.cpu_has_bf16()},
+           "machine": {**machine_info(device), "cpu_flags": sorted(f for f in ern.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))), "cpu_bf16_native": ern.cpu_has_bf16()},
            "code": code_version(), "model": {k_: getattr(base, k_) for k_ in ("image_size", "width", "blocks", "batch_size")},
            "rounds": args.rounds, "steps": args.steps, "first_step_seconds": compile_seconds,
            "train_images_per_s": train_rate, "eval_images_per_s_tta": eval_rate,

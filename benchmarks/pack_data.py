@@ -1,5 +1,5 @@
-"""Pack a YOLO dataset's train and valid splits small enough to travel with the repository to a GPU machine
-(the device tool carries at most 64 MiB, and ../shared does not travel): each sample's crop, as the trainer cuts
+"""Pack a YOLO dataset's train and valid splits small enough to travel with the repository to a GPU machine that
+receives the repository alone (AffectNet's 22,507 crops: 58.5 MiB): each sample's crop, as the trainer cuts
 it at --size px (crop_box: its box widened by --crop_margin), re-encoded as JPEG at --quality, with a label box
 that the trainer's crop turns back into the whole packed image. The test split is left out (kept aside).
 
@@ -38,6 +38,8 @@ def pack(src, out, size, margin, quality):
                 decoded = {path: ern.decode_image(path)[0]}  # a photo's faces are consecutive
             crop = ern.crop_box(decoded[path], box, margin, size)
             ok, data = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if not ok:
+                raise SystemExit(f"{path}: OpenCV could not encode its crop as JPEG")
             name = f"{folder}_{i:06d}"
             (out / folder / "images" / f"{name}.jpg").write_bytes(data.tobytes())
             (out / folder / "labels" / f"{name}.txt").write_text(f"{label} 0.5 0.5 {inner:.6f} {inner:.6f}\n")
@@ -54,7 +56,7 @@ def main():
     parser.add_argument("--out", default="packed/affectnet96")
     parser.add_argument("--size", type=int, default=96, help="pixels: the default protocol's image_size")
     parser.add_argument("--crop_margin", type=float, default=ern.Config.crop_margin)
-    parser.add_argument("--quality", type=int, default=70, help="JPEG quality: 70 keeps AffectNet's 22,507 crops near 57 MiB")
+    parser.add_argument("--quality", type=int, default=70, help="JPEG quality: 70 keeps AffectNet's 22,507 crops at 58.5 MiB")
     args = parser.parse_args()
     counts, total = pack(args.src, Path(args.out), args.size, args.crop_margin, args.quality)
     print(f"packed {counts} into {args.out}: {total / 2 ** 20:.1f} MiB of JPEG at quality {args.quality}")
