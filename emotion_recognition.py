@@ -500,14 +500,21 @@ def provenance(argv, device, data_dir, data_report):
 
 
 def atomic_write(path, write):
-    """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file."""
+    """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file. A write the
+    system refuses (a full disk, a read-only folder) is one UserError naming the file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc...] ... write failed")
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            raise UserError(f"could not write {path}: {reason}; free some space or choose a writable folder "
+                            f"(nothing half-written is left)") from None
         raise
 
 
@@ -812,7 +819,11 @@ def load_split_pixels(split, cfg, log_file=None):
     """
     size, margin = cfg.image_size, cfg.crop_margin
     cache_dir = Path(cfg.cache_dir).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the decode cache folder {cache_dir}: {e.strerror}; choose a writable "
+                        f"--cache_dir") from None
     folder = Path(split.paths[0]).parent if split.paths else Path(".")
     prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px_m{round(margin * 1000)}"
     name = f"{prefix}_{cache_key(split, size, margin)}"  # no dots: the suffix is ours alone
@@ -833,9 +844,17 @@ def load_split_pixels(split, cfg, log_file=None):
                 old.unlink(missing_ok=True)
         split.decode_seconds = time.time() - t0
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {split.decode_seconds:.1f}s", log_file)
-    cached = json.loads(meta_path.read_text())
+    try:
+        cached = json.loads(meta_path.read_text())
+        split.images = np.load(array_path, mmap_mode="c")  # copy-on-write: torch wants writable arrays
+        if split.images.shape != (len(split), 3, size, size):
+            raise ValueError(f"shape {split.images.shape}")
+    except (ValueError, OSError, KeyError) as e:  # a damaged cache (a disk that filled, a copy cut short): rebuild it
+        log(f"{split.name}: the decode cache {array_path} is damaged ({str(e).splitlines()[0][:80]}); rebuilding it", log_file)
+        array_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+        return load_split_pixels(split, cfg, log_file)
     meta = cached["meta"]
-    split.images = np.load(array_path, mmap_mode="c")  # copy-on-write: torch wants writable arrays
     ok = np.array([m is not None for m in meta], dtype=bool)
     split.hashes = [m[0] if m else None for m in meta]
     split.formats = [m[1] if m else None for m in meta]
@@ -906,6 +925,9 @@ def find_duplicates(splits):
                                         "label_conflicts": len(conflicts), "conflict_examples": conflicts[:10],
                                         "files": [{"image": p, "train_images": sorted(train_files[h])}
                                                   for p, h in sorted(repeats)]}
+    if "test" in splits and "val" in splits:  # the validation split chose the epoch: test images it holds are seen
+        val_hashes = set(splits["val"].hashes)
+        report["test_in_val"] = {"samples": int(sum(h in val_hashes for h in splits["test"].hashes))}
     return report
 
 
@@ -924,6 +946,10 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if name in folders:
             splits[name], found = scan_split(name, folders[name], len(class_names))
             problems += found
+    if "test" in splits and "val" in splits and set(splits["test"].paths) == set(splits["val"].paths):
+        log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
+            f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
+        del splits["test"]
     ok = {}
     for name, split in splits.items():
         if len(split):
@@ -951,6 +977,9 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
             f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
     duplicates = find_duplicates(splits) if "train" in splits else {}
+    if duplicates.get("test_in_val", {}).get("samples"):
+        log(f"warning: {duplicates['test_in_val']['samples']} test samples duplicate validation images pixel for pixel; "
+            f"the validation split chose the best epoch, so the test accuracy is not independent of them", log_file)
     for name, d in duplicates.items():
         if name.endswith("_in_train") and d["samples"]:
             log(f"warning: {d['samples']} {name.split('_')[0]} samples duplicate training images pixel for pixel "
@@ -3182,9 +3211,48 @@ RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "da
              "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png")
 
 
+def claim_folder(run_dir):
+    """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open: the operating system
+    releases it when the process ends however it ends, so a killed run never blocks the next. None where the
+    platform has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
+                        f"another --output_dir") from None
+    return lock
+
+
 def make_run_dir(cfg, resuming=False):
-    run_dir = Path(cfg.output_dir) if cfg.output_dir else \
-        Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
+    folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
+    if cfg.output_dir:
+        run_dir = Path(cfg.output_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
+    else:
+        base = Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 1000):
+            run_dir = base if n == 1 else base.with_name(f"{base.name}__{n}")
+            try:
+                run_dir.mkdir(parents=True)  # exclusive: two runs started in the same second get two folders
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}; choose a writable "
+                                f"--output_dir") from None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = claim_folder(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
     taken = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
     if taken and not (resuming or cfg.overwrite):
         raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); choose another --output_dir, "
@@ -3192,8 +3260,7 @@ def make_run_dir(cfg, resuming=False):
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
         for n in RUN_FILES:
             (run_dir / n).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir, lock
 
 
 def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None):
@@ -3212,15 +3279,13 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         raise UserError("--class_weights is not supported under torchrun yet; train it with python")
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
-    run_dir = Path(from_rank_zero(str(make_run_dir(cfg, resuming=resume_ckpt is not None)) if rank == 0 else None))
-    log_file = run_dir / "train.log"
+    run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, None)
+    run_dir = Path(from_rank_zero(str(run_dir)))  # lock: held until this function returns (rank 0's claim)
+    # a resumed run's folder changes only once the data and the checkpoint are known to fit: log to the console until then
+    log_file = run_dir / "train.log" if resume_ckpt is None else None
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
-    if rank == 0:
-        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     with rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
-    if rank == 0:
-        write_json(report, run_dir / "data_report.json")
     if world > 1:
         log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
             f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)
@@ -3231,8 +3296,12 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
         model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
+        log_file = run_dir / "train.log"
     else:
         mean, std = dataset_normalization(splits["train"].images)
+    if rank == 0:  # the run goes ahead: its config and data report (a resume's replace the old ones whole)
+        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+        write_json(report, run_dir / "data_report.json")
     mean, std = mean.to(device), std.to(device)
     model = build(cfg, len(class_names))
     with rank_zero_first():  # one probe per machine: the other processes read its verdict
@@ -3329,7 +3398,7 @@ def run_evaluation(cfg, action, overrides):
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
-    run_dir = make_run_dir(cfg)
+    run_dir, lock = make_run_dir(cfg)  # lock: held until this function returns
     device = resolve_device(cfg.device)
     class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
     write_json(report, run_dir / "data_report.json")

@@ -285,6 +285,7 @@ def test_drop_duplicates_removes_exactly_the_val_and_test_copies_of_training_ima
 
 @pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt])
 def test_atomic_save_keeps_the_good_file_when_the_write_fails(tmp_path, monkeypatch, failure):
+    """A write the system refuses is one UserError naming the file; Ctrl-C stays Ctrl-C. Either way the good file stays."""
     path = tmp_path / "last.pth"
     ern.atomic_save({"w": torch.arange(5.0)}, path)
     targets = []
@@ -299,7 +300,8 @@ def test_atomic_save_keeps_the_good_file_when_the_write_fails(tmp_path, monkeypa
         raise failure("interrupted mid-write")
 
     monkeypatch.setattr(torch, "save", partial_save)
-    with pytest.raises(failure):
+    with pytest.raises(ern.UserError if failure is OSError else failure, match=None if failure is KeyboardInterrupt else
+                       f"could not write {re.escape(str(path))}"):
         ern.atomic_save({"w": torch.zeros(5)}, path)
     monkeypatch.undo()
     assert targets and targets[0] != path, "torch.save wrote the final path directly"
@@ -538,3 +540,115 @@ def test_provenance_and_resume_from_another_folder(tiny_dataset, tmp_path):
     entries = json.loads((start / "run" / "provenance.json").read_text())
     assert len(entries) == 2 and entries[1]["cwd"] == str(elsewhere) and entries[1]["dataset"] == first["dataset"]
     assert not (elsewhere / "cache").exists()  # the run's own cache, found by its absolute path
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's folder is its own, what the yaml names is what is read, every place written is checked
+# ---------------------------------------------------------------------------------------------
+
+def snapshot(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.name != ".lock"}
+
+
+def test_a_failed_resume_leaves_the_finished_run_as_it_was(tiny_dataset, tmp_path, monkeypatch):
+    """A resume that is refused (a dataset folder that is not there, a dataset with other classes) changes no file of
+    the run it names: not config.json, not data_report.json, not the log."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    ern.main([*FAST, f"--data_dir={tiny_dataset}", "--epochs=1", f"--output_dir={run}", f"--cache_dir={tmp_path / 'cache'}"])
+    before = snapshot(run)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    doc = yaml.safe_load((other / "data.yaml").read_text())
+    doc["names"] = doc["names"][::-1]
+    (other / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    for data, says in ((tmp_path / "typo", "typo"), (other, "checkpoint classes")):
+        with pytest.raises(ern.UserError, match=says):
+            ern.main([f"--resume={run / 'last.pth'}", "--epochs=5", f"--data_dir={data}"])
+        assert snapshot(run) == before
+
+
+def test_a_run_folder_is_claimed_by_one_run_at_a_time(tmp_path, monkeypatch):
+    """The same --output_dir twice: the second run is refused while the first holds the folder, and gets it once the
+    first has ended (its lock goes with its process). Two default folders in the same second are two folders."""
+    cfg = ern.Config(output_dir=str(tmp_path / "run"))
+    first, lock = ern.make_run_dir(cfg)
+    with pytest.raises(ern.UserError, match="in use by another run"):
+        ern.make_run_dir(cfg)
+    lock.close()  # as the operating system does when the first run's process ends
+    assert ern.make_run_dir(cfg)[0] == first
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ern.time, "strftime", lambda *a: "20261129-230000")
+    folders = [ern.make_run_dir(ern.Config())[0] for _ in range(3)]
+    assert [f.name for f in folders] == ["ern__0__20261129-230000", "ern__0__20261129-230000__2", "ern__0__20261129-230000__3"]
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ern.UserError, match="is a file, not a folder"):
+        ern.make_run_dir(ern.Config(output_dir=str(tmp_path / "a_file")))
+
+    def read_only(folder):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(ern, "claim_folder", read_only)
+    with pytest.raises(ern.UserError, match="cannot write in the run folder .*Read-only file system"):
+        ern.make_run_dir(ern.Config(output_dir=str(tmp_path / "run")))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ern.UserError, match="could not write .*last.pth.*file write failed"):
+        ern.atomic_save({"w": torch.zeros(3)}, tmp_path / "last.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "a_file" / "cache"), image_size=32)
+    with pytest.raises(ern.UserError, match="cannot create the decode cache folder .*--cache_dir"):
+        ern.load_dataset(cfg)
+
+
+def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
+    cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
+    _, folders, _ = ern.read_data_yaml(tiny_dataset)
+    split, _ = ern.scan_split("val", folders["val"], 8)
+    ern.load_split_pixels(split, cfg)
+    want = np.array(split.images)
+    array = next((tmp_path / "cache").glob("*.npy"))
+    array.write_bytes(array.read_bytes()[:1000])  # a disk that filled, a copy cut short
+    decoded = []
+    real = ern.decode_image
+    monkeypatch.setattr(ern, "decode_image", lambda path: decoded.append(path) or real(path))
+    again, _ = ern.scan_split("val", folders["val"], 8)
+    ern.load_split_pixels(again, cfg)
+    assert len(decoded) == len(set(again.paths)) and np.array_equal(np.asarray(again.images), want)
+
+
+def test_a_test_split_that_is_the_validation_split_is_no_test_split(tiny_dataset, tmp_path):
+    """data.yaml's test naming the validation folder (exports without a test split write that): no test split, and the
+    final evaluation says val. A test image that repeats a validation image pixel for pixel is counted and said."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    doc["test"] = doc["val"]
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    log = tmp_path / "log.txt"
+    _, splits, _ = ern.load_dataset(cfg, log)
+    assert "test" not in splits and "no test split" in log.read_text()
+
+    shutil.rmtree(data)
+    shutil.copytree(tiny_dataset, data)
+    val_image = sorted((data / "valid" / "images").iterdir())[0]
+    shutil.copy(val_image, data / "test" / "images" / f"copy{val_image.suffix}")
+    shutil.copy(data / "valid" / "labels" / f"{val_image.stem}.txt", data / "test" / "labels" / "copy.txt")
+    _, splits, report = ern.load_dataset(cfg, log)
+    assert "test" in splits and report["duplicates"]["test_in_val"]["samples"] == 1
+    assert "1 test samples duplicate validation images" in log.read_text()
