@@ -581,8 +581,12 @@ def read_data_yaml(data_dir, problems=None):
     if not isinstance(names, list) or not names:
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
     names = [str(n) for n in names]
-    if "nc" in doc and doc["nc"] != len(names):
-        problem = f"{yaml_path}: nc is {doc['nc']} but names lists {len(names)} classes: {names}"
+    nc = doc.get("nc")
+    if isinstance(nc, str) and nc.strip().isdigit():  # nc: "8", quoted
+        nc = int(nc)
+    if "nc" in doc and nc != len(names):
+        problem = (f"{yaml_path}: nc is {doc['nc']!r}, not a whole number" if not isinstance(nc, int) else
+                   f"{yaml_path}: nc is {nc} but names lists {len(names)} classes: {names}")
         if problems is None:
             raise UserError(problem)
         problems.append(problem)
@@ -623,7 +627,7 @@ def labels_folder(images_dir):
 def parse_label_file(path, num_classes):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers])."""
     boxes, problems = [], []
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
     if not text.strip():
         return boxes, [f"{path}: empty label file (expected lines 'class cx cy w h')"]
     for n, line in enumerate(text.splitlines(), 1):
@@ -640,8 +644,11 @@ def parse_label_file(path, num_classes):
             problems.append(f"{where}: non-numeric field in {line.strip()!r}")
             continue
         cls = values[0]
-        if not 0 <= cls < num_classes or cls != int(cls):  # range first: int(nan) raises
+        if not 0 <= cls < num_classes:  # NaN fails here too
             problems.append(f"{where}: class id {fields[0]} outside 0..{num_classes - 1}")
+            continue
+        if cls != int(cls):
+            problems.append(f"{where}: class id {fields[0]} is not an integer")
             continue
         cx, cy, w, h = values[1:]
         if not all(0 <= v <= 1 for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
@@ -1366,53 +1373,61 @@ def count_parameters(model):
 # CPU's instruction set, the thread count, the dtype and each layer's shape, and some of them crash or hang in the
 # NHWC layout (benchmarks/onednn_*_repro.py: an AVX2 hang at 2-7 input channels, an AVX-512 segfault at 8). No rule
 # about channel counts covers CPUs nobody here has, so a child process runs the run's own model first.
-PROBE_BATCH = 2  # faces in the probe's passes (the AVX-512 crash happens at batch 1)
+PROBE_BATCH = 2  # faces in the probe's gradient comparison (eval mode; the AVX-512 crash happens at batch 1)
+PROBE_STEPS = 20  # training steps in channels_last, each on a heap laid out anew: an overflow does not abort every
+# time (AVX512_CORE_BF16's 1x1 backward, width 0.25, batch 8: 5 steps caught it in 8 of 10 probes, 20 on a shifted
+# heap in 10 of 10); the first at the run's batch (kernels differ by batch), the rest at most PROBE_STEP_FACES
+PROBE_STEP_FACES = 8
 PROBE_START_TIMEOUT = 300  # seconds for the child to start and time its contiguous passes (imports, a loaded machine)
-PROBE_HANG_FACTOR = 20  # the channels_last passes may take this many times the contiguous ones (run_probe's minimum)
+PROBE_HANG_FACTOR = 10  # the channels_last steps may take this many times their contiguous estimate (run_probe's minimum)
 PROBE_SLACK = {None: 1e-3, torch.bfloat16: 2e-2}  # channels_last may miss the float64 gradients by twice what the
 # contiguous layout misses, plus this (per autocast dtype; a wrong kernel misses by O(1))
 PROBE_DEFINITE = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")  # deaths that are the kernels', cached as such
 
 
-def probe_channels_last(model, image_size, amp_dtype, threads, report):
+def probe_channels_last(model, image_size, batch, amp_dtype, threads, report):
     """The probe's work, in the child: the gradients of both layouts in eval mode (BatchNorm's running statistics:
     well conditioned at batch 2) against a float64 contiguous oracle, the contiguous ones first (their time is
-    reported, to time the rest out), then a training step's forward and backward pass in channels_last (the
-    kernels that crashed). Returns the relative errors (channels_last, contiguous)."""
+    reported, to time the rest out), then PROBE_STEPS training steps' forward and backward passes in channels_last
+    (the kernels that crashed), some at the run's batch. Returns the relative errors (channels_last, contiguous)."""
     torch.set_num_threads(threads)
-    x = torch.randn(PROBE_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(max(batch, PROBE_BATCH), 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
-    def gradients(fmt, dtype, amp, train):
+    def gradients(fmt, dtype, amp, train, faces=PROBE_BATCH):
         net = copy.deepcopy(model).to(dtype).to(memory_format=fmt).train(train)
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            outputs = net(x.to(dtype).contiguous(memory_format=fmt))
+            outputs = net(x[:faces].to(dtype).contiguous(memory_format=fmt))
         sum(t.float().square().mean() for t in outputs if t is not None).backward()
         return torch.cat([p.grad.double().flatten() for p in net.parameters() if p.grad is not None])
 
-    t0 = time.perf_counter()
     truth = gradients(torch.contiguous_format, torch.float64, None, train=False)
+    t0 = time.perf_counter()
     nchw = gradients(torch.contiguous_format, torch.float32, amp_dtype, train=False)
-    report(time.perf_counter() - t0)
-    gradients(torch.channels_last, torch.float32, amp_dtype, train=True)
+    faces = [batch] + [min(batch, PROBE_STEP_FACES)] * (PROBE_STEPS - 1)
+    report((time.perf_counter() - t0) * sum(faces) / PROBE_BATCH)  # what the steps should take
+    ballast = []  # the heap laid out anew before each step: an overflow then meets a chunk header sooner
+    for step, n in enumerate(faces):
+        ballast.append(torch.empty(4096 * (1 + 37 * step % 97), dtype=torch.uint8))
+        gradients(torch.channels_last, torch.float32, amp_dtype, train=True, faces=n)
     nhwc = gradients(torch.channels_last, torch.float32, amp_dtype, train=False)
     return tuple(((g - truth).norm() / truth.norm()).item() for g in (nhwc, nchw))
 
 
-def _probe_child(model, image_size, amp_dtype, threads, conn):
+def _probe_child(model, image_size, batch, amp_dtype, threads, conn):
     try:
-        errors = probe_channels_last(model, image_size, amp_dtype, threads, lambda s: conn.send(("contiguous", s)))
+        errors = probe_channels_last(model, image_size, batch, amp_dtype, threads, lambda s: conn.send(("contiguous", s)))
         conn.send(("errors", errors))
     except Exception as e:  # a kernel that raises instead of crashing: a verdict too
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
-def run_probe(model, image_size, amp_dtype, threads, start_timeout=PROBE_START_TIMEOUT, min_timeout=30.0):
+def run_probe(model, image_size, batch, amp_dtype, threads, start_timeout=PROBE_START_TIMEOUT, min_timeout=30.0):
     """Run probe_channels_last in a spawned child; returns (safe, reason, definite): definite is False where the
     outcome may be the machine's rather than the kernels' (a child that could not start, was killed, or raised)."""
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_probe_child, args=(model, image_size, amp_dtype, threads, send), daemon=True)
+    child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
     child.start()
     send.close()
     answer, timeout = None, start_timeout
@@ -1444,17 +1459,18 @@ def run_probe(model, image_size, amp_dtype, threads, start_timeout=PROBE_START_T
     return True, f"gradients within {nhwc:.2g} of float64's (the contiguous layout's: {nchw:.2g})", True
 
 
-def channels_last_checked(model, cfg, device, log_file=None):
+def channels_last_checked(model, cfg, device, log_file=None, batch=None):
     """(cfg, verdict): cfg with channels_last kept only where a probe of this model (run_probe) passed on this
     machine, as cached under everything that picks the kernels (an outcome that may be the machine's, not the
-    kernels', is not cached); verdict is None off the CPU or without channels_last."""
+    kernels', is not cached); verdict is None off the CPU or without channels_last. batch: the faces of this
+    process's training steps (default cfg.batch_size)."""
     if not cfg.channels_last or device.type != "cpu":
         return cfg, None
     amp_dtype = autocast_dtype(cfg, device)
     key = {"cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "torch": torch.__version__,
            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
            "threads": torch.get_num_threads(), "dtype": str(amp_dtype), "image_size": cfg.image_size,
-           "batch": PROBE_BATCH, "model": hashlib.sha256(repr(model).encode()).hexdigest()}
+           "batch": batch or cfg.batch_size, "model": hashlib.sha256(repr(model).encode()).hexdigest()}
     path = user_cache_dir() / f"channels_last_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
     verdict = None
     with contextlib.suppress(OSError, ValueError, KeyError):
@@ -1463,7 +1479,7 @@ def channels_last_checked(model, cfg, device, log_file=None):
             verdict = {**cached["verdict"], "cached": str(path)}
     if verdict is None:
         t0 = time.perf_counter()
-        safe, reason, definite = run_probe(model, cfg.image_size, amp_dtype, key["threads"])
+        safe, reason, definite = run_probe(model, cfg.image_size, key["batch"], amp_dtype, key["threads"])
         verdict = {"channels_last": safe, "reason": reason, "seconds": round(time.perf_counter() - t0, 2)}
         if definite:
             with contextlib.suppress(OSError):  # an unwritable cache costs a probe next time, nothing else
@@ -1560,6 +1576,12 @@ def load_checkpoint(path):
     """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code); an .onnx file: its
     metadata under the same keys, and its onnxruntime session."""
     path = Path(path)
+    if path.is_dir():  # a run folder: its best model
+        if not (path / "best_emotion_model.pth").is_file():
+            held = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".onnx"))
+            raise UserError(f"{path} is a folder without best_emotion_model.pth; its checkpoints: "
+                            f"{', '.join(held) or 'none'}")
+        path = path / "best_emotion_model.pth"
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.suffix.lower() == ".onnx":
@@ -2715,7 +2737,7 @@ def prediction_inputs(spec):
     if spec.startswith("@"):
         listing = Path(spec[1:]).expanduser()
         try:
-            parts = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+            parts = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"--predict={spec}: cannot read the list file {listing}: {e}") from None
     else:
@@ -3286,13 +3308,6 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
     with rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
-    if world > 1:
-        log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
-            f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)
-    evaluated = "test" if "test" in splits else "val"
-    log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
-    log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
-        ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
         model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
@@ -3302,10 +3317,17 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if rank == 0:  # the run goes ahead: its config and data report (a resume's replace the old ones whole)
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         write_json(report, run_dir / "data_report.json")
+    if world > 1:
+        log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
+            f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)
+    evaluated = "test" if "test" in splits else "val"
+    log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
+    log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
+        ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     mean, std = mean.to(device), std.to(device)
     model = build(cfg, len(class_names))
     with rank_zero_first():  # one probe per machine: the other processes read its verdict
-        cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file)
+        cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file, cfg.batch_size // world)
     if world > 1 and memory_verdict is not None:  # one layout everywhere (machines may differ): NHWC if all passed
         every = torch.tensor([int(cfg.channels_last)])
         torch.distributed.all_reduce(every, torch.distributed.ReduceOp.MIN)

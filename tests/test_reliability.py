@@ -652,3 +652,35 @@ def test_a_test_split_that_is_the_validation_split_is_no_test_split(tiny_dataset
     _, splits, report = ern.load_dataset(cfg, log)
     assert "test" in splits and report["duplicates"]["test_in_val"]["samples"] == 1
     assert "1 test samples duplicate validation images" in log.read_text()
+
+
+def test_what_users_type_is_read_as_they_mean_it(tiny_dataset, tmp_path):
+    """A quoted nc, a byte-order mark in a label file and in an @list file, a class id that is not an integer, and a
+    run folder given as --checkpoint."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    doc["nc"] = "8"
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert ern.read_data_yaml(data)[0] == doc["names"]  # not "nc is 8 but names lists 8 classes"
+
+    label = tmp_path / "a.txt"
+    label.write_bytes("\ufeff3 0.5 0.5 0.4 0.4\n".encode("utf-8"))  # Windows Notepad's UTF-8
+    assert ern.parse_label_file(label, 8) == ([(3, 0.5, 0.5, 0.4, 0.4)], [])
+    label.write_text("2.5 0.5 0.5 0.4 0.4\n")
+    assert ern.parse_label_file(label, 8)[1] == [f"{label}:1: class id 2.5 is not an integer"]
+
+    photo = sorted((tiny_dataset / "valid" / "images").iterdir())[0]
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(f"\ufeff{photo}\n".encode("utf-8"))
+    assert [s.path for s in ern.prediction_inputs(f"@{listing}")] == [str(photo)]
+
+
+def test_a_run_folder_as_checkpoint_means_its_best_model(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"x")
+    with pytest.raises(ern.UserError, match="without best_emotion_model.pth; its checkpoints: last.pth"):
+        ern.load_checkpoint(run)
+    ern.atomic_save({"format": ern.CHECKPOINT_FORMAT, "epoch": 4}, run / "best_emotion_model.pth")
+    assert ern.load_checkpoint(run)["epoch"] == 4
