@@ -584,6 +584,8 @@ def read_data_yaml(data_dir, problems=None):
     nc = doc.get("nc")
     if isinstance(nc, str) and nc.strip().isdigit():  # nc: "8", quoted
         nc = int(nc)
+    if isinstance(nc, float) and nc.is_integer():  # nc: 8.0
+        nc = int(nc)
     if "nc" in doc and nc != len(names):
         problem = (f"{yaml_path}: nc is {doc['nc']!r}, not a whole number" if not isinstance(nc, int) else
                    f"{yaml_path}: nc is {nc} but names lists {len(names)} classes: {names}")
@@ -818,7 +820,7 @@ def cache_key(split, size, margin):
     return h.hexdigest()[:20]
 
 
-def load_split_pixels(split, cfg, log_file=None):
+def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     """Fill split.images from the cache (memory-mapped), decoding into it first if the files changed.
 
     Returns the problems found while decoding (unreadable, truncated, not an image); samples
@@ -853,20 +855,25 @@ def load_split_pixels(split, cfg, log_file=None):
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {split.decode_seconds:.1f}s", log_file)
     try:
         cached = json.loads(meta_path.read_text())
+        meta, problems = cached["meta"], cached["problems"]
         split.images = np.load(array_path, mmap_mode="c")  # copy-on-write: torch wants writable arrays
         if split.images.shape != (len(split), 3, size, size):
             raise ValueError(f"shape {split.images.shape}")
     except (ValueError, OSError, KeyError) as e:  # a damaged cache (a disk that filled, a copy cut short): rebuild it
-        log(f"{split.name}: the decode cache {array_path} is damaged ({str(e).splitlines()[0][:80]}); rebuilding it", log_file)
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        if rebuilt:
+            raise UserError(f"the decode cache {array_path} cannot be read even after a rebuild ({reason}); choose "
+                            f"another --cache_dir") from None
+        log(f"{split.name}: the decode cache {array_path} is damaged ({reason}); rebuilding it", log_file)
+        split.images = None
         array_path.unlink(missing_ok=True)
         meta_path.unlink(missing_ok=True)
-        return load_split_pixels(split, cfg, log_file)
-    meta = cached["meta"]
+        return load_split_pixels(split, cfg, log_file, rebuilt=True)
     ok = np.array([m is not None for m in meta], dtype=bool)
     split.hashes = [m[0] if m else None for m in meta]
     split.formats = [m[1] if m else None for m in meta]
     split.sizes = [tuple(m[2]) if m else None for m in meta]
-    return ok, cached["problems"]
+    return ok, problems
 
 
 def stratified_holdout(labels, images, fraction, seed):
@@ -953,7 +960,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if name in folders:
             splits[name], found = scan_split(name, folders[name], len(class_names))
             problems += found
-    if "test" in splits and "val" in splits and set(splits["test"].paths) == set(splits["val"].paths):
+    if "test" in splits and "val" in splits and splits["val"].paths and set(splits["test"].paths) == set(splits["val"].paths):
         log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
             f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
         del splits["test"]
@@ -1482,7 +1489,7 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
         safe, reason, definite = run_probe(model, cfg.image_size, key["batch"], amp_dtype, key["threads"])
         verdict = {"channels_last": safe, "reason": reason, "seconds": round(time.perf_counter() - t0, 2)}
         if definite:
-            with contextlib.suppress(OSError):  # an unwritable cache costs a probe next time, nothing else
+            with contextlib.suppress(OSError, UserError):  # an unwritable cache costs a probe next time, nothing else
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_json({"key": key, "verdict": verdict}, path)
         verdict["cached"] = None
@@ -1572,16 +1579,21 @@ def training_state(optimizer, scheduler, scaler, ema, history, best):
             "ema": None if ema is None else ema.model.state_dict(), "history": history, "best": best, "rng": rng}
 
 
+def checkpoint_in(path, name):
+    """path, or the checkpoint `name` of the run folder that path names (best_emotion_model.pth, last.pth)."""
+    path = Path(path)
+    if not path.is_dir():
+        return str(path)
+    if not (path / name).is_file():
+        held = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".onnx"))
+        raise UserError(f"{path} is a folder without {name}; its checkpoints: {', '.join(held) or 'none'}")
+    return str(path / name)
+
+
 def load_checkpoint(path):
     """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code); an .onnx file: its
     metadata under the same keys, and its onnxruntime session."""
     path = Path(path)
-    if path.is_dir():  # a run folder: its best model
-        if not (path / "best_emotion_model.pth").is_file():
-            held = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".onnx"))
-            raise UserError(f"{path} is a folder without best_emotion_model.pth; its checkpoints: "
-                            f"{', '.join(held) or 'none'}")
-        path = path / "best_emotion_model.pth"
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.suffix.lower() == ".onnx":
@@ -3248,6 +3260,9 @@ def claim_folder(run_dir):
         lock.close()
         raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
                         f"another --output_dir") from None
+    except OSError:  # a filesystem without locks (NFS without lockd, Lustre without -o flock): unclaimed, as on Windows
+        lock.close()
+        return None
     return lock
 
 
@@ -3277,6 +3292,8 @@ def make_run_dir(cfg, resuming=False):
         raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
     taken = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
     if taken and not (resuming or cfg.overwrite):
+        if lock is not None:
+            lock.close()
         raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); choose another --output_dir, "
                         f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
@@ -3457,6 +3474,9 @@ def main(argv, started=None):
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)
+    action = dataclasses.replace(action, **{field: checkpoint_in(getattr(action, field), name) for field, name in (
+        ("evaluate", "best_emotion_model.pth"), ("checkpoint", "best_emotion_model.pth"), ("resume", "last.pth"))
+        if getattr(action, field)})  # a run folder stands for its checkpoint
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (action.predict or action.export or action.evaluate or action.demo):
         raise UserError("under torchrun the script trains and resumes; run --predict, --evaluate, --export and --demo "
                         "with python")

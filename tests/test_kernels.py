@@ -92,12 +92,12 @@ class Layout(nn.Module):
 
 @pytest.mark.parametrize("what, safe, reason, definite", [
     ("fine", True, "gradients within", True), ("abort", False, "the probe process died (SIGABRT)", True),
-    ("hang", False, "the probe hung: no answer within 1 s", True), ("wrong", False, "its gradients miss float64's", True)])
+    ("hang", False, "the probe hung: no answer within", True), ("wrong", False, "its gradients miss float64's", True)])
 def test_the_probe_tells_a_safe_layout_from_one_that_crashes_hangs_or_is_wrong(what, safe, reason, definite):
     t0 = time.time()
     verdict = ern.run_probe(Layout(what), 8, 4, None, 1, min_timeout=1.0)
     assert verdict[0] == safe and verdict[1].startswith(reason) and verdict[2] == definite, verdict
-    assert time.time() - t0 < 60  # a hang is cut short: 1 s after the contiguous passes answered
+    assert time.time() - t0 < 60  # a hang is cut short: seconds after the contiguous passes answered
 
 
 def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch):

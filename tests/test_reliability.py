@@ -568,6 +568,7 @@ def test_a_failed_resume_leaves_the_finished_run_as_it_was(tiny_dataset, tmp_pat
         assert snapshot(run) == before
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: folders are not claimed there")
 def test_a_run_folder_is_claimed_by_one_run_at_a_time(tmp_path, monkeypatch):
     """The same --output_dir twice: the second run is refused while the first holds the folder, and gets it once the
     first has ended (its lock goes with its process). Two default folders in the same second are two folders."""
@@ -676,11 +677,16 @@ def test_what_users_type_is_read_as_they_mean_it(tiny_dataset, tmp_path):
     assert [s.path for s in ern.prediction_inputs(f"@{listing}")] == [str(photo)]
 
 
-def test_a_run_folder_as_checkpoint_means_its_best_model(tmp_path):
+def test_a_run_folder_stands_for_its_checkpoint(tmp_path):
+    """--evaluate, --checkpoint: the folder's best_emotion_model.pth; --resume: its last.pth; a folder without it: the
+    checkpoints it holds."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "last.pth").write_bytes(b"x")
-    with pytest.raises(ern.UserError, match="without best_emotion_model.pth; its checkpoints: last.pth"):
-        ern.load_checkpoint(run)
-    ern.atomic_save({"format": ern.CHECKPOINT_FORMAT, "epoch": 4}, run / "best_emotion_model.pth")
-    assert ern.load_checkpoint(run)["epoch"] == 4
+    (run / "final_emotion_model.pth").write_bytes(b"x")
+    with pytest.raises(ern.UserError, match="without best_emotion_model.pth; its checkpoints: final_emotion_model.pth"):
+        ern.checkpoint_in(run, "best_emotion_model.pth")
+    (run / "best_emotion_model.pth").write_bytes(b"x")
+    assert ern.checkpoint_in(run, "best_emotion_model.pth") == str(run / "best_emotion_model.pth")
+    assert ern.checkpoint_in(run / "final_emotion_model.pth", "last.pth") == str(run / "final_emotion_model.pth")
+    with pytest.raises(ern.UserError, match="without last.pth"):
+        ern.main([f"--resume={run}"])
