@@ -602,6 +602,9 @@ def read_data_yaml(data_dir, problems=None):
         if isinstance(entry, list):
             raise UserError(f"{yaml_path}: '{split}' is a list of folders; this script reads one folder per split")
         given = (root / entry).resolve() if entry else None
+        if given is not None and given.is_file():  # never train on other images than the yaml names
+            raise UserError(f"{yaml_path}: '{split}: {entry}' names a file (an Ultralytics image list); this script "
+                            f"reads a folder of images per split: point '{split}' at the images folder")
         if given is not None and given.is_dir():
             folders[split] = given
             continue
@@ -2547,7 +2550,8 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 # Prediction: faces in photos, folders, videos and cameras -> predictions.csv, annotated media, summary
 # ---------------------------------------------------------------------------------------------
 
-VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
+              ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
 CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
 WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
 PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face

@@ -690,3 +690,22 @@ def test_a_run_folder_stands_for_its_checkpoint(tmp_path):
     assert ern.checkpoint_in(run / "final_emotion_model.pth", "last.pth") == str(run / "final_emotion_model.pth")
     with pytest.raises(ern.UserError, match="without last.pth"):
         ern.main([f"--resume={run}"])
+
+
+def test_an_image_list_split_is_refused_not_replaced_by_a_folder(tiny_dataset, tmp_path):
+    """`train: train.txt` (Ultralytics' and CVAT's image lists): one line, never a silent fall back to train/images."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    (data / "train.txt").write_text("".join(f"./train/images/{p.name}\n" for p in (data / "train" / "images").iterdir()))
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    doc["train"] = "train.txt"
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(ern.UserError, match="'train: train.txt' names a file .*point 'train' at the images folder"):
+        ern.read_data_yaml(data)
+
+
+@pytest.mark.parametrize("ext", [".m4v", ".mpg", ".wmv", ".3gp"])
+def test_common_video_files_are_videos(tmp_path, ext):
+    clip = tmp_path / f"clip{ext}"
+    clip.write_bytes(b"\x00")
+    assert [s.kind for s in ern.prediction_inputs(str(clip))] == ["video"]
