@@ -430,17 +430,6 @@ ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
                "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16")}
 
 
-def onednn_isas(flags):
-    """The oneDNN levels (ONEDNN_ISAS) that a CPU with these flags can run, narrowest first."""
-    have, needed = [], set()
-    for name, adds in ONEDNN_ISAS.items():
-        needed |= set(adds)
-        if not needed <= set(flags):
-            break
-        have.append(name)
-    return have
-
-
 def cpu_has_bf16():
     """AVX512-BF16 or AMX, and oneDNN not capped below them (ONEDNN_MAX_CPU_ISA): the CPU multiplies bf16 itself;
     elsewhere oneDNN emulates it, slowly. The probes are private torch functions: a torch without them gets float32."""
@@ -2035,12 +2024,12 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     if cfg.prototype_init == "imprint":  # after epoch 1: a pass (no flip) over a sample, for the model and its EMA
         first_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     now = clock()
-    epochs = 0 if deadline - now - final_s - BUDGET_MARGIN * budget_s < first_s else \
-        epochs_before(deadline, now + first_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs - 1) + 1
+    epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs)
+    spent_s = budget_s - (deadline - now)  # of the budget, before training
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
-            "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "final_evaluation_seconds": final_s,
-            "measuring_seconds": now - t_start, "seconds_left_at_plan": deadline - now, "deadline": deadline,
-            "expected_minutes": (budget_s - (deadline - now) + first_s + (epochs - 1) * epoch_s + final_s) / 60}
+            "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
+            "final_evaluation_seconds": final_s, "measuring_seconds": now - t_start, "spent_seconds": spent_s,
+            "deadline": deadline, "expected_minutes": (spent_s + first_s + (epochs - 1) * epoch_s + final_s) / 60}
 
 
 @torch.no_grad()
@@ -3371,16 +3360,16 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std,
                                           cfg, device, len(class_names), deadline))  # every rank measures, rank 0's plan
         if not plan["epochs"]:
-            fixed_s = cfg.time_budget * 60 - plan["seconds_left_at_plan"] + plan["final_evaluation_seconds"]
-            need = (fixed_s + plan["epoch_seconds"] + plan["first_step_seconds"]) / (1 - BUDGET_MARGIN) / 60
+            need = (plan["spent_seconds"] + plan["first_epoch_seconds"] + plan["final_evaluation_seconds"]) \
+                / (1 - BUDGET_MARGIN) / 60
             raise UserError(f"--time_budget={cfg.time_budget:g} min cannot be kept: starting and measuring took "
-                            f"{cfg.time_budget * 60 - plan['seconds_left_at_plan']:.0f} s, one epoch takes "
+                            f"{plan['spent_seconds']:.0f} s, one epoch takes "
                             f"{plan['epoch_seconds']:.0f} s and the final evaluation {plan['final_evaluation_seconds']:.0f} s; "
                             f"give at least --time_budget={math.ceil(need * 10) / 10:g}, or --time_budget=0 and --epochs")
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
-            f"{cfg.time_budget * 60 - plan['seconds_left_at_plan']:.0f} s spent before training -> {plan['epochs']} of at "
+            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']} of at "
             f"most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")

@@ -1,8 +1,8 @@
 """Which models crash in channels_last under which oneDNN instruction set, with and without the probe.
 
 For every model that tests/test_kernels.py names and every oneDNN level this CPU can run (ONEDNN_MAX_CPU_ISA), in a
-child process each: one training step at --batch faces in channels_last with the probe bypassed ("forced": what
-the script did before the probe) and then as the script does it now ("probed": the probe's verdict, then the step).
+child process each (test_kernels.CHILD): two training steps at --batch faces in channels_last with the probe bypassed ("forced": what
+the script did before the probe) and then as the script does it now ("probed": the probe's verdict, then the steps).
 A child that dies or hangs past --timeout is reported as such. Prints a table, writes JSON.
 
     python benchmarks/isa_matrix.py --json=isa_matrix.json [--batch=8] [--threads=1,2]
@@ -20,41 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import emotion_recognition as ern  # noqa: E402
-from test_kernels import NAMED  # noqa: E402
+from test_kernels import CHILD, NAMED, onednn_isas  # noqa: E402
 
-STEP = """
-import json, sys
-import torch
-sys.path.insert(0, sys.argv[1])
-import emotion_recognition as ern
-if __name__ == "__main__":
-    overrides, batch, probed = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "probed"
-    torch.set_num_threads(int(sys.argv[5]))
-    cpu = torch.device("cpu")
-    cfg = ern.Config(**overrides)
-    model = ern.build_model(cfg, 8)
-    verdict = None
-    if probed:
-        cfg, verdict = ern.channels_last_checked(model, cfg, cpu)
-    model = ern.place_model(model, cfg, cpu)
-    optimizer, scheduler, scaler, ema = ern.training_parts(model, cfg, cpu, 1)
-    x = torch.randint(0, 256, (batch, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
-    y = torch.arange(batch) % 8
-    mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
-    for epoch in (1, 2):
-        ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch, num_classes=8,
-                            **ern.loss_parts(model, cfg, y, 8))
-    print(json.dumps({"channels_last": cfg.channels_last, "autocast": str(ern.autocast_dtype(cfg, cpu)),
-                      "probe": verdict and verdict["reason"]}))
-"""
-
-
-def outcome(isa, overrides, batch, mode, threads, timeout, cache):
-    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, XDG_CACHE_HOME=cache)
+def outcome(isa, name, overrides, batch, mode, threads, timeout, cache):
+    """One model's two training steps in a child (test_kernels.CHILD) under the oneDNN level isa."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, XDG_CACHE_HOME=cache, OMP_NUM_THREADS=str(threads))
     t0 = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-c", STEP, str(ROOT), json.dumps(overrides), str(batch), mode,
-                               str(threads)], env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps({name: {**overrides, "batch_size": batch}}),
+                               mode, "2"], env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"result": f"hung (> {timeout} s)", "seconds": timeout}
     if proc.returncode != 0:
@@ -72,7 +46,7 @@ def main():
     parser.add_argument("--timeout", type=int, default=120)
     parser.add_argument("--cache", default="/tmp/ern_isa_matrix_cache", help="XDG_CACHE_HOME of the children (fresh probes)")
     args = parser.parse_args()
-    isas = ern.onednn_isas(ern.cpu_flags())
+    isas = onednn_isas(ern.cpu_flags())
     print(f"CPU: {ern.cpu_model()}; oneDNN levels it can run: {', '.join(isas)}; torch {ern.torch.__version__}")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -80,7 +54,7 @@ def main():
             for name, overrides in NAMED.items():
                 row = {"isa": isa, "threads": threads, "model": name}
                 for mode in ("forced", "probed"):
-                    row[mode] = outcome(isa, overrides, args.batch, mode, threads, args.timeout, args.cache)
+                    row[mode] = outcome(isa, name, overrides, args.batch, mode, threads, args.timeout, args.cache)
                 rows.append(row)
                 probed = row["probed"]
                 print(f"{isa:17s} {threads}t {name:48s} forced: {row['forced']['result']:18s} probed: {probed['result']:8s}"
