@@ -1,37 +1,30 @@
 """
 ERN: an Emotion Recognition Network for faces, in one file.
 
-A residual CNN with dual attention (channel + spatial, after every stage), an emotion context
-module (one learnable prototype per emotion; each face's cosine similarity to the prototypes
-gives a context distribution q whose expected prototype refines the prediction), and a hybrid
-loss (label-smoothed cross-entropy + lambda * KL(target || q)). Reads YOLO-format datasets
-(data.yaml + train/valid/test, each images/ + labels/), trains with AdamW and a warm-up +
-cosine schedule, and writes checkpoints, evaluation_results.json and plots into one run folder.
-A trained model classifies the faces of photos, folders, videos and cameras (--predict, or
-EmotionPredictor in a notebook), shows what it looks at (--explain: spatial attention and Grad-CAM),
-and exports to ONNX (--export=onnx), which --predict and --evaluate also run.
+A residual CNN with dual attention (channel + spatial, after every stage), an emotion context module (one
+learnable prototype per emotion; each face's cosine similarity to the prototypes gives a context distribution q
+whose expected prototype refines the prediction), and a hybrid loss (label-smoothed cross-entropy + lambda *
+KL(target || q)). Reads YOLO-format datasets (data.yaml + train/valid/test, each images/ + labels/), trains with
+AdamW and a warm-up + cosine schedule, and writes checkpoints, evaluation_results.json and plots into one run
+folder. Beside it, predict.py uses a trained model on photos, videos and cameras, and export.py writes ONNX.
 
-    python emotion_recognition.py --demo                        # synthetic faces, about a minute on a CPU
+    python emotion_recognition.py --demo                         # synthetic faces, about a minute on a CPU
     python emotion_recognition.py --data_dir=path/to/YOLO_format # the full protocol (GPU: 96 px, 50 epochs)
-    python emotion_recognition.py --data_dir=... --preset=cpu    # the CPU-budget protocol
-    python emotion_recognition.py --evaluate=outputs/RUN/best_emotion_model.pth --data_dir=...
-    python emotion_recognition.py --predict=photo.jpg --checkpoint=outputs/RUN/best_emotion_model.pth
-    python emotion_recognition.py --predict=clip.mp4,photos/ --checkpoint=...  # videos, folders, camera:0; CSV + annotated copies
-    python emotion_recognition.py --predict=photo.jpg --explain --checkpoint=...  # + explain/: attention and Grad-CAM per face
-    python emotion_recognition.py --export=onnx --checkpoint=outputs/RUN/best_emotion_model.pth  # -> outputs/RUN/model.onnx
+    python emotion_recognition.py --data_dir=... --preset=cpu    # the CPU protocol: 30 minutes (--time_budget)
+    python emotion_recognition.py --evaluate=outputs/RUN --data_dir=...  # a run folder or a checkpoint
+    python emotion_recognition.py --resume=outputs/RUN           # continue an interrupted run
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
-    python emotion_recognition.py --help                         # every field of Config and Action
+    python emotion_recognition.py --help                         # every field
 
-Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet
-YOLO export's 17,101 training faces in 23.4 minutes and reaches 70.63 % validation accuracy
-(macro-F1 0.698, 4.4 M parameters). The 96 px, 27.6 M-parameter, 50-epoch default is the GPU
-protocol and has not been run here. Every field of Config can be overridden as --name=value;
-commands and figures are in README.md and BENCHMARKS.md.
+Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet YOLO export's
+17,101 training faces in 23.4 minutes and reaches 70.63 % validation accuracy (macro-F1 0.698, 4.4 M parameters);
+a 2-core AVX2 CPU without bf16 trains in float32 and reaches 53.18 % in the same 30 minutes (BENCHMARKS.md). The
+96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
+--name=value.
 """
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import datetime
 import difflib
@@ -47,7 +40,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +57,7 @@ from tqdm import tqdm
 
 @dataclass
 class Config:
+    """Experiment fields (saved with the model)"""
     # data
     data_dir: str = "data/affectnet/YOLO_format"  # folder holding data.yaml (or the data.yaml itself)
     image_size: int = 96  # pixels, square; the box crop is resized to this (>= 32)
@@ -136,36 +129,12 @@ class Config:
 
 @dataclass
 class Action:
-    """What a call does besides training a new model: at most one action. Kept apart from Config, which
-    is saved in every checkpoint and holds only what shapes a model and its training."""
-    # actions (at most one; none = train)
+    """What a call does besides training a new model: at most one. Kept apart from Config, which is saved in
+    every checkpoint and holds only what shapes a model and its training."""
     demo: bool = False  # write a synthetic dataset of drawn faces and train on it briefly
-    evaluate: str = ""  # checkpoint to evaluate (no training)
-    resume: str = ""  # last.pth of an interrupted run
-    predict: str = ""  # image, video, folder (recursive) or camera:N; several: comma-separated, or @list.txt (one per line)
-    export: str = ""  # onnx: --checkpoint as model.onnx (normalization and softmax inside), checked against PyTorch
-    checkpoint: str = ""  # the model of --predict (.pth or exported .onnx) and of --export (.pth)
-    # evaluation
+    evaluate: str = ""  # checkpoint (or run folder: its best_emotion_model.pth) to evaluate, no training
+    resume: str = ""  # last.pth (or run folder) of an interrupted run
     split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
-    # prediction
-    every: int = 1  # videos and cameras: classify one frame in N
-    max_frames: int = 0  # videos and cameras: stop after this many classified frames; 0 = to the end (camera: Ctrl-C)
-    detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
-    no_face: str = "classify"  # an image or frame without a face: classify = the whole image (face_detected false) | skip
-    detect_width: int = 640  # detection runs on a copy resized to at most this width (pixels; 0 = full size)
-    face_scale_factor: float = 1.1  # Haar image-pyramid step (smaller: slower, finds more sizes)
-    face_min_neighbors: int = 5  # Haar: overlapping hits a face needs (higher: fewer false faces)
-    face_min_size: float = 0.08  # smallest face side, fraction of the image's shorter side
-    profile_faces: str = "auto"  # profile cascade, both ways: auto = always on photos, missing on video frames | always | missing | off
-    face_crop_scale: float = 1.25  # crop side / Haar box side: most like the training crops' predictions (BENCHMARKS.md)
-    face_crop_shift: float = 0.0  # crop centre below the Haar box centre, fraction of its side
-    track_iou: float = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
-    track_max_missed: int = 10  # videos: classified frames a track may go without its face before it ends
-    smoothing: float = 0.0  # videos: per-track exponential smoothing of probabilities for timeline and summary; 0 = raw
-    prediction_batch: int = 64  # faces per forward pass, gathered across images and frames
-    jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
-    show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
-    explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
 
 
 # Named sets of overrides. The CPU-budget protocol: at most 30 minutes on 2 cores, as --time_budget makes sure (it
@@ -179,9 +148,7 @@ PRESETS = {
 }
 CONTEXT_TARGETS = ("label", "distribution", "teacher")
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
-EXPORT_TOLERANCE = 1e-4  # largest probability difference between an export and PyTorch that --export accepts
-INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --predict: these from the command line
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate, predict.py: the command line's
 CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -194,10 +161,9 @@ class UserError(Exception):
     """A problem the user can fix (arguments, data, checkpoint): printed as one message, no traceback."""
 
 
-def field_help():
-    """Trailing comments of Config's and Action's fields, for --help."""
-    source = inspect.getsource(Config) + inspect.getsource(Action)
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", source, re.M))
+def field_help(*classes):
+    """The trailing comments of the dataclasses' fields, for --help."""
+    return dict(re.findall(r"^\s+(\w+): [\w |]+ = .*?#\s*(.*)$", "".join(inspect.getsource(c) for c in classes), re.M))
 
 
 def parse_value(name, text, kind):
@@ -214,40 +180,64 @@ def parse_value(name, text, kind):
 
 
 def field_kinds(cls):
-    return {f.name: {"str": str, "int": int, "float": float, "bool": bool}.get(f.type, f.type) for f in dataclasses.fields(cls)}
+    """name -> the type that --name=value parses into (an optional field's, `bool | None`: bool)."""
+    names = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: f.type if isinstance(f.type, type) else names[str(f.type).split("|")[0].strip()]
+            for f in dataclasses.fields(cls)}
 
 
-def print_help():
-    print(__doc__.strip())
-    helps = field_help()
-    for cls, title in ((Config, "experiment fields (saved with the model)"), (Action, "actions and their settings")):
+def print_help(doc, sections):
+    """doc, then each (dataclass, title)'s fields with their defaults and comments."""
+    print(doc.strip())
+    helps = field_help(*(cls for cls, _ in sections))
+    for cls, title in sections:
         print(f"\n{title}, as --name=value:")
         for f in dataclasses.fields(cls):
-            print(f"  --{f.name}={f.default!s:<28} {helps.get(f.name, '')}")
+            print(f"  {f'--{f.name}=' + ('' if f.default is None else str(f.default)):<36} {helps.get(f.name, '')}")
 
 
-def parse_args(argv, base=None):
-    """(Config, Action, Config overrides) from --name=value arguments (a bare --flag means true).
+# Options that live in the sibling scripts now: the trainer names the script instead of "unknown field"
+MOVED = {"predict": "python predict.py --checkpoint=RUN photo.jpg clip.mp4 camera:0",
+         "explain": "python predict.py --checkpoint=RUN --explain photo.jpg",
+         "export": "python export.py --checkpoint=RUN", "checkpoint": "python predict.py or export.py --checkpoint=RUN"}
 
-    The Config is built over a preset (--preset, or --demo's), over base or the defaults."""
-    kinds, action_kinds = field_kinds(Config), field_kinds(Action)
-    overrides, action_fields = {}, {}
+
+def read_overrides(argv, classes, doc, positional=False):
+    """({name: value} per dataclass in classes, the other words) from --name=value arguments (a bare --flag means
+    true); unknown names are refused with the closest known one. -h/--help prints doc and the fields, and exits."""
+    kinds = [field_kinds(c) for c in classes]
+    found, words = [{} for _ in classes], []
     for arg in argv:
         if arg in ("-h", "--help"):
-            print_help()
+            print_help(doc, [(c, c.__doc__.splitlines()[0] if c.__doc__ else c.__name__) for c in classes])
             sys.exit(0)
         if not arg.startswith("--"):
-            raise UserError(f"unexpected argument {arg!r}: use --name=value")
+            if not positional:
+                raise UserError(f"unexpected argument {arg!r}: use --name=value")
+            words.append(arg)
+            continue
         name, eq, text = arg[2:].partition("=")
-        kind = kinds.get(name) or action_kinds.get(name)
-        if kind is None:
-            close = difflib.get_close_matches(name, [*kinds, *action_kinds], n=1)
+        owner = next((i for i, k in enumerate(kinds) if name in k), None)
+        if owner is None:
+            if name in MOVED and Config in classes:
+                raise UserError(f"--{name} is not the trainer's: {MOVED[name]}")
+            if name in field_kinds(Config) and Config not in classes:
+                raise UserError(f"--{name} is the checkpoint's: the model is used as it was trained")
+            close = difflib.get_close_matches(name, [n for k in kinds for n in k], n=1)
             raise UserError(f"unknown field --{name}" + (f"; did you mean --{close[0]}?" if close else ""))
+        kind = kinds[owner][name]
         if not eq:
             if kind is not bool:
                 raise UserError(f"--{name} needs a value: --{name}=...")
             text = "true"
-        (overrides if name in kinds else action_fields)[name] = parse_value(name, text, kind)
+        found[owner][name] = parse_value(name, text, kind)
+    return found, words
+
+
+def parse_args(argv, base=None):
+    """(Config, Action, Config overrides) from --name=value arguments. The Config is built over a preset (--preset,
+    or --demo's), over base or the defaults."""
+    (overrides, action_fields), _ = read_overrides(argv, (Config, Action), __doc__)
     action = Action(**action_fields)
     cfg = dataclasses.replace(base) if base is not None else Config()
     preset = overrides.get("preset", cfg.preset if base is None else "")
@@ -260,46 +250,15 @@ def parse_args(argv, base=None):
     return dataclasses.replace(cfg, **overrides), action, overrides
 
 
-ACTION_FIELDS = [f.name for f in dataclasses.fields(Action)]
-PREDICTION_FIELDS = ACTION_FIELDS[ACTION_FIELDS.index("every"):]  # the settings of --predict
-EXPORT_FORMATS = ("onnx",)
-
-
 def validate_action(action):
-    """At most one action, and each action's settings only with it."""
-    chosen = [f"--{n}" for n in ("demo", "evaluate", "resume", "predict", "export") if getattr(action, n)]
+    """At most one action, and --split only with --evaluate."""
+    chosen = [f"--{n}" for n in ("demo", "evaluate", "resume") if getattr(action, n)]
     if len(chosen) > 1:
         raise UserError(f"{' and '.join(chosen)} are separate actions: give one per call")
-    defaults = Action()
-    for owners, fields in ((("predict",), PREDICTION_FIELDS), (("evaluate",), ["split"]),
-                           (("predict", "export"), ["checkpoint"])):
-        stray = [n for n in fields if getattr(action, n) != getattr(defaults, n)]
-        if stray and not any(getattr(action, owner) for owner in owners):
-            raise UserError(f"{', '.join('--' + n for n in stray)} only {'applies' if len(stray) == 1 else 'apply'} "
-                            f"with {' or '.join('--' + owner for owner in owners)}")
-    checks = [(action.split in ("", "train", "val", "test"), f"--split must be train, val or test, got {action.split!r}"),
-              (action.every >= 1, f"--every must be >= 1, got {action.every}"),
-              (action.max_frames >= 0, f"--max_frames must be >= 0, got {action.max_frames}"),
-              (action.no_face in ("classify", "skip"), f"--no_face must be classify or skip, got {action.no_face!r}"),
-              (action.profile_faces in ("auto", "always", "missing", "off"),
-               f"--profile_faces must be auto, always, missing or off, got {action.profile_faces!r}"),
-              (action.detect_width >= 0, f"--detect_width must be >= 0, got {action.detect_width}"),
-              (action.face_scale_factor > 1, f"--face_scale_factor must be > 1, got {action.face_scale_factor}"),
-              (action.face_min_neighbors >= 0, f"--face_min_neighbors must be >= 0, got {action.face_min_neighbors}"),
-              (0 < action.face_min_size < 1, f"--face_min_size must be in (0, 1), got {action.face_min_size}"),
-              (action.face_crop_scale > 0, f"--face_crop_scale must be > 0, got {action.face_crop_scale}"),
-              (0 <= action.track_iou <= 1, f"--track_iou must be in [0, 1], got {action.track_iou}"),
-              (action.track_max_missed >= 0, f"--track_max_missed must be >= 0, got {action.track_max_missed}"),
-              (0 <= action.smoothing < 1, f"--smoothing must be in [0, 1), got {action.smoothing}"),
-              (action.prediction_batch >= 1, f"--prediction_batch must be >= 1, got {action.prediction_batch}")]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    if action.export and action.export not in EXPORT_FORMATS:
-        raise UserError(f"--export must be {' or '.join(EXPORT_FORMATS)}, got {action.export!r}")
-    for name in ("predict", "export"):
-        if getattr(action, name) and not action.checkpoint:
-            raise UserError(f"--{name} needs --checkpoint=PATH.pth" + (" (or an exported .onnx)" if name == "predict" else ""))
+    if action.split and not action.evaluate:
+        raise UserError("--split only applies with --evaluate")
+    if action.split not in ("", "train", "val", "test"):
+        raise UserError(f"--split must be train, val or test, got {action.split!r}")
 
 
 def parse_blocks(text):
@@ -1552,8 +1511,82 @@ def affinity_loss(features, prototypes, labels):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics); an exported
-# .onnx file carries the same facts as metadata and is read back in their place
+# Inference: the one forward pass that validation, evaluation and predict.py share; the metrics
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def run_inference(model, images, mean, std, device, cfg, tta=None):
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages
+    them); None for what the model does not give (context logits without the context module)."""
+    model.eval()
+    tta = cfg.tta_flip if tta is None else tta
+    amp_dtype = autocast_dtype(cfg, device)
+    outs = defaultdict(list)
+    for i in range(0, len(images), cfg.eval_batch_size):
+        x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, s, f = (None if t is None else t.float() for t in model(x))
+            if tta:
+                mirrored = model(x.flip(3))
+                logits, s, f = (None if t is None else (t + t_m.float()) / 2 for t, t_m in zip((logits, s, f), mirrored))
+        for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
+            if t is not None:
+                outs[name].append(t.cpu())
+    return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
+
+
+def confusion(y_true, y_pred, k):
+    """K x K counts, rows true, columns predicted, every class in data.yaml order (a class absent from the split: a zero row)."""
+    from sklearn.metrics import confusion_matrix
+    return confusion_matrix(y_true, y_pred, labels=np.arange(k))
+
+
+def macro_f1(y_true, y_pred):
+    """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
+    a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
+    predicts but the split lacks counts 0."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def recall_by_class(y, pred, class_names):
+    """{class name: recall} over the classes present in y."""
+    return {name: float((pred[y == i] == i).mean()) for i, name in enumerate(class_names) if (y == i).any()}
+
+
+def evaluation_results(split, out, class_names, train_hashes=None):
+    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
+    format: accuracy, recall per class present in that source, and their mean (balanced accuracy)."""
+    from sklearn.metrics import precision_recall_fscore_support
+    k = len(class_names)
+    y, pred = split.labels, out["logits"].argmax(1).numpy()
+    cm = confusion(y, pred, k)
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
+              for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
+    correct = pred == y
+    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred), "class_names": list(class_names),
+               "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
+    if split.name == "test":  # the name says which split: never "test" for a validation figure
+        results["test_accuracy"] = results["accuracy"]
+    results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
+    for fmt in sorted(set(split.formats)):
+        of_fmt = np.array([f == fmt for f in split.formats])
+        recall = recall_by_class(y[of_fmt], pred[of_fmt], class_names)
+        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[of_fmt].mean()), "samples": int(of_fmt.sum()),
+                                                     "balanced_accuracy": float(np.mean(list(recall.values()))),
+                                                     "recall": recall}
+    if train_hashes is not None:
+        unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
+        results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
+        results["samples_duplicating_train"] = int((~unseen).sum())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics)
 # ---------------------------------------------------------------------------------------------
 
 def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
@@ -1577,19 +1610,18 @@ def checkpoint_in(path, name):
     if not path.is_dir():
         return str(path)
     if not (path / name).is_file():
-        held = sorted(p.name for p in path.iterdir() if p.suffix in (".pth", ".onnx"))
+        held = sorted(p.name for p in path.iterdir() if p.suffix == ".pth")
         raise UserError(f"{path} is a folder without {name}; its checkpoints: {', '.join(held) or 'none'}")
     return str(path / name)
 
 
 def load_checkpoint(path):
-    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code); an .onnx file: its
-    metadata under the same keys, and its onnxruntime session."""
+    """A checkpoint dict, loaded with weights_only=True (a checkpoint can never run code)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.suffix.lower() == ".onnx":
-        return load_onnx(path)
+        raise UserError(f"{path} is an export, which runs in onnxruntime (README); give the .pth it was exported from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
@@ -1597,48 +1629,6 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
     return ckpt
-
-
-def load_onnx(path):
-    import onnxruntime
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own types for files it cannot read
-        raise UserError(f"{path} is not a readable ONNX model: {str(e).splitlines()[0][:200]}") from None
-    meta = session.get_modelmeta().custom_metadata_map
-    if meta.get("format") != ONNX_FORMAT:
-        raise UserError(f"{path} is not an ERN export (no '{ONNX_FORMAT}' format tag in its metadata)")
-    ckpt = {k: json.loads(meta[k]) for k in ("class_names", "image_size", "config", "epoch", "metrics", "num_parameters",
-                                             "best") if k in meta}
-    # the graph takes [0, 1] and normalizes inside: normalize(x, 0, 1) is that x / 255
-    return {**ckpt, "format": ONNX_FORMAT, "session": session, "normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}
-
-
-class OnnxModel:
-    """An exported ERN run by onnxruntime where run_inference runs the network: images in [0, 1] in, and
-    log-probabilities out in place of the logits (flip TTA's mean of log-probabilities has the softmax of the mean
-    of logits: they differ by one constant per image). No features or context logits: the graph gives neither."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def to(self, *args, **kwargs):  # onnxruntime holds the model on the CPU
-        return self
-
-    def eval(self):
-        return self
-
-    def __call__(self, x):
-        probs = self.session.run(["probabilities"], {"images": np.ascontiguousarray(x.float().cpu().numpy())})[0]
-        return torch.from_numpy(probs).clamp_min(torch.finfo(torch.float32).tiny).log(), None, None
-
-
-def computes_with(model, cfg, device):
-    """The settings and device a loaded model computes with: an OnnxModel runs in onnxruntime, on the CPU, in
-    float32 and its own layout, whatever cfg and device ask."""
-    if isinstance(model, OnnxModel):
-        return dataclasses.replace(cfg, amp=False, channels_last=False), torch.device("cpu")
-    return cfg, device
 
 
 def checkpoint_normalization(ckpt, device):
@@ -1665,8 +1655,6 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
                             "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    if ckpt.get("format") == ONNX_FORMAT:
-        return OnnxModel(ckpt["session"]), cfg
     model = build_model(cfg, len(ckpt["class_names"]))
     try:
         model.load_state_dict(ckpt["model"])
@@ -2184,81 +2172,6 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def run_inference(model, images, mean, std, device, cfg, tta=None):
-    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages logits).
-    An OnnxModel gives log-probabilities for logits, and neither context logits nor features (None)."""
-    model.eval()
-    tta = cfg.tta_flip if tta is None else tta
-    amp_dtype = autocast_dtype(cfg, device)
-    outs = defaultdict(list)
-    for i in range(0, len(images), cfg.eval_batch_size):
-        x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, s, f = (None if t is None else t.float() for t in model(x))
-            if tta:
-                mirrored = model(x.flip(3))
-                logits, s, f = (None if t is None else (t + t_m.float()) / 2 for t, t_m in zip((logits, s, f), mirrored))
-        for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
-            if t is not None:
-                outs[name].append(t.cpu())
-    return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
-
-
-def confusion(y_true, y_pred, k):
-    """K x K counts, rows true, columns predicted, every class in data.yaml order (a class absent from the split: a zero row)."""
-    from sklearn.metrics import confusion_matrix
-    return confusion_matrix(y_true, y_pred, labels=np.arange(k))
-
-
-def macro_f1(y_true, y_pred):
-    """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
-    a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
-    predicts but the split lacks counts 0."""
-    from sklearn.metrics import f1_score
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
-def recall_by_class(y, pred, class_names):
-    """{class name: recall} over the classes present in y."""
-    return {name: float((pred[y == i] == i).mean()) for i, name in enumerate(class_names) if (y == i).any()}
-
-
-def evaluation_results(split, out, class_names, train_hashes=None):
-    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
-    format: accuracy, recall per class present in that source, and their mean (balanced accuracy)."""
-    from sklearn.metrics import precision_recall_fscore_support
-    k = len(class_names)
-    y, pred = split.labels, out["logits"].argmax(1).numpy()
-    cm = confusion(y, pred, k)
-    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
-    report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
-              for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
-    correct = pred == y
-    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred), "class_names": list(class_names),
-               "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
-    if split.name == "test":  # the name says which split: never "test" for a validation figure
-        results["test_accuracy"] = results["accuracy"]
-    results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
-    for fmt in sorted(set(split.formats)):
-        of_fmt = np.array([f == fmt for f in split.formats])
-        recall = recall_by_class(y[of_fmt], pred[of_fmt], class_names)
-        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[of_fmt].mean()), "samples": int(of_fmt.sum()),
-                                                     "balanced_accuracy": float(np.mean(list(recall.values()))),
-                                                     "recall": recall}
-    if train_hashes is not None:
-        unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
-        results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
-        results["samples_duplicating_train"] = int((~unseen).sum())
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
 
@@ -2369,16 +2282,12 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
 
 
 def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
-    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots
-    (an exported .onnx model gives probabilities only: the confusion matrix alone)."""
+    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
     import matplotlib
     matplotlib.use("Agg")
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
-    exported = isinstance(model, OnnxModel)
-    if exported:
-        results["plots_left_out"] = "context_similarities, feature_space, attention_maps: an .onnx model gives probabilities only"
     write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
     plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
     prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
@@ -2387,7 +2296,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
         distributions = getattr(model.context, "distributions", None)
         plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png",
                      None if distributions is None else distributions.cpu())
-    if cfg.tsne_samples and not exported:
+    if cfg.tsne_samples:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)
     if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
@@ -2451,43 +2360,6 @@ def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
     ax.axis("off")
 
 
-def plot_explanation(face, explanation, probs, class_names, title, path):
-    """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
-    class, the class probabilities and the context distribution q over the emotion prototypes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
-    stages = 0 if gates is None else gates.shape[0]
-    fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
-                             gridspec_kw={"width_ratios": [1] * (2 + max(stages, 1)) + [1.6, 1.6]})
-    axes[0].imshow(face.transpose(1, 2, 0))
-    axes[0].set_title("crop (network input)", fontsize=8)
-    axes[0].axis("off")
-    for j in range(stages):
-        overlay(axes[1 + j], face, gates[j], f"stage {j + 1} spatial attention\n(gate {gates[j].min():.2f}-{gates[j].max():.2f})",
-                gates[j].min(), max(gates[j].max(), gates[j].min() + 1e-6))
-    if not stages:
-        axes[1].text(0.5, 0.5, "no spatial attention\n(--spatial_attention=false)", ha="center", va="center", fontsize=8)
-        axes[1].axis("off")
-    k = int(probs.argmax())
-    overlay(axes[1 + max(stages, 1)], face, cam, f"Grad-CAM: {class_names[k]}")
-    for ax, values, name in ((axes[-2], probs, "probabilities"), (axes[-1], q, "context q (prototypes)")):
-        if values is None:
-            ax.text(0.5, 0.5, "no context module\n(--context=false)", ha="center", va="center", fontsize=8)
-            ax.axis("off")
-            continue
-        ax.barh(range(len(class_names)), values, color=["tab:red" if i == k else "tab:gray" for i in range(len(class_names))])
-        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
 
 def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg, path):
     """attention_maps.png: per true class, the mean face of (at most attention_samples) evaluated faces, and the
@@ -2533,700 +2405,6 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction: faces in photos, folders, videos and cameras -> predictions.csv, annotated media, summary
-# ---------------------------------------------------------------------------------------------
-
-VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
-              ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
-CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
-WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
-PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
-TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
-WHOLE_FRAME = -1  # the track number of a video's whole-frame rows (frames without a detected face)
-BUFFER_PIXELS = 2 ** 25  # decoded frames or images per batch, about 100 MB of RGB (prefetch: up to as much again)
-FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
-
-
-def opencv_message(error):
-    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
-    return str(error).strip().splitlines()[-1][:200]
-
-
-def box_iou(a, b):
-    """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-class FaceDetector:
-    """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces,
-    then (--profile_faces) profile faces, looking either way, that no kept face overlaps. detector(rgb) -> pixel boxes
-    (x1, y1, x2, y2), left to right, in the image's coordinates. still=False (a video frame): with
-    --profile_faces=auto the profile pass runs only where the frontal one found no face, for speed.
-    Safe to call from several threads."""
-
-    def __init__(self, action):
-        self.action = action
-        self.names = ["frontalface_default"] + (["profileface"] if action.profile_faces != "off" else [])
-        self.local = threading.local()  # a CascadeClassifier is not re-entrant: one set per thread
-        self.cascades()  # a broken installation is reported before any input is read
-
-    def cascades(self):
-        if not hasattr(self.local, "cascades"):
-            folder = Path(cv2.data.haarcascades)
-            self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml")) for n in self.names]
-            if any(c.empty() for c in self.local.cascades):
-                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
-        return self.local.cascades
-
-    def __call__(self, image, still=True):
-        action = self.action
-        h, w = image.shape[:2]
-        scale = min(1.0, action.detect_width / w) if action.detect_width else 1.0  # the cascades' cost grows with pixels
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        if scale < 1:
-            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-
-        def hits(cascade, img):
-            side = max(max(cascade.getOriginalWindowSize()), round(action.face_min_size * min(img.shape)))
-            found = cascade.detectMultiScale(img, scaleFactor=action.face_scale_factor,
-                                             minNeighbors=action.face_min_neighbors, minSize=(side, side))
-            return [(x, y, x + bw, y + bh) for x, y, bw, bh in found]
-
-        frontal, *profile = self.cascades()
-        boxes = hits(frontal, gray)
-        every_time = action.profile_faces == "always" or (action.profile_faces == "auto" and still)
-        if profile and (every_time or not boxes):  # the profile pass costs 2.3x the frontal one: BENCHMARKS.md
-            # the profile cascade finds faces turned one way: the mirror image finds the others
-            gw = gray.shape[1]
-            turned = hits(profile[0], gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in
-                                               hits(profile[0], cv2.flip(gray, 1))]
-            for box in turned:
-                if all(box_iou(box, kept) < PROFILE_OVERLAP for kept in boxes):
-                    boxes.append(box)
-        return sorted(tuple(float(v) / scale for v in box) for box in boxes)
-
-
-def normalized_box(box, image_shape):
-    """A pixel box (x1, y1, x2, y2) as the normalized cx, cy, w, h of YOLO labels and crop_box."""
-    (x1, y1, x2, y2), (h, w) = box, image_shape[:2]
-    return ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
-
-
-def face_crop_box(box, image_shape, scale, shift):
-    """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
-    training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's (Action's face_crop_*)."""
-    x1, y1, x2, y2 = box
-    side = max(x2 - x1, y2 - y1)
-    h, w = image_shape[:2]
-    return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
-
-
-class EmotionPredictor:
-    """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected,
-    emotion, confidence, probabilities by class name). --predict is built on it; so can a notebook be:
-
-        predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
-        faces = predictor(rgb_array)                            # Haar faces, or the whole image if none
-        faces = predictor(rgb_array, boxes=[(x1, y1, x2, y2)])  # your own face boxes, in pixels
-
-    settings: Config's inference fields (INFERENCE_SETTINGS) replacing the checkpoint's; action: the
-    detection, crop and batching fields of Action. Crops are cut by crop_box and classified by
-    run_inference, the functions that made the training crops and that evaluate the model."""
-
-    def __init__(self, checkpoint, device="auto", action=None, **settings):
-        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
-        if unknown:
-            raise UserError(f"prediction takes {', '.join('--' + k for k in unknown)} from the checkpoint; drop "
-                            f"{'it' if len(unknown) == 1 else 'them'} (only {', '.join(INFERENCE_SETTINGS)} can be set)")
-        self.action = action or Action()
-        ckpt = load_checkpoint(checkpoint)
-        model, cfg = model_from_checkpoint(ckpt)
-        self.cfg, self.device = computes_with(model, dataclasses.replace(cfg, **settings), resolve_device(str(device)))
-        self.cfg, _ = channels_last_checked(model, self.cfg, self.device)
-        self.model = place_model(model, self.cfg, self.device)
-        self.mean, self.std = checkpoint_normalization(ckpt, self.device)
-        self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
-        self.detector = FaceDetector(self.action) if self.action.detect_faces else None
-        if self.action.explain and isinstance(self.model, OnnxModel):
-            raise UserError("--explain needs the .pth checkpoint: Grad-CAM takes gradients, which an .onnx file cannot give")
-
-    def crop(self, image, box, margin):
-        return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
-
-    def faces(self, image, boxes=None, still=True):
-        """[(pixel box, face_detected, uint8 crop (3, S, S))] of an RGB image (still=False: a video frame): the
-        given boxes (cropped as the dataset's label boxes are, with the checkpoint's crop_margin), else the
-        detected faces, else (unless --no_face=skip) the whole image with face_detected false."""
-        h, w = image.shape[:2]
-        margin = self.cfg.crop_margin
-        if boxes is not None:
-            return [(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin)) for b in boxes]
-        if self.detector is not None:
-            scale, shift = self.action.face_crop_scale, self.action.face_crop_shift
-            found = [(b, True, self.crop(image, face_crop_box(b, image.shape, scale, shift), 0.0))  # scale holds the margin
-                     for b in self.detector(image, still)]
-            if found or self.action.no_face == "skip":
-                return found
-        return [((0.0, 0.0, float(w), float(h)), False, self.crop(image, WHOLE_IMAGE, margin))]
-
-    def classify(self, crops):
-        """Class probabilities (N, K) of uint8 crops (N, 3, S, S), as evaluation computes them."""
-        if not len(crops):
-            return np.zeros((0, len(self.class_names)), np.float32)
-        return run_inference(self.model, crops, self.mean, self.std, self.device, self.cfg)["logits"].softmax(1).numpy()
-
-    def describe(self, faces, probs):
-        return [{"box": [round(v, 1) for v in box], "face_detected": detected,
-                 "emotion": self.class_names[int(p.argmax())], "confidence": float(p.max()),
-                 "probabilities": dict(zip(self.class_names, map(float, p)))} for (box, detected, _), p in zip(faces, probs)]
-
-    def __call__(self, image, boxes=None):
-        faces = self.faces(image, boxes)
-        return self.describe(faces, self.classify(np.stack([crop for *_, crop in faces]) if faces else []))
-
-
-class FaceTracker:
-    """A video's faces across frames: each face continues the live track whose last box it overlaps most
-    (IoU >= track_iou, best pairs first) or starts a new one; a track ends after track_max_missed classified
-    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
-
-    def __init__(self, action):
-        self.min_iou, self.max_missed, self.smoothing = action.track_iou, action.track_max_missed, action.smoothing
-        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
-
-    def update(self, faces, probs):
-        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
-        pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
-                        for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
-        match = {}
-        for iou, tid, j in pairs:
-            if iou >= self.min_iou and j not in match and tid not in match.values():
-                match[j] = tid
-        ids, smoothed = [], []
-        for j, ((box, detected, _), p) in enumerate(zip(faces, probs)):
-            tid = match.get(j, WHOLE_FRAME if not detected else None)
-            if tid is None:
-                tid, self.next_id = self.next_id, self.next_id + 1
-            track = self.tracks.get(tid)
-            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
-            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
-            ids.append(tid)
-            smoothed.append(p)
-        for tid in [t for t in self.tracks if t not in ids]:
-            self.tracks[tid]["missed"] += 1
-            if self.tracks[tid]["missed"] > self.max_missed:
-                del self.tracks[tid]
-        return ids, smoothed
-
-
-@dataclass
-class MediaSource:
-    """One input of --predict."""
-    kind: str  # image | video | camera | ignored (in a folder, neither image nor video) | error
-    path: str
-    name: str = ""  # its annotated copy's path under annotated/
-    error: str = ""
-
-
-def prediction_inputs(spec):
-    """The MediaSources of --predict's value: one path, comma-separated paths, or @list.txt (one per line).
-    Folders are searched recursively, hidden files and folders skipped; a file named on its own with an
-    unknown extension is tried as an image."""
-    if spec.startswith("@"):
-        listing = Path(spec[1:]).expanduser()
-        try:
-            parts = [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"--predict={spec}: cannot read the list file {listing}: {e}") from None
-    else:
-        parts = [spec] if Path(spec).expanduser().exists() else [p.strip() for p in spec.split(",") if p.strip()]
-    if not parts:
-        raise UserError(f"--predict={spec!r} names no input")
-    found = []
-    for part in parts:
-        if re.fullmatch(r"camera:\d{1,4}", part):
-            found.append(MediaSource("camera", part, part.replace(":", "_")))
-            continue
-        path = Path(part).expanduser()
-        if path.is_dir():
-            try:
-                files = [f for f in sorted(path.rglob("*")) if f.is_file() and
-                         not any(p.startswith(".") for p in f.relative_to(path).parts)]
-            except OSError as e:
-                found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
-                continue
-            kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
-                     "ignored" for f in files]
-            found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
-            if not {"image", "video"} & set(kinds):
-                found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
-        elif path.is_file():
-            found.append(MediaSource("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
-        else:
-            found.append(MediaSource("error", str(path), error="no such file or folder"))
-    return found
-
-
-def ordered_prefetch(fn, items, pool, depth):
-    """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order."""
-    pending = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > depth:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
-
-
-def in_batches(prepared, max_faces, max_items):
-    """Group prepared items (tuples ending in image, faces) into lists of about max_faces faces, at most
-    max_items items and BUFFER_PIXELS pixels: one forward pass each."""
-    ready, faces, pixels = [], 0, 0
-    for item in prepared:
-        ready.append(item)
-        faces += len(item[-1])
-        pixels += 0 if item[-2] is None else item[-2].shape[0] * item[-2].shape[1]
-        if faces >= max_faces or len(ready) >= max_items or pixels >= BUFFER_PIXELS:
-            yield ready
-            ready, faces, pixels = [], 0, 0
-    if ready:
-        yield ready
-
-
-def classify_batch(predictor, ready):
-    """The probabilities of every face of a batch of prepared items in one pass, split back per item."""
-    crops = [crop for *_, faces in ready for *_, crop in faces]
-    probs = predictor.classify(np.stack(crops) if crops else [])
-    ends = np.cumsum([len(item[-1]) for item in ready])
-    return np.split(probs, ends[:-1])
-
-
-def write_explanations(predictor, out, stem, faces, probs, face_ids):
-    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with flip TTA
-    where it is on), the maps and q those of the crop itself."""
-    if not faces:
-        return
-    maps = explain_faces(predictor.model, np.stack([crop for *_, crop in faces]), predictor.mean, predictor.std,
-                         predictor.device)
-    for j, ((_, detected, crop), p, face) in enumerate(zip(faces, probs, face_ids)):
-        title = f"{stem}, face {face}{'' if detected else ' (no face found: whole image)'}: " \
-                f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
-        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
-        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
-                         title, out.path(name, "explain"))
-
-
-def annotate(image, faces, rows, tracks=None):
-    """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
-    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    thick = max(1, round(min(image.shape[:2]) / 300))  # lines and letters grow with the image: 1 px up to 450 px
-    font_scale = 0.4 * thick  # 0.4: about 9 px tall letters per unit of thickness
-    for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
-        label = f"{row['emotion']} {row['confidence']:.2f}"
-        if tracks is not None and tracks[j] != WHOLE_FRAME:
-            label = f"#{tracks[j]} " + label
-        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2  # above the box, else inside
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
-        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
-    return out
-
-
-def plot_timeline(times, track_probs, class_names, title, path):
-    """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
-    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    for ax, tid in zip(axes[:, 0], shown):
-        t, p = np.array(times[tid]), np.array(track_probs[tid])
-        for k, name in enumerate(class_names):
-            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("probability")
-        ax.set_title("frames without a detected face (whole frame)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
-        ax.grid(alpha=0.3)
-    if not shown:
-        axes[0, 0].set_title("no faces")
-    axes[-1, 0].set_xlabel("time (s)")
-    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-class PredictionOutputs:
-    """One prediction folder: predictions.csv written and flushed row by row (an interrupted run keeps what was
-    done), annotated copies, timelines, and summary.json; JSON lines on stdout when asked."""
-
-    def __init__(self, out_dir, class_names, jsonl):
-        self.dir, self.class_names, self.jsonl = Path(out_dir), class_names, jsonl
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape")
-        self.csv = csv.writer(self.file)
-        self.csv.writerow(CSV_COLUMNS + list(class_names))
-        self.sources, self.claimed = [], set()
-
-    def rows(self, source, frame, time_s, faces, rows, face_ids):
-        for (box, detected, _), row, face in zip(faces, rows, face_ids):
-            self.csv.writerow([source, "" if frame is None else frame, "" if time_s is None else f"{time_s:.3f}", face,
-                               *(f"{v:.1f}" for v in box), str(detected).lower(), row["emotion"],
-                               f"{row['confidence']:.4f}", *(f"{v:.4f}" for v in row["probabilities"].values())])
-            if self.jsonl:
-                try:
-                    print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
-                except BrokenPipeError:  # the reader (head, a closed pipe) has gone: keep writing the CSV
-                    self.jsonl, sys.stdout = False, open(os.devnull, "w")
-        self.file.flush()
-
-    def claim(self, name, suffix=None):
-        """A path under annotated/ for one source that no other source of this call has (name_2, name_3, ...)."""
-        path = Path(name).with_suffix(suffix) if suffix else Path(name)
-        stem, n = path.with_suffix(""), 1
-        while path in self.claimed:
-            n += 1
-            path = Path(f"{stem}_{n}{path.suffix}")
-        self.claimed.add(path)
-        return path
-
-    def path(self, name, folder="annotated"):
-        path = self.dir / folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def source(self, entry):
-        """Record one source's summary and print its line (errors, and everything when stdout carries JSON
-        lines, to stderr)."""
-        self.sources.append(entry)
-        tqdm.write(source_line(entry), file=sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
-
-    def close(self, extra):
-        self.file.close()
-        errors = [{"source": s["source"], "error": s["error"]} for s in self.sources if s.get("error")]
-        write_json({**extra, "sources": self.sources, "errors": errors}, self.dir / "summary.json")
-        return errors
-
-
-def emotion_shares(probs, class_names):
-    """{emotion: share of the rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
-    if not len(probs):
-        return {}, None
-    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
-    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
-
-
-def source_line(entry):
-    if entry.get("error"):
-        return f"{entry['source']}: error: {entry['error']}"
-    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
-    dominant = entry["dominant_emotion"]
-    share = f"; {dominant} {entry['emotion_share'][dominant]:.0%}" if dominant else ""
-    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
-    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected, {entry['rows']} row(s){share}{warnings}"
-
-
-def predict_images(predictor, sources, out, progress):
-    """Images, decoded and searched for faces in threads, classified prediction_batch faces at a time."""
-    def prepare(source):
-        try:
-            image, _ = decode_image(source.path)
-            return source, None, image, predictor.faces(image)
-        except (ValueError, OSError, cv2.error) as e:
-            return source, opencv_message(e) if isinstance(e, cv2.error) else str(e), None, []
-
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
-        prepared = ordered_prefetch(prepare, sources, pool, 2 * os.cpu_count())
-        for ready in in_batches(prepared, predictor.action.prediction_batch, predictor.action.prediction_batch):
-            for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
-                progress.update()
-                if error:
-                    out.source({"source": source.path, "kind": "image", "error": error})
-                    continue
-                rows = predictor.describe(faces, probs)
-                out.rows(source.path, None, None, faces, rows, range(len(faces)))
-                name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
-                annotated = out.path(name)
-                if predictor.action.explain:
-                    write_explanations(predictor, out, name.stem, faces, probs, range(len(faces)))
-                written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
-                share, dominant = emotion_shares(probs, predictor.class_names)
-                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
-                            "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
-                            "annotated": str(annotated) if written else None, "error": None,
-                            "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
-
-
-def video_frames(capture, every, max_frames, fps):
-    """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
-    converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
-    start, index, taken = time.time(), 0, 0
-    while not max_frames or taken < max_frames:
-        if index % every:
-            if not capture.grab():
-                return
-        else:
-            ok, frame = capture.read()
-            if not ok:
-                return
-            taken += 1
-            yield index, index / fps if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        index += 1
-
-
-def predict_video(predictor, source, out):
-    """A video file or a camera, frame by frame: faces tracked, classified prediction_batch faces at a time
-    (a camera one frame at a time, for latency), rows written as they come; an annotated video at the
-    source's frame rate divided by --every (it lasts as long as the source), and a timeline."""
-    action = predictor.action
-    entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
-    camera = source.kind == "camera"
-    try:
-        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
-    except cv2.error as e:
-        return {**entry, "error": f"OpenCV cannot open it: {opencv_message(e)}"}
-    if not capture.isOpened():
-        return {**entry, "error": "cannot open the camera" if camera else
-                "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
-    fps = 0.0 if camera else capture.get(cv2.CAP_PROP_FPS)
-    if not camera and not fps > 0:
-        fps = FALLBACK_FPS
-        entry["warnings"].append(f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames per second")
-    total = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    expected = -(-total // action.every) if total > 0 else None
-    if expected and action.max_frames:
-        expected = min(expected, action.max_frames)
-    tracker, writer, window, interrupted = FaceTracker(action), None, None, False
-    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
-    name = out.claim(source.name, ".mp4")
-    annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
-
-    def prepare(frame):
-        return (*frame, predictor.faces(frame[2], still=False))
-
-    def show(frame):
-        nonlocal window
-        try:
-            cv2.imshow(str(name), frame)
-            cv2.waitKey(1)
-            window = True
-        except cv2.error:
-            window = False
-            entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
-
-    frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    most = 1 if camera else int(min(action.prediction_batch, max(1, BUFFER_PIXELS // frame_pixels)))
-    bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
-    try:
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # detection of the next frames overlaps classification
-            prepared = ordered_prefetch(prepare, video_frames(capture, action.every, action.max_frames, fps), pool, most)
-            for ready in in_batches(prepared, action.prediction_batch, most):
-                for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
-                    ids, smoothed = tracker.update(faces, probs)
-                    out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
-                    for tid, q, (_, detected, _) in zip(ids, smoothed, faces):  # counted with its rows: a Ctrl-C
-                        times[tid].append(t)  # from here on leaves the summary in step with the CSV
-                        track_probs[tid].append(q)
-                        shares[detected].append(q)
-                        counts["faces"] += detected
-                    counts["frames"] += 1
-                    if action.explain:
-                        write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
-                    frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
-                    if writer is None:
-                        rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / action.every
-                        writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
-                        if not writer.isOpened():
-                            writer = False
-                            entry["warnings"].append("this OpenCV cannot write mp4v video: no annotated video")
-                    if writer:
-                        writer.write(frame)
-                    if action.show and window is not False:
-                        show(frame)
-                    bar.update()
-    except KeyboardInterrupt:
-        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
-        interrupted = not camera
-    except cv2.error as e:
-        entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
-    finally:
-        capture.release()
-        bar.close()
-        if writer:
-            writer.release()
-        if window:
-            cv2.destroyAllWindows()
-    if not counts["frames"] and not entry["error"]:
-        entry["error"] = "no frame could be decoded"
-    if counts["frames"] and expected and counts["frames"] < expected:
-        entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
-    share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
-    entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"],
-                 tracks=len([t for t in times if t != WHOLE_FRAME]), rows=len(shares[True]) + len(shares[False]),
-                 dominant_emotion=dominant,
-                 emotion_share=share, annotated=str(annotated) if writer else None)
-    if counts["frames"]:
-        plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {action.smoothing})", timeline)
-        entry["timeline"] = str(timeline)
-    if interrupted:
-        out.source(entry)
-        raise KeyboardInterrupt
-    return entry
-
-
-def run_prediction(cfg, action, overrides):
-    """--predict: every input into one output folder. Returns the exit status: 0 when every input was read, 1
-    when some were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    settings = {k: v for k, v in overrides.items() if k not in ("device", "output_dir", "overwrite")}  # the run's own
-    predictor = EmotionPredictor(action.checkpoint, cfg.device, action, **settings)
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out_dir / "predictions.csv").exists() and not cfg.overwrite:
-        raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
-    inputs = prediction_inputs(action.predict)
-    try:
-        out = PredictionOutputs(out_dir, predictor.class_names, action.jsonl)
-    except OSError as e:
-        raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
-    for source in inputs:
-        if source.kind == "error":
-            out.source({"source": source.path, "kind": "input", "error": source.error})
-    left_out = [s.path for s in inputs if s.kind == "ignored"]
-    if left_out:
-        print(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
-              f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", file=sys.stderr)
-    images = [s for s in inputs if s.kind == "image"]
-    interrupted = False
-    try:
-        with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
-            predict_images(predictor, images, out, bar)
-        for source in inputs:
-            if source.kind in ("video", "camera"):
-                out.source(predict_video(predictor, source, out))
-    except KeyboardInterrupt:
-        interrupted = True
-    except OSError as e:
-        raise UserError(f"writing into {out_dir} failed: {e}") from None
-    finally:
-        errors = out.close({
-            "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "predict": action.predict,
-            "interrupted": interrupted, "ignored": left_out,
-            "settings": {**{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}, **dataclasses.asdict(action)},
-            "precision": precision(predictor.cfg, predictor.device)})
-    print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
-          f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
-          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if action.jsonl else sys.stdout)
-    if interrupted:
-        print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
-        return 130
-    return 1 if errors else 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Export: the trained network as one ONNX file that runs without PyTorch or this file
-# ---------------------------------------------------------------------------------------------
-
-class ExportedERN(nn.Module):
-    """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
-    checkpoint's normalization and the softmax inside the graph."""
-
-    def __init__(self, model, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, images):
-        return self.model(normalize(images * 255, self.mean, self.std))[0].softmax(1)
-
-
-def export_inputs(image_size, seed=0):
-    """Inputs in [0, 1] to compare an export with PyTorch on: uniform noise, and the real face of the portrait
-    matplotlib ships (cropped as --predict crops a detected face, and the whole image), each also mirrored."""
-    from matplotlib import cbook
-    image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    action = Action()
-    boxes = [face_crop_box(b, image.shape, action.face_crop_scale, action.face_crop_shift)
-             for b in FaceDetector(action)(image)] + [WHOLE_IMAGE]
-    real = np.stack([crop_box(image, b, 0.0, image_size).transpose(2, 0, 1) for b in boxes])
-    real = torch.from_numpy(np.concatenate([real, real[..., ::-1]])).float() / 255
-    noise = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    return {"random": noise, "real": real}
-
-
-def export_onnx(checkpoint, path):
-    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, metrics, config)
-    inside; then run it with onnxruntime against PyTorch. Returns the largest probability difference per input kind."""
-    import onnx
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise UserError(f"{checkpoint} is already an export: --export takes a .pth checkpoint")
-    model, cfg = model_from_checkpoint(ckpt)
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu")).eval()
-    size = ckpt["image_size"]
-    example = torch.rand(2, 3, size, size)
-    torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
-                      verbose=False)
-    graph = onnx.load(str(path))
-    graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
-                        f"crop_margin {cfg.crop_margin} around the face box -> probabilities (N, {len(ckpt['class_names'])}) "
-                        f"over the metadata's class_names")
-    meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
-            "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
-            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
-            "checkpoint": Path(checkpoint).name}
-    for key, value in meta.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
-    onnx.save(graph, str(path))
-    session = load_onnx(path)["session"]
-    differences = {}
-    with torch.inference_mode():
-        for kind, x in export_inputs(size).items():
-            got = session.run(["probabilities"], {"images": x.numpy()})[0]
-            differences[kind] = float(np.abs(got - exported(x).numpy()).max())
-    return differences
-
-
-def run_export(cfg, action, overrides):
-    """--export=onnx: model.onnx in --output_dir, or beside the checkpoint; exit 1 when onnxruntime disagrees with
-    PyTorch by more than the prediction tests allow."""
-    taken = sorted(set(overrides) - {"output_dir", "overwrite"})
-    if taken:
-        raise UserError(f"--export takes {', '.join('--' + k for k in taken)} from the checkpoint; drop "
-                        f"{'it' if len(taken) == 1 else 'them'}")
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else Path(action.checkpoint).parent
-    path = out_dir / "model.onnx"
-    if path.exists() and not cfg.overwrite:
-        raise UserError(f"{path} exists; choose another --output_dir, or --overwrite=true")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # model.onnx appears only once it passed the check
-    try:
-        differences = export_onnx(action.checkpoint, tmp)
-        worst = max(differences.values())
-        report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
-        if worst > EXPORT_TOLERANCE:
-            print(f"error: onnxruntime differs from PyTorch by up to {worst:.2e} > {EXPORT_TOLERANCE:g} ({report}); "
-                  f"nothing written", file=sys.stderr)
-            return 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability "
-          f"difference: {report}")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3438,13 +2616,12 @@ def run_evaluation(cfg, action, overrides):
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
     model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
-    cfg, device = computes_with(model, cfg, device)
     cfg, _ = channels_last_checked(model, cfg, device, run_dir / "train.log")
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "precision": precision(cfg, device),
-        "num_parameters": ckpt["num_parameters"] if isinstance(model, OnnxModel) else count_parameters(model),
+        "num_parameters": count_parameters(model),
         "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
         "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
         "training_seconds": None,
@@ -3462,21 +2639,15 @@ RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folde
 
 
 def main(argv, started=None):
-    """Parse, validate, and do the one action asked for (none: train). Returns the exit status for --predict.
+    """Parse, validate, and do the one action asked for (none: train). Returns (run folder, results).
     started: the time.time() a --time_budget counts from (default: now)."""
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)
     action = dataclasses.replace(action, **{field: checkpoint_in(getattr(action, field), name) for field, name in (
-        ("evaluate", "best_emotion_model.pth"), ("checkpoint", "best_emotion_model.pth"), ("resume", "last.pth"))
-        if getattr(action, field)})  # a run folder stands for its checkpoint
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (action.predict or action.export or action.evaluate or action.demo):
-        raise UserError("under torchrun the script trains and resumes; run --predict, --evaluate, --export and --demo "
-                        "with python")
-    if action.predict:
-        return run_prediction(cfg, action, overrides)
-    if action.export:
-        return run_export(cfg, action, overrides)
+        ("evaluate", "best_emotion_model.pth"), ("resume", "last.pth")) if getattr(action, field)})  # a run folder
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (action.evaluate or action.demo):
+        raise UserError("under torchrun the script trains and resumes; run --evaluate and --demo with python")
     if action.evaluate:
         return run_evaluation(cfg, action, overrides)
     if action.resume:

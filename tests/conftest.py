@@ -1,4 +1,4 @@
-"""Shared fixtures: the script imported as a module, tiny synthetic YOLO datasets, a subprocess runner."""
+"""Shared fixtures: the scripts imported as modules, tiny synthetic YOLO datasets, a subprocess runner."""
 import os
 import subprocess
 import sys
@@ -8,9 +8,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "emotion_recognition.py"
+PREDICT = ROOT / "predict.py"
+EXPORT = ROOT / "export.py"
 sys.path.insert(0, str(ROOT))
 
 import emotion_recognition as ern  # noqa: E402
+import export as ex  # noqa: E402
+import predict as pr  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, for its own tensors too
     ern.torch.set_num_threads(1)
@@ -47,10 +51,11 @@ def tiny_dataset(tmp_path_factory):
     return ern.make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", per_class=(12, 4, 4), size=48, seed=1)
 
 
-def run_script(*args, cwd, timeout=300, check=True):
-    """Run emotion_recognition.py in a subprocess; returns the CompletedProcess (stdout and stderr as text)."""
+def run_script(*args, cwd, timeout=300, check=True, script=SCRIPT):
+    """Run a script (default emotion_recognition.py) in a subprocess; returns the CompletedProcess (stdout and
+    stderr as text)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")

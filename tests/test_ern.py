@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import TINY, ern, run_script
+from conftest import TINY, ern, pr, run_script
 
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "metrics.jsonl",
              "data_report.json", "evaluation_results.json", "training_history.png", "confusion_matrix.png",
@@ -224,7 +224,7 @@ def test_evaluate_and_predict_take_inference_settings_by_one_rule(tiny_dataset, 
     saved, given = (read_results(tmp_path / n)["config"] for n in ("saved", "given"))
     assert (saved["tta_flip"], saved["eval_batch_size"]) == (False, 7)
     assert (given["tta_flip"], given["eval_batch_size"]) == (True, 7)
-    assert ern.EmotionPredictor(ckpt).cfg.tta_flip is False and ern.EmotionPredictor(ckpt, tta_flip=True).cfg.tta_flip
+    assert pr.EmotionPredictor(ckpt).cfg.tta_flip is False and pr.EmotionPredictor(ckpt, tta_flip=True).cfg.tta_flip
 
 
 def test_logits_fusion_and_imprinting_from_the_command_line_to_evaluate(tiny_dataset, tmp_path):
@@ -972,13 +972,13 @@ def test_evaluate_refuses_architecture_overrides(trained, tiny_dataset, tmp_path
 @pytest.mark.parametrize("settings", [{}, {"amp": False, "tta_flip": False}])
 def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset, settings):
     """EmotionPredictor on whole images equals run_inference on the same whole-image crops (same TTA, precision,
-    weights); settings given to it (as --predict takes them from the command line) replace the checkpoint's."""
+    weights); settings given to it (as predict.py takes them from the command line) replace the checkpoint's."""
     run_dir, _ = trained
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
     model, cfg = ern.model_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **settings)
     files = sorted((tiny_dataset / "test" / "images").iterdir())[:6]
-    predictor = ern.EmotionPredictor(run_dir / "best_emotion_model.pth", "cpu", ern.Action(detect_faces=False), **settings)
+    predictor = pr.EmotionPredictor(run_dir / "best_emotion_model.pth", "cpu", detect_faces=False, **settings)
     crops = np.stack([ern.crop_box(ern.decode_image(f)[0], (0.5, 0.5, 1.0, 1.0), cfg.crop_margin, cfg.image_size)
                       .transpose(2, 0, 1) for f in files])
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))

@@ -1,5 +1,5 @@
-"""Explanations (attention gates, Grad-CAM, --explain, attention_maps.png) and the ONNX export (--export=onnx,
---predict and --evaluate through the .onnx file).
+"""Explanations (attention gates, Grad-CAM, predict.py --explain, attention_maps.png) and the ONNX export
+(export.py, and the .onnx file run as the README runs it).
 
 The explanation checks follow Adebayo et al., "Sanity Checks for Saliency Maps" (2018): maps of the input's size
 in [0, 1], Grad-CAM that changes when the trained weights are randomized, and mirrored faces; Grad-CAM is also
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from conftest import TINY, ern, run_script
+from conftest import EXPORT, PREDICT, TINY, ern, ex, pr, run_script
 from test_predict import HOPPER
 
 
@@ -37,7 +37,7 @@ def run(tiny_dataset, tmp_path_factory):
 def exported(run, tmp_path_factory):
     """model.onnx of the run's best checkpoint: (path, finished process)."""
     out = tmp_path_factory.mktemp("export")
-    proc = run_script("--export=onnx", f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output_dir={out}", cwd=out)
+    proc = run_script(f"--checkpoint={run}", f"--output={out / 'model.onnx'}", cwd=out, script=EXPORT)
     return out / "model.onnx", proc
 
 
@@ -62,7 +62,7 @@ def faces_of(tiny_dataset, cache, split="test"):
 def read_probabilities(folder):
     with open(folder / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    classes = list(rows[0])[len(ern.CSV_COLUMNS):]
+    classes = list(rows[0])[len(pr.CSV_COLUMNS):]
     return rows, np.array([[float(r[c]) for c in classes] for r in rows])
 
 
@@ -161,7 +161,7 @@ def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tin
     maps = ern.explain_faces(model, faces, torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"))
     assert maps["gates"] is None and maps["gradcam"].shape == (2, 32, 32) and maps["gradcam"].max() > 0
     one = {k: None if v is None else v[0] for k, v in maps.items()}
-    ern.plot_explanation(faces[0], one, maps["probabilities"][0], ern.DEMO_CLASSES, "no attention", tmp_path / "e.png")
+    pr.plot_explanation(faces[0], one, maps["probabilities"][0], ern.DEMO_CLASSES, "no attention", tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000
 
 
@@ -171,8 +171,8 @@ def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path):
     for p in sorted((tiny_dataset / "test" / "images").iterdir())[:2]:
         shutil.copy(p, photos)
     shutil.copy(HOPPER, photos)
-    run_script(f"--predict={photos}", f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain",
-               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    run_script(str(photos), f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain",
+               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, script=PREDICT)
     rows, _ = read_probabilities(tmp_path / "out")
     expected = {f"{name.rsplit('.', 1)[0].split('/')[-1]}_face{r['face']}.png"
                 for r, name in ((r, r["source"]) for r in rows)}
@@ -212,83 +212,70 @@ def test_export_carries_the_metadata(exported, run):
     path, _ = exported
     meta = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     ckpt = torch.load(run / "best_emotion_model.pth", map_location="cpu", weights_only=True)
-    assert meta["format"] == ern.ONNX_FORMAT
+    assert meta["format"] == ex.ONNX_FORMAT
     assert json.loads(meta["class_names"]) == ckpt["class_names"] == ern.DEMO_CLASSES
     assert json.loads(meta["image_size"]) == 32 and json.loads(meta["crop_margin"]) == ckpt["config"]["crop_margin"]
     assert json.loads(meta["metrics"]) == pytest.approx(ckpt["metrics"])
     assert json.loads(meta["normalization"]) == ckpt["normalization"]
 
 
-def test_predict_through_onnx_agrees_with_the_checkpoint(exported, run, tiny_dataset, tmp_path):
+def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_dataset, tmp_path):
+    """The export run as the README runs it without this repository (onnxruntime on the crop, resized with
+    INTER_AREA, in [0, 1]) gives predict.py's probabilities for the same face boxes: the crop and the
+    normalization travel in the file's metadata, not in this code."""
     path, _ = exported
     photos = tmp_path / "photos"
     shutil.copytree(tiny_dataset / "valid" / "images", photos)
-    shutil.copy(HOPPER, photos)
-    for name, model in (("pth", run / "best_emotion_model.pth"), ("onnx", path)):
-        run_script(f"--predict={photos}", f"--checkpoint={model}", f"--output_dir={tmp_path / name}", cwd=tmp_path)
-    rows_pth, p_pth = read_probabilities(tmp_path / "pth")
-    rows_onnx, p_onnx = read_probabilities(tmp_path / "onnx")
-    assert len(rows_pth) == 33
-    assert [r["source"] for r in rows_onnx] == [r["source"] for r in rows_pth]
-    assert np.abs(p_onnx - p_pth).max() <= 1e-4
-    summary = json.loads((tmp_path / "onnx" / "summary.json").read_text())
-    assert summary["checkpoint"] == str(path)
+    run_script(str(photos), f"--checkpoint={run}", "--detect_faces=false", "--tta_flip=false",
+               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, script=PREDICT)
+    rows, expected = read_probabilities(tmp_path / "out")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    size = json.loads(meta["image_size"])
+    got = []
+    for row in rows:
+        # the whole image is the face box: with crop_margin on each side, clamped to the image, it is the crop
+        image = cv2.cvtColor(cv2.imread(row["source"]), cv2.COLOR_BGR2RGB)
+        x = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)[None].astype(np.float32) / 255
+        got.append(session.run(["probabilities"], {"images": x})[0][0])
+    assert len(rows) == 32 and np.abs(np.array(got) - expected).max() <= 1e-3
 
 
-def test_evaluate_through_onnx_gives_the_checkpoints_results(exported, run, tiny_dataset, tmp_path):
-    path, _ = exported
-    for name, model in (("pth", run / "best_emotion_model.pth"), ("onnx", path)):
-        run_script(f"--evaluate={model}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / name}",
-                   f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
-    pth, onnx = (json.loads((tmp_path / n / "evaluation_results.json").read_text()) for n in ("pth", "onnx"))
-    assert onnx["confusion_matrix"] == pth["confusion_matrix"] and onnx["accuracy"] == pth["accuracy"]
-    assert "plots_left_out" in onnx and not (tmp_path / "onnx" / "attention_maps.png").exists()
-    assert (tmp_path / "onnx" / "confusion_matrix.png").exists()
+def test_an_export_is_refused_where_a_checkpoint_is_expected(exported, tiny_dataset, tmp_path):
+    for script, args in ((PREDICT, [str(HOPPER), f"--checkpoint={exported[0]}"]),
+                         (ern.Path(ern.__file__), [f"--evaluate={exported[0]}", f"--data_dir={tiny_dataset}"])):
+        proc = run_script(*args, cwd=tmp_path, check=False, script=script)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is an export, which runs in onnxruntime" in proc.stderr
 
 
 def test_export_refuses_what_is_not_an_ern_checkpoint(tmp_path):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "bare.pth")
-    proc = run_script("--export=onnx", f"--checkpoint={tmp_path / 'bare.pth'}", cwd=tmp_path, check=False)
+    proc = run_script(f"--checkpoint={tmp_path / 'bare.pth'}", cwd=tmp_path, check=False, script=EXPORT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not an ERN checkpoint" in proc.stderr
-    torch.onnx.export(nn.Linear(2, 2), (torch.rand(1, 2),), str(tmp_path / "other.onnx"), dynamo=False)
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={tmp_path / 'other.onnx'}", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not an ERN export" in proc.stderr
+    assert not (tmp_path / "model.onnx").exists()
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--export=tflite", "--checkpoint=x.pth"], "--export must be onnx"),
-    (["--export=onnx"], "--export needs --checkpoint"),
-    (["--checkpoint=x.pth"], "--checkpoint only applies with --predict or --export"),
-    (["--export=onnx", "--checkpoint=x.pth", "--image_size=64"], "--export takes --image_size from the checkpoint"),
+    ([], "give the model: --checkpoint"),
+    (["--checkpoint=x.pth", "--format=tflite"], "unknown field --format"),
+    (["--checkpoint=x.pth", "--image_size=64"], "--image_size is the checkpoint's"),
 ])
 def test_export_arguments_are_checked(args, message, tmp_path):
-    (tmp_path / "x.pth").write_bytes(b"")
-    proc = run_script(*args, cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-
-
-def test_explain_refuses_an_onnx_model(exported, tmp_path):
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={exported[0]}", "--explain", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "--explain needs the .pth checkpoint" in proc.stderr
+    with pytest.raises(ern.UserError, match=message):
+        ex.main(args)
 
 
 def test_explain_on_a_video_writes_one_picture_per_row(run, tmp_path):
     from test_predict import write_video
     video = write_video(tmp_path / "clip.mp4", 6)
-    run_script(f"--predict={video}", f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain", "--every=2",
-               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    run_script(str(video), f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain", "--every=2",
+               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, script=PREDICT)
     rows, _ = read_probabilities(tmp_path / "out")
     expected = {f"clip_frame{int(r['frame']):06d}_{'whole' if r['face'] == '-1' else 'face' + r['face']}.png" for r in rows}
     assert len(rows) >= 3 and {p.name for p in (tmp_path / "out" / "explain").iterdir()} == expected
 
 
 def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
-    monkeypatch.setattr(ern, "EXPORT_TOLERANCE", 0.0)  # every real export differs by more than nothing
-    status = ern.main(["--export=onnx", f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output_dir={tmp_path}"])
+    monkeypatch.setattr(ex, "EXPORT_TOLERANCE", 0.0)  # every real export differs by more than nothing
+    status = ex.main([f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output={tmp_path / 'm.onnx'}"])
     assert status == 1 and list(tmp_path.iterdir()) == []
-
-
-def test_an_onnx_predictor_computes_in_float32_on_the_cpu(exported):
-    predictor = ern.EmotionPredictor(exported[0], "cpu", amp=True, channels_last=True)
-    assert (predictor.cfg.amp, predictor.cfg.channels_last, predictor.device.type) == (False, False, "cpu")
-    assert ern.precision(predictor.cfg, predictor.device) == {"autocast": None, "channels_last": False}

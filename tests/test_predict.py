@@ -1,4 +1,4 @@
-"""--predict and EmotionPredictor: photos, folders, videos, cameras, bad input, the crops the network is given.
+"""predict.py and EmotionPredictor: photos, folders, videos, cameras, bad input, the crops the network is given.
 
 The subprocess tests run the script as a user would, on files the tests write and on a real photograph
 that matplotlib (a requirement) ships: Grace Hopper's portrait. Nothing is downloaded.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from matplotlib import cbook
 
-from conftest import SCRIPT, ern, run_script
+from conftest import PREDICT, ern, pr, run_script
 
 HOPPER = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # 512x600 RGB portrait, one frontal face
 CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
@@ -37,6 +37,10 @@ def checkpoint(tmp_path_factory):
     torch.save(ern.checkpoint_dict(model, cfg, CLASSES, torch.full((3,), 0.5), torch.full((3,), 0.25), 1,
                                    {"val_accuracy": 0.5}), path)
     return path
+
+
+def predict(*args, **kwargs):
+    return run_script(*args, script=PREDICT, **kwargs)
 
 
 def hopper_rgb():
@@ -72,7 +76,7 @@ def test_a_folder_with_a_nested_copy_and_a_broken_file(checkpoint, tmp_path):
     (media / "broken.jpg").write_bytes(open(HOPPER, "rb").read()[:5000])  # truncated
     (media / "notes.txt").write_text("not a picture")
     (media / ".hidden.jpg").write_bytes(b"junk")  # hidden: skipped
-    proc = run_script(f"--predict={media}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+    proc = predict(f"{media}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
                       cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -92,10 +96,10 @@ def test_a_folder_with_a_nested_copy_and_a_broken_file(checkpoint, tmp_path):
 def test_csv_columns_boxes_and_probabilities_on_a_real_photograph(checkpoint, tmp_path):
     """The columns in the issue's order then the class names in the checkpoint's; one face found on the portrait,
     its box in the photo's pixels around the face; probabilities summing to 1; emotion and confidence their max."""
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+    proc = predict(f"{HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
                       cwd=tmp_path)
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
-    assert header == ern.CSV_COLUMNS + CLASSES
+    assert header == pr.CSV_COLUMNS + CLASSES
     [row] = read_csv(tmp_path / "out")
     x1, y1, x2, y2 = (float(row[k]) for k in ("x1", "y1", "x2", "y2"))
     assert row["face_detected"] == "true" and row["frame"] == "" and row["time_s"] == ""
@@ -111,8 +115,8 @@ def test_ctrl_c_keeps_the_rows_written(checkpoint, tmp_path):
     summary says interrupted, and the annotated video holds those frames."""
     video = write_video(tmp_path / "long.mp4", frames=400)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), f"--predict={video}", f"--checkpoint={checkpoint}",
-                             f"--output_dir={out}", "--prediction_batch=8"], cwd=tmp_path, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(PREDICT), str(video), f"--checkpoint={checkpoint}",
+                             f"--output_dir={out}", "--batch=8"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.time() + 120
     while not (out / "predictions.csv").exists() or len(read_csv(out)) < 16:  # two batches of 8 frames written
@@ -137,7 +141,7 @@ def test_a_video_every_second_frame(checkpoint, tmp_path):
     """Frame indices 0, 2, 4, ... as OpenCV counts them, times from the container's frame rate, one track
     for the one moving face, an annotated video with as many frames as were classified, a timeline."""
     video = write_video(tmp_path / "clip.mp4", frames=15, fps=10.0)
-    run_script(f"--predict={video}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", "--every=2",
+    predict(f"{video}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", "--every=2",
                "--smoothing=0.5", cwd=tmp_path)
     rows = read_csv(tmp_path / "out")
     assert [int(r["frame"]) for r in rows] == list(range(0, 15, 2))
@@ -155,7 +159,7 @@ def test_a_video_every_second_frame(checkpoint, tmp_path):
 def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path):
     """--detect_faces=false: one row per image, the whole image, face_detected false; --jsonl: one JSON
     line per face on stdout, the same numbers as the CSV, everything else on stderr."""
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+    proc = predict(f"{HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
                       "--detect_faces=false", "--jsonl", cwd=tmp_path)
     [row] = read_csv(tmp_path / "out")
     assert (row["x1"], row["y1"], row["x2"], row["y2"], row["face_detected"]) == ("0.0", "0.0", "512.0", "600.0", "false")
@@ -165,26 +169,42 @@ def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path
     assert [face["probabilities"][c] for c in CLASSES] == pytest.approx([float(row[c]) for c in CLASSES], abs=1e-4)
 
 
-def test_no_face_is_said_never_silent(checkpoint, tmp_path):
-    """A photo without a face: the whole image classified with face_detected false, or no row with --no_face=skip;
-    the summary says 0 faces either way."""
+def test_no_face_no_emotion(checkpoint, tmp_path):
+    """A photo without a face: its row says face_detected false with the emotion, confidence and probabilities
+    empty, the summary counts it as no face and gives no emotion, the console says "no face"; a video's frames
+    without a face likewise. --detect_faces=false classifies the whole picture instead."""
     blank = tmp_path / "wall.png"
     cv2.imwrite(str(blank), np.full((200, 300, 3), 128, np.uint8))
-    run_script(f"--predict={blank}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'a'}", cwd=tmp_path)
-    [row] = read_csv(tmp_path / "a")
-    assert row["face_detected"] == "false" and (row["x2"], row["y2"]) == ("300.0", "200.0")
-    run_script(f"--predict={blank}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'b'}",
-               "--no_face=skip", cwd=tmp_path)
-    assert read_csv(tmp_path / "b") == []
-    [source] = json.loads((tmp_path / "b" / "summary.json").read_text())["sources"]
-    assert source["faces"] == 0 and source["rows"] == 0 and source["error"] is None
+    writer = cv2.VideoWriter(str(tmp_path / "empty.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (320, 240))
+    for _ in range(3):
+        writer.write(np.full((240, 320, 3), 90, np.uint8))
+    writer.release()
+    proc = predict(f"{blank}", f"{tmp_path / 'empty.mp4'}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'a'}",
+                   cwd=tmp_path)
+    rows = read_csv(tmp_path / "a")
+    assert len(rows) == 4 and [r["frame"] for r in rows] == ["", "0", "1", "2"]
+    for row in rows:
+        assert row["face_detected"] == "false" and row["emotion"] == row["confidence"] == ""
+        assert all(row[c] == "" for c in CLASSES)
+    assert (rows[0]["x2"], rows[0]["y2"]) == ("300.0", "200.0")
+    image, video = json.loads((tmp_path / "a" / "summary.json").read_text())["sources"]
+    assert (image["faces"], image["no_face"], image["rows"], image["dominant_emotion"], image["emotion_share"]) == \
+        (0, 1, 1, None, {})
+    assert (video["faces"], video["no_face"], video["rows"], video["tracks"], video["dominant_emotion"]) == (0, 3, 3, 0, None)
+    assert f"{blank}: no face" in proc.stdout and "3 frame(s) without a face" in proc.stdout
+    predict(f"{blank}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'b'}", "--detect_faces=false", cwd=tmp_path)
+    [row] = read_csv(tmp_path / "b")
+    assert row["face_detected"] == "false" and row["emotion"] in CLASSES
+    assert sum(float(row[c]) for c in CLASSES) == pytest.approx(1, abs=1e-3)
+    assert pr.EmotionPredictor(checkpoint)(cv2.imread(str(blank))) == [
+        {"box": [0.0, 0.0, 300.0, 200.0], "face_detected": False, "emotion": None, "confidence": None, "probabilities": None}]
 
 
 def test_unreadable_video_missing_camera_and_missing_file_are_named(checkpoint, tmp_path):
     """Several inputs in one call (comma-separated): each failure named, the good one still processed, exit 1."""
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4096)
-    proc = run_script(f"--predict={HOPPER},{bad},camera:9,{tmp_path / 'nothere.jpg'}", f"--checkpoint={checkpoint}",
+    proc = predict(f"{HOPPER}", f"{bad}", "camera:9", f"{tmp_path / 'nothere.jpg'}", f"--checkpoint={checkpoint}",
                       f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = {e["source"]: e["error"] for e in json.loads((tmp_path / "out" / "summary.json").read_text())["errors"]}
@@ -198,7 +218,7 @@ def test_unreadable_video_missing_camera_and_missing_file_are_named(checkpoint, 
 def test_a_list_file_of_inputs(checkpoint, tmp_path):
     listing = tmp_path / "inputs.txt"
     listing.write_text(f"{HOPPER}\n\n{HOPPER}\n")
-    run_script(f"--predict=@{listing}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    predict(f"@{listing}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert [r["source"] for r in read_csv(tmp_path / "out")] == [str(HOPPER)] * 2
 
 
@@ -213,7 +233,7 @@ def test_a_jpeg_with_a_trailer_is_readable_here_and_in_training(checkpoint, tmp_
         (tmp_path / "cut.jpg").write_bytes(data[:cut])
         with pytest.raises(ValueError, match="truncated"):
             ern.decode_image(tmp_path / "cut.jpg")
-    run_script(f"--predict={trailer}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    predict(f"{trailer}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert len(read_csv(tmp_path / "out")) == 1
 
 
@@ -239,7 +259,7 @@ def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
     cfg = dataclasses.replace(cfg, width=0.125, blocks="1,1,1,1")
     path = tmp_path / "m.pth"
     torch.save(ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, CLASSES, torch.zeros(3), torch.ones(3), 0, {}), path)
-    predictor = ern.EmotionPredictor(path)
+    predictor = pr.EmotionPredictor(path)
     for i in range(0, len(split), 17):
         image = ern.decode_image(split.paths[i])[0]
         h, w = image.shape[:2]
@@ -258,19 +278,19 @@ def test_a_detected_face_gets_the_crop_training_saw(checkpoint):
     measured on the export); placed 2.5x larger in a 640x480 photo and found again, the crop --predict cuts
     correlates with the crop training cuts from that image (its whole-image label box) more than a crop of the
     tight Haar box, or of twice its side, or a quarter of a side off."""
-    predictor = ern.EmotionPredictor(checkpoint)
+    predictor = pr.EmotionPredictor(checkpoint)
     portrait = hopper_rgb()
     [(box, _, _)] = predictor.faces(portrait)
-    training_image = ern.crop_box(portrait, ern.face_crop_box(box, portrait.shape, *AFFECTNET_FRAMING), 0.0, 96)
-    training_crop = predictor.crop(training_image, ern.WHOLE_IMAGE, predictor.cfg.crop_margin)
+    training_image = ern.crop_box(portrait, pr.face_crop_box(box, portrait.shape, *AFFECTNET_FRAMING), 0.0, 96)
+    training_crop = predictor.crop(training_image, pr.WHOLE_IMAGE, predictor.cfg.crop_margin)
     photo = np.full((480, 640, 3), 80, np.uint8)
     photo[100:340, 300:540] = cv2.resize(training_image, (240, 240), interpolation=cv2.INTER_LINEAR)
     [(found, detected, crop)] = predictor.faces(photo)
     assert detected and 300 <= found[0] < found[2] <= 540 and 100 <= found[1] < found[3] <= 340
     corr = lambda a: np.corrcoef(a.ravel().astype(float), training_crop.ravel().astype(float))[0, 1]
-    framed = lambda box, scale: predictor.crop(photo, ern.face_crop_box(box, photo.shape, scale, 0.0), 0.0)
+    framed = lambda box, scale: predictor.crop(photo, pr.face_crop_box(box, photo.shape, scale, 0.0), 0.0)
     quarter = (found[2] - found[0]) / 4
-    others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], predictor.action.face_crop_scale)]
+    others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], pr.FACE_CROP_SCALE)]
     # measured: 0.58 (1.25 sides zoom in 12 % on the 1.42 framing), against 0.22, 0.28 and 0.06
     assert corr(crop) > 0.5 and corr(crop) > max(corr(c) for c in others) + 0.2, [corr(crop)] + [corr(c) for c in others]
 
@@ -278,9 +298,9 @@ def test_a_detected_face_gets_the_crop_training_saw(checkpoint):
 def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):
     """EmotionPredictor(rgb) gives the same faces and probabilities as --predict's CSV; batched classification
     equals one face at a time."""
-    run_script(f"--predict={HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    predict(f"{HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
     [row] = read_csv(tmp_path / "out")
-    predictor = ern.EmotionPredictor(checkpoint)
+    predictor = pr.EmotionPredictor(checkpoint)
     [face] = predictor(hopper_rgb())
     assert face["box"] == [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
     assert list(face["probabilities"].values()) == pytest.approx([float(row[c]) for c in CLASSES], abs=1e-4)
@@ -292,7 +312,7 @@ def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):
 
 
 def test_tracker_keeps_ids_by_overlap_and_smooths():
-    tracker = ern.FaceTracker(ern.Action(track_iou=0.3, track_max_missed=1, smoothing=0.5))
+    tracker = pr.FaceTracker(smoothing=0.5, min_iou=0.3, max_missed=1)
     a, b = (0, 0, 100, 100), (300, 0, 400, 100)
     p, q, r = np.eye(3)
     face = lambda box: (box, True, None)
@@ -302,7 +322,7 @@ def test_tracker_keeps_ids_by_overlap_and_smooths():
     assert ids == [1, 0]
     assert smoothed[0] == pytest.approx(0.5 * q + 0.5 * r) and smoothed[1] == pytest.approx(0.5 * p + 0.5 * r)
     ids, smoothed = tracker.update([face((20, 0, 120, 100)), (None, False, None)], [r, q])  # track 1 missed once
-    assert ids == [0, ern.WHOLE_FRAME] and smoothed[0] == pytest.approx(0.25 * p + 0.75 * r) and smoothed[1] == pytest.approx(q)
+    assert ids == [0, pr.WHOLE_FRAME] and smoothed[0] == pytest.approx(0.25 * p + 0.75 * r) and smoothed[1] == pytest.approx(q)
     tracker.update([], [])  # track 1: two frames missed, more than track_max_missed
     ids, smoothed = tracker.update([face(b)], [q])
     assert ids == [2] and smoothed[0] == pytest.approx(q)  # a new track starts raw
@@ -315,7 +335,7 @@ def test_videos_of_one_name_max_frames_and_a_video_in_a_folder(checkpoint, tmp_p
         (tmp_path / day).mkdir()
         write_video(tmp_path / day / "clip.mp4", frames=6)
     shutil.copy(HOPPER, tmp_path / "day2" / "still.jpg")
-    run_script(f"--predict={tmp_path / 'day1' / 'clip.mp4'},{tmp_path / 'day2'}", f"--checkpoint={checkpoint}",
+    predict(f"{tmp_path / 'day1' / 'clip.mp4'}", f"{tmp_path / 'day2'}", f"--checkpoint={checkpoint}",
                f"--output_dir={tmp_path / 'out'}", "--max_frames=3", cwd=tmp_path)
     rows = read_csv(tmp_path / "out")
     frames = [(r["source"], r["frame"]) for r in rows if r["frame"]]
@@ -326,29 +346,31 @@ def test_videos_of_one_name_max_frames_and_a_video_in_a_folder(checkpoint, tmp_p
     assert annotated == ["clip.mp4", "day2/clip.mp4", "day2/still.jpg"]
 
 
-@pytest.mark.parametrize("arg, message", [("--every=0", "--every must be >= 1"), ("--no_face=blur", "--no_face must be"),
-                                          ("--smoothing=1", "--smoothing must be in"),
-                                          ("--face_scale_factor=1", "--face_scale_factor must be > 1")])
+@pytest.mark.parametrize("arg, message", [("--every=0", "--every must be >= 1"), ("--smoothing=1", "--smoothing must be in"),
+                                          ("--batch=0", "--batch must be >= 1"), ("--device=gpu", "--device must be"),
+                                          ("--no_face=skip", "unknown field --no_face"),
+                                          ("--crop_margin=0.3", "--crop_margin is the checkpoint's")])
 def test_prediction_settings_are_checked(arg, message):
     with pytest.raises(ern.UserError, match=message):
-        ern.validate_action(ern.parse_args(["--predict=x.jpg", "--checkpoint=m.pth", arg])[1])
+        pr.main(["x.jpg", "--checkpoint=m.pth", arg])
 
 
-def test_predict_refuses_settings_the_checkpoint_decides(checkpoint, tmp_path):
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={checkpoint}", "--crop_margin=0.3", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "--crop_margin" in proc.stderr and "Traceback" not in proc.stderr
+def test_predict_needs_a_model_and_an_input(checkpoint, tmp_path):
+    proc = predict(str(HOPPER), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: give the model: --checkpoint=RUN_FOLDER or a .pth"
+    proc = predict(f"--checkpoint={checkpoint}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "name at least one input" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_two_actions_are_refused_with_one_line(checkpoint, tmp_path):
-    proc = run_script(f"--predict={HOPPER}", f"--checkpoint={checkpoint}", f"--evaluate={checkpoint}", cwd=tmp_path,
-                      check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == ["error: --evaluate and --predict are separate actions: give one per call"]
-    proc = run_script("--every=2", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "--every only applies with --predict" in proc.stderr
+def test_the_trainer_names_the_script_for_prediction_and_export(tmp_path):
+    for arg, script in (("--predict=photo.jpg", "python predict.py"), ("--export=onnx", "python export.py"),
+                        ("--explain", "python predict.py")):
+        proc = run_script(arg, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"error: {arg.split('=')[0]} is not the trainer's: {script}")
 
 
 def test_actions_stay_out_of_the_saved_config():
     fields = {f.name for f in dataclasses.fields(ern.Config)}
-    assert not fields & set(ern.ACTION_FIELDS)
-    assert {"predict", "evaluate", "demo", "resume", "checkpoint", "every"} <= set(ern.ACTION_FIELDS)
+    actions = {f.name for f in dataclasses.fields(ern.Action)}
+    assert not fields & actions and {"evaluate", "demo", "resume", "split"} == actions
+    assert not fields & {f.name for f in dataclasses.fields(pr.Prediction)} - {"tta_flip", "amp", "channels_last"}

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import SCRIPT, TINY, ern, run_script
+from conftest import SCRIPT, TINY, ern, pr, run_script
 
 FAST = [*TINY, "--tsne_samples=0", "--attention_samples=0"]  # the plots are test_ern.py's business: they only cost time here
 EPOCHS = 3  # of the deterministic reference run that the interrupted-and-resumed run must reproduce
@@ -674,7 +674,7 @@ def test_what_users_type_is_read_as_they_mean_it(tiny_dataset, tmp_path):
     photo = sorted((tiny_dataset / "valid" / "images").iterdir())[0]
     listing = tmp_path / "list.txt"
     listing.write_bytes(f"\ufeff{photo}\n".encode("utf-8"))
-    assert [s.path for s in ern.prediction_inputs(f"@{listing}")] == [str(photo)]
+    assert [s.path for s in pr.prediction_inputs([f"@{listing}"])] == [str(photo)]
 
 
 def test_a_run_folder_stands_for_its_checkpoint(tmp_path):
@@ -708,4 +708,4 @@ def test_an_image_list_split_is_refused_not_replaced_by_a_folder(tiny_dataset, t
 def test_common_video_files_are_videos(tmp_path, ext):
     clip = tmp_path / f"clip{ext}"
     clip.write_bytes(b"\x00")
-    assert [s.kind for s in ern.prediction_inputs(str(clip))] == ["video"]
+    assert [s.kind for s in pr.prediction_inputs([str(clip)])] == ["video"]

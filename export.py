@@ -1,0 +1,147 @@
+"""
+Export a model trained by emotion_recognition.py to ONNX, and check the export against PyTorch.
+
+    python export.py --checkpoint=outputs/RUN          # a run folder: its best_emotion_model.pth -> RUN/model.onnx
+    python export.py --checkpoint=RUN/last.pth --output=model.onnx
+
+model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K): the
+checkpoint's normalization and the softmax are inside the graph, and its metadata holds the class names (in
+data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
+(README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, count_parameters,
+                                 crop_box, decode_image, load_checkpoint, model_from_checkpoint, normalize, read_overrides)
+from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
+
+ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
+EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and PyTorch that is accepted
+
+
+@dataclass
+class Export:
+    """export settings"""
+    checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
+    output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
+    overwrite: bool = False  # replace an existing file
+
+
+class ExportedERN(nn.Module):
+    """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
+    checkpoint's normalization and the softmax inside the graph."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, images):
+        return self.model(normalize(images * 255, self.mean, self.std))[0].softmax(1)
+
+
+def export_inputs(image_size, seed=0):
+    """Inputs in [0, 1] to compare an export with PyTorch on: uniform noise, and the real face of the portrait
+    matplotlib ships (cropped as --predict crops a detected face, and the whole image), each also mirrored."""
+    from matplotlib import cbook
+    image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    boxes = [face_crop_box(b, image.shape) for b in FaceDetector()(image)] + [WHOLE_IMAGE]
+    real = np.stack([crop_box(image, b, 0.0, image_size).transpose(2, 0, 1) for b in boxes])
+    real = torch.from_numpy(np.concatenate([real, real[..., ::-1]])).float() / 255
+    noise = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    return {"random": noise, "real": real}
+
+
+def export_onnx(checkpoint, path):
+    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, metrics, config)
+    inside; then run it with onnxruntime against PyTorch. Returns the largest probability difference per input kind."""
+    import onnx
+    import onnxruntime
+    ckpt = load_checkpoint(checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu")).eval()
+    size = ckpt["image_size"]
+    example = torch.rand(2, 3, size, size)
+    torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                      verbose=False)
+    graph = onnx.load(str(path))
+    graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
+                        f"crop_margin {cfg.crop_margin} around the face box -> probabilities (N, {len(ckpt['class_names'])}) "
+                        f"over the metadata's class_names")
+    meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
+            "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
+            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
+            "checkpoint": Path(checkpoint).name}
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(graph, str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    differences = {}
+    with torch.inference_mode():
+        for kind, x in export_inputs(size).items():
+            got = session.run(["probabilities"], {"images": x.numpy()})[0]
+            differences[kind] = float(np.abs(got - exported(x).numpy()).max())
+    return differences
+
+
+def run_export(args):
+    """model.onnx at args.output, or beside the checkpoint; exit status 1 when onnxruntime disagrees with PyTorch by
+    more than EXPORT_TOLERANCE (nothing written then)."""
+    path = Path(args.output) if args.output else Path(args.checkpoint).parent / "model.onnx"
+    if path.exists() and not args.overwrite:
+        raise UserError(f"{path} exists; choose another --output, or --overwrite=true")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # the file appears only once it passed the check
+    try:
+        differences = export_onnx(args.checkpoint, tmp)
+        worst = max(differences.values())
+        report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
+        if worst > EXPORT_TOLERANCE:
+            print(f"error: onnxruntime differs from PyTorch by up to {worst:.2e} > {EXPORT_TOLERANCE:g} ({report}); "
+                  f"nothing written", file=sys.stderr)
+            return 1
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability "
+          f"difference: {report}")
+    return 0
+
+def main(argv):
+    """Parse, export and check. Returns the exit status: 0, or 1 when onnxruntime disagrees with PyTorch."""
+    (given,), _ = read_overrides(argv, (Export,), __doc__)
+    args = Export(**given)
+    if not args.checkpoint:
+        raise UserError("give the model: --checkpoint=RUN_FOLDER or a .pth")
+    return run_export(dataclasses.replace(args, checkpoint=checkpoint_in(args.checkpoint, "best_emotion_model.pth")))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        sys.exit(130)

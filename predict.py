@@ -1,0 +1,750 @@
+"""
+Emotions of the faces in photos, folders, videos and cameras, with a model trained by emotion_recognition.py.
+
+    python predict.py --checkpoint=outputs/RUN photo.jpg                # a run folder: its best_emotion_model.pth
+    python predict.py --checkpoint=outputs/RUN photos/ clip.mp4 camera:0 # folders (recursive), videos, cameras
+    python predict.py --checkpoint=outputs/RUN @inputs.txt               # a list file, one input per line
+    python predict.py --checkpoint=outputs/RUN --explain photo.jpg       # + explain/: attention and Grad-CAM per face
+    python predict.py --help
+
+Writes one folder (default outputs/predict__{time}): predictions.csv (a row per face, or per image or frame
+without one), annotated/ copies, timelines/ of videos, summary.json, and with --explain a picture per face.
+Faces are found with OpenCV's Haar cascades; an image without a face gets a row with face_detected false and no
+emotion (--detect_faces=false classifies whole images: pre-cropped faces). In a notebook:
+
+    from predict import EmotionPredictor
+    predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
+    faces = predictor(rgb_array)                            # one dict per face: box, emotion, probabilities
+    faces = predictor(rgb_array, boxes=[(x1, y1, x2, y2)])  # your own face boxes, in pixels
+
+Crops are cut by the trainer's crop_box and classified by its run_inference, the functions that made the training
+crops and that evaluate the model.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, channels_last_checked, checkpoint_in,
+                                 checkpoint_normalization, crop_box, decode_image, explain_faces, load_checkpoint,
+                                 model_from_checkpoint, overlay, place_model, precision, read_overrides, resolve_device,
+                                 run_inference, write_json)
+
+
+@dataclass
+class Prediction:
+    """prediction settings"""
+    checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
+    output_dir: str = ""  # empty = outputs/predict__{time}
+    overwrite: bool = False  # allow writing into a folder that already holds predictions
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
+    every: int = 1  # videos and cameras: classify one frame in N
+    max_frames: int = 0  # videos and cameras: stop after this many classified frames; 0 = to the end (camera: Ctrl-C)
+    smoothing: float = 0.0  # videos: per-track exponential smoothing of probabilities for timeline and summary; 0 = raw
+    batch: int = 64  # faces per forward pass, gathered across images and frames
+    jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
+    show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
+    explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
+    # inference; empty: as the checkpoint was trained
+    tta_flip: bool | None = None  # average the face and its mirror
+    amp: bool | None = None  # bf16 autocast where the device has it natively
+    channels_last: bool | None = None  # NHWC layout (CPU: only where the probe of the model passes)
+
+
+def validate_prediction(args, sources):
+    checks = [(args.checkpoint, "give the model: --checkpoint=RUN_FOLDER or a .pth"),
+              (sources, "name at least one input: photos, folders, videos, camera:N or @list.txt"),
+              (args.every >= 1, f"--every must be >= 1, got {args.every}"),
+              (args.max_frames >= 0, f"--max_frames must be >= 0, got {args.max_frames}"),
+              (0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}"),
+              (args.batch >= 1, f"--batch must be >= 1, got {args.batch}"),
+              (re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device), f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# Detection and tracking: OpenCV's defaults where they serve, the rest measured (BENCHMARKS.md)
+DETECT_WIDTH = 640  # detection runs on a copy resized to at most this width (pixels): the cascades' cost grows with them
+FACE_SCALE_FACTOR = 1.1  # Haar image-pyramid step
+FACE_MIN_NEIGHBORS = 5  # Haar: overlapping hits a face needs
+FACE_MIN_SIZE = 0.08  # smallest face side, fraction of the image's shorter side
+FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the training crops' (benchmarks/crop_calibration.py)
+TRACK_IOU = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
+TRACK_MAX_MISSED = 10  # videos: classified frames a track may go without its face before it ends
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
+              ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
+CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
+WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
+PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
+TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
+WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
+BUFFER_PIXELS = 2 ** 25  # decoded frames or images per batch, about 100 MB of RGB (prefetch: up to as much again)
+FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
+
+
+def plot_explanation(face, explanation, probs, class_names, title, path):
+    """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
+    class, the class probabilities and the context distribution q over the emotion prototypes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
+    stages = 0 if gates is None else gates.shape[0]
+    fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
+                             gridspec_kw={"width_ratios": [1] * (2 + max(stages, 1)) + [1.6, 1.6]})
+    axes[0].imshow(face.transpose(1, 2, 0))
+    axes[0].set_title("crop (network input)", fontsize=8)
+    axes[0].axis("off")
+    for j in range(stages):
+        overlay(axes[1 + j], face, gates[j], f"stage {j + 1} spatial attention\n(gate {gates[j].min():.2f}-{gates[j].max():.2f})",
+                gates[j].min(), max(gates[j].max(), gates[j].min() + 1e-6))
+    if not stages:
+        axes[1].text(0.5, 0.5, "no spatial attention\n(--spatial_attention=false)", ha="center", va="center", fontsize=8)
+        axes[1].axis("off")
+    k = int(probs.argmax())
+    overlay(axes[1 + max(stages, 1)], face, cam, f"Grad-CAM: {class_names[k]}")
+    for ax, values, name in ((axes[-2], probs, "probabilities"), (axes[-1], q, "context q (prototypes)")):
+        if values is None:
+            ax.text(0.5, 0.5, "no context module\n(--context=false)", ha="center", va="center", fontsize=8)
+            ax.axis("off")
+            continue
+        ax.barh(range(len(class_names)), values, color=["tab:red" if i == k else "tab:gray" for i in range(len(class_names))])
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+
+
+
+def opencv_message(error):
+    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
+    return str(error).strip().splitlines()[-1][:200]
+
+
+def box_iou(a, b):
+    """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceDetector:
+    """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces, then
+    profile faces, looking either way, that no kept face overlaps. detector(rgb) -> pixel boxes (x1, y1, x2, y2),
+    left to right, in the image's coordinates. still=False (a video frame): the profile pass runs only where the
+    frontal one found no face, for speed. Safe to call from several threads."""
+
+    def __init__(self):
+        self.local = threading.local()  # a CascadeClassifier is not re-entrant: one set per thread
+        self.cascades()  # a broken installation is reported before any input is read
+
+    def cascades(self):
+        if not hasattr(self.local, "cascades"):
+            folder = Path(cv2.data.haarcascades)
+            self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
+                                   for n in ("frontalface_default", "profileface")]
+            if any(c.empty() for c in self.local.cascades):
+                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
+        return self.local.cascades
+
+    def __call__(self, image, still=True):
+        h, w = image.shape[:2]
+        scale = min(1.0, DETECT_WIDTH / w)
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        if scale < 1:
+            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+        def hits(cascade, img):
+            side = max(max(cascade.getOriginalWindowSize()), round(FACE_MIN_SIZE * min(img.shape)))
+            found = cascade.detectMultiScale(img, scaleFactor=FACE_SCALE_FACTOR, minNeighbors=FACE_MIN_NEIGHBORS,
+                                             minSize=(side, side))
+            return [(x, y, x + bw, y + bh) for x, y, bw, bh in found]
+
+        frontal, profile = self.cascades()
+        boxes = hits(frontal, gray)
+        if still or not boxes:  # the profile pass costs 2.3x the frontal one: BENCHMARKS.md
+            # the profile cascade finds faces turned one way: the mirror image finds the others
+            gw = gray.shape[1]
+            turned = hits(profile, gray) + [(gw - x2, y1, gw - x1, y2) for x1, y1, x2, y2 in hits(profile, cv2.flip(gray, 1))]
+            for box in turned:
+                if all(box_iou(box, kept) < PROFILE_OVERLAP for kept in boxes):
+                    boxes.append(box)
+        return sorted(tuple(float(v) / scale for v in box) for box in boxes)
+
+
+def normalized_box(box, image_shape):
+    """A pixel box (x1, y1, x2, y2) as the normalized cx, cy, w, h of YOLO labels and crop_box."""
+    (x1, y1, x2, y2), (h, w) = box, image_shape[:2]
+    return ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
+
+
+def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
+    """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
+    training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's."""
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1)
+    h, w = image_shape[:2]
+    return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
+
+
+class EmotionPredictor:
+    """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected, emotion,
+    confidence, probabilities by class name); an image without a detected face: one dict with face_detected false
+    and emotion, confidence and probabilities None. detect_faces=False: the whole image is the face.
+    settings: the inference fields (INFERENCE_SETTINGS) replacing the checkpoint's."""
+
+    def __init__(self, checkpoint, device="auto", detect_faces=True, **settings):
+        unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
+        if unknown:
+            raise UserError(f"prediction takes {', '.join('--' + k for k in unknown)} from the checkpoint; drop "
+                            f"{'it' if len(unknown) == 1 else 'them'} (only {', '.join(INFERENCE_SETTINGS)} can be set)")
+        ckpt = load_checkpoint(checkpoint)
+        model, cfg = model_from_checkpoint(ckpt)
+        self.device = resolve_device(str(device))
+        self.cfg, _ = channels_last_checked(model, dataclasses.replace(cfg, **settings), self.device)
+        self.model = place_model(model, self.cfg, self.device)
+        self.mean, self.std = checkpoint_normalization(ckpt, self.device)
+        self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
+        self.detector = FaceDetector() if detect_faces else None
+
+    def crop(self, image, box, margin):
+        return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
+
+    def faces(self, image, boxes=None, still=True):
+        """[(pixel box, face_detected, uint8 crop (3, S, S) or None)] of an RGB image (still=False: a video frame):
+        the given boxes (cropped as the dataset's label boxes are, with the checkpoint's crop_margin), else the
+        detected faces, else the whole image with face_detected false and no crop (nothing to classify); without
+        the detector, the whole image cropped as a label box covering it."""
+        h, w = image.shape[:2]
+        margin = self.cfg.crop_margin
+        if boxes is not None:
+            return [(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin)) for b in boxes]
+        whole = (0.0, 0.0, float(w), float(h))
+        if self.detector is None:
+            return [(whole, False, self.crop(image, WHOLE_IMAGE, margin))]
+        found = [(b, True, self.crop(image, face_crop_box(b, image.shape), 0.0))  # the scale holds the margin
+                 for b in self.detector(image, still)]
+        return found or [(whole, False, None)]
+
+    def classify(self, crops):
+        """Class probabilities (N, K) of uint8 crops (N, 3, S, S), as evaluation computes them."""
+        if not len(crops):
+            return np.zeros((0, len(self.class_names)), np.float32)
+        return run_inference(self.model, crops, self.mean, self.std, self.device, self.cfg)["logits"].softmax(1).numpy()
+
+    def describe(self, faces, probs):
+        """One dict per face; a row of NaN probabilities (no face, nothing classified) has no emotion."""
+        return [{"box": [round(v, 1) for v in box], "face_detected": detected,
+                 **({"emotion": None, "confidence": None, "probabilities": None} if np.isnan(p).any() else
+                    {"emotion": self.class_names[int(p.argmax())], "confidence": float(p.max()),
+                     "probabilities": dict(zip(self.class_names, map(float, p)))})}
+                for (box, detected, _), p in zip(faces, probs)]
+
+    def __call__(self, image, boxes=None):
+        faces = self.faces(image, boxes)
+        return self.describe(faces, classify_batch(self, [faces])[0])
+
+
+class FaceTracker:
+    """A video's faces across frames: each face continues the live track whose last box it overlaps most
+    (IoU >= TRACK_IOU, best pairs first) or starts a new one; a track ends after TRACK_MAX_MISSED classified
+    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
+
+    def __init__(self, smoothing, min_iou=TRACK_IOU, max_missed=TRACK_MAX_MISSED):
+        self.min_iou, self.max_missed, self.smoothing = min_iou, max_missed, smoothing
+        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
+
+    def update(self, faces, probs):
+        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
+        pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
+                        for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
+        match = {}
+        for iou, tid, j in pairs:
+            if iou >= self.min_iou and j not in match and tid not in match.values():
+                match[j] = tid
+        ids, smoothed = [], []
+        for j, ((box, detected, _), p) in enumerate(zip(faces, probs)):
+            tid = match.get(j, WHOLE_FRAME if not detected else None)
+            if tid is None:
+                tid, self.next_id = self.next_id, self.next_id + 1
+            ids.append(tid)
+            if np.isnan(p).any():  # no face: nothing to smooth or keep
+                smoothed.append(p)
+                continue
+            track = self.tracks.get(tid)
+            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
+            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
+            smoothed.append(p)
+        for tid in [t for t in self.tracks if t not in ids]:
+            self.tracks[tid]["missed"] += 1
+            if self.tracks[tid]["missed"] > self.max_missed:
+                del self.tracks[tid]
+        return ids, smoothed
+
+
+@dataclass
+class MediaSource:
+    """One input of --predict."""
+    kind: str  # image | video | camera | ignored (in a folder, neither image nor video) | error
+    path: str
+    name: str = ""  # its annotated copy's path under annotated/
+    error: str = ""
+
+
+def prediction_inputs(specs):
+    """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt (one input per line).
+    Folders are searched recursively, hidden files and folders skipped; a file named on its own with an
+    unknown extension is tried as an image."""
+    parts = []
+    for spec in specs:
+        if not spec.startswith("@"):
+            parts.append(spec)
+            continue
+        listing = Path(spec[1:]).expanduser()
+        try:
+            parts += [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
+    if not parts:
+        raise UserError(f"{' '.join(specs)!r} names no input")
+    found = []
+    for part in parts:
+        if re.fullmatch(r"camera:\d{1,4}", part):
+            found.append(MediaSource("camera", part, part.replace(":", "_")))
+            continue
+        path = Path(part).expanduser()
+        if path.is_dir():
+            try:
+                files = [f for f in sorted(path.rglob("*")) if f.is_file() and
+                         not any(p.startswith(".") for p in f.relative_to(path).parts)]
+            except OSError as e:
+                found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
+                continue
+            kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
+                     "ignored" for f in files]
+            found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
+            if not {"image", "video"} & set(kinds):
+                found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
+        elif path.is_file():
+            found.append(MediaSource("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
+        else:
+            found.append(MediaSource("error", str(path), error="no such file or folder"))
+    return found
+
+
+def ordered_prefetch(fn, items, pool, depth):
+    """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order."""
+    pending = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
+
+
+def in_batches(prepared, max_faces, max_items):
+    """Group prepared items (tuples ending in image, faces) into lists of about max_faces faces, at most
+    max_items items and BUFFER_PIXELS pixels: one forward pass each."""
+    ready, faces, pixels = [], 0, 0
+    for item in prepared:
+        ready.append(item)
+        faces += len(item[-1])
+        pixels += 0 if item[-2] is None else item[-2].shape[0] * item[-2].shape[1]
+        if faces >= max_faces or len(ready) >= max_items or pixels >= BUFFER_PIXELS:
+            yield ready
+            ready, faces, pixels = [], 0, 0
+    if ready:
+        yield ready
+
+
+def classify_batch(predictor, ready):
+    """The probabilities of every face of a batch of prepared items (tuples ending in faces) in one pass, split
+    back per item; a face without a crop (no face found) gets a row of NaN."""
+    faces = [face for *_, item_faces in ready for face in item_faces]
+    crops = [crop for *_, crop in faces if crop is not None]
+    probs = np.full((len(faces), len(predictor.class_names)), np.nan, np.float32)
+    probs[[i for i, (*_, crop) in enumerate(faces) if crop is not None]] = predictor.classify(np.stack(crops) if crops else [])
+    return np.split(probs, np.cumsum([len(item[-1]) for item in ready])[:-1])
+
+
+def write_explanations(predictor, out, stem, faces, probs, face_ids):
+    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with flip TTA
+    where it is on), the maps and q those of the crop itself."""
+    kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face[2] is not None]
+    if not kept:
+        return
+    maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
+                         predictor.device)
+    for j, ((_, detected, crop), p, face) in enumerate(kept):
+        title = f"{stem}, face {face}{'' if detected else ' (no face found: whole image)'}: " \
+                f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
+        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
+        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
+                         title, out.path(name, "explain"))
+
+
+def annotate(image, faces, rows, tracks=None):
+    """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
+    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    thick = max(1, round(min(image.shape[:2]) / 300))  # lines and letters grow with the image: 1 px up to 450 px
+    font_scale = 0.4 * thick  # 0.4: about 9 px tall letters per unit of thickness
+    for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
+        label = "no face" if row["emotion"] is None else f"{row['emotion']} {row['confidence']:.2f}"
+        if tracks is not None and tracks[j] != WHOLE_FRAME:
+            label = f"#{tracks[j]} " + label
+        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2  # above the box, else inside
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
+        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return out
+
+
+def plot_timeline(times, track_probs, class_names, title, path):
+    """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
+    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for ax, tid in zip(axes[:, 0], shown):
+        t, p = np.array(times[tid]), np.array(track_probs[tid])
+        for k, name in enumerate(class_names):
+            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability")
+        ax.set_title("whole frames (--detect_faces=false)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if not shown:
+        axes[0, 0].set_title("no faces")
+    axes[-1, 0].set_xlabel("time (s)")
+    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class PredictionOutputs:
+    """One prediction folder: predictions.csv written and flushed row by row (an interrupted run keeps what was
+    done), annotated copies, timelines, and summary.json; JSON lines on stdout when asked."""
+
+    def __init__(self, out_dir, class_names, jsonl):
+        self.dir, self.class_names, self.jsonl = Path(out_dir), class_names, jsonl
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.dir / "predictions.csv", "w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(CSV_COLUMNS + list(class_names))
+        self.sources, self.claimed = [], set()
+
+    def rows(self, source, frame, time_s, faces, rows, face_ids):
+        for (box, detected, _), row, face in zip(faces, rows, face_ids):
+            self.csv.writerow([source, "" if frame is None else frame, "" if time_s is None else f"{time_s:.3f}", face,
+                               *(f"{v:.1f}" for v in box), str(detected).lower(), row["emotion"] or "",
+                               *(["", *[""] * len(self.class_names)] if row["emotion"] is None else
+                                 [f"{row['confidence']:.4f}", *(f"{v:.4f}" for v in row["probabilities"].values())])])
+            if self.jsonl:
+                try:
+                    print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
+                except BrokenPipeError:  # the reader (head, a closed pipe) has gone: keep writing the CSV
+                    self.jsonl, sys.stdout = False, open(os.devnull, "w")
+        self.file.flush()
+
+    def claim(self, name, suffix=None):
+        """A path under annotated/ for one source that no other source of this call has (name_2, name_3, ...)."""
+        path = Path(name).with_suffix(suffix) if suffix else Path(name)
+        stem, n = path.with_suffix(""), 1
+        while path in self.claimed:
+            n += 1
+            path = Path(f"{stem}_{n}{path.suffix}")
+        self.claimed.add(path)
+        return path
+
+    def path(self, name, folder="annotated"):
+        path = self.dir / folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def source(self, entry):
+        """Record one source's summary and print its line (errors, and everything when stdout carries JSON
+        lines, to stderr)."""
+        self.sources.append(entry)
+        tqdm.write(source_line(entry), file=sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
+
+    def close(self, extra):
+        self.file.close()
+        errors = [{"source": s["source"], "error": s["error"]} for s in self.sources if s.get("error")]
+        write_json({**extra, "sources": self.sources, "errors": errors}, self.dir / "summary.json")
+        return errors
+
+
+def emotion_shares(probs, class_names):
+    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
+    probs = [p for p in probs if not np.isnan(p).any()]
+    if not probs:
+        return {}, None
+    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
+    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
+
+
+def source_line(entry):
+    if entry.get("error"):
+        return f"{entry['source']}: error: {entry['error']}"
+    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
+    dominant = entry["dominant_emotion"]
+    share = f"; {dominant} {entry['emotion_share'][dominant]:.0%}" if dominant else ""
+    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
+    if entry["kind"] == "image" and entry["no_face"]:
+        return f"{entry['source']}: no face{warnings}"
+    no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
+    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected{no_face}, {entry['rows']} row(s){share}{warnings}"
+
+
+def no_face(faces):
+    return sum(crop is None for *_, crop in faces)
+
+
+def predict_images(predictor, sources, out, progress, args):
+    """Images, decoded and searched for faces in threads, classified args.batch faces at a time."""
+    def prepare(source):
+        try:
+            image, _ = decode_image(source.path)
+            return source, None, image, predictor.faces(image)
+        except (ValueError, OSError, cv2.error) as e:
+            return source, opencv_message(e) if isinstance(e, cv2.error) else str(e), None, []
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
+        prepared = ordered_prefetch(prepare, sources, pool, 2 * os.cpu_count())
+        for ready in in_batches(prepared, args.batch, args.batch):
+            for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
+                progress.update()
+                if error:
+                    out.source({"source": source.path, "kind": "image", "error": error})
+                    continue
+                rows = predictor.describe(faces, probs)
+                out.rows(source.path, None, None, faces, rows, range(len(faces)))
+                name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
+                annotated = out.path(name)
+                if args.explain:
+                    write_explanations(predictor, out, name.stem, faces, probs, range(len(faces)))
+                written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
+                share, dominant = emotion_shares(probs, predictor.class_names)
+                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
+                            "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
+                            "annotated": str(annotated) if written else None, "error": None,
+                            "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
+
+
+def video_frames(capture, every, max_frames, fps):
+    """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
+    converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
+    start, index, taken = time.time(), 0, 0
+    while not max_frames or taken < max_frames:
+        if index % every:
+            if not capture.grab():
+                return
+        else:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            taken += 1
+            yield index, index / fps if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        index += 1
+
+
+def predict_video(predictor, source, out, args):
+    """A video file or a camera, frame by frame: faces tracked, classified args.batch faces at a time (a camera
+    one frame at a time, for latency), rows written as they come; an annotated video at the source's frame rate
+    divided by --every (it lasts as long as the source), and a timeline."""
+    entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
+    camera = source.kind == "camera"
+    try:
+        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
+    except cv2.error as e:
+        return {**entry, "error": f"OpenCV cannot open it: {opencv_message(e)}"}
+    if not capture.isOpened():
+        return {**entry, "error": "cannot open the camera" if camera else
+                "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
+    fps = 0.0 if camera else capture.get(cv2.CAP_PROP_FPS)
+    if not camera and not fps > 0:
+        fps = FALLBACK_FPS
+        entry["warnings"].append(f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames per second")
+    total = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    expected = -(-total // args.every) if total > 0 else None
+    if expected and args.max_frames:
+        expected = min(expected, args.max_frames)
+    tracker, writer, window, interrupted = FaceTracker(args.smoothing), None, None, False
+    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
+    name = out.claim(source.name, ".mp4")
+    annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
+
+    def prepare(frame):
+        return (*frame, predictor.faces(frame[2], still=False))
+
+    def show(frame):
+        nonlocal window
+        try:
+            cv2.imshow(str(name), frame)
+            cv2.waitKey(1)
+            window = True
+        except cv2.error:
+            window = False
+            entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
+
+    frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    most = 1 if camera else int(min(args.batch, max(1, BUFFER_PIXELS // frame_pixels)))
+    bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
+    try:
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # detection of the next frames overlaps classification
+            prepared = ordered_prefetch(prepare, video_frames(capture, args.every, args.max_frames, fps), pool, most)
+            for ready in in_batches(prepared, args.batch, most):
+                for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
+                    ids, smoothed = tracker.update(faces, probs)
+                    out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
+                    for tid, q, (_, detected, crop) in zip(ids, smoothed, faces):  # counted with its rows: a Ctrl-C
+                        if crop is None:  # from here on leaves the summary in step with the CSV
+                            counts["no_face"] += 1
+                            continue
+                        times[tid].append(t)
+                        track_probs[tid].append(q)
+                        shares[detected].append(q)
+                        counts["faces"] += detected
+                    counts["frames"] += 1
+                    if args.explain:
+                        write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
+                    frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
+                    if writer is None:
+                        rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every
+                        writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
+                        if not writer.isOpened():
+                            writer = False
+                            entry["warnings"].append("this OpenCV cannot write mp4v video: no annotated video")
+                    if writer:
+                        writer.write(frame)
+                    if args.show and window is not False:
+                        show(frame)
+                    bar.update()
+    except KeyboardInterrupt:
+        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
+        interrupted = not camera
+    except cv2.error as e:
+        entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
+    finally:
+        capture.release()
+        bar.close()
+        if writer:
+            writer.release()
+        if window:
+            cv2.destroyAllWindows()
+    if not counts["frames"] and not entry["error"]:
+        entry["error"] = "no frame could be decoded"
+    if counts["frames"] and expected and counts["frames"] < expected:
+        entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
+    share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
+    entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"], no_face=counts["no_face"],
+                 tracks=len([t for t in times if t != WHOLE_FRAME]),
+                 rows=len(shares[True]) + len(shares[False]) + counts["no_face"],
+                 dominant_emotion=dominant,
+                 emotion_share=share, annotated=str(annotated) if writer else None)
+    if counts["frames"]:
+        plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline)
+        entry["timeline"] = str(timeline)
+    if interrupted:
+        out.source(entry)
+        raise KeyboardInterrupt
+    return entry
+
+
+def run_prediction(args, specs):
+    """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
+    were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
+    settings = {k: getattr(args, k) for k in ("tta_flip", "amp", "channels_last") if getattr(args, k) is not None}
+    predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
+    out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out_dir / "predictions.csv").exists() and not args.overwrite:
+        raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
+    inputs = prediction_inputs(specs)
+    try:
+        out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
+    except OSError as e:
+        raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
+    for source in inputs:
+        if source.kind == "error":
+            out.source({"source": source.path, "kind": "input", "error": source.error})
+    left_out = [s.path for s in inputs if s.kind == "ignored"]
+    if left_out:
+        print(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
+              f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", file=sys.stderr)
+    images = [s for s in inputs if s.kind == "image"]
+    interrupted = False
+    try:
+        with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
+            predict_images(predictor, images, out, bar, args)
+        for source in inputs:
+            if source.kind in ("video", "camera"):
+                out.source(predict_video(predictor, source, out, args))
+    except KeyboardInterrupt:
+        interrupted = True
+    except OSError as e:
+        raise UserError(f"writing into {out_dir} failed: {e}") from None
+    finally:
+        errors = out.close({
+            "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "inputs": list(specs),
+            "interrupted": interrupted, "ignored": left_out,
+            "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
+            "precision": precision(predictor.cfg, predictor.device)})
+    print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
+          f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
+          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if args.jsonl else sys.stdout)
+    if interrupted:
+        print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
+        return 130
+    return 1 if errors else 0
+
+
+def main(argv):
+    """Parse and predict. Returns the exit status: 0 when every input was read, 1 when some were not, 130 after
+    Ctrl-C."""
+    (given,), sources = read_overrides(argv, (Prediction,), __doc__, positional=True)
+    args = Prediction(**given)
+    validate_prediction(args, sources)
+    return run_prediction(dataclasses.replace(args, checkpoint=checkpoint_in(args.checkpoint, "best_emotion_model.pth")),
+                          sources)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C keeps the rows written, even under `cmd &`
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
