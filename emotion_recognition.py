@@ -86,15 +86,10 @@ class Config:
     attention_reduction: int = 16  # channel-attention bottleneck ratio
     attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
-    context_fusion: str = "concat"  # where the context enters: concat = a classifier on [f, c]; logits = W f + s
-    prototype_init: str = "random"  # random; imprint = after epoch 1, P_k along class k's mean training feature
     dropout: float = 0.3  # before the classifier
     # loss
     label_smoothing: float = 0.1  # epsilon of the smoothed target t
     context_weight: float = 0.5  # lambda of the KL term; 0 = cross-entropy only
-    context_target: str = "label"  # the KL term: label = KL(t || q), q the context distribution; distribution = KL(M[y] || p), M the last epoch's mean prediction per class; teacher = KL(EMA's sharpened p || p)
-    affinity_weight: float = 0.0  # DAN's affinity loss: pull f to its class prototype over the prototypes' spread; 0 = off
-    logit_adjustment: float = 0.0  # tau of the logit-adjusted cross-entropy, z + tau log(class prior); 0 = off, 1 = balanced
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
@@ -146,7 +141,6 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
-CONTEXT_TARGETS = ("label", "distribution", "teacher")
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate, predict.py: the command line's
 CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
@@ -280,14 +274,6 @@ def validate_config(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
-        (cfg.context_fusion in ("concat", "logits"), f"--context_fusion must be concat or logits, got {cfg.context_fusion!r}"),
-        (cfg.prototype_init in ("random", "imprint"), f"--prototype_init must be random or imprint, got {cfg.prototype_init!r}"),
-        (cfg.context_target in CONTEXT_TARGETS, f"--context_target must be {' or '.join(CONTEXT_TARGETS)}, got {cfg.context_target!r}"),
-        (cfg.context_target != "teacher" or cfg.ema_decay > 0, "--context_target=teacher needs --ema_decay > 0 (the teacher)"),
-        (cfg.context_target == "label" or cfg.context_weight > 0,
-         f"--context_target={cfg.context_target} needs --context_weight > 0 (the KL term that uses it)"),
-        (cfg.context_target != "distribution" or not (cfg.mixup or cfg.cutmix),
-         "--context_target=distribution cannot be mixed with --mixup or --cutmix: M averages predictions of unmixed faces"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
@@ -298,15 +284,12 @@ def validate_config(cfg):
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
         (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
-    for name in ("context_weight", "affinity_weight", "logit_adjustment", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
+    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
                  "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
         checks.append((getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}"))
     for name in ("aug_flip", "aug_erase"):
         checks.append((0 <= getattr(cfg, name) <= 1, f"--{name} is a probability, got {getattr(cfg, name)}"))
     checks.append((cfg.aug_scale < 1, f"--aug_scale must be < 1, got {cfg.aug_scale}"))
-    for name, plain in (("context_fusion", "concat"), ("prototype_init", "random"), ("affinity_weight", 0.0)):
-        checks.append((cfg.context or getattr(cfg, name) == plain, f"--{name}={getattr(cfg, name)} needs --context=true"))
-    checks.append((cfg.context or cfg.context_target != "distribution", "--context_target=distribution needs --context=true"))
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -962,7 +945,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     return class_names, splits, report
 
 
-STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization and imprinted prototypes
+STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization
 
 
 def dataset_normalization(images, max_images=STATISTICS_SAMPLE):
@@ -1250,16 +1233,12 @@ class EmotionContext(nn.Module):
 
     s_k = cos(f, P_k) / tau (the context logits), q = softmax(s) (the context distribution),
     c = q^T P (the context vector, the expected prototype) refines the prediction.
-    With distributions, it also holds M (K x K, a buffer): row k the mean predicted distribution of the previous
-    epoch's correctly classified training faces of class k (zeros: not yet reliable), the KL term's target.
     """
 
-    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1, with_distributions: bool = False):
+    def __init__(self, dim: int, num_classes: int, temperature: float = 0.1):
         super().__init__()
         self.prototypes = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
         self.temperature = temperature
-        if with_distributions:
-            self.register_buffer("distributions", torch.zeros(num_classes, num_classes))
 
     def context_similarity(self, f):
         return F.normalize(f, dim=1) @ F.normalize(self.prototypes, dim=1).t() / self.temperature
@@ -1272,15 +1251,14 @@ class EmotionContext(nn.Module):
 
 class ERN(nn.Module):
     """Emotion Recognition Network: stem, residual stages each followed by dual attention,
-    global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c]
-    (fusion "concat"), or W f + b + s, the context logits added to a linear classifier on f (fusion "logits").
+    global average pooling to the feature vector f, emotion context, and a linear classifier on [f, c].
 
     forward(x) -> (logits, context logits s or None, features f).
     """
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True, fusion="concat", with_distributions=False):
+                 attention_residual=True):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
@@ -1295,26 +1273,21 @@ class ERN(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.feature_dim = cin
-        self.context = EmotionContext(cin, num_classes, temperature, with_distributions) if context else None
-        self.fusion = fusion
+        self.context = EmotionContext(cin, num_classes, temperature) if context else None
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(cin * (2 if context and fusion == "concat" else 1), num_classes)
+        self.classifier = nn.Linear(cin * (2 if context else 1), num_classes)
 
     def forward(self, x):
         f = self.stages(self.stem(x)).mean((2, 3))
         if self.context is None:
             return self.classifier(self.dropout(f)), None, f
-        if self.fusion == "logits":
-            s = self.context.context_similarity(f)
-            return self.classifier(self.dropout(f)) + s, s, f
         c, s = self.context(f)
         return self.classifier(self.dropout(torch.cat([f, c], 1))), s, f
 
 
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
-               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
-               cfg.context_fusion, cfg.context_target == "distribution")
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual)
 
 
 def place_model(model, cfg, device):
@@ -1459,55 +1432,25 @@ def smooth_targets(labels, num_classes, smoothing):
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
 
 
-TEACHER_TEMPERATURE = 0.5  # --context_target=teacher: the EMA's logits are divided by this (sharpened) before softmax
-DISTRIBUTION_MIN_FACES = 20  # --context_target=distribution: correctly classified faces a class needs for its row of M
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
+    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
 
-
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None, r=None, logit_offset=None):
-    """L = CE(z, t) + lambda * KL, returned as (L, CE, KL).
-
-    CE(z, t) = -sum_k t_k log softmax(z + o)_k    (cross-entropy with label smoothing via t; o = logit_offset,
-                                                   a log(prior) for the logit-adjusted loss, else 0)
+    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    or, given r (M's rows, distribution_target, or the EMA teacher's sharpened prediction), KL(r || p) with p = softmax(z), the prediction (unadjusted).
     t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
     sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
-    mean is taken. Without the context module and without r the KL term is 0.
+    mean is taken. Without the context module the KL term is 0.
     """
-    z = logits.float() if logit_offset is None else logits.float() + logit_offset
-    ce = -(target * F.log_softmax(z, 1)).sum(1)
+    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
     if class_weights is not None:
         w = target @ class_weights
         ce = (ce * w).sum() / w.sum()
     else:
         ce = ce.mean()
-    r, predicted = (target, context_logits) if r is None else (r, logits)
-    if predicted is None:
+    if context_logits is None:
         return ce, ce, torch.zeros_like(ce)
-    kl = (torch.xlogy(r, r) - r * F.log_softmax(predicted.float(), 1)).sum(1).mean()
+    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
     return ce + context_weight * kl, ce, kl
-
-
-def distribution_target(distributions, y, t):
-    """r for --context_target=distribution: M[y], the row of the face's class (label smoothing's t while that row is
-    not yet reliable, all zeros, as in epoch 1: the term is then a second label-smoothed cross-entropy on p)."""
-    return torch.where(distributions[y].sum(1, keepdim=True) > 0, distributions[y], t)
-
-
-def class_distributions(sums, counts):
-    """M from per-class sums of predicted distributions over counts correct faces: rows of classes with fewer than
-    DISTRIBUTION_MIN_FACES faces are zeros (distribution_target falls back to t for them)."""
-    return torch.where(counts[:, None] >= DISTRIBUTION_MIN_FACES, sums / counts.clamp(min=1)[:, None], 0.0)
-
-
-def affinity_loss(features, prototypes, labels):
-    """Adapted from DAN's affinity loss (Wen et al., 2023), mean_i ||f_i - c_{y_i}||^2 / sum_d var_k(c_kd): here the
-    centres c are the context prototypes, and features and prototypes are taken on the unit sphere the context
-    compares on (DAN: free centres, raw features, the unbiased variance). It pulls faces to their class's
-    prototype and pushes the prototypes apart."""
-    f, p = F.normalize(features.float(), dim=1), F.normalize(prototypes.float(), dim=1)
-    pull = (f - p[labels]).pow(2).sum(1).mean()
-    return pull / (p.var(0, unbiased=False).sum() + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1551,14 +1494,9 @@ def macro_f1(y_true, y_pred):
     return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
-def recall_by_class(y, pred, class_names):
-    """{class name: recall} over the classes present in y."""
-    return {name: float((pred[y == i] == i).mean()) for i, name in enumerate(class_names) if (y == i).any()}
-
-
 def evaluation_results(split, out, class_names, train_hashes=None):
-    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and per source
-    format: accuracy, recall per class present in that source, and their mean (balanced accuracy)."""
+    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and the accuracy without the
+    faces whose image is also in the training split."""
     from sklearn.metrics import precision_recall_fscore_support
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
@@ -1571,13 +1509,6 @@ def evaluation_results(split, out, class_names, train_hashes=None):
                "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
     if split.name == "test":  # the name says which split: never "test" for a validation figure
         results["test_accuracy"] = results["accuracy"]
-    results["accuracy_by_source_format"] = {}  # the sources' class mixes may differ: recall per class separates that
-    for fmt in sorted(set(split.formats)):
-        of_fmt = np.array([f == fmt for f in split.formats])
-        recall = recall_by_class(y[of_fmt], pred[of_fmt], class_names)
-        results["accuracy_by_source_format"][fmt] = {"accuracy": float(correct[of_fmt].mean()), "samples": int(of_fmt.sum()),
-                                                     "balanced_accuracy": float(np.mean(list(recall.values()))),
-                                                     "recall": recall}
     if train_hashes is not None:
         unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
         results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
@@ -1636,8 +1567,21 @@ def checkpoint_normalization(ckpt, device):
     return tuple(torch.tensor(ckpt["normalization"][k], device=device) for k in ("mean", "std"))
 
 
+# Options removed after they measured nothing (BENCHMARKS.md, "Removed options"), with the value that is now the only
+# behaviour: a checkpoint trained with another value is refused (it is evaluated or resumed at REMOVED_AFTER)
+REMOVED = {"context_fusion": "concat", "prototype_init": "random", "context_target": "label", "affinity_weight": 0.0,
+           "logit_adjustment": 0.0}
+REMOVED_AFTER = "da10df0"  # the last commit with them
+
+
 def config_from_checkpoint(ckpt):
-    known = {f.name for f in dataclasses.fields(Config)}  # fields a newer file dropped are ignored
+    """The checkpoint's Config; fields this file does not know are ignored, unless they are removed options that the
+    checkpoint used (then: one line naming the option and the commit that still has it)."""
+    used = [f"--{k}={v}" for k, v in ckpt["config"].items() if k in REMOVED and v != REMOVED[k]]
+    if used:
+        raise UserError(f"the checkpoint was trained with {', '.join(used)}, an option removed after commit "
+                        f"{REMOVED_AFTER}: evaluate or resume it with that commit's emotion_recognition.py")
+    known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
 
 
@@ -1652,7 +1596,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     if expected is not None:
         differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
                   for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "context", "context_fusion") if getattr(cfg, k) != getattr(expected, k)]
+                            "attention_residual", "context") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
     model = build_model(cfg, len(ckpt["class_names"]))
@@ -1855,14 +1799,12 @@ def epoch_steps(n, cfg):
 
 
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
-                    ema=None, class_weights=None, logit_offset=None, prototypes=None, distributions=None):
+                    ema=None, class_weights=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
     A step that fp16's GradScaler skips (gradients overflowed) moves neither the schedule nor the EMA.
-    The parts of loss_parts: with distributions (M, the KL targets of this epoch), M is replaced at the end by
-    this epoch's (class_distributions); with prototypes, the affinity loss joins the loss.
     """
     model.train()
     dev = images.device
@@ -1872,9 +1814,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     steps = epoch_steps(images.shape[0], cfg)
     # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
-    sums = torch.zeros(5, device=dev)  # loss, ce, kl, affinity, correct
-    if distributions is not None:  # next epoch's M: summed predicted distributions and counts of correct faces
-        m_sums, m_counts = torch.zeros_like(distributions), torch.zeros(num_classes, device=dev)
+    sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
     amp_dtype = autocast_dtype(cfg, dev)
     log_every = max(1, steps // 10)
@@ -1883,21 +1823,12 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         idx = perm[step * batch + rank * share:step * batch + (rank + 1) * share]
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
-        target = smooth_targets(y, num_classes, cfg.label_smoothing)
-        r = distribution_target(distributions, y, target) if cfg.context_target == "distribution" else None
-        x, target = mix_batch(x, target if r is None else torch.cat([target, r], 1), cfg)  # r mixed as t is
-        if r is not None:
-            target, r = target.split(num_classes, 1)
+        x, target = mix_batch(x, smooth_targets(y, num_classes, cfg.label_smoothing), cfg)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, context_logits, features = model(x)
-            if cfg.context_target == "teacher":
-                with torch.no_grad():  # the EMA's sharpened prediction for the same augmented faces
-                    r = (ema.model(x)[0].float() / TEACHER_TEMPERATURE).softmax(1)
-        loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights, r, logit_offset)
-        affinity = affinity_loss(features, prototypes, y) if prototypes is not None else torch.zeros_like(loss)
-        loss = loss + cfg.affinity_weight * affinity
+            logits, context_logits, _ = model(x)
+        loss, ce, kl = hybrid_loss(logits, context_logits, target, cfg.context_weight, class_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -1911,36 +1842,26 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             if ema is not None:
                 ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
         with torch.no_grad():
-            terms = torch.stack([loss, ce, kl, affinity]).detach()
+            terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
             right = logits.argmax(1) == y
             sums += torch.cat([terms * len(idx), right.sum().view(1)])
-            if distributions is not None:
-                m_sums.index_add_(0, y[right], logits[right].float().softmax(1))
-                m_counts += torch.bincount(y[right], minlength=num_classes)
         if (step + 1) % log_every == 0 or step == steps - 1:  # the loop's only host syncs (but fp16's GradScaler)
             if world > 1:  # every rank stops together
                 torch.distributed.all_reduce(first_bad, torch.distributed.ReduceOp.MAX)
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
             seen = (step + 1) * share
-            bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[4].item() / seen:.3f}")
-    loss, ce, kl, affinity, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
-    if distributions is not None:
-        distributions.copy_(class_distributions(all_ranks_sum(m_sums), all_ranks_sum(m_counts)))
-    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_affinity": affinity, "train_accuracy": correct}
+            bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
+    loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
+    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
 def validate(model, val, mean, std, device, cfg, num_classes):
-    """The per-epoch validation: loss, accuracy and macro-F1 of the split. The loss is the hybrid loss on smoothed
-    targets without the training-only terms: no logit adjustment, no affinity, and with --context_target=teacher
-    cross-entropy alone (the evaluated model is the teacher itself)."""
+    """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
     out = run_inference_sharded(model, val.images, mean, std, device, cfg)
-    y = torch.from_numpy(val.labels)
-    target = smooth_targets(y, num_classes, cfg.label_smoothing)
-    r = distribution_target(model.context.distributions.cpu(), y, target) if cfg.context_target == "distribution" else None
-    weight = 0.0 if cfg.context_target == "teacher" else cfg.context_weight
-    loss = hybrid_loss(out["logits"], out["context_logits"], target, weight, r=r)[0].item()
+    target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
+    loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight)[0].item()
     pred = out["logits"].argmax(1).numpy()
     return {"val_loss": loss, "val_accuracy": float((pred == val.labels).mean()), "val_macro_f1": macro_f1(val.labels, pred)}
 
@@ -1991,13 +1912,13 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         trial = copy.deepcopy(model)
         optimizer, scheduler, scaler, ema = training_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
         compiled = torch.compile(trial) if cfg.compile else trial
-        parts = loss_parts(trial, cfg, train_y, num_classes)
+        weights = class_weights(cfg, train_y, num_classes)
         seconds, steps = [], []
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = clock()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, ema=ema, **parts)
+                            num_classes=num_classes, ema=ema, class_weights=weights)
             seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
@@ -2009,8 +1930,6 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     final_s = final_seconds(eval_faces, face_s, step_s, batch, cfg)
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
-    if cfg.prototype_init == "imprint":  # after epoch 1: a pass (no flip) over a sample, for the model and its EMA
-        first_s += min(STATISTICS_SAMPLE, len(train_y)) * face_s
     now = clock()
     epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs)
     spent_s = budget_s - (deadline - now)  # of the budget, before training
@@ -2021,21 +1940,6 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
 
 
 @torch.no_grad()
-def imprint_prototypes(model, images, labels, mean, std, cfg, optimizer, ema=None, max_images=STATISTICS_SAMPLE):
-    """Weight imprinting (Qi et al., 2018): set each prototype P_k, keeping its norm, along the mean
-    unit feature of class k over an evenly spaced sample of training images (no augmentation), and
-    restart the prototypes' AdamW moments. A class absent from the sample keeps its prototype. The
-    EMA's prototypes are imprinted from the EMA's own features."""
-    idx = torch.linspace(0, len(labels) - 1, min(max_images, len(labels)), device=labels.device).long()
-    sample, y = images[idx].cpu().numpy(), labels[idx].cpu()
-    for net in [model] + ([ema.model] if ema is not None else []):
-        out = run_inference(net, sample, mean, std, images.device, cfg, tta=False)
-        f, p = F.normalize(out["features"], dim=1), net.context.prototypes
-        for k in y.unique().tolist():
-            p[k] = F.normalize(f[y == k].mean(0), dim=0).to(p) * p[k].norm()
-    optimizer.state.pop(model.context.prototypes, None)
-
-
 def training_parts(model, cfg, device, steps_per_epoch):
     """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
     without ema_decay)."""
@@ -2045,15 +1949,12 @@ def training_parts(model, cfg, device, steps_per_epoch):
             EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
 
 
-def loss_parts(model, cfg, train_y, num_classes):
-    """What the loss takes from the training split and the model, as train_one_epoch's keywords: inverse-frequency
-    class weights, the logit adjustment's offset tau log(prior), the affinity loss's prototypes, and M (the
-    model's buffer, updated in place each epoch); None where off."""
+def class_weights(cfg, train_y, num_classes):
+    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
+    if not cfg.class_weights:
+        return None
     counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return {"class_weights": counts.sum() / (num_classes * counts) if cfg.class_weights else None,
-            "logit_offset": cfg.logit_adjustment * (counts / counts.sum()).log() if cfg.logit_adjustment else None,
-            "prototypes": model.context.prototypes if cfg.affinity_weight else None,
-            "distributions": model.context.distributions if cfg.context_target == "distribution" else None}
+    return counts.sum() / (num_classes * counts)
 
 
 def script_command(*args):
@@ -2086,7 +1987,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, steps_per_epoch)
-    parts = loss_parts(model, cfg, train_y, k)
+    weights = class_weights(cfg, train_y, k)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
@@ -2119,12 +2020,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + distributed()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                    num_classes=k, ema=ema, **parts)
-            if ema is not None and parts["distributions"] is not None:  # M is this epoch's, not an average
-                ema.model.context.distributions.copy_(parts["distributions"])
+                                    num_classes=k, ema=ema, class_weights=weights)
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
-            if epoch == 1 and cfg.prototype_init == "imprint":
-                imprint_prototypes(model, train_x, train_y, mean, std, cfg, optimizer, ema)
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
             stats.update(epoch=epoch, **validate(evaluated, val, mean, std, device, cfg, k), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
@@ -2154,9 +2051,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
-            affinity = f" affinity {stats['train_affinity']:.4f}" if cfg.affinity_weight else ""
             log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
-                f"kl {stats['train_kl']:.4f}{affinity}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
+                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
                 f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
     except KeyboardInterrupt:
@@ -2184,8 +2080,6 @@ def plot_history(history, path):
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (total)")
     axes[0].plot(ep, [h["train_ce"] for h in history], "--", label="train CE")
     axes[0].plot(ep, [h["train_kl"] for h in history], ":", label="train KL")
-    if any(h.get("train_affinity") for h in history):
-        axes[0].plot(ep, [h["train_affinity"] for h in history], "-.", label="train affinity")
     axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     axes[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     axes[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
@@ -2230,25 +2124,18 @@ def plot_confusion(cm, class_names, path):
     plt.close(fig)
 
 
-def plot_context(prototypes, q, labels, class_names, path, distributions=None):
-    """Prototype-to-prototype cosine similarity, the mean context distribution q per true class, and with
-    --context_target=distribution M, the prototypical emotion distributions (rows not yet reliable are blank)."""
+def plot_context(prototypes, q, labels, class_names, path):
+    """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
     import matplotlib.pyplot as plt
     k = len(class_names)
     p = F.normalize(prototypes.float(), dim=1)
     sim = (p @ p.t()).numpy()
     mean_q = np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
-    fig, axes = plt.subplots(1, 2 if distributions is None else 3, figsize=(15 if distributions is None else 22, 6.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
     heatmap(axes[0], sim, class_names, class_names, "prototype cosine similarity", ".2f", cmap="RdBu_r", vmin=-1, vmax=1)
     heatmap(axes[1], mean_q, class_names, class_names, "mean context distribution q by true class", ".2f", vmin=0, vmax=1)
     axes[1].set_xlabel("prototype")
     axes[1].set_ylabel("true class")
-    if distributions is not None:
-        m = distributions.float().numpy()
-        m = np.where(m.sum(1, keepdims=True) > 0, m, np.nan)
-        heatmap(axes[2], m, class_names, class_names, "emotion distributions M (the KL targets)", ".2f", vmin=0, vmax=1)
-        axes[2].set_xlabel("predicted class")
-        axes[2].set_ylabel("class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -2293,9 +2180,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
     if prototypes is not None:
         q = out["context_logits"].softmax(1).numpy()
-        distributions = getattr(model.context, "distributions", None)
-        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png",
-                     None if distributions is None else distributions.cpu())
+        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
     if cfg.tsne_samples:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)
@@ -2524,8 +2409,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         cfg = dataclasses.replace(cfg, channels_last=bool(every.item()))
     model = place_model(model, cfg, device)
     same_as_rank_zero(model)  # before the EMA copies it
-    if cfg.sync_bn and world > 1:
-        global_batch_norm(model)
+    if cfg.sync_bn and world > 1:  # CUDA: PyTorch's; gloo on CPUs: ours (nn.SyncBatchNorm is CUDA-only)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else global_batch_norm(model)
     n_params = count_parameters(model)
     computes = precision(cfg, device)
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
@@ -2592,7 +2477,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
 FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
-                   "attention_reduction", "attention_residual", "context", "context_fusion", "context_temperature", "dropout", "seed",
+                   "attention_reduction", "attention_residual", "context", "context_temperature", "dropout", "seed",
                    "val_fraction")
 
 
@@ -2634,8 +2519,7 @@ def run_evaluation(cfg, action, overrides):
 
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
-                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
-                "context_target": "the model holds M only with --context_target=distribution"}
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
 
 
 def main(argv, started=None):

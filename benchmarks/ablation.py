@@ -8,13 +8,10 @@ The ERN ablation table: each row is one run of emotion_recognition.py with one m
 Every row shares the protocol and seed; rows run `--parallel` at a time, each with `--threads`
 OpenMP threads (default 1: two one-thread runs use a 2-core machine better than one two-thread run). Prints a
 markdown table (validation accuracy, macro-F1, per-class F1 by the dataset's class names,
-accuracy without the validation images that duplicate training images, accuracy per image
-source format, training seconds), with several seeds also their mean per row, and writes it,
+accuracy without the validation images that duplicate training images, training seconds), with several seeds also their mean per row, and writes it,
 with every command, to OUT/ablation.json. ROWS add one component at a time (the default
 --rows), in CBAM's gating and in the shipped residual gating; RECIPE rows change one training
-choice of full ERN, CONTEXT rows its temperature, KL weight, where the context enters or how the
-prototypes start; TARGETS rows what the context computes (issue 15: M, the EMA teacher, DAN's affinity loss)
-and the class-balance baseline. With several seeds it also prints each row's mean, spread (max - min) and
+choice of full ERN, CONTEXT rows its temperature and KL weight. With several seeds it also prints each row's mean, spread (max - min) and
 training time against plain's. Finished rows are reused by folder name: give a new OUT for a new protocol.
 """
 
@@ -56,22 +53,13 @@ CONTEXT = {  # full ERN with the context module's tau, lambda (defaults 0.1, 0.5
     "tau 0.2": "--context_temperature=0.2",
     "lambda 0.25": "--context_weight=0.25",
     "lambda 1.0": "--context_weight=1.0",
-    "context in the logits": "--context_fusion=logits",  # W f + s instead of a classifier on [f, c]
-    "prototypes imprinted": "--prototype_init=imprint",  # after epoch 1, P_k along class k's mean feature
+    "EMA 0.999": "--ema_decay=0.999",
 }
-TARGETS = {  # what the context computes (issue 15), and the class-balance baseline ERN must beat
-    "plain + logit adjustment": ROWS["plain"] + " --logit_adjustment=1",
-    "M distributions": "--context_target=distribution",  # KL(M[y] || p): last epoch's mean prediction per class
-    "EMA teacher": "--context_target=teacher --ema_decay=0.999",  # KL(EMA's sharpened p || p), EMA evaluated
-    "EMA 0.999": "--ema_decay=0.999",  # the teacher row's EMA alone
-    "affinity 0.5": "--affinity_weight=0.5",  # DAN's affinity loss on the prototypes
-    "affinity 0.1": "--affinity_weight=0.1",
-    "logit adjustment": "--logit_adjustment=1",
-}
+# Rows of options removed since (context in the logits, imprinted prototypes, M distributions, the EMA teacher, the
+# affinity loss, logit adjustment): BENCHMARKS.md, "Removed options", and commit da10df0, which still runs them.
 LADDER = list(ROWS)
 ROWS.update(RECIPE)
 ROWS.update(CONTEXT)
-ROWS.update(TARGETS)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,19 +110,16 @@ def main():
         table.append({"row": row, "seed": int(seed), "command": shlex.join(cmd[1:]), "wall_seconds": wall,
                       "val_accuracy": res["accuracy"], "macro_f1": res["macro_f1"],
                       "accuracy_excluding_train_duplicates": res.get("accuracy_excluding_train_duplicates"),
-                      "accuracy_by_source_format": {k: v["accuracy"] for k, v in res["accuracy_by_source_format"].items()},
                       "f1": {k: v["f1-score"] for k, v in res["classification_report"].items()},
                       "training_seconds": res["training_seconds"], "num_parameters": res["num_parameters"]})
     (out / "ablation.json").write_text(json.dumps(table, indent=2))
     names = list(table[0]["f1"])
-    formats = sorted(table[0]["accuracy_by_source_format"])
     print("\n| row | seed | params | val acc | macro-F1 | acc w/o train dups | " +
-          " | ".join(f"acc {f}" for f in formats) + " | " + " | ".join(f"F1 {n}" for n in names) + " | train s |")
-    print("|" + "---|" * (7 + len(formats) + len(names)))
+          " | ".join(f"F1 {n}" for n in names) + " | train s |")
+    print("|" + "---|" * (7 + len(names)))
     for t in table:
         print(f"| {t['row']} | {t['seed']} | {t['num_parameters'] / 1e6:.2f} M | {t['val_accuracy']:.2%} | {t['macro_f1']:.4f} | "
               f"{t['accuracy_excluding_train_duplicates']:.2%} | " +
-              " | ".join(f"{t['accuracy_by_source_format'][f]:.2%}" for f in formats) + " | " +
               " | ".join(f"{t['f1'][n]:.3f}" for n in names) + f" | {t['training_seconds']:.0f} |")
     by_row = {}
     for t in table:
@@ -145,15 +130,14 @@ def main():
             return np.mean(v), max(v) - min(v)
 
         plain_s = np.mean([t["training_seconds"] for t in by_row["plain"]]) if "plain" in by_row else None
-        print("\n| row | seeds | val acc, mean (spread) | per seed | w/o train dups | macro-F1, mean (spread) | " +
-              " | ".join(f"acc {f}" for f in formats) + " | train s | vs plain |\n|" + "---|" * (8 + len(formats)))
+        print("\n| row | seeds | val acc, mean (spread) | per seed | w/o train dups | macro-F1, mean (spread) | "
+              "train s | vs plain |\n|" + "---|" * 8)
         for row, runs in by_row.items():
             acc, macro = stat(runs, lambda t: t["val_accuracy"]), stat(runs, lambda t: t["macro_f1"])
             secs = np.mean([t["training_seconds"] for t in runs])
             print(f"| {row} | {len(runs)} | {acc[0]:.2%} ({acc[1]:.2%}) | "
                   + ", ".join(f"{t['val_accuracy']:.2%}" for t in runs)
-                  + f" | {stat(runs, lambda t: t['accuracy_excluding_train_duplicates'])[0]:.2%} | {macro[0]:.4f} ({macro[1]:.4f}) | "
-                  + " | ".join(f"{stat(runs, lambda t: t['accuracy_by_source_format'][f])[0]:.2%}" for f in formats)
+                  + f" | {stat(runs, lambda t: t['accuracy_excluding_train_duplicates'])[0]:.2%} | {macro[0]:.4f} ({macro[1]:.4f})"
                   + f" | {secs:.0f} | " + (f"{secs / plain_s:.2f}x" if plain_s else "") + " |")
         print("\n| row | " + " | ".join(f"F1 {n}, mean" for n in names) + " |\n|" + "---|" * (1 + len(names)))
         for row, runs in by_row.items():

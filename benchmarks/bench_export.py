@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
+import export as ex  # noqa: E402
 
 MODELS = {"cpu preset": ern.PRESETS["cpu"], "default": {}}
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -113,9 +114,9 @@ def main():
                                            torch.full((3,), 0.25), 0, {}), ckpt_path)
         ckpt = ern.load_checkpoint(ckpt_path)
         model, cfg = ern.model_from_checkpoint(ckpt)
-        eager = ern.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu")).eval()
+        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu")).eval()
         onnx_path = tmp / f"{name.replace(' ', '_')}.onnx"
-        differences = ern.export_onnx(ckpt_path, onnx_path)
+        differences = ex.export_onnx(ckpt_path, onnx_path)
         size = ckpt["image_size"]
 
         def torch_run(x):

@@ -1,11 +1,11 @@
-"""Prediction speed: --predict's batched, overlapped video path against a plain one-at-a-time loop.
+"""Prediction speed: predict.py's batched, overlapped video path against a plain one-at-a-time loop.
 
 On a generated 640x480 video with one face (Grace Hopper's head, from matplotlib's sample data, moving
 across a grey background), for the CPU-preset model (64 px, width 0.5, 4.4 M parameters) and the
 default model (96 px, 27.6 M), untrained (speed does not depend on the weights):
 
   end to end    frames per second from the video file to predictions.csv, the annotated video and the
-                timeline (--predict's predict_video), against a plain loop that reads a frame, finds the
+                timeline (predict.py's predict_video), against a plain loop that reads a frame, finds the
                 faces, and classifies each face alone (no outputs written)
   classify      milliseconds per face for the network alone: prediction_batch faces per forward pass,
                 against one face per pass
@@ -18,7 +18,6 @@ says, float32 or bf16 as the CPU allows); rounds alternate between the two.
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from matplotlib import cbook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
+import predict as pr  # noqa: E402
 
 MODELS = {"cpu preset": ern.PRESETS["cpu"], "default": {}}
 
@@ -54,17 +54,18 @@ def plain_loop(predictor, video):
         ok, frame = capture.read()
         if not ok:
             break
-        for _, _, crop in predictor.faces(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), still=False):  # as --predict's frames
-            predictor.classify(crop[None])
-            faces += 1
+        for _, _, crop in predictor.faces(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), still=False):  # as predict.py's frames
+            if crop is not None:  # a frame without a face: nothing to classify
+                predictor.classify(crop[None])
+                faces += 1
     capture.release()
     return faces
 
 
 def ours(predictor, video, out_dir):
-    """--predict's path for one video: predictions.csv, the annotated video, the timeline, summary.json."""
-    out = ern.PredictionOutputs(out_dir, predictor.class_names, jsonl=False)
-    entry = ern.predict_video(predictor, ern.MediaSource("video", str(video), "clip.mp4"), out)
+    """predict.py's path for one video: predictions.csv, the annotated video, the timeline, summary.json."""
+    out = pr.PredictionOutputs(out_dir, predictor.class_names, jsonl=False)
+    entry = pr.predict_video(predictor, pr.MediaSource("video", str(video), "clip.mp4"), out, pr.Prediction())
     out.close({})
     return entry["faces"]
 
@@ -75,9 +76,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--faces", type=int, default=512, help="crops for the classification-only timing")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    ap.add_argument("--action", default="", help="detection settings for both paths, e.g. '--detect_width=320'")
     ap.add_argument("--tta_flip", choices=["checkpoint", "true", "false"], default="checkpoint",
-                    help="flip test-time augmentation, as --predict's --tta_flip (checkpoint: as trained, on)")
+                    help="flip test-time augmentation, as predict.py's --tta_flip (checkpoint: as trained, on)")
     ap.add_argument("--models", default="cpu preset,default", help="which of: " + ", ".join(MODELS))
     ap.add_argument("--out", default="outputs/bench_predict.json")
     args = ap.parse_args()
@@ -88,10 +88,10 @@ def main():
     write_video(video, args.frames)
     cpu = ern.cpu_model()
     results = {"cpu": cpu, "bf16_native": ern.cpu_has_bf16(), "torch_threads": torch.get_num_threads(),
-               "action": args.action, "tta_flip": args.tta_flip,
+               "tta_flip": args.tta_flip,
                "frames": args.frames, "video": "640x480, 25 fps, one face", "models": {}}
     print(f"{cpu} | native bf16: {results['bf16_native']} | torch threads {torch.get_num_threads()} | "
-          f"{args.frames} frames 640x480 | {args.action or 'default detection'} | tta_flip {args.tta_flip}\n")
+          f"{args.frames} frames 640x480 | tta_flip {args.tta_flip}\n")
     print(f"{'model':<12} {'path':<28} {'frames/s':>9} {'ms/frame':>9} {'faces':>6}")
     for name in args.models.split(","):
         preset = MODELS[name]
@@ -101,8 +101,7 @@ def main():
         torch.save(ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.full((3,), 0.5),
                                        torch.full((3,), 0.25), 0, {}), ckpt)
         settings = {} if args.tta_flip == "checkpoint" else {"tta_flip": args.tta_flip == "true"}
-        action = ern.parse_args(["--predict=bench", "--checkpoint=bench", *shlex.split(args.action)])[1]
-        predictor = ern.EmotionPredictor(ckpt, "cpu", action, **settings)
+        predictor = pr.EmotionPredictor(ckpt, "cpu", **settings)
         plain_loop(predictor, video)  # warm-up: first-call allocations, oneDNN primitive caches, imports
         ours(predictor, video, tmp / "warm-up")
         times = {"ours": [], "plain": []}
@@ -116,7 +115,7 @@ def main():
         crops = np.stack([ern.crop_box(np.random.default_rng(i).integers(0, 256, (120, 120, 3), dtype=np.uint8),
                                        (0.5, 0.5, 1.0, 1.0), 0.0, cfg.image_size).transpose(2, 0, 1)
                           for i in range(args.faces)])
-        batch = predictor.action.prediction_batch
+        batch = pr.Prediction().batch
         classify = {"batched": [], "one at a time": []}
         predictor.classify(crops[:batch])
         for _ in range(args.rounds):
@@ -138,7 +137,7 @@ def main():
                "classify_speedup": min(classify["one at a time"]) / min(classify["batched"]),
                "seconds": times, "classify_ms_rounds": classify}
         results["models"][name] = row
-        for path, key in ((f"--predict (batch {batch})", "ours"), ("plain loop", "plain")):
+        for path, key in ((f"predict.py (batch {batch})", "ours"), ("plain loop", "plain")):
             fps = row["end_to_end_fps"][key]
             print(f"{name:<12} {path:<28} {fps:9.1f} {1000 / fps:9.1f} {row['faces'][key]:6d}")
         print(f"{name:<12} {'speed-up':<28} {row['end_to_end_speedup']:8.2f}x")

@@ -1,9 +1,9 @@
-"""Does --predict give the network the crops it was trained on? Measure it, and fit the Haar-box framing.
+"""Does predict.py give the network the crops it was trained on? Measure it, and fit the Haar-box framing.
 
 A Haar box is a tight square around eyes, nose and mouth; a training crop is the dataset's own box
 (in the AffectNet export, the whole 96 px image, with the hair, chin and some background). This
 script puts validation images into larger photos (each enlarged 1.5-3.5x at a random place on a
-640x480 noisy gradient), finds their faces with --predict's FaceDetector, and fits the crop that
+640x480 noisy gradient), finds their faces with predict.py's FaceDetector, and fits the crop that
 frames them as training did (the label box widened by crop_margin, clamped: crop_region): the side
 of the training crop in Haar sides (face_crop_scale) and its centre's offset below the Haar box's
 centre (face_crop_shift), as medians over the first half of the faces.
@@ -11,14 +11,13 @@ On the second half it compares, against the model's prediction on the training c
 
   placed exactly    the training crop's region cut back out of the photo (resampling alone)
   Haar box + margin the tight Haar box widened by the checkpoint's crop_margin (what a plain loop does)
-  fitted            the fitted framing (--face_crop_scale / --face_crop_shift)
+  fitted            the fitted framing (predict.py's FACE_CROP_SCALE; its shift is 0)
   scale S           other framings, the fitted shift kept (--scales)
 
     python benchmarks/crop_calibration.py --checkpoint=outputs/RUN/best_emotion_model.pth \
         --data_dir=../shared/data/affectnet/YOLO_format --images=2000 --out=outputs/crop_calibration.json
 """
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
+import predict as pr  # noqa: E402
 
 
 def place(image, rng, background, canvas=(480, 640)):
@@ -63,7 +63,7 @@ def main():
     split, _ = ern.scan_split("val", folders["val"], len(names))
     pick = np.linspace(0, len(split) - 1, min(args.images, len(split))).astype(int)
     rng = np.random.default_rng(args.seed)
-    predictor = ern.EmotionPredictor(args.checkpoint)
+    predictor = pr.EmotionPredictor(args.checkpoint)
     margin = predictor.cfg.crop_margin
     samples = []  # (label, training crop, photo, training crop region in the photo, Haar box)
     for i in pick:
@@ -71,8 +71,8 @@ def main():
         photo, zoom, (ox, oy) = place(image, rng, args.background)
         x0, y0, x1, y1 = ern.crop_region(image.shape, split.boxes[i], margin)  # what training cut, in the photo:
         region = (x0 * zoom + ox, y0 * zoom + oy, x1 * zoom + ox, y1 * zoom + oy)
-        found = [b for b in predictor.detector(photo) if ern.box_iou(b, region) > 0.1]
-        haar = max(found, key=lambda b: ern.box_iou(b, region)) if found else None
+        found = [b for b in predictor.detector(photo) if pr.box_iou(b, region) > 0.1]
+        haar = max(found, key=lambda b: pr.box_iou(b, region)) if found else None
         crop = ern.crop_box(image, split.boxes[i], margin, predictor.image_size).transpose(2, 0, 1)  # as in training
         samples.append((int(split.labels[i]), crop, photo, region, haar, fmt))
     detected = [s for s in samples if s[4] is not None]
@@ -92,9 +92,9 @@ def main():
     labels = np.array([s[0] for s in test])
 
     def crops_with(scale_, shift_):
-        return np.stack([predictor.crop(s[2], ern.face_crop_box(s[4], s[2].shape, scale_, shift_), 0.0) for s in test])
+        return np.stack([predictor.crop(s[2], pr.face_crop_box(s[4], s[2].shape, scale_, shift_), 0.0) for s in test])
 
-    exact = np.stack([predictor.crop(s[2], ern.normalized_box(s[3], s[2].shape), 0.0) for s in test])
+    exact = np.stack([predictor.crop(s[2], pr.normalized_box(s[3], s[2].shape), 0.0) for s in test])
     rows = {"training crop (reference)": reference,
             "placed exactly": predictor.classify(exact),
             f"Haar box + margin (scale {1 + 2 * margin:.2f})": predictor.classify(crops_with(1 + 2 * margin, 0.0)),
@@ -107,7 +107,7 @@ def main():
                "face_crop_scale": float(scale), "face_crop_shift": float(shift), "horizontal_shift": float(shift_x),
                "scale_quartiles": np.percentile(measured[:, 0], [25, 75]).tolist(), "scale_by_source_format": by_source,
                "shift_quartiles": np.percentile(measured[:, 1], [25, 75]).tolist(),
-               "detector": {k: v for k, v in dataclasses.asdict(predictor.action).items() if k.startswith(("face_", "detect"))},
+               "detector": {k: getattr(pr, k) for k in ("DETECT_WIDTH", "FACE_SCALE_FACTOR", "FACE_MIN_NEIGHBORS", "FACE_MIN_SIZE")},
                "rows": {}}
     print(f"{len(detected)} of {len(samples)} faces detected ({results['detection_rate']:.1%}); "
           f"fitted on {len(fit)}: face_crop_scale {scale:.3f} (quartiles {results['scale_quartiles'][0]:.2f}-"

@@ -47,7 +47,7 @@ def main():
         class_means = F.normalize(torch.stack([f[y == k].mean(0) for k in range(len(names))]), dim=1)
         accuracy = {"classifier": out["logits"].argmax(1), "nearest prototype": out["context_logits"].argmax(1),
                     "nearest class mean": (f @ class_means.t()).argmax(1)}
-        print(f"{path} (epoch {ckpt['epoch']}, --prototype_init={cfg.prototype_init})")
+        print(f"{path} (epoch {ckpt['epoch']})")
         print("  accuracy: " + ", ".join(f"{k} {(p == y).float().mean():.2%}" for k, p in accuracy.items()))
         print("  cos(P_k, class mean): " + ", ".join(
             f"{n} {c:.3f}" for n, c in zip(names, (prototypes * class_means).sum(1).tolist())))

@@ -11,7 +11,7 @@ the epoch count differ from an ERN preset run. With --ern, prints the two side b
 
 OUT is an ordinary run folder (evaluation_results.json, metrics.jsonl, train.log, plots; keep it
 outside the repository). Its checkpoints hold ResNet-18 weights under ERN's format tag and config,
-so --evaluate and --predict refuse them ("weights do not fit the architecture").
+so --evaluate and predict.py refuse them ("weights do not fit the architecture").
 """
 
 import argparse
@@ -44,10 +44,8 @@ class ResNet18(nn.Module):
 
 
 def row(name, r):
-    fmt = {k: v["accuracy"] for k, v in r["accuracy_by_source_format"].items()}
     return (f"| {name} | {r['num_parameters'] / 1e6:.2f} M | {r['config']['epochs']} | {r['accuracy']:.2%} | "
-            f"{r['macro_f1']:.4f} | {r['accuracy_excluding_train_duplicates']:.2%} | {fmt.get('jpeg', float('nan')):.2%} | "
-            f"{fmt.get('png', float('nan')):.2%} | {r['training_seconds']:.0f} |")
+            f"{r['macro_f1']:.4f} | {r['accuracy_excluding_train_duplicates']:.2%} | {r['training_seconds']:.0f} |")
 
 
 def main():
@@ -65,8 +63,8 @@ def main():
                                 "--tsne_samples=0", *shlex.split(args.extra)])
     ern.validate_config(cfg)
     _, results = ern.run_training(cfg, build=lambda cfg, k: ResNet18(k))
-    lines = ["| model | params | epochs | val acc | macro-F1 | acc w/o train dups | acc jpeg | acc png | train s |",
-             "|---|---|---|---|---|---|---|---|---|", row("torchvision ResNet-18", results)]
+    lines = ["| model | params | epochs | val acc | macro-F1 | acc w/o train dups | train s |",
+             "|---|---|---|---|---|---|---|", row("torchvision ResNet-18", results)]
     if args.ern:
         ours = json.loads(Path(args.ern).read_text())
         lines.append(row("ERN", ours))
