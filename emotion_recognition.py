@@ -83,6 +83,7 @@ class Config:
     blocks: str = "2,4,7,2"  # residual blocks per stage
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
+    attention_stages: str = ""  # the stages (1 = the first) that end in dual attention, comma-separated; empty = all
     attention_reduction: int = 16  # channel-attention bottleneck ratio
     attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
@@ -94,6 +95,7 @@ class Config:
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
     epochs: int = 50  # passes over the training set (with time_budget: at most this many)
+    val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), without flip TTA; 0 = all, as evaluated. The final evaluation is always the whole split
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
     lr: float = 1e-3  # AdamW peak learning rate
@@ -255,13 +257,14 @@ def validate_action(action):
         raise UserError(f"--split must be train, val or test, got {action.split!r}")
 
 
-def parse_blocks(text):
+def parse_blocks(text, name="blocks"):
+    """--blocks (or --attention_stages): comma-separated integers >= 1."""
     try:
         blocks = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise UserError(f"--blocks expects comma-separated integers, got {text!r}") from None
+        raise UserError(f"--{name} expects comma-separated integers, got {text!r}") from None
     if not blocks or min(blocks) < 1:
-        raise UserError(f"--blocks needs at least one stage, each with >= 1 block, got {text!r}")
+        raise UserError(f"--{name} needs at least one integer, each >= 1, got {text!r}")
     return blocks
 
 
@@ -282,6 +285,7 @@ def validate_config(cfg):
         (0 <= cfg.crop_margin <= 1, f"--crop_margin must be in [0, 1], got {cfg.crop_margin}"),
         (cfg.attention_reduction >= 1, f"--attention_reduction must be >= 1, got {cfg.attention_reduction}"),
         (cfg.tsne_samples >= 0, f"--tsne_samples must be >= 0, got {cfg.tsne_samples}"),
+        (cfg.val_faces >= 0, f"--val_faces must be >= 0, got {cfg.val_faces}"),
         (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
     for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
@@ -293,7 +297,10 @@ def validate_config(cfg):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    min_size = 2 ** (len(parse_blocks(cfg.blocks)) + 1)
+    stages = len(parse_blocks(cfg.blocks))
+    if cfg.attention_stages and not set(parse_blocks(cfg.attention_stages, "attention_stages")) <= set(range(1, stages + 1)):
+        raise UserError(f"--attention_stages names stages of 1..{stages}, got {cfg.attention_stages!r}")
+    min_size = 2 ** (stages + 1)
     if cfg.image_size < max(32, min_size):
         raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -1258,7 +1265,7 @@ class ERN(nn.Module):
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True):
+                 attention_residual=True, attention_stages=None):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
@@ -1266,9 +1273,10 @@ class ERN(nn.Module):
         stem = max(8, widths[0] // 2)
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
-        for cout, n in zip(widths, blocks):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
+        for j, (cout, n) in enumerate(zip(widths, blocks)):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
             layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
-            layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual))
+            if attention_stages is None or j + 1 in attention_stages:
+                layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual))
             stages.append(nn.Sequential(*layers))
             cin = cout
         self.stages = nn.Sequential(*stages)
@@ -1287,7 +1295,8 @@ class ERN(nn.Module):
 
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
-               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual)
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
+               parse_blocks(cfg.attention_stages) if cfg.attention_stages else None)
 
 
 def place_model(model, cfg, device):
@@ -1596,7 +1605,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     if expected is not None:
         differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
                   for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "context") if getattr(cfg, k) != getattr(expected, k)]
+                            "attention_residual", "attention_stages", "context") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
     model = build_model(cfg, len(ckpt["class_names"]))
@@ -1708,14 +1717,14 @@ def global_batch_norm(model):
     return model
 
 
-def run_inference_sharded(model, images, mean, std, device, cfg):
+def run_inference_sharded(model, images, mean, std, device, cfg, tta=None):
     """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
     outputs one process gives (BatchNorm in evaluation treats every face alone)."""
     rank, world = distributed()
     if world == 1:
-        return run_inference(model, images, mean, std, device, cfg)
+        return run_inference(model, images, mean, std, device, cfg, tta)
     bounds = np.linspace(0, len(images), world + 1).astype(int)
-    part = run_inference(model, images[bounds[rank]:bounds[rank + 1]], mean, std, device, cfg)
+    part = run_inference(model, images[bounds[rank]:bounds[rank + 1]], mean, std, device, cfg, tta)
     parts = [None] * world
     torch.distributed.all_gather_object(parts, part)
     return {name: None if all(p[name] is None for p in parts) else torch.cat([p[name] for p in parts if p[name] is not None])
@@ -1857,9 +1866,19 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
-def validate(model, val, mean, std, device, cfg, num_classes):
+def epoch_validation(val, cfg):
+    """The split and the flip TTA of the per-epoch validation: all of val with cfg's TTA, or --val_faces of it (a
+    fixed random sample, the same in every epoch and after a resume) without: a fifth of a short CPU epoch saved."""
+    if not cfg.val_faces or cfg.val_faces >= len(val):
+        return val, cfg.tta_flip
+    keep = np.zeros(len(val), bool)
+    keep[np.random.default_rng(cfg.seed).permutation(len(val))[:cfg.val_faces]] = True
+    return val.subset(keep), False
+
+
+def validate(model, val, mean, std, device, cfg, num_classes, tta=None):
     """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
-    out = run_inference_sharded(model, val.images, mean, std, device, cfg)
+    out = run_inference_sharded(model, val.images, mean, std, device, cfg, tta)
     target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
     loss = hybrid_loss(out["logits"], out["context_logits"], target, cfg.context_weight)[0].item()
     pred = out["logits"].argmax(1).numpy()
@@ -1921,13 +1940,15 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
                             num_classes=num_classes, ema=ema, class_weights=weights)
             seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
+        val_epoch, tta = epoch_validation(val, cfg)
         faces = min(BUDGET_VAL_FACES, len(val))
         t0 = clock()
-        run_inference(trial, val.images[:faces], mean, std, device, cfg)
+        run_inference(trial, val.images[:faces], mean, std, device, cfg, tta)
         face_s = (clock() - t0) / faces
     step_s = seconds[1] / steps[1]
-    epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val) * face_s
-    final_s = final_seconds(eval_faces, face_s, step_s, batch, cfg)
+    epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val_epoch) * face_s
+    final_face_s = face_s * (2 if cfg.tta_flip and not tta else 1)  # the final evaluation flips where epochs do not
+    final_s = final_seconds(eval_faces, final_face_s, step_s, batch, cfg)
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
     now = clock()
@@ -1988,6 +2009,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, steps_per_epoch)
     weights = class_weights(cfg, train_y, k)
+    val_epoch, tta = epoch_validation(val, cfg)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
@@ -2023,7 +2045,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                                     num_classes=k, ema=ema, class_weights=weights)
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
-            stats.update(epoch=epoch, **validate(evaluated, val, mean, std, device, cfg, k), lr=scheduler.get_last_lr()[0],
+            stats.update(epoch=epoch, **validate(evaluated, val_epoch, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
             history.append(stats)
             improved = stats["val_accuracy"] > best["val_accuracy"]
@@ -2477,7 +2499,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
 FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
-                   "attention_reduction", "attention_residual", "context", "context_temperature", "dropout", "seed",
+                   "attention_reduction", "attention_residual", "attention_stages", "context", "context_temperature", "dropout", "seed",
                    "val_fraction")
 
 

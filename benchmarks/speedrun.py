@@ -11,6 +11,11 @@ the kernels of a narrower one (AVX2 stands in for a 2-core AVX2 CPU: relative fi
 table (epochs that fit, seconds per epoch, minutes from process start to exit, final and best validation accuracy,
 macro-F1), with several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished
 runs are reused by folder name: give a new OUT for a new budget or machine.
+
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speedrun.py --step_time [--rows=...]
+
+times training steps of each row's model in this process instead (no data: random faces; float32; after two
+warm-up steps), the quick screen of lever 2 (where the FLOPs go); set ONEDNN_MAX_CPU_ISA in the environment.
 """
 
 import argparse
@@ -30,7 +35,12 @@ from emotion_recognition import cpu_flags, cpu_model  # noqa: E402
 # name: overrides added to every row above it (the order is the order of issue 24's levers)
 ROWS = {
     "old": "",  # the preset as it was (64 px, per-epoch validation of the whole split with flip TTA)
-    "+48 px": "--image_size=48",
+    "+val subset": "--val_faces=1024",  # lever 1: per-epoch validation on 1,024 faces without TTA
+    "+attention on stages 3,4": "--attention_stages=3,4",  # lever 2: no 7x7 spatial gate at 32 and 16 px
+    "+48 px": "--image_size=48",  # lever 3
+    "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
+    "+label smoothing 0.2": "--label_smoothing=0.2",
+    "=48 px alone": "--image_size=48",  # standalone: the old preset at 48 px
 }
 
 
@@ -55,16 +65,54 @@ def run(name, overrides, seed, args):
             "best_val_accuracy": results["accuracy"], "macro_f1": results["macro_f1"], "command": shlex.join(cmd)}
 
 
+def step_time(name, overrides, args, steps=6):
+    """Seconds per training step of the row's model and batch, in this process."""
+    import torch
+    import emotion_recognition as ern
+    cfg, _, _ = ern.parse_args(["--preset=cpu", "--amp=false", *shlex.split(overrides)])
+    ern.validate_config(cfg)
+    device = torch.device("cpu")
+    model = ern.build_model(cfg, 8)
+    cfg, _ = ern.channels_last_checked(model, cfg, device)
+    model = ern.place_model(model, cfg, device)
+    optimizer, scheduler, scaler, ema = ern.training_parts(model, cfg, device, 1000)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, ((steps + 2) * cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                      generator=gen)
+    y = torch.randint(0, 8, (len(x),), generator=gen)
+    mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
+    run = lambda a, b: ern.train_one_epoch(model, x[a:b], y[a:b], mean, std, optimizer, scheduler, scaler, cfg, 1,
+                                           num_classes=8, ema=ema)
+    run(0, 2 * cfg.batch_size)
+    t0 = time.perf_counter()
+    run(2 * cfg.batch_size, len(x))
+    seconds = (time.perf_counter() - t0) / steps
+    return {"row": name, "image_size": cfg.image_size, "batch": cfg.batch_size, "channels_last": cfg.channels_last,
+            "step_seconds": seconds, "ms_per_face": 1000 * seconds / cfg.batch_size}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data_dir", default="")
+    p.add_argument("--out", default="")
     p.add_argument("--budget", type=float, default=30.0, help="minutes")
     p.add_argument("--seeds", default="0")
     p.add_argument("--isa", default="", help="ONEDNN_MAX_CPU_ISA for every run, e.g. AVX2")
     p.add_argument("--rows", default="all")
     p.add_argument("--extra", default="", help="more overrides for every row, e.g. --cache_dir=...")
-    args = p.parse_args()
+    p.add_argument("--step_time", action="store_true", help="time training steps of each row's model, no data")
+    args = p.parse_args([a for a in sys.argv[1:]])
+    if args.step_time:
+        changes = ""
+        print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, float32")
+        print("| change | px | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|")
+        for name in ROWS:
+            changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
+            if args.rows == "all" or name in args.rows.split(","):
+                r = step_time(name, changes, args)
+                print(f"| {name} | {r['image_size']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
+                      f"{r['ms_per_face']:.2f} |", flush=True)
+        return
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
