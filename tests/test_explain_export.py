@@ -142,18 +142,6 @@ def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_ne
     assert np.abs(maps["gates"] - maps["gates"][..., ::-1]).max() > 0.01  # the faces themselves are not symmetric
 
 
-@pytest.mark.xfail(strict=True, reason="measured, not yet true: the learned gates are not mirror-consistent (median "
-                                       "correlation 0.2-0.4 here, -0.64 for the last stage on AffectNet; BENCHMARKS.md)")
-def test_attention_of_a_mirrored_face_is_the_mirrored_attention_for_a_model_trained_with_flips(trained, tiny_dataset, cache):
-    model, cfg, mean, std = trained
-    assert cfg.aug_flip == 0.5
-    faces = faces_of(tiny_dataset, cache)
-    maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"))["gates"].mean(1)
-    mirrored = ern.explain_faces(model, faces[..., ::-1].copy(), mean, std, torch.device("cpu"))["gates"].mean(1)[..., ::-1]
-    r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(maps, mirrored)]
-    assert np.median(r) >= 0.9, r
-
-
 def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, cache, tmp_path):
     torch.manual_seed(0)
     model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), spatial_attention=False).eval()
@@ -242,10 +230,10 @@ def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_d
 
 
 def test_an_export_is_refused_where_a_checkpoint_is_expected(exported, tiny_dataset, tmp_path):
-    for script, args in ((PREDICT, [str(HOPPER), f"--checkpoint={exported[0]}"]),
-                         (ern.Path(ern.__file__), [f"--evaluate={exported[0]}", f"--data_dir={tiny_dataset}"])):
-        proc = run_script(*args, cwd=tmp_path, check=False, script=script)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "is an export, which runs in onnxruntime" in proc.stderr
+    for main, args in ((pr.main, [str(HOPPER), f"--checkpoint={exported[0]}"]),
+                       (ern.main, [f"--evaluate={exported[0]}", f"--data_dir={tiny_dataset}"])):
+        with pytest.raises(ern.UserError, match="is an export, which runs in onnxruntime"):
+            main(args)
 
 
 def test_export_refuses_what_is_not_an_ern_checkpoint(tmp_path):

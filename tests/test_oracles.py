@@ -1,0 +1,241 @@
+"""Checks against independent oracles (issue 23): the class order of data.yaml through a whole run, the decode cache's
+rebuilds, the presets, the attention gates computed by hand from their weights, colour jitter from its formula, the
+learning-rate schedule at points worked out by hand, and predict.py's probabilities recomputed from the crop."""
+import csv
+import dataclasses
+import json
+import math
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import PREDICT, TINY, ern, pr, run_script
+from test_predict import HOPPER
+
+# ---------------------------------------------------------------------------------------------
+# The class order: data.yaml's, never sorted, into every report and the checkpoint
+# ---------------------------------------------------------------------------------------------
+
+NAMES = ["Surprise", "Happy", "Anger", "Sad"]  # not alphabetical
+TEST_SUPPORT = [6, 1, 3, 5]  # unequal: a report keyed by sorted names would move these
+
+
+@pytest.fixture(scope="module")
+def ordered_run(tmp_path_factory):
+    """One epoch on a dataset whose data.yaml names are not alphabetical and whose test classes have unequal support."""
+    tmp = tmp_path_factory.mktemp("order")
+    data = ern.make_synthetic_dataset(tmp / "data", per_class=(10, 4, 6), size=48, seed=3, names=NAMES)
+    for k, keep in enumerate(TEST_SUPPORT):
+        for image in sorted((data / "test" / "images").glob(f"{NAMES[k].lower()}_*"))[keep:]:
+            image.unlink()
+            (data / "test" / "labels" / f"{image.stem}.txt").unlink()
+    run_script(*TINY, f"--data_dir={data}", "--epochs=1", "--amp=false", "--tsne_samples=0", "--attention_samples=0",
+               f"--output_dir={tmp / 'run'}", f"--cache_dir={tmp / 'cache'}", cwd=tmp)
+    return tmp / "run"
+
+
+def test_the_class_order_is_data_yamls_in_every_report_and_the_checkpoint(ordered_run):
+    results = json.loads((ordered_run / "evaluation_results.json").read_text())
+    cm = np.array(results["confusion_matrix"])
+    assert results["class_names"] == NAMES
+    assert cm.sum(1).tolist() == TEST_SUPPORT  # rows in data.yaml's order
+    report = results["classification_report"]
+    assert list(report) == NAMES
+    for k, name in enumerate(NAMES):
+        assert report[name]["support"] == TEST_SUPPORT[k]
+        assert report[name]["recall"] == pytest.approx(cm[k, k] / TEST_SUPPORT[k])
+        assert report[name]["precision"] == pytest.approx(cm[k, k] / cm[:, k].sum() if cm[:, k].sum() else 0.0)
+    ckpt = ern.load_checkpoint(ordered_run / "best_emotion_model.pth")
+    assert ckpt["class_names"] == NAMES
+    assert list(pr.EmotionPredictor(ordered_run, "cpu").describe([((0, 0, 1, 1), True, None)], np.eye(4)[[2]])[0]
+                ["probabilities"]) == NAMES
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode cache: a change that alters the crops rebuilds it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", ["label box", "image_size", "crop_margin"])
+def test_the_decode_cache_is_rebuilt_by_what_changes_the_crops(tiny_dataset, tmp_path, change):
+    """A second load decodes nothing; a moved label box, another image size or another margin decodes again, and
+    the rebuilt crops are what crop_box cuts with the new setting."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    cfg = ern.Config(data_dir=str(data), image_size=32, cache_dir=str(tmp_path / "cache"), decode_threads=1)
+
+    def load(cfg):
+        split, _ = ern.scan_split("train", data / "train" / "images", 8)
+        ern.load_split_pixels(split, cfg)
+        return split
+
+    assert load(cfg).decode_seconds > 0
+    assert load(cfg).decode_seconds == 0  # read from the cache
+    if change == "label box":
+        label = sorted((data / "train" / "labels").iterdir())[0]
+        cls = label.read_text().split()[0]
+        label.write_text(f"{cls} 0.4 0.4 0.5 0.5")
+    else:
+        cfg = dataclasses.replace(cfg, **{"image_size": 40} if change == "image_size" else {"crop_margin": 0.3})
+    split = load(cfg)
+    assert split.decode_seconds > 0
+    i = 0 if change == "label box" else 5
+    image = ern.decode_image(split.paths[i])[0]
+    expected = ern.crop_box(image, split.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1)
+    assert np.array_equal(split.images[i], expected)
+    if change == "label box":
+        assert split.boxes[0].tolist() == pytest.approx([0.4, 0.4, 0.5, 0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+def test_presets_give_their_values_and_the_command_line_overrides_them():
+    cfg = ern.parse_args(["--preset=cpu"])[0]
+    # the CPU protocol as the README states it: 64 px, 4.4 M parameters, a 30-minute budget
+    assert (cfg.image_size, cfg.time_budget, cfg.preset) == (64, 30.0, "cpu")
+    assert 4.3e6 < ern.count_parameters(ern.build_model(cfg, 8)) < 4.5e6
+    assert all(getattr(cfg, k) == v for k, v in ern.PRESETS["cpu"].items())
+    assert ern.parse_args(["--preset=cpu", "--image_size=48", "--time_budget=0"])[0].image_size == 48
+    assert ern.parse_args(["--image_size=48", "--preset=cpu"])[0].image_size == 48  # the command line wins, in any order
+    demo, action, _ = ern.parse_args(["--demo"])
+    assert action.demo and demo.preset == "demo" and all(getattr(demo, k) == v for k, v in ern.PRESETS["demo"].items())
+    assert ern.parse_args(["--demo", "--epochs=3"])[0].epochs == 3
+    assert ern.parse_args(["--demo", "--preset=cpu"])[0].image_size == 64  # a named preset replaces the demo's
+    assert ern.parse_args([])[0] == ern.Config()
+    with pytest.raises(ern.UserError, match="unknown preset 'gpu'; presets: cpu, demo"):
+        ern.parse_args(["--preset=gpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention gates, by hand from the weights
+# ---------------------------------------------------------------------------------------------
+
+def sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def test_the_channel_gate_is_cbams_formula_on_the_layer_weights():
+    torch.manual_seed(0)
+    layer = ern.ChannelAttention(32, reduction=4)
+    x = torch.randn(2, 32, 5, 6)
+    w1 = layer.fc1.weight.detach().numpy()[:, :, 0, 0]  # (hidden, C)
+    w2 = layer.fc2.weight.detach().numpy()[:, :, 0, 0]  # (C, hidden)
+    xs = x.numpy()
+    mlp = lambda v: w2 @ np.maximum(w1 @ v, 0)
+    gate = np.stack([sigmoid(mlp(xs[n].mean((1, 2))) + mlp(xs[n].max((1, 2)))) for n in range(2)])
+    with torch.no_grad():
+        assert layer(x).numpy() == pytest.approx(xs * gate[:, :, None, None], abs=1e-5)
+
+
+def test_the_spatial_gate_is_cbams_formula_on_the_layer_weights():
+    """sigmoid(BN(conv7x7([mean over channels, max over channels]))), the convolution as explicit sums over a
+    zero-padded map, BatchNorm with its running statistics (evaluation mode)."""
+    torch.manual_seed(1)
+    layer = ern.SpatialAttention()
+    with torch.no_grad():
+        layer.bn.running_mean.fill_(0.3)
+        layer.bn.running_var.fill_(2.0)
+        layer.bn.weight.fill_(1.5)
+        layer.bn.bias.fill_(-0.2)
+    layer.eval()
+    x = torch.randn(2, 6, 5, 7)
+    xs = x.numpy()
+    w = layer.conv.weight.detach().numpy()[0]  # (2, 7, 7)
+    gate = np.zeros((2, 5, 7))
+    for n in range(2):
+        maps = np.pad(np.stack([xs[n].mean(0), xs[n].max(0)]), ((0, 0), (3, 3), (3, 3)))
+        for i in range(5):
+            for j in range(7):
+                conv = (maps[:, i:i + 7, j:j + 7] * w).sum()
+                gate[n, i, j] = sigmoid((conv - 0.3) / math.sqrt(2.0 + layer.bn.eps) * 1.5 - 0.2)
+    with torch.no_grad():
+        assert layer(x).numpy() == pytest.approx(xs * gate[:, None], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Colour jitter, from its formula
+# ---------------------------------------------------------------------------------------------
+
+def test_brightness_and_contrast_are_the_formula_with_the_drawn_factors():
+    """((x - mean of the image) * c + mean) * b, clamped to [0, 1], with c and b uniform in [1 - a, 1 + a], one pair
+    per image, drawn contrast first (re-drawn here from the same seed)."""
+    cfg = ern.Config(aug_scale=0.0, aug_translate=0.0, aug_rotate=0.0, aug_flip=0.0, aug_erase=0.0,
+                     aug_brightness=0.3, aug_contrast=0.4)
+    x = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    out = ern.augment_batch(x, torch.zeros(3), torch.ones(3), cfg).numpy()
+    torch.manual_seed(5)
+    c = 1 + (torch.rand(6, 1, 1, 1) * 2 - 1).numpy() * 0.4
+    b = 1 + (torch.rand(6, 1, 1, 1) * 2 - 1).numpy() * 0.3
+    xs = x.numpy().astype(np.float64) / 255
+    m = xs.mean((1, 2, 3), keepdims=True)
+    assert out == pytest.approx(np.clip(((xs - m) * c + m) * b, 0, 1), abs=1e-5)
+    assert (np.abs(c - 1) <= 0.4).all() and (np.abs(b - 1) <= 0.3).all() and len(np.unique(c)) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate schedule at points worked out by hand
+# ---------------------------------------------------------------------------------------------
+
+def test_the_warm_up_is_linear_and_the_cosine_has_its_quarter_point():
+    """10 epochs of 8 steps, 2 warm-up epochs: lr rises by equal steps from 1 % of lr to lr over 16 steps, then at a
+    quarter of the cosine (step 16 + 16) it is floor + (peak - floor) (1 + cos(pi / 4)) / 2, which a linear
+    annealing (floor + (peak - floor) * 3 / 4) misses."""
+    cfg = ern.Config(epochs=10, lr=2e-3, min_lr_ratio=0.1, warmup_epochs=2.0)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = ern.make_scheduler(optimizer, cfg, 8)
+    lrs = [scheduler.get_last_lr()[0]]
+    for _ in range(80):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    rises = np.diff(lrs[:17])
+    assert lrs[0] == pytest.approx(2e-5) and lrs[16] == pytest.approx(2e-3)
+    assert rises == pytest.approx(np.full(16, (2e-3 - 2e-5) / 16))
+    floor = 2e-4
+    quarter = floor + (2e-3 - floor) * (1 + math.cos(math.pi / 4)) / 2
+    assert lrs[32] == pytest.approx(quarter) and abs(quarter - (floor + (2e-3 - floor) * 0.75)) > 1e-5
+    assert lrs[80] == pytest.approx(floor)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py's probabilities, recomputed from the crop
+# ---------------------------------------------------------------------------------------------
+
+def test_csv_probabilities_are_the_models_softmax_on_that_faces_crop(tmp_path):
+    """On a photo larger than predict.py's detection width (2.5x the portrait: 1280 px wide): the row's box is in the
+    photo's own pixels (2.5x the box found on the portrait), and its probabilities are the softmax of the mean of
+    the network's logits on the crop and on its mirror, computed here from the box with crop_box, the checkpoint's
+    normalization and the model itself."""
+    torch.manual_seed(0)
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", amp=False, channels_last=False)
+    model = ern.build_model(cfg, len(ern.DEMO_CLASSES))
+    with torch.no_grad():
+        model.classifier.weight.mul_(20)  # probabilities that differ from face to face
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    ckpt = tmp_path / "m.pth"
+    torch.save(ern.checkpoint_dict(model, cfg, ern.DEMO_CLASSES, mean, std, 1, {}), ckpt)
+    portrait = cv2.imread(str(HOPPER))
+    big = cv2.resize(portrait, None, fx=2.5, fy=2.5, interpolation=cv2.INTER_CUBIC)
+    assert big.shape[1] > pr.DETECT_WIDTH
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    run_script(str(tmp_path / "big.png"), f"--checkpoint={ckpt}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path,
+               script=PREDICT)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        [row] = list(csv.DictReader(f))
+    box = [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
+    [small] = pr.FaceDetector()(cv2.cvtColor(portrait, cv2.COLOR_BGR2RGB))
+    assert box == pytest.approx([2.5 * v for v in small], abs=0.05 * (small[2] - small[0]) * 2.5)
+    rgb = cv2.cvtColor(big, cv2.COLOR_BGR2RGB)
+    crop = ern.crop_box(rgb, pr.face_crop_box(box, rgb.shape), 0.0, 32).transpose(2, 0, 1)
+    x = (torch.from_numpy(crop.copy()).float()[None] / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        logits = (model(x)[0] + model(x.flip(3))[0]) / 2
+    expected = logits.softmax(1)[0].numpy()
+    assert [float(row[c]) for c in ern.DEMO_CLASSES] == pytest.approx(expected, abs=2e-4)
