@@ -144,7 +144,7 @@ PRESETS = {
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate, predict.py: the command line's
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
 CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -217,9 +217,9 @@ def read_overrides(argv, classes, doc, positional=False):
         if owner is None:
             if name in MOVED and Config in classes:
                 raise UserError(f"--{name} is not the trainer's: {MOVED[name]}")
-            if name in field_kinds(Config) and Config not in classes:
-                raise UserError(f"--{name} is the checkpoint's: the model is used as it was trained")
             close = difflib.get_close_matches(name, [n for k in kinds for n in k], n=1)
+            if name in field_kinds(Config) and Config not in classes and not close:
+                raise UserError(f"--{name} is a training setting: the checkpoint's model is used as it was trained")
             raise UserError(f"unknown field --{name}" + (f"; did you mean --{close[0]}?" if close else ""))
         kind = kinds[owner][name]
         if not eq:
@@ -303,12 +303,17 @@ def validate_config(cfg):
     min_size = 2 ** (stages + 1)
     if cfg.image_size < max(32, min_size):
         raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={cfg.device} but CUDA is not available; use --device=cpu or auto")
-    if cfg.device.startswith("cuda:") and int(cfg.device[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device={cfg.device} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    validate_device(cfg.device)
+
+
+def validate_device(name):
+    """--device: auto, cpu, or a CUDA device this machine has."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but CUDA is not available; use --device=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2510,7 +2515,7 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
     saved = config_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
-    # the rule of --predict too: inference settings as the checkpoint was trained, unless the command line says
+    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))

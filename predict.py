@@ -42,6 +42,7 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, channels_last_checked, checkpoint_in,
                                  checkpoint_normalization, crop_box, decode_image, explain_faces, load_checkpoint,
                                  model_from_checkpoint, overlay, place_model, precision, read_overrides, resolve_device,
+                                 validate_device,
                                  run_inference, write_json)
 
 
@@ -73,10 +74,11 @@ def validate_prediction(args, sources):
               (args.max_frames >= 0, f"--max_frames must be >= 0, got {args.max_frames}"),
               (0 <= args.smoothing < 1, f"--smoothing must be in [0, 1), got {args.smoothing}"),
               (args.batch >= 1, f"--batch must be >= 1, got {args.batch}"),
-              (re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device), f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")]
+              ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    validate_device(args.device)
 
 
 # Detection and tracking: OpenCV's defaults where they serve, the rest measured (BENCHMARKS.md)
@@ -215,7 +217,8 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
 class EmotionPredictor:
     """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected, emotion,
     confidence, probabilities by class name); an image without a detected face: one dict with face_detected false
-    and emotion, confidence and probabilities None. detect_faces=False: the whole image is the face.
+    and emotion, confidence and probabilities None. detect_faces=False: the whole image is the face. checkpoint: a
+    .pth file or a run folder (its best_emotion_model.pth).
     settings: the inference fields (INFERENCE_SETTINGS) replacing the checkpoint's."""
 
     def __init__(self, checkpoint, device="auto", detect_faces=True, **settings):
@@ -223,6 +226,7 @@ class EmotionPredictor:
         if unknown:
             raise UserError(f"prediction takes {', '.join('--' + k for k in unknown)} from the checkpoint; drop "
                             f"{'it' if len(unknown) == 1 else 'them'} (only {', '.join(INFERENCE_SETTINGS)} can be set)")
+        checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
         self.device = resolve_device(str(device))
@@ -267,7 +271,7 @@ class EmotionPredictor:
 
     def __call__(self, image, boxes=None):
         faces = self.faces(image, boxes)
-        return self.describe(faces, classify_batch(self, [faces])[0])
+        return self.describe(faces, classify_batch(self, [(faces,)])[0])
 
 
 class FaceTracker:
@@ -402,7 +406,7 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
     maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
                          predictor.device)
     for j, ((_, detected, crop), p, face) in enumerate(kept):
-        title = f"{stem}, face {face}{'' if detected else ' (no face found: whole image)'}: " \
+        title = f"{stem}, {f'face {face}' if detected else 'whole image'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
         name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
         plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
@@ -551,11 +555,12 @@ def predict_images(predictor, sources, out, progress, args):
                     out.source({"source": source.path, "kind": "image", "error": error})
                     continue
                 rows = predictor.describe(faces, probs)
-                out.rows(source.path, None, None, faces, rows, range(len(faces)))
+                ids = [i if detected else WHOLE_FRAME for i, (_, detected, _) in enumerate(faces)]
+                out.rows(source.path, None, None, faces, rows, ids)
                 name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
                 annotated = out.path(name)
                 if args.explain:
-                    write_explanations(predictor, out, name.stem, faces, probs, range(len(faces)))
+                    write_explanations(predictor, out, name.stem, faces, probs, ids)
                 written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
@@ -737,8 +742,7 @@ def main(argv):
     (given,), sources = read_overrides(argv, (Prediction,), __doc__, positional=True)
     args = Prediction(**given)
     validate_prediction(args, sources)
-    return run_prediction(dataclasses.replace(args, checkpoint=checkpoint_in(args.checkpoint, "best_emotion_model.pth")),
-                          sources)
+    return run_prediction(args, sources)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def test_videos_of_one_name_max_frames_and_a_video_in_a_folder(checkpoint, tmp_p
 @pytest.mark.parametrize("arg, message", [("--every=0", "--every must be >= 1"), ("--smoothing=1", "--smoothing must be in"),
                                           ("--batch=0", "--batch must be >= 1"), ("--device=gpu", "--device must be"),
                                           ("--no_face=skip", "unknown field --no_face"),
-                                          ("--crop_margin=0.3", "--crop_margin is the checkpoint's")])
+                                          ("--crop_margin=0.3", "--crop_margin is a training setting")])
 def test_prediction_settings_are_checked(arg, message):
     with pytest.raises(ern.UserError, match=message):
         pr.main(["x.jpg", "--checkpoint=m.pth", arg])
@@ -373,4 +373,6 @@ def test_actions_stay_out_of_the_saved_config():
     fields = {f.name for f in dataclasses.fields(ern.Config)}
     actions = {f.name for f in dataclasses.fields(ern.Action)}
     assert not fields & actions and {"evaluate", "demo", "resume", "split"} == actions
-    assert not fields & {f.name for f in dataclasses.fields(pr.Prediction)} - {"tta_flip", "amp", "channels_last"}
+    # prediction shares only the inference and system settings with training
+    assert fields & {f.name for f in dataclasses.fields(pr.Prediction)} == {"tta_flip", "amp", "channels_last", "device",
+                                                                            "output_dir", "overwrite"}
