@@ -36,11 +36,13 @@ from emotion_recognition import cpu_flags, cpu_model  # noqa: E402
 ROWS = {
     "old": "",  # the preset as it was (64 px, per-epoch validation of the whole split with flip TTA)
     "+val subset": "--val_faces=1024",  # lever 1: per-epoch validation on 1,024 faces without TTA
-    "+attention on stages 3,4": "--attention_stages=3,4",  # lever 2: no 7x7 spatial gate at 32 and 16 px
+    "+attention on stages 3-4": "--attention_stages=3,4",  # lever 2: no 7x7 spatial gate at 32 and 16 px
     "+48 px": "--image_size=48",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
     "=48 px alone": "--image_size=48",  # standalone: the old preset at 48 px
+    "=attention on stages 3-4 alone": "--attention_stages=3,4",
+    "=no attention": "--channel_attention=false --spatial_attention=false",
 }
 
 
