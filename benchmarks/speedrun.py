@@ -5,8 +5,8 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` plus every change above it (a row named with a leading
-"=" replaces the changes instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` plus the changes of every row run above it (a row named
+with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs
 the kernels of a narrower one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative
 table (epochs that fit, seconds per epoch, minutes from process start to exit, final and best validation accuracy,
 macro-F1), with several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished
@@ -108,22 +108,20 @@ def main():
         changes = ""
         print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, float32")
         print("| change | px | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|")
-        for name in ROWS:
+        for name in [n for n in ROWS if args.rows == "all" or n in args.rows.split(",")]:
             changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
-            if args.rows == "all" or name in args.rows.split(","):
-                r = step_time(name, changes, args)
-                print(f"| {name} | {r['image_size']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
-                      f"{r['ms_per_face']:.2f} |", flush=True)
+            r = step_time(name, changes, args)
+            print(f"| {name} | {r['image_size']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
+                  f"{r['ms_per_face']:.2f} |", flush=True)
         return
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {list(ROWS)}")
     table, changes = [], ""
-    for name in ROWS:  # cumulative in ROWS' order, whichever rows are run
+    for name in [n for n in ROWS if n in names]:  # cumulative over the rows run, in ROWS' order
         changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
-        if name in names:
-            table += [run(name, changes, int(s), args) for s in args.seeds.split(",")]
+        table += [run(name, changes, int(s), args) for s in args.seeds.split(",")]
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
         (f", ONEDNN_MAX_CPU_ISA={args.isa}" if args.isa else "") + f"), {os.cpu_count()} cores"
     print(f"\n{machine}, float32, --time_budget={args.budget:g}\n")
