@@ -294,6 +294,10 @@ def validate_config(cfg):
     for name in ("aug_flip", "aug_erase"):
         checks.append((0 <= getattr(cfg, name) <= 1, f"--{name} is a probability, got {getattr(cfg, name)}"))
     checks.append((cfg.aug_scale < 1, f"--aug_scale must be < 1, got {cfg.aug_scale}"))
+    checks.append((0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}"))  # numpy's and the data order's
+    checks.append((cfg.dist_timeout > 0, f"--dist_timeout must be > 0 (minutes), got {cfg.dist_timeout}"))
+    checks += [(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
+               for f in dataclasses.fields(cfg) if f.type in (float, "float")]  # inf and nan parse as floats
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -1314,7 +1318,11 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# channels_last on the CPU, only where this machine has shown it works. oneDNN picks its convolution kernels by the
+# ---------------------------------------------------------------------------------------------
+# channels_last on the CPU: a probe of the run's own model in a child process
+# ---------------------------------------------------------------------------------------------
+
+# Only where this machine has shown it works. oneDNN picks its convolution kernels by the
 # CPU's instruction set, the thread count, the dtype and each layer's shape, and some of them crash or hang in the
 # NHWC layout (benchmarks/onednn_*_repro.py: an AVX2 hang at 2-7 input channels, an AVX-512 segfault at 8). No rule
 # about channel counts covers CPUs nobody here has, so a child process runs the run's own model first.
@@ -1803,6 +1811,23 @@ def relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch):
     return relaid
 
 
+def training_parts(model, cfg, device, steps_per_epoch):
+    """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
+    without ema_decay)."""
+    optimizer = make_optimizer(model, cfg)
+    return (optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
+            torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16),
+            EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
+
+
+def class_weights(cfg, train_y, num_classes):
+    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -1966,23 +1991,6 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
 
 
 @torch.no_grad()
-def training_parts(model, cfg, device, steps_per_epoch):
-    """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
-    without ema_decay)."""
-    optimizer = make_optimizer(model, cfg)
-    return (optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
-            torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16),
-            EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
-
-
-def class_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
-    if not cfg.class_weights:
-        return None
-    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
     return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
@@ -2195,29 +2203,6 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
     plt.close(fig)
 
 
-def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
-    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    out = run_inference(model, split.images, mean, std, device, cfg)
-    results = evaluation_results(split, out, class_names, train_hashes)
-    results.update(extra)
-    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
-    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
-    if prototypes is not None:
-        q = out["context_logits"].softmax(1).numpy()
-        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
-    if cfg.tsne_samples:
-        plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
-                           cfg.tsne_samples, cfg.seed)
-    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
-        results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
-                                                        mean, std, device, cfg, run_dir / "attention_maps.png")
-        write_json(results, run_dir / "evaluation_results.json")
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # Explanation: what the network looks at (its spatial-attention gates and Grad-CAM), read from the network
 # itself by forward hooks
@@ -2317,6 +2302,75 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: a split's results and figures (the end of training, and --evaluate)
+# ---------------------------------------------------------------------------------------------
+
+def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
+    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    out = run_inference(model, split.images, mean, std, device, cfg)
+    results = evaluation_results(split, out, class_names, train_hashes)
+    results.update(extra)
+    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
+    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
+    prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
+    if prototypes is not None:
+        q = out["context_logits"].softmax(1).numpy()
+        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
+    if cfg.tsne_samples:
+        plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
+                           cfg.tsne_samples, cfg.seed)
+    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
+        results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
+                                                        mean, std, device, cfg, run_dir / "attention_maps.png")
+        write_json(results, run_dir / "evaluation_results.json")
+    return results
+
+
+# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
+FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
+                   "attention_reduction", "attention_residual", "attention_stages", "context", "context_temperature", "dropout", "seed",
+                   "val_fraction")
+
+
+def run_evaluation(cfg, action, overrides):
+    ckpt = load_checkpoint(action.evaluate)
+    clash = [k for k in FROM_CHECKPOINT if k in overrides]
+    if clash:
+        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
+    saved = config_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
+    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
+    if not cfg.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
+    validate_config(cfg)
+    run_dir, lock = make_run_dir(cfg)  # lock: held until this function returns
+    device = resolve_device(cfg.device)
+    class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
+    write_json(report, run_dir / "data_report.json")
+    split = action.split or ("test" if "test" in splits else "val")
+    if split not in splits:
+        raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
+    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
+    cfg, _ = channels_last_checked(model, cfg, device, run_dir / "train.log")
+    model = place_model(model, cfg, device)
+    mean, std = checkpoint_normalization(ckpt, device)
+    results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+        "evaluated_split": split, "precision": precision(cfg, device),
+        "num_parameters": count_parameters(model),
+        "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+        "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+        "training_seconds": None,
+        "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+        set(splits["train"].hashes) if split != "train" else None)
+    log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
+        f"outputs in {run_dir}", run_dir / "train.log")
+    return run_dir, results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2499,48 +2553,6 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (planned "
             f"{plan['final_evaluation_seconds']:.0f} s); {(time.time() - started) / 60:.2f} of {cfg.time_budget:g} "
             f"minutes used", log_file)
-    return run_dir, results
-
-
-# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
-                   "attention_reduction", "attention_residual", "attention_stages", "context", "context_temperature", "dropout", "seed",
-                   "val_fraction")
-
-
-def run_evaluation(cfg, action, overrides):
-    ckpt = load_checkpoint(action.evaluate)
-    clash = [k for k in FROM_CHECKPOINT if k in overrides]
-    if clash:
-        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
-    saved = config_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
-    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
-    if not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
-    validate_config(cfg)
-    run_dir, lock = make_run_dir(cfg)  # lock: held until this function returns
-    device = resolve_device(cfg.device)
-    class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
-    write_json(report, run_dir / "data_report.json")
-    split = action.split or ("test" if "test" in splits else "val")
-    if split not in splits:
-        raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
-    cfg, _ = channels_last_checked(model, cfg, device, run_dir / "train.log")
-    model = place_model(model, cfg, device)
-    mean, std = checkpoint_normalization(ckpt, device)
-    results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": split, "precision": precision(cfg, device),
-        "num_parameters": count_parameters(model),
-        "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
-        "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
-        "training_seconds": None,
-        "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
-        set(splits["train"].hashes) if split != "train" else None)
-    log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
-        f"outputs in {run_dir}", run_dir / "train.log")
     return run_dir, results
 
 

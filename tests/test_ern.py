@@ -227,7 +227,7 @@ def test_evaluate_and_predict_take_inference_settings_by_one_rule(tiny_dataset, 
     assert pr.EmotionPredictor(ckpt).cfg.tta_flip is False and pr.EmotionPredictor(ckpt, tta_flip=True).cfg.tta_flip
 
 
-@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn, on the png rows
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn: class d is predicted, never true
 def test_evaluation_results_on_hand_made_predictions():
     """One class never right and one with no support; the confusion matrix written out by hand, every other number
     recomputed from it by hand (check_consistent_with_confusion)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import SCRIPT, TINY, ern, pr, run_script
+from conftest import SCRIPT, TINY, ern, ex, pr, run_script
 
 FAST = [*TINY, "--tsne_samples=0", "--attention_samples=0"]  # the plots are test_ern.py's business: they only cost time here
 EPOCHS = 3  # of the deterministic reference run that the interrupted-and-resumed run must reproduce
@@ -707,3 +707,33 @@ def test_common_video_files_are_videos(tmp_path, ext):
     clip = tmp_path / f"clip{ext}"
     clip.write_bytes(b"\x00")
     assert [s.kind for s in pr.prediction_inputs([str(clip)])] == ["video"]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--seed=-1", "--seed must be in [0, 2**32)"), ("--seed=5000000000", "--seed must be in [0, 2**32)"),
+    ("--time_budget=inf", "--time_budget must be a finite number"), ("--lr=nan", "--lr must be"),
+    ("--dist_timeout=0", "--dist_timeout must be > 0"), ("--val_faces=-1", "--val_faces must be >= 0"),
+    ("--attention_stages=5", "--attention_stages names stages of 1..4"),
+    ("--attention_stages=a", "--attention_stages expects comma-separated integers"),
+])
+def test_every_value_a_user_types_is_range_checked_before_any_work(arg, message, tmp_path):
+    """Values that parse but cannot work (a negative seed, which numpy's generators refuse; an infinite budget,
+    which the plan cannot floor; a zero timeout) are one line before anything is read or written."""
+    with pytest.raises(ern.UserError, match=re.escape(message)):
+        ern.main([arg, f"--data_dir={tmp_path / 'none'}", f"--output_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_into_a_finished_runs_folder_changes_none_of_its_files(finished, tiny_dataset, tmp_path):
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ern.UserError, match="already holds"):
+        ern.main([f"--evaluate={run}", f"--data_dir={tiny_dataset}", f"--output_dir={run}",
+                  f"--cache_dir={tmp_path / 'cache'}"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_an_export_to_a_place_that_cannot_be_made_is_one_line(finished, tmp_path):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    with pytest.raises(ern.UserError, match="cannot create .*file.txt"):
+        ex.main([f"--checkpoint={finished}", f"--output={tmp_path / 'file.txt' / 'model.onnx'}"])
