@@ -134,9 +134,8 @@ class Action:
     split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
 
 
-# Named sets of overrides. The CPU-budget protocol: at most 30 minutes on 2 cores, as --time_budget makes sure (it
-# times this machine and trains at most 18 epochs: 18 took 23.4 minutes in bf16 on an AVX512-BF16 CPU, while a
-# 2-core AVX2 CPU trains in float32 and fits fewer; BENCHMARKS.md). It underfits, so it drops random erasing.
+# Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
+# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=64, width=0.5, blocks="2,2,2,2", epochs=18, time_budget=30.0, batch_size=128, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, tsne_samples=1500),
@@ -145,7 +144,7 @@ PRESETS = {
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
-CACHE_VERSION = 2  # 2: JPEGs with bytes after their end marker are read
+CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -326,7 +325,7 @@ def validate_device(name):
 
 def log(message, log_file=None):
     """Print, and append to the run's log file: the log of a run is its console output (rank 0's, under torchrun)."""
-    if distributed()[0] != 0:
+    if rank_and_world()[0] != 0:
         return
     tqdm.write(message)
     if log_file is not None:
@@ -351,7 +350,7 @@ def resolve_device(name):
     return device
 
 
-def distributed():
+def rank_and_world():
     """(rank, world size) of this process: (0, 1) outside torchrun."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -408,7 +407,7 @@ def autocast_dtype(cfg, device):
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
 
 
-def precision(cfg, device):
+def arithmetic(cfg, device):
     """What the run computes in, as resolved on this machine (amp=true means bf16 on one CPU, float32 on another)."""
     dtype = autocast_dtype(cfg, device)
     return {"autocast": None if dtype is None else str(dtype).removeprefix("torch."),
@@ -1650,7 +1649,7 @@ def init_distributed(cfg):
 def rank_zero_first():
     """Each machine's first process (LOCAL_RANK 0) runs the block first (and builds the decode cache in its
     --cache_dir); the other processes wait, then run it (and read that cache)."""
-    first, world = int(os.environ.get("LOCAL_RANK", "0")) == 0, distributed()[1]
+    first, world = int(os.environ.get("LOCAL_RANK", "0")) == 0, rank_and_world()[1]
     if world > 1 and not first:
         torch.distributed.barrier()
     yield
@@ -1660,7 +1659,7 @@ def rank_zero_first():
 
 def from_rank_zero(obj):
     """Rank 0's obj, on every rank (a run folder named by the time, a time-budget plan)."""
-    if distributed()[1] == 1:
+    if rank_and_world()[1] == 1:
         return obj
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -1670,7 +1669,7 @@ def from_rank_zero(obj):
 def same_as_rank_zero(*modules):
     """Rank 0's parameters and buffers in every rank's copy of each module: the initialization (each rank draws its
     own from seed + rank), and the BatchNorm statistics, which each rank updates from its own share."""
-    if distributed()[1] > 1:
+    if rank_and_world()[1] > 1:
         for module in modules:
             for t in module.state_dict().values():
                 torch.distributed.broadcast(t, 0)
@@ -1695,7 +1694,7 @@ class AllReduceSum(torch.autograd.Function):
 
 def all_ranks_sum(t):
     """The sum of t over the ranks (t itself in one process)."""
-    return AllReduceSum.apply(t) if distributed()[1] > 1 else t
+    return AllReduceSum.apply(t) if rank_and_world()[1] > 1 else t
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -1705,7 +1704,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     too. The same parameters and buffers as BatchNorm2d: checkpoints do not know the difference."""
 
     def forward(self, x):
-        if not (self.training and distributed()[1] > 1):
+        if not (self.training and rank_and_world()[1] > 1):
             return super().forward(x)
         c, xf = x.shape[1], x.float()
         count = torch.full((1,), xf.numel() / c, device=x.device)
@@ -1733,7 +1732,7 @@ def global_batch_norm(model):
 def run_inference_sharded(model, images, mean, std, device, cfg, tta=None):
     """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
     outputs one process gives (BatchNorm in evaluation treats every face alone)."""
-    rank, world = distributed()
+    rank, world = rank_and_world()
     if world == 1:
         return run_inference(model, images, mean, std, device, cfg, tta)
     bounds = np.linspace(0, len(images), world + 1).astype(int)
@@ -1811,7 +1810,7 @@ def relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch):
     return relaid
 
 
-def training_parts(model, cfg, device, steps_per_epoch):
+def optimization_parts(model, cfg, device, steps_per_epoch):
     """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
     without ema_decay)."""
     optimizer = make_optimizer(model, cfg)
@@ -1847,7 +1846,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     """
     model.train()
     dev = images.device
-    rank, world = distributed()
+    rank, world = rank_and_world()
     batch = min(cfg.batch_size, images.shape[0])
     share = batch // world  # this rank's part of each global batch
     steps = epoch_steps(images.shape[0], cfg)
@@ -1959,7 +1958,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     batch = min(cfg.batch_size, len(train_y))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
-        optimizer, scheduler, scaler, ema = training_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
+        optimizer, scheduler, scaler, ema = optimization_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
         compiled = torch.compile(trial) if cfg.compile else trial
         weights = class_weights(cfg, train_y, num_classes)
         seconds, steps = [], []
@@ -2006,7 +2005,7 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
         scaler.load_state_dict(resume["scaler"])
-    if distributed()[0] == 0:  # the random state saved is rank 0's; the other ranks keep their own seeds
+    if rank_and_world()[0] == 0:  # the random state saved is rank 0's; the other ranks keep their own seeds
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
@@ -2020,14 +2019,14 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
-    optimizer, scheduler, scaler, ema = training_parts(model, cfg, device, steps_per_epoch)
+    optimizer, scheduler, scaler, ema = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = class_weights(cfg, train_y, k)
     val_epoch, tta = epoch_validation(val, cfg)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
-    writes = distributed()[0] == 0  # under torchrun, rank 0 alone writes
-    ddp = distributed()[1] > 1
+    writes = rank_and_world()[0] == 0  # under torchrun, rank 0 alone writes
+    ddp = rank_and_world()[1] > 1
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else model  # averages the gradients of the ranks' shares
     compiled = torch.compile(net) if cfg.compile else net
@@ -2053,7 +2052,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
-                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + distributed()[0])
+                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank_and_world()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=weights)
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
@@ -2361,7 +2360,7 @@ def run_evaluation(cfg, action, overrides):
     model = place_model(model, cfg, device)
     mean, std = checkpoint_normalization(ckpt, device)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": split, "precision": precision(cfg, device),
+        "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
         "num_parameters": count_parameters(model),
         "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
         "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
@@ -2427,11 +2426,11 @@ def make_run_dir(cfg, resuming=False):
         lock = claim_folder(run_dir)
     except OSError as e:
         raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
-    taken = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
-    if taken and not (resuming or cfg.overwrite):
+    held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
+    if held and not (resuming or cfg.overwrite):
         if lock is not None:
             lock.close()
-        raise UserError(f"{run_dir} already holds a run ({', '.join(taken)}); choose another --output_dir, "
+        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
                         f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
         for n in RUN_FILES:
@@ -2448,7 +2447,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
                               cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
     device = init_distributed(cfg)
-    rank, world = distributed()
+    rank, world = rank_and_world()
     if cfg.batch_size % world:
         raise UserError(f"--batch_size={cfg.batch_size} (the global batch) does not divide among {world} processes")
     if world > 1 and cfg.class_weights:  # each process would normalize its loss by its own share's weights
@@ -2474,10 +2473,10 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if world > 1:
         log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
             f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)
-    evaluated = "test" if "test" in splits else "val"
+    eval_split = "test" if "test" in splits else "val"
     log(f"classes (data.yaml order): {', '.join(f'{i}={n}' for i, n in enumerate(class_names))}", log_file)
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
-        ("" if evaluated == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
+        ("" if eval_split == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     mean, std = mean.to(device), std.to(device)
     model = build(cfg, len(class_names))
     with rank_zero_first():  # one probe per machine: the other processes read its verdict
@@ -2493,7 +2492,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if cfg.sync_bn and world > 1:  # CUDA: PyTorch's; gloo on CPUs: ours (nn.SyncBatchNorm is CUDA-only)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else global_batch_norm(model)
     n_params = count_parameters(model)
-    computes = precision(cfg, device)
+    computes = arithmetic(cfg, device)
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
@@ -2501,7 +2500,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     plan = None
     if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
         deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget
-        plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[evaluated]), mean, std,
+        plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[eval_split]), mean, std,
                                           cfg, device, len(class_names), deadline))  # every rank measures, rank 0's plan
         if not plan["epochs"]:
             need = (plan["spent_seconds"] + plan["first_epoch_seconds"] + plan["final_evaluation_seconds"]) \
@@ -2534,8 +2533,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     try:
         model.load_state_dict(load_checkpoint(best_path)["model"])
         plot_history(history, run_dir / "training_history.png")
-        results = write_evaluation(model, splits[evaluated], class_names, mean, std, device, cfg, run_dir, {
-            "evaluated_split": evaluated, "num_parameters": n_params, "precision": computes, "best_epoch": best["epoch"],
+        results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir, {
+            "evaluated_split": eval_split, "num_parameters": n_params, "arithmetic": computes, "best_epoch": best["epoch"],
             "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
             "final_epoch_val_accuracy": history[-1]["val_accuracy"], "training_seconds": round(seconds, 1),
             "checkpoint": str(best_path), "duplicates": report["duplicates"], "duplicates_dropped": cfg.drop_duplicates,
@@ -2545,9 +2544,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
             f"{script_command(f'--evaluate={best_path}')}", log_file)
         raise SystemExit(130)
-    chosen_on_it = "" if evaluated == "test" else \
+    chosen_on_it = "" if eval_split == "test" else \
         f"; chosen on this split: the final epoch {history[-1]['epoch']} reached {history[-1]['val_accuracy']:.2%}"
-    log(f"{evaluated} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
+    log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
         f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}){chosen_on_it}; outputs in {run_dir}", log_file)
     if plan is not None:
         log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (planned "
@@ -2602,11 +2601,11 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = main(sys.argv[1:], started=process_start_time())
-        if distributed()[1] > 1:
+        if rank_and_world()[1] > 1:
             torch.distributed.destroy_process_group()
         sys.exit(status if isinstance(status, int) else 0)
     except UserError as e:
-        rank, world = distributed()
+        rank, world = rank_and_world()
         print(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside training (which saves and prints its resume command): decoding, evaluating

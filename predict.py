@@ -96,7 +96,7 @@ WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
 PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
-BUFFER_PIXELS = 2 ** 25  # decoded frames or images per batch, about 100 MB of RGB (prefetch: up to as much again)
+BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB; prefetch holds up to as much again
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 
 
@@ -572,8 +572,8 @@ def predict_images(predictor, sources, out, progress, args):
 def video_frames(capture, every, max_frames, fps):
     """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
     converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
-    start, index, taken = time.time(), 0, 0
-    while not max_frames or taken < max_frames:
+    start, index, classified = time.time(), 0, 0
+    while not max_frames or classified < max_frames:
         if index % every:
             if not capture.grab():
                 return
@@ -581,7 +581,7 @@ def video_frames(capture, every, max_frames, fps):
             ok, frame = capture.read()
             if not ok:
                 return
-            taken += 1
+            classified += 1
             yield index, index / fps if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         index += 1
 
@@ -726,7 +726,7 @@ def run_prediction(args, specs):
             "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "inputs": list(specs),
             "interrupted": interrupted, "ignored": left_out,
             "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
-            "precision": precision(predictor.cfg, predictor.device)})
+            "arithmetic": arithmetic(predictor.cfg, predictor.device)})
     print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
           f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
           + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if args.jsonl else sys.stdout)

@@ -114,7 +114,7 @@ def main():
         "first_epoch_seconds": history[0]["epoch_seconds"],
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None,
         "best_val_accuracy": results["best_val_accuracy"], "final_epoch_val_accuracy": results["final_epoch_val_accuracy"],
-        "evaluated_split": results["evaluated_split"], "precision": results["precision"],
+        "evaluated_split": results["evaluated_split"], "arithmetic": results["arithmetic"],
         "forward_gflops_per_image": flops / 1e9, "train_faces": train_faces,
         # a training step is about three forward passes (the backward pass costs two)
         "fraction_of_matmul_rate": 3 * flops * images_per_s / (report["matmul_tflops"] * 1e12)}

@@ -75,7 +75,7 @@ def main():
     labels = val.labels[png]
     before, after = predict(as_decoded), predict(reencoded)
     jpeg = np.flatnonzero(np.array(val.formats) == "jpeg")
-    out = {"checkpoint": args.checkpoint, "precision": ern.precision(cfg, device), "quality": args.quality, "png_samples": int(len(png)),
+    out = {"checkpoint": args.checkpoint, "arithmetic": ern.arithmetic(cfg, device), "quality": args.quality, "png_samples": int(len(png)),
            "mean_abs_pixel_change": float(np.abs(reencoded.astype(np.int16) - as_decoded).mean()),
            "predictions_changed": float((before != after).mean()),
            "png_as_decoded": summary(before, labels, class_names),

@@ -77,7 +77,7 @@ def step_time(name, overrides, args, steps=6):
     model = ern.build_model(cfg, 8)
     cfg, _ = ern.channels_last_checked(model, cfg, device)
     model = ern.place_model(model, cfg, device)
-    optimizer, scheduler, scaler, ema = ern.training_parts(model, cfg, device, 1000)
+    optimizer, scheduler, scaler, ema = ern.optimization_parts(model, cfg, device, 1000)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, ((steps + 2) * cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                       generator=gen)

@@ -18,7 +18,7 @@ def test_one_epoch_with_autocast_channels_last_and_compile(tiny_dataset, tmp_pat
                "--channels_last=true", "--compile=true", cwd=tmp_path, timeout=900)
     results = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
     want = "bfloat16" if torch.cuda.get_device_capability()[0] >= 8 else "float16"
-    assert results["precision"] == {"autocast": want, "channels_last": True}
+    assert results["arithmetic"] == {"autocast": want, "channels_last": True}
     assert 0 <= results["accuracy"] <= 1 and results["evaluated_samples"] == 32
 
 

@@ -693,7 +693,7 @@ def test_cpu_autocasts_only_where_bf16_is_native(monkeypatch):
     assert ern.autocast_dtype(on, cpu) is torch.bfloat16 and ern.autocast_dtype(off, cpu) is None
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: False)  # bf16 only emulated: the script stays in float32
     assert ern.autocast_dtype(on, cpu) is None
-    assert ern.precision(on, cpu) == {"autocast": None, "channels_last": True}  # the layout: channels_last either way
+    assert ern.arithmetic(on, cpu) == {"autocast": None, "channels_last": True}  # the layout: channels_last either way
 
 
 @pytest.mark.parametrize("amp", [False, True])
@@ -710,7 +710,7 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, a
     mean, std = ern.dataset_normalization(x.numpy())
     torch.manual_seed(0)
     model = ern.place_model(ern.build_model(cfg, 8), cfg, torch.device("cpu"))
-    assert ern.precision(cfg, torch.device("cpu")) == {"autocast": "bfloat16" if amp else None, "channels_last": True}
+    assert ern.arithmetic(cfg, torch.device("cpu")) == {"autocast": "bfloat16" if amp else None, "channels_last": True}
     optimizer = ern.make_optimizer(model, cfg)
     scheduler = ern.make_scheduler(optimizer, cfg, steps_per_epoch=1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
