@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, channels_last_checked, checkpoint_in,
                                  checkpoint_normalization, crop_box, decode_image, explain_faces, load_checkpoint,
-                                 model_from_checkpoint, overlay, place_model, precision, read_overrides, resolve_device,
+                                 model_from_checkpoint, overlay, place_model, arithmetic, read_overrides, resolve_device,
                                  validate_device,
                                  run_inference, write_json)
 
