@@ -39,11 +39,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, channels_last_checked, checkpoint_in,
-                                 checkpoint_normalization, crop_box, decode_image, explain_faces, load_checkpoint,
-                                 model_from_checkpoint, overlay, place_model, arithmetic, read_overrides, resolve_device,
-                                 validate_device,
-                                 run_inference, write_json)
+from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, channels_last_checked,
+                                 checkpoint_in, checkpoint_normalization, crop_box, decode_image, explain_faces,
+                                 load_checkpoint, model_from_checkpoint, overlay, place_model, read_overrides,
+                                 resolve_device, run_inference, validate_device, write_json)
 
 
 @dataclass
