@@ -506,8 +506,9 @@ def read_data_yaml(data_dir, problems=None):
     An nc that disagrees with names is raised, or appended to `problems` if a list is given (so
     that it is reported together with the label and image problems).
 
-    Split paths are relative to `path` if given, else to the yaml's folder. If a path does not
-    exist, the standard folder beside the yaml (train/, valid/ or val/, test/) is used, with a note.
+    Split paths are relative to `path` if given, else to the yaml's folder. If a path the yaml names does not exist
+    (an export moved from its machine), the standard folder beside the yaml (train/, valid/ or val/, test/) is used,
+    with a note; a split the yaml does not name is not read, whatever folders lie beside it (a note says so).
     """
     data_dir = Path(data_dir).expanduser()
     yaml_path = data_dir if data_dir.suffix in (".yaml", ".yml") else data_dir / "data.yaml"
@@ -555,6 +556,10 @@ def read_data_yaml(data_dir, problems=None):
             folders[split] = given
             continue
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
+        if entry is None and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
+            if fallback is not None:
+                notes.append(f"data.yaml names no {split} split: {fallback} is not read")
+            continue
         if fallback is not None:
             folders[split] = fallback.resolve()
             if given is not None:

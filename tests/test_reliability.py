@@ -737,3 +737,15 @@ def test_an_export_to_a_place_that_cannot_be_made_is_one_line(finished, tmp_path
     (tmp_path / "file.txt").write_text("a file, not a folder")
     with pytest.raises(ern.UserError, match="cannot create .*file.txt"):
         ex.main([f"--checkpoint={finished}", f"--output={tmp_path / 'file.txt' / 'model.onnx'}"])
+
+
+def test_a_split_the_yaml_leaves_out_is_not_read_though_its_folder_is_there(tiny_dataset, tmp_path):
+    """A test split kept aside by leaving it out of data.yaml stays aside: no test split (the final evaluation is
+    on validation), and a note names the folder that was not read."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    del doc["test"]
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    names, folders, notes = ern.read_data_yaml(data)
+    assert set(folders) == {"train", "val"} and (data / "test" / "images").is_dir()
+    assert notes == [f"data.yaml names no test split: {data / 'test' / 'images'} is not read"]
