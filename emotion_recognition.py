@@ -94,7 +94,7 @@ class Config:
     context_temperature: float = 0.1  # tau: s_k = cos(f, P_k) / tau
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
-    epochs: int = 50  # passes over the training set (with time_budget: at most this many)
+    epochs: float = 50  # passes over the training set; a fraction ends the last one early (time_budget: at most this many)
     val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), without flip TTA; 0 = all, as evaluated. The final evaluation is always the whole split
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
@@ -270,7 +270,7 @@ def parse_blocks(text, name="blocks"):
 def validate_config(cfg):
     """Refuse impossible values before any work starts."""
     checks = [
-        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
@@ -1792,7 +1792,7 @@ WARMUP_START = 0.01  # the warm-up's first learning rate, fraction of lr
 
 def make_scheduler(optimizer, cfg, steps_per_epoch):
     """Per step: linear warm-up from 1 % of lr, then cosine annealing to min_lr_ratio * lr."""
-    total = cfg.epochs * steps_per_epoch
+    total = total_steps(cfg, steps_per_epoch)
     warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total // 2)  # short runs still anneal
 
     def factor(step):
@@ -1841,20 +1841,31 @@ def epoch_steps(n, cfg):
     return n // min(cfg.batch_size, n)
 
 
+def total_steps(cfg, steps_per_epoch):
+    """Optimizer steps of the whole run: cfg.epochs passes, the last one possibly a fraction (at least one step)."""
+    return max(1, round(cfg.epochs * steps_per_epoch))
+
+
+def epochs_run(cfg, steps_per_epoch):
+    """Passes the run makes, the last one cut short where cfg.epochs has a fraction."""
+    return -(-total_steps(cfg, steps_per_epoch) // steps_per_epoch)
+
+
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
-                    ema=None, class_weights=None):
+                    ema=None, class_weights=None, max_steps=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
     A step that fp16's GradScaler skips (gradients overflowed) moves neither the schedule nor the EMA.
+    max_steps: fewer steps than a full pass (the last epoch of a fractional --epochs).
     """
     model.train()
     dev = images.device
     rank, world = rank_and_world()
     batch = min(cfg.batch_size, images.shape[0])
     share = batch // world  # this rank's part of each global batch
-    steps = epoch_steps(images.shape[0], cfg)
+    steps = min(epoch_steps(images.shape[0], cfg), max_steps or math.inf)
     # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
     perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
@@ -1948,17 +1959,26 @@ def final_seconds(eval_faces, face_s, step_s, batch, cfg):
     return eval_faces * face_s + attention_s + tsne_s + BUDGET_FIGURES_SECONDS
 
 
-def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0):
-    """The epochs a run that has trained `done` should end with: as many more of epoch_s seconds as end, with the
-    final evaluation and the margin, by the deadline (at most max_epochs in all; fewer than `done`: none more)."""
-    return max(done, min(max_epochs, done + math.floor((deadline - now - final_s - margin_s) / epoch_s)))
+MIN_LAST_EPOCH = 0.1  # the shortest fraction of an epoch worth its validation pass
+REPLAN_MORE = 0.25  # epochs a re-plan must add before the schedule is re-laid for them
+
+
+def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0, val_s=0.0, steps=1):
+    """The epochs a run that has trained `done` should end with: as many more of epoch_s seconds (val_s of them its
+    validation) as end, with the final evaluation and the margin, by the deadline, the last one a fraction in whole
+    steps of the epoch's `steps` where a whole one does not fit (at most max_epochs in all; never fewer than done)."""
+    left = deadline - now - final_s - margin_s
+    more = max(0, math.floor(left / epoch_s))
+    part = math.floor(max(0.0, left - more * epoch_s - val_s) / max(epoch_s - val_s, 1e-9) * steps) / steps
+    return max(done, min(max_epochs, done + more + (part if part >= MIN_LAST_EPOCH else 0)))
 
 
 def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time):
     """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
     state put back afterwards: measuring draws none of the run's random numbers) and a validation pass, then
-    return the plan: the number of epochs (at most cfg.epochs; 0 if not even one fits) whose training and per-epoch
-    validation, followed by the final evaluation of eval_faces faces, end by the deadline (a clock() time)."""
+    return the plan: the number of epochs (at most cfg.epochs, the last possibly a fraction; 0 if not even a tenth of
+    one fits) whose training and per-epoch validation, followed by the final evaluation of eval_faces faces, end by
+    the deadline (a clock() time)."""
     t_start = clock()
     batch = min(cfg.batch_size, len(train_y))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -1986,15 +2006,19 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
     now = clock()
-    epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs)
+    epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs,
+                           val_s=len(val_epoch) * face_s, steps=epoch_steps(len(train_y), cfg))
     spent_s = budget_s - (deadline - now)  # of the budget, before training
+    whole, part = divmod(epochs, 1)
+    val_s = len(val_epoch) * face_s
+    training_s = first_s - epoch_s + whole * epoch_s + (part * (epoch_s - val_s) + val_s if part else 0)
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
             "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
             "final_evaluation_seconds": final_s, "measuring_seconds": now - t_start, "spent_seconds": spent_s,
-            "deadline": deadline, "expected_minutes": (spent_s + first_s + (epochs - 1) * epoch_s + final_s) / 60}
+            "validation_seconds": val_s, "deadline": deadline,
+            "expected_minutes": (spent_s + training_s + final_s) / 60}
 
 
-@torch.no_grad()
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
     return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
@@ -2051,19 +2075,22 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
-    walls = []  # seconds of each epoch from its start to its last write (checkpoints and metrics included)
+    walls, val_walls = [], []  # seconds of each epoch from its start to its last write; of its validation
     try:
-        while epoch < cfg.epochs:
+        while epoch < epochs_run(cfg, steps_per_epoch):
             epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank_and_world()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                    num_classes=k, ema=ema, class_weights=weights)
+                                    num_classes=k, ema=ema, class_weights=weights,
+                                    max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
+            t_val = time.time()
             stats.update(epoch=epoch, **validate(evaluated, val_epoch, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
+            val_walls.append(time.time() - t_val)
             history.append(stats)
             improved = stats["val_accuracy"] > best["val_accuracy"]
             if improved:
@@ -2081,16 +2108,19 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                 epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
                 epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s,
                                                       plan["final_evaluation_seconds"],
-                                                      BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch))
-                # fewer whenever needed; more only by two or more and in the first half (the schedule's rise is mild)
-                if epochs < cfg.epochs or (epochs > cfg.epochs + 1 and 2 * epoch <= cfg.epochs):
+                                                      BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch,
+                                                      statistics.median(val_walls[1:][-3:]), steps_per_epoch))
+                # fewer whenever needed; more by a quarter epoch or more while a pass is left (a small step of the
+                # cosine: adding half an epoch to 16 moves its position by 3 %)
+                if epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
+                                                                 epoch < epochs_run(cfg, steps_per_epoch)):
                     cfg = dataclasses.replace(cfg, epochs=epochs)
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
+                    log(f"time budget: {epochs:g} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
-            log(f"epoch {epoch:3d}/{cfg.epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
+            log(f"epoch {epoch:3d}/{epochs_run(cfg, steps_per_epoch)} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
                 f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
                 f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
@@ -2101,7 +2131,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {saved}).") from None
     final = ema.model if ema is not None else model
     if writes:
-        atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, cfg.epochs, history[-1], best=best),
+        atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, epoch, history[-1], best=best),
                     run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start, cfg
 
@@ -2517,8 +2547,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
-            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']} of at "
-            f"most {plan['max_epochs']} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:g} of at "
+            f"most {plan['max_epochs']:g} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:

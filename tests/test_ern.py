@@ -730,7 +730,7 @@ def test_parse_args_overrides():
     assert action == ern.Action()
     assert overrides == {"epochs": 3, "lr": 0.01, "context": False, "blocks": "1,1"}
     assert (cfg.epochs, cfg.lr, cfg.context, cfg.blocks) == (3, 0.01, False, "1,1")
-    assert type(cfg.epochs) is int
+    assert type(cfg.batch_size) is int and type(cfg.epochs) is float  # epochs: a fraction ends the last pass early
     assert cfg.batch_size == ern.Config().batch_size
     assert ern.parse_args(["--tta_flip"])[0].tta_flip is True  # a bare flag means true
 

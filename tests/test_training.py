@@ -157,8 +157,9 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
     epochs = json.loads((run / "config.json").read_text())["epochs"]
     plan = json.loads((run / "provenance.json").read_text())[0]["time_budget_plan"]
     assert 1 < epochs < 400 and plan["max_epochs"] == 400 and plan["step_seconds"] > 0
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == epochs
-    assert ern.load_checkpoint(run / "final_emotion_model.pth")["epoch"] == epochs
+    passes = -(-epochs // 1)  # the last one possibly a fraction of an epoch
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == passes
+    assert ern.load_checkpoint(run / "final_emotion_model.pth")["epoch"] == passes
 
     monkeypatch.setattr(ern, "plan_epochs", lambda *a, **k: pytest.fail("a resume measured again"))
     monkeypatch.chdir(tmp_path)
@@ -217,7 +218,7 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch):
     train_x, train_y = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.zeros(1000, dtype=torch.long)
     val = ern.Split("val", ["v.jpg"] * 500, np.zeros(500, np.int64), np.zeros((500, 4), np.float32),
                     images=np.zeros((500, 3, 32, 32), np.uint8))
-    deadline = clock.now + 25.0  # 5 s of the 30 s budget spent before planning
+    deadline = clock.now + 25.1  # 4.9 s of the 30 s budget spent before planning
     plan = ern.plan_epochs(ern.build_model(cfg, 8), train_x, train_y, val, 200, torch.zeros(3), torch.ones(3), cfg,
                            torch.device("cpu"), 8, deadline, clock=clock)
     epoch_s = 10 * 0.02 + 500 * 0.001  # 10 steps of 100 faces, a validation pass over 500
@@ -227,16 +228,36 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch):
     assert plan["epoch_seconds"] == pytest.approx(epoch_s)
     assert plan["final_evaluation_seconds"] == pytest.approx(final_s)
     assert plan["measuring_seconds"] == pytest.approx(measuring_s)
-    left = 25.0 - measuring_s - final_s - 0.03 * 30  # the margin: 3 % of the budget
-    assert plan["epochs"] == int(left // epoch_s)
+    left = 25.1 - measuring_s - final_s - 0.03 * 30  # the margin: 3 % of the budget
+    whole = int(left // epoch_s)  # then a fraction of one more, in whole steps of 10, after its validation's 0.5 s
+    part = int((left - whole * epoch_s - 0.5) / 0.2 * 10) / 10
+    assert plan["epochs"] == pytest.approx(whole + (part if part >= 0.1 else 0)) and plan["epochs"] % 1 != 0
     assert plan["expected_minutes"] * 60 <= 30 * 0.97 + 1e-9
 
 
+def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path):
+    """--epochs=2.5 with 6 steps an epoch (96 training faces, batch 16): three passes, the last of 3 steps; the
+    schedule is laid over the 15 steps (the learning rate ends at its floor) and the last pass's loss is an average
+    over its own steps."""
+    ern.main([*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--epochs=2.5", "--amp=false",
+              f"--output_dir={tmp_path / 'run'}"])
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = ern.load_checkpoint(tmp_path / "run" / "last.pth")
+    assert [h["epoch"] for h in history] == [1, 2, 3] and last["epoch"] == 3
+    assert last["scheduler"]["last_epoch"] == 15
+    assert history[-1]["lr"] == pytest.approx(ern.Config().lr * ern.Config().min_lr_ratio)
+
+
 def test_epochs_before_the_deadline():
-    """The re-plan after each epoch: more epochs where time is left, none where it is not, never past the maximum."""
+    """The re-plan after each epoch: more epochs where time is left (the last a fraction), none where it is not, never
+    past the maximum."""
     assert ern.epochs_before(100.0, 50.0, 5.0, 10.0, 1.0, 50, done=3) == 3 + 7  # (100 - 50 - 10 - 1) // 5 = 7 more
     assert ern.epochs_before(100.0, 95.0, 5.0, 10.0, 1.0, 50, done=3) == 3  # over already: stop here
     assert ern.epochs_before(1e6, 0.0, 5.0, 10.0, 1.0, 50, done=3) == 50
+    # a fraction of one more epoch in whole steps: 3 s left after 7 epochs, 1 s of it the validation, 2 of 4 s of steps
+    assert ern.epochs_before(103.0, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=10) == pytest.approx(10.5)
+    # less than a tenth of an epoch left is not worth a validation pass
+    assert ern.epochs_before(101.2, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=100) == 10
 
 
 # ---------------------------------------------------------------------------------------------
