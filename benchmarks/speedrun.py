@@ -5,7 +5,7 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` plus the changes of every row run above it (a row named
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true) plus the changes of every row run above it (a row named
 with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs
 the kernels of a narrower one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative
 table (epochs that fit, seconds per epoch, minutes from process start to exit, final and best validation accuracy,
@@ -34,13 +34,15 @@ from emotion_recognition import cpu_flags, cpu_model  # noqa: E402
 
 # name: overrides added to every row above it (the order is the order of issue 24's levers)
 ROWS = {
-    "old": "",  # the preset as it was (64 px, per-epoch validation of the whole split with flip TTA)
+    # the preset before issue 24 (commit 4442bd2): 64 px, batch 128, at most 18 epochs, the whole split validated with TTA
+    "old": "--image_size=64 --batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
     "+val subset": "--val_faces=1024",  # lever 1: per-epoch validation on 1,024 faces without TTA
     "+attention on stages 3-4": "--attention_stages=3,4",  # lever 2: no 7x7 spatial gate at 32 and 16 px
     "+48 px": "--image_size=48",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
-    "=48 px alone": "--image_size=48",  # standalone: the old preset at 48 px
+    "=new preset": "",  # --preset=cpu as it is now
+    "=48 px alone": "--batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
     "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
 }
@@ -50,7 +52,7 @@ def run(name, overrides, seed, args):
     out = Path(args.out) / f"{name.strip('+= ').replace(' ', '_')}__{seed}"
     done = out / "evaluation_results.json"
     cmd = [sys.executable, str(ROOT / "emotion_recognition.py"), f"--data_dir={args.data_dir}", "--preset=cpu",
-           "--amp=false", f"--time_budget={args.budget}", f"--seed={seed}", f"--output_dir={out}", "--overwrite=true",
+           f"--amp={str(args.bf16).lower()}", f"--time_budget={args.budget}", f"--seed={seed}", f"--output_dir={out}", "--overwrite=true",
            *shlex.split(overrides), *shlex.split(args.extra)]
     if not done.exists():
         env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {}))
@@ -103,6 +105,7 @@ def main():
     p.add_argument("--rows", default="all")
     p.add_argument("--extra", default="", help="more overrides for every row, e.g. --cache_dir=...")
     p.add_argument("--step_time", action="store_true", help="time training steps of each row's model, no data")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast where the CPU has it (default: float32)")
     args = p.parse_args([a for a in sys.argv[1:]])
     if args.step_time:
         changes = ""
@@ -124,7 +127,7 @@ def main():
         table += [run(name, changes, int(s), args) for s in args.seeds.split(",")]
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
         (f", ONEDNN_MAX_CPU_ISA={args.isa}" if args.isa else "") + f"), {os.cpu_count()} cores"
-    print(f"\n{machine}, float32, --time_budget={args.budget:g}\n")
+    print(f"\n{machine}, {'bf16 autocast' if args.bf16 else 'float32'}, --time_budget={args.budget:g}\n")
     print("| change | seeds | epochs | s/epoch | minutes | final val acc | best val acc | macro-F1 |")
     print("|---|---|---|---|---|---|---|---|")
     for name in names:

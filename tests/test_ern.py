@@ -742,13 +742,13 @@ def test_parse_args_unknown_field_suggests_closest():
         ern.parse_args(["--context_wieght=0.1"])
 
 
-@pytest.mark.parametrize("arg", ["--epochs=three", "--epochs=2.5", "--lr=fast", "--context=maybe", "--epochs"])
+@pytest.mark.parametrize("arg", ["--epochs=three", "--batch_size=2.5", "--lr=fast", "--context=maybe", "--epochs"])
 def test_parse_args_wrong_type(arg):
-    with pytest.raises(ern.UserError, match="--epochs|--lr|--context"):
+    with pytest.raises(ern.UserError, match="--epochs|--batch_size|--lr|--context"):
         ern.parse_args([arg])
 
 
-@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be >= 1"),
+@pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be > 0"),
                                           (dict(context_weight=-0.1), "--context_weight must be >= 0"),
                                           (dict(image_size=16), "--image_size must be >= 32"),
                                           (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64")])

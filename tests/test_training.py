@@ -218,7 +218,7 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch):
     train_x, train_y = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8), torch.zeros(1000, dtype=torch.long)
     val = ern.Split("val", ["v.jpg"] * 500, np.zeros(500, np.int64), np.zeros((500, 4), np.float32),
                     images=np.zeros((500, 3, 32, 32), np.uint8))
-    deadline = clock.now + 25.1  # 4.9 s of the 30 s budget spent before planning
+    deadline = clock.now + 25.45  # 4.55 s of the 30 s budget spent before planning
     plan = ern.plan_epochs(ern.build_model(cfg, 8), train_x, train_y, val, 200, torch.zeros(3), torch.ones(3), cfg,
                            torch.device("cpu"), 8, deadline, clock=clock)
     epoch_s = 10 * 0.02 + 500 * 0.001  # 10 steps of 100 faces, a validation pass over 500
@@ -228,7 +228,7 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch):
     assert plan["epoch_seconds"] == pytest.approx(epoch_s)
     assert plan["final_evaluation_seconds"] == pytest.approx(final_s)
     assert plan["measuring_seconds"] == pytest.approx(measuring_s)
-    left = 25.1 - measuring_s - final_s - 0.03 * 30  # the margin: 3 % of the budget
+    left = 25.45 - measuring_s - final_s - 0.03 * 30  # the margin: 3 % of the budget
     whole = int(left // epoch_s)  # then a fraction of one more, in whole steps of 10, after its validation's 0.5 s
     part = int((left - whole * epoch_s - 0.5) / 0.2 * 10) / 10
     assert plan["epochs"] == pytest.approx(whole + (part if part >= 0.1 else 0)) and plan["epochs"] % 1 != 0
@@ -254,10 +254,10 @@ def test_epochs_before_the_deadline():
     assert ern.epochs_before(100.0, 50.0, 5.0, 10.0, 1.0, 50, done=3) == 3 + 7  # (100 - 50 - 10 - 1) // 5 = 7 more
     assert ern.epochs_before(100.0, 95.0, 5.0, 10.0, 1.0, 50, done=3) == 3  # over already: stop here
     assert ern.epochs_before(1e6, 0.0, 5.0, 10.0, 1.0, 50, done=3) == 50
-    # a fraction of one more epoch in whole steps: 3 s left after 7 epochs, 1 s of it the validation, 2 of 4 s of steps
-    assert ern.epochs_before(103.0, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=10) == pytest.approx(10.5)
-    # less than a tenth of an epoch left is not worth a validation pass
-    assert ern.epochs_before(101.2, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=100) == 10
+    # 42 s left: 8 more epochs (40 s), then 2 s: 1 s of validation and 1 s of steps, 2 of the 10 steps (4 s)
+    assert ern.epochs_before(103.0, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=10) == pytest.approx(11.2)
+    # 40.3 s left: 8 more, then less than a tenth of an epoch after the validation: not worth its validation pass
+    assert ern.epochs_before(101.3, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=100) == 11
 
 
 # ---------------------------------------------------------------------------------------------
