@@ -2116,7 +2116,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                                                                  epoch < epochs_run(cfg, steps_per_epoch)):
                     cfg = dataclasses.replace(cfg, epochs=epochs)
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs:g} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
+                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
@@ -2547,7 +2547,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
         log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
-            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:g} of at "
+            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:.4g} of at "
             f"most {plan['max_epochs']:g} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
