@@ -239,3 +239,19 @@ def test_csv_probabilities_are_the_models_softmax_on_that_faces_crop(tmp_path):
         logits = (model(x)[0] + model(x.flip(3))[0]) / 2
     expected = logits.softmax(1)[0].numpy()
     assert [float(row[c]) for c in ern.DEMO_CLASSES] == pytest.approx(expected, abs=2e-4)
+
+
+def test_demo_writes_its_dataset_and_trains_with_its_preset_under_the_command_line(tmp_path, monkeypatch):
+    """--demo: the synthetic dataset of drawn faces (8 classes, 150 training and 50 validation faces each), then a run
+    with the demo preset's values, the command line's over them (here one epoch)."""
+    monkeypatch.chdir(tmp_path)
+    run_dir, results = ern.main(["--demo", "--epochs=1", f"--data_dir={tmp_path / 'demo'}", "--tsne_samples=0",
+                                 "--attention_samples=0", f"--output_dir={tmp_path / 'run'}",
+                                 f"--cache_dir={tmp_path / 'cache'}"])
+    names, folders, _ = ern.read_data_yaml(tmp_path / "demo")
+    assert names == ern.DEMO_CLASSES and set(folders) == {"train", "val"}
+    assert len(list(folders["train"].iterdir())) == 8 * 150 and len(list(folders["val"].iterdir())) == 8 * 50
+    cfg = json.loads((run_dir / "config.json").read_text())
+    given = ("epochs", "tsne_samples")  # the command line's, over the preset's
+    assert all(cfg[k] == v for k, v in ern.PRESETS["demo"].items() if k not in given) and cfg["epochs"] == 1
+    assert cfg["preset"] == "demo" and results["evaluated_samples"] == 8 * 50
