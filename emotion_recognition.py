@@ -16,11 +16,10 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
 
-Measured (2-core CPU with native bf16, no GPU, 2026-11-24): --preset=cpu trains on the AffectNet YOLO export's
-17,101 training faces in 23.4 minutes and reaches 70.63 % validation accuracy (macro-F1 0.698, 4.4 M parameters);
-a 2-core AVX2 CPU without bf16 trains in float32 and reaches 53.18 % in the same 30 minutes (BENCHMARKS.md). The
-96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
---name=value.
+Measured (2026-11-30, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's
+17,101 training faces in 30 minutes and reaches 67.48 % validation accuracy in float32 with the CPU run as an AVX2
+one (ONEDNN_MAX_CPU_ISA=AVX2), 69.03 % with its native bf16 (4.4 M parameters, 48 px). The 96 px, 27.6 M-parameter,
+50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
 import contextlib
