@@ -1632,6 +1632,15 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     return model, cfg
 
 
+def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_size=None):
+    """The checkpoint's network ready for run_inference with cfg's inference settings: (model on the device, in
+    channels_last where this machine's probe passed; cfg as it computes; the checkpoint's mean and std). Refused
+    where its classes or image size differ from class_names or image_size (--evaluate's data)."""
+    model, _ = model_from_checkpoint(ckpt, class_names, image_size)
+    cfg, _ = channels_last_checked(model, cfg, device, log_file)
+    return place_model(model, cfg, device), cfg, *checkpoint_normalization(ckpt, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed: under torchrun every process (rank) trains on its share of each global batch, DDP averages
 # the gradients, and rank 0 alone logs and writes
@@ -1972,17 +1981,20 @@ def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0,
     return max(done, min(max_epochs, done + more + (part if part >= MIN_LAST_EPOCH else 0)))
 
 
-def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time):
+def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time,
+                tta=None):
     """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
-    state put back afterwards: measuring draws none of the run's random numbers) and a validation pass, then
+    state put back afterwards: measuring draws none of the run's random numbers) and a pass of the per-epoch
+    validation (val, with flip TTA as tta says, default cfg's; epoch_validation), then
     return the plan: the number of epochs (at most cfg.epochs, the last possibly a fraction; 0 if not even a tenth of
     one fits) whose training and per-epoch validation, followed by the final evaluation of eval_faces faces, end by
     the deadline (a clock() time)."""
     t_start = clock()
-    batch = min(cfg.batch_size, len(train_y))
+    batch, spe = min(cfg.batch_size, len(train_y)), epoch_steps(len(train_y), cfg)
+    tta = cfg.tta_flip if tta is None else tta
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
-        optimizer, scheduler, scaler, ema = optimization_parts(trial, cfg, device, epoch_steps(len(train_y), cfg))
+        optimizer, scheduler, scaler, ema = optimization_parts(trial, cfg, device, spe)
         compiled = torch.compile(trial) if cfg.compile else trial
         weights = class_weights(cfg, train_y, num_classes)
         seconds, steps = [], []
@@ -1993,23 +2005,21 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
                             num_classes=num_classes, ema=ema, class_weights=weights)
             seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
-        val_epoch, tta = epoch_validation(val, cfg)
         faces = min(BUDGET_VAL_FACES, len(val))
         t0 = clock()
         run_inference(trial, val.images[:faces], mean, std, device, cfg, tta)
         face_s = (clock() - t0) / faces
-    step_s = seconds[1] / steps[1]
-    epoch_s = epoch_steps(len(train_y), cfg) * step_s + len(val_epoch) * face_s
+    step_s, val_s = seconds[1] / steps[1], len(val) * face_s
+    epoch_s = spe * step_s + val_s
     final_face_s = face_s * (2 if cfg.tta_flip and not tta else 1)  # the final evaluation flips where epochs do not
     final_s = final_seconds(eval_faces, final_face_s, step_s, batch, cfg)
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
     now = clock()
     epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs,
-                           val_s=len(val_epoch) * face_s, steps=epoch_steps(len(train_y), cfg))
+                           val_s=val_s, steps=spe)
     spent_s = budget_s - (deadline - now)  # of the budget, before training
     whole, part = divmod(epochs, 1)
-    val_s = len(val_epoch) * face_s
     training_s = first_s - epoch_s + whole * epoch_s + (part * (epoch_s - val_s) + val_s if part else 0)
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
             "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
@@ -2040,8 +2050,10 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
     return resume["history"], resume["best"], resume["epoch"] + 1
 
 
-def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None, plan=None):
-    """The training loop on the on-device training set: per-epoch validation, best and last checkpoints,
+def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None, plan=None,
+          tta=None):
+    """The training loop on the on-device training set: per-epoch validation of val (flip TTA as tta says, default
+    cfg's; epoch_validation), best and last checkpoints,
     metrics.jsonl, Ctrl-C safety. With a time-budget plan, the number of epochs is re-planned after each one from
     its measured time (the schedule re-laid for it), so that the run ends by the plan's deadline. Returns the
     history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
@@ -2049,7 +2061,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler, ema = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = class_weights(cfg, train_y, k)
-    val_epoch, tta = epoch_validation(val, cfg)
+    tta = cfg.tta_flip if tta is None else tta
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
@@ -2087,7 +2099,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
             t_val = time.time()
-            stats.update(epoch=epoch, **validate(evaluated, val_epoch, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
+            stats.update(epoch=epoch, **validate(evaluated, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
             val_walls.append(time.time() - t_val)
             history.append(stats)
@@ -2290,7 +2302,6 @@ def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
     ax.axis("off")
 
 
-
 def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg, path):
     """attention_maps.png: per true class, the mean face of (at most attention_samples) evaluated faces, and the
     mean spatial attention (over stages) and mean Grad-CAM of the predicted class, correctly and incorrectly
@@ -2389,10 +2400,7 @@ def run_evaluation(cfg, action, overrides):
     split = action.split or ("test" if "test" in splits else "val")
     if split not in splits:
         raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-    model, _ = model_from_checkpoint(ckpt, class_names, cfg.image_size)
-    cfg, _ = channels_last_checked(model, cfg, device, run_dir / "train.log")
-    model = place_model(model, cfg, device)
-    mean, std = checkpoint_normalization(ckpt, device)
+    model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
     results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
         "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
         "num_parameters": count_parameters(model),
@@ -2531,11 +2539,12 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
     train_y = torch.from_numpy(splits["train"].labels).to(device)
+    val_epoch, tta = epoch_validation(splits["val"], cfg)  # what each epoch validates, and with flip TTA or not
     plan = None
     if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
         deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget
-        plan = from_rank_zero(plan_epochs(model, train_x, train_y, splits["val"], len(splits[eval_split]), mean, std,
-                                          cfg, device, len(class_names), deadline))  # every rank measures, rank 0's plan
+        plan = from_rank_zero(plan_epochs(model, train_x, train_y, val_epoch, len(splits[eval_split]), mean, std,
+                                          cfg, device, len(class_names), deadline, tta=tta))  # every rank measures, rank 0's plan
         if not plan["epochs"]:
             need = (plan["spent_seconds"] + plan["first_epoch_seconds"] + plan["final_evaluation_seconds"]) \
                 / (1 - BUDGET_MARGIN) / 60
@@ -2557,8 +2566,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
                               "channels_last_probe": memory_verdict,
                               "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None}],
                    run_dir / "provenance.json")
-    history, best, seconds, cfg = train(model, train_x, train_y, splits["val"], class_names, mean, std, cfg, run_dir,
-                                        device, log_file, resume_ckpt, plan)
+    history, best, seconds, cfg = train(model, train_x, train_y, val_epoch, class_names, mean, std, cfg, run_dir,
+                                        device, log_file, resume_ckpt, plan, tta)
     del train_x, train_y
     if rank > 0:  # rank 0 evaluates alone: the whole test split, as one process
         return run_dir, None

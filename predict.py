@@ -39,10 +39,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, channels_last_checked,
-                                 checkpoint_in, checkpoint_normalization, crop_box, decode_image, explain_faces,
-                                 load_checkpoint, model_from_checkpoint, overlay, place_model, read_overrides,
-                                 resolve_device, run_inference, validate_device, write_json)
+from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
+                                 config_from_checkpoint, crop_box, decode_image, explain_faces, inference_model,
+                                 load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
+                                 validate_device, write_json)
 
 
 @dataclass
@@ -137,9 +137,6 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
     plt.close(fig)
 
 
-
-
-
 def opencv_message(error):
     """The last line of a cv2.error (its first lines are OpenCV's source location)."""
     return str(error).strip().splitlines()[-1][:200]
@@ -227,11 +224,9 @@ class EmotionPredictor:
                             f"{'it' if len(unknown) == 1 else 'them'} (only {', '.join(INFERENCE_SETTINGS)} can be set)")
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
-        model, cfg = model_from_checkpoint(ckpt)
         self.device = resolve_device(str(device))
-        self.cfg, _ = channels_last_checked(model, dataclasses.replace(cfg, **settings), self.device)
-        self.model = place_model(model, self.cfg, self.device)
-        self.mean, self.std = checkpoint_normalization(ckpt, self.device)
+        self.model, self.cfg, self.mean, self.std = inference_model(
+            ckpt, dataclasses.replace(config_from_checkpoint(ckpt), **settings), self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector() if detect_faces else None
 
