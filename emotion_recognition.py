@@ -141,6 +141,10 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
+# A preset's fields where the CPU multiplies bf16 natively and --amp is on (resolved at training, the command line's
+# fields kept): there a 64 px step costs 1.6x a 48 px one, not 2x as in float32, and 64 px is the better model
+# in 30 minutes (BENCHMARKS.md, issue 24).
+PRESETS_BF16_CPU = {"cpu": dict(image_size=64)}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
@@ -242,6 +246,16 @@ def parse_args(argv, base=None):
             raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         cfg = dataclasses.replace(cfg, **PRESETS[preset], preset=preset)
     return dataclasses.replace(cfg, **overrides), action, overrides
+
+
+def preset_for_machine(cfg, overrides):
+    """cfg with its preset's PRESETS_BF16_CPU fields where it trains on a CPU that multiplies bf16 natively (--amp
+    on), but for the fields the command line gave."""
+    fields = {k: v for k, v in PRESETS_BF16_CPU.get(cfg.preset, {}).items() if k not in overrides}
+    if fields and cfg.amp and resolve_device(cfg.device).type == "cpu" and cpu_has_bf16():
+        print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+        return dataclasses.replace(cfg, **fields)
+    return cfg
 
 
 def validate_action(action):
@@ -2630,6 +2644,7 @@ def main(argv, started=None):
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)
+    cfg = preset_for_machine(cfg, overrides)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():

@@ -14,8 +14,9 @@ runs are reused by folder name: give a new OUT for a new budget or machine.
 
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speedrun.py --step_time [--rows=...]
 
-times training steps of each row's model in this process instead (no data: random faces; float32; after two
-warm-up steps), the quick screen of lever 2 (where the FLOPs go); set ONEDNN_MAX_CPU_ISA in the environment.
+times training steps of each row's model in this process instead (no data: random faces; float32, or bf16 autocast
+with --bf16; after two warm-up steps), the quick screen of lever 2 (where the FLOPs go); set ONEDNN_MAX_CPU_ISA in
+the environment.
 """
 
 import argparse
@@ -43,6 +44,7 @@ ROWS = {
     "+label smoothing 0.2": "--label_smoothing=0.2",
     "=new preset": "",  # --preset=cpu as it is now
     "=new preset at 64 px": "--image_size=64",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
+    "+batch 128": "--batch_size=128",
     "=48 px alone": "--batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
     "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
@@ -76,7 +78,7 @@ def step_time(name, overrides, args, steps=6):
     """Seconds per training step of the row's model and batch, in this process."""
     import torch
     import emotion_recognition as ern
-    cfg, _, _ = ern.parse_args(["--preset=cpu", "--amp=false", *shlex.split(overrides)])
+    cfg, _, _ = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
     ern.validate_config(cfg)
     device = torch.device("cpu")
     model = ern.build_model(cfg, 8)
@@ -112,7 +114,8 @@ def main():
     args = p.parse_args([a for a in sys.argv[1:]])
     if args.step_time:
         changes = ""
-        print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, float32")
+        print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
+              f"{'bf16 autocast' if args.bf16 else 'float32'}")
         print("| change | px | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|")
         for name in [n for n in ROWS if args.rows == "all" or n in args.rows.split(",")]:
             changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
