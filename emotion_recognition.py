@@ -106,7 +106,7 @@ class Config:
     # system
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively
+    amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively (--preset=cpu: at 64 px there)
     channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: where the probe of the model passed; faster in float32 and bf16, BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
@@ -134,7 +134,8 @@ class Action:
 
 
 # Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
-# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md); demo: --demo's.
+# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md), with PRESETS_BF16_CPU's
+# fields over it where the CPU multiplies bf16 natively; demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=48, width=0.5, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64, lr=2e-3,
                 warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
@@ -253,7 +254,8 @@ def preset_for_machine(cfg, overrides):
     on), but for the fields the command line gave."""
     fields = {k: v for k, v in PRESETS_BF16_CPU.get(cfg.preset, {}).items() if k not in overrides}
     if fields and cfg.amp and resolve_device(cfg.device).type == "cpu" and cpu_has_bf16():
-        print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+        if int(os.environ.get("RANK", "0")) == 0:  # before torchrun's process group: every rank resolves it alike
+            print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
         return dataclasses.replace(cfg, **fields)
     return cfg
 

@@ -5,12 +5,15 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true) plus the changes of every row run above it (a row named
-with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs
-the kernels of a narrower one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative
-table (epochs that fit, seconds per epoch, minutes from process start to exit, final and best validation accuracy,
-macro-F1), with several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished
-runs are reused by folder name: give a new OUT for a new budget or machine.
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true, and on a CPU with native bf16
+the preset's 64 px) plus the changes of every row run above it (a row named with a leading "=" replaces them
+instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower
+one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative table (the epochs planned,
+a fraction where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and
+the best epoch's validation accuracy and macro-F1, each on the whole split with flip TTA: where the best epoch was
+not the last, final_emotion_model.pth is evaluated after the run, outside its budget), with several seeds the mean
+and spread, and writes it with every command to OUT/speedrun.json. Finished runs are reused by folder name: give a
+new OUT for a new budget or machine.
 
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speedrun.py --step_time [--rows=...]
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,12 +46,14 @@ ROWS = {
     "+48 px": "--image_size=48",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
-    "=new preset": "",  # --preset=cpu as it is now
+    "=new preset": "",  # --preset=cpu as it is now (with --bf16 on a CPU with native bf16: at 64 px)
+    "=new preset at 48 px": "--image_size=48",
     "=new preset at 64 px": "--image_size=64",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
     "+batch 128": "--batch_size=128",
-    "=48 px alone": "--batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
+    "=48 px alone": "--image_size=48 --batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
     "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
+    "=compile": "--compile=true",  # lever 6: torch.compile (inductor) on the new preset
 }
 
 
@@ -57,20 +63,27 @@ def run(name, overrides, seed, args):
     cmd = [sys.executable, str(ROOT / "emotion_recognition.py"), f"--data_dir={args.data_dir}", "--preset=cpu",
            f"--amp={str(args.bf16).lower()}", f"--time_budget={args.budget}", f"--seed={seed}", f"--output_dir={out}", "--overwrite=true",
            *shlex.split(overrides), *shlex.split(args.extra)]
+    env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {}))
     if not done.exists():
-        env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {}))
+        shutil.rmtree(out / "final_epoch", ignore_errors=True)
         t0 = time.time()
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         (out / "wall_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
     results = json.loads(done.read_text())
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    final = history[-1]
-    return {"row": name, "seed": seed, "epochs": len(history),
+    final = results
+    if results["best_epoch"] != results["final_epoch"]:  # the final epoch's weights on the whole split, after the budget
+        final_dir, config = out / "final_epoch", json.loads((out / "config.json").read_text())
+        if not (final_dir / "evaluation_results.json").exists():
+            subprocess.run([sys.executable, str(ROOT / "emotion_recognition.py"),
+                            f"--evaluate={out / 'final_emotion_model.pth'}", f"--split={results['evaluated_split']}",
+                            *[f"--{k}={config[k]}" for k in ("data_dir", "cache_dir", "strict", "drop_duplicates")],
+                            f"--output_dir={final_dir}", "--overwrite=true"], check=True, env=env, stdout=subprocess.DEVNULL)
+        final = json.loads((final_dir / "evaluation_results.json").read_text())
+    return {"row": name, "seed": seed, "epochs": results["config"]["epochs"],
             "epoch_seconds": statistics.median(h["epoch_seconds"] for h in history),
             "minutes": float((out / "wall_seconds.txt").read_text()) / 60,
-            # the final epoch's figure on the whole split is the evaluation's where the final epoch was the best; else
-            # the per-epoch validation's (with --val_faces, a sample without TTA)
-            "final_val_accuracy": results["accuracy"] if results["best_epoch"] == results["final_epoch"] else final["val_accuracy"],
+            "final_val_accuracy": final["accuracy"], "final_macro_f1": final["macro_f1"],
             "best_val_accuracy": results["accuracy"], "macro_f1": results["macro_f1"], "command": shlex.join(cmd)}
 
 
@@ -78,7 +91,8 @@ def step_time(name, overrides, args, steps=6):
     """Seconds per training step of the row's model and batch, in this process."""
     import torch
     import emotion_recognition as ern
-    cfg, _, _ = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
+    cfg, _, given = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
+    cfg = ern.preset_for_machine(cfg, given)
     ern.validate_config(cfg)
     device = torch.device("cpu")
     model = ern.build_model(cfg, 8)
@@ -134,15 +148,16 @@ def main():
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
         (f", ONEDNN_MAX_CPU_ISA={args.isa}" if args.isa else "") + f"), {os.cpu_count()} cores"
     print(f"\n{machine}, {'bf16 autocast' if args.bf16 else 'float32'}, --time_budget={args.budget:g}\n")
-    print("| change | seeds | epochs | s/epoch | minutes | final val acc | best val acc | macro-F1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| change | seeds | epochs | s/epoch | minutes | final val acc | final macro-F1 | best val acc | macro-F1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         rows = [r for r in table if r["row"] == name]
         final = [r["final_val_accuracy"] * 100 for r in rows]
         spread = f" ± {statistics.stdev(final):.2f}" if len(final) > 1 else ""
         print(f"| {name} | {len(rows)} | {statistics.mean(r['epochs'] for r in rows):.1f} | "
               f"{statistics.mean(r['epoch_seconds'] for r in rows):.0f} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
-              f"{statistics.mean(final):.2f}{spread} | {statistics.mean(r['best_val_accuracy'] * 100 for r in rows):.2f} | "
+              f"{statistics.mean(final):.2f}{spread} | {statistics.mean(r['final_macro_f1'] for r in rows):.4f} | "
+              f"{statistics.mean(r['best_val_accuracy'] * 100 for r in rows):.2f} | "
               f"{statistics.mean(r['macro_f1'] for r in rows):.4f} |")
     (Path(args.out) / "speedrun.json").write_text(json.dumps({"machine": machine, "budget": args.budget, "runs": table},
                                                              indent=1))

@@ -114,13 +114,19 @@ def test_presets_give_their_values_and_the_command_line_overrides_them():
 @pytest.mark.parametrize("bf16", [True, False])
 def test_the_cpu_preset_trains_at_64_px_where_the_cpu_has_bf16_unless_told_otherwise(monkeypatch, bf16):
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: bf16)
-    resolved = lambda *argv: ern.preset_for_machine(*[ern.parse_args(["--device=cpu", *argv])[i] for i in (0, 2)])
+
+    def resolved(*argv):
+        cfg, _, given = ern.parse_args(["--device=cpu", *argv])
+        return ern.preset_for_machine(cfg, given)
+
     assert resolved("--preset=cpu").image_size == (64 if bf16 else 48)
     assert resolved("--preset=cpu", "--amp=false").image_size == 48  # float32 asked for
     assert resolved("--preset=cpu", "--image_size=56").image_size == 56  # the command line's
     assert resolved("--preset=cpu", "--image_size=48").image_size == 48
     assert resolved("--image_size=48").image_size == 48  # no preset
     assert resolved("--demo").image_size == 48
+    monkeypatch.setattr(ern, "run_training", lambda cfg, **_: cfg)  # what main() trains
+    assert ern.main(["--preset=cpu", "--device=cpu"]).image_size == (64 if bf16 else 48)
 
 
 # ---------------------------------------------------------------------------------------------
