@@ -16,10 +16,11 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
 
-Measured (2026-11-30, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's
-17,101 training faces in 30 minutes and reaches 67.48 % validation accuracy in float32 with the CPU run as an AVX2
-one (ONEDNN_MAX_CPU_ISA=AVX2), 69.03 % with its native bf16 (4.4 M parameters, 48 px). The 96 px, 27.6 M-parameter,
-50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
+Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4.4 M parameters) trains on the
+AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
+CPU's native bf16, 65.65 % (two seeds) in float32 at 48 px with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many
+epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter, 50-epoch default
+is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
 import contextlib
@@ -2409,25 +2410,29 @@ def run_evaluation(cfg, action, overrides):
     if not cfg.output_dir:
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
-    run_dir, lock = make_run_dir(cfg)  # lock: held until this function returns
-    device = resolve_device(cfg.device)
-    class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
-    write_json(report, run_dir / "data_report.json")
-    split = action.split or ("test" if "test" in splits else "val")
-    if split not in splits:
-        raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-    model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
-    results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-        "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
-        "num_parameters": count_parameters(model),
-        "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
-        "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
-        "training_seconds": None,
-        "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
-        set(splits["train"].hashes) if split != "train" else None)
-    log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
-        f"outputs in {run_dir}", run_dir / "train.log")
-    return run_dir, results
+    run_dir, lock = make_run_dir(cfg)
+    try:  # the claim ends here, also where a caller keeps the traceback of a failure
+        device = resolve_device(cfg.device)
+        class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
+        write_json(report, run_dir / "data_report.json")
+        split = action.split or ("test" if "test" in splits else "val")
+        if split not in splits:
+            raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
+        model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
+        results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+            "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
+            "num_parameters": count_parameters(model),
+            "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+            "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+            "training_seconds": None,
+            "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+            set(splits["train"].hashes) if split != "train" else None)
+        log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
+            f"outputs in {run_dir}", run_dir / "train.log")
+        return run_dir, results
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2513,7 +2518,16 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, None)
-    run_dir = Path(from_rank_zero(str(run_dir)))  # lock: held until this function returns (rank 0's claim)
+    try:  # the claim ends with the run, also where a caller (a notebook) keeps the traceback of a failed one
+        return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
+    """run_training's run in its claimed folder: data, model, plan, training, the final evaluation."""
+    rank, world = rank_and_world()
     # a resumed run's folder changes only once the data and the checkpoint are known to fit: log to the console until then
     log_file = run_dir / "train.log" if resume_ckpt is None else None
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies

@@ -582,6 +582,24 @@ def test_a_run_folder_is_claimed_by_one_run_at_a_time(tmp_path, monkeypatch):
     assert [f.name for f in folders] == ["ern__0__20261129-230000", "ern__0__20261129-230000__2", "ern__0__20261129-230000__3"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="no flock on Windows: folders are not claimed there")
+@pytest.mark.parametrize("action", ["train", "evaluate"])
+def test_a_run_that_fails_in_its_folder_gives_the_folder_back_while_its_traceback_is_kept(tmp_path, action):
+    """A notebook keeps the last traceback, and with it the failed call's frames: the claim must end with the call."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.yaml").write_text("nc: 2\nnames: [a, b]\n")  # no images: refused once the folder is claimed
+    argv = [f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'run'}"]
+    if action == "evaluate":
+        model = ern.build_model(ern.Config(width=0.25, blocks="1,1,1,1"), 2)
+        ern.atomic_save(ern.checkpoint_dict(model, ern.Config(width=0.25, blocks="1,1,1,1"), ["a", "b"], torch.zeros(3),
+                                            torch.ones(3), 1, {}), tmp_path / "model.pth")
+        argv.append(f"--evaluate={tmp_path / 'model.pth'}")
+    with pytest.raises(ern.UserError, match="no training images") as failed:
+        ern.main(argv)
+    assert failed.traceback  # kept alive here, as sys.last_traceback keeps it in a notebook
+    ern.claim_folder(tmp_path / "run").close()  # refused ("in use by another run") while the failed call held it
+
+
 def test_an_output_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ern.UserError, match="is a file, not a folder"):
