@@ -18,7 +18,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4.4 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
-CPU's native bf16, 65.65 % (two seeds) in float32 at 48 px with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many
+CPU's native bf16, 66.00 % (three seeds) in float32 at 48 px with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many
 epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter, 50-epoch default
 is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
