@@ -18,9 +18,9 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4.4 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
-CPU's native bf16, 66.00 % (three seeds) in float32 at 48 px with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many
-epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter, 50-epoch default
-is the GPU protocol. Every field of Config can be overridden as --name=value.
+CPU's native bf16, 66.00 % (three seeds) in float32 at 48 px with the CPU run as an AVX2 one
+(ONEDNN_MAX_CPU_ISA=AVX2); how many epochs fit, and so the figure, depends on the machine's speed that day. The
+96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
 import contextlib
@@ -254,7 +254,8 @@ def preset_for_machine(cfg, overrides):
     """cfg with its preset's PRESETS_BF16_CPU fields where it trains on a CPU that multiplies bf16 natively (--amp
     on), but for the fields the command line gave."""
     fields = {k: v for k, v in PRESETS_BF16_CPU.get(cfg.preset, {}).items() if k not in overrides}
-    if fields and cfg.amp and resolve_device(cfg.device).type == "cpu" and cpu_has_bf16():
+    device = resolve_device(cfg.device) if fields else None
+    if fields and device.type == "cpu" and autocast_dtype(cfg, device) == torch.bfloat16:
         if int(os.environ.get("RANK", "0")) == 0:  # before torchrun's process group: every rank resolves it alike
             print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
         return dataclasses.replace(cfg, **fields)
@@ -2411,7 +2412,7 @@ def run_evaluation(cfg, action, overrides):
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
     run_dir, lock = make_run_dir(cfg)
-    try:  # the claim ends here, also where a caller keeps the traceback of a failure
+    with lock or contextlib.nullcontext():  # the claim ends here, also where a caller keeps the failure's traceback
         device = resolve_device(cfg.device)
         class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
         write_json(report, run_dir / "data_report.json")
@@ -2430,9 +2431,6 @@ def run_evaluation(cfg, action, overrides):
         log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
             f"outputs in {run_dir}", run_dir / "train.log")
         return run_dir, results
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2518,11 +2516,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, None)
-    try:  # the claim ends with the run, also where a caller (a notebook) keeps the traceback of a failed one
+    with lock or contextlib.nullcontext():  # the claim ends with the run, also where a caller keeps its traceback
         return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
