@@ -61,8 +61,6 @@ class Config:
     # data
     data_dir: str = "data/affectnet/YOLO_format"  # folder holding data.yaml (or the data.yaml itself)
     image_size: int = 96  # pixels, square; the box crop is resized to this (>= 32)
-    low_res: int = 0  # progressive resizing: pixels of the first epochs' faces (resampled from the cache); 0 = off
-    low_res_fraction: float = 0.5  # of the epochs, at low_res; the rest, and every evaluation, at image_size
     crop_margin: float = 0.1  # fraction of the box size added on each side before cropping
     cache_dir: str = "outputs/cache"  # decoded uint8 arrays, one per split, rebuilt when files change
     strict: bool = True  # stop on any dataset problem; false: skip bad samples and list them
@@ -322,13 +320,9 @@ def validate_config(cfg):
     stages = len(parse_blocks(cfg.blocks))
     if cfg.attention_stages and not set(parse_blocks(cfg.attention_stages, "attention_stages")) <= set(range(1, stages + 1)):
         raise UserError(f"--attention_stages names stages of 1..{stages}, got {cfg.attention_stages!r}")
-    min_size = max(32, 2 ** (stages + 1))
-    if cfg.image_size < min_size:
-        raise UserError(f"--image_size must be >= {min_size} for {cfg.blocks!r} stages, got {cfg.image_size}")
-    if cfg.low_res and not min_size <= cfg.low_res < cfg.image_size:
-        raise UserError(f"--low_res must be 0 (off) or in [{min_size}, --image_size={cfg.image_size}), got {cfg.low_res}")
-    if not 0 < cfg.low_res_fraction < 1:
-        raise UserError(f"--low_res_fraction must be in (0, 1), got {cfg.low_res_fraction}")
+    min_size = 2 ** (stages + 1)
+    if cfg.image_size < max(32, min_size):
+        raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
     validate_device(cfg.device)
 
 
@@ -1153,18 +1147,17 @@ def erase_mask(b, size, device):
     return rows.view(b, 1, size, 1) & cols.view(b, 1, 1, size)
 
 
-def augment_batch(x, mean, std, cfg, size=None):
-    """uint8 (B, 3, S, S) -> normalized float (B, 3, size, size), default S: affine (zoom, shift, rotation, flip),
-    jitter, erasing.
+def augment_batch(x, mean, std, cfg):
+    """uint8 (B, 3, S, S) -> normalized float: affine (zoom, shift, rotation, flip), jitter, erasing.
 
-    The flip, the affine and the resizing share one sampling grid and grid_sample; every sample draws its own.
+    The flip and the affine share one sampling grid and grid_sample; every sample draws its own.
     """
     if x.device.type == "cpu" and x.shape[0] > AUGMENT_CHUNK:
-        return torch.cat([augment_batch(part, mean, std, cfg, size) for part in x.split(AUGMENT_CHUNK)])
-    b, dev, s = x.shape[0], x.device, size or x.shape[-1]
+        return torch.cat([augment_batch(part, mean, std, cfg) for part in x.split(AUGMENT_CHUNK)])
+    b, dev, s = x.shape[0], x.device, x.shape[-1]
     x = x.float().div_(255)  # in place from here on: on the CPU every fresh batch-sized tensor costs page faults
     uniform = lambda *shape: torch.rand(*shape, device=dev) * 2 - 1  # in [-1, 1]
-    if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip or s != x.shape[-1]:
+    if cfg.aug_scale or cfg.aug_translate or cfg.aug_rotate or cfg.aug_flip:
         theta = affine_theta(uniform(b) * cfg.aug_rotate, 1 + uniform(b) * cfg.aug_scale, uniform(b, 2) * cfg.aug_translate,
                              torch.rand(b, device=dev) < cfg.aug_flip)
         x = F.grid_sample(x, sampling_grid(theta, s), mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -1447,13 +1440,6 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
     process's training steps (default cfg.batch_size)."""
     if not cfg.channels_last or device.type != "cpu":
         return cfg, None
-    if cfg.low_res:  # progressive resizing trains at two sizes: channels_last where both pass
-        for size in (cfg.image_size, cfg.low_res):
-            checked, verdict = channels_last_checked(model, dataclasses.replace(cfg, image_size=size, low_res=0), device,
-                                                     log_file, batch)
-            if not checked.channels_last:
-                break
-        return dataclasses.replace(cfg, channels_last=checked.channels_last), verdict
     amp_dtype = autocast_dtype(cfg, device)
     key = {"cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "torch": torch.__version__,
            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
@@ -1475,7 +1461,7 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
                 write_json({"key": key, "verdict": verdict}, path)
         verdict["cached"] = None
     if not verdict["channels_last"]:
-        log(f"channels_last off: {verdict['reason']} in the probe of this model at {cfg.image_size} px on this CPU; computing in the "
+        log(f"channels_last off: {verdict['reason']} in the probe of this model on this CPU; computing in the "
             f"contiguous layout (slower, same results)", log_file)
     return dataclasses.replace(cfg, channels_last=verdict["channels_last"]), verdict
 
@@ -1669,7 +1655,7 @@ def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_si
     channels_last where this machine's probe passed; cfg as it computes; the checkpoint's mean and std). Refused
     where its classes or image size differ from class_names or image_size (--evaluate's data)."""
     model, _ = model_from_checkpoint(ckpt, class_names, image_size)
-    cfg, _ = channels_last_checked(model, dataclasses.replace(cfg, low_res=0), device, log_file)  # inference: image_size
+    cfg, _ = channels_last_checked(model, cfg, device, log_file)
     return place_model(model, cfg, device), cfg, *checkpoint_normalization(ckpt, device)
 
 
@@ -1891,17 +1877,9 @@ def epochs_run(cfg, steps_per_epoch):
     return -(-total_steps(cfg, steps_per_epoch) // steps_per_epoch)
 
 
-def epoch_image_size(cfg, epoch, previous=None):
-    """The pixels an epoch trains at: low_res for the first low_res_fraction of cfg.epochs (progressive resizing),
-    then image_size for good (previous: the epoch before's; a re-planned run does not go back)."""
-    low = cfg.low_res and epoch <= cfg.low_res_fraction * cfg.epochs and previous in (None, cfg.low_res)
-    return cfg.low_res if low else cfg.image_size
-
-
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
-                    ema=None, class_weights=None, max_steps=None, size=None):
-    """One pass over a fresh permutation of the on-device training set, its faces resampled to size pixels (default:
-    as cached); returns mean loss terms and accuracy.
+                    ema=None, class_weights=None, max_steps=None):
+    """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
@@ -1924,7 +1902,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     for step in bar:
         idx = perm[step * batch + rank * share:step * batch + (rank + 1) * share]
         y = labels[idx]
-        x = augment_batch(images.index_select(0, idx), mean, std, cfg, size)  # whole rows: 30x faster than images[idx] on the CPU
+        x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
         x, target = mix_batch(x, smooth_targets(y, num_classes, cfg.label_smoothing), cfg)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -1956,8 +1934,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
             seen = (step + 1) * share
             bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
     loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
-    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct,
-            "train_image_size": x.shape[-1]}
+    return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
 def epoch_validation(val, cfg):
@@ -2012,23 +1989,6 @@ MIN_LAST_EPOCH = 0.1  # the shortest fraction of an epoch worth its validation p
 REPLAN_MORE = 0.25  # epochs a re-plan must add before the schedule is re-laid for them
 
 
-def low_res_seconds_saved(cfg, epochs, done, train_s, low_cost):
-    """Progressive resizing: what the low-res epochs after the first `done` of `epochs` (epoch_image_size) save against
-    as many at image_size, whose training takes train_s, theirs low_cost times that."""
-    low = max(0, math.floor(cfg.low_res_fraction * epochs) - done) if cfg.low_res else 0
-    return low * (1 - low_cost) * train_s
-
-
-def epochs_planned(cfg, deadline, now, epoch_s, final_s, margin_s, max_epochs, done, val_s, steps, low_cost):
-    """epochs_before with the low-res epochs to come at their own cost (the deadline moved by what they save); they are
-    a share of the epochs planned, so solved by rounds from none (each round's change under a third of the last's)."""
-    epochs = done
-    for _ in range(4 if cfg.low_res and low_cost < 1 else 1):
-        saved = low_res_seconds_saved(cfg, epochs, done, epoch_s - val_s, low_cost)
-        epochs = epochs_before(deadline + saved, now, epoch_s, final_s, margin_s, max_epochs, done, val_s, steps)
-    return epochs
-
-
 def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0, val_s=0.0, steps=1):
     """The epochs a run that has trained `done` should end with: as many more of epoch_s seconds (val_s of them its
     validation) as end, with the final evaluation and the margin, by the deadline, the last one a fraction in whole
@@ -2055,38 +2015,32 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         optimizer, scheduler, scaler, ema = optimization_parts(trial, cfg, device, spe)
         compiled = torch.compile(trial) if cfg.compile else trial
         weights = class_weights(cfg, train_y, num_classes)
-
-        def seconds_a_step(n, size=None):
+        seconds, steps = [], []
+        for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = clock()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, ema=ema, class_weights=weights, size=size)
-            return (clock() - t0) / epoch_steps(len(idx), cfg)  # fewer steps than n where the training set is that small
-
-        first_step_s, step_s = seconds_a_step(1), seconds_a_step(BUDGET_TIMED_STEPS)
-        low_cost = 1.0  # progressive resizing: a low_res step's time, a share of an image_size step's (not below the pixels')
-        if cfg.low_res:
-            seconds_a_step(1, cfg.low_res)
-            low_cost = min(1.0, max((cfg.low_res / cfg.image_size) ** 2, seconds_a_step(BUDGET_TIMED_STEPS, cfg.low_res) / step_s))
+                            num_classes=num_classes, ema=ema, class_weights=weights)
+            seconds.append(clock() - t0)
+            steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
         t0 = clock()
         run_inference(trial, val.images[:faces], mean, std, device, cfg, tta)
         face_s = (clock() - t0) / faces
-    val_s = len(val) * face_s
+    step_s, val_s = seconds[1] / steps[1], len(val) * face_s
     epoch_s = spe * step_s + val_s
     final_face_s = face_s * (2 if cfg.tta_flip and not tta else 1)  # the final evaluation flips where epochs do not
     final_s = final_seconds(eval_faces, final_face_s, step_s, batch, cfg)
     budget_s = cfg.time_budget * 60
-    first_s = epoch_s + max(0.0, first_step_s - step_s)  # the first epoch pays the warm-up again (compilation)
+    first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
     now = clock()
-    epochs = epochs_planned(cfg, deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s,
-                            cfg.epochs, 0, val_s, spe, low_cost)
+    epochs = epochs_before(deadline, now + first_s - epoch_s, epoch_s, final_s, BUDGET_MARGIN * budget_s, cfg.epochs,
+                           val_s=val_s, steps=spe)
     spent_s = budget_s - (deadline - now)  # of the budget, before training
     whole, part = divmod(epochs, 1)
-    training_s = first_s - epoch_s + whole * epoch_s + (part * (epoch_s - val_s) + val_s if part else 0) \
-        - low_res_seconds_saved(cfg, epochs, 0, epoch_s - val_s, low_cost)
+    training_s = first_s - epoch_s + whole * epoch_s + (part * (epoch_s - val_s) + val_s if part else 0)
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
-            "first_step_seconds": first_step_s, "low_res_cost": low_cost, "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
+            "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
             "final_evaluation_seconds": final_s, "measuring_seconds": now - t_start, "spent_seconds": spent_s,
             "validation_seconds": val_s, "deadline": deadline,
             "expected_minutes": (spent_s + training_s + final_s) / 60}
@@ -2150,17 +2104,16 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
-    walls, val_walls = [], []  # seconds of each epoch from its start to its last write (at image_size); of its validation
+    walls, val_walls = [], []  # seconds of each epoch from its start to its last write; of its validation
     try:
         while epoch < epochs_run(cfg, steps_per_epoch):
             epoch += 1
-            size = epoch_image_size(cfg, epoch, history[-1].get("train_image_size", cfg.image_size) if history else None)
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank_and_world()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, ema=ema, class_weights=weights,
-                                    max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch, size=size)
+                                    max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
             same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
             evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
             t_val = time.time()
@@ -2179,30 +2132,27 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if writes:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
-            # as long as at image_size: a low-res epoch's training at its planned share (epochs_planned)
-            low_cost = plan["low_res_cost"] if plan is not None and size != cfg.image_size else 1.0
-            walls.append(time.time() - t0 + (t_val - t0) * (1 / low_cost - 1))
-            if plan is not None and epoch > 1:  # re-plan from the epochs as timed (the first pays the warm-up again)
-                epoch_s, val_s = statistics.median(walls[1:][-3:]), statistics.median(val_walls[1:][-3:])
-                epochs = from_rank_zero(epochs_planned(cfg, plan["deadline"], time.time(), epoch_s,
-                                                       plan["final_evaluation_seconds"],
-                                                       BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch,
-                                                       val_s, steps_per_epoch, low_cost))
+            walls.append(time.time() - t0)
+            if plan is not None and epoch > 1:  # re-plan from the epochs as timed
+                epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
+                epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s,
+                                                      plan["final_evaluation_seconds"],
+                                                      BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch,
+                                                      statistics.median(val_walls[1:][-3:]), steps_per_epoch))
                 # fewer whenever needed; more by a quarter epoch or more while a pass is left (a small step of the
                 # cosine: adding half an epoch to 16 moves its position by 3 %)
                 if epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
                                                                  epoch < epochs_run(cfg, steps_per_epoch)):
                     cfg = dataclasses.replace(cfg, epochs=epochs)
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch"
-                        f"{f' at {cfg.image_size} px' if cfg.low_res else ''}", log_file)
+                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
             log(f"epoch {epoch:3d}/{epochs_run(cfg, steps_per_epoch)} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
                 f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
-                f"{stats['epoch_seconds']:6.1f}s{f' | {size}px' if cfg.low_res else ''}{' *' if improved else ''}", log_file)
+                f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
     except KeyboardInterrupt:
         log(f"\ninterrupted during epoch {saved + 1}; {last_path} holds the end of epoch {saved}. Resume with:\n  {resume_cmd}", log_file)
         raise SystemExit(130)
@@ -2628,8 +2578,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
                             f"{plan['epoch_seconds']:.0f} s and the final evaluation {plan['final_evaluation_seconds']:.0f} s; "
                             f"give at least --time_budget={math.ceil(need * 10) / 10:g}, or --time_budget=0 and --epochs")
         cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
-        low = f" ({plan['low_res_cost'] * plan['step_seconds']:.2f} s at {cfg.low_res} px)" if cfg.low_res else ""
-        log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s{low}, an epoch with its "
+        log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
             f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
             f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:.4g} of at "
             f"most {plan['max_epochs']:g} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)

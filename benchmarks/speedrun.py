@@ -54,8 +54,6 @@ ROWS = {
     "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
     "=compile": "--compile=true",  # lever 6: torch.compile (inductor) on the new preset
-    "=new preset at 32 px": "--image_size=32",  # (--step_time: the cost of a low-res step)
-    "=low res 32 px for half the epochs": "--low_res=32",  # lever 3: progressive resizing, 32 px, then the preset's size
 }
 
 

@@ -46,9 +46,8 @@ if __name__ == "__main__":
         y = torch.arange(cfg.batch_size) % 8
         mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
         for epoch in range(1, int(sys.argv[4]) + 1):
-            for size in sorted({cfg.image_size, cfg.low_res} - {0}):  # progressive resizing trains at both
-                stats = ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                            num_classes=8, class_weights=ern.class_weights(cfg, y, 8), size=size)
+            stats = ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch, num_classes=8,
+                                        class_weights=ern.class_weights(cfg, y, 8))
         ern.run_inference(model, x.numpy(), mean, std, cpu, cfg)
         print(json.dumps({"model": name, "channels_last": cfg.channels_last, "autocast": str(ern.autocast_dtype(cfg, cpu)),
                           "probe": verdict and verdict["reason"], "loss": stats["train_loss"]}), flush=True)

@@ -1,8 +1,7 @@
 """Training mechanics against independent oracles: the augmentation's geometry (F.affine_grid, OpenCV), random
-erasing's area, fp16's GradScaler (skipped steps, resuming without its state), --time_budget, progressive resizing
-(F.interpolate, the batches' sizes, its plan), and Ctrl-C outside the epochs (decoding, the final evaluation)."""
+erasing's area, fp16's GradScaler (skipped steps, resuming without its state), --time_budget, and Ctrl-C
+outside the epochs (decoding, the final evaluation)."""
 import copy
-import dataclasses
 import json
 import os
 import signal
@@ -144,17 +143,14 @@ def test_resuming_a_run_saved_without_fp16_into_an_fp16_scaler(tmp_path):
 # --time_budget
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sizes", [[], ["--image_size=40", "--low_res=32"]], ids=["one size", "progressive resizing"])
-def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_again(tiny_dataset, tmp_path, monkeypatch,
-                                                                                   sizes):
+def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_again(tiny_dataset, tmp_path, monkeypatch):
     """--time_budget=0.35 (21 s) with room for hundreds of epochs: from before the process starts to its exit, the
     run takes at most the budget + 5 % and uses most of it; the epochs it trained are in config.json, metrics.jsonl
-    and the plan in provenance.json. A resume keeps them and does not measure again. With progressive resizing the
-    plan and its re-plans count the low-res epochs at their own cost, and they come first."""
+    and the plan in provenance.json. A resume keeps them and does not measure again."""
     budget_s = 0.35 * 60
     t0 = time.time()
     run_script(*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--epochs=400",
-               "--time_budget=0.35", f"--output_dir={tmp_path / 'run'}", *sizes, cwd=tmp_path)
+               "--time_budget=0.35", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
     took = time.time() - t0
     assert 0.6 * budget_s < took <= 1.05 * budget_s, took
     run = tmp_path / "run"
@@ -162,11 +158,7 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
     plan = json.loads((run / "provenance.json").read_text())[0]["time_budget_plan"]
     assert 1 < epochs < 400 and plan["max_epochs"] == 400 and plan["step_seconds"] > 0
     passes = -(-epochs // 1)  # the last one possibly a fraction of an epoch
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == passes
-    if sizes:
-        trained = [h["train_image_size"] for h in history]
-        assert trained == sorted(trained) and set(trained) == {32, 40} and (32 / 40) ** 2 <= plan["low_res_cost"] <= 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == passes
     assert ern.load_checkpoint(run / "final_emotion_model.pth")["epoch"] == passes
 
     monkeypatch.setattr(ern, "plan_epochs", lambda *a, **k: pytest.fail("a resume measured again"))
@@ -266,84 +258,6 @@ def test_epochs_before_the_deadline():
     assert ern.epochs_before(103.0, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=10) == pytest.approx(11.2)
     # 40.3 s left: 8 more, then less than a tenth of an epoch after the validation: not worth its validation pass
     assert ern.epochs_before(101.3, 50.0, 5.0, 10.0, 1.0, 50, done=3, val_s=1.0, steps=100) == 11
-
-
-# ---------------------------------------------------------------------------------------------
-# Progressive resizing (--low_res)
-# ---------------------------------------------------------------------------------------------
-
-def test_augment_batch_resizes_as_bilinear_interpolation_does():
-    """A low-res epoch samples the cached faces at its size through the augmentation's grid: with every augmentation
-    off that is torch's bilinear resize (align_corners=False, no antialiasing), in pieces of AUGMENT_CHUNK too."""
-    cfg = ern.Config(aug_scale=0, aug_translate=0, aug_rotate=0, aug_flip=0, aug_brightness=0, aug_contrast=0,
-                     aug_erase=0)
-    x = torch.randint(0, 256, (ern.AUGMENT_CHUNK + 8, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = ern.augment_batch(x, torch.zeros(3), torch.ones(3), cfg, size=32)
-    expected = F.interpolate(x.float() / 255, size=32, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
-
-
-def test_progressive_resizing_trains_the_first_epochs_small_and_never_goes_back():
-    cfg = ern.Config(image_size=48, low_res=32, low_res_fraction=0.5, epochs=5)
-    assert [ern.epoch_image_size(cfg, e) for e in range(1, 6)] == [32, 32, 48, 48, 48]
-    more = dataclasses.replace(cfg, epochs=8)  # re-planned to more epochs after epoch 3 trained at 48 px
-    assert ern.epoch_image_size(more, 4, previous=48) == 48 and ern.epoch_image_size(more, 4, previous=32) == 32
-    assert ern.epoch_image_size(dataclasses.replace(cfg, low_res=0), 1) == 48
-
-
-def test_the_plan_counts_the_low_res_epochs_at_their_own_cost(monkeypatch):
-    """A step at low_res advances the fake clock half as much: an epoch takes 0.7 s (10 steps of 0.02 s, 0.5 s of
-    validation), the first half of them 0.1 s less; the plan fits the most epochs whose time that is."""
-    cfg = ern.Config(batch_size=100, epochs=1000, time_budget=0.5, attention_samples=0, tsne_samples=0,
-                     width=0.125, blocks="1,1,1,1", image_size=48, low_res=32, low_res_fraction=0.5)
-    clock = FakeClock()
-
-    def step(model, images, *a, size=None, **k):
-        clock.now += (0.01 if size == 32 else 0.02) * (len(images) // 100)
-        return {}
-
-    def infer(model, images, *a, **k):
-        clock.now += 0.001 * len(images)
-
-    monkeypatch.setattr(ern, "train_one_epoch", step)
-    monkeypatch.setattr(ern, "run_inference", infer)
-    train_x, train_y = torch.zeros(1000, 3, 48, 48, dtype=torch.uint8), torch.zeros(1000, dtype=torch.long)
-    val = ern.Split("val", ["v.jpg"] * 500, np.zeros(500, np.int64), np.zeros((500, 4), np.float32),
-                    images=np.zeros((500, 3, 48, 48), np.uint8))
-    plan = ern.plan_epochs(ern.build_model(cfg, 8), train_x, train_y, val, 200, torch.zeros(3), torch.ones(3), cfg,
-                           torch.device("cpu"), 8, clock.now + 25.45, clock=clock)
-    measuring_s = 4 * 0.02 + 4 * 0.01 + 500 * 0.001  # a warm-up step and 3 timed ones at each size, 500 faces
-    left = 25.45 - measuring_s - (200 * 0.001 + ern.BUDGET_FIGURES_SECONDS) - 0.03 * 30
-    assert plan["low_res_cost"] == pytest.approx(0.5) and plan["epoch_seconds"] == pytest.approx(0.7)
-    fit = max(e for e in range(100) if e * 0.7 - (e // 2) * 0.1 <= left)
-    assert int(plan["epochs"]) == fit > int(left // 0.7)
-    assert plan["expected_minutes"] * 60 <= 30 * 0.97 + 1e-9
-
-
-def test_progressive_resizing_trains_and_resumes_at_the_planned_sizes(tiny_dataset, tmp_path, monkeypatch):
-    """--low_res=32 for half of 4 epochs of a 40 px model: its batches are 32, 32, then 40 px (as they reached the
-    network); interrupted in epoch 4 and resumed for 10 epochs in all, it does not go back to 32 px for epochs 4-5."""
-    args = [*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--image_size=40", "--low_res=32",
-            "--epochs=4", "--amp=false", f"--output_dir={tmp_path / 'run'}"]
-    real, seen = ern.train_one_epoch, []
-    forward = ern.ERN.forward
-    monkeypatch.setattr(ern.ERN, "forward", lambda self, x: seen.append(x.shape[-1]) or forward(self, x))
-
-    def interrupted_in_epoch_4(*a, **k):
-        if a[9] == 4 and not (tmp_path / "interrupted").exists():
-            (tmp_path / "interrupted").touch()
-            raise KeyboardInterrupt
-        seen.clear()
-        stats = real(*a, **k)
-        assert set(seen) == {stats["train_image_size"]}
-        return stats
-
-    monkeypatch.setattr(ern, "train_one_epoch", interrupted_in_epoch_4)
-    with pytest.raises(SystemExit):
-        ern.main(args)
-    run, results = ern.main([f"--resume={tmp_path / 'run' / 'last.pth'}", "--epochs=10", "--tsne_samples=0"])
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["train_image_size"] for h in history] == [32, 32] + [40] * 8
 
 
 # ---------------------------------------------------------------------------------------------
