@@ -254,12 +254,14 @@ def preset_for_machine(cfg, overrides):
     """cfg with its preset's PRESETS_BF16_CPU fields where it trains on a CPU that multiplies bf16 natively (--amp
     on), but for the fields the command line gave."""
     fields = {k: v for k, v in PRESETS_BF16_CPU.get(cfg.preset, {}).items() if k not in overrides}
-    device = resolve_device(cfg.device) if fields else None
-    if fields and device.type == "cpu" and autocast_dtype(cfg, device) == torch.bfloat16:
-        if int(os.environ.get("RANK", "0")) == 0:  # before torchrun's process group: every rank resolves it alike
-            print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
-        return dataclasses.replace(cfg, **fields)
-    return cfg
+    if not fields:
+        return cfg
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" or autocast_dtype(cfg, device) != torch.bfloat16:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:  # before torchrun's process group: every rank resolves it alike
+        print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+    return dataclasses.replace(cfg, **fields)
 
 
 def validate_action(action):
@@ -2412,7 +2414,7 @@ def run_evaluation(cfg, action, overrides):
         cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
     run_dir, lock = make_run_dir(cfg)
-    with lock or contextlib.nullcontext():  # the claim ends here, also where a caller keeps the failure's traceback
+    with lock:  # the claim ends here, also where a caller keeps the failure's traceback
         device = resolve_device(cfg.device)
         class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
         write_json(report, run_dir / "data_report.json")
@@ -2443,13 +2445,13 @@ RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "da
 
 
 def claim_folder(run_dir):
-    """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open: the operating system
-    releases it when the process ends however it ends, so a killed run never blocks the next. None where the
-    platform has no flock (Windows)."""
+    """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open (a context manager: `with` it
+    to end the claim with the work): the operating system releases it when the process ends however it ends, so a
+    killed run never blocks the next. An empty context where the platform has no flock (Windows)."""
     try:
         import fcntl
     except ImportError:
-        return None
+        return contextlib.nullcontext()
     lock = open(run_dir / ".lock", "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2459,7 +2461,7 @@ def claim_folder(run_dir):
                         f"another --output_dir") from None
     except OSError:  # a filesystem without locks (NFS without lockd, Lustre without -o flock): unclaimed, as on Windows
         lock.close()
-        return None
+        return contextlib.nullcontext()
     return lock
 
 
@@ -2489,10 +2491,9 @@ def make_run_dir(cfg, resuming=False):
         raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
     held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
     if held and not (resuming or cfg.overwrite):
-        if lock is not None:
-            lock.close()
-        raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
-                        f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
+        with lock:  # given back
+            raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
+                            f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
         for n in RUN_FILES:
             (run_dir / n).unlink(missing_ok=True)
@@ -2515,8 +2516,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         raise UserError("--class_weights is not supported under torchrun yet; train it with python")
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
-    run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, None)
-    with lock or contextlib.nullcontext():  # the claim ends with the run, also where a caller keeps its traceback
+    run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, contextlib.nullcontext())
+    with lock:  # the claim ends with the run, also where a caller keeps its traceback
         return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
 
 
