@@ -54,6 +54,9 @@ ROWS = {
     "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
     "=compile": "--compile=true",  # lever 6: torch.compile (inductor) on the new preset
+    "=batch 32": "--batch_size=32",  # lever 4: twice the steps again
+    "=widths 32-256": "--width=0.4",  # lever 2: channels 32, 64, 128, 256 (multiples of 16) instead of 40-320
+    "=widths 48-384": "--width=0.6",  # lever 2: channels 48, 96, 192, 384
 }
 
 
