@@ -81,6 +81,7 @@ class Config:
     # model
     width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
     blocks: str = "2,4,7,2"  # residual blocks per stage
+    stem_stride: int = 1  # the stem convolution's stride: 2 reads images twice the size at the same network cost
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
     attention_stages: str = ""  # the stages (1 = the first) that end in dual attention, comma-separated; empty = all
@@ -294,6 +295,7 @@ def validate_config(cfg):
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
+        (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -322,7 +324,7 @@ def validate_config(cfg):
     stages = len(parse_blocks(cfg.blocks))
     if cfg.attention_stages and not set(parse_blocks(cfg.attention_stages, "attention_stages")) <= set(range(1, stages + 1)):
         raise UserError(f"--attention_stages names stages of 1..{stages}, got {cfg.attention_stages!r}")
-    min_size = 2 ** (stages + 1)
+    min_size = 2 ** (stages + 1) * cfg.stem_stride
     if cfg.image_size < max(32, min_size):
         raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
     validate_device(cfg.device)
@@ -1297,13 +1299,13 @@ class ERN(nn.Module):
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True, attention_stages=None):
+                 attention_residual=True, attention_stages=None, stem_stride=1):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
         # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.15 are concerned
         stem = max(8, widths[0] // 2)
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
         for j, (cout, n) in enumerate(zip(widths, blocks)):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
             layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
@@ -1328,7 +1330,7 @@ class ERN(nn.Module):
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
                cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
-               parse_blocks(cfg.attention_stages) if cfg.attention_stages else None)
+               parse_blocks(cfg.attention_stages) if cfg.attention_stages else None, cfg.stem_stride)
 
 
 def place_model(model, cfg, device):
@@ -1640,7 +1642,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
     if expected is not None:
         differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
-                  for k in ("width", "blocks", "channel_attention", "spatial_attention", "attention_reduction",
+                  for k in ("width", "blocks", "stem_stride", "channel_attention", "spatial_attention", "attention_reduction",
                             "attention_residual", "attention_stages", "context") if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
@@ -2396,7 +2398,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "channel_attention", "spatial_attention",
+FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "stem_stride", "channel_attention", "spatial_attention",
                    "attention_reduction", "attention_residual", "attention_stages", "context", "context_temperature", "dropout", "seed",
                    "val_fraction")
 

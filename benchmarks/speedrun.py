@@ -57,6 +57,7 @@ ROWS = {
     "=batch 32": "--batch_size=32",  # lever 4: twice the steps again
     "=widths 32-256": "--width=0.4",  # lever 2: channels 32, 64, 128, 256 (multiples of 16) instead of 40-320
     "=widths 48-384": "--width=0.6",  # lever 2: channels 48, 96, 192, 384
+    "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces
 }
 
 

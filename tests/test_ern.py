@@ -953,3 +953,22 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_pixels(kind):
                 kept = (mixed[i, 0] == i).float().mean().item()
                 if own[i] < 1:
                     assert own[i].item() == pytest.approx(kept, abs=1e-6)
+
+
+def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network():
+    """--stem_stride=2: the same weights (the parameter count and shapes do not change), an input twice the side, and
+    every stage's feature map the size the stride-1 network has at half that side; an odd stride is refused."""
+    base = ern.Config(width=0.125, blocks="1,1,1,1")
+    one, two = ern.build_model(base, 8).eval(), ern.build_model(dataclasses.replace(base, stem_stride=2), 8).eval()
+    two.load_state_dict(one.state_dict())
+    shapes = lambda model, side: [tuple(m(torch.zeros(1, 3, side, side)).shape) for m in
+                                  [model.stem, nn.Sequential(model.stem, *model.stages)]]
+    with torch.no_grad():
+        assert shapes(two, 64) == shapes(one, 32) == [(1, 8, 32, 32), (1, 80, 2, 2)]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # the stride-2 stem samples the stride-1 stem's output at every other pixel
+        assert torch.allclose(two.stem[0](x), one.stem[0](x)[:, :, ::2, ::2], atol=1e-6)
+    with pytest.raises(ern.UserError, match="--image_size must be >= 64"):
+        ern.validate_config(dataclasses.replace(base, stem_stride=2, image_size=48))
+    with pytest.raises(ern.UserError, match="--stem_stride must be 1 or 2"):
+        ern.validate_config(dataclasses.replace(base, stem_stride=3))
