@@ -81,7 +81,7 @@ class Config:
     # model
     width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
     blocks: str = "2,4,7,2"  # residual blocks per stage
-    stem_stride: int = 1  # the stem convolution's stride: 2 reads images twice the size at the same network cost
+    stem_stride: int = 1  # 1 | 2: the stem convolution's stride (2: faces of twice the side at the same network cost)
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
     attention_stages: str = ""  # the stages (1 = the first) that end in dual attention, comma-separated; empty = all
@@ -136,18 +136,19 @@ class Action:
 
 
 # Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
-# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md), with PRESETS_BF16_CPU's
-# fields over it where the CPU multiplies bf16 natively; demo: --demo's.
+# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
+# stride-2 stem, so the stages work at 48 px's cost (1 point better than 48 px faces in float32, three seeds), with
+# PRESETS_BF16_CPU's fields over it where the CPU multiplies bf16 natively; demo: --demo's.
 PRESETS = {
-    "cpu": dict(image_size=48, width=0.5, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64, lr=2e-3,
-                warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
+    "cpu": dict(image_size=96, stem_stride=2, width=0.5, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64,
+                lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
-# A preset's fields where the CPU multiplies bf16 natively and --amp is on (resolved at training, the command line's
-# fields kept): there a 64 px step costs 1.6x a 48 px one, not 2x as in float32, and 64 px is the better model
-# in 30 minutes (BENCHMARKS.md, issue 24).
-PRESETS_BF16_CPU = {"cpu": dict(image_size=64)}
+# A preset's fields where the CPU multiplies bf16 natively and --amp is on (resolved at training; none of them where
+# the command line gives one): there a 64 px step costs 1.6x a 48 px one, not 2x as in float32, and 64 px with a
+# stride-1 stem was the better model in 30 minutes (BENCHMARKS.md, issue 24; the stride-2 stem is not measured there).
+PRESETS_BF16_CPU = {"cpu": dict(image_size=64, stem_stride=1)}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
@@ -253,9 +254,9 @@ def parse_args(argv, base=None):
 
 def preset_for_machine(cfg, overrides):
     """cfg with its preset's PRESETS_BF16_CPU fields where it trains on a CPU that multiplies bf16 natively (--amp
-    on), but for the fields the command line gave."""
-    fields = {k: v for k, v in PRESETS_BF16_CPU.get(cfg.preset, {}).items() if k not in overrides}
-    if not fields:
+    on), unless the command line gave one of them (they go together: an image size and the stem that reads it)."""
+    fields = PRESETS_BF16_CPU.get(cfg.preset, {})
+    if not fields or any(k in overrides for k in fields):
         return cfg
     device = resolve_device(cfg.device)
     if device.type != "cpu" or autocast_dtype(cfg, device) != torch.bfloat16:
@@ -1308,6 +1309,7 @@ class ERN(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
         for j, (cout, n) in enumerate(zip(widths, blocks)):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
+            # (after a stride-2 stem, 96 -> 48 -> 24, 12, 6, 3: the network of 48 px on four times the pixels)
             layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
             if attention_stages is None or j + 1 in attention_stages:
                 layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual))
@@ -2563,7 +2565,8 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else global_batch_norm(model)
     n_params = count_parameters(model)
     computes = arithmetic(cfg, device)
-    log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px, device {device}, "
+    stem = f" (stride-{cfg.stem_stride} stem: stages of {cfg.image_size // cfg.stem_stride}px)" if cfg.stem_stride > 1 else ""
+    log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px{stem}, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
     train_y = torch.from_numpy(splits["train"].labels).to(device)

@@ -96,8 +96,8 @@ def test_the_decode_cache_is_rebuilt_by_what_changes_the_crops(tiny_dataset, tmp
 
 def test_presets_give_their_values_and_the_command_line_overrides_them():
     cfg = ern.parse_args(["--preset=cpu"])[0]
-    # the CPU protocol as the README states it: 48 px, 4.4 M parameters, a 30-minute budget
-    assert (cfg.image_size, cfg.time_budget, cfg.preset) == (48, 30.0, "cpu")
+    # the CPU protocol as the README states it: 96 px faces through a stride-2 stem, 4.4 M parameters, 30 minutes
+    assert (cfg.image_size, cfg.stem_stride, cfg.time_budget, cfg.preset) == (96, 2, 30.0, "cpu")
     assert 4.3e6 < ern.count_parameters(ern.build_model(cfg, 8)) < 4.5e6
     assert all(getattr(cfg, k) == v for k, v in ern.PRESETS["cpu"].items())
     assert ern.parse_args(["--preset=cpu", "--image_size=64", "--time_budget=0"])[0].image_size == 64
@@ -113,20 +113,25 @@ def test_presets_give_their_values_and_the_command_line_overrides_them():
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_the_cpu_preset_trains_at_64_px_where_the_cpu_has_bf16_unless_told_otherwise(monkeypatch, bf16):
+    """Where bf16 is native, 64 px faces through a stride-1 stem; elsewhere 96 px through a stride-2 stem. The two
+    fields go together: where the command line gives either, the machine changes neither."""
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: bf16)
 
     def resolved(*argv):
         cfg, _, given = ern.parse_args(["--device=cpu", *argv])
-        return ern.preset_for_machine(cfg, given)
+        cfg = ern.preset_for_machine(cfg, given)
+        return cfg.image_size, cfg.stem_stride
 
-    assert resolved("--preset=cpu").image_size == (64 if bf16 else 48)
-    assert resolved("--preset=cpu", "--amp=false").image_size == 48  # float32 asked for
-    assert resolved("--preset=cpu", "--image_size=56").image_size == 56  # the command line's
-    assert resolved("--preset=cpu", "--image_size=48").image_size == 48
-    assert resolved("--image_size=48").image_size == 48  # no preset
-    assert resolved("--demo").image_size == 48
+    assert resolved("--preset=cpu") == ((64, 1) if bf16 else (96, 2))
+    assert resolved("--preset=cpu", "--amp=false") == (96, 2)  # float32 asked for
+    assert resolved("--preset=cpu", "--image_size=128") == (128, 2)  # the command line's, and the preset's stem
+    assert resolved("--preset=cpu", "--stem_stride=1") == (96, 1)
+    assert resolved("--preset=cpu", "--image_size=48", "--stem_stride=1") == (48, 1)
+    assert resolved("--image_size=48") == (48, 1)  # no preset
+    assert resolved("--demo") == (48, 1)
     monkeypatch.setattr(ern, "run_training", lambda cfg, **_: cfg)  # what main() trains
-    assert ern.main(["--preset=cpu", "--device=cpu"]).image_size == (64 if bf16 else 48)
+    trained = ern.main(["--preset=cpu", "--device=cpu"])
+    assert (trained.image_size, trained.stem_stride) == ((64, 1) if bf16 else (96, 2))
 
 
 # ---------------------------------------------------------------------------------------------
