@@ -18,9 +18,9 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4.4 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
-CPU's native bf16, 66.00 % (three seeds) in float32 at 48 px with the CPU run as an AVX2 one
-(ONEDNN_MAX_CPU_ISA=AVX2); how many epochs fit, and so the figure, depends on the machine's speed that day. The
-96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
+CPU's native bf16, 67.45 % (three seeds) in float32 on 96 px faces through a stride-2 stem with the CPU run as an
+AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many epochs fit, and so the figure, depends on the machine's speed that day.
+The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
 import contextlib
@@ -137,7 +137,7 @@ class Action:
 
 # Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
 # 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
-# stride-2 stem, so the stages work at 48 px's cost (1 point better than 48 px faces in float32, three seeds), with
+# stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds), with
 # PRESETS_BF16_CPU's fields over it where the CPU multiplies bf16 natively; demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.5, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64,

@@ -957,7 +957,7 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_pixels(kind):
 
 def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network():
     """--stem_stride=2: the same weights (the parameter count and shapes do not change), an input twice the side, and
-    every stage's feature map the size the stride-1 network has at half that side; an odd stride is refused."""
+    every stage's feature map the size the stride-1 network has at half that side; other strides are refused."""
     base = ern.Config(width=0.125, blocks="1,1,1,1")
     one, two = ern.build_model(base, 8).eval(), ern.build_model(dataclasses.replace(base, stem_stride=2), 8).eval()
     two.load_state_dict(one.state_dict())
