@@ -20,7 +20,8 @@ Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
 CPU's native bf16, 67.45 % (three seeds) in float32 on 96 px faces through a stride-2 stem with the CPU run as an
 AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many epochs fit, and so the figure, depends on the machine's speed that day.
-The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
+The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
+--name=value.
 """
 
 import contextlib
@@ -60,7 +61,7 @@ class Config:
     """Experiment fields (saved with the model)"""
     # data
     data_dir: str = "data/affectnet/YOLO_format"  # folder holding data.yaml (or the data.yaml itself)
-    image_size: int = 96  # pixels, square; the box crop is resized to this (>= 32)
+    image_size: int = 96  # pixels, square; the box crop is resized to this (>= 32; >= 64 with --stem_stride=2)
     crop_margin: float = 0.1  # fraction of the box size added on each side before cropping
     cache_dir: str = "outputs/cache"  # decoded uint8 arrays, one per split, rebuilt when files change
     strict: bool = True  # stop on any dataset problem; false: skip bad samples and list them
@@ -327,7 +328,8 @@ def validate_config(cfg):
         raise UserError(f"--attention_stages names stages of 1..{stages}, got {cfg.attention_stages!r}")
     min_size = 2 ** (stages + 1) * cfg.stem_stride
     if cfg.image_size < max(32, min_size):
-        raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages, got {cfg.image_size}")
+        stem = f" and a stride-{cfg.stem_stride} stem (--stem_stride=1 for smaller faces)" if cfg.stem_stride > 1 else ""
+        raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages{stem}, got {cfg.image_size}")
     validate_device(cfg.device)
 
 
@@ -2565,7 +2567,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else global_batch_norm(model)
     n_params = count_parameters(model)
     computes = arithmetic(cfg, device)
-    stem = f" (stride-{cfg.stem_stride} stem: stages of {cfg.image_size // cfg.stem_stride}px)" if cfg.stem_stride > 1 else ""
+    stem = f" (stride-{cfg.stem_stride} stem: stages of {-(-cfg.image_size // cfg.stem_stride)}px)" if cfg.stem_stride > 1 else ""
     log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px{stem}, device {device}, "
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)

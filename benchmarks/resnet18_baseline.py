@@ -58,7 +58,7 @@ def main():
     ap.add_argument("--extra", default="", help="more emotion_recognition.py overrides (e.g. --cache_dir=...)")
     ap.add_argument("--ern", default="", help="an ERN run's evaluation_results.json to compare with")
     args = ap.parse_args()
-    cfg, _, _ = ern.parse_args(["--preset=cpu", f"--data_dir={args.data_dir}", f"--epochs={args.epochs}",
+    cfg, _, _ = ern.parse_args(["--preset=cpu", "--stem_stride=1", f"--data_dir={args.data_dir}", f"--epochs={args.epochs}",
                                 f"--image_size={args.image_size}", f"--seed={args.seed}", f"--output_dir={args.out}",
                                 "--tsne_samples=0", *shlex.split(args.extra)])
     ern.validate_config(cfg)

@@ -57,11 +57,14 @@ def main():
     cfg = ern.config_from_checkpoint(ckpt)
     model, cfg, mean, std = ern.inference_model(ckpt, cfg, device)
     k = len(ckpt["class_names"])
-    print(f"{ern.cpu_model()}, autocast {ern.arithmetic(cfg, device)['autocast']}, trained at {ckpt['image_size']} px, "
-          f"epoch {ckpt['epoch']}, {args.checkpoint}")
+    print(f"{ern.cpu_model()}, autocast {ern.arithmetic(cfg, device)['autocast']}, trained at {ckpt['image_size']} px "
+          f"(stem stride {cfg.stem_stride}), epoch {ckpt['epoch']}, {args.checkpoint}")
     print("| test px | BatchNorm | val accuracy | macro-F1 | seconds |\n|---|---|---|---|---|")
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:  # checked before any is tested: a size the network cannot take stops the run before its work
+        ern.validate_config(dataclasses.replace(cfg, image_size=size))
+    for size in sizes:
         trained_size = size == ckpt["image_size"]
         _, splits, _ = ern.load_dataset(dataclasses.replace(cfg, image_size=size),
                                         splits_wanted=("val",) if trained_size else ("train", "val"))

@@ -968,7 +968,12 @@ def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():  # the stride-2 stem samples the stride-1 stem's output at every other pixel
         assert torch.allclose(two.stem[0](x), one.stem[0](x)[:, :, ::2, ::2], atol=1e-6)
-    with pytest.raises(ern.UserError, match="--image_size must be >= 64"):
+    with pytest.raises(ern.UserError, match="--image_size must be >= 64 for '1,1,1,1' stages and a stride-2 stem"):
         ern.validate_config(dataclasses.replace(base, stem_stride=2, image_size=48))
+    # the same weights fit either stride, so only the config can tell a checkpoint's stem (--resume, --evaluate)
+    ckpt = {"config": dataclasses.asdict(base), "class_names": [str(k) for k in range(8)], "image_size": 32,
+            "model": one.state_dict()}
+    with pytest.raises(ern.UserError, match="--stem_stride=1 in the checkpoint, 2 in the run"):
+        ern.model_from_checkpoint(ckpt, expected=dataclasses.replace(base, stem_stride=2))
     with pytest.raises(ern.UserError, match="--stem_stride must be 1 or 2"):
         ern.validate_config(dataclasses.replace(base, stem_stride=3))
