@@ -91,7 +91,7 @@ def main(argv):
     out = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + argv),
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": {**machine_info(device), "cpu_flags": sorted(f for f in ern.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))), "cpu_bf16_native": ern.cpu_has_bf16()},
-           "code": code_version(), "model": {k_: getattr(base, k_) for k_ in ("image_size", "width", "blocks", "batch_size")},
+           "code": code_version(), "model": {k_: getattr(base, k_) for k_ in ("image_size", "stem_stride", "width", "blocks", "batch_size")},
            "rounds": args.rounds, "steps": args.steps, "first_step_seconds": compile_seconds,
            "train_images_per_s": train_rate, "eval_images_per_s_tta": eval_rate,
            "train_ratio_vs_eager_contiguous": {n: v / train_rate[ref] for n, v in train_rate.items()} if ref in train_rate else None}

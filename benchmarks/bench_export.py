@@ -145,7 +145,7 @@ def main():
                 times[k]["batch 1"].append(ms_per_face(run, x1, args.calls))
                 times[k]["batch 64"].append(ms_per_face(run, x64, max(1, args.calls // 10)))
         best = {k: {b: min(v) for b, v in t.items()} for k, t in times.items()}
-        row = {"parameters": ern.count_parameters(model), "image_size": size, "export_check": differences,
+        row = {"parameters": ern.count_parameters(model), "image_size": size, "stem_stride": cfg.stem_stride, "export_check": differences,
                "ms_per_face": best, "rounds": times,
                "speedup_vs_eager": {k: {b: best["PyTorch eager"][b] / v for b, v in t.items()} for k, t in best.items()}}
         print(f"{name} ({row['parameters'] / 1e6:.1f} M parameters, {size} px; export check {max(differences.values()):.1e})")

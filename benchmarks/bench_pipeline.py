@@ -358,7 +358,7 @@ def main(argv):
         ips, small_params = time_training(small, small_x, small_y, small_mean, small_std, device, k,
                                           plan["small_rounds"], plan["small_steps"])
         out.update(small_model={"preset": "cpu", "width": small.width, "blocks": small.blocks, "image_size": small.image_size,
-                                "batch_size": small.batch_size, "parameters": small_params, "samples_cached": len(sub),
+                                "stem_stride": small.stem_stride, "batch_size": small.batch_size, "parameters": small_params, "samples_cached": len(sub),
                                 "steps_per_feed": plan["small_rounds"] * plan["small_steps"]},
                    train_small_pipeline_images_per_s=ips["pipeline"], train_small_random_images_per_s=ips["random"],
                    compute_bound_fraction=ips["pipeline"] / ips["random"])

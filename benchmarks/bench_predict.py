@@ -129,7 +129,8 @@ def main():
             classify["one at a time"].append((time.perf_counter() - t0) / (len(crops) // 4) * 1000)
         best = {k: min(v) for k, v in times.items()}
         row = {"parameters": ern.count_parameters(predictor.model), "image_size": cfg.image_size,
-               "tta_flip": predictor.cfg.tta_flip, "arithmetic": ern.arithmetic(predictor.cfg, predictor.device),
+               "stem_stride": predictor.cfg.stem_stride, "tta_flip": predictor.cfg.tta_flip,
+               "arithmetic": ern.arithmetic(predictor.cfg, predictor.device),
                "faces": {"ours": faces_ours, "plain": faces_plain},
                "end_to_end_fps": {k: args.frames / v for k, v in best.items()},
                "end_to_end_speedup": best["plain"] / best["ours"],
