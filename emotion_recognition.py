@@ -1636,6 +1636,11 @@ def config_from_checkpoint(ckpt):
     return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
 
 
+# The Config fields that shape the network's weights and how they are applied: a checkpoint's must be the run's
+ARCHITECTURE = ("width", "blocks", "stem_stride", "channel_attention", "spatial_attention", "attention_reduction",
+                "attention_residual", "attention_stages", "context")
+
+
 def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
     """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
     architecture (that of the Config `expected`, if given) differ."""
@@ -1646,8 +1651,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
     if expected is not None:
         differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
-                  for k in ("width", "blocks", "stem_stride", "channel_attention", "spatial_attention", "attention_reduction",
-                            "attention_residual", "attention_stages", "context") if getattr(cfg, k) != getattr(expected, k)]
+                  for k in ARCHITECTURE if getattr(cfg, k) != getattr(expected, k)]
         if differ:
             raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
     model = build_model(cfg, len(ckpt["class_names"]))
@@ -2402,9 +2406,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 
 
 # What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", "width", "blocks", "stem_stride", "channel_attention", "spatial_attention",
-                   "attention_reduction", "attention_residual", "attention_stages", "context", "context_temperature", "dropout", "seed",
-                   "val_fraction")
+FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
 
 
 def run_evaluation(cfg, action, overrides):
