@@ -76,8 +76,6 @@ class Config:
     aug_brightness: float = 0.2  # brightness factor in [1 - a, 1 + a]
     aug_contrast: float = 0.2  # contrast factor in [1 - a, 1 + a]
     aug_erase: float = 0.25  # probability of erasing one random rectangle
-    mixup: float = 0.0  # mixup Beta(a, a) concentration; 0 = off
-    cutmix: float = 0.0  # cutmix Beta(a, a) concentration; 0 = off (with mixup: one or the other per batch)
     tta_flip: bool = True  # evaluation averages the image and its mirror
     # model
     width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
@@ -310,7 +308,7 @@ def validate_config(cfg):
         (cfg.val_faces >= 0, f"--val_faces must be >= 0, got {cfg.val_faces}"),
         (cfg.attention_samples >= 0, f"--attention_samples must be >= 0, got {cfg.attention_samples}"),
     ]
-    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "mixup", "cutmix", "time_budget",
+    for name in ("context_weight", "weight_decay", "warmup_epochs", "grad_clip", "time_budget",
                  "aug_scale", "aug_translate", "aug_rotate", "aug_brightness", "aug_contrast", "decode_threads"):
         checks.append((getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}"))
     for name in ("aug_flip", "aug_erase"):
@@ -1179,27 +1177,6 @@ def augment_batch(x, mean, std, cfg):
     return x
 
 
-def mix_batch(x, target, cfg):
-    """Mixup or cutmix (one per batch, by coin flip when both are on) of images and target distributions."""
-    if not (cfg.mixup or cfg.cutmix):
-        return x, target
-    use_cutmix = cfg.cutmix > 0 and (cfg.mixup == 0 or torch.rand(()) < 0.5)
-    alpha = cfg.cutmix if use_cutmix else cfg.mixup
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(x.shape[0], device=x.device)
-    if use_cutmix:
-        s = x.shape[-1]
-        cut = int(s * math.sqrt(1 - lam))
-        cy, cx = (int(v) for v in torch.randint(0, s, (2,)))
-        y0, y1, x0, x1 = max(cy - cut // 2, 0), min(cy + cut // 2, s), max(cx - cut // 2, 0), min(cx + cut // 2, s)
-        x = x.clone()
-        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (s * s)
-    else:
-        x = lam * x + (1 - lam) * x[perm]
-    return x, lam * target + (1 - lam) * target[perm]
-
-
 # ---------------------------------------------------------------------------------------------
 # Model: dual attention (channel + spatial), residual backbone, emotion context module
 # ---------------------------------------------------------------------------------------------
@@ -1488,8 +1465,8 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
     CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed (possibly mixed) target distribution; with class_weights w, each
-    sample's cross-entropy is weighted by t . w (w_y without smoothing or mixing) and the weighted
+    t is the label-smoothed target distribution; with class_weights w, each
+    sample's cross-entropy is weighted by t . w (w_y without smoothing) and the weighted
     mean is taken. Without the context module the KL term is 0.
     """
     ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
@@ -1619,19 +1596,21 @@ def checkpoint_normalization(ckpt, device):
 
 
 # Options removed after they measured nothing (BENCHMARKS.md, "Removed options"), with the value that is now the only
-# behaviour: a checkpoint trained with another value is refused (it is evaluated or resumed at REMOVED_AFTER)
-REMOVED = {"context_fusion": "concat", "prototype_init": "random", "context_target": "label", "affinity_weight": 0.0,
-           "logit_adjustment": 0.0}
-REMOVED_AFTER = "da10df0"  # the last commit with them
+# behaviour and the last commit that has them: a checkpoint trained with another value is refused (it is evaluated or
+# resumed with that commit)
+REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
+           "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
+           "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2")}
 
 
 def config_from_checkpoint(ckpt):
     """The checkpoint's Config; fields this file does not know are ignored, unless they are removed options that the
-    checkpoint used (then: one line naming the option and the commit that still has it)."""
-    used = [f"--{k}={v}" for k, v in ckpt["config"].items() if k in REMOVED and v != REMOVED[k]]
-    if used:
-        raise UserError(f"the checkpoint was trained with {', '.join(used)}, an option removed after commit "
-                        f"{REMOVED_AFTER}: evaluate or resume it with that commit's emotion_recognition.py")
+    checkpoint used (then: one line naming them and the commit that still has them)."""
+    config = ckpt["config"]
+    used = [(f"--{k}={config[k]}", commit) for k, (value, commit) in REMOVED.items() if k in config and config[k] != value]
+    if used:  # REMOVED is in the order of removal: the first one's commit has every later one too
+        raise UserError(f"the checkpoint was trained with {', '.join(u for u, _ in used)} (removed after commit "
+                        f"{used[0][1]}): evaluate or resume it with that commit's emotion_recognition.py")
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
 
@@ -1915,7 +1894,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         idx = perm[step * batch + rank * share:step * batch + (rank + 1) * share]
         y = labels[idx]
         x = augment_batch(images.index_select(0, idx), mean, std, cfg)  # whole rows: 30x faster than images[idx] on the CPU
-        x, target = mix_batch(x, smooth_targets(y, num_classes, cfg.label_smoothing), cfg)
+        target = smooth_targets(y, num_classes, cfg.label_smoothing)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):

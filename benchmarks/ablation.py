@@ -43,8 +43,6 @@ ROWS = {  # name: overrides, one component added at a time: with CBAM's gating x
 RECIPE = {  # full ERN with one training-recipe choice changed (issue 5: defaults that earn their place)
     "erasing 0.25": "--aug_erase=0.25",
     "no label smoothing": "--label_smoothing=0",
-    "mixup 0.2": "--mixup=0.2",
-    "cutmix 1.0": "--cutmix=1.0",
     "EMA 0.995": "--ema_decay=0.995",
     "class weights": "--class_weights=true",
 }
@@ -56,7 +54,8 @@ CONTEXT = {  # full ERN with the context module's tau, lambda (defaults 0.1, 0.5
     "EMA 0.999": "--ema_decay=0.999",
 }
 # Rows of options removed since (context in the logits, imprinted prototypes, M distributions, the EMA teacher, the
-# affinity loss, logit adjustment): BENCHMARKS.md, "Removed options", and commit da10df0, which still runs them.
+# affinity loss, logit adjustment; mixup and cutmix): BENCHMARKS.md, "Removed options", and commits da10df0 and
+# bfdced2, which still run them.
 LADDER = list(ROWS)
 ROWS.update(RECIPE)
 ROWS.update(CONTEXT)

@@ -389,7 +389,7 @@ class NaNAtCall(nn.Module):
 
 
 def test_train_one_epoch_names_the_epoch_and_step_of_a_non_finite_loss():
-    cfg = ern.Config(batch_size=4, epochs=9, mixup=0.0, cutmix=0.0)
+    cfg = ern.Config(batch_size=4, epochs=9)
     model = NaNAtCall(bad_call=3)
     optimizer = ern.make_optimizer(model, cfg)
     scheduler = ern.make_scheduler(optimizer, cfg, 10)
