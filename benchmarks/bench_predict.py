@@ -1,7 +1,7 @@
 """Prediction speed: predict.py's batched, overlapped video path against a plain one-at-a-time loop.
 
 On a generated 640x480 video with one face (Grace Hopper's head, from matplotlib's sample data, moving
-across a grey background), for the CPU-preset model (64 px, width 0.5, 4.4 M parameters) and the
+across a grey background), for the CPU-preset model (PRESETS["cpu"]: its size, stem and width) and the
 default model (96 px, 27.6 M), untrained (speed does not depend on the weights):
 
   end to end    frames per second from the video file to predictions.csv, the annotated video and the
