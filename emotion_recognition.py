@@ -16,10 +16,11 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
 
-Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (4.4 M parameters) trains on the
-AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.40 % validation accuracy at 64 px with the
-CPU's native bf16, 67.45 % (three seeds) in float32 on 96 px faces through a stride-2 stem with the CPU run as an
-AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2); how many epochs fit, and so the figure, depends on the machine's speed that day.
+Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
+AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
+float32 on 96 px faces through a stride-2 stem with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 69.40 %
+at 64 px and width 0.5 with the CPU's native bf16; how many epochs fit, and so the figure, depends on the machine's
+speed that day.
 The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
 --name=value.
 """

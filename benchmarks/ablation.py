@@ -2,7 +2,7 @@
 The ERN ablation table: each row is one run of emotion_recognition.py with one more component on.
 
     python benchmarks/ablation.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/ablation \
-        [--protocol="--preset=cpu --image_size=48 --stem_stride=1 --epochs=5 --time_budget=0"] [--seeds=0,1] [--parallel=2] [--threads=1] \
+        [--protocol="--preset=cpu --image_size=48 --stem_stride=1 --width=0.5 --epochs=5 --time_budget=0"] [--seeds=0,1] [--parallel=2] [--threads=1] \
         [--rows="plain,full ERN" | --rows=all] [--extra="--cache_dir=..."]
 
 Every row shares the protocol and seed; rows run `--parallel` at a time, each with `--threads`
@@ -64,7 +64,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --stem_stride=1 --epochs=5 --time_budget=0")
+    ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --stem_stride=1 --width=0.5 --epochs=5 --time_budget=0")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--rows", default=",".join(LADDER),

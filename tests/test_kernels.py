@@ -20,7 +20,7 @@ from conftest import ROOT, ern
 # The defaults with each preset's overrides, and the sizes the README names (BENCHMARKS.md: the full matrix).
 CPU, DEMO = ern.PRESETS["cpu"], ern.PRESETS["demo"]
 NAMED = {"default (width 1.0, 96 px)": {},
-         "cpu preset (width 0.5, 96 px, stride-2 stem)": dict(CPU),
+         "cpu preset (width 0.4, 96 px, stride-2 stem)": dict(CPU),
          "cpu preset where bf16 is native (64 px)": {**CPU, **ern.PRESETS_BF16_CPU["cpu"]},
          "cpu preset at 48 px (stride-1 stem)": {**CPU, "image_size": 48, "stem_stride": 1},
          "short ablation (cpu preset, width 0.25, 48 px)": {**CPU, "image_size": 48, "stem_stride": 1, "width": 0.25},
