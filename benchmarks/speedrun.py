@@ -55,9 +55,10 @@ ROWS = {
     "=no attention": "--channel_attention=false --spatial_attention=false",
     "=compile": "--compile=true",  # lever 6: torch.compile (inductor) on the new preset
     "=batch 32": "--batch_size=32",  # lever 4: twice the steps again
-    "=widths 32-256": "--width=0.4",  # lever 2: channels 32, 64, 128, 256 (multiples of 16) instead of 40-320 (the preset since)
+    "=widths 32-256": "--width=0.4",  # lever 2: channels 32, 64, 128, 256 (multiples of 16), the preset's since 12-02
     "=widths 48-384": "--width=0.6",  # lever 2: channels 48, 96, 192, 384
-    "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset since; with --bf16 instead of 64 px)
+    "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02; with --bf16, instead of 64 px)
+    "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
 }
 
 
