@@ -18,9 +18,8 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
-float32 on 96 px faces through a stride-2 stem with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 69.40 %
-at 64 px and width 0.5 with the CPU's native bf16; how many epochs fit, and so the figure, depends on the machine's
-speed that day.
+float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.27 % (one seed) with the CPU's native bf16;
+how many epochs fit, and so the figure, depends on the machine's speed that day.
 The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
 --name=value.
 """
@@ -138,18 +137,15 @@ class Action:
 # Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
 # 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
 # stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds), and
-# channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds), with
-# PRESETS_BF16_CPU's fields over it where the CPU multiplies bf16 natively; demo: --demo's.
+# channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
+# model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
+# stride-1 stem, one seed each); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64,
                 lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
-# A preset's fields where the CPU multiplies bf16 natively and --amp is on (resolved at training; none of them where
-# the command line gives one): there a 64 px step costs 1.6x a 48 px one, not 2x as in float32, and 64 px with a
-# stride-1 stem was the better model in 30 minutes (BENCHMARKS.md, issue 24; the stride-2 stem is not measured there).
-PRESETS_BF16_CPU = {"cpu": dict(image_size=64, stem_stride=1)}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
@@ -251,20 +247,6 @@ def parse_args(argv, base=None):
             raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         cfg = dataclasses.replace(cfg, **PRESETS[preset], preset=preset)
     return dataclasses.replace(cfg, **overrides), action, overrides
-
-
-def preset_for_machine(cfg, overrides):
-    """cfg with its preset's PRESETS_BF16_CPU fields where it trains on a CPU that multiplies bf16 natively (--amp
-    on), unless the command line gave one of them (they go together: an image size and the stem that reads it)."""
-    fields = PRESETS_BF16_CPU.get(cfg.preset, {})
-    if not fields or any(k in overrides for k in fields):
-        return cfg
-    device = resolve_device(cfg.device)
-    if device.type != "cpu" or autocast_dtype(cfg, device) != torch.bfloat16:
-        return cfg
-    if int(os.environ.get("RANK", "0")) == 0:  # before torchrun's process group: every rank resolves it alike
-        print(f"--preset={cfg.preset} on a CPU with native bf16: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
-    return dataclasses.replace(cfg, **fields)
 
 
 def validate_action(action):
@@ -2646,7 +2628,6 @@ def main(argv, started=None):
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)
-    cfg = preset_for_machine(cfg, overrides)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():

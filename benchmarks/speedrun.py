@@ -5,9 +5,8 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true, and on a CPU with native bf16
-the preset's 64 px) plus the changes of every row run above it (a row named with a leading "=" replaces them
-instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true) plus the changes of every row
+run above it (a row named with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower
 one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative table (the epochs planned,
 a fraction where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and
 the best epoch's validation accuracy and macro-F1, each on the whole split with flip TTA: where the best epoch was
@@ -46,7 +45,7 @@ ROWS = {
     "+48 px": "--image_size=48 --stem_stride=1",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
-    "=new preset": "",  # --preset=cpu as it is now (with --bf16 on a CPU with native bf16: at 64 px, a stride-1 stem)
+    "=new preset": "",  # --preset=cpu as it is now
     "=new preset at 48 px": "--image_size=48 --stem_stride=1 --width=0.5",  # the preset of 2026-11-30 to 12-02
     "=new preset at 64 px": "--image_size=64 --stem_stride=1 --width=0.5",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
     "+batch 128": "--batch_size=128",
@@ -57,7 +56,8 @@ ROWS = {
     "=batch 32": "--batch_size=32",  # lever 4: twice the steps again
     "=widths 32-256": "--width=0.4",  # lever 2: channels 32, 64, 128, 256 (multiples of 16), the preset's since 12-02
     "=widths 48-384": "--width=0.6",  # lever 2: channels 48, 96, 192, 384
-    "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02; with --bf16, instead of 64 px)
+    "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02)
+    "=64 px stride-1 stem": "--image_size=64 --stem_stride=1",  # the preset's faces where bf16 was native, 12-02
     "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
 }
 
@@ -96,8 +96,7 @@ def step_time(name, overrides, args, steps=6):
     """Seconds per training step of the row's model and batch, in this process."""
     import torch
     import emotion_recognition as ern
-    cfg, _, given = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
-    cfg = ern.preset_for_machine(cfg, given)
+    cfg = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])[0]
     ern.validate_config(cfg)
     device = torch.device("cpu")
     model = ern.build_model(cfg, 8)
