@@ -19,9 +19,8 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
 float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.27 % (one seed) with the CPU's native bf16;
-how many epochs fit, and so the figure, depends on the machine's speed that day.
-The 96 px, 27.6 M-parameter, 50-epoch default is the GPU protocol. Every field of Config can be overridden as
---name=value.
+how many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
+50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
 import contextlib
@@ -1449,9 +1448,9 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
     CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
     KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed target distribution; with class_weights w, each
-    sample's cross-entropy is weighted by t . w (w_y without smoothing) and the weighted
-    mean is taken. Without the context module the KL term is 0.
+    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
+    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
+    context module the KL term is 0.
     """
     ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
     if class_weights is not None:
@@ -1596,7 +1595,7 @@ def config_from_checkpoint(ckpt):
         raise UserError(f"the checkpoint was trained with {', '.join(u for u, _ in used)} (removed after commit "
                         f"{used[0][1]}): evaluate or resume it with that commit's emotion_recognition.py")
     known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    return Config(**{k: v for k, v in config.items() if k in known})
 
 
 # The Config fields that shape the network's weights and how they are applied: a checkpoint's must be the run's
