@@ -97,8 +97,9 @@ class Config:
     val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), without flip TTA; 0 = all, as evaluated. The final evaluation is always the whole split
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
-    lr: float = 1e-3  # AdamW peak learning rate
-    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    optimizer: str = "adamw"  # adamw | muon: Muon on the residual blocks' convolution filters, AdamW on the rest
+    lr: float = 1e-3  # peak learning rate (Muon's step is scaled to AdamW's size, so one lr serves both)
+    weight_decay: float = 0.05  # decoupled weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
     min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
     grad_clip: float = 5.0  # max gradient norm; 0 = off
@@ -106,7 +107,7 @@ class Config:
     # system
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively (--preset=cpu: at 64 px there)
+    amp: bool = True  # autocast: CUDA bf16 (fp16 + GradScaler before Ampere); CPU bf16 where the CPU has it natively
     channels_last: bool = True  # NHWC memory format for convolutions (CUDA; CPU: where the probe of the model passed; faster in float32 and bf16, BENCHMARKS.md)
     compile: bool = False  # torch.compile the model
     deterministic: bool = False  # deterministic algorithms (bit-exact resume; slower on CUDA)
@@ -279,6 +280,7 @@ def validate_config(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
+        (cfg.optimizer in ("adamw", "muon"), f"--optimizer must be adamw or muon, got {cfg.optimizer!r}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -1778,13 +1780,61 @@ class EMA:
             e.copy_(m)
 
 
+def orthogonalized(g, steps=5):
+    """About the nearest semi-orthogonal matrix to g (its singular values pushed near 1): Muon's quintic
+    Newton-Schulz iteration (Jordan et al., 2024) in float32, on the short side's Gram matrix."""
+    x = g.float() / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.mT
+    for _ in range(steps):
+        a = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """--optimizer=muon: Muon on the groups marked muon (filters flattened to out x in*k*k), AdamW on the others, as
+    Keller Jordan's MuonWithAuxAdam. Muon's step is Nesterov momentum, orthogonalized, times 0.2 sqrt(max(out,
+    in*k*k)): the RMS of an AdamW step (Liu et al., 2025), so one lr and weight decay serve both."""
+
+    def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in (p for p in g["params"] if p.grad is not None):
+                state = self.state[p]
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                if g["muon"]:
+                    momentum = state.setdefault("momentum", torch.zeros_like(p))
+                    momentum.lerp_(p.grad, 1 - g["momentum"])
+                    update = orthogonalized(p.grad.lerp(momentum, g["momentum"]).flatten(1))
+                    p.add_(update.view_as(p), alpha=-g["lr"] * 0.2 * math.sqrt(max(update.shape)))
+                    continue
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                (b1, b2), state["step"] = g["betas"], state["step"] + 1
+                state["m"].lerp_(p.grad, 1 - b1)
+                state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (state["v"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
+                p.addcdiv_(state["m"], denom, value=-g["lr"] / (1 - b1 ** state["step"]))
+
+
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on biases, norms and prototypes (1-d or scale-free parameters)."""
+    """AdamW (--optimizer=muon: Muon on the residual blocks' filters); no weight decay on biases, norms and
+    prototypes (1-d or scale-free parameters)."""
+    filters = [m.weight for b in model.modules() if isinstance(b, BasicBlock)
+               for m in b.modules() if isinstance(m, nn.Conv2d)] if cfg.optimizer == "muon" else []
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+        if not any(p is f for f in filters):
+            (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "muon":
+        return Muon(groups + [{"params": filters, "weight_decay": cfg.weight_decay, "muon": True}], lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
 
 
 WARMUP_START = 0.01  # the warm-up's first learning rate, fraction of lr
