@@ -98,7 +98,7 @@ class Config:
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
     optimizer: str = "adamw"  # adamw | muon: Muon on the residual blocks' convolution filters, AdamW on the rest
-    lr: float = 1e-3  # peak learning rate (Muon's step is scaled to AdamW's size, so one lr serves both)
+    lr: float = 1e-3  # peak learning rate (Muon's steps are scaled to AdamW's RMS, so one lr serves both)
     weight_decay: float = 0.05  # decoupled weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
     min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
@@ -1782,7 +1782,8 @@ class EMA:
 
 def orthogonalized(g, steps=5):
     """About the nearest semi-orthogonal matrix to g (its singular values pushed near 1): Muon's quintic
-    Newton-Schulz iteration (Jordan et al., 2024) in float32, on the short side's Gram matrix."""
+    Newton-Schulz iteration (Jordan et al., 2024), on the short side's Gram matrix. In float32, not the reference's
+    bf16, which CPUs without native bf16 emulate slowly."""
     x = g.float() / (g.norm() + 1e-7)
     tall = x.shape[0] > x.shape[1]
     if tall:
@@ -1796,30 +1797,32 @@ def orthogonalized(g, steps=5):
 class Muon(torch.optim.Optimizer):
     """--optimizer=muon: Muon on the groups marked muon (filters flattened to out x in*k*k), AdamW on the others, as
     Keller Jordan's MuonWithAuxAdam. Muon's step is Nesterov momentum, orthogonalized, times 0.2 sqrt(max(out,
-    in*k*k)): the RMS of an AdamW step (Liu et al., 2025), so one lr and weight decay serve both."""
+    in*k*k)), which Liu et al. (2025) found to match the RMS of AdamW's steps, so one lr and weight decay serve both."""
 
     def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
         super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0, muon=False))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for g in self.param_groups:
-            for p in (p for p in g["params"] if p.grad is not None):
+    def step(self):
+        for group in self.param_groups:
+            lr, beta = group["lr"], group["momentum"]
+            for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
-                p.mul_(1 - g["lr"] * g["weight_decay"])
-                if g["muon"]:
-                    momentum = state.setdefault("momentum", torch.zeros_like(p))
-                    momentum.lerp_(p.grad, 1 - g["momentum"])
-                    update = orthogonalized(p.grad.lerp(momentum, g["momentum"]).flatten(1))
-                    p.add_(update.view_as(p), alpha=-g["lr"] * 0.2 * math.sqrt(max(update.shape)))
+                p.mul_(1 - lr * group["weight_decay"])
+                if group["muon"]:
+                    if not state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    state["momentum_buffer"].lerp_(p.grad, 1 - beta)
+                    update = orthogonalized(p.grad.lerp(state["momentum_buffer"], beta).flatten(1))  # Nesterov
+                    p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
                     continue
                 if not state:
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                (b1, b2), state["step"] = g["betas"], state["step"] + 1
+                (b1, b2), state["step"] = group["betas"], state["step"] + 1
                 state["m"].lerp_(p.grad, 1 - b1)
                 state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (state["v"] / (1 - b2 ** state["step"])).sqrt_().add_(g["eps"])
-                p.addcdiv_(state["m"], denom, value=-g["lr"] / (1 - b1 ** state["step"]))
+                denom = (state["v"] / (1 - b2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(state["m"], denom, value=-lr / (1 - b1 ** state["step"]))
 
 
 def make_optimizer(model, cfg):
@@ -1829,7 +1832,7 @@ def make_optimizer(model, cfg):
                for m in b.modules() if isinstance(m, nn.Conv2d)] if cfg.optimizer == "muon" else []
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not any(p is f for f in filters):
+        if id(p) not in {id(f) for f in filters}:
             (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "muon":
@@ -2647,7 +2650,8 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
 
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
-                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
+                "optimizer": "the saved optimizer state is that optimizer's"}
 
 
 def main(argv, started=None):
@@ -2669,7 +2673,8 @@ def main(argv, started=None):
         folder = Path(action.resume).parent
         if Path(overrides.get("output_dir", folder)).resolve() == folder.resolve():
             overrides.pop("output_dir", None)  # naming the run's own folder is no change
-        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != ckpt["config"].get(k)]
+        saved = {**dataclasses.asdict(Config()), **ckpt["config"]}  # a field newer than the checkpoint: its default
+        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != saved[k]]
         if unresumable:
             raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
                             f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")

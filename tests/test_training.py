@@ -1,6 +1,6 @@
 """Training mechanics against independent oracles: the augmentation's geometry (F.affine_grid, OpenCV), random
-erasing's area, fp16's GradScaler (skipped steps, resuming without its state), Muon (the SVD, torch's AdamW), --time_budget, and Ctrl-C
-outside the epochs (decoding, the final evaluation)."""
+erasing's area, fp16's GradScaler (skipped steps, resuming without its state), Muon (the SVD, torch's AdamW),
+--time_budget, and Ctrl-C outside the epochs (decoding, the final evaluation)."""
 import copy
 import json
 import os
@@ -191,9 +191,36 @@ def test_muon_moves_the_block_filters_by_an_orthogonalized_step_of_adamw_size_an
         assert not moved[n][~live].any(), n
 
 
+def random_grads(model, seed, scale=1.0):
+    for i, p in enumerate(model.parameters()):
+        p.grad = scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * seed + i))
+
+
+def test_muon_filters_take_nesterov_momentum_steps_with_decoupled_decay(monkeypatch):
+    """Newton-Schulz aside (tested above, here the identity), three steps of other gradients and weight decay 0.1
+    follow the hand-written rule: buf = b buf + (1 - b) g, u = (1 - b) g + b buf, p = (1 - lr wd) p - lr 0.2
+    sqrt(max(out, in*k*k)) u."""
+    monkeypatch.setattr(ern, "orthogonalized", lambda g: g.float())
+    lr, wd, b = 1e-2, 0.1, 0.95
+    model = tiny_model_with_grads()
+    optimizer = ern.make_optimizer(model, ern.Config(optimizer="muon", lr=lr, weight_decay=wd))
+    filters = [p for g in optimizer.param_groups if g["muon"] for p in g["params"]]
+    want = [p.detach().clone() for p in filters]
+    buffers = [torch.zeros_like(p) for p in filters]
+    for step in range(3):
+        random_grads(model, step)
+        optimizer.step()
+        for w, buf, p in zip(want, buffers, filters):
+            buf.mul_(b).add_((1 - b) * p.grad)
+            u = (1 - b) * p.grad + b * buf
+            w.mul_(1 - lr * wd).sub_(lr * 0.2 * max(u.flatten(1).shape) ** 0.5 * u)
+    for w, p in zip(want, filters):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-7)
+
+
 def test_muon_on_everything_else_is_torch_adamw():
     """The parameters outside Muon's groups follow torch.optim.AdamW (the oracle) step for step, weight decay
-    included."""
+    included; gradients of 1e-7 make eps's place count."""
     ours, theirs = tiny_model_with_grads(), tiny_model_with_grads()
     cfg = ern.Config(optimizer="muon", lr=3e-3, weight_decay=0.05)
     a = ern.make_optimizer(ours, cfg)
@@ -201,31 +228,36 @@ def test_muon_on_everything_else_is_torch_adamw():
                            ern.make_optimizer(theirs, cfg).param_groups if not g["muon"]], lr=cfg.lr, betas=(0.9, 0.999))
     for step in range(3):
         for model in (ours, theirs):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step + p.numel()))
+            random_grads(model, step, scale=1e-7)
         a.step()
         b.step()
     muon = {id(p) for g in a.param_groups if g["muon"] for p in g["params"]}
     for p, q in zip(ours.parameters(), theirs.parameters()):
         if id(p) not in muon:
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-8)
 
 
-def test_muon_resumes_from_its_state_dict():
-    """A step after a checkpoint's optimizer state is loaded into a fresh Muon is the step the first one takes."""
+def test_muon_resumes_from_a_saved_checkpoint(tmp_path):
+    """After its state goes through a checkpoint file (weights_only), a fresh Muon takes the step the first one
+    takes; one without the state does not."""
     cfg = ern.Config(optimizer="muon", lr=1e-2)
     model = tiny_model_with_grads()
     optimizer = ern.make_optimizer(model, cfg)
     optimizer.step()
-    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    ern.atomic_save({"format": ern.CHECKPOINT_FORMAT, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict()}, tmp_path / "last.pth")
+    random_grads(model, 1)
     optimizer.step()
     want = [p.detach().clone() for p in model.parameters()]
-    model.load_state_dict(saved_model)
-    fresh = ern.make_optimizer(model, cfg)
-    fresh.load_state_dict(saved)
-    fresh.step()
-    for p, w in zip(model.parameters(), want):
-        torch.testing.assert_close(p.detach(), w, rtol=0, atol=0)
+    ckpt = ern.load_checkpoint(tmp_path / "last.pth")
+    for restore in (True, False):
+        model.load_state_dict(ckpt["model"])
+        fresh = ern.make_optimizer(model, cfg)
+        if restore:
+            fresh.load_state_dict(ckpt["optimizer"])
+        fresh.step()
+        same = all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), want))
+        assert same == restore
 
 
 # ---------------------------------------------------------------------------------------------
