@@ -97,9 +97,8 @@ class Config:
     val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), without flip TTA; 0 = all, as evaluated. The final evaluation is always the whole split
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
-    optimizer: str = "adamw"  # adamw | muon: Muon on the residual blocks' convolution filters, AdamW on the rest
-    lr: float = 1e-3  # peak learning rate (Muon's steps are scaled to AdamW's RMS, so one lr serves both)
-    weight_decay: float = 0.05  # decoupled weight decay
+    lr: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
     min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
     grad_clip: float = 5.0  # max gradient norm; 0 = off
@@ -280,7 +279,6 @@ def validate_config(cfg):
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
-        (cfg.optimizer in ("adamw", "muon"), f"--optimizer must be adamw or muon, got {cfg.optimizer!r}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -1585,7 +1583,8 @@ def checkpoint_normalization(ckpt, device):
 # resumed with that commit)
 REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
            "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
-           "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2")}
+           "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2"),
+           "optimizer": ("adamw", "1bd07fe")}
 
 
 def config_from_checkpoint(ckpt):
@@ -1780,64 +1779,13 @@ class EMA:
             e.copy_(m)
 
 
-def orthogonalized(g, steps=5):
-    """About the nearest semi-orthogonal matrix to g (its singular values pushed near 1): Muon's quintic
-    Newton-Schulz iteration (Jordan et al., 2024), on the short side's Gram matrix. In float32, not the reference's
-    bf16, which CPUs without native bf16 emulate slowly."""
-    x = g.float() / (g.norm() + 1e-7)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.mT
-    for _ in range(steps):
-        a = x @ x.mT
-        x = 3.4445 * x + (-4.7750 * a + 2.0315 * a @ a) @ x
-    return x.mT if tall else x
-
-
-class Muon(torch.optim.Optimizer):
-    """--optimizer=muon: Muon on the groups marked muon (filters flattened to out x in*k*k), AdamW on the others, as
-    Keller Jordan's MuonWithAuxAdam. Muon's step is Nesterov momentum, orthogonalized, times 0.2 sqrt(max(out,
-    in*k*k)), which Liu et al. (2025) found to match the RMS of AdamW's steps, so one lr and weight decay serve both."""
-
-    def __init__(self, groups, lr, momentum=0.95, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(groups, dict(lr=lr, momentum=momentum, betas=betas, eps=eps, weight_decay=0.0, muon=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, beta = group["lr"], group["momentum"]
-            for p in (p for p in group["params"] if p.grad is not None):
-                state = self.state[p]
-                p.mul_(1 - lr * group["weight_decay"])
-                if group["muon"]:
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    state["momentum_buffer"].lerp_(p.grad, 1 - beta)
-                    update = orthogonalized(p.grad.lerp(state["momentum_buffer"], beta).flatten(1))  # Nesterov
-                    p.add_(update.view_as(p), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
-                    continue
-                if not state:
-                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
-                (b1, b2), state["step"] = group["betas"], state["step"] + 1
-                state["m"].lerp_(p.grad, 1 - b1)
-                state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (state["v"] / (1 - b2 ** state["step"])).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["m"], denom, value=-lr / (1 - b1 ** state["step"]))
-
-
 def make_optimizer(model, cfg):
-    """AdamW (--optimizer=muon: Muon on the residual blocks' filters); no weight decay on biases, norms and
-    prototypes (1-d or scale-free parameters)."""
-    filters = [m.weight for b in model.modules() if isinstance(b, BasicBlock)
-               for m in b.modules() if isinstance(m, nn.Conv2d)] if cfg.optimizer == "muon" else []
+    """AdamW; no weight decay on biases, norms and prototypes (1-d or scale-free parameters)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if id(p) not in {id(f) for f in filters}:
-            (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "muon":
-        return Muon(groups + [{"params": filters, "weight_decay": cfg.weight_decay, "muon": True}], lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
+        (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
 
 
 WARMUP_START = 0.01  # the warm-up's first learning rate, fraction of lr
@@ -2650,8 +2598,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
 
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
-                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
-                "optimizer": "the saved optimizer state is that optimizer's"}
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
 
 
 def main(argv, started=None):
@@ -2673,8 +2620,7 @@ def main(argv, started=None):
         folder = Path(action.resume).parent
         if Path(overrides.get("output_dir", folder)).resolve() == folder.resolve():
             overrides.pop("output_dir", None)  # naming the run's own folder is no change
-        saved = {**dataclasses.asdict(Config()), **ckpt["config"]}  # a field newer than the checkpoint: its default
-        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != saved[k]]
+        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != ckpt["config"].get(k)]
         if unresumable:
             raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
                             f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")

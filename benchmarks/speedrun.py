@@ -59,7 +59,6 @@ ROWS = {
     "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02)
     "=64 px stride-1 stem": "--image_size=64 --stem_stride=1",  # the preset's faces where bf16 was native, 12-02
     "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
-    "=muon": "--optimizer=muon",  # lever 5: Muon on the residual blocks' filters, AdamW on the rest
 }
 
 

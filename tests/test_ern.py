@@ -503,12 +503,14 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_it_and_the_commit():
     option and the last commit that had it; one that left them at the surviving value (or predates them) loads."""
     cfg = ern.Config(width=0.125, blocks="1,1,1,1")
     model = ern.build_model(cfg, 8)
-    ckpt = {"config": {**dataclasses.asdict(cfg), "context_fusion": "concat", "affinity_weight": 0.0},
+    ckpt = {"config": {**dataclasses.asdict(cfg), "context_fusion": "concat", "affinity_weight": 0.0,
+                          "optimizer": "adamw"},
             "class_names": [str(k) for k in range(8)], "image_size": cfg.image_size, "model": model.state_dict()}
     ern.model_from_checkpoint(ckpt, expected=cfg)
     for option, value, commit in (("context_fusion", "logits", "da10df0"), ("prototype_init", "imprint", "da10df0"),
                                   ("context_target", "teacher", "da10df0"), ("affinity_weight", 0.1, "da10df0"),
-                                  ("logit_adjustment", 1.0, "da10df0"), ("mixup", 0.2, "bfdced2"), ("cutmix", 1.0, "bfdced2")):
+                                  ("logit_adjustment", 1.0, "da10df0"), ("mixup", 0.2, "bfdced2"), ("cutmix", 1.0, "bfdced2"),
+                                  ("optimizer", "muon", "1bd07fe")):
         bad = {**ckpt, "config": {**ckpt["config"], option: value}}
         with pytest.raises(ern.UserError, match=rf"trained with --{option}={value} \(removed after commit {commit}\)"):
             ern.model_from_checkpoint(bad)
