@@ -504,7 +504,7 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_it_and_the_commit():
     cfg = ern.Config(width=0.125, blocks="1,1,1,1")
     model = ern.build_model(cfg, 8)
     ckpt = {"config": {**dataclasses.asdict(cfg), "context_fusion": "concat", "affinity_weight": 0.0,
-                          "optimizer": "adamw"},
+                       "optimizer": "adamw"},
             "class_names": [str(k) for k in range(8)], "image_size": cfg.image_size, "model": model.state_dict()}
     ern.model_from_checkpoint(ckpt, expected=cfg)
     for option, value, commit in (("context_fusion", "logits", "da10df0"), ("prototype_init", "imprint", "da10df0"),
