@@ -102,7 +102,6 @@ class Config:
     warmup_epochs: float = 2.0  # linear warm-up, then cosine annealing per step
     min_lr_ratio: float = 0.01  # cosine floor, fraction of lr
     grad_clip: float = 5.0  # max gradient norm; 0 = off
-    ema_decay: float = 0.0  # weights' exponential moving average, warmed up: min(d, (1+t)/(10+t)); 0 = off, e.g. 0.999
     # system
     seed: int = 0  # seeds torch and numpy (data order, augmentation, initialization)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -282,7 +281,6 @@ def validate_config(cfg):
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
-        (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (0 < cfg.min_lr_ratio <= 1, f"--min_lr_ratio must be in (0, 1], got {cfg.min_lr_ratio}"),
         (0 < cfg.val_fraction < 1, f"--val_fraction must be in (0, 1), got {cfg.val_fraction}"),
         (0 <= cfg.crop_margin <= 1, f"--crop_margin must be in [0, 1], got {cfg.crop_margin}"),
@@ -1538,12 +1536,12 @@ def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **traini
             "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
 
 
-def training_state(optimizer, scheduler, scaler, ema, history, best):
+def training_state(optimizer, scheduler, scaler, history, best):
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "ema": None if ema is None else ema.model.state_dict(), "history": history, "best": best, "rng": rng}
+            "history": history, "best": best, "rng": rng}
 
 
 def checkpoint_in(path, name):
@@ -1584,7 +1582,7 @@ def checkpoint_normalization(ckpt, device):
 REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
            "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
            "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2"),
-           "optimizer": ("adamw", "1bd07fe")}
+           "optimizer": ("adamw", "1bd07fe"), "ema_decay": (0.0, "8e63f05")}
 
 
 def config_from_checkpoint(ckpt):
@@ -1672,13 +1670,12 @@ def from_rank_zero(obj):
     return box[0]
 
 
-def same_as_rank_zero(*modules):
-    """Rank 0's parameters and buffers in every rank's copy of each module: the initialization (each rank draws its
+def same_as_rank_zero(module):
+    """Rank 0's parameters and buffers in every rank's copy of the module: the initialization (each rank draws its
     own from seed + rank), and the BatchNorm statistics, which each rank updates from its own share."""
     if rank_and_world()[1] > 1:
-        for module in modules:
-            for t in module.state_dict().values():
-                torch.distributed.broadcast(t, 0)
+        for t in module.state_dict().values():
+            torch.distributed.broadcast(t, 0)
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -1753,32 +1750,6 @@ def run_inference_sharded(model, images, mean, std, device, cfg, tta=None):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-class EMA:
-    """Exponential moving average of a model's floating-point weights and buffers (integer buffers
-    such as BatchNorm's batch count are copied); the average is what gets evaluated.
-
-    The decay warms up, min(decay, (1 + t) / (10 + t)) at optimizer step t (as TensorFlow's
-    ExponentialMovingAverage with num_updates, and timm's ModelEmaV2 warm-up): with a fixed 0.999 the
-    first epochs' average would be mostly the random initial weights, and it chooses the best epoch."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # tensors, paired once
-        self.floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
-        self.ints = [(e, m) for e, m in pairs if not e.dtype.is_floating_point]
-
-    def decay_at(self, step):
-        return min(self.decay, (1 + step) / (10 + step))
-
-    @torch.no_grad()
-    def update(self, step):
-        """Move the average toward the model after optimizer step `step` (0-based; the scheduler counts it)."""
-        torch._foreach_lerp_([e for e, _ in self.floats], [m for _, m in self.floats], 1 - self.decay_at(step))
-        for e, m in self.ints:
-            e.copy_(m)
-
-
 def make_optimizer(model, cfg):
     """AdamW; no weight decay on biases, norms and prototypes (1-d or scale-free parameters)."""
     decay, no_decay = [], []
@@ -1817,12 +1788,10 @@ def relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch):
 
 
 def optimization_parts(model, cfg, device, steps_per_epoch):
-    """What trains a model besides the data: optimizer, schedule, GradScaler (enabled for fp16 only) and EMA (None
-    without ema_decay)."""
+    """What trains a model besides the data: optimizer, schedule and GradScaler (enabled for fp16 only)."""
     optimizer = make_optimizer(model, cfg)
     return (optimizer, make_scheduler(optimizer, cfg, steps_per_epoch),
-            torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16),
-            EMA(model, cfg.ema_decay) if cfg.ema_decay else None)
+            torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16))
 
 
 def class_weights(cfg, train_y, num_classes):
@@ -1853,12 +1822,12 @@ def epochs_run(cfg, steps_per_epoch):
 
 
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
-                    ema=None, class_weights=None, max_steps=None):
+                    class_weights=None, max_steps=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
 
     Index slices of the permutation are the batches (no DataLoader); losses accumulate on the
     device and are read only at log points, which is also where a non-finite loss is caught.
-    A step that fp16's GradScaler skips (gradients overflowed) moves neither the schedule nor the EMA.
+    A step that fp16's GradScaler skips (gradients overflowed) does not move the schedule.
     max_steps: fewer steps than a full pass (the last epoch of a fractional --epochs).
     """
     model.train()
@@ -1894,8 +1863,6 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
         scaler.update()
         if scale is None or scaler.get_scale() >= scale:  # the scaler lowers its scale exactly when it skipped the step
             scheduler.step()
-            if ema is not None:
-                ema.update(scheduler.last_epoch - 1)  # the step just taken: resumes continue the warm-up
         with torch.no_grad():
             terms = torch.stack([loss, ce, kl]).detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(terms).all(), step, first_bad)
@@ -1987,7 +1954,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     tta = cfg.tta_flip if tta is None else tta
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
-        optimizer, scheduler, scaler, ema = optimization_parts(trial, cfg, device, spe)
+        optimizer, scheduler, scaler = optimization_parts(trial, cfg, device, spe)
         compiled = torch.compile(trial) if cfg.compile else trial
         weights = class_weights(cfg, train_y, num_classes)
         seconds, steps = [], []
@@ -1995,7 +1962,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = clock()
             train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, ema=ema, class_weights=weights)
+                            num_classes=num_classes, class_weights=weights)
             seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
@@ -2026,12 +1993,10 @@ def script_command(*args):
     return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
 
 
-def restore_training_state(resume, model, optimizer, scheduler, scaler, ema):
-    """Load a last.pth's weights, optimizer, schedule, GradScaler, EMA and random state; returns (history, best, first
-    epoch). An EMA the run did not have before starts from the resumed weights."""
+def restore_training_state(resume, model, optimizer, scheduler, scaler):
+    """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first
+    epoch)."""
     model.load_state_dict(resume["model"])
-    if ema is not None:
-        ema.model.load_state_dict(resume["model"] if resume["ema"] is None else resume["ema"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
@@ -2052,12 +2017,12 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
-    optimizer, scheduler, scaler, ema = optimization_parts(model, cfg, device, steps_per_epoch)
+    optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = class_weights(cfg, train_y, k)
     tta = cfg.tta_flip if tta is None else tta
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
-        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler, ema)
+        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
     writes = rank_and_world()[0] == 0  # under torchrun, rank 0 alone writes
     ddp = rank_and_world()[1] > 1
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -2071,7 +2036,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     def save_last(epoch, metrics):
         if writes:
             atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics,
-                                        **training_state(optimizer, scheduler, scaler, ema, history, best)), last_path)
+                                        **training_state(optimizer, scheduler, scaler, history, best)), last_path)
 
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
@@ -2087,12 +2052,11 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank_and_world()[0])
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
-                                    num_classes=k, ema=ema, class_weights=weights,
+                                    num_classes=k, class_weights=weights,
                                     max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
-            same_as_rank_zero(model, *([ema.model] if ema is not None else []))  # one model on every rank
-            evaluated = ema.model if ema is not None else model  # the weights the run reports and saves as best
+            same_as_rank_zero(model)  # one model on every rank
             t_val = time.time()
-            stats.update(epoch=epoch, **validate(evaluated, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
+            stats.update(epoch=epoch, **validate(model, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
             val_walls.append(time.time() - t_val)
             history.append(stats)
@@ -2100,7 +2064,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             if improved:
                 best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
                 if writes:
-                    atomic_save(checkpoint_dict(evaluated, cfg, class_names, mean, std, epoch, stats, best=best),
+                    atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, stats, best=best),
                                 run_dir / "best_emotion_model.pth")
             save_last(epoch, stats)
             saved = epoch
@@ -2133,9 +2097,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         raise SystemExit(130)
     except NonFiniteLoss as e:
         raise UserError(f"{e}; stopping. {last_path} holds the last good state (end of epoch {saved}).") from None
-    final = ema.model if ema is not None else model
     if writes:
-        atomic_save(checkpoint_dict(final, cfg, class_names, mean, std, epoch, history[-1], best=best),
+        atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, history[-1], best=best),
                     run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start, cfg
 
@@ -2527,7 +2490,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
             log("channels_last off: another machine's probe failed", log_file)
         cfg = dataclasses.replace(cfg, channels_last=bool(every.item()))
     model = place_model(model, cfg, device)
-    same_as_rank_zero(model)  # before the EMA copies it
+    same_as_rank_zero(model)
     if cfg.sync_bn and world > 1:  # CUDA: PyTorch's; gloo on CPUs: ours (nn.SyncBatchNorm is CUDA-only)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else global_batch_norm(model)
     n_params = count_parameters(model)

@@ -102,14 +102,14 @@ def step_time(name, overrides, args, steps=6):
     model = ern.build_model(cfg, 8)
     cfg, _ = ern.channels_last_checked(model, cfg, device)
     model = ern.place_model(model, cfg, device)
-    optimizer, scheduler, scaler, ema = ern.optimization_parts(model, cfg, device, 1000)
+    optimizer, scheduler, scaler = ern.optimization_parts(model, cfg, device, 1000)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, ((steps + 2) * cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                       generator=gen)
     y = torch.randint(0, 8, (len(x),), generator=gen)
     mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
     run = lambda a, b: ern.train_one_epoch(model, x[a:b], y[a:b], mean, std, optimizer, scheduler, scaler, cfg, 1,
-                                           num_classes=8, ema=ema)
+                                           num_classes=8)
     run(0, 2 * cfg.batch_size)
     t0 = time.perf_counter()
     run(2 * cfg.batch_size, len(x))

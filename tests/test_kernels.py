@@ -42,7 +42,7 @@ if __name__ == "__main__":
         model = ern.build_model(cfg, 8)
         cfg, verdict = ern.channels_last_checked(model, cfg, cpu) if sys.argv[3] == "probed" else (cfg, None)
         model = ern.place_model(model, cfg, cpu)
-        optimizer, scheduler, scaler, ema = ern.optimization_parts(model, cfg, cpu, 1)
+        optimizer, scheduler, scaler = ern.optimization_parts(model, cfg, cpu, 1)
         x = torch.randint(0, 256, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
         y = torch.arange(cfg.batch_size) % 8
         mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
