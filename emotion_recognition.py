@@ -1213,6 +1213,42 @@ class DualAttention(nn.Module):
         return x + gated if self.residual else gated
 
 
+class Conv1x1OwnWeightGrad(torch.autograd.Function):
+    """y = the 1x1 convolution of x by w at stride s. Forward pass and input gradient by oneDNN; the weight gradient is
+    the output gradient times the subsampled input, a matrix product."""
+
+    @staticmethod
+    def forward(ctx, x, w, s):
+        ctx.save_for_backward(x, w)
+        ctx.stride = s
+        return F.conv2d(x, w, stride=s)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        s = ctx.stride
+        gx = torch.nn.grad.conv2d_input(x.shape, w, g, stride=s) if ctx.needs_input_grad[0] else None
+        gw = torch.einsum("nohw,nchw->oc", g, x[:, :, ::s, ::s]).view_as(w) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class Projection(nn.Conv2d):
+    """The shortcut's 1x1 convolution (stride s, no bias). On the CPU in channels_last its weight gradient is
+    Conv1x1OwnWeightGrad's: oneDNN 3.12's 1x1 backward kernels corrupt the heap there under AVX2, AVX512_CORE and
+    AVX512_CORE_BF16, which the probe caught only by chance (BENCHMARKS.md, "Never crash on a machine it has not met").
+    Same weight and state_dict as nn.Conv2d, which it stays elsewhere (CUDA, contiguous inputs, export)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        with torch.autocast("cpu", enabled=False):  # a custom Function is not autocast: cast as conv2d would be
+            return Conv1x1OwnWeightGrad.apply(x.to(dtype), self.weight.to(dtype), self.stride[0])
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (He et al., 2016): two 3x3 convolutions and a projection shortcut when shapes change."""
 
@@ -1223,7 +1259,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            Projection(cin, cout, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -1264,7 +1300,8 @@ class ERN(nn.Module):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
-        # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.15 are concerned
+        # shortcut) corrupts the heap in channels_last (benchmarks/onednn_1x1_repro.py); only widths < 0.15 are concerned.
+        # Projection no longer reaches that kernel; the rule stays so that those widths' checkpoints still load.
         stem = max(8, widths[0] // 2)
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem

@@ -4,7 +4,8 @@ names trains in the default settings (at batch 8) under the oneDNN instruction s
 (benchmarks/onednn_*_repro.py), and the probe must catch them before training does. The 27.6 M-parameter default
 model trains under the CPU's own level only, and SSE41 and AVX are left to benchmarks/isa_matrix.py: with them
 this test took 5.4 minutes (BENCHMARKS.md). The probe's verdicts on a child that aborts, hangs or computes wrong
-numbers, and its cache, are checked with small models that do so on purpose."""
+numbers, and its cache, are checked with small models that do so on purpose. The 1x1 shortcuts, whose weight gradient
+crashed under three levels, are checked against float64 and, without the probe, where they crashed."""
 import json
 import os
 import subprocess
@@ -83,6 +84,44 @@ def test_every_named_model_trains_a_step_under_each_instruction_set(isa):
     for line in lines:
         assert line["loss"] == line["loss"] and line["loss"] > 0, line  # finite (NaN != NaN)
         assert line["probe"], line  # the probe decided (channels_last is on by default)
+
+
+@pytest.mark.parametrize("stride, size", [(2, 12), (2, 7), (1, 6)])
+def test_the_shortcut_in_channels_last_is_the_1x1_convolution(stride, size):
+    """The oracle: torch's float64 convolution (values and both gradients), in float32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    shortcut = ern.Projection(8, 16, stride).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 8, size, size).to(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_()
+    w64 = shortcut.weight.detach().double().requires_grad_()
+    y64 = nn.functional.conv2d(x64, w64, stride=stride)
+    g = torch.randn_like(y64)
+    (y64 * g).sum().backward()
+    for amp, tol in ((None, 1e-5), (torch.bfloat16, 0.1)):
+        shortcut.weight.grad = None
+        xs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+            y = shortcut(xs)
+        (y.float() * g.float()).sum().backward()
+        assert y.dtype == (amp or torch.float32) and y.shape == y64.shape
+        for ours, oracle in ((y, y64), (xs.grad, x64.grad), (shortcut.weight.grad, w64.grad)):
+            assert torch.allclose(ours.double(), oracle, atol=tol, rtol=tol / 10), (amp, (ours.double() - oracle).abs().max())
+
+
+FORCED = {"width 0.25 at 96 px": NAMED["width 0.25 at 96 px"]}  # crashed forced under both (BENCHMARKS.md)
+
+
+@pytest.mark.parametrize("isa", [isa for isa in LEVELS if isa in ("AVX512_CORE", "AVX512_CORE_BF16")])
+def test_the_model_that_crashed_in_channels_last_trains_in_it_without_the_probe(isa):
+    """Without the probe, width 0.25 at 96 px died in the 1x1 shortcuts' backward under AVX512_CORE (float32, every
+    time) and AVX512_CORE_BF16 (bf16, 4 of 5 processes); the shortcuts no longer reach that kernel."""
+    models = {k: {**v, "batch_size": 8} for k, v in FORCED.items()}
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(models), "forced", "3"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"ONEDNN_MAX_CPU_ISA={isa}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    line = json.loads(proc.stdout.splitlines()[-1])
+    assert line["channels_last"] and line["probe"] is None and line["loss"] > 0, line
 
 
 class Layout(nn.Module):
