@@ -5,7 +5,7 @@ child process each (test_kernels.CHILD): two training steps at --batch faces in 
 the script did before the probe) and then as the script does it now ("probed": the probe's verdict, then the steps).
 A child that dies or hangs past --timeout is reported as such. Prints a table, writes JSON.
 
-    python benchmarks/isa_matrix.py --json=isa_matrix.json [--batch=8] [--threads=1,2]
+    python benchmarks/isa_matrix.py --json=isa_matrix.json [--batch=8] [--threads=1,2] [--isas=AVX2,AVX512_CORE]
 """
 import argparse
 import json
@@ -43,10 +43,11 @@ def main():
     parser.add_argument("--json", default="isa_matrix.json")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--isas", default="", help="comma-separated oneDNN levels (default: every one this CPU runs)")
     parser.add_argument("--timeout", type=int, default=120)
     parser.add_argument("--cache", default="/tmp/ern_isa_matrix_cache", help="XDG_CACHE_HOME of the children (fresh probes)")
     args = parser.parse_args()
-    isas = onednn_isas(ern.cpu_flags())
+    isas = [isa for isa in onednn_isas(ern.cpu_flags()) if not args.isas or isa in args.isas.split(",")]
     print(f"CPU: {ern.cpu_model()}; oneDNN levels it can run: {', '.join(isas)}; torch {ern.torch.__version__}")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
