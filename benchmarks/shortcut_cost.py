@@ -1,9 +1,9 @@
 """What the shortcut's own weight gradient (emotion_recognition.Projection) costs a training step, against oneDNN's 1x1
 convolution backward that it replaces in channels_last (BENCHMARKS.md, "Never crash on a machine it has not met").
 
-The CPU preset's model (PRESETS["cpu"], batch 64, channels_last) trains steps with each shortcut in turn, in one
-process, the two interleaved round by round so that the machine's load hits both; fastest and median round per
-step, and their ratio. bf16 autocast only where the CPU has it natively (emotion_recognition.cpu_has_bf16).
+The CPU preset's model (PRESETS["cpu"], batch 64, channels_last) takes train_one_epoch's steps with each shortcut in
+turn, in one process, the two interleaved round by round so that the machine's load hits both; fastest and median
+round per step, and their ratio. bf16 autocast only where the CPU has it natively (emotion_recognition.cpu_has_bf16).
 
     python benchmarks/shortcut_cost.py --json=shortcut_cost.json [--rounds=14] [--steps=8]
 """
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
@@ -31,31 +30,27 @@ def main():
     parser.add_argument("--json", default="shortcut_cost.json")
     args = parser.parse_args()
     print(f"CPU: {ern.cpu_model()}; bf16 native: {ern.cpu_has_bf16()}; threads {torch.get_num_threads()}; torch {torch.__version__}")
-    cfg = ern.Config(**ern.PRESETS["cpu"])
     rows = []
     print("| autocast | Projection ms (fastest, median) | oneDNN 1x1 backward ms | ratio (fastest, median) |\n|---|---|---|---|")
-    for amp in [torch.bfloat16, None] if ern.cpu_has_bf16() else [None]:
+    for amp in [True, False] if ern.cpu_has_bf16() else [False]:
+        run = ern.Config(**{**ern.PRESETS["cpu"], "amp": amp})
         torch.manual_seed(0)
-        model = ern.build_model(cfg, 8).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
-        x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size).to(memory_format=torch.channels_last)
-        y = torch.arange(cfg.batch_size) % 8
+        model = ern.place_model(ern.build_model(run, 8), run, torch.device("cpu"))
+        optimizer, scheduler, scaler = ern.optimization_parts(model, run, torch.device("cpu"), args.steps)
+        x = torch.randint(0, 256, (run.batch_size * args.steps, 3, run.image_size, run.image_size), dtype=torch.uint8)
+        y = torch.arange(len(x)) % 8
+        mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
 
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
-                loss = F.cross_entropy(model(x)[0], y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        def steps(n):  # the trainer's own steps: augmentation, the hybrid loss, AdamW
+            ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, run, 1, num_classes=8, max_steps=n)
 
         seconds = {name: [] for name in VARIANTS}
         for r in range(args.rounds):
             for name in list(VARIANTS)[:: 1 if r % 2 == 0 else -1]:
                 ern.Projection.forward = VARIANTS[name]
-                step()  # one untimed step after each switch
+                steps(1)  # one untimed step after each switch
                 t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
+                steps(args.steps)
                 seconds[name].append((time.perf_counter() - t0) / args.steps)
         ern.Projection.forward = VARIANTS["Projection"]
         ours, base = seconds["Projection"], seconds["oneDNN 1x1 backward"]
