@@ -231,13 +231,13 @@ def read_overrides(argv, classes, doc, positional=False):
     return found, words
 
 
-def parse_args(argv, base=None):
+def parse_args(argv):
     """(Config, Action, Config overrides) from --name=value arguments. The Config is built over a preset (--preset,
-    or --demo's), over base or the defaults."""
+    or --demo's) over the defaults."""
     (overrides, action_fields), _ = read_overrides(argv, (Config, Action), __doc__)
     action = Action(**action_fields)
-    cfg = dataclasses.replace(base) if base is not None else Config()
-    preset = overrides.get("preset", cfg.preset if base is None else "")
+    cfg = Config()
+    preset = overrides.get("preset", "")
     if action.demo and not preset:
         preset = "demo"
     if preset:
@@ -1086,10 +1086,6 @@ def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=D
 # Augmentation: whole batches on the device, per-sample randomness
 # ---------------------------------------------------------------------------------------------
 
-def normalize(x_uint8, mean, std):
-    return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
 # Random erasing (Zhong et al., AAAI 2020): the erased rectangle's area, fraction of the image, and its aspect ratio
 ERASE_AREA = (0.02, 0.25)
 ERASE_ASPECT = (0.3, 3.3)  # height / width, drawn log-uniformly
@@ -1502,6 +1498,11 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 # ---------------------------------------------------------------------------------------------
 # Inference: the one forward pass that validation, evaluation and predict.py share; the metrics
 # ---------------------------------------------------------------------------------------------
+
+def normalize(x_uint8, mean, std):
+    """uint8 (or 0-255 float) images -> the network's input: the dataset's per-channel normalization."""
+    return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
 
 @torch.inference_mode()
 def run_inference(model, images, mean, std, device, cfg, tta=None):
@@ -2141,6 +2142,71 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation: a split's results and figures (the end of training, and --evaluate)
+# ---------------------------------------------------------------------------------------------
+
+def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
+    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    out = run_inference(model, split.images, mean, std, device, cfg)
+    results = evaluation_results(split, out, class_names, train_hashes)
+    results.update(extra)
+    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
+    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
+    prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
+    if prototypes is not None:
+        q = out["context_logits"].softmax(1).numpy()
+        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
+    if cfg.tsne_samples:
+        plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
+                           cfg.tsne_samples, cfg.seed)
+    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
+        results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
+                                                        mean, std, device, cfg, run_dir / "attention_maps.png")
+        write_json(results, run_dir / "evaluation_results.json")
+    return results
+
+
+# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
+FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
+
+
+def run_evaluation(cfg, action, overrides):
+    ckpt = load_checkpoint(action.evaluate)
+    clash = [k for k in FROM_CHECKPOINT if k in overrides]
+    if clash:
+        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
+    saved = config_from_checkpoint(ckpt)
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
+    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
+    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
+    if not cfg.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
+    validate_config(cfg)
+    run_dir, lock = make_run_dir(cfg)
+    with lock:  # the claim ends here, also where a caller keeps the failure's traceback
+        device = resolve_device(cfg.device)
+        class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
+        write_json(report, run_dir / "data_report.json")
+        split = action.split or ("test" if "test" in splits else "val")
+        if split not in splits:
+            raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
+        model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
+        results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+            "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
+            "num_parameters": count_parameters(model),
+            "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+            "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+            "training_seconds": None,
+            "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+            set(splits["train"].hashes) if split != "train" else None)
+        log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
+            f"outputs in {run_dir}", run_dir / "train.log")
+        return run_dir, results
+
+
+# ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
 
@@ -2339,71 +2405,6 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: a split's results and figures (the end of training, and --evaluate)
-# ---------------------------------------------------------------------------------------------
-
-def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
-    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    out = run_inference(model, split.images, mean, std, device, cfg)
-    results = evaluation_results(split, out, class_names, train_hashes)
-    results.update(extra)
-    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
-    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
-    prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
-    if prototypes is not None:
-        q = out["context_logits"].softmax(1).numpy()
-        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
-    if cfg.tsne_samples:
-        plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
-                           cfg.tsne_samples, cfg.seed)
-    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
-        results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
-                                                        mean, std, device, cfg, run_dir / "attention_maps.png")
-        write_json(results, run_dir / "evaluation_results.json")
-    return results
-
-
-# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
-
-
-def run_evaluation(cfg, action, overrides):
-    ckpt = load_checkpoint(action.evaluate)
-    clash = [k for k in FROM_CHECKPOINT if k in overrides]
-    if clash:
-        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
-    saved = config_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
-    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
-    if not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
-    validate_config(cfg)
-    run_dir, lock = make_run_dir(cfg)
-    with lock:  # the claim ends here, also where a caller keeps the failure's traceback
-        device = resolve_device(cfg.device)
-        class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
-        write_json(report, run_dir / "data_report.json")
-        split = action.split or ("test" if "test" in splits else "val")
-        if split not in splits:
-            raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-        model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
-        results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-            "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
-            "num_parameters": count_parameters(model),
-            "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
-            "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
-            "training_seconds": None,
-            "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
-            set(splits["train"].hashes) if split != "train" else None)
-        log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
-            f"outputs in {run_dir}", run_dir / "train.log")
-        return run_dir, results
 
 
 # ---------------------------------------------------------------------------------------------

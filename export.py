@@ -4,9 +4,10 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
     python export.py --checkpoint=outputs/RUN          # a run folder: its best_emotion_model.pth -> RUN/model.onnx
     python export.py --checkpoint=RUN/last.pth --output=model.onnx
 
-model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K): the
-checkpoint's normalization and the softmax are inside the graph, and its metadata holds the class names (in
-data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
+model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as
+evaluation and predict.py compute them: the checkpoint's normalization, its flip TTA (the crop and its mirror,
+averaged) and the softmax are inside the graph, and its metadata holds the class names (in data.yaml's order), the
+image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
 (README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
 """
 
@@ -36,25 +37,31 @@ class Export:
     checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
     output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
     overwrite: bool = False  # replace an existing file
+    tta_flip: bool | None = None  # average the face and its mirror inside the graph (2x the work); empty = the checkpoint's
 
 
 class ExportedERN(nn.Module):
     """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
-    checkpoint's normalization and the softmax inside the graph."""
+    checkpoint's normalization, run_inference's flip TTA (the logits of the image and its mirror, averaged) and the
+    softmax inside the graph."""
 
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, tta_flip):
         super().__init__()
-        self.model = model
+        self.model, self.tta_flip = model, tta_flip
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images):
-        return self.model(normalize(images * 255, self.mean, self.std))[0].softmax(1)
+        x = normalize(images * 255, self.mean, self.std)
+        logits = self.model(x)[0]
+        if self.tta_flip:
+            logits = (logits + self.model(x.flip(3))[0]) / 2
+        return logits.softmax(1)
 
 
 def export_inputs(image_size, seed=0):
     """Inputs in [0, 1] to compare an export with PyTorch on: uniform noise, and the real face of the portrait
-    matplotlib ships (cropped as --predict crops a detected face, and the whole image), each also mirrored."""
+    matplotlib ships (cropped as predict.py crops a detected face, and the whole image), each also mirrored."""
     from matplotlib import cbook
     image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     boxes = [face_crop_box(b, image.shape) for b in FaceDetector()(image)] + [WHOLE_IMAGE]
@@ -64,25 +71,28 @@ def export_inputs(image_size, seed=0):
     return {"random": noise, "real": real}
 
 
-def export_onnx(checkpoint, path):
-    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, metrics, config)
-    inside; then run it with onnxruntime against PyTorch. Returns the largest probability difference per input kind."""
+def export_onnx(checkpoint, path, tta_flip=None):
+    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, flip TTA, metrics,
+    config) inside; then run it with onnxruntime against PyTorch. tta_flip: None = the checkpoint's. Returns the
+    largest probability difference per input kind."""
     import onnx
     import onnxruntime
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu")).eval()
+    tta_flip = cfg.tta_flip if tta_flip is None else tta_flip
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), tta_flip).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)
     torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
                       dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
                       verbose=False)
     graph = onnx.load(str(path))
+    mirror = " (and its mirror, averaged)" if tta_flip else ""
     graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
-                        f"crop_margin {cfg.crop_margin} around the face box -> probabilities (N, {len(ckpt['class_names'])}) "
-                        f"over the metadata's class_names")
+                        f"crop_margin {cfg.crop_margin} around the face box{mirror} -> probabilities "
+                        f"(N, {len(ckpt['class_names'])}) over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
-            "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
+            "tta_flip": tta_flip, "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
             "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
             "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
@@ -110,7 +120,7 @@ def run_export(args):
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # the file appears only once it passed the check
     try:
-        differences = export_onnx(args.checkpoint, tmp)
+        differences = export_onnx(args.checkpoint, tmp, args.tta_flip)
         worst = max(differences.values())
         report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
         if worst > EXPORT_TOLERANCE:
@@ -125,6 +135,7 @@ def run_export(args):
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); onnxruntime vs PyTorch, largest probability "
           f"difference: {report}")
     return 0
+
 
 def main(argv):
     """Parse, export and check. Returns the exit status: 0, or 1 when onnxruntime disagrees with PyTorch."""

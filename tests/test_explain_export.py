@@ -191,11 +191,30 @@ def test_export_agrees_with_pytorch_and_says_by_how_much(exported, trained):
     assert (inp.name, out.name, inp.shape[1:]) == ("images", "probabilities", [3, 32, 32])
     assert isinstance(inp.shape[0], str)  # a dynamic batch
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():  # an independent oracle: the network on the normalized input, softmax
-        expected = model.eval()((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0].softmax(1).numpy()
+    assert cfg.tta_flip  # the checkpoint's flip TTA travels into the graph
     for batch in (x[:1], x):
         got = session.run(["probabilities"], {"images": batch.numpy()})[0]
-        assert got == pytest.approx(expected[:len(batch)], abs=1e-5)
+        assert got == pytest.approx(single_and_mirrored(model, batch, mean, std)[1], abs=1e-5)
+
+
+def single_and_mirrored(model, x, mean, std):
+    """An independent oracle: softmax of the network's logits on the normalized input, alone and averaged with
+    those of its mirror image."""
+    with torch.no_grad():
+        xn = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        logits, mirrored = model.eval()(xn)[0], model(xn.flip(3))[0]
+    return logits.softmax(1).numpy(), ((logits + mirrored) / 2).softmax(1).numpy()
+
+
+def test_export_without_flip_tta_is_one_pass(run, trained, tmp_path):
+    model, _, mean, std = trained
+    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'one.onnx'}", "--tta_flip=false"]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["tta_flip"]) is False
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    single, averaged = single_and_mirrored(model, x, mean, std)
+    assert np.abs(single - averaged).max() > 1e-3  # the two oracles differ on these inputs, so the check below tells
+    assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(single, abs=1e-5)
 
 
 def test_export_carries_the_metadata(exported, run):
@@ -205,6 +224,7 @@ def test_export_carries_the_metadata(exported, run):
     assert meta["format"] == ex.ONNX_FORMAT
     assert json.loads(meta["class_names"]) == ckpt["class_names"] == ern.DEMO_CLASSES
     assert json.loads(meta["image_size"]) == 32 and json.loads(meta["crop_margin"]) == ckpt["config"]["crop_margin"]
+    assert json.loads(meta["tta_flip"]) is ckpt["config"]["tta_flip"] is True
     assert json.loads(meta["metrics"]) == pytest.approx(ckpt["metrics"])
     assert json.loads(meta["normalization"]) == ckpt["normalization"]
 
@@ -216,8 +236,8 @@ def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_d
     path, _ = exported
     photos = tmp_path / "photos"
     shutil.copytree(tiny_dataset / "valid" / "images", photos)
-    run_script(str(photos), f"--checkpoint={run}", "--detect_faces=false", "--tta_flip=false",
-               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, script=PREDICT)
+    run_script(str(photos), f"--checkpoint={run}", "--detect_faces=false", f"--output_dir={tmp_path / 'out'}",
+               cwd=tmp_path, script=PREDICT)  # the checkpoint's flip TTA, in predict.py and in the export
     rows, expected = read_probabilities(tmp_path / "out")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
