@@ -5,10 +5,9 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
     python export.py --checkpoint=RUN/last.pth --output=model.onnx
 
 model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as
-evaluation and predict.py compute them: the checkpoint's normalization, its flip TTA (the crop and its mirror,
-averaged) and the softmax are inside the graph, and its metadata holds the class names (in data.yaml's order), the
-image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
-(README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+evaluation and predict.py compute them in float32: the checkpoint's normalization, its flip TTA (the crop and its
+mirror, averaged) and the softmax are inside the graph, and its metadata holds the class names (in data.yaml's
+order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts (README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
 """
 
 import dataclasses
@@ -37,7 +36,7 @@ class Export:
     checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
     output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
     overwrite: bool = False  # replace an existing file
-    tta_flip: bool | None = None  # average the face and its mirror inside the graph (2x the work); empty = the checkpoint's
+    tta_flip: bool | None = None  # average the face and its mirror inside the graph (2x the work); not given: the checkpoint's
 
 
 class ExportedERN(nn.Module):
