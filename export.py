@@ -7,7 +7,8 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
 model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as
 evaluation and predict.py compute them in float32: the checkpoint's normalization, its flip TTA (the crop and its
 mirror, averaged) and the softmax are inside the graph, and its metadata holds the class names (in data.yaml's
-order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts (README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts (README).
+Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
 """
 
 import dataclasses
@@ -36,7 +37,7 @@ class Export:
     checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
     output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
     overwrite: bool = False  # replace an existing file
-    tta_flip: bool | None = None  # average the face and its mirror inside the graph (2x the work); not given: the checkpoint's
+    tta_flip: bool | None = None  # average the face and its mirror in the graph (2x the work); not given: the checkpoint's
 
 
 class ExportedERN(nn.Module):
@@ -78,21 +79,22 @@ def export_onnx(checkpoint, path, tta_flip=None):
     import onnxruntime
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    tta_flip = cfg.tta_flip if tta_flip is None else tta_flip
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), tta_flip).eval()
+    if tta_flip is not None:  # the rule of predict.py: the checkpoint's inference settings unless given
+        cfg = dataclasses.replace(cfg, tta_flip=tta_flip)
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)
     torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
                       dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
                       verbose=False)
     graph = onnx.load(str(path))
-    mirror = " (and its mirror, averaged)" if tta_flip else ""
+    mirror = " (and its mirror, averaged)" if cfg.tta_flip else ""
     graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
                         f"crop_margin {cfg.crop_margin} around the face box{mirror} -> probabilities "
                         f"(N, {len(ckpt['class_names'])}) over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
-            "tta_flip": tta_flip, "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
-            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
+            "tta_flip": cfg.tta_flip, "normalization": ckpt["normalization"], "epoch": ckpt["epoch"],
+            "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
             "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
