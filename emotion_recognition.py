@@ -18,7 +18,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
-float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.27 % (one seed) with the CPU's native bf16;
+float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.28 % (three seeds) with the CPU's native bf16;
 how many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
@@ -75,14 +75,12 @@ class Config:
     aug_brightness: float = 0.2  # brightness factor in [1 - a, 1 + a]
     aug_contrast: float = 0.2  # contrast factor in [1 - a, 1 + a]
     aug_erase: float = 0.25  # probability of erasing one random rectangle
-    tta_flip: bool = True  # evaluation averages the image and its mirror
     # model
     width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
     blocks: str = "2,4,7,2"  # residual blocks per stage
     stem_stride: int = 1  # 1 | 2: the stem convolution's stride (2: faces of twice the side at the same network cost)
     channel_attention: bool = True  # CBAM channel gate after every stage
     spatial_attention: bool = True  # CBAM spatial gate after every stage
-    attention_stages: str = ""  # the stages (1 = the first) that end in dual attention, comma-separated; empty = all
     attention_reduction: int = 16  # channel-attention bottleneck ratio
     attention_residual: bool = True  # x * (1 + gate), keeping the identity path; false: x * gate (CBAM's)
     context: bool = True  # emotion context module (prototypes); false: the classifier sees f only
@@ -112,6 +110,7 @@ class Config:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (every process's share together)
     dist_timeout: float = 10.0  # under torchrun: minutes a collective waits for the other processes before failing
     eval_batch_size: int = 512  # images per forward pass in evaluation
+    tta_flip: bool = True  # evaluation averages the image and its mirror
     # output
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
     run_name: str = "ern"  # first part of the default run folder's name
@@ -206,7 +205,7 @@ def read_overrides(argv, classes, doc, positional=False):
     found, words = [{} for _ in classes], []
     for arg in argv:
         if arg in ("-h", "--help"):
-            print_help(doc, [(c, c.__doc__.splitlines()[0] if c.__doc__ else c.__name__) for c in classes])
+            print_help(doc, [(c, c.__doc__.splitlines()[0]) for c in classes])
             sys.exit(0)
         if not arg.startswith("--"):
             if not positional:
@@ -258,14 +257,14 @@ def validate_action(action):
         raise UserError(f"--split must be train, val or test, got {action.split!r}")
 
 
-def parse_blocks(text, name="blocks"):
-    """--blocks (or --attention_stages): comma-separated integers >= 1."""
+def parse_blocks(text):
+    """--blocks: comma-separated integers >= 1."""
     try:
         blocks = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise UserError(f"--{name} expects comma-separated integers, got {text!r}") from None
+        raise UserError(f"--blocks expects comma-separated integers, got {text!r}") from None
     if not blocks or min(blocks) < 1:
-        raise UserError(f"--{name} needs at least one integer, each >= 1, got {text!r}")
+        raise UserError(f"--blocks needs at least one integer, each >= 1, got {text!r}")
     return blocks
 
 
@@ -298,13 +297,11 @@ def validate_config(cfg):
     checks.append((0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}"))  # numpy's and the data order's
     checks.append((cfg.dist_timeout > 0, f"--dist_timeout must be > 0 (minutes), got {cfg.dist_timeout}"))
     checks += [(math.isfinite(getattr(cfg, f.name)), f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
-               for f in dataclasses.fields(cfg) if f.type in (float, "float")]  # inf and nan parse as floats
+               for f in dataclasses.fields(cfg) if f.type is float]  # inf and nan parse as floats
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     stages = len(parse_blocks(cfg.blocks))
-    if cfg.attention_stages and not set(parse_blocks(cfg.attention_stages, "attention_stages")) <= set(range(1, stages + 1)):
-        raise UserError(f"--attention_stages names stages of 1..{stages}, got {cfg.attention_stages!r}")
     min_size = 2 ** (stages + 1) * cfg.stem_stride
     if cfg.image_size < max(32, min_size):
         stem = f" and a stride-{cfg.stem_stride} stem (--stem_stride=1 for smaller faces)" if cfg.stem_stride > 1 else ""
@@ -1292,7 +1289,7 @@ class ERN(nn.Module):
 
     def __init__(self, num_classes: int, width: float = 1.0, blocks=(2, 4, 7, 2), channel_attention=True,
                  spatial_attention=True, context=True, reduction=16, temperature=0.1, dropout=0.3,
-                 attention_residual=True, attention_stages=None, stem_stride=1):
+                 attention_residual=True, stem_stride=1):
         super().__init__()
         widths = [max(8, int(round(80 * 2 ** i * width / 8)) * 8) for i in range(len(blocks))]  # 80, 160, 320, 640, ...
         # at least 8: oneDNN 3.12's AVX2 backward of a 1x1 stride-2 convolution with 2-7 input channels (the first
@@ -1301,12 +1298,10 @@ class ERN(nn.Module):
         stem = max(8, widths[0] // 2)
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
         stages, cin = [], stem
-        for j, (cout, n) in enumerate(zip(widths, blocks)):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
+        for cout, n in zip(widths, blocks):  # every stage halves the resolution: 96 -> 48, 24, 12, 6
             # (after a stride-2 stem, 96 -> 48 -> 24, 12, 6, 3: the network of 48 px on four times the pixels)
-            layers = [BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)]
-            if attention_stages is None or j + 1 in attention_stages:
-                layers.append(DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual))
-            stages.append(nn.Sequential(*layers))
+            stages.append(nn.Sequential(*[BasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1) for i in range(n)],
+                                        DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual)))
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.feature_dim = cin
@@ -1324,8 +1319,7 @@ class ERN(nn.Module):
 
 def build_model(cfg, num_classes):
     return ERN(num_classes, cfg.width, parse_blocks(cfg.blocks), cfg.channel_attention, cfg.spatial_attention,
-               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual,
-               parse_blocks(cfg.attention_stages) if cfg.attention_stages else None, cfg.stem_stride)
+               cfg.context, cfg.attention_reduction, cfg.context_temperature, cfg.dropout, cfg.attention_residual, cfg.stem_stride)
 
 
 def place_model(model, cfg, device):
@@ -1620,7 +1614,8 @@ def checkpoint_normalization(ckpt, device):
 REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
            "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
            "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2"),
-           "optimizer": ("adamw", "1bd07fe"), "ema_decay": (0.0, "8e63f05")}
+           "optimizer": ("adamw", "1bd07fe"), "ema_decay": (0.0, "8e63f05"),
+           "attention_stages": ("", "27e2a2f")}
 
 
 def config_from_checkpoint(ckpt):
@@ -1637,7 +1632,7 @@ def config_from_checkpoint(ckpt):
 
 # The Config fields that shape the network's weights and how they are applied: a checkpoint's must be the run's
 ARCHITECTURE = ("width", "blocks", "stem_stride", "channel_attention", "spatial_attention", "attention_reduction",
-                "attention_residual", "attention_stages", "context")
+                "attention_residual", "context")
 
 
 def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
@@ -2046,18 +2041,16 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
     return resume["history"], resume["best"], resume["epoch"] + 1
 
 
-def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume=None, plan=None,
-          tta=None):
-    """The training loop on the on-device training set: per-epoch validation of val (flip TTA as tta says, default
-    cfg's; epoch_validation), best and last checkpoints,
-    metrics.jsonl, Ctrl-C safety. With a time-budget plan, the number of epochs is re-planned after each one from
-    its measured time (the schedule re-laid for it), so that the run ends by the plan's deadline. Returns the
-    history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
+def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume, plan, tta):
+    """The training loop on the on-device training set: per-epoch validation of val (flip TTA as tta says;
+    epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget plan, the number
+    of epochs is re-planned after each one from its measured time (the schedule re-laid for it), so that the run ends
+    by the plan's deadline. Returns the history, the best epoch, the seconds trained and the config (its epochs, as
+    trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = class_weights(cfg, train_y, k)
-    tta = cfg.tta_flip if tta is None else tta
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
@@ -2642,10 +2635,9 @@ if __name__ == "__main__":
     # Ctrl-C saves and prints the resume command even where the launching shell ignored SIGINT (`cmd &`)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        status = main(sys.argv[1:], started=process_start_time())
+        main(sys.argv[1:], started=process_start_time())
         if rank_and_world()[1] > 1:
             torch.distributed.destroy_process_group()
-        sys.exit(status if isinstance(status, int) else 0)
     except UserError as e:
         rank, world = rank_and_world()
         print(f"error{f' (rank {rank} of {world})' if world > 1 else ''}: {e}", file=sys.stderr)

@@ -62,7 +62,7 @@ class Prediction:
     explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
     # inference; empty: as the checkpoint was trained
     tta_flip: bool | None = None  # average the face and its mirror
-    amp: bool | None = None  # bf16 autocast where the device has it natively
+    amp: bool | None = None  # autocast: bf16 on CUDA (fp16 before Ampere) and on CPUs with native bf16
     channels_last: bool | None = None  # NHWC layout (CPU: only where the probe of the model passes)
 
 
@@ -307,7 +307,7 @@ class FaceTracker:
 
 @dataclass
 class MediaSource:
-    """One input of --predict."""
+    """One input of predict.py: an image, a video, a camera, or what a folder holds."""
     kind: str  # image | video | camera | ignored (in a folder, neither image nor video) | error
     path: str
     name: str = ""  # its annotated copy's path under annotated/

@@ -41,7 +41,6 @@ ROWS = {
     # the preset before issue 24 (commit 4442bd2): 64 px, batch 128, at most 18 epochs, the whole split validated with TTA
     "old": "--image_size=64 --stem_stride=1 --width=0.5 --batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
     "+val subset": "--val_faces=1024",  # lever 1: per-epoch validation on 1,024 faces without TTA
-    "+attention on stages 3-4": "--attention_stages=3,4",  # lever 2: no 7x7 spatial gate at 32 and 16 px
     "+48 px": "--image_size=48 --stem_stride=1",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
@@ -50,7 +49,6 @@ ROWS = {
     "=new preset at 64 px": "--image_size=64 --stem_stride=1 --width=0.5",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
     "+batch 128": "--batch_size=128",
     "=48 px alone": "--image_size=48 --stem_stride=1 --width=0.5 --batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 --attention_samples=2000",
-    "=attention on stages 3-4 alone": "--attention_stages=3,4",
     "=no attention": "--channel_attention=false --spatial_attention=false",
     "=compile": "--compile=true",  # lever 6: torch.compile (inductor) on the new preset
     "=batch 32": "--batch_size=32",  # lever 4: twice the steps again

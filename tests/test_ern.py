@@ -510,7 +510,8 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_it_and_the_commit():
     for option, value, commit in (("context_fusion", "logits", "da10df0"), ("prototype_init", "imprint", "da10df0"),
                                   ("context_target", "teacher", "da10df0"), ("affinity_weight", 0.1, "da10df0"),
                                   ("logit_adjustment", 1.0, "da10df0"), ("mixup", 0.2, "bfdced2"), ("cutmix", 1.0, "bfdced2"),
-                                  ("optimizer", "muon", "1bd07fe"), ("ema_decay", 0.999, "8e63f05")):
+                                  ("optimizer", "muon", "1bd07fe"), ("ema_decay", 0.999, "8e63f05"),
+                                  ("attention_stages", "3,4", "27e2a2f")):
         bad = {**ckpt, "config": {**ckpt["config"], option: value}}
         with pytest.raises(ern.UserError, match=rf"trained with --{option}={value} \(removed after commit {commit}\)"):
             ern.model_from_checkpoint(bad)

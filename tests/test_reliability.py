@@ -731,8 +731,7 @@ def test_common_video_files_are_videos(tmp_path, ext):
     ("--seed=-1", "--seed must be in [0, 2**32)"), ("--seed=5000000000", "--seed must be in [0, 2**32)"),
     ("--time_budget=inf", "--time_budget must be a finite number"), ("--lr=nan", "--lr must be"),
     ("--dist_timeout=0", "--dist_timeout must be > 0"), ("--val_faces=-1", "--val_faces must be >= 0"),
-    ("--attention_stages=5", "--attention_stages names stages of 1..4"),
-    ("--attention_stages=a", "--attention_stages expects comma-separated integers"),
+    ("--blocks=2,a", "--blocks expects comma-separated integers"),
 ])
 def test_every_value_a_user_types_is_range_checked_before_any_work(arg, message, tmp_path):
     """Values that parse but cannot work (a negative seed, which numpy's generators refuse; an infinite budget,
