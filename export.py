@@ -94,8 +94,8 @@ def export_onnx(checkpoint, path, tta_flip=None):
                         f"(N, {len(ckpt['class_names'])}) over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
             "tta_flip": cfg.tta_flip, "normalization": ckpt["normalization"], "epoch": ckpt["epoch"],
-            "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
-            "checkpoint": Path(checkpoint).name}
+            "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model),
+            "best": ckpt.get("best"), "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
