@@ -136,9 +136,10 @@ class Action:
 # stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds), and
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
-# stride-1 stem, one seed each); demo: --demo's.
+# stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
+# runs at 19 of 30 minutes); demo: --demo's.
 PRESETS = {
-    "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=40, time_budget=30.0, batch_size=64,
+    "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
@@ -968,13 +969,13 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
 STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization
 
 
-def dataset_normalization(images, max_images=STATISTICS_SAMPLE):
+def dataset_normalization(images):
     """Per-channel mean and std of the training pixels (a strided subsample), in [0, 1] units.
 
     Summed 256 images at a time: float copies of the whole subsample raised the peak memory by
     1.3 GB at 96 px (benchmarks/bench_pipeline.py).
     """
-    sample = images[::max(1, len(images) // max_images)]
+    sample = images[::max(1, len(images) // STATISTICS_SAMPLE)]
     sums, squares = np.zeros(3), np.zeros(3)
     for i in range(0, len(sample), 256):
         x = np.asarray(sample[i:i + 256], dtype=np.float64) / 255
@@ -1388,7 +1389,7 @@ def _probe_child(model, image_size, batch, amp_dtype, threads, conn):
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
-def run_probe(model, image_size, batch, amp_dtype, threads, start_timeout=PROBE_START_TIMEOUT, min_timeout=30.0):
+def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     """Run probe_channels_last in a spawned child; returns (safe, reason, definite): definite is False where the
     outcome may be the machine's rather than the kernels' (a child that could not start, was killed, or raised)."""
     import multiprocessing
@@ -1397,7 +1398,7 @@ def run_probe(model, image_size, batch, amp_dtype, threads, start_timeout=PROBE_
     child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
     child.start()
     send.close()
-    answer, timeout = None, start_timeout
+    answer, timeout = None, PROBE_START_TIMEOUT
     try:
         while answer is None or answer[0] == "contiguous":
             if not receive.poll(timeout):
