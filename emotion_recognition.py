@@ -92,7 +92,7 @@ class Config:
     class_weights: bool = False  # weight the cross-entropy by inverse class frequency
     # optimization
     epochs: float = 50  # passes over the training set; a fraction ends the last one early (time_budget: at most this many)
-    val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), without flip TTA; 0 = all, as evaluated. The final evaluation is always the whole split
+    val_faces: int = 0  # per-epoch validation on this many faces of the validation split (a fixed random sample), one view each (no test-time views); 0 = all, as evaluated. The final evaluation is always the whole split
     time_budget: float = 0.0  # minutes from the process's start to the last file written (a first decode aside); 0 = off. Times a few steps, plans and re-plans the epochs to fit
     batch_size: int = 128  # images per optimizer step (under torchrun: the global batch, split across processes)
     lr: float = 1e-3  # AdamW peak learning rate
@@ -110,7 +110,8 @@ class Config:
     sync_bn: bool = False  # under torchrun: BatchNorm statistics of the global batch (every process's share together)
     dist_timeout: float = 10.0  # under torchrun: minutes a collective waits for the other processes before failing
     eval_batch_size: int = 512  # images per forward pass in evaluation
-    tta_flip: bool = True  # evaluation averages the image and its mirror
+    tta_flip: bool = True  # evaluation averages each view and its mirror
+    tta_shift: int = 0  # evaluation also averages the image moved this many pixels left, right, up and down; 0 = off
     # output
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
     run_name: str = "ern"  # first part of the default run folder's name
@@ -137,15 +138,18 @@ class Action:
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
 # stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
-# runs at 19 of 30 minutes); demo: --demo's.
+# runs at 19 of 30 minutes); its evaluation averages ten views (mirror, 2-pixel shifts: 0.6-1.3 points above the
+# mirror alone on each of three models, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
-                lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512),
+                lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
+                tta_shift=2),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "eval_batch_size")  # --evaluate: the command line's, else the checkpoint's
+# --evaluate's and predict.py's: the command line's, else the checkpoint's
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "eval_batch_size")
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -275,6 +279,7 @@ def validate_config(cfg):
         (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
+        (0 <= cfg.tta_shift < cfg.image_size // 2, f"--tta_shift must be in [0, image_size / 2), got {cfg.tta_shift}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
@@ -1499,23 +1504,42 @@ def normalize(x_uint8, mean, std):
     return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
+TTA_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # --tta_shift's moves (x, y), in units of its pixels
+
+
+def tta_views(x, flip, shift):
+    """The views of a batch that evaluation averages: the images; with shift, also moved shift pixels left, right,
+    up and down (the edge pixels repeated into the gap); with flip, each of these mirrored too."""
+    size = x.shape[-1]
+    if not 0 <= shift < size // 2:
+        raise UserError(f"--tta_shift must be in [0, {size // 2}) for {size} px faces, got {shift}")
+    views = [x]
+    if shift:
+        padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+        views += [padded[..., shift * (1 + dy):shift * (1 + dy) + size, shift * (1 + dx):shift * (1 + dx) + size]
+                  for dx, dy in TTA_SHIFTS]
+    return views + [v.flip(3) for v in views] if flip else views
+
+
+def tta_view_count(cfg):
+    """The views tta_views makes of each face under cfg."""
+    return (2 if cfg.tta_flip else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
+
+
 @torch.inference_mode()
-def run_inference(model, images, mean, std, device, cfg, tta=None):
-    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (flip TTA averages
-    them); None for what the model does not give (context logits without the context module)."""
+def run_inference(model, images, mean, std, device, cfg, tta=True):
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches, each the mean over
+    cfg's test-time views (tta_views; tta=False: the images alone); None for what the model does not give (context
+    logits without the context module)."""
     model.eval()
-    tta = cfg.tta_flip if tta is None else tta
     amp_dtype = autocast_dtype(cfg, device)
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
         x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        views = tta_views(x, cfg.tta_flip, cfg.tta_shift) if tta else [x]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, s, f = (None if t is None else t.float() for t in model(x))
-            if tta:
-                mirrored = model(x.flip(3))
-                logits, s, f = (None if t is None else (t + t_m.float()) / 2 for t, t_m in zip((logits, s, f), mirrored))
+            each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
+        logits, s, f = (None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
         for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
             if t is not None:
                 outs[name].append(t.cpu())
@@ -1766,7 +1790,7 @@ def global_batch_norm(model):
     return model
 
 
-def run_inference_sharded(model, images, mean, std, device, cfg, tta=None):
+def run_inference_sharded(model, images, mean, std, device, cfg, tta=True):
     """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
     outputs one process gives (BatchNorm in evaluation treats every face alone)."""
     rank, world = rank_and_world()
@@ -1914,16 +1938,16 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
 
 
 def epoch_validation(val, cfg):
-    """The split and the flip TTA of the per-epoch validation: all of val with cfg's TTA, or --val_faces of it (a
+    """The split and the TTA of the per-epoch validation: all of val with cfg's test-time views, or --val_faces of it (a
     fixed random sample, the same in every epoch and after a resume) without: a fifth of a short CPU epoch saved."""
     if not cfg.val_faces or cfg.val_faces >= len(val):
-        return val, cfg.tta_flip
+        return val, True
     keep = np.zeros(len(val), bool)
     keep[np.random.default_rng(cfg.seed).permutation(len(val))[:cfg.val_faces]] = True
     return val.subset(keep), False
 
 
-def validate(model, val, mean, std, device, cfg, num_classes, tta=None):
+def validate(model, val, mean, std, device, cfg, num_classes, tta=True):
     """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
     out = run_inference_sharded(model, val.images, mean, std, device, cfg, tta)
     target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
@@ -1976,16 +2000,15 @@ def epochs_before(deadline, now, epoch_s, final_s, margin_s, max_epochs, done=0,
 
 
 def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device, num_classes, deadline, clock=time.time,
-                tta=None):
+                tta=True):
     """--time_budget: time a warm-up and BUDGET_TIMED_STEPS training steps (on a copy of the model, with the random
     state put back afterwards: measuring draws none of the run's random numbers) and a pass of the per-epoch
-    validation (val, with flip TTA as tta says, default cfg's; epoch_validation), then
+    validation (val, with cfg's test-time views or none, as tta says; epoch_validation), then
     return the plan: the number of epochs (at most cfg.epochs, the last possibly a fraction; 0 if not even a tenth of
     one fits) whose training and per-epoch validation, followed by the final evaluation of eval_faces faces, end by
     the deadline (a clock() time)."""
     t_start = clock()
     batch, spe = min(cfg.batch_size, len(train_y)), epoch_steps(len(train_y), cfg)
-    tta = cfg.tta_flip if tta is None else tta
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         trial = copy.deepcopy(model)
         optimizer, scheduler, scaler = optimization_parts(trial, cfg, device, spe)
@@ -2005,7 +2028,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         face_s = (clock() - t0) / faces
     step_s, val_s = seconds[1] / steps[1], len(val) * face_s
     epoch_s = spe * step_s + val_s
-    final_face_s = face_s * (2 if cfg.tta_flip and not tta else 1)  # the final evaluation flips where epochs do not
+    final_face_s = face_s * (1 if tta else tta_view_count(cfg))  # the final evaluation's views where epochs have one
     final_s = final_seconds(eval_faces, final_face_s, step_s, batch, cfg)
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
@@ -2043,10 +2066,10 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
 
 
 def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume, plan, tta):
-    """The training loop on the on-device training set: per-epoch validation of val (flip TTA as tta says;
-    epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget plan, the number
-    of epochs is re-planned after each one from its measured time (the schedule re-laid for it), so that the run ends
-    by the plan's deadline. Returns the history, the best epoch, the seconds trained and the config (its epochs, as
+    """The training loop on the on-device training set: per-epoch validation of val (cfg's test-time views or none,
+    as tta says; epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget
+    plan, the number of epochs is re-planned after each one from its measured time (the schedule re-laid for it), so
+    that the run ends by the plan's deadline. Returns the history, the best epoch, the seconds trained and the config (its epochs, as
     trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
@@ -2532,7 +2555,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
     train_y = torch.from_numpy(splits["train"].labels).to(device)
-    val_epoch, tta = epoch_validation(splits["val"], cfg)  # what each epoch validates, and with flip TTA or not
+    val_epoch, tta = epoch_validation(splits["val"], cfg)  # what each epoch validates, and with cfg's views or not
     plan = None
     if cfg.time_budget and resume_ckpt is None:  # a resume keeps the planned epochs of its config
         deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget

@@ -4,11 +4,11 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
     python export.py --checkpoint=outputs/RUN          # a run folder: its best_emotion_model.pth -> RUN/model.onnx
     python export.py --checkpoint=RUN/last.pth --output=model.onnx
 
-model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as
-evaluation and predict.py compute them in float32: the checkpoint's normalization, its flip TTA (the crop and its
-mirror, averaged) and the softmax are inside the graph, and its metadata holds the class names (in data.yaml's
-order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts (README).
-Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as evaluation
+and predict.py compute them in float32: the checkpoint's normalization, its test-time views (the crop, its shifts
+and mirrors, averaged: tta_views) and the softmax are inside the graph, and its metadata holds the class names (in
+data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
+(README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
 """
 
 import dataclasses
@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, count_parameters,
-                                 crop_box, decode_image, load_checkpoint, model_from_checkpoint, normalize, read_overrides)
+                                 crop_box, decode_image, load_checkpoint, model_from_checkpoint, normalize,
+                                 read_overrides, tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -37,26 +38,25 @@ class Export:
     checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
     output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
     overwrite: bool = False  # replace an existing file
-    tta_flip: bool | None = None  # average the face and its mirror in the graph (2x the work); not given: the checkpoint's
+    tta_flip: bool | None = None  # average each view and its mirror in the graph (2x the work); none: the checkpoint's
+    tta_shift: int | None = None  # views moved this many pixels each way too (5x the work); none: the checkpoint's
 
 
 class ExportedERN(nn.Module):
     """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
-    checkpoint's normalization, run_inference's flip TTA (the logits of the image and its mirror, averaged) and the
-    softmax inside the graph."""
+    checkpoint's normalization, run_inference's test-time views (tta_views: the logits of the image, its shifts and
+    mirrors, averaged) and the softmax inside the graph."""
 
-    def __init__(self, model, mean, std, tta_flip):
+    def __init__(self, model, mean, std, tta_flip, tta_shift):
         super().__init__()
-        self.model, self.tta_flip = model, tta_flip
+        self.model, self.tta_flip, self.tta_shift = model, tta_flip, tta_shift
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images):
         x = normalize(images * 255, self.mean, self.std)
-        logits = self.model(x)[0]
-        if self.tta_flip:
-            logits = (logits + self.model(x.flip(3))[0]) / 2
-        return logits.softmax(1)
+        views = tta_views(x, self.tta_flip, self.tta_shift)
+        return (sum(self.model(v)[0] for v in views) / len(views)).softmax(1)
 
 
 def export_inputs(image_size):
@@ -71,31 +71,32 @@ def export_inputs(image_size):
     return {"random": noise, "real": real}
 
 
-def export_onnx(checkpoint, path, tta_flip=None):
-    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, flip TTA, metrics,
-    config) inside; then run it with onnxruntime against PyTorch. tta_flip: None = the checkpoint's. Returns the
-    largest probability difference per input kind."""
+def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None):
+    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, test-time views,
+    metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift: None = the checkpoint's.
+    Returns the largest probability difference per input kind."""
     import onnx
     import onnxruntime
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    if tta_flip is not None:  # the rule of predict.py: the checkpoint's inference settings unless given
-        cfg = dataclasses.replace(cfg, tta_flip=tta_flip)
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip).eval()
+    given = {k: v for k, v in (("tta_flip", tta_flip), ("tta_shift", tta_shift)) if v is not None}
+    cfg = dataclasses.replace(cfg, **given)  # the rule of predict.py: the checkpoint's inference settings unless given
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)
     torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
                       dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
                       verbose=False)
     graph = onnx.load(str(path))
-    mirror = " (and its mirror, averaged)" if cfg.tta_flip else ""
+    views = tta_view_count(cfg)
+    views_note = f" (and its {views - 1} other test-time views, averaged)" if views > 1 else ""
     graph.doc_string = (f"ERN emotion classifier: images (N, 3, {size}, {size}) float32 RGB in [0, 1], face crops with "
-                        f"crop_margin {cfg.crop_margin} around the face box{mirror} -> probabilities "
+                        f"crop_margin {cfg.crop_margin} around the face box{views_note} -> probabilities "
                         f"(N, {len(ckpt['class_names'])}) over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
-            "tta_flip": cfg.tta_flip, "normalization": ckpt["normalization"], "epoch": ckpt["epoch"],
-            "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model),
-            "best": ckpt.get("best"), "checkpoint": Path(checkpoint).name}
+            "tta_flip": cfg.tta_flip, "tta_shift": cfg.tta_shift, "normalization": ckpt["normalization"],
+            "epoch": ckpt["epoch"], "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg),
+            "num_parameters": count_parameters(model), "best": ckpt.get("best"), "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
@@ -121,7 +122,7 @@ def run_export(args):
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # the file appears only once it passed the check
     try:
-        differences = export_onnx(args.checkpoint, tmp, args.tta_flip)
+        differences = export_onnx(args.checkpoint, tmp, args.tta_flip, args.tta_shift)
         worst = max(differences.values())
         report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
         if worst > EXPORT_TOLERANCE:

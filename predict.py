@@ -61,7 +61,8 @@ class Prediction:
     show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
     explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
     # inference; empty: as the checkpoint was trained
-    tta_flip: bool | None = None  # average the face and its mirror
+    tta_flip: bool | None = None  # average each view of the face and its mirror
+    tta_shift: int | None = None  # views moved this many pixels each way too (5x the work; 0 for speed)
     amp: bool | None = None  # autocast: bf16 on CUDA (fp16 before Ampere) and on CPUs with native bf16
     channels_last: bool | None = None  # NHWC layout (CPU: only where the probe of the model passes)
 
@@ -392,8 +393,8 @@ def classify_batch(predictor, ready):
 
 
 def write_explanations(predictor, out, stem, faces, probs, face_ids):
-    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with flip TTA
-    where it is on), the maps and q those of the crop itself."""
+    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with the
+    checkpoint's test-time views), the maps and q those of the crop itself."""
     kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face[2] is not None]
     if not kept:
         return
@@ -686,7 +687,8 @@ def predict_video(predictor, source, out, args):
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    settings = {k: getattr(args, k) for k in ("tta_flip", "amp", "channels_last") if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in ("tta_flip", "tta_shift", "amp", "channels_last")
+                if getattr(args, k) is not None}
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "predictions.csv").exists() and not args.overwrite:

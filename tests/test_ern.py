@@ -727,6 +727,35 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, a
     assert out["logits"].dtype == torch.float32 and (out["logits"].argmax(1) == y).all()
 
 
+def shifted_views_oracle(x, shift):
+    """An independent oracle of the test-time views: numpy's edge padding, each shift cut out of it, then mirrors."""
+    size, padded = x.shape[-1], np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge")
+    moved = [padded[:, :, shift + dy:shift + dy + size, shift + dx:shift + dx + size]
+             for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
+    assert (moved[0][..., :-shift] == x[..., shift:]).all()  # the first view: the content moved left by shift
+    views = [x] + moved
+    return views + [v[..., ::-1] for v in views]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_shift_tta_averages_the_logits_of_the_shifted_and_mirrored_faces(one_thread, flip):
+    cfg = ern.Config(image_size=16, width=0.125, blocks="1,1", tta_flip=flip, tta_shift=2, amp=False,
+                     channels_last=False, eval_batch_size=3)
+    torch.manual_seed(0)
+    model = ern.build_model(cfg, 4).eval()
+    x = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    views = shifted_views_oracle(x, 2)[:10 if flip else 5]
+    assert ern.tta_view_count(cfg) == len(views)
+    with torch.no_grad():
+        each = [model(ern.normalize(torch.from_numpy(np.ascontiguousarray(v)), mean, std))[0] for v in views]
+    got = ern.run_inference(model, x, mean, std, torch.device("cpu"), cfg)["logits"]
+    assert got == pytest.approx((sum(each) / len(each)).numpy(), abs=1e-5)
+    assert (got - each[0]).abs().max() > 1e-3  # the views differ, so the check above tells
+    assert ern.run_inference(model, x, mean, std, torch.device("cpu"), cfg, tta=False)["logits"] == pytest.approx(
+        each[0].numpy(), abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -757,7 +786,9 @@ def test_parse_args_wrong_type(arg):
 @pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be > 0"),
                                           (dict(context_weight=-0.1), "--context_weight must be >= 0"),
                                           (dict(image_size=16), "--image_size must be >= 32"),
-                                          (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64")])
+                                          (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64"),
+                                          (dict(tta_shift=-1), "--tta_shift must be in"),
+                                          (dict(tta_shift=16), "--tta_shift must be in")])
 def test_validate_config_refuses(bad, message):
     base = dict(image_size=32, blocks="1,1,1,1")
     ern.validate_config(ern.Config(**base))  # the same config without the bad value passes
