@@ -19,7 +19,8 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
 float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.28 % (three seeds) with the CPU's native bf16;
-how many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
+on a Zen 5 EPYC (2026-12-04, native bf16) 73.00 % (two seeds), 73.83 % with the ten test-time views it has now.
+How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
