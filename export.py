@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, count_parameters,
                                  crop_box, decode_image, load_checkpoint, model_from_checkpoint, normalize,
-                                 read_overrides, tta_view_count, tta_views)
+                                 read_overrides, tta_view_count, tta_views, validate_config)
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -81,6 +81,7 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None):
     model, cfg = model_from_checkpoint(ckpt)
     given = {k: v for k, v in (("tta_flip", tta_flip), ("tta_shift", tta_shift)) if v is not None}
     cfg = dataclasses.replace(cfg, **given)  # the rule of predict.py: the checkpoint's inference settings unless given
+    validate_config(cfg)
     exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)

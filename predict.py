@@ -42,7 +42,7 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
                                  config_from_checkpoint, crop_box, decode_image, explain_faces, inference_model,
                                  load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
-                                 validate_device, write_json)
+                                 validate_config, validate_device, write_json)
 
 
 @dataclass
@@ -226,8 +226,9 @@ class EmotionPredictor:
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         self.device = resolve_device(str(device))
-        self.model, self.cfg, self.mean, self.std = inference_model(
-            ckpt, dataclasses.replace(config_from_checkpoint(ckpt), **settings), self.device)
+        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **settings)
+        validate_config(cfg)  # a setting given here may be out of range (--tta_shift=-1), as --evaluate's would
+        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, cfg, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector() if detect_faces else None
 

@@ -225,6 +225,9 @@ def test_evaluate_and_predict_take_inference_settings_by_one_rule(tiny_dataset, 
     assert (saved["tta_flip"], saved["eval_batch_size"]) == (False, 7)
     assert (given["tta_flip"], given["eval_batch_size"]) == (True, 7)
     assert pr.EmotionPredictor(ckpt).cfg.tta_flip is False and pr.EmotionPredictor(ckpt, tta_flip=True).cfg.tta_flip
+    assert pr.EmotionPredictor(ckpt, tta_shift=2).cfg.tta_shift == 2
+    with pytest.raises(ern.UserError, match="--tta_shift must be in"):  # a given setting is validated as --evaluate's
+        pr.EmotionPredictor(ckpt, tta_shift=-1)
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # sklearn: class d is predicted, never true
