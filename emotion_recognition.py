@@ -140,8 +140,8 @@ class Action:
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
 # stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
-# runs at 19 of 30 minutes); its evaluation averages ten views (mirror, 2-pixel shifts: 0.6-1.3 points above the
-# mirror alone on each of three models, BENCHMARKS.md); demo: --demo's.
+# runs at 19 of 30 minutes); its evaluation averages ten views (mirror, 2-pixel shifts: 0.4-1.3 points above the
+# mirror alone on each of four models, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
