@@ -114,6 +114,7 @@ class Config:
     eval_batch_size: int = 512  # images per forward pass in evaluation
     tta_flip: bool = True  # evaluation averages each view and its mirror
     tta_shift: int = 0  # evaluation also averages the image moved this many pixels left, right, up and down; 0 = off
+    tta_zoom: float = 0.0  # evaluation also averages the views of the image's central crop of this fraction of its side, enlarged back; 0 = off
     # output
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
     run_name: str = "ern"  # first part of the default run folder's name
@@ -140,18 +141,19 @@ class Action:
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
 # stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
-# runs at 19 of 30 minutes); its evaluation averages ten views (mirror, 2-pixel shifts: 0.4-1.3 points above the
-# mirror alone on each of four models, BENCHMARKS.md); demo: --demo's.
+# runs at 19 of 30 minutes); its evaluation averages twenty views (the face and its central 86 px enlarged, each
+# moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the
+# mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
-                tta_shift=2),
+                tta_shift=2, tta_zoom=0.9),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 # --evaluate's and predict.py's: the command line's, else the checkpoint's
-INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "eval_batch_size")
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -282,6 +284,8 @@ def validate_config(cfg):
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
         (0 <= cfg.tta_shift < cfg.image_size // 2, f"--tta_shift must be in [0, image_size / 2), got {cfg.tta_shift}"),
+        (cfg.tta_zoom == 0 or 0.5 <= cfg.tta_zoom < 1 and zoom_margin(cfg.image_size, cfg.tta_zoom) >= 1,
+         f"--tta_zoom must be 0 (off), or in [0.5, 1) and crop a pixel or more from each side, got {cfg.tta_zoom}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
         (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
@@ -1509,20 +1513,30 @@ def normalize(x_uint8, mean, std):
 TTA_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # --tta_shift's moves (x, y), in units of its pixels
 
 
-def tta_views(x, flip, shift):
-    """The views of a batch that evaluation averages: the images; with shift, also moved shift pixels left, right,
-    up and down (the edge pixels repeated into the gap); with flip, each of these mirrored too."""
+def zoom_margin(size, zoom):
+    """--tta_zoom's crop: the pixels cut from each side of a size-pixel image, so that the crop stays centred."""
+    return round(size * (1 - zoom) / 2)
+
+
+def tta_views(x, flip, shift, zoom):
+    """The views of a batch that evaluation averages: the images; with zoom, also their central crops of zoom times
+    the side, enlarged back (bilinear); with shift, each of these also moved shift pixels left, right, up and down
+    (the edge pixels repeated into the gap); with flip, each of these mirrored too."""
     size, views = x.shape[-1], [x]
+    if zoom:
+        cut = zoom_margin(size, zoom)
+        views.append(F.interpolate(x[..., cut:size - cut, cut:size - cut], size=(size, size), mode="bilinear",
+                                   align_corners=False))
     if shift:
-        padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
-        views += [padded[..., shift * (1 + dy):shift * (1 + dy) + size, shift * (1 + dx):shift * (1 + dx) + size]
-                  for dx, dy in TTA_SHIFTS]
+        padded = [F.pad(v, (shift, shift, shift, shift), mode="replicate") for v in views]
+        views += [p[..., shift * (1 + dy):shift * (1 + dy) + size, shift * (1 + dx):shift * (1 + dx) + size]
+                  for p in padded for dx, dy in TTA_SHIFTS]
     return views + [v.flip(3) for v in views] if flip else views
 
 
 def tta_view_count(cfg):
     """The views tta_views makes of each face under cfg."""
-    return (2 if cfg.tta_flip else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
+    return (2 if cfg.tta_flip else 1) * (2 if cfg.tta_zoom else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
 
 
 @torch.inference_mode()
@@ -1535,7 +1549,7 @@ def run_inference(model, images, mean, std, device, cfg, tta=True):
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
         x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        views = tta_views(x, cfg.tta_flip, cfg.tta_shift) if tta else [x]
+        views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
         logits, s, f = (None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
@@ -1976,12 +1990,14 @@ def process_start_time():
     return now
 
 
-def final_seconds(eval_faces, face_s, step_s, batch, cfg):
-    """The final evaluation's time: a pass over eval_faces faces, the attention maps (a forward and a backward pass
-    per face, about a training step's cost per batch), t-SNE and the figures."""
+def final_seconds(eval_faces, face_s, step_s, batch, cfg, tta):
+    """The final evaluation's time: a pass over eval_faces faces with cfg's test-time views (face_s: a face's seconds
+    in the per-epoch validation, with those views or one, as tta says), the attention maps (a forward and a backward
+    pass per face, about a training step's cost per batch), t-SNE and the figures."""
     attention_s = min(cfg.attention_samples, eval_faces) / batch * step_s
     tsne_s = min(cfg.tsne_samples, eval_faces) * TSNE_SECONDS_PER_POINT
-    return eval_faces * face_s + attention_s + tsne_s + BUDGET_FIGURES_SECONDS
+    views = 1 if tta else tta_view_count(cfg)
+    return eval_faces * face_s * views + attention_s + tsne_s + BUDGET_FIGURES_SECONDS
 
 
 MIN_LAST_EPOCH = 0.1  # the shortest fraction of an epoch worth its validation pass
@@ -2027,8 +2043,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         face_s = (clock() - t0) / faces
     step_s, val_s = seconds[1] / steps[1], len(val) * face_s
     epoch_s = spe * step_s + val_s
-    final_face_s = face_s * (1 if tta else tta_view_count(cfg))  # the final evaluation's views where epochs have one
-    final_s = final_seconds(eval_faces, final_face_s, step_s, batch, cfg)
+    final_s = final_seconds(eval_faces, face_s, step_s, batch, cfg, tta)
     budget_s = cfg.time_budget * 60
     first_s = epoch_s + max(0.0, seconds[0] - step_s)  # the first epoch pays the warm-up again (compilation)
     now = clock()
@@ -2040,7 +2055,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
     return {"budget_minutes": cfg.time_budget, "max_epochs": cfg.epochs, "epochs": epochs, "step_seconds": step_s,
             "first_step_seconds": seconds[0], "epoch_seconds": epoch_s, "first_epoch_seconds": first_s,
             "final_evaluation_seconds": final_s, "measuring_seconds": now - t_start, "spent_seconds": spent_s,
-            "validation_seconds": val_s, "deadline": deadline,
+            "validation_seconds": val_s, "deadline": deadline, "eval_faces": eval_faces, "batch": batch,
             "expected_minutes": (spent_s + training_s + final_s) / 60}
 
 
@@ -2067,8 +2082,9 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
 def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume, plan, tta):
     """The training loop on the on-device training set: per-epoch validation of val (cfg's test-time views or none,
     as tta says; epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget
-    plan, the number of epochs is re-planned after each one from its measured time (the schedule re-laid for it), so
-    that the run ends by the plan's deadline. Returns the history, the best epoch, the seconds trained and the
+    plan, the number of epochs is re-planned after each one from its measured time (the schedule re-laid for it)
+    and the final evaluation's time from its validation's (updated in the plan), so that the run ends by the
+    deadline. Returns the history, the best epoch, the seconds trained and the
     config (its epochs, as trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
@@ -2126,19 +2142,24 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(stats) + "\n")
             walls.append(time.time() - t0)
-            if plan is not None and epoch > 1:  # re-plan from the epochs as timed
+            if plan is not None and epoch > 1:  # re-plan from the epochs as timed, the final evaluation's time too
                 epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
+                val_s = statistics.median(val_walls[1:][-3:])
+                plan["final_evaluation_seconds"] = final_seconds(  # each rank validated its share of val
+                    plan["eval_faces"], val_s * rank_and_world()[1] / len(val), (epoch_s - val_s) / steps_per_epoch,
+                    plan["batch"], cfg, tta)
                 epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s,
                                                       plan["final_evaluation_seconds"],
                                                       BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch,
-                                                      statistics.median(val_walls[1:][-3:]), steps_per_epoch))
+                                                      val_s, steps_per_epoch))
                 # fewer whenever needed; more by a quarter epoch or more while a pass is left (a small step of the
                 # cosine: adding half an epoch to 16 moves its position by 3 %)
                 if epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
                                                                  epoch < epochs_run(cfg, steps_per_epoch)):
                     cfg = dataclasses.replace(cfg, epochs=epochs)
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch", log_file)
+                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
+                        f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
                     if writes:
                         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                         save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
@@ -2607,7 +2628,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
         f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}){chosen_on_it}; outputs in {run_dir}", log_file)
     if plan is not None:
-        log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (planned "
+        log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (estimated "
             f"{plan['final_evaluation_seconds']:.0f} s); {(time.time() - started) / 60:.2f} of {cfg.time_budget:g} "
             f"minutes used", log_file)
     return run_dir, results

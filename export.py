@@ -5,10 +5,10 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
     python export.py --checkpoint=RUN/last.pth --output=model.onnx
 
 model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as evaluation
-and predict.py compute them in float32: the checkpoint's normalization, its test-time views (the crop, its shifts
-and mirrors, averaged: tta_views) and the softmax are inside the graph, and its metadata holds the class names (in
-data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these scripts
-(README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+and predict.py compute them in float32: the checkpoint's normalization, its test-time views (the crop, its zoom,
+shifts and mirrors, averaged: tta_views) and the softmax are inside the graph, and its metadata holds the class
+names (in data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these
+scripts (README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
 """
 
 import dataclasses
@@ -40,22 +40,23 @@ class Export:
     overwrite: bool = False  # replace an existing file
     tta_flip: bool | None = None  # average each view and its mirror in the graph (2x the work); none: the checkpoint's
     tta_shift: int | None = None  # views moved this many pixels each way too (5x the work); none: the checkpoint's
+    tta_zoom: float | None = None  # views of the central crop of this fraction of the side too (2x the work); none: the checkpoint's
 
 
 class ExportedERN(nn.Module):
     """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
-    checkpoint's normalization, run_inference's test-time views (tta_views: the logits of the image, its shifts and
-    mirrors, averaged) and the softmax inside the graph."""
+    checkpoint's normalization, run_inference's test-time views (tta_views: the logits of the image, its zoom, shifts
+    and mirrors, averaged) and the softmax inside the graph."""
 
-    def __init__(self, model, mean, std, tta_flip, tta_shift):
+    def __init__(self, model, mean, std, tta_flip, tta_shift, tta_zoom):
         super().__init__()
-        self.model, self.tta_flip, self.tta_shift = model, tta_flip, tta_shift
+        self.model, self.tta_flip, self.tta_shift, self.tta_zoom = model, tta_flip, tta_shift, tta_zoom
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images):
         x = normalize(images * 255, self.mean, self.std)
-        views = tta_views(x, self.tta_flip, self.tta_shift)
+        views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
         return (sum(self.model(v)[0] for v in views) / len(views)).softmax(1)
 
 
@@ -71,18 +72,20 @@ def export_inputs(image_size):
     return {"random": noise, "real": real}
 
 
-def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None):
+def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, test-time views,
-    metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift: None = the checkpoint's.
+    metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift, tta_zoom: None = the
+    checkpoint's.
     Returns the largest probability difference per input kind."""
     import onnx
     import onnxruntime
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    given = {k: v for k, v in (("tta_flip", tta_flip), ("tta_shift", tta_shift)) if v is not None}
+    given = {k: v for k, v in dict(tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom).items() if v is not None}
     cfg = dataclasses.replace(cfg, **given)  # the rule of predict.py: the checkpoint's inference settings unless given
     validate_config(cfg)
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift).eval()
+    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
+                           cfg.tta_zoom).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)
     torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
@@ -95,8 +98,9 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None):
                         f"crop_margin {cfg.crop_margin} around the face box{views_note} -> probabilities "
                         f"(N, {len(ckpt['class_names'])}) over the metadata's class_names")
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
-            "tta_flip": cfg.tta_flip, "tta_shift": cfg.tta_shift, "normalization": ckpt["normalization"],
-            "epoch": ckpt["epoch"], "metrics": ckpt["metrics"], "config": dataclasses.asdict(cfg),
+            "tta_flip": cfg.tta_flip, "tta_shift": cfg.tta_shift, "tta_zoom": cfg.tta_zoom,
+            "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
+            "config": dataclasses.asdict(cfg),
             "num_parameters": count_parameters(model), "best": ckpt.get("best"), "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
@@ -123,7 +127,7 @@ def run_export(args):
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # the file appears only once it passed the check
     try:
-        differences = export_onnx(args.checkpoint, tmp, args.tta_flip, args.tta_shift)
+        differences = export_onnx(args.checkpoint, tmp, args.tta_flip, args.tta_shift, args.tta_zoom)
         worst = max(differences.values())
         report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
         if worst > EXPORT_TOLERANCE:

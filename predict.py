@@ -63,6 +63,7 @@ class Prediction:
     # inference; empty: as the checkpoint was trained
     tta_flip: bool | None = None  # average each view of the face and its mirror
     tta_shift: int | None = None  # views moved this many pixels each way too (5x the work; 0 for speed)
+    tta_zoom: float | None = None  # views of the face's central crop of this fraction of its side too (2x the work; 0 for speed)
     amp: bool | None = None  # autocast: bf16 on CUDA (fp16 before Ampere) and on CPUs with native bf16
     channels_last: bool | None = None  # NHWC layout (CPU: only where the probe of the model passes)
 
@@ -688,7 +689,7 @@ def predict_video(predictor, source, out, args):
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    settings = {k: getattr(args, k) for k in ("tta_flip", "tta_shift", "amp", "channels_last")
+    settings = {k: getattr(args, k) for k in ("tta_flip", "tta_shift", "tta_zoom", "amp", "channels_last")
                 if getattr(args, k) is not None}
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"

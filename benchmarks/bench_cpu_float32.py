@@ -46,7 +46,8 @@ def main(argv):
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
-    base = dataclasses.replace(ern.Config(), **ern.PRESETS["cpu"], amp=False, tta_shift=0)  # eval: image and mirror
+    base = dataclasses.replace(ern.Config(), **ern.PRESETS["cpu"], amp=False, tta_shift=0,
+                               tta_zoom=0.0)  # eval: image and mirror
     k, b, s = 8, base.batch_size, base.image_size
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.integers(0, 256, (b * args.steps, 3, s, s), dtype=np.uint8))

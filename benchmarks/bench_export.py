@@ -114,9 +114,9 @@ def main():
                                            torch.full((3,), 0.25), 0, {}), ckpt_path)
         ckpt = ern.load_checkpoint(ckpt_path)
         model, cfg = ern.model_from_checkpoint(ckpt)
-        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), False, 0).eval()  # one pass, no TTA
+        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), False, 0, 0.0).eval()  # one pass, no TTA
         onnx_path = tmp / f"{name.replace(' ', '_')}.onnx"
-        differences = ex.export_onnx(ckpt_path, onnx_path, tta_flip=False, tta_shift=0)
+        differences = ex.export_onnx(ckpt_path, onnx_path, tta_flip=False, tta_shift=0, tta_zoom=0.0)
         size = ckpt["image_size"]
 
         def torch_run(x):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
 import predict as pr  # noqa: E402
 
-MODELS = {"cpu preset": {**ern.PRESETS["cpu"], "tta_shift": 0},  # the mirror alone, as its figures before 12-04
+MODELS = {"cpu preset": {**ern.PRESETS["cpu"], "tta_shift": 0, "tta_zoom": 0.0},  # the mirror alone, as its figures before 12-04
           "default": {}}
 
 
@@ -131,7 +131,7 @@ def main():
         best = {k: min(v) for k, v in times.items()}
         row = {"parameters": ern.count_parameters(predictor.model), "image_size": cfg.image_size,
                "stem_stride": predictor.cfg.stem_stride, "tta_flip": predictor.cfg.tta_flip,
-               "tta_shift": predictor.cfg.tta_shift,
+               "tta_shift": predictor.cfg.tta_shift, "tta_zoom": predictor.cfg.tta_zoom,
                "arithmetic": ern.arithmetic(predictor.cfg, predictor.device),
                "faces": {"ours": faces_ours, "plain": faces_plain},
                "end_to_end_fps": {k: args.frames / v for k, v in best.items()},

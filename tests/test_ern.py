@@ -730,26 +730,36 @@ def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, a
     assert out["logits"].dtype == torch.float32 and (out["logits"].argmax(1) == y).all()
 
 
-def shifted_views_oracle(x, shift):
-    """An independent oracle of the test-time views: numpy's edge padding, each shift cut out of it, then mirrors."""
-    size, padded = x.shape[-1], np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge")
-    moved = [padded[:, :, shift + dy:shift + dy + size, shift + dx:shift + dx + size]
-             for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
-    assert (moved[0][..., :-shift] == x[..., shift:]).all()  # the first view: the content moved left by shift
-    views = [x] + moved
-    return views + [v[..., ::-1] for v in views]
+def views_oracle(x, shift, flip, zoom=0.0):
+    """An independent oracle of the test-time views of float32 images: with zoom, OpenCV's bilinear enlargement of
+    the central crop; with shift, numpy's edge padding of each view, each shift cut out of it; then mirrors."""
+    size = x.shape[-1]
+    views = [x]
+    if zoom:
+        cut = {(16, 0.75): 2, (32, 0.9): 2}[size, zoom]  # by hand: the crop 12 px of 16, 28 of 32, centred
+        crops = [np.ascontiguousarray(im[:, cut:size - cut, cut:size - cut].transpose(1, 2, 0)) for im in x]
+        views.append(np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+                               for c in crops]))
+    if shift:
+        padded = [np.pad(v, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge") for v in views]
+        views += [p[:, :, shift + dy:shift + dy + size, shift + dx:shift + dx + size]
+                  for p in padded for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
+        assert (views[len(padded)][..., :-shift] == x[..., shift:]).all()  # the first shift: the content moved left
+    return views + [v[..., ::-1] for v in views] if flip else views
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_shift_tta_averages_the_logits_of_the_shifted_and_mirrored_faces(one_thread, flip):
-    cfg = ern.Config(image_size=16, width=0.125, blocks="1,1", tta_flip=flip, tta_shift=2, amp=False,
-                     channels_last=False, eval_batch_size=3)
+@pytest.mark.parametrize("flip, shift, zoom, count", [(False, 2, 0.0, 5), (True, 2, 0.0, 10), (True, 0, 0.75, 4),
+                                                      (True, 2, 0.75, 20)])
+def test_test_time_views_average_the_logits_of_the_zoomed_shifted_and_mirrored_faces(one_thread, flip, shift, zoom,
+                                                                                       count):
+    cfg = ern.Config(image_size=16, width=0.125, blocks="1,1", tta_flip=flip, tta_shift=shift, tta_zoom=zoom,
+                     amp=False, channels_last=False, eval_batch_size=3)
     torch.manual_seed(0)
     model = ern.build_model(cfg, 4).eval()
     x = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
-    views = shifted_views_oracle(x, 2)[:10 if flip else 5]
-    assert ern.tta_view_count(cfg) == len(views)
+    views = views_oracle(x.astype(np.float32), shift, flip, zoom)
+    assert ern.tta_view_count(cfg) == len(views) == count
     with torch.no_grad():
         each = [model(ern.normalize(torch.from_numpy(np.ascontiguousarray(v)), mean, std))[0] for v in views]
     got = ern.run_inference(model, x, mean, std, torch.device("cpu"), cfg)["logits"]
@@ -791,7 +801,10 @@ def test_parse_args_wrong_type(arg):
                                           (dict(image_size=16), "--image_size must be >= 32"),
                                           (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64"),
                                           (dict(tta_shift=-1), "--tta_shift must be in"),
-                                          (dict(tta_shift=16), "--tta_shift must be in")])
+                                          (dict(tta_shift=16), "--tta_shift must be in"),
+                                          (dict(tta_zoom=1.0), "--tta_zoom must be"),
+                                          (dict(tta_zoom=0.3), "--tta_zoom must be"),
+                                          (dict(tta_zoom=0.99), "--tta_zoom must be")])
 def test_validate_config_refuses(bad, message):
     base = dict(image_size=32, blocks="1,1,1,1")
     ern.validate_config(ern.Config(**base))  # the same config without the bad value passes

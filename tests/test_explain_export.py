@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from conftest import EXPORT, PREDICT, TINY, ern, ex, pr, run_script
-from test_ern import shifted_views_oracle
+from test_ern import views_oracle
 from test_predict import HOPPER
 
 
@@ -220,17 +220,19 @@ def test_export_without_flip_tta_is_one_pass(run, trained, tmp_path):
     assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(single, abs=1e-5)
 
 
-def test_export_with_shift_tta_averages_ten_views(run, trained, tmp_path):
+def test_export_with_zoom_and_shift_tta_averages_twenty_views(run, trained, tmp_path):
     model, _, mean, std = trained
-    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'ten.onnx'}", "--tta_shift=2"]) == 0
-    session = onnxruntime.InferenceSession(str(tmp_path / "ten.onnx"), providers=["CPUExecutionProvider"])
-    assert json.loads(session.get_modelmeta().custom_metadata_map["tta_shift"]) == 2
+    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'twenty.onnx'}", "--tta_shift=2",
+                    "--tta_zoom=0.9"]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "twenty.onnx"), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert (json.loads(meta["tta_shift"]), json.loads(meta["tta_zoom"])) == (2, 0.9)
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    views = [torch.from_numpy(np.ascontiguousarray(v)) for v in shifted_views_oracle(x.numpy(), 2)]
+    views = [torch.from_numpy(np.ascontiguousarray(v)) for v in views_oracle(x.numpy(), 2, True, 0.9)]
     with torch.no_grad():
         logits = [model.eval()((v - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0] for v in views]
     want = (sum(logits) / len(logits)).softmax(1).numpy()
-    assert np.abs(want - single_and_mirrored(model, x, mean, std)[1]).max() > 1e-4  # the shifts change the answer
+    assert np.abs(want - single_and_mirrored(model, x, mean, std)[1]).max() > 1e-4  # the other views count
     assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(want, abs=1e-5)
 
 

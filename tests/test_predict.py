@@ -375,4 +375,4 @@ def test_actions_stay_out_of_the_saved_config():
     assert not fields & actions and {"evaluate", "demo", "resume", "split"} == actions
     # prediction shares only the inference and system settings with training
     assert fields & {f.name for f in dataclasses.fields(pr.Prediction)} == {
-        "tta_flip", "tta_shift", "amp", "channels_last", "device", "output_dir", "overwrite"}
+        "tta_flip", "tta_shift", "tta_zoom", "amp", "channels_last", "device", "output_dir", "overwrite"}

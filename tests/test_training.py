@@ -193,13 +193,14 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("tta, tta_shift, views", [(True, 0, 1), (False, 2, 10)])
-def test_plan_epochs_from_a_fake_clock(monkeypatch, tta, tta_shift, views):
+@pytest.mark.parametrize("tta, tta_shift, tta_zoom, views", [(True, 0, 0.0, 1), (False, 2, 0.0, 10),
+                                                             (False, 2, 0.9, 20)])
+def test_plan_epochs_from_a_fake_clock(monkeypatch, tta, tta_shift, tta_zoom, views):
     """Training and inference replaced by a clock that advances 20 ms a step and 1 ms a face: the plan's step, epoch
     and final-evaluation times and its epoch count equal the computation by hand, on any machine under any load.
-    Where the epochs validate one view (tta=False), the final evaluation costs its views (mirror, shifts) each."""
+    Where the epochs validate one view (tta=False), the final evaluation costs its views (mirror, shifts, zoom) each."""
     cfg = ern.Config(batch_size=100, epochs=1000, time_budget=0.5, attention_samples=2000, tsne_samples=150,
-                     width=0.125, blocks="1,1,1,1", image_size=32, tta_shift=tta_shift)
+                     width=0.125, blocks="1,1,1,1", image_size=32, tta_shift=tta_shift, tta_zoom=tta_zoom)
     clock = FakeClock()
 
     def step(model, images, *a, **k):
@@ -230,6 +231,32 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch, tta, tta_shift, views):
     assert plan["epochs"] == pytest.approx(whole + (part if part >= 0.1 else 0))
     assert plan["epochs"] % 1 != 0 or views > 1  # one view's budget ends in a fraction of an epoch
     assert plan["expected_minutes"] * 60 <= 30 * 0.97 + 1e-9
+
+
+def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
+    """A first plan that put 5 s on the final evaluation (measured on a busy machine, say) with 3 s left: the
+    re-plans estimate it again from the epochs' validation (milliseconds here), so the run trains on instead of
+    being cut to 2 of its planned 3 epochs."""
+    monkeypatch.setattr(ern, "BUDGET_FIGURES_SECONDS", 0.0)
+    estimates, epochs_before = [], ern.epochs_before
+
+    def spy(deadline, now, epoch_s, final_s, *a, **k):
+        estimates.append(final_s)
+        return epochs_before(deadline, now, epoch_s, final_s, *a, **k)
+
+    monkeypatch.setattr(ern, "epochs_before", spy)
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=3, time_budget=0.1,
+                     tsne_samples=0, attention_samples=0, amp=False)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8
+    val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
+                    images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
+    plan = {"deadline": time.time() + 3.0, "final_evaluation_seconds": 5.0, "max_epochs": 1000, "eval_faces": 16,
+            "batch": 16}
+    history = ern.train(ern.build_model(cfg, 8), x, y, val, [str(i) for i in range(8)], torch.zeros(3), torch.ones(3),
+                        cfg, tmp_path, torch.device("cpu"), None, None, plan, True)[0]
+    assert estimates and all(0 < s < 0.5 for s in estimates)
+    assert len(history) > 3 and plan["final_evaluation_seconds"] == estimates[-1]
 
 
 def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path):
