@@ -146,7 +146,7 @@ class Action:
 # mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
-                lr=2e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
+                lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
                 tta_shift=2, tta_zoom=0.9),
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
