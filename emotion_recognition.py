@@ -19,8 +19,8 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
 AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
 float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.28 % (three seeds) with the CPU's native bf16;
-on a Zen 5 EPYC (2026-12-04, native bf16) 73.00 % (two seeds), 73.46-74.21 % with the ten test-time views it has
-now (three runs).
+on a Zen 5 EPYC (2026-12-04, native bf16) 74.68 % (three runs) with the lr 3e-3 and twenty test-time views it has
+now, and 73.01 % in float32 run as an AVX2 CPU (one seed).
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
@@ -141,9 +141,10 @@ class Action:
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
 # stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
-# runs at 19 of 30 minutes); its evaluation averages twenty views (the face and its central 86 px enlarged, each
-# moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the
-# mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
+# runs at 19 of 30 minutes); lr 3e-3 (+0.64 and +0.70 points where bf16 is native, three seeds each on two CPUs;
+# in float32 -0.69, within twice its standard error); its evaluation averages twenty views (the face and its
+# central 86 px enlarged, each moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the zoom,
+# and those 0.4-1.3 above the mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
