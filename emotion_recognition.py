@@ -16,11 +16,11 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
 
-Measured (2026-12-02, a 2-core AMD EPYC, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the
-AffectNet YOLO export's 17,101 training faces in 30 minutes and reaches 69.77 % validation accuracy (three seeds) in
-float32 with the CPU run as an AVX2 one (ONEDNN_MAX_CPU_ISA=AVX2), and 71.28 % (three seeds) with the CPU's native bf16;
-on a Zen 5 EPYC (2026-12-04, native bf16) 74.68 % (three runs) with the lr 3e-3 and twenty test-time views it has
-now, and 73.01 % in float32 run as an AVX2 CPU (one seed).
+Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the AffectNet YOLO
+export's 17,101 training faces in 30 minutes and reaches 74.68 % validation accuracy (three runs) on a Zen 5 EPYC with
+native bf16 (2026-12-04), and 73.01 % (one seed) there in float32 with the CPU run as an AVX2 one
+(ONEDNN_MAX_CPU_ISA=AVX2). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 69.77 % in float32 so run and
+71.28 % with native bf16 (three seeds each) on a family 25 EPYC, which steps at half the Zen 5's speed.
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
@@ -141,7 +141,7 @@ class Action:
 # channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds); the same
 # model where the CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a
 # stride-1 stem, one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its
-# runs at 19 of 30 minutes); lr 3e-3 (+0.64 and +0.70 points where bf16 is native, three seeds each on two CPUs;
+# runs at 19 of 30 minutes); lr 3e-3 (+0.64 and +0.70 points where bf16 is native, three runs each on two CPUs;
 # in float32 -0.69, within twice its standard error); its evaluation averages twenty views (the face and its
 # central 86 px enlarged, each moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the zoom,
 # and those 0.4-1.3 above the mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
@@ -2085,8 +2085,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     as tta says; epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget
     plan, the number of epochs is re-planned after each one from its measured time (the schedule re-laid for it)
     and the final evaluation's time from its validation's (updated in the plan), so that the run ends by the
-    deadline. Returns the history, the best epoch, the seconds trained and the
-    config (its epochs, as trained)."""
+    deadline. Returns the history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
