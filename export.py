@@ -75,8 +75,7 @@ def export_inputs(image_size):
 def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, test-time views,
     metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift, tta_zoom: None = the
-    checkpoint's.
-    Returns the largest probability difference per input kind."""
+    checkpoint's. Returns the largest probability difference per input kind."""
     import onnx
     import onnxruntime
     ckpt = load_checkpoint(checkpoint)
@@ -100,8 +99,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
             "tta_flip": cfg.tta_flip, "tta_shift": cfg.tta_shift, "tta_zoom": cfg.tta_zoom,
             "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
-            "config": dataclasses.asdict(cfg),
-            "num_parameters": count_parameters(model), "best": ckpt.get("best"), "checkpoint": Path(checkpoint).name}
+            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
+            "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)

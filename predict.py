@@ -689,8 +689,7 @@ def predict_video(predictor, source, out, args):
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    settings = {k: getattr(args, k) for k in ("tta_flip", "tta_shift", "tta_zoom", "amp", "channels_last")
-                if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if getattr(args, k, None) is not None}
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
     if (out_dir / "predictions.csv").exists() and not args.overwrite:

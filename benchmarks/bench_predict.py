@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import emotion_recognition as ern  # noqa: E402
 import predict as pr  # noqa: E402
 
-MODELS = {"cpu preset": {**ern.PRESETS["cpu"], "tta_shift": 0, "tta_zoom": 0.0},  # the mirror alone, as its figures before 12-04
+MODELS = {"cpu preset": {**ern.PRESETS["cpu"], "tta_shift": 0, "tta_zoom": 0.0},  # the mirror alone, as before 12-04
           "default": {}}
 
 

@@ -11,8 +11,8 @@ one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cu
 a fraction where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and
 the best epoch's validation accuracy and macro-F1, each on the whole split with the preset's test-time views: where
 the best epoch was not the last, final_emotion_model.pth is evaluated after the run, outside its budget), with
-several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished runs are reused by folder name: give a
-new OUT for a new budget, machine or preset.
+several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished runs are reused
+by folder name: give a new OUT for a new budget, machine or preset.
 
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speedrun.py --step_time [--rows=...]
 
