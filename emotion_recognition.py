@@ -139,15 +139,15 @@ class Action:
 # 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
 # stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds),
 # and channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds; 0.10
-# better where Zen 5 multiplies bf16 natively, three seeds each); the same model where the CPU multiplies bf16
-# natively, where it fits more epochs (no worse there than 64 px faces through a stride-1 stem, one seed each); at
-# most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its runs at 19 of 30 minutes); lr 3e-3
-# (+0.64 where bf16 is native, three seeds each, above twice its standard error; +0.38 on Zen 5, five runs against
-# three, and -0.69 in float32, within twice it); no random erasing (+0.24 and +0.20 where bf16 is native, on two
-# CPUs, three seeds each, within twice the standard error; -0.3 in float32, one seed); its evaluation averages
-# twenty views (the face and its central 86 px enlarged, each moved 2 px each way, and each mirrored: 0.2-0.7 points
-# above ten without the zoom, and those 0.4-1.3 above the mirror alone, on each model measured, BENCHMARKS.md);
-# demo: --demo's.
+# better where Zen 5 multiplies bf16 natively, within the seeds' spread, three seeds each); the same model where the
+# CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a stride-1 stem,
+# one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its runs at 19 of
+# 30 minutes); lr 3e-3 (+0.64 where bf16 is native, three seeds each, above twice its standard error; +0.38 on Zen
+# 5, five runs against three, and -0.69 in float32, within twice it); no random erasing (+0.24 and +0.20 where bf16
+# is native, on two CPUs, three seeds each, within twice the standard error; -0.3 in float32, one seed); its
+# evaluation averages twenty views (the face and its central 86 px enlarged, each moved 2 px each way, and each
+# mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the mirror alone, on each model
+# measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
