@@ -32,6 +32,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -566,6 +567,23 @@ def predict_images(predictor, sources, out, progress, args):
                             "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
 
 
+@contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C inside the block takes effect when the block ends, so that what the block records (a frame's
+    rows and its counts) is recorded whole. Only the main thread may set signal handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
+
+
 def video_frames(capture, every, max_frames, fps):
     """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
     converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
@@ -631,16 +649,17 @@ def predict_video(predictor, source, out, args):
             for ready in in_batches(prepared, args.batch, most):
                 for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                     ids, smoothed = tracker.update(faces, probs)
-                    out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
-                    for tid, q, (_, detected, crop) in zip(ids, smoothed, faces):  # counted with its rows: a Ctrl-C
-                        if crop is None:  # from here on leaves the summary in step with the CSV
-                            counts["no_face"] += 1
-                            continue
-                        times[tid].append(t)
-                        track_probs[tid].append(q)
-                        shares[detected].append(q)
-                        counts["faces"] += detected
-                    counts["frames"] += 1
+                    with ctrl_c_deferred():  # the summary stays in step with the CSV
+                        out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
+                        for tid, q, (_, detected, crop) in zip(ids, smoothed, faces):
+                            if crop is None:
+                                counts["no_face"] += 1
+                                continue
+                            times[tid].append(t)
+                            track_probs[tid].append(q)
+                            shares[detected].append(q)
+                            counts["faces"] += detected
+                        counts["frames"] += 1
                     if args.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
