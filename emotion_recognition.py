@@ -42,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -486,6 +487,24 @@ def atomic_save(obj, path):
 
 def write_json(obj, path):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
+    checkpoint and metrics, a video frame's rows and counts) is recorded whole. Only the main thread may set signal
+    handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed:
+            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2139,11 +2158,12 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                 if writes:
                     atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, stats, best=best),
                                 run_dir / "best_emotion_model.pth")
-            save_last(epoch, stats)
-            saved = epoch
-            if writes:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(stats) + "\n")
+            with ctrl_c_deferred():  # last.pth, the message after Ctrl-C and metrics.jsonl agree on the epoch
+                save_last(epoch, stats)
+                saved = epoch
+                if writes:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(stats) + "\n")
             walls.append(time.time() - t0)
             if plan is not None and epoch > 1:  # re-plan from the epochs as timed, the final evaluation's time too
                 epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again

@@ -32,7 +32,6 @@ import threading
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +40,9 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
-                                 config_from_checkpoint, crop_box, decode_image, explain_faces, inference_model,
-                                 load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
-                                 validate_config, validate_device, write_json)
+                                 config_from_checkpoint, crop_box, ctrl_c_deferred, decode_image, explain_faces,
+                                 inference_model, load_checkpoint, overlay, read_overrides, resolve_device,
+                                 run_inference, validate_config, validate_device, write_json)
 
 
 @dataclass
@@ -565,23 +564,6 @@ def predict_images(predictor, sources, out, progress, args):
                             "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
                             "annotated": str(annotated) if written else None, "error": None,
                             "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
-
-
-@contextmanager
-def ctrl_c_deferred():
-    """Ctrl-C inside the block takes effect when the block ends, so that what the block records (a frame's
-    rows and its counts) is recorded whole. Only the main thread may set signal handlers; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
 
 
 def video_frames(capture, every, max_frames, fps):

@@ -142,12 +142,12 @@ def test_ctrl_c_waits_for_the_end_of_a_frames_bookkeeping():
     (Without the deferral, Ctrl-C between a frame's rows and its count left the summary one frame short.)"""
     done, handler = [], signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        with pr.ctrl_c_deferred():
+        with ern.ctrl_c_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)  # the handler runs here, between bytecodes
             done.append("rows and counts")
     assert done == ["rows and counts"] and signal.getsignal(signal.SIGINT) is handler
-    with pr.ctrl_c_deferred():  # no Ctrl-C: nothing raised
+    with ern.ctrl_c_deferred():  # no Ctrl-C: nothing raised
         done.append("next frame")
     assert done[-1] == "next frame"
 
