@@ -492,19 +492,26 @@ def write_json(obj, path):
 @contextlib.contextmanager
 def ctrl_c_deferred():
     """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
-    checkpoint and metrics, a video frame's rows and counts) is recorded whole. Only the main thread may set signal
-    handlers; elsewhere a no-op."""
+    checkpoint and metrics, a video frame's rows and counts) is recorded whole; an error inside the block goes
+    first, and a second Ctrl-C acts at once (a block stuck on a stalled disk can still be left). Only the main
+    thread may set signal handlers; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+
+    def deferred(*_):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, deferred)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if pressed:
-            raise KeyboardInterrupt
+    if pressed:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,21 +137,6 @@ def test_ctrl_c_keeps_the_rows_written(checkpoint, tmp_path):
     assert len(frames) - 1 <= annotated <= len(frames)
 
 
-def test_ctrl_c_waits_for_the_end_of_a_frames_bookkeeping():
-    """A SIGINT inside the block lets the block finish, then raises KeyboardInterrupt; the handler is put back.
-    (Without the deferral, Ctrl-C between a frame's rows and its count left the summary one frame short.)"""
-    done, handler = [], signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with ern.ctrl_c_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # the handler runs here, between bytecodes
-            done.append("rows and counts")
-    assert done == ["rows and counts"] and signal.getsignal(signal.SIGINT) is handler
-    with ern.ctrl_c_deferred():  # no Ctrl-C: nothing raised
-        done.append("next frame")
-    assert done[-1] == "next frame"
-
-
 def test_a_video_every_second_frame(checkpoint, tmp_path):
     """Frame indices 0, 2, 4, ... as OpenCV counts them, times from the container's frame rate, one track
     for the one moving face, an annotated video with as many frames as were classified, a timeline."""

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -326,6 +327,35 @@ def test_last_checkpoint_holds_the_whole_training_state(finished):
     assert "scaler" in ckpt and isinstance(ckpt["rng"]["torch"], torch.Tensor)
     assert ckpt["config"]["epochs"] == EPOCHS and len(ckpt["class_names"]) == 8
     assert not list(finished.glob("*.tmp"))
+
+
+def test_ctrl_c_inside_a_deferred_block_waits_for_its_end_an_error_goes_first_and_a_second_one_acts_at_once():
+    """ctrl_c_deferred (an epoch's checkpoint and metrics line, a video frame's rows and counts): a SIGINT inside the
+    block lets it finish, then raises KeyboardInterrupt, and the handler is put back; an error raised in the block
+    after the SIGINT is the one that propagates; a second SIGINT interrupts the block."""
+    done, handler = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with ern.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, between bytecodes
+            done.append("rows and counts")
+    assert done == ["rows and counts"] and signal.getsignal(signal.SIGINT) is handler
+    with pytest.raises(OSError, match="disk full"):
+        with ern.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise OSError("disk full")
+    with pytest.raises(KeyboardInterrupt):
+        with ern.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("after the second Ctrl-C")
+    assert done == ["rows and counts"] and signal.getsignal(signal.SIGINT) is handler
+    with ern.ctrl_c_deferred():  # no Ctrl-C: nothing raised
+        done.append("next frame")
+    assert done[-1] == "next frame"
 
 
 def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(finished, tiny_dataset, tmp_path):
