@@ -17,8 +17,8 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --help                         # every field
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the AffectNet YOLO
-export's 17,101 training faces in 30 minutes and reaches 74.18 % validation accuracy (three seeds) on a Zen 5 EPYC with
-native bf16 (2026-12-04), and 72.89 % (three seeds) there in float32 with the CPU run as an AVX2 one
+export's 17,101 training faces in 30 minutes and reaches 74.43 % validation accuracy (four seeds) on a Zen 5 EPYC with
+native bf16 (2026-12-04/05), and 72.89 % (three seeds) there in float32 with the CPU run as an AVX2 one
 (ONEDNN_MAX_CPU_ISA=AVX2). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 69.77 % in float32 so run and
 71.28 % with native bf16 (three seeds each) on a family 25 EPYC, which steps at half the Zen 5's speed.
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
@@ -144,11 +144,11 @@ class Action:
 # CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a stride-1 stem,
 # one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 61: 40 ended its runs at 19 of
 # 30 minutes); lr 3e-3 (+0.64 where bf16 is native, three seeds each, above twice its standard error; +0.38 on Zen
-# 5, five runs against three, and -0.69 in float32, within twice it); no random erasing (+0.24 and +0.20 where bf16
-# is native, on two CPUs, three seeds each, within twice the standard error; -0.3 in float32, one seed); its
-# evaluation averages twenty views (the face and its central 86 px enlarged, each moved 2 px each way, and each
-# mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the mirror alone, on each model
-# measured, BENCHMARKS.md); demo: --demo's.
+# 5, five runs against three, and -0.69 in float32, within twice it); no random erasing (+0.24 where bf16 is native
+# on a family 25 EPYC, three seeds, within twice the standard error; +0.01 on Zen 5, four seeds paired; -0.3 in
+# float32, one seed); its evaluation averages twenty views (the face and its central 86 px enlarged, each moved 2 px
+# each way, and each mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the mirror alone,
+# on each model measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
