@@ -2191,8 +2191,9 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                     log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
                         f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
                     if writes:
-                        write_json(dataclasses.asdict(cfg), run_dir / "config.json")
-                        save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
+                        with ctrl_c_deferred():  # config.json and last.pth agree on the schedule
+                            write_json(dataclasses.asdict(cfg), run_dir / "config.json")
+                            save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
             log(f"epoch {epoch:3d}/{epochs_run(cfg, steps_per_epoch)} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
                 f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
                 f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
