@@ -17,7 +17,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --help                         # every field
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the AffectNet YOLO
-export's 17,101 training faces in 30 minutes and reaches 74.43 % validation accuracy (four seeds) on a Zen 5 EPYC with
+export's 17,101 training faces in 30 minutes and reaches 74.33 % validation accuracy (six seeds) on a Zen 5 EPYC with
 native bf16 (2026-12-04/05), and 72.89 % (three seeds) there in float32 with the CPU run as an AVX2 one
 (ONEDNN_MAX_CPU_ISA=AVX2). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 69.77 % in float32 so run and
 71.28 % with native bf16 (three seeds each) on a family 25 EPYC, which steps at half the Zen 5's speed.
