@@ -18,9 +18,9 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the AffectNet YOLO
 export's 17,101 training faces in 30 minutes and reaches 74.33 % validation accuracy (six seeds) on a Zen 5 EPYC with
-native bf16 (2026-12-04/05), and 72.89 % (three seeds) there in float32 with the CPU run as an AVX2 one
-(ONEDNN_MAX_CPU_ISA=AVX2). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 69.77 % in float32 so run and
-71.28 % with native bf16 (three seeds each) on a family 25 EPYC, which steps at half the Zen 5's speed.
+native bf16 (2026-12-04/05), and 70.03 % (three seeds) in float32 on a Zen 3 EPYC with AVX2 only (2026-12-05), which
+fits 17.5-18 epochs where the Zen 5 fits 55-62. The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
+with native bf16 (three seeds) on a family 25 model 17 EPYC, which steps at half the Zen 5's speed.
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
