@@ -60,6 +60,8 @@ ROWS = {
     "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02)
     "=64 px stride-1 stem": "--image_size=64 --stem_stride=1",  # the preset's faces where bf16 was native, 12-02
     "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
+    "=width 0.3": "--width=0.3",  # lever 2: channels 24, 48, 96, 192 (multiples of 8, AVX2's lanes), more epochs
+    "=one block a stage": "--blocks=1,1,1,1",  # lever 2: blocks 1,1,1,1, half the stages' work, more epochs
 }
 
 
