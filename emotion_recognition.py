@@ -156,6 +156,12 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
+# A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false), unless the command line
+# gives one of them (main: preset_for_machine). cpu: one block a stage (1.24 M parameters), whose step costs 0.56x:
+# a 2-core AVX2 CPU fits 34 epochs of it in 30 minutes where it fits 18 of two blocks a stage, and the network still
+# underfits there (BENCHMARKS.md, 2026-12-05). Where bf16 is native 55-62 epochs of two blocks a stage fit and fit
+# the training faces to 84-86 % against 74 % on validation: the shallower network is not measured there.
+PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 # --evaluate's and predict.py's: the command line's, else the checkpoint's
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
@@ -430,6 +436,18 @@ def arithmetic(cfg, device):
     dtype = autocast_dtype(cfg, device)
     return {"autocast": None if dtype is None else str(dtype).removeprefix("torch."),
             "channels_last": cfg.channels_last}
+
+
+def preset_for_machine(cfg, overrides):
+    """cfg with its preset's PRESETS_FLOAT32_CPU fields where it trains on a CPU in float32, unless the command line
+    gave one of them."""
+    fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
+    device = resolve_device(cfg.device)
+    if not fields or any(k in overrides for k in fields) or device.type != "cpu" or autocast_dtype(cfg, device) is not None:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank resolves it alike; one says so
+        print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+    return dataclasses.replace(cfg, **fields)
 
 
 def provenance(argv, device, data_dir, data_report):
@@ -2698,6 +2716,7 @@ def main(argv, started=None):
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)
+    cfg = preset_for_machine(cfg, overrides)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():

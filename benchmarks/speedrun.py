@@ -5,7 +5,8 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true) plus the changes of every row
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true; in float32 the preset trains
+one block a stage) plus the changes of every row
 run above it (a row named with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower
 one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative table (the epochs planned,
 a fraction where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and
@@ -61,7 +62,8 @@ ROWS = {
     "=64 px stride-1 stem": "--image_size=64 --stem_stride=1",  # the preset's faces where bf16 was native, 12-02
     "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
     "=width 0.3": "--width=0.3",  # lever 2: channels 24, 48, 96, 192 (multiples of 8, AVX2's lanes), more epochs
-    "=one block a stage": "--blocks=1,1,1,1",  # lever 2: blocks 1,1,1,1, half the stages' work, more epochs
+    "=one block a stage": "--blocks=1,1,1,1",  # lever 2: half the stages' work, more epochs (the float32 preset's since 12-05)
+    "=two blocks a stage": "--blocks=2,2,2,2",  # the preset's where bf16 is native; in float32 until 12-05
 }
 
 
@@ -99,7 +101,8 @@ def step_time(name, overrides, args, steps=6):
     """Seconds per training step of the row's model and batch, in this process."""
     import torch
     import emotion_recognition as ern
-    cfg = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])[0]
+    cfg, _, given = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
+    cfg = ern.preset_for_machine(cfg, given)
     ern.validate_config(cfg)
     device = torch.device("cpu")
     model = ern.build_model(cfg, 8)

@@ -112,16 +112,26 @@ def test_presets_give_their_values_and_the_command_line_overrides_them():
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_the_cpu_preset_trains_one_model_on_every_cpu(monkeypatch, bf16):
-    """Native bf16 or not, main() trains the preset's faces, stem and width (bf16 only buys more epochs); the command
-    line still overrides them."""
+def test_the_cpu_preset_trains_one_block_a_stage_in_float32_unless_told_otherwise(monkeypatch, capsys, bf16):
+    """main() trains the preset's faces, stem and width on every CPU; two blocks a stage where bf16 is native and
+    --amp is on, one where the run is float32. The command line's --blocks wins, and other presets keep theirs."""
     monkeypatch.setattr(ern, "cpu_has_bf16", lambda: bf16)
     monkeypatch.setattr(ern, "run_training", lambda cfg, **_: cfg)  # what main() trains
-    trained = ern.main(["--preset=cpu", "--device=cpu"])
-    assert (trained.image_size, trained.stem_stride, trained.width) == (96, 2, 0.4)
-    assert ern.autocast_dtype(trained, torch.device("cpu")) == (torch.bfloat16 if bf16 else None)
-    trained = ern.main(["--preset=cpu", "--device=cpu", "--image_size=64", "--stem_stride=1"])
-    assert (trained.image_size, trained.stem_stride, trained.width) == (64, 1, 0.4)
+
+    def trained(*argv):
+        return ern.main(["--device=cpu", *argv])
+
+    cfg = trained("--preset=cpu")
+    assert (cfg.image_size, cfg.stem_stride, cfg.width) == (96, 2, 0.4)
+    assert cfg.blocks == ("2,2,2,2" if bf16 else "1,1,1,1")
+    assert ern.autocast_dtype(cfg, torch.device("cpu")) == (torch.bfloat16 if bf16 else None)
+    assert ("--preset=cpu in float32 on this CPU: --blocks=1,1,1,1" in capsys.readouterr().out) == (not bf16)
+    assert trained("--preset=cpu", "--amp=false").blocks == "1,1,1,1"  # float32 asked for
+    assert trained("--preset=cpu", "--blocks=2,2,2,2").blocks == "2,2,2,2"
+    assert trained("--preset=cpu", "--blocks=1,2,2,1", "--amp=false").blocks == "1,2,2,1"
+    assert trained("--preset=cpu", "--image_size=64", "--stem_stride=1").image_size == 64
+    assert trained("--amp=false").blocks == ern.Config().blocks  # no preset: the defaults
+    assert trained("--preset=demo", "--amp=false").blocks == ern.PRESETS["demo"]["blocks"]
 
 
 # ---------------------------------------------------------------------------------------------
