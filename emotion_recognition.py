@@ -16,10 +16,11 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
 
-Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu (2.8 M parameters) trains on the AffectNet YOLO
-export's 17,101 training faces in 30 minutes and reaches 74.33 % validation accuracy (six seeds) on a Zen 5 EPYC with
-native bf16 (2026-12-04/05), and 70.03 % (three seeds) in float32 on a Zen 3 EPYC with AVX2 only (2026-12-05), which
-fits 17.5-18 epochs where the Zen 5 fits 55-62. The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
+Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's 17,101
+training faces in 30 minutes and reaches 74.33 % validation accuracy (six seeds; 2.8 M parameters, 55-62 epochs) on a
+Zen 5 EPYC with native bf16 (2026-12-04/05), and 72.35 % (three seeds) in float32 on a Zen 3 EPYC with AVX2 only
+(2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
+and reach 70.03 %). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
 with native bf16 (three seeds) on a family 25 model 17 EPYC, which steps at half the Zen 5's speed.
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
@@ -138,17 +139,17 @@ class Action:
 
 # Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
 # 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
-# stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds),
-# and channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds; 0.10
-# better where Zen 5 multiplies bf16 natively, within the seeds' spread, three seeds each); the same model where the
-# CPU multiplies bf16 natively, where it fits more epochs (no worse there than 64 px faces through a stride-1 stem,
-# one seed each); at most 100 epochs, so that the budget decides (a Zen 5 EPYC fits 55-62: 40 ended its runs at 19 of
-# 30 minutes); lr 3e-3 (+0.64 where bf16 is native, three seeds each, above twice its standard error; +0.38 on Zen
-# 5, five runs against three, and -0.69 in float32, within twice it); no random erasing (+0.24 where bf16 is native
-# on a family 25 EPYC, three seeds, within twice the standard error; +0.01 on Zen 5, four seeds paired; -0.3 in
-# float32, one seed); its evaluation averages twenty views (the face and its central 86 px enlarged, each moved 2 px
-# each way, and each mirrored: 0.2-0.7 points above ten without the zoom, and those 0.4-1.3 above the mirror alone,
-# on each model measured, BENCHMARKS.md); demo: --demo's.
+# stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds), and
+# channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds; 0.10 better
+# where Zen 5 multiplies bf16 natively, within the seeds' spread, three seeds each); in float32 one block a stage
+# (PRESETS_FLOAT32_CPU); where the CPU multiplies bf16 natively it fits more epochs (96 px through the stride-2 stem
+# no worse there than 64 px faces through a stride-1 stem, one seed each); at most 100 epochs, so that the budget
+# decides (a Zen 5 EPYC fits 55-62: 40 ended its runs at 19 of 30 minutes); lr 3e-3 (+0.64 where bf16 is native, three
+# seeds each, above twice its standard error; +0.38 on Zen 5, five runs against three, and -0.69 in float32, within
+# twice it); no random erasing (+0.24 where bf16 is native on a family 25 EPYC, three seeds, within twice the standard
+# error; +0.01 on Zen 5, four seeds paired; -0.3 in float32, one seed); its evaluation averages twenty views (the face
+# and its central 86 px enlarged, each moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the
+# zoom, and those 0.4-1.3 above the mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
@@ -157,10 +158,11 @@ PRESETS = {
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 # A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false), unless the command line
-# gives one of them (main: preset_for_machine). cpu: one block a stage (1.24 M parameters), whose step costs 0.56x:
-# a 2-core AVX2 CPU fits 34 epochs of it in 30 minutes where it fits 18 of two blocks a stage, and the network still
-# underfits there (BENCHMARKS.md, 2026-12-05). Where bf16 is native 55-62 epochs of two blocks a stage fit and fit
-# the training faces to 84-86 % against 74 % on validation: the shallower network is not measured there.
+# gives one of them (main: preset_for_machine). cpu: one block a stage (1.24 M parameters), whose step costs 0.56x: a
+# 2-core AVX2 CPU (Zen 3) fits 33-34 epochs of it in 30 minutes against 17.5-18 of two blocks a stage, and reaches
+# 72.35 % against 70.03 % (three seeds paired: +2.32, standard error 0.55; BENCHMARKS.md). Where bf16 is native two
+# blocks a stage fit 55-62 epochs and fit the training faces to 84-86 % (74 % on validation): one block is not
+# measured there. Measured in float32 on that AVX2-only CPU alone, not on AVX-512 ones without bf16.
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 # --evaluate's and predict.py's: the command line's, else the checkpoint's
@@ -422,8 +424,8 @@ def cpu_has_bf16():
 
 def autocast_dtype(cfg, device):
     """CUDA: bf16 on Ampere and newer, fp16 (with a GradScaler) before, where bf16 is only emulated.
-    CPU: bf16 where native (with channels_last: the CPU preset fits 55-62 epochs in 30 minutes on a Zen 5 EPYC,
-    against 41 in float32 on its AVX-512 kernels and 29-32 on its AVX2 ones: BENCHMARKS.md)."""
+    CPU: bf16 where native (with channels_last: the CPU preset, two blocks a stage, fits 55-62 epochs in 30 minutes on
+    a Zen 5 EPYC, against 41 in float32 on its AVX-512 kernels and 29-32 on its AVX2 ones: BENCHMARKS.md)."""
     if not cfg.amp:
         return None
     if device.type == "cuda":
@@ -439,13 +441,14 @@ def arithmetic(cfg, device):
 
 
 def preset_for_machine(cfg, overrides):
-    """cfg with its preset's PRESETS_FLOAT32_CPU fields where it trains on a CPU in float32, unless the command line
-    gave one of them."""
+    """cfg as it trains on this machine: its preset's PRESETS_FLOAT32_CPU fields in float32 on a CPU."""
     fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
-    device = resolve_device(cfg.device)
-    if not fields or any(k in overrides for k in fields) or device.type != "cpu" or autocast_dtype(cfg, device) is not None:
+    if not fields or any(k in overrides for k in fields):
         return cfg
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank resolves it alike; one says so
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" or autocast_dtype(cfg, device) is not None:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:  # on one machine every torchrun rank resolves it alike; one says so
         print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
     return dataclasses.replace(cfg, **fields)
 
@@ -2717,6 +2720,7 @@ def main(argv, started=None):
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)
     cfg = preset_for_machine(cfg, overrides)
+    validate_config(cfg)
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():

@@ -1,7 +1,7 @@
 """
 Float32 training on the CPU, the case of CPUs without native bf16: the CPU preset's model (PRESETS["cpu"],
---amp=false) trained by train_one_epoch in four ways, side by side in one run, and its validation-style
-inference (run_inference) in both memory formats.
+--amp=false; two blocks a stage, the float32 preset's until 2026-12-05) trained by train_one_epoch in four ways,
+side by side in one run, and its validation-style inference (run_inference) in both memory formats.
 
     python benchmarks/bench_cpu_float32.py --json=bench_cpu_float32.json
     python benchmarks/bench_cpu_float32.py --json=... --rounds=1 --steps=2   # a quick look

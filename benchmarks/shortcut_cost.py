@@ -1,9 +1,10 @@
 """What the shortcut's own weight gradient (emotion_recognition.Projection) costs a training step, against oneDNN's 1x1
 convolution backward that it replaces in channels_last (BENCHMARKS.md, "Never crash on a machine it has not met").
 
-The CPU preset's model (PRESETS["cpu"], batch 64, channels_last) takes train_one_epoch's steps with each shortcut in
-turn, in one process, the two interleaved round by round so that the machine's load hits both; fastest and median
-round per step, and their ratio. bf16 autocast only where the CPU has it natively (emotion_recognition.cpu_has_bf16).
+The CPU preset's model (PRESETS["cpu"]: two blocks a stage, as where bf16 is native; batch 64, channels_last) takes
+train_one_epoch's steps with each shortcut in turn, in one process, the two interleaved round by round so that the
+machine's load hits both; fastest and median round per step, and their ratio. bf16 autocast only where the CPU has
+it natively (emotion_recognition.cpu_has_bf16).
 
     python benchmarks/shortcut_cost.py --json=shortcut_cost.json [--rounds=14] [--steps=8]
 """

@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT))
 from emotion_recognition import cpu_flags, cpu_model  # noqa: E402
 
 # the preset before issue 24 (commit 4442bd2) over --preset=cpu: 64 px, width 0.5, batch 128, at most 18 epochs, lr 2e-3,
-# the whole split validated with the mirror each epoch (the preset's lr and test-time views pinned back: it has changed them)
+# the whole split validated with the mirror each epoch (the preset's lr, test-time views and, in float32, blocks pinned
+# back: it has changed them)
 OLD = ("--image_size=64 --stem_stride=1 --width=0.5 --batch_size=128 --epochs=18 --val_faces=0 --tsne_samples=1500 "
-       "--attention_samples=2000 --lr=2e-3 --tta_shift=0 --tta_zoom=0")
+       "--attention_samples=2000 --lr=2e-3 --tta_shift=0 --tta_zoom=0 --blocks=2,2,2,2")
 # name: overrides added to every row above it (the order is the order of issue 24's levers)
 ROWS = {
     "old": OLD,
@@ -48,9 +49,9 @@ ROWS = {
     "+48 px": "--image_size=48 --stem_stride=1",  # lever 3
     "+batch 64": "--batch_size=64",  # lever 4: more steps in a short schedule
     "+label smoothing 0.2": "--label_smoothing=0.2",
-    "=new preset": "",  # --preset=cpu as it is now
-    "=new preset at 48 px": "--image_size=48 --stem_stride=1 --width=0.5",  # the preset of 2026-11-30 to 12-02
-    "=new preset at 64 px": "--image_size=64 --stem_stride=1 --width=0.5",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
+    "=new preset": "",  # --preset=cpu as it is now (in float32 one block a stage, with --bf16 two)
+    "=new preset at 48 px": "--image_size=48 --stem_stride=1 --width=0.5 --blocks=2,2,2,2",  # the preset of 2026-11-30 to 12-02
+    "=new preset at 64 px": "--image_size=64 --stem_stride=1 --width=0.5 --blocks=2,2,2,2",  # where bf16 is native, a 64 px step costs 1.6x a 48 px one, not 2x
     "+batch 128": "--batch_size=128",
     "=48 px alone": f"{OLD} --image_size=48",  # the old preset with only its faces at 48 px (a later --name wins)
     "=no attention": "--channel_attention=false --spatial_attention=false",
@@ -60,7 +61,7 @@ ROWS = {
     "=widths 48-384": "--width=0.6",  # lever 2: channels 48, 96, 192, 384
     "=96 px stride-2 stem": "--image_size=96 --stem_stride=2",  # lever 2/3: the 48 px network's cost on 96 px faces (the preset's since 12-02)
     "=64 px stride-1 stem": "--image_size=64 --stem_stride=1",  # the preset's faces where bf16 was native, 12-02
-    "=width 0.5": "--width=0.5",  # the preset of 12-02 before width 0.4: channels 40-320
+    "=width 0.5": "--width=0.5",  # channels 40-320 (in float32 with one block a stage; the preset of 12-02 before width 0.4 had two)
     "=width 0.3": "--width=0.3",  # lever 2: channels 24, 48, 96, 192 (multiples of 8, AVX2's lanes), more epochs
     "=one block a stage": "--blocks=1,1,1,1",  # lever 2: half the stages' work, more epochs (the float32 preset's since 12-05)
     "=two blocks a stage": "--blocks=2,2,2,2",  # the preset's where bf16 is native; in float32 until 12-05
@@ -101,7 +102,8 @@ def step_time(name, overrides, args, steps=6):
     """Seconds per training step of the row's model and batch, in this process."""
     import torch
     import emotion_recognition as ern
-    cfg, _, given = ern.parse_args(["--preset=cpu", f"--amp={str(args.bf16).lower()}", *shlex.split(overrides)])
+    cfg, _, given = ern.parse_args(["--preset=cpu", "--device=cpu", f"--amp={str(args.bf16).lower()}",
+                                    *shlex.split(overrides)])
     cfg = ern.preset_for_machine(cfg, given)
     ern.validate_config(cfg)
     device = torch.device("cpu")
@@ -120,7 +122,7 @@ def step_time(name, overrides, args, steps=6):
     t0 = time.perf_counter()
     run(2 * cfg.batch_size, len(x))
     seconds = (time.perf_counter() - t0) / steps
-    return {"row": name, "image_size": cfg.image_size, "stem_stride": cfg.stem_stride, "batch": cfg.batch_size,
+    return {"row": name, "image_size": cfg.image_size, "stem_stride": cfg.stem_stride, "blocks": cfg.blocks, "batch": cfg.batch_size,
             "channels_last": cfg.channels_last,
             "step_seconds": seconds, "ms_per_face": 1000 * seconds / cfg.batch_size}
 
@@ -141,11 +143,11 @@ def main():
         changes = ""
         print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
               f"{'bf16 autocast' if args.bf16 else 'float32'}")
-        print("| change | px | stem stride | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|---|")
+        print("| change | px | stem stride | blocks | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|---|---|")
         for name in [n for n in ROWS if args.rows == "all" or n in args.rows.split(",")]:
             changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
             r = step_time(name, changes, args)
-            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
+            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
                   f"{r['ms_per_face']:.2f} |", flush=True)
         return
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]

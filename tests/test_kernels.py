@@ -21,7 +21,7 @@ from conftest import ROOT, ern
 # The defaults with each preset's overrides, and the sizes the README names (BENCHMARKS.md: the full matrix).
 CPU, DEMO = ern.PRESETS["cpu"], ern.PRESETS["demo"]
 NAMED = {"default (width 1.0, 96 px)": {},
-         "cpu preset (width 0.4, 96 px, stride-2 stem)": dict(CPU),
+         "cpu preset where bf16 is native (width 0.4, 96 px, stride-2 stem, two blocks a stage)": dict(CPU),
          "cpu preset in float32 (one block a stage)": {**CPU, **ern.PRESETS_FLOAT32_CPU["cpu"]},
          "cpu preset of 11-24 (width 0.5, 64 px)": {**CPU, "image_size": 64, "stem_stride": 1, "width": 0.5},
          "cpu preset of 11-30 (width 0.5, 48 px, stride-1 stem)": {**CPU, "image_size": 48, "stem_stride": 1, "width": 0.5},

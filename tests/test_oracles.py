@@ -96,9 +96,12 @@ def test_the_decode_cache_is_rebuilt_by_what_changes_the_crops(tiny_dataset, tmp
 
 def test_presets_give_their_values_and_the_command_line_overrides_them():
     cfg = ern.parse_args(["--preset=cpu"])[0]
-    # the CPU protocol as the README states it: 96 px faces through a stride-2 stem, 2.8 M parameters, 30 minutes
+    # the CPU protocol as the README states it: 96 px faces through a stride-2 stem, 30 minutes, 2.8 M parameters
+    # where bf16 is native and 1.2 M in float32 (one block a stage: preset_for_machine)
     assert (cfg.image_size, cfg.stem_stride, cfg.time_budget, cfg.preset) == (96, 2, 30.0, "cpu")
     assert 2.75e6 < ern.count_parameters(ern.build_model(cfg, 8)) < 2.85e6
+    float32 = dataclasses.replace(cfg, **ern.PRESETS_FLOAT32_CPU["cpu"])
+    assert 1.15e6 < ern.count_parameters(ern.build_model(float32, 8)) < 1.25e6
     assert all(getattr(cfg, k) == v for k, v in ern.PRESETS["cpu"].items())
     assert ern.parse_args(["--preset=cpu", "--image_size=64", "--time_budget=0"])[0].image_size == 64
     assert ern.parse_args(["--image_size=64", "--preset=cpu"])[0].image_size == 64  # the command line wins, in any order
@@ -132,6 +135,8 @@ def test_the_cpu_preset_trains_one_block_a_stage_in_float32_unless_told_otherwis
     assert trained("--preset=cpu", "--image_size=64", "--stem_stride=1").image_size == 64
     assert trained("--amp=false").blocks == ern.Config().blocks  # no preset: the defaults
     assert trained("--preset=demo", "--amp=false").blocks == ern.PRESETS["demo"]["blocks"]
+    monkeypatch.setattr(ern, "resolve_device", lambda _: torch.device("cuda"))  # a GPU: the preset as written
+    assert ern.preset_for_machine(ern.parse_args(["--preset=cpu", "--amp=false"])[0], {}).blocks == "2,2,2,2"
 
 
 # ---------------------------------------------------------------------------------------------
