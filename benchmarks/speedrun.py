@@ -65,6 +65,8 @@ ROWS = {
     "=width 0.3": "--width=0.3",  # lever 2: channels 24, 48, 96, 192 (multiples of 8, AVX2's lanes), more epochs
     "=one block a stage": "--blocks=1,1,1,1",  # lever 2: half the stages' work, more epochs (the float32 preset's since 12-05)
     "=two blocks a stage": "--blocks=2,2,2,2",  # the preset's where bf16 is native; in float32 until 12-05
+    "=a second block in stage 4": "--blocks=1,1,1,2",  # lever 2: capacity where the map is 6x6 (in float32)
+    "=a second block in stages 3-4": "--blocks=1,1,2,2",  # lever 2: likewise at 12x12 and 6x6
 }
 
 
