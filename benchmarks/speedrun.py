@@ -67,6 +67,7 @@ ROWS = {
     "=two blocks a stage": "--blocks=2,2,2,2",  # the preset's where bf16 is native; in float32 until 12-05
     "=a second block in stage 4": "--blocks=1,1,1,2",  # lever 2: capacity where the map is 6x6 (in float32)
     "=a second block in stages 3-4": "--blocks=1,1,2,2",  # lever 2: likewise at 12x12 and 6x6
+    "=80 px stride-2 stem": "--image_size=80 --stem_stride=2",  # lever 3: stages of 40 px, more epochs (in float32)
 }
 
 
