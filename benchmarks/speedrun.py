@@ -125,8 +125,8 @@ def step_time(name, overrides, args, steps=6):
     t0 = time.perf_counter()
     run(2 * cfg.batch_size, len(x))
     seconds = (time.perf_counter() - t0) / steps
-    return {"row": name, "image_size": cfg.image_size, "stem_stride": cfg.stem_stride, "blocks": cfg.blocks, "batch": cfg.batch_size,
-            "channels_last": cfg.channels_last,
+    return {"row": name, "image_size": cfg.image_size, "stem_stride": cfg.stem_stride, "blocks": cfg.blocks,
+            "batch": cfg.batch_size, "channels_last": cfg.channels_last,
             "step_seconds": seconds, "ms_per_face": 1000 * seconds / cfg.batch_size}
 
 
