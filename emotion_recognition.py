@@ -39,10 +39,12 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -170,6 +172,7 @@ CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder of images: skipped, as dot-files are
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,9 +356,12 @@ def log(message, log_file=None):
     """Print, and append to the run's log file: the log of a run is its console output (rank 0's, under torchrun)."""
     if rank_and_world()[0] != 0:
         return
-    tqdm.write(message)
+    try:
+        tqdm.write(message)
+    except UnicodeEncodeError:  # a console in a narrower encoding than a class name's letters
+        tqdm.write(message.encode("ascii", "backslashreplace").decode())
     if log_file is not None:
-        with open(log_file, "a") as f:
+        with open(log_file, "a", encoding="utf-8") as f:  # class names need not be in the locale's encoding
             f.write(message + "\n")
 
 
@@ -394,7 +400,10 @@ def cpu_model():
 
 def user_cache_dir():
     """Where verdicts about this machine are kept across runs and datasets: $XDG_CACHE_HOME/ern or ~/.cache/ern."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ern"
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ern"
+    except (RuntimeError, KeyError):  # no home directory (no $HOME, no passwd entry: some containers)
+        return Path(tempfile.gettempdir()) / "ern"
 
 
 def cpu_flags():
@@ -580,7 +589,7 @@ def read_data_yaml(data_dir, problems=None):
     if not yaml_path.is_file():
         raise UserError(f"no data.yaml at {yaml_path}: pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
     try:
-        doc = yaml.safe_load(yaml_path.read_text())
+        doc = yaml.safe_load(yaml_path.read_bytes())  # bytes: PyYAML reads UTF-8 (or a BOM's UTF-16), whatever the locale
     except yaml.YAMLError as e:
         raise UserError(f"{yaml_path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict) or "names" not in doc:
@@ -687,7 +696,7 @@ def scan_split(name, images_dir, num_classes):
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
     images, others = {}, []
     for p in sorted(images_dir.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or p.name.lower() in SYSTEM_FILES:
             continue
         stem = p.relative_to(images_dir).with_suffix("")
         if p.suffix.lower() in IMAGE_EXTS and stem in images:
@@ -698,6 +707,8 @@ def scan_split(name, images_dir, num_classes):
             others.append(p)
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
     label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in sorted(labels_dir.rglob("*.txt"))}
+    if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
+        label_files.pop(Path("classes"), None)
     paths, labels, boxes = [], [], []
     for stem, image in images.items():
         label = label_files.get(stem)
@@ -859,6 +870,11 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     if not (array_path.exists() and meta_path.exists()):
         t0 = time.time()
         decoded = {}
+
+        need, free = len(split) * 3 * size * size, shutil.disk_usage(cache_dir).free
+        if need > free:  # the memory-mapped file is sparse: a disk filling under it kills the process (SIGBUS)
+            raise UserError(f"the {split.name} split's decode cache needs {need / 2**30:.2f} GiB in {cache_dir} and "
+                            f"{free / 2**30:.2f} GiB are free: free some space or choose another --cache_dir")
 
         def decode_into(tmp):  # a temporary file per process: two runs may build the same cache at once
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
@@ -1453,6 +1469,26 @@ def _probe_child(model, image_size, batch, amp_dtype, threads, conn):
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
+@contextlib.contextmanager
+def callers_script_hidden():
+    """A spawned child runs the main script again (as __mp_main__) wherever it can find it. Where this file is
+    imported (a user's script calling main() or EmotionPredictor at its top level, without a __main__ guard) the
+    child needs this module alone: the caller's script is hidden from it while it starts."""
+    main = sys.modules.get("__main__")
+    if __name__ == "__main__" or main is None:  # run as the script: the child finds _probe_child in it
+        yield
+        return
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    main.__spec__ = None
+    with contextlib.suppress(AttributeError):
+        del main.__file__
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     """Run probe_channels_last in a spawned child; returns (safe, reason, definite): definite is False where the
     outcome may be the machine's rather than the kernels' (a child that could not start, was killed, or raised)."""
@@ -1460,7 +1496,8 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
-    child.start()
+    with callers_script_hidden():
+        child.start()
     send.close()
     answer, timeout = None, PROBE_START_TIMEOUT
     try:

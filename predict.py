@@ -165,6 +165,9 @@ class FaceDetector:
 
     def cascades(self):
         if not hasattr(self.local, "cascades"):
+            if not hasattr(cv2, "data"):  # conda's and the distributions' OpenCV builds leave cv2.data out
+                raise UserError("this OpenCV build has no Haar cascades (no cv2.data): pip install "
+                                "'opencv-python-headless<5'")
             folder = Path(cv2.data.haarcascades)
             self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
                                    for n in ("frontalface_default", "profileface")]
@@ -212,11 +215,23 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
     return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
 
 
+def rgb_array(image):
+    """The notebook API's image as the (H, W, 3) uint8 RGB array prediction reads: a grayscale one (H, W) or (H, W, 1)
+    as three equal channels, an RGBA one without its alpha; anything else is refused, not guessed at."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise UserError(f"expected an image as a uint8 array, RGB (H, W, 3), grayscale (H, W) or RGBA (H, W, 4); got "
+                        f"{image.dtype} {tuple(image.shape)}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3])
+
+
 class EmotionPredictor:
     """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected, emotion,
-    confidence, probabilities by class name); an image without a detected face: one dict with face_detected false
-    and emotion, confidence and probabilities None. detect_faces=False: the whole image is the face. checkpoint: a
-    .pth file or a run folder (its best_emotion_model.pth).
+    confidence, probabilities by class name; rgb as rgb_array takes it); an image without a detected face: one dict
+    with face_detected false and emotion, confidence and probabilities None. detect_faces=False: the whole image is
+    the face. checkpoint: a .pth file or a run folder (its best_emotion_model.pth).
     settings: the inference fields (INFERENCE_SETTINGS) replacing the checkpoint's."""
 
     def __init__(self, checkpoint, device="auto", detect_faces=True, **settings):
@@ -267,6 +282,7 @@ class EmotionPredictor:
                 for (box, detected, _), p in zip(faces, probs)]
 
     def __call__(self, image, boxes=None):
+        image = rgb_array(image)
         faces = self.faces(image, boxes)
         return self.describe(faces, classify_batch(self, [(faces,)])[0])
 

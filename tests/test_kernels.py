@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -154,6 +155,38 @@ def test_the_probe_tells_a_safe_layout_from_one_that_crashes_hangs_or_is_wrong(w
     verdict = ern.run_probe(Layout(what), 8, 4, None, 1, min_timeout=1.0 if what == "hang" else 30.0)
     assert verdict[0] == safe and verdict[1].startswith(reason) and verdict[2] == definite, verdict
     assert time.time() - t0 < 60  # a hang is cut short: seconds after the contiguous passes answered
+
+
+def test_the_probe_of_a_script_without_a_main_guard_does_not_run_the_script_again(tmp_path):
+    """A user's script that calls the trainer at its top level: the spawned probe imports the trainer, never the
+    script (which would run its work twice and then fail to spawn from inside the child)."""
+    script = tmp_path / "user_script.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport emotion_recognition as ern\n"
+                      "print('top level ran', flush=True)\n"
+                      "cfg = ern.Config(image_size=32, width=0.125, blocks='1,1,1,1')\n"
+                      "print(ern.run_probe(ern.build_model(cfg, 8), 32, 4, None, 1)[:2], flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "top level ran" and len(lines) == 2 and lines[1].startswith('(True, "gradients within'), lines
+
+
+def test_the_callers_script_is_hidden_only_while_the_probe_starts(monkeypatch):
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__file__", "/somewhere/user_script.py", raising=False)
+    spec = getattr(main, "__spec__", None)
+    with ern.callers_script_hidden():
+        assert not hasattr(main, "__file__") and main.__spec__ is None
+    assert main.__file__ == "/somewhere/user_script.py" and main.__spec__ is spec
+
+
+def test_without_a_home_directory_verdicts_are_kept_in_the_temporary_folder(monkeypatch):
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(ern.Path, "home", classmethod(no_home))
+    assert ern.user_cache_dir() == ern.Path(tempfile.gettempdir()) / "ern"
 
 
 def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -309,6 +310,28 @@ def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):
     together = predictor.classify(crops)
     one_by_one = np.concatenate([predictor.classify(crops[i:i + 1]) for i in range(len(crops))])
     assert together == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_the_notebook_api_takes_grayscale_and_rgba_and_refuses_other_arrays(checkpoint):
+    predictor = pr.EmotionPredictor(checkpoint)
+    gray = cv2.cvtColor(hopper_rgb(), cv2.COLOR_RGB2GRAY)
+    want = predictor(np.repeat(gray[:, :, None], 3, axis=2))
+    assert want[0]["face_detected"] and predictor(gray) == want and predictor(gray[:, :, None]) == want
+    rgba = np.dstack([hopper_rgb(), np.full(gray.shape, 7, np.uint8)])
+    assert predictor(rgba) == predictor(hopper_rgb())
+    for bad in (hopper_rgb() / 255.0, hopper_rgb()[:, :, :2], hopper_rgb()[None]):
+        with pytest.raises(pr.UserError, match=rf"expected an image as a uint8 array.*got {bad.dtype} "
+                                               rf"{re.escape(str(bad.shape))}"):
+            predictor(bad)
+
+
+def test_an_opencv_without_its_haar_cascades_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(cv2.data, "haarcascades", str(tmp_path))
+    with pytest.raises(pr.UserError, match=f"OpenCV's Haar cascades are missing from {re.escape(str(tmp_path))}"):
+        pr.FaceDetector()
+    monkeypatch.delattr(cv2, "data")  # conda's and the distributions' builds
+    with pytest.raises(pr.UserError, match=r"no Haar cascades \(no cv2.data\): pip install 'opencv-python-headless<5'"):
+        pr.FaceDetector()
 
 
 def test_tracker_keeps_ids_by_overlap_and_smooths():

@@ -662,6 +662,51 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
         ern.load_dataset(cfg)
 
 
+def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_dataset, tmp_path, monkeypatch):
+    """The cache is a sparse memory-mapped file: a disk filling under it would kill the run (SIGBUS) without a word."""
+    _, folders, _ = ern.read_data_yaml(tiny_dataset)
+    split, _ = ern.scan_split("val", folders["val"], 8)
+    need, real = len(split) * 3 * 32 * 32, shutil.disk_usage
+    decoded = []
+    decode = ern.decode_image
+    monkeypatch.setattr(ern, "decode_image", lambda path: decoded.append(path) or decode(path))
+    for free, cache in ((need - 1, tmp_path / "small"), (need, tmp_path / "enough")):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+        cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(cache), image_size=32, decode_threads=1)
+        if free < need:
+            with pytest.raises(ern.UserError, match=rf"val split's decode cache needs .* GiB in {re.escape(str(cache))} "
+                                                    rf"and .* free: free some space or choose another --cache_dir"):
+                ern.load_split_pixels(split, cfg)
+            assert decoded == [] and list(cache.iterdir()) == []
+        else:
+            ern.load_split_pixels(split, cfg)
+            assert split.images.shape == (len(split), 3, 32, 32) and len(decoded) == len(set(split.paths))
+
+
+def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path):
+    """LabelImg's labels/classes.txt and Windows' Thumbs.db and desktop.ini are skipped; a label file without an
+    image is still one, and an image named classes keeps its label file."""
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    face = np.full((40, 40, 3), 128, np.uint8)
+    for stem in ("a", "b"):
+        cv2.imwrite(str(images / f"{stem}.png"), face)
+        (labels / f"{stem}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (images / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (images / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (labels / "classes.txt").write_text("anger\nhappy\n")
+    (labels / "orphan.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    split, problems = ern.scan_split("train", images, 2)
+    assert sorted(Path(p).name for p in split.paths) == ["a.png", "b.png"]
+    assert problems == [f"{labels / 'orphan.txt'}: label file without an image in {images}"]
+    cv2.imwrite(str(images / "classes.png"), face)
+    (labels / "classes.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    split, problems = ern.scan_split("train", images, 2)
+    assert sorted(zip(map(lambda p: Path(p).name, split.paths), split.labels.tolist())) == [
+        ("a.png", 1), ("b.png", 1), ("classes.png", 0)]
+
+
 def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
