@@ -399,11 +399,12 @@ def cpu_model():
 
 
 def user_cache_dir():
-    """Where verdicts about this machine are kept across runs and datasets: $XDG_CACHE_HOME/ern or ~/.cache/ern."""
+    """Where verdicts about this machine are kept across runs and datasets: $XDG_CACHE_HOME/ern or ~/.cache/ern;
+    without a home directory (no $HOME and no passwd entry: some containers) the user's own in the temporary folder."""
     try:
         return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ern"
-    except (RuntimeError, KeyError):  # no home directory (no $HOME, no passwd entry: some containers)
-        return Path(tempfile.gettempdir()) / "ern"
+    except (RuntimeError, KeyError):
+        return Path(tempfile.gettempdir()) / f"ern-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def cpu_flags():
@@ -589,9 +590,10 @@ def read_data_yaml(data_dir, problems=None):
     if not yaml_path.is_file():
         raise UserError(f"no data.yaml at {yaml_path}: pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
     try:
-        doc = yaml.safe_load(yaml_path.read_bytes())  # bytes: PyYAML reads UTF-8 (or a BOM's UTF-16), whatever the locale
+        doc = yaml.safe_load(yaml_path.read_bytes())  # bytes: UTF-8 (or a BOM's UTF-16) whatever the locale
     except yaml.YAMLError as e:
-        raise UserError(f"{yaml_path}: not valid YAML: {e}") from None
+        hint = " (save it as UTF-8)" if isinstance(e, yaml.reader.ReaderError) else ""
+        raise UserError(f"{yaml_path}: not valid YAML{hint}: {e}") from None
     if not isinstance(doc, dict) or "names" not in doc:
         raise UserError(f"{yaml_path}: expected a mapping with 'names' (and 'nc', 'train', 'val')")
     names = doc["names"]
@@ -688,6 +690,13 @@ def parse_label_file(path, num_classes):
     return boxes, problems
 
 
+def folder_files(folder):
+    """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
+    as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES)."""
+    return [f for f in sorted(Path(folder).rglob("*")) if f.is_file() and f.name.lower() not in SYSTEM_FILES and
+            not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+
+
 def scan_split(name, images_dir, num_classes):
     """Pair images with label files and parse them: (Split of the valid boxes, problems)."""
     labels_dir = labels_folder(images_dir)
@@ -695,9 +704,7 @@ def scan_split(name, images_dir, num_classes):
     if not labels_dir.is_dir():
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
     images, others = {}, []
-    for p in sorted(images_dir.rglob("*")):
-        if not p.is_file() or p.name.startswith(".") or p.name.lower() in SYSTEM_FILES:
-            continue
+    for p in folder_files(images_dir):
         stem = p.relative_to(images_dir).with_suffix("")
         if p.suffix.lower() in IMAGE_EXTS and stem in images:
             problems.append(f"{p}: shares its label file {stem}.txt with {images[stem]}")
@@ -706,7 +713,7 @@ def scan_split(name, images_dir, num_classes):
         else:
             others.append(p)
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
-    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in sorted(labels_dir.rglob("*.txt"))}
+    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in folder_files(labels_dir) if p.suffix == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
     paths, labels, boxes = [], [], []
@@ -868,13 +875,15 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     name = f"{prefix}_{cache_key(split, size, margin)}"  # no dots: the suffix is ours alone
     array_path, meta_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if not (array_path.exists() and meta_path.exists()):
+        # the cache is a sparse memory-mapped file: a disk filling under it would kill the process (SIGBUS) unheard
+        need, usage = len(split) * 3 * size * size, None
+        with contextlib.suppress(OSError):  # a mount that cannot say: decode, as before the check
+            usage = shutil.disk_usage(cache_dir)
+        if usage and usage.total and need > usage.free:
+            raise UserError(f"the {split.name} split's decode cache needs {need / 2**20:.1f} MiB in {cache_dir} and "
+                            f"{usage.free / 2**20:.1f} MiB are free: free some space or choose another --cache_dir")
         t0 = time.time()
         decoded = {}
-
-        need, free = len(split) * 3 * size * size, shutil.disk_usage(cache_dir).free
-        if need > free:  # the memory-mapped file is sparse: a disk filling under it kills the process (SIGBUS)
-            raise UserError(f"the {split.name} split's decode cache needs {need / 2**30:.2f} GiB in {cache_dir} and "
-                            f"{free / 2**30:.2f} GiB are free: free some space or choose another --cache_dir")
 
         def decode_into(tmp):  # a temporary file per process: two runs may build the same cache at once
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, size, size))
@@ -1469,6 +1478,9 @@ def _probe_child(model, image_size, batch, amp_dtype, threads, conn):
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
 
 
+SPAWN_LOCK = threading.Lock()  # callers_script_hidden: two threads may build predictors at once
+
+
 @contextlib.contextmanager
 def callers_script_hidden():
     """A spawned child runs the main script again (as __mp_main__) wherever it can find it. Where this file is
@@ -1478,15 +1490,16 @@ def callers_script_hidden():
     if __name__ == "__main__" or main is None:  # run as the script: the child finds _probe_child in it
         yield
         return
-    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
-    main.__spec__ = None
-    with contextlib.suppress(AttributeError):
-        del main.__file__
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(main, k, v)
+    with SPAWN_LOCK:
+        saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+        main.__spec__ = None
+        with contextlib.suppress(AttributeError):
+            del main.__file__
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(main, k, v)
 
 
 def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):

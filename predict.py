@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
                                  config_from_checkpoint, crop_box, ctrl_c_deferred, decode_image, explain_faces,
-                                 inference_model, load_checkpoint, overlay, read_overrides, resolve_device,
-                                 run_inference, validate_config, validate_device, write_json)
+                                 folder_files, inference_model, load_checkpoint, overlay, read_overrides,
+                                 resolve_device, run_inference, validate_config, validate_device, write_json)
 
 
 @dataclass
@@ -166,13 +166,14 @@ class FaceDetector:
     def cascades(self):
         if not hasattr(self.local, "cascades"):
             if not hasattr(cv2, "data"):  # conda's and the distributions' OpenCV builds leave cv2.data out
-                raise UserError("this OpenCV build has no Haar cascades (no cv2.data): pip install "
-                                "'opencv-python-headless<5'")
+                raise UserError("this OpenCV build has no Haar cascades (no cv2.data): install requirements.txt's "
+                                "OpenCV in a virtual environment (pip install -r requirements.txt)")
             folder = Path(cv2.data.haarcascades)
             self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
                                    for n in ("frontalface_default", "profileface")]
             if any(c.empty() for c in self.local.cascades):
-                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: reinstall opencv-python-headless")
+                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: install requirements.txt's "
+                                f"OpenCV in a virtual environment (pip install -r requirements.txt)")
         return self.local.cascades
 
     def __call__(self, image, still=True):
@@ -256,6 +257,7 @@ class EmotionPredictor:
         the given boxes (cropped as the dataset's label boxes are, with the checkpoint's crop_margin), else the
         detected faces, else the whole image with face_detected false and no crop (nothing to classify); without
         the detector, the whole image cropped as a label box covering it."""
+        image = rgb_array(image)
         h, w = image.shape[:2]
         margin = self.cfg.crop_margin
         if boxes is not None:
@@ -282,7 +284,6 @@ class EmotionPredictor:
                 for (box, detected, _), p in zip(faces, probs)]
 
     def __call__(self, image, boxes=None):
-        image = rgb_array(image)
         faces = self.faces(image, boxes)
         return self.describe(faces, classify_batch(self, [(faces,)])[0])
 
@@ -357,8 +358,7 @@ def prediction_inputs(specs):
         path = Path(part).expanduser()
         if path.is_dir():
             try:
-                files = [f for f in sorted(path.rglob("*")) if f.is_file() and
-                         not any(p.startswith(".") for p in f.relative_to(path).parts)]
+                files = folder_files(path)
             except OSError as e:
                 found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
                 continue

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from conftest import SCRIPT, TINY, ern, ex, pr, run_script
+from conftest import ROOT, SCRIPT, TINY, ern, ex, pr, run_script
 
 FAST = [*TINY, "--tsne_samples=0", "--attention_samples=0"]  # the plots are test_ern.py's business: they only cost time here
 EPOCHS = 3  # of the deterministic reference run that the interrupted-and-resumed run must reproduce
@@ -662,6 +662,24 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
         ern.load_dataset(cfg)
 
 
+def test_class_names_are_utf8_in_data_yaml_and_the_log_whatever_the_locale(tmp_path):
+    """Ultralytics writes data.yaml in UTF-8; a process in an ASCII locale (no UTF-8 mode) reads its names intact,
+    writes them to the log in UTF-8, and prints them escaped rather than dying."""
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    names = ["Überraschung", "生气", "neutral"]
+    (tmp_path / "data.yaml").write_bytes(yaml.safe_dump(dict(train="train/images", nc=3, names=names),
+                                                        allow_unicode=True).encode("utf-8"))
+    code = ("import sys, locale, emotion_recognition as ern; assert locale.getpreferredencoding(False) != 'UTF-8'; "
+            "names = ern.read_data_yaml(sys.argv[1])[0]; ern.log(' '.join(names), sys.argv[2]); print(ascii(names))")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(tmp_path), str(tmp_path / "train.log")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["\\xdcberraschung \\u751f\\u6c14 neutral", ascii(names)]
+    assert (tmp_path / "train.log").read_bytes() == (" ".join(names) + "\n").encode("utf-8")
+
+
 def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_dataset, tmp_path, monkeypatch):
     """The cache is a sparse memory-mapped file: a disk filling under it would kill the run (SIGBUS) without a word."""
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
@@ -674,8 +692,8 @@ def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_
         monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=free))
         cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(cache), image_size=32, decode_threads=1)
         if free < need:
-            with pytest.raises(ern.UserError, match=rf"val split's decode cache needs .* GiB in {re.escape(str(cache))} "
-                                                    rf"and .* free: free some space or choose another --cache_dir"):
+            with pytest.raises(ern.UserError, match=rf"val split's decode cache needs .* MiB in "
+                                                    rf"{re.escape(str(cache))} and .* MiB are free: free some space"):
                 ern.load_split_pixels(split, cfg)
             assert decoded == [] and list(cache.iterdir()) == []
         else:
@@ -684,7 +702,7 @@ def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_
 
 
 def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path):
-    """LabelImg's labels/classes.txt and Windows' Thumbs.db and desktop.ini are skipped; a label file without an
+    """LabelImg's labels/classes.txt, Windows' Thumbs.db and desktop.ini and Jupyter's checkpoints are skipped; a label file without an
     image is still one, and an image named classes keeps its label file."""
     images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
     images.mkdir(parents=True)
@@ -697,13 +715,15 @@ def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path)
     (images / "desktop.ini").write_text("[.ShellClassInfo]\n")
     (labels / "classes.txt").write_text("anger\nhappy\n")
     (labels / "orphan.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (images / ".ipynb_checkpoints").mkdir()  # Jupyter's copies
+    cv2.imwrite(str(images / ".ipynb_checkpoints" / "a-checkpoint.png"), face)
     split, problems = ern.scan_split("train", images, 2)
     assert sorted(Path(p).name for p in split.paths) == ["a.png", "b.png"]
     assert problems == [f"{labels / 'orphan.txt'}: label file without an image in {images}"]
     cv2.imwrite(str(images / "classes.png"), face)
     (labels / "classes.txt").write_text("0 0.5 0.5 0.5 0.5\n")
     split, problems = ern.scan_split("train", images, 2)
-    assert sorted(zip(map(lambda p: Path(p).name, split.paths), split.labels.tolist())) == [
+    assert sorted((Path(p).name, c) for p, c in zip(split.paths, split.labels.tolist())) == [
         ("a.png", 1), ("b.png", 1), ("classes.png", 0)]
 
 
