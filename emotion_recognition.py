@@ -164,8 +164,9 @@ PRESETS = {
 # 2-core AVX2 CPU (Zen 3) fits 33-34 epochs of it in 30 minutes against 17.5-18 of two blocks a stage, and reaches
 # 72.35 % against 70.03 % (three seeds paired: +2.32, standard error 0.55; BENCHMARKS.md); a second block in the last
 # stage (fewer epochs: -0.72, one seed) and 80 px faces (1.3x the epochs: -0.89 paired, three seeds) lost there. Where
-# bf16 is native two blocks a stage fit 55-62 epochs and fit the training faces to 84-86 % (74 % on validation): one
-# block is not measured there. Measured in float32 on that AVX2-only CPU alone, not on AVX-512 ones without bf16.
+# bf16 is native two blocks a stage fit 55-62 epochs and fit the training faces to 84-86 % (74 % on validation); the
+# 100 epochs of one block that might fit there reached 73.09 % in float32 (one seed, 91.8 % on the training faces),
+# so they keep two. Measured in float32 on that AVX2-only CPU alone, not on AVX-512 ones without bf16.
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 # --evaluate's and predict.py's: the command line's, else the checkpoint's
