@@ -165,15 +165,15 @@ class FaceDetector:
 
     def cascades(self):
         if not hasattr(self.local, "cascades"):
-            if not hasattr(cv2, "data"):  # conda's and the distributions' OpenCV builds leave cv2.data out
-                raise UserError("this OpenCV build has no Haar cascades (no cv2.data): install requirements.txt's "
-                                "OpenCV in a virtual environment (pip install -r requirements.txt)")
-            folder = Path(cv2.data.haarcascades)
-            self.local.cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
-                                   for n in ("frontalface_default", "profileface")]
-            if any(c.empty() for c in self.local.cascades):
-                raise UserError(f"OpenCV's Haar cascades are missing from {folder}: install requirements.txt's "
-                                f"OpenCV in a virtual environment (pip install -r requirements.txt)")
+            folder = Path(cv2.data.haarcascades) if hasattr(cv2, "data") else None  # conda's builds leave it out
+            cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
+                        for n in ("frontalface_default", "profileface")] if folder else []
+            if not cascades or any(c.empty() for c in cascades):
+                missing = (f"OpenCV's Haar cascades are missing from {folder}" if folder else
+                           "this OpenCV build has no Haar cascades (no cv2.data)")
+                raise UserError(f"{missing}: install requirements.txt's OpenCV in a virtual environment "
+                                f"(pip install -r requirements.txt)")
+            self.local.cascades = cascades
         return self.local.cascades
 
     def __call__(self, image, still=True):
