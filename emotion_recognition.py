@@ -417,6 +417,47 @@ def cpu_flags():
     return []
 
 
+def cpu_quota(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup")):
+    """The cores a CPU quota allows this process (docker --cpus, a Kubernetes limit, a systemd CPUQuota), to the
+    nearest whole core, at least 1; None where there is none. A quota is CPU time, not cores: every host core stays
+    visible, so OpenMP would start a thread per host core and the kernel would throttle them all in turn (a 1-core
+    quota on 2 cores: 1 thread trains 1.27x as fast as 2; 1.25 cores: 1 thread, 1.09x; 1.5: 2 threads, 1.13x;
+    benchmarks/cpu_quota.py). The smallest of cgroup v2's cpu.max and v1's cfs quota over this process's group and
+    the groups above it."""
+    cores = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in membership.read_text().splitlines():
+            _, controllers, own = line.split(":", 2)
+            if controllers and "cpu" not in controllers.split(","):
+                continue
+            for mount in {root / "cpu", root / controllers} if controllers else {root}:
+                group = mount / own.strip("/")  # a container's own namespace: "/", the group mounted at the root
+                for folder in (group, *group.parents[:len(group.relative_to(mount).parts)]):
+                    with contextlib.suppress(OSError, ValueError):
+                        if controllers:  # v1
+                            quota = int((folder / "cpu.cfs_quota_us").read_text())
+                            period = int((folder / "cpu.cfs_period_us").read_text())
+                        else:
+                            text = (folder / "cpu.max").read_text().split()
+                            quota, period = -1 if text[0] == "max" else int(text[0]), int(text[1])
+                        if quota > 0:
+                            cores.append(quota / period)
+    return max(1, int(min(cores) + 0.5)) if cores else None
+
+
+def cpu_threads():
+    """Threads for this process's work: one per core it may run on (its affinity mask), capped by a CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, cpu_quota() or cores)
+
+
+def fit_threads_to_cpu():
+    """torch's threads capped at cpu_threads() (under a 2-core quota on a 64-core host torch would start 32 and each
+    step would wait on throttled ones); OMP_NUM_THREADS, where set, is the user's choice and kept."""
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > cpu_threads():
+        torch.set_num_threads(cpu_threads())
+
+
 # oneDNN's instruction-set levels, in order, with the CPU flags each adds: ONEDNN_MAX_CPU_ISA=NAME caps its kernels at
 # one of them (a wider CPU then runs the narrower kernels). Below AVX512_CORE_BF16, bf16 is emulated.
 ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
@@ -837,7 +878,7 @@ def decode_split(split, out, size, margin, threads):
             out[i] = crop_box(image, split.boxes[i], margin, size).transpose(2, 0, 1)
         return path, idx, (digest.hexdigest(), fmt, list(image.shape[:2])), None
 
-    pool = ThreadPoolExecutor(threads or os.cpu_count())  # cv2 releases the GIL
+    pool = ThreadPoolExecutor(threads or cpu_threads())  # cv2 releases the GIL
     try:
         for path, idx, info, error in pool.map(work, by_image.items()):
             if error:
@@ -2676,8 +2717,9 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     n_params = count_parameters(model)
     computes = arithmetic(cfg, device)
     stem = f" (stride-{cfg.stem_stride} stem: stages of {-(-cfg.image_size // cfg.stem_stride)}px)" if cfg.stem_stride > 1 else ""
-    log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px{stem}, device {device}, "
-        f"autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
+    threads = f" (threads: {torch.get_num_threads()})" if device.type == "cpu" else ""
+    log(f"{type(model).__name__}: {n_params:,} parameters, width {cfg.width}, blocks {cfg.blocks}, {cfg.image_size}px{stem}, device {device}"
+        f"{threads}, autocast {computes['autocast'] or 'off (float32)'} | run folder {run_dir}", log_file)
     train_x = torch.from_numpy(np.ascontiguousarray(splits["train"].images)).to(device)
     train_y = torch.from_numpy(splits["train"].labels).to(device)
     val_epoch, tta = epoch_validation(splits["val"], cfg)  # what each epoch validates, and with cfg's views or not
@@ -2750,6 +2792,7 @@ def main(argv, started=None):
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)
+    fit_threads_to_cpu()
     action = dataclasses.replace(action, **{field: checkpoint_in(getattr(action, field), name) for field, name in (
         ("evaluate", "best_emotion_model.pth"), ("resume", "last.pth")) if getattr(action, field)})  # a run folder
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (action.evaluate or action.demo):

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, count_parameters,
-                                 crop_box, decode_image, load_checkpoint, model_from_checkpoint, normalize,
-                                 read_overrides, tta_view_count, tta_views, validate_config)
+                                 crop_box, decode_image, fit_threads_to_cpu, load_checkpoint, model_from_checkpoint,
+                                 normalize, read_overrides, tta_view_count, tta_views, validate_config)
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -149,6 +149,7 @@ def main(argv):
     args = Export(**given)
     if not args.checkpoint:
         raise UserError("give the model: --checkpoint=RUN_FOLDER or a .pth")
+    fit_threads_to_cpu()
     return run_export(dataclasses.replace(args, checkpoint=checkpoint_in(args.checkpoint, "best_emotion_model.pth")))
 
 

@@ -40,9 +40,10 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
-                                 config_from_checkpoint, crop_box, ctrl_c_deferred, decode_image, explain_faces,
-                                 folder_files, inference_model, load_checkpoint, overlay, read_overrides,
-                                 resolve_device, run_inference, validate_config, validate_device, write_json)
+                                 config_from_checkpoint, cpu_threads, crop_box, ctrl_c_deferred, decode_image,
+                                 explain_faces, fit_threads_to_cpu, folder_files, inference_model, load_checkpoint,
+                                 overlay, read_overrides, resolve_device, run_inference, validate_config, validate_device,
+                                 write_json)
 
 
 @dataclass
@@ -559,8 +560,8 @@ def predict_images(predictor, sources, out, progress, args):
         except (ValueError, OSError, cv2.error) as e:
             return source, opencv_message(e) if isinstance(e, cv2.error) else str(e), None, []
 
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # cv2 releases the GIL: decoding overlaps classification
-        prepared = ordered_prefetch(prepare, sources, pool, 2 * os.cpu_count())
+    with ThreadPoolExecutor(cpu_threads()) as pool:  # cv2 releases the GIL: decoding overlaps classification
+        prepared = ordered_prefetch(prepare, sources, pool, 2 * cpu_threads())
         for ready in in_batches(prepared, args.batch, args.batch):
             for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                 progress.update()
@@ -642,7 +643,7 @@ def predict_video(predictor, source, out, args):
     most = 1 if camera else int(min(args.batch, max(1, BUFFER_PIXELS // frame_pixels)))
     bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
     try:
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # detection of the next frames overlaps classification
+        with ThreadPoolExecutor(cpu_threads()) as pool:  # detection of the next frames overlaps classification
             prepared = ordered_prefetch(prepare, video_frames(capture, args.every, args.max_frames, fps), pool, most)
             for ready in in_batches(prepared, args.batch, most):
                 for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
@@ -756,6 +757,7 @@ def main(argv):
     (given,), sources = read_overrides(argv, (Prediction,), __doc__, positional=True)
     args = Prediction(**given)
     validate_prediction(args, sources)
+    fit_threads_to_cpu()
     return run_prediction(args, sources)
 
 

@@ -701,6 +701,57 @@ def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_
             assert split.images.shape == (len(split), 3, 32, 32) and len(decoded) == len(set(split.paths))
 
 
+def test_a_cpu_quota_is_read_from_cgroup_v2_and_v1(tmp_path):
+    """docker --cpus=2.5 on a 64-core host: every core visible, 2.5 cores of time. The smallest quota of this
+    process's group and the groups above it, in cgroup v2's cpu.max or v1's cfs files; none, unlimited or unreadable:
+    None."""
+    def quota(files, membership="0::/kubepods/pod1"):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        root.mkdir()
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text + "\n")
+        (root / "self_cgroup").write_text(membership + "\n")
+        return ern.cpu_quota(root, root / "self_cgroup")
+
+    assert quota({"kubepods/pod1/cpu.max": "250000 100000"}) == 3  # to the nearest core
+    assert quota({"kubepods/pod1/cpu.max": "225000 100000"}) == 2
+    assert quota({"kubepods/pod1/cpu.max": "max 100000", "kubepods/cpu.max": "400000 100000"}) == 4
+    assert quota({"kubepods/pod1/cpu.max": "800000 100000", "kubepods/cpu.max": "300000 100000"}) == 3
+    assert quota({"cpu.max": "140000 100000"}, "0::/") == 1  # a container's own namespace: its group is the root
+    assert quota({"cpu.max": "20000 100000"}, "0::/") == 1  # a fifth of a core still runs one thread
+    v1 = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n3:cpuset:/docker/abc"
+    assert quota({"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "600000",
+                  "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, v1) == 6
+    assert quota({"cpu/docker/cpu.cfs_quota_us": "50000", "cpu/docker/cpu.cfs_period_us": "10000"}, v1) == 5
+    assert quota({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, "1:cpu:/") is None
+    assert quota({"cpuset/cpu.cfs_quota_us": "100000", "cpuset/cpu.cfs_period_us": "100000"}, "3:cpuset:/") is None
+    assert quota({"kubepods/pod1/cpu.max": "max 100000"}) is None
+    assert quota({"kubepods/pod1/cpu.max": "garbled"}) is None
+    assert quota({"cpu.max": "100000 100000"}, "garbled") is None
+    assert quota({}) is None
+    assert ern.cpu_quota(tmp_path / "no cgroups", tmp_path / "no membership") is None  # Windows, macOS
+
+
+def test_torch_threads_are_capped_at_the_cpu_quota_unless_omp_num_threads_is_set(monkeypatch):
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for quota, expect in ((None, cores), (cores + 1, cores), (1, 1)):
+            torch.set_num_threads(cores)
+            monkeypatch.setattr(ern, "cpu_quota", lambda: quota)
+            assert ern.cpu_threads() == expect
+            ern.fit_threads_to_cpu()
+            assert torch.get_num_threads() == expect
+        torch.set_num_threads(cores)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(cores))  # the user's choice
+        ern.fit_threads_to_cpu()
+        assert torch.get_num_threads() == cores
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path):
     """LabelImg's labels/classes.txt, Windows' Thumbs.db and desktop.ini and Jupyter's checkpoints are skipped; a label file without an
     image is still one, and an image named classes keeps its label file."""
