@@ -366,6 +366,15 @@ def log(message, log_file=None):
             f.write(message + "\n")
 
 
+def console_escapes():
+    """The scripts' stdout and stderr write what their encoding cannot as escapes (\\xdc) instead of dying with
+    UnicodeEncodeError on a file or class name: a Windows console redirected to a file writes cp1252, a server's
+    locale may be narrower still."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):  # a stream of a notebook's or a test's own
+            stream.reconfigure(errors="backslashreplace")
+
+
 def seed_everything(seed, deterministic):
     torch.manual_seed(seed)
     if deterministic:
@@ -421,9 +430,9 @@ def cpu_quota(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup"))
     """The cores a CPU quota allows this process (docker --cpus, a Kubernetes limit, a systemd CPUQuota), to the
     nearest whole core, at least 1; None where there is none. A quota is CPU time, not cores: every host core stays
     visible, so OpenMP would start a thread per host core and the kernel would throttle them all in turn (a 1-core
-    quota on 2 cores: 1 thread trains 1.27x as fast as 2; 1.25 cores: 1 thread, 1.09x; 1.5: 2 threads, 1.13x;
-    benchmarks/cpu_quota.py). The smallest of cgroup v2's cpu.max and v1's cfs quota over this process's group and
-    the groups above it."""
+    quota on 2 cores: 1 thread trains 1.27-1.48x as fast as 2; 1.25 cores: 1 thread, 1.09-1.11x; 1.5 cores: 2
+    threads, 1.13-1.19x; benchmarks/cpu_quota.py). The smallest of cgroup v2's cpu.max and v1's cfs quota over this
+    process's group and the groups above it."""
     cores = []
     with contextlib.suppress(OSError, ValueError):
         for line in membership.read_text().splitlines():
@@ -858,6 +867,29 @@ def decode_image(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
 
 
+def opencv_path(path):
+    """path as OpenCV's file calls (videos) must have it: they encode a str in UTF-8 and crash (SIGSEGV) on one that
+    cannot be, which is what Python makes of a name whose bytes are not UTF-8 (Latin-1, from an old archive), and of
+    any non-ASCII name under an ASCII locale without Python's UTF-8 mode. The name's bytes read as UTF-8 are what
+    OpenCV opens; a name that is not UTF-8 is a ValueError."""
+    name = os.fsencode(path).decode("utf-8", "surrogateescape")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"OpenCV cannot open a file whose name is not UTF-8: {ascii(str(path))}; rename it") from None
+    return name
+
+
+def write_image(path, bgr):
+    """cv2.imwrite for any file name: encoded by OpenCV, written by Python (OpenCV's own writer fails on a non-ASCII
+    name on Windows, and crashes where opencv_path would refuse it). False where it cannot be written."""
+    ok, data = cv2.imencode(Path(path).suffix, bgr)
+    try:
+        return bool(ok) and Path(path).write_bytes(data.tobytes()) > 0
+    except OSError:
+        return False
+
+
 def decode_split(split, out, size, margin, threads):
     """Decode each image once (in parallel), crop its boxes into out[i]; per-sample (ok, hash, fmt, hw), problems."""
     by_image = defaultdict(list)
@@ -1202,7 +1234,7 @@ def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=D
                 img, (cx, cy, w, h) = draw_face(rng, DEMO_CLASSES[cls % len(DEMO_CLASSES)], size)
                 stem = f"{name.lower()}_{i:04d}"
                 ext = ".png" if rng.random() < 0.3 else ".jpg"
-                cv2.imwrite(str(root / split / "images" / (stem + ext)), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                write_image(root / split / "images" / (stem + ext), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
                 (root / split / "labels" / (stem + ".txt")).write_text(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
         splits[split] = f"{split}/images"
     doc = {"path": ".", "train": splits.get("train"), "val": splits.get("valid"), "test": splits.get("test"),
@@ -2789,6 +2821,7 @@ RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folde
 def main(argv, started=None):
     """Parse, validate, and do the one action asked for (none: train). Returns (run folder, results).
     started: the time.time() a --time_budget counts from (default: now)."""
+    console_escapes()
     cfg, action, overrides = parse_args(argv)
     validate_config(cfg)
     validate_action(action)

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, count_parameters,
-                                 crop_box, decode_image, fit_threads_to_cpu, load_checkpoint, model_from_checkpoint,
-                                 normalize, read_overrides, tta_view_count, tta_views, validate_config)
+from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes,
+                                 count_parameters, crop_box, decode_image, fit_threads_to_cpu, load_checkpoint,
+                                 model_from_checkpoint, normalize, read_overrides, tta_view_count, tta_views,
+                                 validate_config)
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -145,6 +146,7 @@ def run_export(args):
 
 def main(argv):
     """Parse, export and check. Returns the exit status: 0, or 1 when onnxruntime disagrees with PyTorch."""
+    console_escapes()
     (given,), _ = read_overrides(argv, (Export,), __doc__)
     args = Export(**given)
     if not args.checkpoint:

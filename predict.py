@@ -40,10 +40,10 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
-                                 config_from_checkpoint, cpu_threads, crop_box, ctrl_c_deferred, decode_image,
-                                 explain_faces, fit_threads_to_cpu, folder_files, inference_model, load_checkpoint,
-                                 overlay, read_overrides, resolve_device, run_inference, validate_config, validate_device,
-                                 write_json)
+                                 config_from_checkpoint, console_escapes, cpu_threads, crop_box, ctrl_c_deferred,
+                                 decode_image, explain_faces, fit_threads_to_cpu, folder_files, inference_model,
+                                 load_checkpoint, opencv_path, overlay, read_overrides, resolve_device, run_inference,
+                                 validate_config, validate_device, write_image, write_json)
 
 
 @dataclass
@@ -154,6 +154,17 @@ def box_iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
+def cascade(path):
+    """A Haar cascade read from its file's text: OpenCV's own reader fails in a folder of a non-ASCII name on Windows,
+    and crashes in one whose name is not UTF-8 (opencv_path). None where the file is missing or unreadable."""
+    try:
+        storage = cv2.FileStorage(path.read_text(encoding="utf-8"), cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+        classifier = cv2.CascadeClassifier()
+        return classifier if classifier.read(storage.getFirstTopLevelNode()) else None
+    except (OSError, UnicodeDecodeError, cv2.error):
+        return None
+
+
 class FaceDetector:
     """OpenCV's Haar cascades, from inside the installed wheel (Viola and Jones, CVPR 2001): frontal faces, then
     profile faces, looking either way, that no kept face overlaps. detector(rgb) -> pixel boxes (x1, y1, x2, y2),
@@ -167,9 +178,9 @@ class FaceDetector:
     def cascades(self):
         if not hasattr(self.local, "cascades"):
             folder = Path(cv2.data.haarcascades) if hasattr(cv2, "data") else None  # conda's builds leave it out
-            cascades = [cv2.CascadeClassifier(str(folder / f"haarcascade_{n}.xml"))
-                        for n in ("frontalface_default", "profileface")] if folder else []
-            if not cascades or any(c.empty() for c in cascades):
+            cascades = [cascade(folder / f"haarcascade_{n}.xml") for n in ("frontalface_default", "profileface")
+                        ] if folder else []
+            if not cascades or any(c is None or c.empty() for c in cascades):
                 missing = (f"OpenCV's Haar cascades are missing from {folder}" if folder else
                            "this OpenCV build has no Haar cascades (no cv2.data)")
                 raise UserError(f"{missing}: install requirements.txt's OpenCV in a virtual environment "
@@ -575,7 +586,7 @@ def predict_images(predictor, sources, out, progress, args):
                 annotated = out.path(name)
                 if args.explain:
                     write_explanations(predictor, out, name.stem, faces, probs, ids)
-                written = cv2.imwrite(str(annotated), annotate(image, faces, rows))
+                written = write_image(annotated, annotate(image, faces, rows))
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
                             "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
@@ -607,9 +618,11 @@ def predict_video(predictor, source, out, args):
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
     try:
-        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else source.path)
+        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else opencv_path(source.path))
     except cv2.error as e:
         return {**entry, "error": f"OpenCV cannot open it: {opencv_message(e)}"}
+    except ValueError as e:
+        return {**entry, "error": str(e)}
     if not capture.isOpened():
         return {**entry, "error": "cannot open the camera" if camera else
                 "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
@@ -664,7 +677,8 @@ def predict_video(predictor, source, out, args):
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     if writer is None:
                         rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every
-                        writer = cv2.VideoWriter(str(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate, frame.shape[1::-1])
+                        writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                                 frame.shape[1::-1])
                         if not writer.isOpened():
                             writer = False
                             entry["warnings"].append("this OpenCV cannot write mp4v video: no annotated video")
@@ -754,6 +768,7 @@ def run_prediction(args, specs):
 def main(argv):
     """Parse and predict. Returns the exit status: 0 when every input was read, 1 when some were not, 130 after
     Ctrl-C."""
+    console_escapes()
     (given,), sources = read_overrides(argv, (Prediction,), __doc__, positional=True)
     args = Prediction(**given)
     validate_prediction(args, sources)

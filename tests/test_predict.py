@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 import torch
 from matplotlib import cbook
 
-from conftest import PREDICT, ern, pr, run_script
+from conftest import PREDICT, ROOT, ern, pr, run_script
 
 HOPPER = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # 512x600 RGB portrait, one frontal face
 CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
@@ -332,6 +333,34 @@ def test_an_opencv_without_its_haar_cascades_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delattr(cv2, "data")  # conda's and the distributions' builds
     with pytest.raises(pr.UserError, match=r"no Haar cascades \(no cv2.data\): .*pip install -r requirements.txt"):
         pr.FaceDetector()
+
+
+def test_file_names_opencv_and_the_console_cannot_take(checkpoint, tmp_path):
+    """Names from an old archive (Latin-1 bytes, not UTF-8: Python hands them on with surrogates, and OpenCV crashed
+    on them, SIGSEGV), OpenCV's Haar cascades in a folder of such a name, and a console that cannot print Chinese (a
+    Windows console redirected to a file: cp1252, which raised UnicodeEncodeError). The photos are read, annotated
+    and printed escaped; the video OpenCV cannot open is named with the reason."""
+    media = tmp_path / "media"
+    media.mkdir()
+    shutil.copy(HOPPER, media / os.fsdecode(b"caf\xe9.jpg"))
+    shutil.copy(HOPPER, media / "生气.jpg")
+    os.replace(write_video(media / "clip.mp4", frames=4), media / os.fsdecode(b"film_\xe9.mp4"))
+    cascades = tmp_path / os.fsdecode(b"Kaskaden_\xdf")
+    shutil.copytree(cv2.data.haarcascades, cascades)
+    code = "import sys, cv2, predict; cv2.data.haarcascades = sys.argv[1]; sys.exit(predict.main(sys.argv[2:]))"
+    done = subprocess.run([sys.executable, "-c", code, str(cascades), str(media), f"--checkpoint={checkpoint}",
+                           f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "cp1252"},
+                          capture_output=True, text=True, encoding="cp1252", timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]  # 1: an input could not be read
+    assert "media/\\u751f\\u6c14.jpg: 1 face(s) detected" in done.stdout
+    assert "film_\\udce9.mp4: error: OpenCV cannot open a file whose name is not UTF-8" in done.stderr
+    with open(tmp_path / "out" / "predictions.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = list(csv.DictReader(f))  # the names as the file system has them
+    assert {Path(r["source"]).name: r["face_detected"] for r in rows} == {os.fsdecode(b"caf\xe9.jpg"): "true",
+                                                                          "生气.jpg": "true"}
+    annotated = sorted((tmp_path / "out" / "annotated").rglob("*.jpg"))
+    assert [p.name for p in annotated] == sorted([os.fsdecode(b"caf\xe9.jpg"), "生气.jpg"])
+    assert all(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR).shape == (600, 512, 3) for p in annotated)
 
 
 def test_tracker_keeps_ids_by_overlap_and_smooths():
