@@ -362,7 +362,7 @@ def log(message, log_file=None):
     except UnicodeEncodeError:  # a console in a narrower encoding than a class name's letters
         tqdm.write(message.encode("ascii", "backslashreplace").decode())
     if log_file is not None:
-        with open(log_file, "a", encoding="utf-8") as f:  # class names need not be in the locale's encoding
+        with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as f:  # any locale; names not UTF-8 escaped
             f.write(message + "\n")
 
 
@@ -926,7 +926,7 @@ def cache_key(split, size, margin):
     h = hashlib.sha1(f"{CACHE_VERSION}|{size}|{margin}".encode())
     for p in dict.fromkeys(split.paths):
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
     h.update(split.boxes.tobytes())
     return h.hexdigest()[:20]
 
@@ -945,7 +945,7 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
         raise UserError(f"cannot create the decode cache folder {cache_dir}: {e.strerror}; choose a writable "
                         f"--cache_dir") from None
     folder = Path(split.paths[0]).parent if split.paths else Path(".")
-    prefix = f"{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]}_{split.name}_{size}px_m{round(margin * 1000)}"
+    prefix = f"{hashlib.sha1(os.fsencode(folder.resolve())).hexdigest()[:10]}_{split.name}_{size}px_m{round(margin * 1000)}"
     name = f"{prefix}_{cache_key(split, size, margin)}"  # no dots: the suffix is ours alone
     array_path, meta_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if not (array_path.exists() and meta_path.exists()):
@@ -1011,7 +1011,7 @@ def file_list_fingerprint(paths):
     wherever the dataset lies."""
     files = sorted(set(map(str, paths)))
     root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
-    return hashlib.sha256("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()
+    return hashlib.sha256("\n".join(os.path.relpath(f, root) for f in files).encode(errors="surrogateescape")).hexdigest()
 
 
 def split_report(split, class_names):

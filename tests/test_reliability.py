@@ -181,6 +181,28 @@ def test_lenient_load_keeps_no_bad_sample_and_never_a_blank_image(tiny_dataset, 
         assert (pixels.std(1) > 1).all(), f"{s.name}: a constant (substituted) image"
 
 
+def test_file_names_that_are_not_utf8_are_read_fingerprinted_and_logged(tiny_dataset, tmp_path):
+    """Latin-1 names from an old archive reach Python as surrogates, which str.encode() refused: the decode cache's key
+    raised UnicodeEncodeError before any image was read. Their samples load (from the cache the second time), a broken
+    one of them is listed, and a log line naming the folder is written as valid UTF-8."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / os.fsdecode(b"daten_\xe4"))).resolve()
+    for image in sorted((data / "train" / "images").iterdir())[:3]:
+        name = os.fsdecode(os.fsencode(image.stem) + b"_caf\xe9")
+        image.rename(image.with_name(name + image.suffix))
+        (data / "train" / "labels" / f"{image.stem}.txt").rename(data / "train" / "labels" / f"{name}.txt")
+    (data / "train" / "images" / os.fsdecode(b"kaputt_\xe9.jpg")).write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (data / "train" / "labels" / os.fsdecode(b"kaputt_\xe9.txt")).write_text("0 0.5 0.5 0.5 0.5")
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    for n in (1, 2):
+        _, splits, report = ern.load_dataset(cfg, tmp_path / f"load{n}.log")
+        assert ("train: decoded" in (tmp_path / f"load{n}.log").read_text()) == (n == 1)  # then read from the cache
+        assert sum(os.fsencode(p).endswith((b"_caf\xe9.jpg", b"_caf\xe9.png")) for p in splits["train"].paths) == 3
+        assert len(splits["train"]) == len(os.listdir(tiny_dataset / "train" / "images"))
+        assert [p for p in report["problems"] if "kaputt_\udce9.jpg: truncated jpeg" in p] == report["problems"]
+    ern.log(f"data in {data}", tmp_path / "train.log")
+    assert (tmp_path / "train.log").read_text(encoding="utf-8") == f"data in {tmp_path}/daten_\\udce4\n"
+
+
 def test_nc_names_mismatch_stops_even_when_lenient_and_is_reported_with_the_rest(tiny_dataset, tmp_path):
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
     doc = yaml.safe_load((data / "data.yaml").read_text())
