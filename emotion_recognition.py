@@ -565,6 +565,27 @@ def atomic_write(path, write):
         raise
 
 
+def abandoned(tmp, idle=3600):
+    """atomic_write's NAME.PID.tmp left by a writer killed outright (SIGKILL, the out-of-memory killer: no cleanup
+    ran), a decode cache's can be gigabytes: unchanged for `idle` seconds, and where the system can say, its process is
+    not running (on this machine: another's build in a shared folder keeps its file changing)."""
+    try:
+        pid, age = int(tmp.name.split(".")[-2]), time.time() - tmp.stat().st_mtime
+    except (ValueError, IndexError, OSError):
+        return False
+    if age < idle:
+        return False
+    if os.name != "posix":  # Windows' os.kill(pid, 0) would send Ctrl-C: the age alone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's, running
+        pass
+    return False
+
+
 def atomic_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -949,6 +970,9 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     name = f"{prefix}_{cache_key(split, size, margin)}"  # no dots: the suffix is ours alone
     array_path, meta_path = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
     if not (array_path.exists() and meta_path.exists()):
+        for tmp in cache_dir.glob(f"{prefix}_*.tmp"):
+            if abandoned(tmp):
+                tmp.unlink(missing_ok=True)
         # the cache is a sparse memory-mapped file: a disk filling under it would kill the process (SIGBUS) unheard
         need, usage = len(split) * 3 * size * size, None
         with contextlib.suppress(OSError):  # a mount that cannot say: decode, as before the check

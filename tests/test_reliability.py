@@ -800,6 +800,26 @@ def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path)
         ("a.png", 1), ("b.png", 1), ("classes.png", 0)]
 
 
+def test_what_a_killed_cache_build_left_is_removed_by_the_next_build(tiny_dataset, tmp_path):
+    """SIGKILL mid-decode leaves NAME.PID.tmp (no cleanup runs): the next build of the split removes it once it is an
+    hour old and its process is gone, and keeps a running build's and a recent one's."""
+    cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32)
+    ern.load_dataset(cfg, splits_wanted=("train",))
+    [array] = (tmp_path / "cache").glob("*_train_*.npy")
+    for built in (tmp_path / "cache").iterdir():
+        built.unlink()  # the next load builds the cache again
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    prefix = array.stem.rsplit("_", 1)[0]  # the folder, split, size and margin: the key differs
+    left = {f"{prefix}_{'1' * 20}.npy.{dead}.tmp": 7200, f"{prefix}_{'2' * 20}.json.{dead}.tmp": 7200,
+            f"{prefix}_{'3' * 20}.npy.{os.getpid()}.tmp": 7200, f"{prefix}_{'4' * 20}.npy.{dead}.tmp": 60}
+    for name, age in left.items():
+        (tmp_path / "cache" / name).write_bytes(b"x" * 1000)
+        os.utime(tmp_path / "cache" / name, (time.time() - age, time.time() - age))
+    ern.load_dataset(cfg, splits_wanted=("train",))
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.tmp")) == sorted(list(left)[2:])
+
+
 def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
