@@ -447,8 +447,8 @@ def cpu_quota(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup"))
                             quota = int((folder / "cpu.cfs_quota_us").read_text())
                             period = int((folder / "cpu.cfs_period_us").read_text())
                         else:
-                            text = (folder / "cpu.max").read_text().split()
-                            quota, period = -1 if text[0] == "max" else int(text[0]), int(text[1])
+                            limit, period = (folder / "cpu.max").read_text().split()
+                            quota, period = -1 if limit == "max" else int(limit), int(period)
                         if quota > 0:
                             cores.append(quota / period)
     return max(1, int(min(cores) + 0.5)) if cores else None
@@ -461,10 +461,11 @@ def cpu_threads():
 
 
 def fit_threads_to_cpu():
-    """torch's threads capped at cpu_threads() (under a 2-core quota on a 64-core host torch would start 32 and each
-    step would wait on throttled ones); OMP_NUM_THREADS, where set, is the user's choice and kept."""
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > cpu_threads():
-        torch.set_num_threads(cpu_threads())
+    """torch's threads capped at cpu_threads(): under a quota torch starts one per core it sees, and each step waits
+    on throttled ones; OMP_NUM_THREADS, where set, is the user's choice and kept."""
+    threads = cpu_threads()
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > threads:
+        torch.set_num_threads(threads)
 
 
 # oneDNN's instruction-set levels, in order, with the CPU flags each adds: ONEDNN_MAX_CPU_ISA=NAME caps its kernels at
@@ -888,27 +889,16 @@ def decode_image(path):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
 
 
-def opencv_path(path):
-    """path as OpenCV's file calls (videos) must have it: they encode a str in UTF-8 and crash (SIGSEGV) on one that
-    cannot be, which is what Python makes of a name whose bytes are not UTF-8 (Latin-1, from an old archive), and of
-    any non-ASCII name under an ASCII locale without Python's UTF-8 mode. The name's bytes read as UTF-8 are what
-    OpenCV opens; a name that is not UTF-8 is a ValueError."""
-    name = os.fsencode(path).decode("utf-8", "surrogateescape")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"OpenCV cannot open a file whose name is not UTF-8: {ascii(str(path))}; rename it") from None
-    return name
-
-
 def write_image(path, bgr):
     """cv2.imwrite for any file name: encoded by OpenCV, written by Python (OpenCV's own writer fails on a non-ASCII
-    name on Windows, and crashes where opencv_path would refuse it). False where it cannot be written."""
-    ok, data = cv2.imencode(Path(path).suffix, bgr)
+    name on Windows and crashes, SIGSEGV, on one that is not UTF-8). OSError, with the reason, where it cannot."""
     try:
-        return bool(ok) and Path(path).write_bytes(data.tobytes()) > 0
-    except OSError:
-        return False
+        ok, data = cv2.imencode(Path(path).suffix, bgr)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"this OpenCV cannot encode {Path(path).suffix} images")
+    Path(path).write_bytes(data.tobytes())
 
 
 def decode_split(split, out, size, margin, threads):
@@ -947,7 +937,7 @@ def cache_key(split, size, margin):
     h = hashlib.sha1(f"{CACHE_VERSION}|{size}|{margin}".encode())
     for p in dict.fromkeys(split.paths):
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
+        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # a name as its bytes: any name
     h.update(split.boxes.tobytes())
     return h.hexdigest()[:20]
 
@@ -972,7 +962,8 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     if not (array_path.exists() and meta_path.exists()):
         for tmp in cache_dir.glob(f"{prefix}_*.tmp"):
             if abandoned(tmp):
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # still open on Windows, another user's in a shared folder
+                    tmp.unlink(missing_ok=True)
         # the cache is a sparse memory-mapped file: a disk filling under it would kill the process (SIGBUS) unheard
         need, usage = len(split) * 3 * size * size, None
         with contextlib.suppress(OSError):  # a mount that cannot say: decode, as before the check
@@ -1035,7 +1026,7 @@ def file_list_fingerprint(paths):
     wherever the dataset lies."""
     files = sorted(set(map(str, paths)))
     root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
-    return hashlib.sha256("\n".join(os.path.relpath(f, root) for f in files).encode(errors="surrogateescape")).hexdigest()
+    return hashlib.sha256(b"\n".join(os.fsencode(os.path.relpath(f, root)) for f in files)).hexdigest()
 
 
 def split_report(split, class_names):

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
                                  config_from_checkpoint, console_escapes, cpu_threads, crop_box, ctrl_c_deferred,
                                  decode_image, explain_faces, fit_threads_to_cpu, folder_files, inference_model,
-                                 load_checkpoint, opencv_path, overlay, read_overrides, resolve_device, run_inference,
+                                 load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
                                  validate_config, validate_device, write_image, write_json)
 
 
@@ -152,6 +152,19 @@ def box_iou(a, b):
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def opencv_path(path):
+    """path as OpenCV's file calls (videos) must have it: they encode a str in UTF-8 and crash (SIGSEGV) on one that
+    cannot be, which is what Python makes of a name whose bytes are not UTF-8 (Latin-1, from an old archive), and of
+    any non-ASCII name under an ASCII locale without Python's UTF-8 mode. The name's bytes read as UTF-8 are what
+    OpenCV opens; a name that is not UTF-8 is a ValueError."""
+    name = os.fsencode(path).decode("utf-8", "surrogateescape")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"OpenCV cannot open a file whose name is not UTF-8: {ascii(str(path))}; rename it") from None
+    return name
 
 
 def cascade(path):
@@ -431,7 +444,8 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
     maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
                          predictor.device)
     for j, ((_, detected, crop), p, face) in enumerate(kept):
-        title = f"{stem}, {f'face {face}' if detected else 'whole image'}: " \
+        shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
+        title = f"{shown}, {f'face {face}' if detected else 'whole image'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
         name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
         plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
@@ -505,7 +519,7 @@ class PredictionOutputs:
                 try:
                     print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
                 except BrokenPipeError:  # the reader (head, a closed pipe) has gone: keep writing the CSV
-                    self.jsonl, sys.stdout = False, open(os.devnull, "w")
+                    self.jsonl, sys.stdout = False, open(os.devnull, "w", errors="backslashreplace")
         self.file.flush()
 
     def claim(self, name, suffix=None):
@@ -571,8 +585,9 @@ def predict_images(predictor, sources, out, progress, args):
         except (ValueError, OSError, cv2.error) as e:
             return source, opencv_message(e) if isinstance(e, cv2.error) else str(e), None, []
 
-    with ThreadPoolExecutor(cpu_threads()) as pool:  # cv2 releases the GIL: decoding overlaps classification
-        prepared = ordered_prefetch(prepare, sources, pool, 2 * cpu_threads())
+    threads = cpu_threads()
+    with ThreadPoolExecutor(threads) as pool:  # cv2 releases the GIL: decoding overlaps classification
+        prepared = ordered_prefetch(prepare, sources, pool, 2 * threads)
         for ready in in_batches(prepared, args.batch, args.batch):
             for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                 progress.update()
@@ -586,12 +601,16 @@ def predict_images(predictor, sources, out, progress, args):
                 annotated = out.path(name)
                 if args.explain:
                     write_explanations(predictor, out, name.stem, faces, probs, ids)
-                written = write_image(annotated, annotate(image, faces, rows))
+                problem = None
+                try:
+                    write_image(annotated, annotate(image, faces, rows))
+                except OSError as e:
+                    problem = f"could not write {annotated}: {e.strerror or e}"
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
                             "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
-                            "annotated": str(annotated) if written else None, "error": None,
-                            "warnings": [] if written else [f"OpenCV could not write {annotated}"]})
+                            "annotated": None if problem else str(annotated), "error": None,
+                            "warnings": [problem] if problem else []})
 
 
 def video_frames(capture, every, max_frames, fps):
@@ -677,11 +696,15 @@ def predict_video(predictor, source, out, args):
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     if writer is None:
                         rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every
-                        writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate,
-                                                 frame.shape[1::-1])
-                        if not writer.isOpened():
+                        try:
+                            writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                                     frame.shape[1::-1])
+                            problem = None if writer.isOpened() else "this OpenCV cannot write mp4v video"
+                        except ValueError as e:  # an --output_dir whose name is not UTF-8
+                            problem = str(e)
+                        if problem:
                             writer = False
-                            entry["warnings"].append("this OpenCV cannot write mp4v video: no annotated video")
+                            entry["warnings"].append(f"{problem}: no annotated video")
                     if writer:
                         writer.write(frame)
                     if args.show and window is not False:

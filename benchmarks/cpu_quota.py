@@ -25,27 +25,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 def make_group(cores, name="ern_cpu_quota_bench"):
-    """A cgroup with a quota of `cores` cores: (the file a pid is written to, to join it)."""
+    """A cgroup with a quota of `cores` cores: its folder, and the file a pid is written to, to join it."""
     v1 = Path("/sys/fs/cgroup/cpu")
     if v1.is_dir():
         group = v1 / name
         group.mkdir(exist_ok=True)
         period = int((group / "cpu.cfs_period_us").read_text())
         (group / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
-        return group / "tasks"
+        return group, group / "tasks"
     group = Path("/sys/fs/cgroup") / name
     group.mkdir(exist_ok=True)
     (group / "cpu.max").write_text(f"{int(cores * 100000)} 100000")
-    return group / "cgroup.procs"
+    return group, group / "cgroup.procs"
 
 
 def child(threads, steps):
-    """In the group: train `steps` steps on `threads` threads and print what they took, and what the trainer picks."""
+    """In the group: train `steps` steps on `threads` threads and print what they took, torch's own count and the
+    trainer's (fit_threads_to_cpu). Imported here: the parent joins the child to the group before torch starts."""
     import numpy as np
     import torch
 
     import emotion_recognition as ern
+    own = torch.get_num_threads()
     ern.fit_threads_to_cpu()
     picked = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -63,7 +66,7 @@ def child(threads, steps):
     ern.train_one_epoch(model, images[:b], labels[:b], mean, std, optimizer, scheduler, scaler, cfg, 0, num_classes=k)
     t0 = time.perf_counter()
     ern.train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, 1, num_classes=k)
-    print(json.dumps({"threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, "picked": picked,
+    print(json.dumps({"threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0, "own": own, "picked": picked,
                       "batch": b, "image_size": s}))
 
 
@@ -77,7 +80,7 @@ def main(argv):
     args = parser.parse_args(argv)
     if args.child is not None:
         return child(args.child, args.steps)
-    join = make_group(args.cores)
+    group, join = make_group(args.cores)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     visible = len(os.sched_getaffinity(0))
     runs = {t: [] for t in range(1, visible + 1)}
@@ -89,23 +92,27 @@ def main(argv):
             runs[t].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}, {t} threads: {runs[t][-1]}", flush=True)
     step = {t: sum(x["seconds"] for x in rs) / (len(rs) * args.steps) for t, rs in runs.items()}
-    picked = runs[1][0]["picked"]
+    group.rmdir()  # its processes have ended
+    own, picked = runs[1][0]["own"], runs[1][0]["picked"]
+
+    import torch  # only now: the children above start torch in the group, the parent need not
 
     import emotion_recognition as ern
     from bench_pipeline import code_version, machine_info
-    import torch
     out = {"command": "python " + shlex.join([os.path.relpath(sys.argv[0])] + argv),
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": {**machine_info(torch.device("cpu")), "cpu_flags": sorted(
                f for f in ern.cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c"))), "cpu_bf16_native": ern.cpu_has_bf16()},
            "code": code_version(), "quota_cores": args.cores, "steps": args.steps, "rounds": args.rounds, "runs": runs,
-           "seconds_per_step": step, "picked_threads": picked, "speedup_over_torch_threads": step[visible] / step[picked]}
+           "seconds_per_step": step, "torch_threads": own, "picked_threads": picked,
+           "speedup_over_torch_threads": step[own] / step[picked] if own in step else None}
     Path(args.json).write_text(json.dumps(out, indent=2))
     for t, seconds in step.items():
-        print(f"{t} threads: {seconds:.3f} s a step" + ("  (torch's own)" if t == visible else "")
+        print(f"{t} threads: {seconds:.3f} s a step" + ("  (torch's own)" if t == own else "")
               + ("  (fit_threads_to_cpu's)" if t == picked else ""))
-    print(f"{args.cores:g} cores of quota: fit_threads_to_cpu's {picked} threads train {step[visible] / step[picked]:.2f}x "
-          f"as fast as torch's {visible}")
+    if own in step:
+        print(f"{args.cores:g} cores of quota: fit_threads_to_cpu's {picked} threads train {step[own] / step[picked]:.2f}x "
+              f"as fast as torch's {own}")
 
 
 if __name__ == "__main__":
