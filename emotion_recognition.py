@@ -430,8 +430,8 @@ def cpu_quota(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup"))
     """The cores a CPU quota allows this process (docker --cpus, a Kubernetes limit, a systemd CPUQuota), to the
     nearest whole core, at least 1; None where there is none. A quota is CPU time, not cores: every host core stays
     visible, so OpenMP would start a thread per host core and the kernel would throttle them all in turn (a 1-core
-    quota on 2 cores: 1 thread trains 1.27-1.48x as fast as 2; 1.25 cores: 1 thread, 1.09-1.11x; 1.5 cores: 2
-    threads, 1.13-1.19x; benchmarks/cpu_quota.py). The smallest of cgroup v2's cpu.max and v1's cfs quota over this
+    quota on 2 cores: 1 thread trains 1.27-1.48x as fast as 2; 1.25 cores: 1 thread, 1.09-1.16x; 1.5 cores: 2
+    threads, 1.07-1.19x; benchmarks/cpu_quota.py). The smallest of cgroup v2's cpu.max and v1's cfs quota over this
     process's group and the groups above it."""
     cores = []
     with contextlib.suppress(OSError, ValueError):
