@@ -567,9 +567,9 @@ def atomic_write(path, write):
 
 
 def abandoned(tmp, idle=3600):
-    """atomic_write's NAME.PID.tmp left by a writer killed outright (SIGKILL, the out-of-memory killer: no cleanup
-    ran), a decode cache's can be gigabytes: unchanged for `idle` seconds, and where the system can say, its process is
-    not running (on this machine: another's build in a shared folder keeps its file changing)."""
+    """atomic_write's NAME.PID.tmp whose writer was killed outright (SIGKILL, the out-of-memory killer: no cleanup
+    ran; a decode cache's is gigabytes): unchanged for `idle` seconds and, where the system can say, its process not
+    running here (a build on another machine sharing the folder keeps its file changing)."""
     try:
         pid, age = int(tmp.name.split(".")[-2]), time.time() - tmp.stat().st_mtime
     except (ValueError, IndexError, OSError):

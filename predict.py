@@ -191,8 +191,8 @@ class FaceDetector:
     def cascades(self):
         if not hasattr(self.local, "cascades"):
             folder = Path(cv2.data.haarcascades) if hasattr(cv2, "data") else None  # conda's builds leave it out
-            cascades = [cascade(folder / f"haarcascade_{n}.xml") for n in ("frontalface_default", "profileface")
-                        ] if folder else []
+            names = ("frontalface_default", "profileface")
+            cascades = [cascade(folder / f"haarcascade_{n}.xml") for n in names] if folder else []
             if not cascades or any(c is None or c.empty() for c in cascades):
                 missing = (f"OpenCV's Haar cascades are missing from {folder}" if folder else
                            "this OpenCV build has no Haar cascades (no cv2.data)")
