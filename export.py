@@ -30,6 +30,7 @@ from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalizat
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
+LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir")  # the trainer's own folders: left out of a file made to be shared
 EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and PyTorch that is accepted
 
 
@@ -100,7 +101,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     meta = {"format": ONNX_FORMAT, "class_names": ckpt["class_names"], "image_size": size, "crop_margin": cfg.crop_margin,
             "tta_flip": cfg.tta_flip, "tta_shift": cfg.tta_shift, "tta_zoom": cfg.tta_zoom,
             "normalization": ckpt["normalization"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"],
-            "config": dataclasses.asdict(cfg), "num_parameters": count_parameters(model), "best": ckpt.get("best"),
+            "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LOCAL_FIELDS},
+            "num_parameters": count_parameters(model), "best": ckpt.get("best"),
             "checkpoint": Path(checkpoint).name}
     for key, value in meta.items():
         entry = graph.metadata_props.add()

@@ -564,7 +564,7 @@ def source_line(entry):
         return f"{entry['source']}: error: {entry['error']}"
     frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
     dominant = entry["dominant_emotion"]
-    share = f"; {dominant} {entry['emotion_share'][dominant]:.0%}" if dominant else ""
+    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of them" if dominant else ""
     warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
     if entry["kind"] == "image" and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
@@ -780,7 +780,7 @@ def run_prediction(args, specs):
             "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
             "arithmetic": arithmetic(predictor.cfg, predictor.device)})
     print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
-          f"{out_dir / 'predictions.csv'}; summary.json and annotated/ beside it"
+          f"{out_dir / 'predictions.csv'}; summary.json and annotated/{', explain/' if args.explain else ''} beside it"
           + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if args.jsonl else sys.stdout)
     if interrupted:
         print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
