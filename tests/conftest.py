@@ -51,10 +51,10 @@ def tiny_dataset(tmp_path_factory):
     return ern.make_synthetic_dataset(tmp_path_factory.mktemp("tiny") / "data", per_class=(12, 4, 4), size=48, seed=1)
 
 
-def run_script(*args, cwd, timeout=300, check=True, script=SCRIPT):
-    """Run a script (default emotion_recognition.py) in a subprocess; returns the CompletedProcess (stdout and
-    stderr as text)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_script(*args, cwd, timeout=300, check=True, script=SCRIPT, env=None):
+    """Run a script (default emotion_recognition.py) in a subprocess, with env's variables added; returns the
+    CompletedProcess (stdout and stderr as text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:

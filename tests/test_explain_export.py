@@ -37,9 +37,13 @@ def run(tiny_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
-    """model.onnx of the run's best checkpoint: (path, finished process)."""
-    out = tmp_path_factory.mktemp("export")
-    proc = run_script(f"--checkpoint={run}", f"--output={out / 'model.onnx'}", cwd=out, script=EXPORT)
+    """model.onnx of the run's best checkpoint, written to a folder whose name an ASCII console cannot print (it
+    prints it escaped): (path, finished process)."""
+    out = tmp_path_factory.mktemp("export") / "模型"
+    out.mkdir()
+    proc = run_script(f"--checkpoint={run}", f"--output={out / 'model.onnx'}", cwd=out, script=EXPORT,
+                      env={"PYTHONIOENCODING": "ascii"})
+    assert "\\u6a21\\u578b" in proc.stdout
     return out / "model.onnx", proc
 
 
