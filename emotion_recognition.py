@@ -2720,7 +2720,15 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, contextlib.nullcontext())
     with lock:  # the claim ends with the run, also where a caller keeps its traceback
-        return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
+        try:
+            return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            # a GPU's memory, or an allocation the system refused (DefaultCPUAllocator): the batch is what to change
+            if not isinstance(e, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(e):
+                raise
+            raise UserError(f"out of memory on {device} ({str(e).splitlines()[0][:160]}) at --batch_size="
+                            f"{cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}: start again with smaller ones "
+                            f"(a resume keeps the batch size), or a smaller --image_size or --width") from None
 
 
 def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):

@@ -669,6 +669,30 @@ def test_an_output_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path,
         ern.make_run_dir(ern.Config(output_dir=str(tmp_path / "run")))
 
 
+def test_out_of_memory_is_one_line_naming_the_batch_sizes(tiny_dataset, tmp_path, monkeypatch):
+    """A laptop GPU too small for the default batch, or an allocation the system refuses (a real one here: a petabyte):
+    one line naming the batch sizes to lower; any other error is left as it is."""
+    def refused(*args, **kwargs):
+        torch.empty(2**50, dtype=torch.uint8)
+
+    def gpu_full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 3.8 GiB")
+
+    def other(*args, **kwargs):
+        raise RuntimeError("an unrelated failure")
+
+    for n, (fail, error, match) in enumerate([
+            (refused, ern.UserError, r"out of memory on cpu \(.*DefaultCPUAllocator: can't allocate memory.*\) at "
+                                     r"--batch_size=16, --eval_batch_size=64: start again with smaller ones"),
+            (gpu_full, ern.UserError, r"out of memory on cpu \(CUDA out of memory. Tried to allocate 2.00 GiB.*"
+                                      r"--batch_size=16"),
+            (other, RuntimeError, "an unrelated failure")]):
+        monkeypatch.setattr(ern, "train_one_epoch", fail)
+        with pytest.raises(error, match=match):
+            ern.main([*FAST, f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / str(n)}",
+                      f"--cache_dir={tmp_path / 'cache'}"])
+
+
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     def full(obj, f, *a, **k):
         Path(f).write_bytes(b"PK half")
