@@ -796,7 +796,11 @@ def main(argv):
     args = Prediction(**given)
     validate_prediction(args, sources)
     fit_threads_to_cpu()
-    return run_prediction(args, sources)
+    try:
+        return run_prediction(args, sources)
+    except KeyboardInterrupt:  # before the first input (loading the model, probing, listing folders) or in the summary
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

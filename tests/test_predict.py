@@ -95,6 +95,22 @@ def test_a_folder_with_a_nested_copy_and_a_broken_file(checkpoint, tmp_path):
     assert cv2.imread(str(tmp_path / "out" / "annotated" / "media" / "hopper.jpg")).shape == (600, 512, 3)
 
 
+@pytest.mark.parametrize("where", ["EmotionPredictor", "prediction_inputs"])
+def test_ctrl_c_before_the_first_input_is_one_line(checkpoint, tmp_path, monkeypatch, capsys, where):
+    """Ctrl-C while the model loads (or the probe runs) or while folders are listed: exit status 130 and one line,
+    no traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pr, where, interrupted)
+    try:
+        status = pr.main([str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"])
+    except KeyboardInterrupt:  # not left to stop pytest itself
+        pytest.fail("Ctrl-C escaped predict.main as a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_csv_columns_boxes_and_probabilities_on_a_real_photograph(checkpoint, tmp_path):
     """The columns in the issue's order then the class names in the checkpoint's; one face found on the portrait,
     its box in the photo's pixels around the face; probabilities summing to 1; emotion and confidence their max."""

@@ -546,6 +546,37 @@ def test_an_unknown_device_is_one_line(tmp_path, device, message):
         ern.main([f"--device={device}", "--epochs=1"])
 
 
+@pytest.mark.parametrize("capability, archs, usable", [
+    ((6, 1), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # a GTX 1080 and this machine's torch
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], False),  # a V100
+    ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], True),  # Ada runs sm_86's binaries
+    ((6, 1), ["sm_80", "compute_50"], True),  # code compiled for it on the fly
+    ((7, 5), ["sm_80", "sm_90a"], False),
+    ((9, 0), ["sm_80", "sm_90a"], True)])
+def test_a_gpu_this_torch_has_no_kernels_for_is_not_picked_and_is_one_line(monkeypatch, capsys, capability, archs,
+                                                                            usable):
+    """torch.cuda.is_available() is true on a GPU the build carries no kernels for, and its first kernel fails: auto
+    computes on the CPU instead (and says so), --device=cuda is one line naming the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA GeForce GTX 1080")
+    ern.gpu_unsupported.cache_clear()
+    ern.auto_device.cache_clear()
+    try:
+        assert ern.resolve_device("auto").type == ("cuda" if usable else "cpu")
+        if usable:
+            ern.validate_device("cuda:0")
+        else:
+            assert f"GTX 1080 (compute capability {capability[0]}.{capability[1]}) has no kernels" in capsys.readouterr().err
+            with pytest.raises(ern.UserError, match=r"--device=cuda: NVIDIA GeForce GTX 1080 .* or use --device=cpu"):
+                ern.validate_device("cuda")
+    finally:
+        ern.gpu_unsupported.cache_clear()
+        ern.auto_device.cache_clear()
+
+
 def test_more_than_four_stages_are_built_as_asked():
     """--blocks=1,1,1,1,1 builds five stages (widths doubling from 80 x width), as its config and checkpoint say."""
     model = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1,1", image_size=64), 8).eval()
