@@ -544,7 +544,11 @@ class PredictionOutputs:
         tqdm.write(source_line(entry), file=sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
 
     def close(self, extra):
-        self.file.close()
+        try:
+            self.file.close()  # its last rows written: a full disk may refuse them here
+        except OSError as e:
+            raise UserError(f"could not write {self.dir / 'predictions.csv'}: {e.strerror or e}; free some space or "
+                            f"choose another --output_dir") from None
         errors = [{"source": s["source"], "error": s["error"]} for s in self.sources if s.get("error")]
         write_json({**extra, "sources": self.sources, "errors": errors}, self.dir / "summary.json")
         return errors

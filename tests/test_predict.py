@@ -111,6 +111,19 @@ def test_ctrl_c_before_the_first_input_is_one_line(checkpoint, tmp_path, monkeyp
     assert capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file every write to fails: disk full")
+def test_a_full_disk_under_the_predictions_is_one_line(checkpoint, tmp_path):
+    """The CSV's last rows refused (ENOSPC, for real: the CSV is /dev/full) when it is closed: one line, not a
+    traceback."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.csv").symlink_to("/dev/full")
+    proc = predict(str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", "--overwrite=true",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"error: could not write {tmp_path / 'out' / 'predictions.csv'}: No space "
+                                            f"left on device; free some space or choose another --output_dir")
+
+
 def test_csv_columns_boxes_and_probabilities_on_a_real_photograph(checkpoint, tmp_path):
     """The columns in the issue's order then the class names in the checkpoint's; one face found on the portrait,
     its box in the photo's pixels around the face; probabilities summing to 1; emotion and confidence their max."""
