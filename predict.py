@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
@@ -381,7 +382,15 @@ def prediction_inputs(specs):
             found.append(MediaSource("camera", part, part.replace(":", "_")))
             continue
         path = Path(part).expanduser()
-        if path.is_dir():
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            found.append(MediaSource("error", str(path), error="no such file or folder"))
+            continue
+        except OSError as e:  # a name too long, a folder this user may not enter
+            found.append(MediaSource("error", str(path), error=f"cannot read it: {e.strerror or e}"))
+            continue
+        if stat.S_ISDIR(mode):
             try:
                 files = folder_files(path)
             except OSError as e:
@@ -392,10 +401,10 @@ def prediction_inputs(specs):
             found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
             if not {"image", "video"} & set(kinds):
                 found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
-        elif path.is_file():
+        elif stat.S_ISREG(mode):
             found.append(MediaSource("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
-        else:
-            found.append(MediaSource("error", str(path), error="no such file or folder"))
+        else:  # a device or a pipe, whose reading may never end
+            found.append(MediaSource("error", str(path), error="not a file or folder (a camera is camera:N)"))
     return found
 
 

@@ -231,16 +231,23 @@ def test_no_face_no_emotion(checkpoint, tmp_path):
         {"box": [0.0, 0.0, 300.0, 200.0], "face_detected": False, "emotion": None, "confidence": None, "probabilities": None}]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
 def test_unreadable_video_missing_camera_and_missing_file_are_named(checkpoint, tmp_path):
-    """Several inputs in one call (comma-separated): each failure named, the good one still processed, exit 1."""
+    """Several inputs in one call (comma-separated): each failure named, the good one still processed, exit 1. A name
+    too long for the file system (stat raises ENAMETOOLONG, which Path.is_dir passed on before Python 3.13), and a
+    named pipe (reading it would wait for a writer for ever)."""
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4096)
-    proc = predict(f"{HOPPER}", f"{bad}", "camera:9", f"{tmp_path / 'nothere.jpg'}", f"--checkpoint={checkpoint}",
-                      f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, check=False)
+    long, pipe = tmp_path / ("x" * 300 + ".jpg"), tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    proc = predict(f"{HOPPER}", f"{bad}", "camera:9", f"{tmp_path / 'nothere.jpg'}", f"{long}", f"{pipe}",
+                   f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = {e["source"]: e["error"] for e in json.loads((tmp_path / "out" / "summary.json").read_text())["errors"]}
-    assert set(errors) == {str(bad), "camera:9", str(tmp_path / "nothere.jpg")}
+    assert set(errors) == {str(bad), "camera:9", str(tmp_path / "nothere.jpg"), str(long), str(pipe)}
     assert "cannot open the video" in errors[str(bad)] and "camera" in errors["camera:9"]
+    assert errors[str(long)] == "cannot read it: File name too long"
+    assert errors[str(pipe)] == "not a file or folder (a camera is camera:N)"
     assert [r["source"] for r in read_csv(tmp_path / "out")] == [str(HOPPER)]
     for source in errors:
         assert any(source in line and "error" in line for line in proc.stderr.splitlines())
