@@ -2447,9 +2447,10 @@ def run_evaluation(cfg, action, overrides):
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
     # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
-    if not cfg.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=str(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}"))
     validate_config(cfg)
+    if not cfg.output_dir:
+        folder = unique_folder(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = dataclasses.replace(cfg, output_dir=str(folder))
     run_dir, lock = make_run_dir(cfg)
     with lock:  # the claim ends here, also where a caller keeps the failure's traceback
         device = resolve_device(cfg.device)
@@ -2703,6 +2704,21 @@ def claim_folder(run_dir):
     return lock
 
 
+def unique_folder(base):
+    """base, else base__2, base__3, ...: the first that this call creates (mkdir is exclusive: two runs started in the
+    same second, whose default folders share a name, get two)."""
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}__{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create the folder {folder}: {e.strerror}; choose a writable --output_dir") from None
+    raise UserError(f"{base} and 998 folders named after it exist; choose an --output_dir")
+
+
 def make_run_dir(cfg, resuming=False):
     """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
     folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
@@ -2711,17 +2727,7 @@ def make_run_dir(cfg, resuming=False):
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
     else:
-        base = Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-        for n in range(1, 1000):
-            run_dir = base if n == 1 else base.with_name(f"{base.name}__{n}")
-            try:
-                run_dir.mkdir(parents=True)  # exclusive: two runs started in the same second get two folders
-                break
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}; choose a writable "
-                                f"--output_dir") from None
+        run_dir = unique_folder(Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = claim_folder(run_dir)

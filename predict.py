@@ -44,14 +44,14 @@ from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arit
                                  config_from_checkpoint, console_escapes, cpu_threads, crop_box, ctrl_c_deferred,
                                  decode_image, explain_faces, fit_threads_to_cpu, folder_files, inference_model,
                                  load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
-                                 validate_config, validate_device, write_image, write_json)
+                                 unique_folder, validate_config, validate_device, write_image, write_json)
 
 
 @dataclass
 class Prediction:
     """prediction settings"""
     checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
-    output_dir: str = ""  # empty = outputs/predict__{time}
+    output_dir: str = ""  # empty = outputs/predict__{time} (__2, __3, ... for calls in the same second)
     overwrite: bool = False  # allow writing into a folder that already holds predictions
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
@@ -759,7 +759,8 @@ def run_prediction(args, specs):
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
     settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if getattr(args, k, None) is not None}
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
-    out_dir = Path(args.output_dir) if args.output_dir else Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.output_dir) if args.output_dir else unique_folder(
+        Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}")
     if (out_dir / "predictions.csv").exists() and not args.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
     inputs = prediction_inputs(specs)

@@ -124,6 +124,18 @@ def test_a_full_disk_under_the_predictions_is_one_line(checkpoint, tmp_path):
                                             f"left on device; free some space or choose another --output_dir")
 
 
+def test_predictions_started_in_the_same_second_get_a_folder_each(checkpoint, tmp_path, monkeypatch):
+    """The default folder is named by the second: a second call in it (a shell loop, xargs -P) gets predict__TIME__2,
+    not a refusal or the first one's CSV."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pr.time, "strftime", lambda fmt: "20261206-120000")
+    for _ in range(2):
+        assert pr.main([str(HOPPER), f"--checkpoint={checkpoint}"]) == 0
+    folders = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert folders == ["predict__20261206-120000", "predict__20261206-120000__2"]
+    assert all(len(read_csv(tmp_path / "outputs" / f)) == 1 for f in folders)
+
+
 def test_csv_columns_boxes_and_probabilities_on_a_real_photograph(checkpoint, tmp_path):
     """The columns in the issue's order then the class names in the checkpoint's; one face found on the portrait,
     its box in the photo's pixels around the face; probabilities summing to 1; emotion and confidence their max."""
