@@ -31,13 +31,13 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import hashlib
 import inspect
 import json
 import math
 import os
 import platform
-import functools
 import re
 import shlex
 import shutil
@@ -348,9 +348,10 @@ def validate_device(name):
         raise UserError(f"--device={name} but CUDA is not available; use --device=cpu or auto")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name.startswith("cuda") and gpu_unsupported(int(name[5:] or 0)):
-        raise UserError(f"--device={name}: {gpu_unsupported(int(name[5:] or 0))}; install a torch built for this GPU "
-                        f"(pytorch.org lists which CUDA builds carry it) or use --device=cpu")
+    why = gpu_unsupported(int(name[5:] or 0)) if name.startswith("cuda") else None
+    if why:
+        raise UserError(f"--device={name}: {why}; install a torch built for this GPU (pytorch.org lists which CUDA "
+                        f"builds carry it) or use --device=cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,16 +395,20 @@ def gpu_unsupported(index=0):
     """Why this torch build cannot compute on CUDA device `index`, None where it can: the default wheels of recent
     torch carry no kernels for older GPUs (GTX 10xx and before), yet torch.cuda.is_available() is true there and the
     first kernel fails ("no kernel image is available"). A build runs its own sm_XY binaries on a GPU of the same
-    major version and at least that minor, and compiles its compute_XY code for any GPU of XY or later."""
+    major version and at least that minor, and compiles its compute_XY code for any GPU of XY or later; an sm_XYa or
+    compute_XYa target (the architecture's own instructions) serves that architecture alone."""
     archs = torch.cuda.get_arch_list()
     if not archs or torch.version.hip:  # a build that does not say; ROCm's gfx targets are its own business
         return None
     major, minor = torch.cuda.get_device_capability(index)
     for arch in archs:
         kind, _, number = arch.partition("_")
-        built = int(re.match(r"\d*", number).group() or 0)
-        own_binary = kind == "sm" and built // 10 == major and built % 10 <= minor
-        if own_binary or (kind == "compute" and built <= major * 10 + minor):
+        built, specific = int(re.match(r"\d*", number).group() or 0), not number.isdigit()
+        if specific:
+            runs = built == major * 10 + minor
+        else:
+            runs = (built // 10 == major and built % 10 <= minor) if kind == "sm" else built <= major * 10 + minor
+        if runs and kind in ("sm", "compute"):
             return None
     return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) has no kernels in this torch "
             f"build ({' '.join(archs)})")
@@ -411,8 +416,8 @@ def gpu_unsupported(index=0):
 
 @functools.lru_cache(maxsize=None)
 def auto_device():
-    """--device=auto: the first GPU where this torch can compute on it, else the CPU (said once, where a GPU is there
-    but this torch build cannot use it)."""
+    """--device=auto: CUDA where this torch build can compute on the first GPU (the one checked), else the CPU, said
+    once where a GPU is there but the build cannot use it."""
     if not torch.cuda.is_available():
         return "cpu"
     if gpu_unsupported(0):

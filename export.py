@@ -83,7 +83,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
     given = {k: v for k, v in dict(tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom).items() if v is not None}
-    cfg = dataclasses.replace(cfg, **given)  # the rule of predict.py: the checkpoint's inference settings unless given
+    # the rule of predict.py: the checkpoint's inference settings unless given; the export runs on this CPU
+    cfg = dataclasses.replace(cfg, **given, device="cpu")
     validate_config(cfg)
     exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
                            cfg.tta_zoom).eval()

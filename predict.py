@@ -269,7 +269,8 @@ class EmotionPredictor:
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         self.device = resolve_device(str(device))
-        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **settings)
+        # the device is this machine's: a model trained with --device=cuda predicts on a laptop
+        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **settings, device=str(device))
         validate_config(cfg)  # a setting given here may be out of range (--tta_shift=-1), as --evaluate's would
         self.model, self.cfg, self.mean, self.std = inference_model(ckpt, cfg, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
@@ -554,7 +555,7 @@ class PredictionOutputs:
 
     def close(self, extra):
         try:
-            self.file.close()  # its last rows written: a full disk may refuse them here
+            self.file.close()  # its buffered rows written: a full disk refuses them here too
         except OSError as e:
             raise UserError(f"could not write {self.dir / 'predictions.csv'}: {e.strerror or e}; free some space or "
                             f"choose another --output_dir") from None
@@ -577,7 +578,7 @@ def source_line(entry):
         return f"{entry['source']}: error: {entry['error']}"
     frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
     dominant = entry["dominant_emotion"]
-    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of them" if dominant else ""
+    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of the faces" if dominant else ""
     warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
     if entry["kind"] == "image" and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
@@ -759,11 +760,11 @@ def run_prediction(args, specs):
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
     settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if getattr(args, k, None) is not None}
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
+    inputs = prediction_inputs(specs)
     out_dir = Path(args.output_dir) if args.output_dir else unique_folder(
         Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}")
     if (out_dir / "predictions.csv").exists() and not args.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
-    inputs = prediction_inputs(specs)
     try:
         out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
     except OSError as e:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from matplotlib import cbook
 
-from conftest import PREDICT, ROOT, ern, pr, run_script
+from conftest import EXPORT, PREDICT, ROOT, ern, pr, run_script
 
 HOPPER = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # 512x600 RGB portrait, one frontal face
 CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
@@ -128,7 +128,7 @@ def test_predictions_started_in_the_same_second_get_a_folder_each(checkpoint, tm
     """The default folder is named by the second: a second call in it (a shell loop, xargs -P) gets predict__TIME__2,
     not a refusal or the first one's CSV."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pr.time, "strftime", lambda fmt: "20261206-120000")
+    monkeypatch.setattr(pr.time, "strftime", lambda fmt, *when: "20261206-120000")
     for _ in range(2):
         assert pr.main([str(HOPPER), f"--checkpoint={checkpoint}"]) == 0
     folders = sorted(p.name for p in (tmp_path / "outputs").iterdir())
@@ -243,26 +243,30 @@ def test_no_face_no_emotion(checkpoint, tmp_path):
         {"box": [0.0, 0.0, 300.0, 200.0], "face_detected": False, "emotion": None, "confidence": None, "probabilities": None}]
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
 def test_unreadable_video_missing_camera_and_missing_file_are_named(checkpoint, tmp_path):
     """Several inputs in one call (comma-separated): each failure named, the good one still processed, exit 1. A name
-    too long for the file system (stat raises ENAMETOOLONG, which Path.is_dir passed on before Python 3.13), and a
-    named pipe (reading it would wait for a writer for ever)."""
+    too long for the file system (stat raises ENAMETOOLONG, which Path.is_dir passed on before Python 3.13)."""
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 4096)
-    long, pipe = tmp_path / ("x" * 300 + ".jpg"), tmp_path / "pipe.jpg"
-    os.mkfifo(pipe)
-    proc = predict(f"{HOPPER}", f"{bad}", "camera:9", f"{tmp_path / 'nothere.jpg'}", f"{long}", f"{pipe}",
+    long = tmp_path / ("x" * 300 + ".jpg")
+    proc = predict(f"{HOPPER}", f"{bad}", "camera:9", f"{tmp_path / 'nothere.jpg'}", f"{long}",
                    f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     errors = {e["source"]: e["error"] for e in json.loads((tmp_path / "out" / "summary.json").read_text())["errors"]}
-    assert set(errors) == {str(bad), "camera:9", str(tmp_path / "nothere.jpg"), str(long), str(pipe)}
+    assert set(errors) == {str(bad), "camera:9", str(tmp_path / "nothere.jpg"), str(long)}
     assert "cannot open the video" in errors[str(bad)] and "camera" in errors["camera:9"]
     assert errors[str(long)] == "cannot read it: File name too long"
-    assert errors[str(pipe)] == "not a file or folder (a camera is camera:N)"
     assert [r["source"] for r in read_csv(tmp_path / "out")] == [str(HOPPER)]
     for source in errors:
         assert any(source in line and "error" in line for line in proc.stderr.splitlines())
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_a_named_pipe_is_named_not_read(tmp_path):
+    """Reading a pipe waits for a writer for ever (a device may too): it is an error of its own, before any model."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    [source] = pr.prediction_inputs([str(tmp_path / "pipe.jpg")])
+    assert (source.kind, source.error) == ("error", "not a file or folder (a camera is camera:N)")
 
 
 def test_a_list_file_of_inputs(checkpoint, tmp_path):
@@ -343,6 +347,19 @@ def test_a_detected_face_gets_the_crop_training_saw(checkpoint):
     others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], pr.FACE_CROP_SCALE)]
     # measured: 0.58 (1.25 sides zoom in 12 % on the 1.42 framing), against 0.22, 0.28 and 0.06
     assert corr(crop) > 0.5 and corr(crop) > max(corr(c) for c in others) + 0.2, [corr(crop)] + [corr(c) for c in others]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the point is a machine without the GPU the model was trained on")
+def test_a_model_trained_with_device_cuda_predicts_and_exports_on_a_machine_without_one(tmp_path):
+    """The checkpoint's config says --device=cuda (its training machine's); prediction and export use this one's."""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", device="cuda")
+    model = ern.build_model(cfg, len(CLASSES))
+    path = tmp_path / "gpu_trained.pth"
+    torch.save(ern.checkpoint_dict(model, cfg, CLASSES, torch.full((3,), 0.5), torch.full((3,), 0.25), 1, {}), path)
+    [face] = pr.EmotionPredictor(path)(hopper_rgb())
+    assert face["face_detected"] and sum(face["probabilities"].values()) == pytest.approx(1)
+    run_script(f"--checkpoint={path}", f"--output={tmp_path / 'model.onnx'}", cwd=tmp_path, script=EXPORT)
+    assert (tmp_path / "model.onnx").stat().st_size > 10_000
 
 
 def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):

@@ -552,7 +552,12 @@ def test_an_unknown_device_is_one_line(tmp_path, device, message):
     ((8, 9), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], True),  # Ada runs sm_86's binaries
     ((6, 1), ["sm_80", "compute_50"], True),  # code compiled for it on the fly
     ((7, 5), ["sm_80", "sm_90a"], False),
-    ((9, 0), ["sm_80", "sm_90a"], True)])
+    ((9, 0), ["sm_80", "sm_90a"], True),
+    ((10, 3), ["sm_90", "sm_100a"], False),  # an architecture's own instructions serve it alone
+    ((10, 0), ["sm_90", "sm_100a"], True),
+    ((12, 1), ["sm_90", "sm_100", "sm_120"], True),  # three digits: major 12
+    ((12, 0), ["sm_90", "compute_90a"], False),
+    ((12, 0), ["sm_90", "compute_90"], True)])
 def test_a_gpu_this_torch_has_no_kernels_for_is_not_picked_and_is_one_line(monkeypatch, capsys, capability, archs,
                                                                             usable):
     """torch.cuda.is_available() is true on a GPU the build carries no kernels for, and its first kernel fails: auto
