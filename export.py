@@ -30,7 +30,7 @@ from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalizat
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
-LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir")  # the trainer's own folders: left out of a file made to be shared
+LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir", "device")  # the training machine's: left out of a file to share
 EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and PyTorch that is accepted
 
 

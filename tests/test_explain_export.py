@@ -250,8 +250,8 @@ def test_export_carries_the_metadata(exported, run):
     assert json.loads(meta["tta_flip"]) is ckpt["config"]["tta_flip"] is True
     assert json.loads(meta["metrics"]) == pytest.approx(ckpt["metrics"])
     assert json.loads(meta["normalization"]) == ckpt["normalization"]
-    shared = {k: v for k, v in ckpt["config"].items() if k not in ("data_dir", "cache_dir", "output_dir")}
-    assert json.loads(meta["config"]) == shared  # the architecture and recipe, not the trainer's folders
+    shared = {k: v for k, v in ckpt["config"].items() if k not in ("data_dir", "cache_dir", "output_dir", "device")}
+    assert json.loads(meta["config"]) == shared  # the architecture and recipe, not the training machine's folders
 
 
 def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_dataset, tmp_path):
