@@ -367,8 +367,12 @@ def log(message, log_file=None):
     except UnicodeEncodeError:  # a console in a narrower encoding than a class name's letters
         tqdm.write(message.encode("ascii", "backslashreplace").decode())
     if log_file is not None:
-        with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as f:  # any locale; names not UTF-8 escaped
-            f.write(message + "\n")
+        try:
+            with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as f:  # any locale; names escaped
+                f.write(message + "\n")
+        except OSError as e:  # a disk that filled during the run: the checkpoints written so far stay
+            raise UserError(f"could not write {log_file}: {e.strerror or e}; free some space or choose another "
+                            f"--output_dir") from None
 
 
 def console_escapes():

@@ -741,6 +741,17 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing_ha
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file every write to fails: disk full")
+def test_a_full_disk_under_the_log_is_one_line(tiny_dataset, tmp_path):
+    """The run's log refused (ENOSPC, for real: train.log is /dev/full): one line naming it, not a traceback."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.log").symlink_to("/dev/full")
+    proc = run_script(*args_for(tiny_dataset, tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: could not write {tmp_path / 'run' / 'train.log'}: No space left on "
+                                            f"device; free some space or choose another --output_dir")
+
+
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "a_file" / "cache"), image_size=32)
