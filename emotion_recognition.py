@@ -424,8 +424,9 @@ def auto_device():
     once where a GPU is there but the build cannot use it."""
     if not torch.cuda.is_available():
         return "cpu"
-    if gpu_unsupported(0):
-        print(f"note: {gpu_unsupported(0)}: computing on the CPU; a torch built for this GPU would use it", file=sys.stderr)
+    why = gpu_unsupported(0)
+    if why:
+        print(f"note: {why}: computing on the CPU; a torch built for this GPU would use it", file=sys.stderr)
         return "cpu"
     return "cuda"
 
@@ -638,6 +639,18 @@ def atomic_save(obj, path):
 
 def write_json(obj, path):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def write_image(path, bgr):
+    """cv2.imwrite for any file name: encoded by OpenCV, written by Python (OpenCV's own writer fails on a non-ASCII
+    name on Windows and crashes, SIGSEGV, on one that is not UTF-8). OSError, with the reason, where it cannot."""
+    try:
+        ok, data = cv2.imencode(Path(path).suffix, bgr)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"this OpenCV cannot encode {Path(path).suffix} images")
+    Path(path).write_bytes(data.tobytes())
 
 
 @contextlib.contextmanager
@@ -932,18 +945,6 @@ def decode_image(path):
     if image is None:
         raise ValueError(f"unreadable {fmt} file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
-
-
-def write_image(path, bgr):
-    """cv2.imwrite for any file name: encoded by OpenCV, written by Python (OpenCV's own writer fails on a non-ASCII
-    name on Windows and crashes, SIGSEGV, on one that is not UTF-8). OSError, with the reason, where it cannot."""
-    try:
-        ok, data = cv2.imencode(Path(path).suffix, bgr)
-    except cv2.error:
-        ok = False
-    if not ok:
-        raise OSError(f"this OpenCV cannot encode {Path(path).suffix} images")
-    Path(path).write_bytes(data.tobytes())
 
 
 def decode_split(split, out, size, margin, threads):

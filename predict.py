@@ -453,8 +453,8 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
         return
     maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
                          predictor.device)
+    shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
     for j, ((_, detected, crop), p, face) in enumerate(kept):
-        shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
         title = f"{shown}, {f'face {face}' if detected else 'whole image'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
         name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
