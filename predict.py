@@ -629,8 +629,10 @@ def predict_images(predictor, sources, out, progress, args):
 
 def video_frames(capture, every, max_frames, fps):
     """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
-    converted nor classified). fps 0 (a camera): the time is the wall clock since the first frame."""
-    start, index, classified = time.time(), 0, 0
+    converted nor classified). A file's time is the frame's own timestamp, right for variable-frame-rate video
+    (phones, browsers, screen recorders), where index / fps drifts; where the container gives none, it is
+    counted on from the last one at fps. fps 0 (a camera): the wall clock since the first frame."""
+    start, index, classified, last = time.time(), 0, 0, (0, -1.0)  # last: (index, time) of the last stamped frame
     while not max_frames or classified < max_frames:
         if index % every:
             if not capture.grab():
@@ -640,14 +642,17 @@ def video_frames(capture, every, max_frames, fps):
             if not ok:
                 return
             classified += 1
-            yield index, index / fps if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if fps:
+                stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+                last = (index, stamp if stamp > last[1] else max(0.0, last[1]) + (index - last[0]) / fps)
+            yield index, last[1] if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         index += 1
 
 
 def predict_video(predictor, source, out, args):
     """A video file or a camera, frame by frame: faces tracked, classified args.batch faces at a time (a camera
     one frame at a time, for latency), rows written as they come; an annotated video at the source's frame rate
-    divided by --every (it lasts as long as the source), and a timeline."""
+    divided by --every (as long as the source, if its frame rate is constant), and a timeline."""
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
     try:
@@ -705,6 +710,7 @@ def predict_video(predictor, source, out, args):
                             shares[detected].append(q)
                             counts["faces"] += detected
                         counts["frames"] += 1
+                        end = t
                     if args.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
@@ -738,7 +744,8 @@ def predict_video(predictor, source, out, args):
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
         entry["error"] = "no frame could be decoded"
-    if counts["frames"] and expected and counts["frames"] < expected:
+    # a header's frame count is an estimate for variable-frame-rate video: ended early only if short in time too
+    if counts["frames"] and expected and counts["frames"] < expected and end + 1.5 * args.every / fps < total / fps:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"], no_face=counts["no_face"],

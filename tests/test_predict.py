@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -197,6 +198,52 @@ def test_a_video_every_second_frame(checkpoint, tmp_path):
     [source] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
     assert (source["frames"], source["faces"], source["tracks"], source["rows"]) == (8, 8, 1, 8)
     assert sum(source["emotion_share"].values()) == pytest.approx(1) and source["error"] is None
+
+
+def avi_with_gaps(path, frames, gaps, announced=None, fps=25.0):
+    """An MJPEG AVI of grey frames (brightness 20 * i) with variable frame rate: gaps[i] empty chunks (AVI's
+    dropped frames) before frame i, each moving the frames after it on by 1 / fps, as a phone's recording
+    does when it slows down. `announced`: the frame count its headers claim (default: the chunks it holds)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (64, 48))
+    for i in range(frames):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    data = path.read_bytes()
+    movi = data.index(b"movi") - 8  # the LIST chunk that holds the frames
+    end, at, jpegs = movi + 8 + int.from_bytes(data[movi + 4:movi + 8], "little"), movi + 12, []
+    while at < end:
+        size = int.from_bytes(data[at + 4:at + 8], "little")
+        jpegs.append(data[at + 8:at + 8 + size])
+        at += 8 + size + size % 2
+    chunks = [c for i, jpeg in enumerate(jpegs) for c in [b""] * gaps.get(i, 0) + [jpeg]]
+    body, index = bytearray(b"movi"), bytearray()
+    for c in chunks:
+        index += b"00dc" + struct.pack("<III", 0x10 if c else 0, len(body), len(c))  # keyframe flag, offset, size
+        body += b"00dc" + struct.pack("<I", len(c)) + c + b"\0" * (len(c) % 2)
+    out = bytearray(data[:movi] + b"LIST" + struct.pack("<I", len(body)) + body + b"idx1" +
+                    struct.pack("<I", len(index)) + index)
+    struct.pack_into("<I", out, 4, len(out) - 8)  # RIFF size
+    struct.pack_into("<I", out, out.index(b"avih") + 24, announced or len(chunks))  # dwTotalFrames
+    struct.pack_into("<I", out, out.index(b"strh") + 40, announced or len(chunks))  # the stream's dwLength
+    path.write_bytes(out)
+    return path
+
+
+def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_path):
+    """Times are the frames' timestamps, not index / fps, which drifts by the gaps (0.16 s, then 0.24 s); a
+    video that holds fewer frames than its header counts but lasts as long is not called cut short, one that
+    stops early in time is."""
+    gaps = avi_with_gaps(tmp_path / "gaps.avi", 10, {3: 4, 6: 2})
+    cut = avi_with_gaps(tmp_path / "cut.avi", 10, {}, announced=16)
+    predict(f"{gaps}", f"{cut}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    rows = read_csv(tmp_path / "out")
+    times = {name: [float(r["time_s"]) for r in rows if r["source"].endswith(name)] for name in ("gaps.avi", "cut.avi")}
+    frame_times = [0, 1, 2, 7, 8, 9, 12, 13, 14, 15]  # in frames of 1 / 25 s: 4 dropped before the 4th, 2 before the 7th
+    assert times["gaps.avi"] == pytest.approx([f / 25 for f in frame_times])
+    assert times["cut.avi"] == pytest.approx([f / 25 for f in range(10)])
+    gaps_entry, cut_entry = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert gaps_entry["frames"] == 10 and not any("ended" in w for w in gaps_entry["warnings"])
+    assert "the video ended after 10 of the 16 frames its header announces" in cut_entry["warnings"]
 
 
 def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path):
