@@ -438,6 +438,15 @@ def resolve_device(name):
     return device
 
 
+def out_of_memory(error, device, sizes):
+    """A UserError naming the batch sizes to lower, for memory that ran out: a GPU's, or an allocation the system
+    refused (DefaultCPUAllocator, numpy's MemoryError); None for any other error, which is left as it is."""
+    if not (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(error)):
+        return None
+    first = (str(error).splitlines() or [type(error).__name__])[0][:160]
+    return UserError(f"out of memory on {device} ({first}) at {sizes}: start again with smaller ones")
+
+
 def rank_and_world():
     """(rank, world size) of this process: (0, 1) outside torchrun."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -2469,15 +2478,21 @@ def run_evaluation(cfg, action, overrides):
         split = action.split or ("test" if "test" in splits else "val")
         if split not in splits:
             raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-        model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
-        results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-            "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
-            "num_parameters": count_parameters(model),
-            "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
-            "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
-            "training_seconds": None,
-            "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
-            set(splits["train"].hashes) if split != "train" else None)
+        try:
+            model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
+            results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+                "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
+                "num_parameters": count_parameters(model),
+                "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+                "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+                "training_seconds": None,
+                "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+                set(splits["train"].hashes) if split != "train" else None)
+        except (RuntimeError, MemoryError) as e:
+            error = out_of_memory(e, device, f"--eval_batch_size={cfg.eval_batch_size}")
+            if error is None:
+                raise
+            raise error from None
         log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
             f"outputs in {run_dir}", run_dir / "train.log")
         return run_dir, results
@@ -2774,13 +2789,11 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     with lock:  # the claim ends with the run, also where a caller keeps its traceback
         try:
             return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            # a GPU's memory, or an allocation the system refused (DefaultCPUAllocator): the batch is what to change
-            if not isinstance(e, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(e):
+        except (RuntimeError, MemoryError) as e:
+            error = out_of_memory(e, device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}")
+            if error is None:
                 raise
-            raise UserError(f"out of memory on {device} ({str(e).splitlines()[0][:160]}) at --batch_size="
-                            f"{cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}: start again with smaller ones "
-                            f"(a resume keeps the batch size), or a smaller --image_size or --width") from None
+            raise UserError(f"{error} (a resume keeps the batch size), or a smaller --image_size or --width") from None
 
 
 def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
                                  config_from_checkpoint, console_escapes, cpu_threads, crop_box, ctrl_c_deferred,
                                  decode_image, explain_faces, fit_threads_to_cpu, folder_files, inference_model,
-                                 load_checkpoint, overlay, read_overrides, resolve_device, run_inference,
+                                 load_checkpoint, out_of_memory, overlay, read_overrides, resolve_device, run_inference,
                                  unique_folder, validate_config, validate_device, write_image, write_json)
 
 
@@ -795,6 +795,11 @@ def run_prediction(args, specs):
         interrupted = True
     except OSError as e:
         raise UserError(f"writing into {out_dir} failed: {e}") from None
+    except (RuntimeError, MemoryError) as e:  # the rows so far are kept, as after Ctrl-C
+        error = out_of_memory(e, predictor.device, f"--batch={args.batch}")
+        if error is None:
+            raise
+        raise error from None
     finally:
         errors = out.close({
             "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "inputs": list(specs),
