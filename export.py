@@ -12,6 +12,7 @@ scripts (README). Before model.onnx is written, onnxruntime and PyTorch are comp
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -78,8 +79,13 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, test-time views,
     metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift, tta_zoom: None = the
     checkpoint's. Returns the largest probability difference per input kind."""
-    import onnx
-    import onnxruntime
+    try:
+        import onnx
+        import onnxruntime
+        importlib.import_module("onnxscript")  # torch.onnx.export's: missing, it fails deep in torch
+        from onnxruntime.capi import onnxruntime_pybind11_state as errors
+    except ImportError as e:
+        raise UserError(f"export needs {e.name or e}, which is not installed: pip install -r requirements.txt") from None
     ckpt = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
     given = {k: v for k, v in dict(tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom).items() if v is not None}
@@ -109,7 +115,14 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(graph, str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (errors.Fail, errors.InvalidGraph, errors.InvalidProtobuf, errors.NotImplemented) as e:
+        # an onnxruntime older than the exporter: the last sentence of its message says which limit it met
+        opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+        reason = str(e).strip().rsplit(") ", 1)[-1].rstrip(".").split(". ")[-1]
+        raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the export (ONNX opset {opset}, IR version "
+                        f"{graph.ir_version}): {reason}; upgrade it: pip install -U onnxruntime") from None
     differences = {}
     with torch.inference_mode():
         for kind, x in export_inputs(size).items():

@@ -9,6 +9,7 @@ import csv
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import cv2
@@ -315,3 +316,28 @@ def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "EXPORT_TOLERANCE", 0.0)  # every real export differs by more than nothing
     status = ex.main([f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output={tmp_path / 'm.onnx'}"])
     assert status == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_onnxruntime_too_old_or_missing_is_one_line_and_leaves_no_file(run, tmp_path, monkeypatch):
+    """The export stamped with an opset this onnxruntime does not know (as an older onnxruntime meets today's
+    exporter; a real load failure): one line with the versions and onnxruntime's own limit. A package that is not
+    installed: one line naming it. Nothing written either way."""
+    import onnx
+    save = onnx.save
+
+    def stamped_99(graph, *args, **kwargs):
+        for opset in graph.opset_import:
+            opset.version = 99 if opset.domain == "" else opset.version
+        save(graph, *args, **kwargs)
+
+    args = [f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output={tmp_path / 'm.onnx'}"]
+    monkeypatch.setattr(onnx, "save", stamped_99)
+    with pytest.raises(ern.UserError, match=rf"onnxruntime {re.escape(onnxruntime.__version__)} cannot load the "
+                                            r"export \(ONNX opset 99, IR version \d+\): Current official support for "
+                                            r"domain ai.onnx is till opset \d+; upgrade it"):
+        ex.main(args)
+    monkeypatch.setattr(onnx, "save", save)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets where it is not installed
+    with pytest.raises(ern.UserError, match="export needs onnxscript, which is not installed: pip install -r"):
+        ex.main(args)
+    assert list(tmp_path.iterdir()) == []
