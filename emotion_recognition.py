@@ -140,19 +140,13 @@ class Action:
     split: str = ""  # split for --evaluate: train | val | test; empty = test if present, else val
 
 
-# Named sets of overrides, applied before the command line. cpu: the model and schedule for a 30-minute budget on a
-# 2-core CPU (--time_budget plans the epochs that fit on the machine at hand; BENCHMARKS.md): 96 px faces through a
-# stride-2 stem, so the stages work at 48 px's cost (1.4 points better than 48 px faces in float32, three seeds), and
-# channels 32-256 (width 0.4: 1.6x the epochs of width 0.5 and 2.3 points better in float32, three seeds; 0.10 better
-# where Zen 5 multiplies bf16 natively, within the seeds' spread, three seeds each); in float32 one block a stage
-# (PRESETS_FLOAT32_CPU); where the CPU multiplies bf16 natively it fits more epochs (96 px through the stride-2 stem
-# no worse there than 64 px faces through a stride-1 stem, one seed each); at most 100 epochs, so that the budget
-# decides (a Zen 5 EPYC fits 55-62: 40 ended its runs at 19 of 30 minutes); lr 3e-3 (+0.64 where bf16 is native, three
-# seeds each, above twice its standard error; +0.38 on Zen 5, five runs against three, and -0.69 in float32, within
-# twice it); no random erasing (+0.24 where bf16 is native on a family 25 EPYC, three seeds, within twice the standard
-# error; +0.01 on Zen 5, four seeds paired; -0.3 in float32, one seed); its evaluation averages twenty views (the face
-# and its central 86 px enlarged, each moved 2 px each way, and each mirrored: 0.2-0.7 points above ten without the
-# zoom, and those 0.4-1.3 above the mirror alone, on each model measured, BENCHMARKS.md); demo: --demo's.
+# Named sets of overrides, applied before the command line; the runs behind each value: BENCHMARKS.md, issue 24.
+# cpu: the best model a 30-minute budget buys on a 2-core CPU (--time_budget plans the epochs that fit): 96 px faces
+# through a stride-2 stem, so the stages work at 48 px's cost (1.4 points above 48 px faces in float32); channels
+# 32-256 (width 0.4: 1.6x the epochs of 0.5, 2.3 points better in float32, no worse where bf16 is native); at most
+# 100 epochs, so that the budget decides; lr 3e-3 (+0.64 where bf16 is native); no random erasing (no gain on so
+# short a schedule); twenty test-time views (the face and its central 86 px enlarged, each moved 2 px each way and
+# mirrored: 0.2-0.7 points above the ten without the zoom). demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
@@ -160,21 +154,11 @@ PRESETS = {
     "demo": dict(image_size=48, width=0.25, blocks="1,1,1,1", epochs=12, batch_size=64, lr=3e-3,
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
-# A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false), unless the command line
-# gives one of them (main: preset_for_machine). cpu: one block a stage (1.24 M parameters), whose step costs 0.56x: a
-# 2-core AVX2 CPU (Zen 3) fits 33-34 epochs of it in 30 minutes against 17.5-18 of two blocks a stage, and reaches
-# 72.35 % against 70.03 % (three seeds paired: +2.32, standard error 0.55; BENCHMARKS.md); a second block in the last
-# stage (fewer epochs: -0.72, one seed) and 80 px faces (1.3x the epochs: -0.89 paired, three seeds) lost there. Where
-# bf16 is native two blocks a stage fit 55-62 epochs and fit the training faces to 84-86 % (74 % on validation); the
-# 100 epochs of one block that might fit there reached 73.09 % in float32 (one seed, 91.8 % on the training faces),
-# so they keep two. Measured in float32 on that AVX2-only CPU alone, not on AVX-512 ones without bf16.
+# A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false) and the command line gives
+# none of them (preset_for_machine). cpu: one block a stage, whose step costs 0.56x: a 2-core AVX2 CPU fits 33-34
+# epochs in 30 minutes against 17.5-18, and reaches 72.35 % against 70.03 % (three seeds paired). Where bf16 is
+# native two blocks a stage fit 55-62 epochs and reach 74 %, above one block's 100 epochs there (73.09 %, one seed).
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
-CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-# --evaluate's and predict.py's: the command line's, else the checkpoint's
-INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
-CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder of images: skipped, as dot-files are
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,11 +167,6 @@ SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder o
 
 class UserError(Exception):
     """A problem the user can fix (arguments, data, checkpoint): printed as one message, no traceback."""
-
-
-def field_help(*classes):
-    """The trailing comments of the dataclasses' fields, for --help."""
-    return dict(re.findall(r"^\s+(\w+): [\w |]+ = .*?#\s*(.*)$", "".join(inspect.getsource(c) for c in classes), re.M))
 
 
 def parse_value(name, text, kind):
@@ -213,7 +192,8 @@ def field_kinds(cls):
 def print_help(doc, sections):
     """doc, then each (dataclass, title)'s fields with their defaults and comments."""
     print(doc.strip())
-    helps = field_help(*(cls for cls, _ in sections))
+    helps = dict(re.findall(r"^\s+(\w+): [\w |]+ = .*?#\s*(.*)$",  # the fields' trailing comments
+                            "".join(inspect.getsource(cls) for cls, _ in sections), re.M))
     for cls, title in sections:
         print(f"\n{title}, as --name=value:")
         for f in dataclasses.fields(cls):
@@ -352,6 +332,19 @@ def validate_device(name):
     if why:
         raise UserError(f"--device={name}: {why}; install a torch built for this GPU (pytorch.org lists which CUDA "
                         f"builds carry it) or use --device=cpu")
+
+
+def preset_for_machine(cfg, overrides):
+    """cfg as it trains on this machine: its preset's PRESETS_FLOAT32_CPU fields in float32 on a CPU."""
+    fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
+    if not fields or any(k in overrides for k in fields):
+        return cfg
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" or autocast_dtype(cfg, device) is not None:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:  # on one machine every torchrun rank resolves it alike; one says so
+        print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+    return dataclasses.replace(cfg, **fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -558,50 +551,6 @@ def arithmetic(cfg, device):
             "channels_last": cfg.channels_last}
 
 
-def preset_for_machine(cfg, overrides):
-    """cfg as it trains on this machine: its preset's PRESETS_FLOAT32_CPU fields in float32 on a CPU."""
-    fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
-    if not fields or any(k in overrides for k in fields):
-        return cfg
-    device = resolve_device(cfg.device)
-    if device.type != "cpu" or autocast_dtype(cfg, device) is not None:
-        return cfg
-    if int(os.environ.get("RANK", "0")) == 0:  # on one machine every torchrun rank resolves it alike; one says so
-        print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
-    return dataclasses.replace(cfg, **fields)
-
-
-def provenance(argv, device, data_dir, data_report):
-    """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
-    and the dataset's fingerprint."""
-    script = Path(__file__).resolve()
-
-    def git(*args):  # None outside a git checkout, or without git
-        try:
-            done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
-                                  text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("log", "-1", "--format=%H")
-    return {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
-        "command": shlex.join([sys.executable, str(script), *argv]),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "opencv": cv2.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
-        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu_model(), "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
-        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
-        "git_commit": commit or None,  # the last commit that changed the script
-        "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
-        "data_dir": str(Path(data_dir).resolve()),
-        "dataset": {name: {"images": r["images"], "samples": r["samples"], "file_list_sha256": r["file_list_sha256"]}
-                    for name, r in data_report["splits"].items()},
-    }
-
-
 def atomic_write(path, write):
     """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file. A write the
     system refuses (a full disk, a read-only folder) is one UserError naming the file."""
@@ -690,6 +639,11 @@ def ctrl_c_deferred():
 # ---------------------------------------------------------------------------------------------
 # Data: data.yaml -> split folders -> labelled samples (parsing and checks) -> decoded uint8 cache
 # ---------------------------------------------------------------------------------------------
+
+CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder of images: skipped, as dot-files are
+
 
 @dataclass
 class Split:
@@ -957,7 +911,8 @@ def decode_image(path):
 
 
 def decode_split(split, out, size, margin, threads):
-    """Decode each image once (in parallel), crop its boxes into out[i]; per-sample (ok, hash, fmt, hw), problems."""
+    """Decode each image once (in parallel), crop its boxes into out[i]. Returns (per sample: (hash, format, [h, w]),
+    or None where its image failed; the problems)."""
     by_image = defaultdict(list)
     for i, p in enumerate(split.paths):
         by_image[p].append(i)
@@ -1000,8 +955,8 @@ def cache_key(split, size, margin):
 def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     """Fill split.images from the cache (memory-mapped), decoding into it first if the files changed.
 
-    Returns the problems found while decoding (unreadable, truncated, not an image); samples
-    whose image failed stay in the split with ok=False in the returned mask.
+    Returns (ok, problems): ok, a mask over the samples, False where the image failed (they stay in the split);
+    the problems found while decoding (unreadable, truncated, not an image).
     """
     size, margin = cfg.image_size, cfg.crop_margin
     cache_dir = Path(cfg.cache_dir).expanduser()
@@ -1424,8 +1379,9 @@ class DualAttention(nn.Module):
     """Channel attention, then spatial attention (CBAM's order); either can be switched off.
 
     residual: x * (1 + g) instead of x * g, attention residual learning (Wang et al., CVPR 2017).
-    Gated on the main path after every stage, the features shrink by about 4x per stage at
-    initialization, and in our short AffectNet runs dual attention cost accuracy (BENCHMARKS.md).
+    CBAM's x * g on the main path after every stage shrinks the features by about 4x per stage at
+    initialization; in our short AffectNet runs it cost dual attention 3.2 points, which x * (1 + g)
+    recovered (BENCHMARKS.md).
     """
 
     def __init__(self, channels: int, channel: bool = True, spatial: bool = True, reduction: int = 16,
@@ -1564,6 +1520,44 @@ def place_model(model, cfg, device):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def smooth_targets(labels, num_classes, smoothing):
+    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
+    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
+
+    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
+    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
+    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
+    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
+    context module the KL term is 0.
+    """
+    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
+    if class_weights is not None:
+        w = target @ class_weights
+        ce = (ce * w).sum() / w.sum()
+    else:
+        ce = ce.mean()
+    if context_logits is None:
+        return ce, ce, torch.zeros_like(ce)
+    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
+    return ce + context_weight * kl, ce, kl
+
+
+def inverse_frequency_weights(cfg, train_y, num_classes):
+    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1719,37 +1713,8 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
-
-def smooth_targets(labels, num_classes, smoothing):
-    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
-    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
-
-
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
-    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
-
-    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
-    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
-    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
-    context module the KL term is 0.
-    """
-    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
-    if class_weights is not None:
-        w = target @ class_weights
-        ce = (ce * w).sum() / w.sum()
-    else:
-        ce = ce.mean()
-    if context_logits is None:
-        return ce, ce, torch.zeros_like(ce)
-    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
-    return ce + context_weight * kl, ce, kl
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: the one forward pass that validation, evaluation and predict.py share; the metrics
+# Inference: the one forward pass that validation, evaluation and predict.py share; what the network looks at
+# (spatial-attention gates, Grad-CAM); the metrics
 # ---------------------------------------------------------------------------------------------
 
 def normalize(x_uint8, mean, std):
@@ -1806,10 +1771,45 @@ def run_inference(model, images, mean, std, device, cfg, tta=True):
     return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
 
 
-def confusion(y_true, y_pred, k):
-    """K x K counts, rows true, columns predicted, every class in data.yaml order (a class absent from the split: a zero row)."""
-    from sklearn.metrics import confusion_matrix
-    return confusion_matrix(y_true, y_pred, labels=np.arange(k))
+EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
+
+
+def explain_faces(model, images, mean, std, device, target=None):
+    """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
+    upsampled to S x S, (N, stages, S, S), or None without spatial attention; "gradcam", Grad-CAM (Selvaraju et
+    al., ICCV 2017) of the target class (default: the predicted one) on the last stage's output, (N, S, S),
+    scaled by its maximum; both in [0, 1]. Also "probabilities" (N, K) and the context distribution "q"
+    (N, K, or None without the context module). Evaluation mode: dropout off, BatchNorm's running statistics."""
+    model.eval()
+    size = images.shape[-1]
+    gates, stage_out = [], []
+    hooks = [m.bn.register_forward_hook(lambda module, inputs, out: gates.append(torch.sigmoid(out.float())))
+             for m in model.modules() if isinstance(m, SpatialAttention)]
+    hooks.append(model.stages[-1].register_forward_hook(lambda module, inputs, out: stage_out.append(out)))
+    outs = defaultdict(list)
+    try:
+        for i in range(0, len(images), EXPLAIN_BATCH):
+            gates.clear()
+            stage_out.clear()
+            x = normalize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
+            with torch.enable_grad():
+                logits, s, _ = model(x)
+                t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
+                [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
+            a = stage_out[0].detach()
+            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # Selvaraju et al.'s eq. 1-2
+            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
+            if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
+                outs["gates"].append(torch.cat([F.interpolate(g.detach(), size=size, mode="bilinear", align_corners=False)
+                                                for g in gates], 1).cpu())
+            outs["probabilities"].append(logits.detach().float().softmax(1).cpu())
+            if s is not None:
+                outs["q"].append(s.detach().float().softmax(1).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
 
 
 def macro_f1(y_true, y_pred):
@@ -1823,10 +1823,10 @@ def macro_f1(y_true, y_pred):
 def evaluation_results(split, out, class_names, train_hashes=None):
     """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and the accuracy without the
     faces whose image is also in the training split."""
-    from sklearn.metrics import precision_recall_fscore_support
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
     k = len(class_names)
     y, pred = split.labels, out["logits"].argmax(1).numpy()
-    cm = confusion(y, pred, k)
+    cm = confusion_matrix(y, pred, labels=np.arange(k))  # rows true, columns predicted; an absent class: a zero row
     p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
     report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
               for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
@@ -1846,11 +1846,16 @@ def evaluation_results(split, out, class_names, train_hashes=None):
 # Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics)
 # ---------------------------------------------------------------------------------------------
 
-def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **training_state):
+CHECKPOINT_FORMAT = "ern-checkpoint-v1"
+# --evaluate's and predict.py's: the command line's, else the checkpoint's
+INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
+
+
+def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **state):
     """One self-contained dict: enough to evaluate or predict without the dataset or this file's defaults."""
     return {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": dataclasses.asdict(cfg),
             "class_names": list(class_names), "normalization": {"mean": mean.tolist(), "std": std.tolist()},
-            "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **training_state}
+            "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **state}
 
 
 def training_state(optimizer, scheduler, scaler, history, best):
@@ -1941,6 +1946,16 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
     return model, cfg
 
 
+def inference_config(ckpt, device, **settings):
+    """The checkpoint's config as predict.py and export.py compute with it: the inference settings given
+    (INFERENCE_SETTINGS; None: the checkpoint's) in place of its own, and this machine's device (a model trained
+    with --device=cuda predicts on a laptop); validated, as --evaluate's command line is (--tta_shift=-1)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    cfg = dataclasses.replace(config_from_checkpoint(ckpt), **given, device=str(device))
+    validate_config(cfg)
+    return cfg
+
+
 def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_size=None):
     """The checkpoint's network ready for run_inference with cfg's inference settings: (model on the device, in
     channels_last where this machine's probe passed; cfg as it computes; the checkpoint's mean and std). Refused
@@ -2011,11 +2026,6 @@ class AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         torch.distributed.all_reduce(grad)
         return grad
-
-
-def all_ranks_sum(t):
-    """The sum of t over the ranks (t itself in one process)."""
-    return AllReduceSum.apply(t) if rank_and_world()[1] > 1 else t
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -2112,14 +2122,6 @@ def optimization_parts(model, cfg, device, steps_per_epoch):
             torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg, device) == torch.float16))
 
 
-def class_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
-    if not cfg.class_weights:
-        return None
-    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
 class NonFiniteLoss(Exception):
     pass
 
@@ -2193,7 +2195,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
                 raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {first_bad.item() + 1} of {steps}")
             seen = (step + 1) * share
             bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}", acc=f"{sums[3].item() / seen:.3f}")
-    loss, ce, kl, correct = (all_ranks_sum(sums) / (steps * share * world)).tolist()
+    loss, ce, kl, correct = ((AllReduceSum.apply(sums) if world > 1 else sums) / (steps * share * world)).tolist()
     return {"train_loss": loss, "train_ce": ce, "train_kl": kl, "train_accuracy": correct}
 
 
@@ -2275,7 +2277,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         trial = copy.deepcopy(model)
         optimizer, scheduler, scaler = optimization_parts(trial, cfg, device, spe)
         compiled = torch.compile(trial) if cfg.compile else trial
-        weights = class_weights(cfg, train_y, num_classes)
+        weights = inverse_frequency_weights(cfg, train_y, num_classes)
         seconds, steps = [], []
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
@@ -2331,11 +2333,12 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     as tta says; epoch_validation), best and last checkpoints, metrics.jsonl, Ctrl-C safety. With a time-budget
     plan, the number of epochs is re-planned after each one from its measured time (the schedule re-laid for it)
     and the final evaluation's time from its validation's (updated in the plan), so that the run ends by the
-    deadline. Returns the history, the best epoch, the seconds trained and the config (its epochs, as trained)."""
+    deadline. Returns the history, the best epoch ({"epoch", "val_accuracy"}), the seconds trained and the config
+    (its epochs, as trained)."""
     k = len(class_names)
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
-    weights = class_weights(cfg, train_y, k)
+    weights = inverse_frequency_weights(cfg, train_y, k)
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
@@ -2599,52 +2602,6 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
     plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Explanation: what the network looks at (its spatial-attention gates and Grad-CAM), read from the network
-# itself by forward hooks
-# ---------------------------------------------------------------------------------------------
-
-EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
-
-
-def explain_faces(model, images, mean, std, device, target=None):
-    """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
-    upsampled to S x S, (N, stages, S, S), or None without spatial attention; "gradcam", Grad-CAM (Selvaraju et
-    al., ICCV 2017) of the target class (default: the predicted one) on the last stage's output, (N, S, S),
-    scaled by its maximum; both in [0, 1]. Also "probabilities" (N, K) and the context distribution "q"
-    (N, K, or None without the context module). Evaluation mode: dropout off, BatchNorm's running statistics."""
-    model.eval()
-    size = images.shape[-1]
-    gates, stage_out = [], []
-    hooks = [m.bn.register_forward_hook(lambda module, inputs, out: gates.append(torch.sigmoid(out.float())))
-             for m in model.modules() if isinstance(m, SpatialAttention)]
-    hooks.append(model.stages[-1].register_forward_hook(lambda module, inputs, out: stage_out.append(out)))
-    outs = defaultdict(list)
-    try:
-        for i in range(0, len(images), EXPLAIN_BATCH):
-            gates.clear()
-            stage_out.clear()
-            x = normalize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
-            with torch.enable_grad():
-                logits, s, _ = model(x)
-                t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
-                [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
-            a = stage_out[0].detach()
-            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # Selvaraju et al.'s eq. 1-2
-            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-            outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
-            if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
-                outs["gates"].append(torch.cat([F.interpolate(g.detach(), size=size, mode="bilinear", align_corners=False)
-                                                for g in gates], 1).cpu())
-            outs["probabilities"].append(logits.detach().float().softmax(1).cpu())
-            if s is not None:
-                outs["q"].append(s.detach().float().softmax(1).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
-
-
 def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
     """A heat map in [vmin, vmax] over a uint8 (3, S, S) face."""
     ax.imshow(face.transpose(1, 2, 0))
@@ -2767,6 +2724,37 @@ def make_run_dir(cfg, resuming=False):
         for n in RUN_FILES:
             (run_dir / n).unlink(missing_ok=True)
     return run_dir, lock
+
+
+def provenance(argv, device, data_dir, data_report):
+    """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
+    and the dataset's fingerprint."""
+    script = Path(__file__).resolve()
+
+    def git(*args):  # None outside a git checkout, or without git
+        try:
+            done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
+                                  text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("log", "-1", "--format=%H")
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
+        "command": shlex.join([sys.executable, str(script), *argv]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "opencv": cv2.__version__, "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu_model(), "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
+        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+        "git_commit": commit or None,  # the last commit that changed the script
+        "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
+        "data_dir": str(Path(data_dir).resolve()),
+        "dataset": {name: {"images": r["images"], "samples": r["samples"], "file_list_sha256": r["file_list_sha256"]}
+                    for name, r in data_report["splits"].items()},
+    }
 
 
 def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None):

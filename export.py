@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes,
-                                 count_parameters, crop_box, decode_image, fit_threads_to_cpu, load_checkpoint,
-                                 model_from_checkpoint, normalize, read_overrides, tta_view_count, tta_views,
-                                 validate_config)
+from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
+                                 crop_box, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
+                                 model_from_checkpoint, normalize, read_overrides, tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -87,11 +86,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     except ImportError as e:
         raise UserError(f"export needs {e.name or e}, which is not installed: pip install -r requirements.txt") from None
     ckpt = load_checkpoint(checkpoint)
-    model, cfg = model_from_checkpoint(ckpt)
-    given = {k: v for k, v in dict(tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom).items() if v is not None}
-    # the rule of predict.py: the checkpoint's inference settings unless given; the export runs on this CPU
-    cfg = dataclasses.replace(cfg, **given, device="cpu")
-    validate_config(cfg)
+    model, _ = model_from_checkpoint(ckpt)
+    cfg = inference_config(ckpt, "cpu", tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom)
     exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
                            cfg.tta_zoom).eval()
     size = ckpt["image_size"]

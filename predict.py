@@ -40,11 +40,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in,
-                                 config_from_checkpoint, console_escapes, cpu_threads, crop_box, ctrl_c_deferred,
-                                 decode_image, explain_faces, fit_threads_to_cpu, folder_files, inference_model,
-                                 load_checkpoint, out_of_memory, overlay, read_overrides, resolve_device, run_inference,
-                                 unique_folder, validate_config, validate_device, write_image, write_json)
+from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
+                                 cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
+                                 fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
+                                 out_of_memory, overlay, read_overrides, resolve_device, run_inference, unique_folder,
+                                 validate_device, write_image, write_json)
 
 
 @dataclass
@@ -269,10 +269,8 @@ class EmotionPredictor:
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         self.device = resolve_device(str(device))
-        # the device is this machine's: a model trained with --device=cuda predicts on a laptop
-        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **settings, device=str(device))
-        validate_config(cfg)  # a setting given here may be out of range (--tta_shift=-1), as --evaluate's would
-        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, cfg, self.device)
+        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, inference_config(ckpt, device, **settings),
+                                                                    self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector() if detect_faces else None
 
@@ -765,7 +763,7 @@ def predict_video(predictor, source, out, args):
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
-    settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if getattr(args, k, None) is not None}
+    settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if hasattr(args, k)}  # None: the checkpoint's
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     inputs = prediction_inputs(specs)
     out_dir = Path(args.output_dir) if args.output_dir else unique_folder(

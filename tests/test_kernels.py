@@ -51,7 +51,7 @@ if __name__ == "__main__":
         mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
         for epoch in range(1, int(sys.argv[4]) + 1):
             stats = ern.train_one_epoch(model, x, y, mean, std, optimizer, scheduler, scaler, cfg, epoch, num_classes=8,
-                                        class_weights=ern.class_weights(cfg, y, 8))
+                                        class_weights=ern.inverse_frequency_weights(cfg, y, 8))
         ern.run_inference(model, x.numpy(), mean, std, cpu, cfg)
         print(json.dumps({"model": name, "channels_last": cfg.channels_last, "autocast": str(ern.autocast_dtype(cfg, cpu)),
                           "probe": verdict and verdict["reason"], "loss": stats["train_loss"]}), flush=True)
