@@ -1021,13 +1021,13 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
 
 def stratified_holdout(labels, images, fraction, seed):
     """Boolean mask of the samples (boxes) of a random fraction of the images, stratified by each image's first
-    label: the faces of one photo stay on one side."""
+    label: the faces of one photo stay on one side; at least one image of each class, never its only one."""
     rng = np.random.default_rng(seed)
     names, first, group = np.unique(np.asarray(images, dtype=object).astype(str), return_index=True, return_inverse=True)
     held_images = np.zeros(len(names), dtype=bool)
     for c in np.unique(labels[first]):
         idx = rng.permutation(np.flatnonzero(labels[first] == c))
-        held_images[idx[:max(1, round(fraction * len(idx)))]] = True
+        held_images[idx[:min(len(idx) - 1, max(1, round(fraction * len(idx))))]] = True  # a class keeps one image
     return held_images[group]
 
 
@@ -1107,6 +1107,13 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
             f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
         del splits["test"]
+    for name in ("val", "test"):  # a split naming the training folder (Ultralytics' coco128.yaml: val: images/train2017)
+        if name in splits and "train" in splits and splits[name].paths and set(splits[name].paths) == set(splits["train"].paths):
+            log(f"note: data.yaml's {'validation' if name == 'val' else 'test'} split ({folders[name]}) holds exactly "
+                f"the training split's images, so it measures nothing training has not seen; "
+                + ("holding out validation images instead" if name == "val" else "the final evaluation is on the "
+                   "validation split"), log_file)
+            del splits[name]
     ok = {}
     for name, split in splits.items():
         if len(split):
@@ -1131,6 +1138,9 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
         splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
         splits["train"] = splits["train"].subset(~held)
+        if not held.any():
+            raise UserError(f"{len(set(splits['train'].paths))} training images are too few to hold out a validation "
+                            f"split (a class's only image stays in training): add a validation split to data.yaml")
         log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
             f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
     duplicates = find_duplicates(splits) if "train" in splits else {}
@@ -1146,6 +1156,14 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                 train_hashes = set(splits["train"].hashes)
                 s = splits[name.split("_")[0]]
                 splits[s.name] = s.subset([h not in train_hashes for h in s.hashes])
+                if not len(splits[s.name]) and s.name == "val":
+                    raise UserError("every validation sample duplicates a training image, so --drop_duplicates=true "
+                                    "leaves none: give data.yaml a validation split of other images (or none, for a "
+                                    "hold-out), or keep them")
+                if not len(splits[s.name]):
+                    log("note: every test sample duplicates a training image and is dropped; the final evaluation is "
+                        "on the validation split", log_file)
+                    del splits[s.name]
     report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes,
               "decode_seconds": round(decode_seconds, 2),
               "problems": problems, "skipped_problems": len(problems),

@@ -605,6 +605,45 @@ def test_held_out_validation_keeps_the_faces_of_a_photo_together():
     assert {first_labels[p] for p in held_photos} == {0, 1, 2, 3}  # every class of first label is represented
 
 
+def test_a_class_with_one_image_keeps_it_in_training_and_too_few_images_are_one_line(tmp_path):
+    """The hold-out takes no class's only image (it would leave training); where every class has one, no
+    validation split can be held out, which is said in one line (a division by zero at the first epoch before)."""
+    images = [f"img{i}.jpg" for i in range(41)]
+    labels = np.array([0] * 20 + [1] * 20 + [2])
+    held = ern.stratified_holdout(labels, images, 0.2, seed=1)
+    assert held[:20].sum() == held[20:40].sum() == 4 and not held[40]
+    data = ern.make_synthetic_dataset(tmp_path / "one", per_class=(1, 0, 0), size=48, seed=1)
+    proc = run_script(*args_for(data, tmp_path, "--epochs=1"), cwd=tmp_path, check=False)
+    assert_clean_error(proc)
+    assert "8 training images are too few to hold out a validation split" in proc.stderr
+
+
+def test_a_split_of_the_training_images_is_no_validation_or_test_split(tiny_dataset, tmp_path, capsys):
+    """val: and test: naming the training folder (as Ultralytics' coco128.yaml does) measure nothing unseen: a
+    hold-out takes val's place and the evaluation is on it. A validation folder that copies the training images
+    under other names, with --drop_duplicates=true: nothing would be left, one line (a crash after epoch 1 before)."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    # val: the hold-out, --val_fraction=0.1 of each class's 12 images; test: gone, val the valid folder's 8 x 4
+    for name, split, left, val in (("validation", "val", {"train", "val", "test"}, 8), ("test", "test", {"train", "val"}, 32)):
+        (data / "data.yaml").write_text(yaml.safe_dump({**doc, split: doc["train"]}))
+        _, splits, _ = ern.load_dataset(cfg)
+        assert set(splits) == left and len(splits["val"]) == val
+        assert not set(splits["val"].paths) & set(splits["train"].paths)
+        out = capsys.readouterr().out
+        assert re.search(rf"{name} split \(\S+/train/images\) holds exactly the training split's images", out), out
+    (data / "data.yaml").write_text(yaml.safe_dump(doc))
+    for kind in ("images", "labels"):
+        shutil.rmtree(data / "valid" / kind)
+        shutil.copytree(data / "train" / kind, data / "valid" / kind)
+        for f in (data / "valid" / kind).iterdir():
+            f.rename(f.with_name("copy_" + f.name))
+    with pytest.raises(ern.UserError, match="every validation sample duplicates a training image, so "
+                                            "--drop_duplicates=true leaves none"):
+        ern.load_dataset(dataclasses.replace(cfg, drop_duplicates=True))
+
+
 def test_provenance_and_resume_from_another_folder(tiny_dataset, tmp_path):
     """provenance.json holds the command, versions, machine, code version and the dataset's fingerprint; a run
     started with relative --data_dir and --cache_dir resumes from another working folder, and the resume is
