@@ -360,12 +360,7 @@ def log(message, log_file=None):
     except UnicodeEncodeError:  # a console in a narrower encoding than a class name's letters
         tqdm.write(message.encode("ascii", "backslashreplace").decode())
     if log_file is not None:
-        try:
-            with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as f:  # any locale; names escaped
-                f.write(message + "\n")
-        except OSError as e:  # a disk that filled during the run: the checkpoints written so far stay
-            raise UserError(f"could not write {log_file}: {e.strerror or e}; free some space or choose another "
-                            f"--output_dir") from None
+        append_text(log_file, message + "\n")
 
 
 def console_escapes():
@@ -597,6 +592,17 @@ def atomic_save(obj, path):
 
 def write_json(obj, path):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def append_text(path, text):
+    """Append to an append-only run file (train.log, metrics.jsonl) in any locale, names escaped. A disk that fills
+    during the run is one line: the checkpoints written so far stay."""
+    try:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; free some space or choose another "
+                        f"--output_dir") from None
 
 
 def write_image(path, bgr):
@@ -993,7 +999,8 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
         write_json(decoded, meta_path)
         for old in cache_dir.glob(f"{prefix}_*"):  # a changed dataset leaves its old cache behind
             if old.name.split(".")[0] != name and not old.name.endswith(".tmp"):  # not another run's build
-                old.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # still mapped by a run on Windows, or a colleague's: it stays
+                    old.unlink(missing_ok=True)
         split.decode_seconds = time.time() - t0
         log(f"{split.name}: decoded {len(set(split.paths))} images into {array_path} in {split.decode_seconds:.1f}s", log_file)
     try:
@@ -1921,21 +1928,26 @@ def checkpoint_normalization(ckpt, device):
 # resumed with that commit)
 REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
            "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
-           "logit_adjustment": (0.0, "da10df0"), "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2"),
+           "logit_adjustment": (0.0, "da10df0"), "low_res": (0, "e43f7a9"), "mixup": (0.0, "bfdced2"),
+           "cutmix": (0.0, "bfdced2"),
            "optimizer": ("adamw", "1bd07fe"), "ema_decay": (0.0, "8e63f05"),
            "attention_stages": ("", "27e2a2f")}
+# Fields added later whose default is not what the code did before them: the value a checkpoint without the field
+# was trained with (515d170: before it, attention gated x * g)
+ADDED = {"attention_residual": False}
 
 
 def config_from_checkpoint(ckpt):
     """The checkpoint's Config; fields this file does not know are ignored, unless they are removed options that the
-    checkpoint used (then: one line naming them and the commit that still has them)."""
+    checkpoint used (then: one line naming them and the commit that still has them); fields it lacks are ADDED's,
+    else today's defaults."""
     config = ckpt["config"]
     used = [(f"--{k}={config[k]}", commit) for k, (value, commit) in REMOVED.items() if k in config and config[k] != value]
     if used:  # REMOVED is in the order of removal: the first one's commit has every later one too
         raise UserError(f"the checkpoint was trained with {', '.join(u for u, _ in used)} (removed after commit "
                         f"{used[0][1]}): evaluate or resume it with that commit's emotion_recognition.py")
     known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in config.items() if k in known})
+    return Config(**{**ADDED, **{k: v for k, v in config.items() if k in known}})
 
 
 # The Config fields that shape the network's weights and how they are applied: a checkpoint's must be the run's
@@ -2341,8 +2353,8 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
         scaler.load_state_dict(resume["scaler"])
     if rank_and_world()[0] == 0:  # the random state saved is rank 0's; the other ranks keep their own seeds
         torch.set_rng_state(resume["rng"]["torch"])
-        if "cuda" in resume["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():  # saved per visible GPU: as many as are here now
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
     return resume["history"], resume["best"], resume["epoch"] + 1
 
 
@@ -2378,7 +2390,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
     elif writes:  # the checkpoint's history is the truth: drop lines of a half-finished epoch
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        lines = "".join(json.dumps(h) + "\n" for h in history)
+        atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
     walls, val_walls = [], []  # seconds of each epoch from its start to its last write; of its validation
@@ -2398,17 +2411,16 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             val_walls.append(time.time() - t_val)
             history.append(stats)
             improved = stats["val_accuracy"] > best["val_accuracy"]
-            if improved:
-                best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
-                if writes:
-                    atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, stats, best=best),
-                                run_dir / "best_emotion_model.pth")
-            with ctrl_c_deferred():  # last.pth, the message after Ctrl-C and metrics.jsonl agree on the epoch
+            with ctrl_c_deferred():  # the best and last checkpoints, the message after Ctrl-C and metrics.jsonl agree
+                if improved:
+                    best = {"val_accuracy": stats["val_accuracy"], "epoch": epoch}
+                    if writes:
+                        atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, stats, best=best),
+                                    run_dir / "best_emotion_model.pth")
                 save_last(epoch, stats)
                 saved = epoch
                 if writes:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(stats) + "\n")
+                    append_text(run_dir / "metrics.jsonl", json.dumps(stats) + "\n")
             walls.append(time.time() - t0)
             if plan is not None and epoch > 1:  # re-plan from the epochs as timed, the final evaluation's time too
                 epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
@@ -2523,6 +2535,19 @@ def run_evaluation(cfg, action, overrides):
 # Plots
 # ---------------------------------------------------------------------------------------------
 
+def save_figure(fig, path, dpi=110, rect=None):
+    """Lay out, write and close a figure; a disk that fills under it is one line (the numbers are written first)."""
+    import matplotlib.pyplot as plt
+    try:
+        fig.tight_layout(**({} if rect is None else {"rect": rect}))
+        fig.savefig(path, dpi=dpi)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; free some space or choose another "
+                        f"--output_dir") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_history(history, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -2542,9 +2567,7 @@ def plot_history(history, path):
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=None, vmax=None):
@@ -2571,9 +2594,7 @@ def plot_confusion(cm, class_names, path):
     for ax in axes:
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_context(prototypes, q, labels, class_names, path):
@@ -2588,9 +2609,7 @@ def plot_context(prototypes, q, labels, class_names, path):
     heatmap(axes[1], mean_q, class_names, class_names, "mean context distribution q by true class", ".2f", vmin=0, vmax=1)
     axes[1].set_xlabel("prototype")
     axes[1].set_ylabel("true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed):
@@ -2615,9 +2634,7 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
     ax.set_title(f"t-SNE of {len(idx)} feature vectors" + (" (stars: emotion prototypes)" if prototypes is not None else ""))
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
@@ -2668,9 +2685,7 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     shown_range = "no spatial attention" if gate_range is None else \
         f"attention: mean spatial gate over stages, colour range {gate_range[0]:.2f}-{gate_range[1]:.2f}"
     fig.suptitle(f"{len(idx)} faces of the evaluated split; {shown_range}; Grad-CAM of the predicted class, 0-1", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
 
 
@@ -2869,8 +2884,12 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:
-        starts = json.loads((run_dir / "provenance.json").read_text()) if resume_ckpt is not None and \
-            (run_dir / "provenance.json").exists() else []
+        starts = []
+        if resume_ckpt is not None and (run_dir / "provenance.json").exists():
+            try:
+                starts = json.loads((run_dir / "provenance.json").read_text())
+            except (OSError, ValueError) as e:  # cut short or edited by hand: the checkpoint, not this record, resumes
+                log(f"note: {run_dir / 'provenance.json'} is unreadable ({e}); it starts again with this resume", log_file)
         write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
                               "channels_last_probe": memory_verdict,
                               "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None}],
@@ -2884,7 +2903,6 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     t_final = time.time()
     try:
         model.load_state_dict(load_checkpoint(best_path)["model"])
-        plot_history(history, run_dir / "training_history.png")
         results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir, {
             "evaluated_split": eval_split, "num_parameters": n_params, "arithmetic": computes, "best_epoch": best["epoch"],
             "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
@@ -2892,6 +2910,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
             "checkpoint": str(best_path), "duplicates": report["duplicates"], "duplicates_dropped": cfg.drop_duplicates,
             "config": dataclasses.asdict(cfg)},
             set(splits["train"].hashes))
+        plot_history(history, run_dir / "training_history.png")
     except KeyboardInterrupt:
         log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
             f"{script_command(f'--evaluate={best_path}')}", log_file)
@@ -2909,7 +2928,10 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
 
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
-                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size"}
+                "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
+                "lr": "the optimizer resumes with its saved learning rate", "weight_decay": "the optimizer resumes "
+                "with its saved weight decay", "preset": "a run keeps the settings it started with",
+                "time_budget": "a budget plans a run's epochs at its start (--epochs changes them)"}
 
 
 def main(argv, started=None):
@@ -2937,6 +2959,10 @@ def main(argv, started=None):
         if unresumable:
             raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
                             f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")
+        best = folder / "best_emotion_model.pth"
+        if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # found missing after training, before
+            raise UserError(f"{best} (epoch {ckpt['best']['epoch']}, the run's best so far) is missing, and the final "
+                            f"evaluation is of it: copy it back beside {Path(action.resume).name}")
         cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
-                                 out_of_memory, overlay, read_overrides, resolve_device, run_inference, unique_folder,
-                                 validate_device, write_image, write_json)
+                                 out_of_memory, overlay, read_overrides, resolve_device, run_inference, save_figure,
+                                 unique_folder, validate_device, write_image, write_json)
 
 
 @dataclass
@@ -136,9 +136,7 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def opencv_message(error):
@@ -500,9 +498,7 @@ def plot_timeline(times, track_probs, class_names, title, path):
     axes[-1, 0].set_xlabel("time (s)")
     axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 class PredictionOutputs:

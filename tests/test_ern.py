@@ -514,13 +514,23 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_it_and_the_commit():
                                   ("context_target", "teacher", "da10df0"), ("affinity_weight", 0.1, "da10df0"),
                                   ("logit_adjustment", 1.0, "da10df0"), ("mixup", 0.2, "bfdced2"), ("cutmix", 1.0, "bfdced2"),
                                   ("optimizer", "muon", "1bd07fe"), ("ema_decay", 0.999, "8e63f05"),
-                                  ("attention_stages", "3,4", "27e2a2f")):
+                                  ("attention_stages", "3,4", "27e2a2f"), ("low_res", 32, "e43f7a9")):
         bad = {**ckpt, "config": {**ckpt["config"], option: value}}
         with pytest.raises(ern.UserError, match=rf"trained with --{option}={value} \(removed after commit {commit}\)"):
             ern.model_from_checkpoint(bad)
     both = {**ckpt, "config": {**ckpt["config"], "cutmix": 1.0, "logit_adjustment": 1.0}}  # the older commit has both
     with pytest.raises(ern.UserError, match=r"--logit_adjustment=1.0, --cutmix=1.0 \(removed after commit da10df0\)"):
         ern.model_from_checkpoint(both)
+
+
+def test_a_checkpoint_from_before_attention_residual_gates_as_it_was_trained():
+    """Commit 515d170 added attention_residual, default x * (1 + g); the checkpoints before it gated x * g and lack
+    the field: they load as x * g (they loaded as x * (1 + g) before, the same weights computing another network)."""
+    cfg = ern.Config(width=0.125, blocks="1,1,1,1")
+    config = dataclasses.asdict(cfg)
+    assert ern.config_from_checkpoint({"config": config}).attention_residual is True
+    del config["attention_residual"]
+    assert ern.config_from_checkpoint({"config": config}).attention_residual is False
 
 
 def test_default_model_has_27_5_million_parameters():

@@ -469,6 +469,17 @@ def test_finished_run_folder_is_never_overwritten_without_overwrite(finished, ti
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
 
 
+def test_a_resume_past_a_damaged_provenance_record_starts_it_again(finished, tiny_dataset, tmp_path):
+    """provenance.json cut short (a copy, a sync tool): the resume says so and writes a new record of its own start;
+    the checkpoint, not the record, is what resumes (a JSONDecodeError traceback before)."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    (run / "provenance.json").write_text((run / "provenance.json").read_text()[:100])
+    proc = run_script(f"--resume={run}", f"--epochs={EPOCHS + 1}", cwd=tmp_path)
+    assert f"note: {run / 'provenance.json'} is unreadable" in proc.stdout
+    [start] = json.loads((run / "provenance.json").read_text())
+    assert start["command"].endswith(shlex.join([f"--resume={run}", f"--epochs={EPOCHS + 1}"]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -525,16 +536,25 @@ def test_bad_checkpoint_file_gives_one_clear_line(finished, tiny_dataset, tmp_pa
 
 
 def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
-    """Another output folder or batch size: one line naming the field and why, before any work; the run's own
-    folder is no change. (Before: a TypeError traceback, and a scheduler silently out of step.)"""
+    """Another output folder, batch size, learning rate, weight decay, time budget or preset: one line naming the
+    field and why, before any work; the run's own folder is no change. (Before: a TypeError traceback, a scheduler
+    silently out of step, or a config.json recording a learning rate the optimizer never used.) A run folder that
+    lost its best model (copied without it): one line before training, not after it."""
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, output_dir=str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     last = tmp_path / "run" / "last.pth"
     torch.save({**ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 1, {}),
                 "optimizer": {}}, last)
-    for arg, field in ((f"--output_dir={tmp_path / 'elsewhere'}", "--output_dir"), ("--batch_size=32", "--batch_size")):
+    for arg, field in ((f"--output_dir={tmp_path / 'elsewhere'}", "--output_dir"), ("--batch_size=32", "--batch_size"),
+                       ("--lr=0.5", "--lr"), ("--weight_decay=0", "--weight_decay"), ("--time_budget=5", "--time_budget"),
+                       ("--preset=cpu", "--preset")):
         with pytest.raises(ern.UserError, match=f"^--resume cannot change {field}:"):
             ern.main([f"--resume={last}", arg])
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "best": {"epoch": 1, "val_accuracy": 0.5}}, last)
+    with pytest.raises(ern.UserError, match=r"best_emotion_model.pth \(epoch 1, the run's best so far\) is missing"):
+        ern.main([f"--resume={last}"])
+    (tmp_path / "run" / "best_emotion_model.pth").write_bytes(b"")
     with pytest.raises(ern.UserError, match="no data.yaml"):  # past the refusal: the same folder, the same batch
         ern.main([f"--resume={last}", f"--output_dir={tmp_path / 'run'}", "--batch_size=16"])
 
@@ -781,14 +801,17 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_leaves_nothing_ha
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a file every write to fails: disk full")
-def test_a_full_disk_under_the_log_is_one_line(tiny_dataset, tmp_path):
-    """The run's log refused (ENOSPC, for real: train.log is /dev/full): one line naming it, not a traceback."""
+@pytest.mark.parametrize("name", ["train.log", "metrics.jsonl", "training_history.png"])
+def test_a_full_disk_under_the_log_is_one_line(tiny_dataset, tmp_path, name):
+    """The run's log, its per-epoch metrics or a figure refused (ENOSPC, for real: the file is /dev/full): one line
+    naming it, not a traceback; a figure's comes after evaluation_results.json, so no number is lost."""
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "train.log").symlink_to("/dev/full")
+    (tmp_path / "run" / name).symlink_to("/dev/full")
     proc = run_script(*args_for(tiny_dataset, tmp_path), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == (f"error: could not write {tmp_path / 'run' / 'train.log'}: No space left on "
+    assert proc.stderr.splitlines()[-1] == (f"error: could not write {tmp_path / 'run' / name}: No space left on "
                                             f"device; free some space or choose another --output_dir")
+    assert (tmp_path / "run" / "evaluation_results.json").exists() == (name == "training_history.png")
 
 
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
@@ -950,6 +973,48 @@ def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch
     again, _ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(again, cfg)
     assert len(decoded) == len(set(again.paths)) and np.array_equal(np.asarray(again.images), want)
+
+
+def test_an_old_cache_that_cannot_be_removed_is_left(tiny_dataset, tmp_path, monkeypatch):
+    """A changed dataset's old cache that cannot be deleted (still mapped by another run on Windows, or a
+    colleague's in a shared --cache_dir): left where it is; the new cache is built and used (a traceback before)."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    ern.load_dataset(cfg, splits_wanted=("train",))
+    old = set((tmp_path / "cache").iterdir())
+    image = next((data / "train" / "images").iterdir())
+    os.utime(image, (time.time() + 5, time.time() + 5))  # the dataset changed: a new cache key
+    unlink = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path in old:
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    _, splits, _ = ern.load_dataset(cfg, splits_wanted=("train",))
+    new = set((tmp_path / "cache").iterdir()) - old
+    assert old <= set((tmp_path / "cache").iterdir()) and {p.suffix for p in new} == {".npy", ".json"}
+    assert len(splits["train"]) + len(splits["val"]) == 96  # val: held out of train (it alone was asked for)
+
+
+def test_a_resume_where_fewer_gpus_are_visible_restores_the_random_state_of_those_there(monkeypatch):
+    """last.pth keeps a random state per GPU visible when it was saved; a resume that sees fewer (another
+    CUDA_VISIBLE_DEVICES, a smaller allocation) restores theirs. torch's set_rng_state_all indexes its GPUs by the
+    states given: an IndexError before. No GPU here: torch.cuda's count and setter stand in, the checkpoint is real."""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1")
+    model = ern.build_model(cfg, 8)
+    optimizer, scheduler, scaler = ern.optimization_parts(model, cfg, torch.device("cpu"), 4)
+    state = ern.training_state(optimizer, scheduler, scaler, [], {"epoch": 0, "val_accuracy": 0.0})
+    saved = [torch.full((16,), k, dtype=torch.uint8) for k in range(2)]  # two GPUs at the save
+    resume = {**ern.checkpoint_dict(model, cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 1, {}, **state),
+              "rng": {**state["rng"], "cuda": saved}}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    assert ern.restore_training_state(resume, model, optimizer, scheduler, scaler)[2] == 2
+    assert len(restored) == 1 and torch.equal(restored[0], saved[0])
 
 
 def test_a_test_split_that_is_the_validation_split_is_no_test_split(tiny_dataset, tmp_path):
