@@ -1672,8 +1672,17 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
-    with callers_script_hidden():
-        child.start()
+    # The child starts with Ctrl-C ignored (exec keeps a signal ignored, and Python then sets no handler): the terminal
+    # sends it to the whole process group, and the child's traceback would follow the parent's one line; the parent
+    # handles it and kills the child. Only the main thread may set a handler.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        with callers_script_hidden():
+            child.start()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     send.close()
     answer, timeout = None, PROBE_START_TIMEOUT
     try:

@@ -6,11 +6,14 @@ model trains under the CPU's own level only, and SSE41 and AVX are left to bench
 this test took 5.4 minutes (BENCHMARKS.md). The probe's verdicts on a child that aborts, hangs or computes wrong
 numbers, and its cache, are checked with small models that do so on purpose. The 1x1 shortcuts, whose weight gradient
 crashed under three levels, are checked against float64 and, without the probe, where they crashed."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import signal
 import tempfile
+import threading
 import time
 
 import pytest
@@ -155,6 +158,32 @@ def test_the_probe_tells_a_safe_layout_from_one_that_crashes_hangs_or_is_wrong(w
     verdict = ern.run_probe(Layout(what), 8, 4, None, 1, min_timeout=1.0 if what == "hang" else 30.0)
     assert verdict[0] == safe and verdict[1].startswith(reason) and verdict[2] == definite, verdict
     assert time.time() - t0 < 60  # a hang is cut short: seconds after the contiguous passes answered
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals: an ignored one stays ignored across exec")
+def test_a_ctrl_c_that_reaches_the_probe_child_neither_kills_it_nor_prints(capfd):
+    """The terminal sends Ctrl-C to the whole process group, the probe's child too: it is the parent's to handle
+    (it kills the child), so the child ignores it from its start. Before, it died of KeyboardInterrupt and printed
+    its own traceback under the parent's one line. Here SIGINT goes to the child alone, three times while it runs."""
+    import multiprocessing
+    sent = []
+
+    def interrupt_the_child():
+        deadline = time.time() + 60
+        while len(sent) < 3 and time.time() < deadline:
+            for child in multiprocessing.active_children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGINT)
+                    sent.append(child.pid)
+                    time.sleep(0.3)
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=interrupt_the_child)
+    thread.start()
+    verdict = ern.run_probe(Layout("fine"), 8, 4, None, 1)
+    thread.join()
+    assert sent and verdict[0], verdict
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_the_probe_of_a_script_without_a_main_guard_does_not_run_the_script_again(tmp_path):
