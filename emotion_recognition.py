@@ -2820,6 +2820,10 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
         try:
             return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
         except (RuntimeError, MemoryError) as e:
+            if cfg.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):  # no C++ compiler, or a bug
+                raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]}; on the CPU it needs a "
+                                f"working C++ compiler (g++ or clang; MSVC on Windows): install one, or pass "
+                                f"--compile=false (a resume may too)") from None
             error = out_of_memory(e, device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}")
             if error is None:
                 raise

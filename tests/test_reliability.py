@@ -814,6 +814,17 @@ def test_a_full_disk_under_the_log_is_one_line(tiny_dataset, tmp_path, name):
     assert (tmp_path / "run" / "evaluation_results.json").exists() == (name == "training_history.png")
 
 
+def test_compile_without_a_cpp_compiler_is_one_line(tiny_dataset, tmp_path):
+    """--compile=true where torch's inductor finds no C++ compiler (a slim container, Windows without MSVC; here
+    CXX names none): one line saying so and naming --compile=false, not a traceback."""
+    proc = run_script(*args_for(tiny_dataset, tmp_path, "--epochs=1", "--compile=true"), cwd=tmp_path, check=False,
+                      env={"CXX": str(tmp_path / "no" / "g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert_clean_error(proc)
+    assert proc.stderr.splitlines()[-1].startswith("error: --compile=true failed: InvalidCxxCompiler: No working C++ "
+                                                   "compiler found"), proc.stderr[-2000:]
+    assert "install one, or pass --compile=false" in proc.stderr
+
+
 def test_a_cache_folder_that_cannot_be_made_is_one_line(tiny_dataset, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "a_file" / "cache"), image_size=32)
