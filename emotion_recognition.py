@@ -442,13 +442,18 @@ def rank_and_world():
     return 0, 1
 
 
-def cpu_model():
-    """The CPU's model name, as /proc/cpuinfo gives it (elsewhere, what the platform module knows)."""
+def cpuinfo(*keys):
+    """The value on /proc/cpuinfo's first line that starts with one of keys; "" without one (or the file)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
-    return platform.processor()
+    return ""
+
+
+def cpu_model():
+    """The CPU's model name, as /proc/cpuinfo gives it (elsewhere, what the platform module knows)."""
+    return cpuinfo("model name") or platform.processor()
 
 
 def user_cache_dir():
@@ -462,11 +467,7 @@ def user_cache_dir():
 
 def cpu_flags():
     """The CPU's feature flags (avx2, avx512f, avx512_bf16, ...), as /proc/cpuinfo lists them."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].split()
-    return []
+    return cpuinfo("flags", "Features").split()
 
 
 def cpu_quota(root=Path("/sys/fs/cgroup"), membership=Path("/proc/self/cgroup")):
@@ -511,18 +512,16 @@ def fit_threads_to_cpu():
         torch.set_num_threads(threads)
 
 
-# oneDNN's instruction-set levels, in order, with the CPU flags each adds: ONEDNN_MAX_CPU_ISA=NAME caps its kernels at
-# one of them (a wider CPU then runs the narrower kernels). Below AVX512_CORE_BF16, bf16 is emulated.
-ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
-               "AVX512_CORE": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX512_CORE_VNNI": ("avx512_vnni",),
-               "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16")}
+# oneDNN's instruction-set levels below AVX512_CORE_BF16, where bf16 is emulated: ONEDNN_MAX_CPU_ISA=NAME caps its
+# kernels at one of them (a wider CPU then runs the narrower kernels)
+BF16_EMULATED_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
 def cpu_has_bf16():
     """AVX512-BF16 or AMX, and oneDNN not capped below them (ONEDNN_MAX_CPU_ISA): the CPU multiplies bf16 itself;
     elsewhere oneDNN emulates it, slowly. The probes are private torch functions: a torch without them gets float32."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in {*list(ONEDNN_ISAS)[:list(ONEDNN_ISAS).index("AVX512_CORE_BF16")], "AVX2_VNNI", "AVX2_VNNI_2"}:
+    if cap in BF16_EMULATED_ISAS:
         return False
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
@@ -2347,6 +2346,34 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
             "expected_minutes": (spent_s + training_s + final_s) / 60}
 
 
+def planned(cfg, plan, log_file=None):
+    """cfg with the epochs that plan_epochs fitted, said in the log; a budget too short for one epoch is refused,
+    naming the smallest that fits."""
+    if not plan["epochs"]:
+        need = (plan["spent_seconds"] + plan["first_epoch_seconds"] + plan["final_evaluation_seconds"]) \
+            / (1 - BUDGET_MARGIN) / 60
+        raise UserError(f"--time_budget={cfg.time_budget:g} min cannot be kept: starting and measuring took "
+                        f"{plan['spent_seconds']:.0f} s, one epoch takes "
+                        f"{plan['epoch_seconds']:.0f} s and the final evaluation {plan['final_evaluation_seconds']:.0f} s; "
+                        f"give at least --time_budget={math.ceil(need * 10) / 10:g}, or --time_budget=0 and --epochs")
+    log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
+        f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
+        f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:.4g} of at "
+        f"most {plan['max_epochs']:g} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+    return dataclasses.replace(cfg, epochs=plan["epochs"])
+
+
+def replanned_epochs(plan, walls, val_walls, done, cfg, steps_per_epoch, val_faces, tta):
+    """The epochs that end by the plan's deadline, from the medians of the last three epochs and validations as
+    timed (the first pays the warm-up again), and the plan's final-evaluation estimate updated from them (each rank
+    validated its share of val_faces). Returns (epochs, seconds an epoch)."""
+    epoch_s, val_s = statistics.median(walls[1:][-3:]), statistics.median(val_walls[1:][-3:])
+    plan["final_evaluation_seconds"] = final_seconds(plan["eval_faces"], val_s * rank_and_world()[1] / val_faces,
+                                                     (epoch_s - val_s) / steps_per_epoch, plan["batch"], cfg, tta)
+    return epochs_before(plan["deadline"], time.time(), epoch_s, plan["final_evaluation_seconds"],
+                         BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], done, val_s, steps_per_epoch), epoch_s
+
+
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
     return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
@@ -2381,8 +2408,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
-    writes = rank_and_world()[0] == 0  # under torchrun, rank 0 alone writes
-    ddp = rank_and_world()[1] > 1
+    rank, world = rank_and_world()
+    writes, ddp = rank == 0, world > 1  # under torchrun, rank 0 alone writes
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ddp else model  # averages the gradients of the ranks' shares
     compiled = torch.compile(net) if cfg.compile else net
@@ -2409,7 +2436,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
-                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank_and_world()[0])
+                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, class_weights=weights,
                                     max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
@@ -2432,15 +2459,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                     append_text(run_dir / "metrics.jsonl", json.dumps(stats) + "\n")
             walls.append(time.time() - t0)
             if plan is not None and epoch > 1:  # re-plan from the epochs as timed, the final evaluation's time too
-                epoch_s = statistics.median(walls[1:][-3:])  # the first epoch pays the warm-up again
-                val_s = statistics.median(val_walls[1:][-3:])
-                plan["final_evaluation_seconds"] = final_seconds(  # each rank validated its share of val
-                    plan["eval_faces"], val_s * rank_and_world()[1] / len(val), (epoch_s - val_s) / steps_per_epoch,
-                    plan["batch"], cfg, tta)
-                epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s,
-                                                      plan["final_evaluation_seconds"],
-                                                      BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch,
-                                                      val_s, steps_per_epoch))
+                epochs, epoch_s = replanned_epochs(plan, walls, val_walls, epoch, cfg, steps_per_epoch, len(val), tta)
+                epochs = from_rank_zero(epochs)
                 # fewer whenever needed; more by a quarter epoch or more while a pass is left (a small step of the
                 # cosine: adding half an epoch to 16 moves its position by 3 %)
                 if epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
@@ -2882,18 +2902,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget
         plan = from_rank_zero(plan_epochs(model, train_x, train_y, val_epoch, len(splits[eval_split]), mean, std,
                                           cfg, device, len(class_names), deadline, tta=tta))  # every rank measures, rank 0's plan
-        if not plan["epochs"]:
-            need = (plan["spent_seconds"] + plan["first_epoch_seconds"] + plan["final_evaluation_seconds"]) \
-                / (1 - BUDGET_MARGIN) / 60
-            raise UserError(f"--time_budget={cfg.time_budget:g} min cannot be kept: starting and measuring took "
-                            f"{plan['spent_seconds']:.0f} s, one epoch takes "
-                            f"{plan['epoch_seconds']:.0f} s and the final evaluation {plan['final_evaluation_seconds']:.0f} s; "
-                            f"give at least --time_budget={math.ceil(need * 10) / 10:g}, or --time_budget=0 and --epochs")
-        cfg = dataclasses.replace(cfg, epochs=plan["epochs"])
-        log(f"time budget {cfg.time_budget:g} min: a training step {plan['step_seconds']:.2f} s, an epoch with its "
-            f"validation {plan['epoch_seconds']:.0f} s, the final evaluation about {plan['final_evaluation_seconds']:.0f} s, "
-            f"{plan['spent_seconds']:.0f} s spent before training -> {plan['epochs']:.4g} of at "
-            f"most {plan['max_epochs']:g} epochs (expected {plan['expected_minutes']:.1f} min)", log_file)
+        cfg = planned(cfg, plan, log_file)
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:

@@ -715,6 +715,18 @@ def test_cpu_autocasts_only_where_bf16_is_native(monkeypatch):
     assert ern.arithmetic(on, cpu) == {"autocast": None, "channels_last": True}  # the layout: channels_last either way
 
 
+def test_bf16_counts_as_native_only_where_onednn_may_use_it(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (each level oneDNN names) makes bf16 emulated, whatever the CPU;
+    at or above it (or unset), the CPU's own answer, here forced both ways through torch's probes."""
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        for cap, expected in (("avx2", False), ("AVX512_CORE_VNNI", False), ("AVX2_VNNI_2", False),
+                              ("AVX512_CORE_BF16", native), ("AVX512_CORE_AMX", native), ("", native)):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+            assert ern.cpu_has_bf16() is expected, (cap, native)
+
+
 @pytest.mark.parametrize("amp", [False, True])
 def test_tiny_model_overfits_a_small_batch(tiny_dataset, tmp_path, one_thread, amp, monkeypatch):
     """In float32, and in the CPU's bf16 autocast (forced where bf16 is only emulated: slower, not wrong), channels_last."""

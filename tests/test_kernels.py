@@ -61,10 +61,16 @@ if __name__ == "__main__":
 """
 
 
+# oneDNN's instruction-set levels, in order, with the CPU flags each adds (ONEDNN_MAX_CPU_ISA=NAME caps it at one)
+ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
+               "AVX512_CORE": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX512_CORE_VNNI": ("avx512_vnni",),
+               "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16")}
+
+
 def onednn_isas(flags):
-    """The oneDNN levels (ern.ONEDNN_ISAS) that a CPU with these flags can run, narrowest first."""
+    """The oneDNN levels (ONEDNN_ISAS) that a CPU with these flags can run, narrowest first."""
     have, needed = [], set()
-    for name, adds in ern.ONEDNN_ISAS.items():
+    for name, adds in ONEDNN_ISAS.items():
         needed |= set(adds)
         if not needed <= set(flags):
             break

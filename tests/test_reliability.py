@@ -493,6 +493,7 @@ def test_a_resume_past_a_damaged_provenance_record_starts_it_again(finished, tin
 def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_dataset, tmp_path, change, words):
     (tmp_path / "run").mkdir()
     last = Path(shutil.copy(finished / "last.pth", tmp_path / "run" / "last.pth"))
+    shutil.copy(finished / "best_emotion_model.pth", tmp_path / "run")
     if change == "renamed":
         data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
         doc = yaml.safe_load((data / "data.yaml").read_text())
@@ -502,7 +503,8 @@ def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_da
         ern.main([f"--resume={last}", f"--cache_dir={tmp_path / 'cache'}", *change])
     message = str(refused.value).replace(str(tmp_path), "")
     assert "\n" not in message and all(w in message for w in words), message
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "last.pth"], "training started"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "best_emotion_model.pth", "last.pth"], \
+        "training started"
 
 
 class RunsCode:
