@@ -72,7 +72,7 @@ class Config:
     cache_dir: str = "outputs/cache"  # decoded uint8 arrays, one per split, rebuilt when files change
     strict: bool = True  # stop on any dataset problem; false: skip bad samples and list them
     drop_duplicates: bool = False  # drop valid/test images that duplicate a training image
-    val_fraction: float = 0.1  # held out of train, stratified, only if the dataset has no val split
+    val_fraction: float = 0.1  # held out of train, stratified (never a class's only image), if no val split of its own
     decode_threads: int = 0  # threads decoding images into the cache; 0 = one per core
     # augmentation (on the device, per-sample randomness)
     aug_scale: float = 0.1  # random zoom in [1 - a, 1 + a]
@@ -144,7 +144,8 @@ class Action:
 # cpu: the best model a 30-minute budget buys on a 2-core CPU (--time_budget plans the epochs that fit): 96 px faces
 # through a stride-2 stem, so the stages work at 48 px's cost (1.4 points above 48 px faces in float32); channels
 # 32-256 (width 0.4: 1.6x the epochs of 0.5, 2.3 points better in float32, no worse where bf16 is native); at most
-# 100 epochs, so that the budget decides; lr 3e-3 (+0.64 where bf16 is native); no random erasing (no gain on so
+# 100 epochs, so that the budget decides; lr 3e-3 (+0.64 where bf16 is native, -0.69 in float32: within the seeds'
+# spread); no random erasing (no gain on so
 # short a schedule); twenty test-time views (the face and its central 86 px enlarged, each moved 2 px each way and
 # mirrored: 0.2-0.7 points above the ten without the zoom). demo: --demo's.
 PRESETS = {
@@ -157,7 +158,8 @@ PRESETS = {
 # A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false) and the command line gives
 # none of them (preset_for_machine). cpu: one block a stage, whose step costs 0.56x: a 2-core AVX2 CPU fits 33-34
 # epochs in 30 minutes against 17.5-18, and reaches 72.35 % against 70.03 % (three seeds paired). Where bf16 is
-# native two blocks a stage fit 55-62 epochs and reach 74 %, above one block's 100 epochs there (73.09 %, one seed).
+# native two blocks a stage fit 55-62 epochs and reach 74 %, above one block's 100 epochs there (73.09 % in float32,
+# one seed). Measured on an AVX2-only CPU, not on AVX-512 ones without bf16.
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 
 
@@ -334,22 +336,20 @@ def validate_device(name):
                         f"builds carry it) or use --device=cpu")
 
 
-def preset_for_machine(cfg, overrides):
-    """cfg as it trains on this machine: its preset's PRESETS_FLOAT32_CPU fields in float32 on a CPU."""
-    fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
-    if not fields or any(k in overrides for k in fields):
-        return cfg
-    device = resolve_device(cfg.device)
-    if device.type != "cpu" or autocast_dtype(cfg, device) is not None:
-        return cfg
-    if int(os.environ.get("RANK", "0")) == 0:  # on one machine every torchrun rank resolves it alike; one says so
-        print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
-    return dataclasses.replace(cfg, **fields)
-
-
 # ---------------------------------------------------------------------------------------------
 # Utilities
 # ---------------------------------------------------------------------------------------------
+
+def append_text(path, text):
+    """Append to an append-only run file (train.log, metrics.jsonl) in any locale, names escaped. A disk that fills
+    during the run is one line: the checkpoints written so far stay."""
+    try:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; free some space or choose another "
+                        f"--output_dir") from None
+
 
 def log(message, log_file=None):
     """Print, and append to the run's log file: the log of a run is its console output (rank 0's, under torchrun)."""
@@ -432,7 +432,8 @@ def out_of_memory(error, device, sizes):
     if not (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(error)):
         return None
     first = (str(error).splitlines() or [type(error).__name__])[0][:160]
-    return UserError(f"out of memory on {device} ({first}) at {sizes}: start again with smaller ones")
+    return UserError(f"out of memory on {device} ({first}) at {sizes}: start again with "
+                     f"{'smaller ones' if ',' in sizes else 'a smaller one'}")
 
 
 def rank_and_world():
@@ -545,6 +546,19 @@ def arithmetic(cfg, device):
             "channels_last": cfg.channels_last}
 
 
+def preset_for_machine(cfg, overrides):
+    """cfg as it trains on this machine: its preset's PRESETS_FLOAT32_CPU fields in float32 on a CPU."""
+    fields = PRESETS_FLOAT32_CPU.get(cfg.preset, {})
+    if not fields or any(k in overrides for k in fields):
+        return cfg
+    device = resolve_device(cfg.device)
+    if device.type != "cpu" or autocast_dtype(cfg, device) is not None:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:  # on one machine every torchrun rank resolves it alike; one says so
+        print(f"--preset={cfg.preset} in float32 on this CPU: " + " ".join(f"--{k}={v}" for k, v in fields.items()))
+    return dataclasses.replace(cfg, **fields)
+
+
 def atomic_write(path, write):
     """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file. A write the
     system refuses (a full disk, a read-only folder) is one UserError naming the file."""
@@ -591,17 +605,6 @@ def atomic_save(obj, path):
 
 def write_json(obj, path):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
-
-
-def append_text(path, text):
-    """Append to an append-only run file (train.log, metrics.jsonl) in any locale, names escaped. A disk that fills
-    during the run is one line: the checkpoints written so far stay."""
-    try:
-        with open(path, "a", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}; free some space or choose another "
-                        f"--output_dir") from None
 
 
 def write_image(path, bgr):
@@ -1109,10 +1112,6 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if name in folders:
             splits[name], found = scan_split(name, folders[name], len(class_names))
             problems += found
-    if "test" in splits and "val" in splits and splits["val"].paths and set(splits["test"].paths) == set(splits["val"].paths):
-        log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
-            f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
-        del splits["test"]
     for name in ("val", "test"):  # a split naming the training folder (Ultralytics' coco128.yaml: val: images/train2017)
         if name in splits and "train" in splits and splits[name].paths and set(splits[name].paths) == set(splits["train"].paths):
             log(f"note: data.yaml's {'validation' if name == 'val' else 'test'} split ({folders[name]}) holds exactly "
@@ -1120,6 +1119,10 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                 + ("holding out validation images instead" if name == "val" else "the final evaluation is on the "
                    "validation split"), log_file)
             del splits[name]
+    if "test" in splits and "val" in splits and splits["val"].paths and set(splits["test"].paths) == set(splits["val"].paths):
+        log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
+            f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
+        del splits["test"]
     ok = {}
     for name, split in splits.items():
         if len(split):
@@ -1673,15 +1676,16 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
     # The child starts with Ctrl-C ignored (exec keeps a signal ignored, and Python then sets no handler): the terminal
     # sends it to the whole process group, and the child's traceback would follow the parent's one line; the parent
-    # handles it and kills the child. Only the main thread may set a handler.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() \
-        else None
+    # handles it and kills the child. The parent ignores it too while it starts the child: 35 ms for the CPU preset's
+    # model here. Only the main thread may set a handler (spawn resets a blocked signal: blocking would not do).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
         with callers_script_hidden():
             child.start()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: a handler set in C
     send.close()
     answer, timeout = None, PROBE_START_TIMEOUT
     try:
@@ -1880,7 +1884,7 @@ def evaluation_results(split, out, class_names, train_hashes=None):
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-# --evaluate's and predict.py's: the command line's, else the checkpoint's
+# --evaluate's, predict.py's and export.py's: the command line's, else the checkpoint's
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 
 
@@ -1936,8 +1940,8 @@ def checkpoint_normalization(ckpt, device):
 # resumed with that commit)
 REMOVED = {"context_fusion": ("concat", "da10df0"), "prototype_init": ("random", "da10df0"),
            "context_target": ("label", "da10df0"), "affinity_weight": (0.0, "da10df0"),
-           "logit_adjustment": (0.0, "da10df0"), "low_res": (0, "e43f7a9"), "mixup": (0.0, "bfdced2"),
-           "cutmix": (0.0, "bfdced2"),
+           "logit_adjustment": (0.0, "da10df0"), "low_res": (0, "e43f7a9"),
+           "mixup": (0.0, "bfdced2"), "cutmix": (0.0, "bfdced2"),
            "optimizer": ("adamw", "1bd07fe"), "ema_decay": (0.0, "8e63f05"),
            "attention_stages": ("", "27e2a2f")}
 # Fields added later whose default is not what the code did before them: the value a checkpoint without the field
@@ -2346,7 +2350,7 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
             "expected_minutes": (spent_s + training_s + final_s) / 60}
 
 
-def planned(cfg, plan, log_file=None):
+def apply_plan(cfg, plan, log_file=None):
     """cfg with the epochs that plan_epochs fitted, said in the log; a budget too short for one epoch is refused,
     naming the smallest that fits."""
     if not plan["epochs"]:
@@ -2841,8 +2845,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
             return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
         except (RuntimeError, MemoryError) as e:
             if cfg.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):  # no C++ compiler, or a bug
-                raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]}; on the CPU it needs a "
-                                f"working C++ compiler (g++ or clang; MSVC on Windows): install one, or pass "
+                compiler = " on the CPU it needs a working C++ compiler (g++ or clang; MSVC on Windows): install one, or" \
+                    if device.type == "cpu" else ""
+                raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]};{compiler} pass "
                                 f"--compile=false (a resume may too)") from None
             error = out_of_memory(e, device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}")
             if error is None:
@@ -2902,7 +2907,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         deadline = started + cfg.time_budget * 60 + report["decode_seconds"]  # a first decode is outside the budget
         plan = from_rank_zero(plan_epochs(model, train_x, train_y, val_epoch, len(splits[eval_split]), mean, std,
                                           cfg, device, len(class_names), deadline, tta=tta))  # every rank measures, rank 0's plan
-        cfg = planned(cfg, plan, log_file)
+        cfg = apply_plan(cfg, plan, log_file)
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:
@@ -2910,7 +2915,10 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         if resume_ckpt is not None and (run_dir / "provenance.json").exists():
             try:
                 starts = json.loads((run_dir / "provenance.json").read_text())
+                if not isinstance(starts, list):
+                    raise ValueError(f"a list was expected, not {type(starts).__name__}")
             except (OSError, ValueError) as e:  # cut short or edited by hand: the checkpoint, not this record, resumes
+                starts = []
                 log(f"note: {run_dir / 'provenance.json'} is unreadable ({e}); it starts again with this resume", log_file)
         write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
                               "channels_last_probe": memory_verdict,
@@ -2982,10 +2990,10 @@ def main(argv, started=None):
             raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
                             f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")
         best = folder / "best_emotion_model.pth"
-        if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # found missing after training, before
+        if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # else found missing after the training
             raise UserError(f"{best} (epoch {ckpt['best']['epoch']}, the run's best so far) is missing, and the final "
                             f"evaluation is of it: copy it back beside {Path(action.resume).name}")
-        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **{k: v for k, v in overrides.items() if k != "preset"},
+        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **overrides,
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)

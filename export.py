@@ -83,8 +83,9 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
         import onnxruntime
         importlib.import_module("onnxscript")  # torch.onnx.export's: missing, it fails deep in torch
         from onnxruntime.capi import onnxruntime_pybind11_state as errors
-    except ImportError as e:
-        raise UserError(f"export needs {e.name or e}, which is not installed: pip install -r requirements.txt") from None
+    except ImportError as e:  # not installed, or a binary part that does not load
+        raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name else
+                        f"export could not import its packages: {e}") from None
     ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
     cfg = inference_config(ckpt, "cpu", tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom)
@@ -114,11 +115,14 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except (errors.Fail, errors.InvalidGraph, errors.InvalidProtobuf, errors.NotImplemented) as e:
-        # an onnxruntime older than the exporter: the last sentence of its message says which limit it met
+        # an onnxruntime older than the exporter names its limit in the message's last sentence
+        message = str(e).strip()
         opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-        reason = str(e).strip().rsplit(") ", 1)[-1].rstrip(".").split(". ")[-1]
-        raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the export (ONNX opset {opset}, IR version "
-                        f"{graph.ir_version}): {reason}; upgrade it: pip install -U onnxruntime") from None
+        if "opset" in message or "IR version" in message:
+            reason = message.rsplit(") ", 1)[-1].rstrip(".").split(". ")[-1]
+            raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the export (ONNX opset {opset}, IR "
+                            f"version {graph.ir_version}): {reason}; upgrade it: pip install -U onnxruntime") from None
+        raise UserError(f"onnxruntime {onnxruntime.__version__} could not load the export: {message[:300]}") from None
     differences = {}
     with torch.inference_mode():
         for kind, x in export_inputs(size).items():

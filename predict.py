@@ -666,7 +666,7 @@ def predict_video(predictor, source, out, args):
     expected = -(-total // args.every) if total > 0 else None
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
-    tracker, writer, window, interrupted = FaceTracker(args.smoothing), None, None, False
+    tracker, writer, window, interrupted, end = FaceTracker(args.smoothing), None, None, False, 0.0  # end: last time
     times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
@@ -738,7 +738,8 @@ def predict_video(predictor, source, out, args):
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
         entry["error"] = "no frame could be decoded"
-    # a header's frame count is an estimate for variable-frame-rate video: ended early only if short in time too
+    # a header's frame count is an estimate for variable-frame-rate video: ended early only if short in time too, by
+    # more than the stride after the last classified frame (frames grabbed after it are not timed) and half a frame
     if counts["frames"] and expected and counts["frames"] < expected and end + 1.5 * args.every / fps < total / fps:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
@@ -778,7 +779,7 @@ def run_prediction(args, specs):
         print(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
               f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", file=sys.stderr)
     images = [s for s in inputs if s.kind == "image"]
-    interrupted = False
+    interrupted, stopped = False, None
     try:
         with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
             predict_images(predictor, images, out, bar, args)
@@ -790,14 +791,14 @@ def run_prediction(args, specs):
     except OSError as e:
         raise UserError(f"writing into {out_dir} failed: {e}") from None
     except (RuntimeError, MemoryError) as e:  # the rows so far are kept, as after Ctrl-C
-        error = out_of_memory(e, predictor.device, f"--batch={args.batch}")
-        if error is None:
+        stopped = out_of_memory(e, predictor.device, f"--batch={args.batch}")
+        if stopped is None:
             raise
-        raise error from None
+        raise stopped from None
     finally:
         errors = out.close({
             "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "inputs": list(specs),
-            "interrupted": interrupted, "ignored": left_out,
+            "interrupted": interrupted, "stopped": None if stopped is None else str(stopped), "ignored": left_out,
             "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
             "arithmetic": arithmetic(predictor.cfg, predictor.device)})
     print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "

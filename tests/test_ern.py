@@ -718,6 +718,7 @@ def test_cpu_autocasts_only_where_bf16_is_native(monkeypatch):
 def test_bf16_counts_as_native_only_where_onednn_may_use_it(monkeypatch):
     """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (each level oneDNN names) makes bf16 emulated, whatever the CPU;
     at or above it (or unset), the CPU's own answer, here forced both ways through torch's probes."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)  # oneDNN's older name, read where the new one is empty
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)

@@ -9,9 +9,9 @@ crashed under three levels, are checked against float64 and, without the probe, 
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-import signal
 import tempfile
 import threading
 import time

@@ -127,19 +127,20 @@ def test_a_full_disk_under_the_predictions_is_one_line(checkpoint, tmp_path):
 
 def test_out_of_memory_in_evaluation_and_prediction_is_one_line(checkpoint, tiny_dataset, tmp_path, monkeypatch):
     """An allocation the system refuses (a real one: a petabyte) while --evaluate or predict.py classifies: one
-    line naming the batch size to lower, and predict.py's summary.json still written."""
+    line naming the batch size to lower, and predict.py's summary.json still written, saying why it stopped."""
     def refused(*args, **kwargs):
         torch.empty(2**50, dtype=torch.uint8)
 
     monkeypatch.setattr(ern, "run_inference", refused)
     with pytest.raises(ern.UserError, match=r"out of memory on cpu \(.*DefaultCPUAllocator.*\) at "
-                                            r"--eval_batch_size=64: start again with smaller ones"):
+                                            r"--eval_batch_size=64: start again with a smaller one"):
         ern.main([f"--evaluate={checkpoint}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'eval'}",
                   f"--cache_dir={tmp_path / 'cache'}"])
     monkeypatch.setattr(pr, "run_inference", refused)
-    with pytest.raises(ern.UserError, match=r"out of memory on cpu \(.*\) at --batch=\d+: start again with smaller"):
+    with pytest.raises(ern.UserError, match=r"out of memory on cpu \(.*\) at --batch=\d+: start again with a smaller"):
         pr.main([str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"])
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["sources"] == []
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sources"] == [] and summary["stopped"].startswith("out of memory on cpu")
 
 
 def test_predictions_started_in_the_same_second_get_a_folder_each(checkpoint, tmp_path, monkeypatch):
