@@ -101,6 +101,7 @@ TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
 BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB; prefetch holds up to as much again
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
+STILL_SECONDS = 10.0  # the longest pause of a source (a stalled camera) its annotated copy holds as a still
 
 
 def plot_explanation(face, explanation, probs, class_names, title, path):
@@ -646,7 +647,7 @@ def video_frames(capture, every, max_frames, fps):
 def predict_video(predictor, source, out, args):
     """A video file or a camera, frame by frame: faces tracked, classified args.batch faces at a time (a camera
     one frame at a time, for latency), rows written as they come; an annotated video at the source's frame rate
-    divided by --every (as long as the source, if its frame rate is constant), and a timeline."""
+    divided by --every, as long as the source, and a timeline."""
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
     try:
@@ -666,7 +667,8 @@ def predict_video(predictor, source, out, args):
     expected = -(-total // args.every) if total > 0 else None
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
-    tracker, writer, window, interrupted, end = FaceTracker(args.smoothing), None, None, False, 0.0  # end: last time
+    tracker, writer, window, interrupted = FaceTracker(args.smoothing), None, None, False
+    end, written = 0.0, 0  # the last classified frame's time; the annotated video's frames
     times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
@@ -719,8 +721,13 @@ def predict_video(predictor, source, out, args):
                         if problem:
                             writer = False
                             entry["warnings"].append(f"{problem}: no annotated video")
-                    if writer:
-                        writer.write(frame)
+                    if writer:  # in step with the source's time: a frame is repeated through a gap (a variable
+                        # frame rate, a camera slower than it says) and left out where frames crowd
+                        slot = round(t * rate)
+                        written = max(written, slot - round(STILL_SECONDS * rate))
+                        for _ in range(slot + 1 - written):
+                            writer.write(frame)
+                        written = max(written, slot + 1)
                     if args.show and window is not False:
                         show(frame)
                     bar.update()

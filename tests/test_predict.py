@@ -248,9 +248,9 @@ def avi_with_gaps(path, frames, gaps, announced=None, fps=25.0):
 
 
 def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_path):
-    """Times are the frames' timestamps, not index / fps, which drifts by the gaps (0.16 s, then 0.24 s); a
-    video that holds fewer frames than its header counts but lasts as long is not called cut short, one that
-    stops early in time is."""
+    """Times are the frames' timestamps, not index / fps, which drifts by the gaps (0.16 s, then 0.24 s), and the
+    annotated copy lasts as long as the source; a video that holds fewer frames than its header counts but lasts
+    as long is not called cut short, one that stops early in time is."""
     gaps = avi_with_gaps(tmp_path / "gaps.avi", 10, {3: 4, 6: 2})
     cut = avi_with_gaps(tmp_path / "cut.avi", 10, {}, announced=16)
     predict(f"{gaps}", f"{cut}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
@@ -261,6 +261,9 @@ def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_p
     assert times["cut.avi"] == pytest.approx([f / 25 for f in range(10)])
     gaps_entry, cut_entry = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
     assert gaps_entry["frames"] == 10 and not any("ended" in w for w in gaps_entry["warnings"])
+    # the annotated copy keeps the source's time: a frame repeated through each gap, 16 frames at 25 a second
+    annotated = cv2.VideoCapture(str(tmp_path / "out" / "annotated" / "gaps.mp4"))
+    assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 16 and annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(25)
     assert "the video ended after 10 of the 16 frames its header announces" in cut_entry["warnings"]
 
 
