@@ -1905,9 +1905,12 @@ def training_state(optimizer, scheduler, scaler, history, best):
 
 def checkpoint_in(path, name):
     """path, or the checkpoint `name` of the run folder that path names (best_emotion_model.pth, last.pth)."""
-    path = Path(path)
-    if not path.is_dir():
-        return str(path)
+    path = Path(path).expanduser()  # the shell leaves --checkpoint=~/... unexpanded
+    try:
+        if not path.is_dir():
+            return str(path)
+    except OSError as e:  # a name too long, a folder this user may not enter
+        raise UserError(f"cannot read the checkpoint {path}: {e.strerror or e}") from None
     if not (path / name).is_file():
         held = sorted(p.name for p in path.iterdir() if p.suffix == ".pth")
         raise UserError(f"{path} is a folder without {name}; its checkpoints: {', '.join(held) or 'none'}")
@@ -2771,9 +2774,12 @@ def make_run_dir(cfg, resuming=False):
     """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
     folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
     if cfg.output_dir:
-        run_dir = Path(cfg.output_dir)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
+        run_dir = Path(cfg.output_dir).expanduser()  # the shell leaves --output_dir=~/... unexpanded
+        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
+        except OSError as e:  # a name too long, a folder this user may not enter
+            raise UserError(f"cannot write in --output_dir={run_dir}: {e.strerror or e}") from None
     else:
         run_dir = unique_folder(Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
     try:
@@ -2830,7 +2836,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     started = started or time.time()
     # absolute data and cache folders in the config and checkpoints: --resume works from any folder
     cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
-                              cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()))
+                              cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()),
+                              output_dir=cfg.output_dir and str(Path(cfg.output_dir).expanduser()))
     device = init_distributed(cfg)
     rank, world = rank_and_world()
     if cfg.batch_size % world:

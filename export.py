@@ -134,8 +134,12 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
 def run_export(args):
     """model.onnx at args.output, or beside the checkpoint; exit status 1 when onnxruntime disagrees with PyTorch by
     more than EXPORT_TOLERANCE (nothing written then)."""
-    path = Path(args.output) if args.output else Path(args.checkpoint).parent / "model.onnx"
-    if path.exists() and not args.overwrite:
+    path = Path(args.output).expanduser() if args.output else Path(args.checkpoint).parent / "model.onnx"
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long, a folder this user may not enter
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    if exists and not args.overwrite:
         raise UserError(f"{path} exists; choose another --output, or --overwrite=true")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

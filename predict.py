@@ -21,6 +21,7 @@ Crops are cut by the trainer's crop_box and classified by its run_inference, the
 crops and that evaluate the model.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -89,6 +90,7 @@ DETECT_WIDTH = 640  # detection runs on a copy resized to at most this width (pi
 FACE_SCALE_FACTOR = 1.1  # Haar image-pyramid step
 FACE_MIN_NEIGHBORS = 5  # Haar: overlapping hits a face needs
 FACE_MIN_SIZE = 0.08  # smallest face side, fraction of the image's shorter side
+DETECT_SHORT_SIDE = 300  # and at least this short a side: the cascades' 24 px window is FACE_MIN_SIZE of it (panoramas)
 FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the training crops' (benchmarks/crop_calibration.py)
 TRACK_IOU = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
 TRACK_MAX_MISSED = 10  # videos: classified frames a track may go without its face before it ends
@@ -136,7 +138,7 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
         ax.set_xlim(0, 1)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, parse_math=False)  # a name's $ signs are text
     save_figure(fig, path, dpi=100)
 
 
@@ -203,7 +205,7 @@ class FaceDetector:
 
     def __call__(self, image, still=True):
         h, w = image.shape[:2]
-        scale = min(1.0, DETECT_WIDTH / w)
+        scale = min(1.0, max(DETECT_WIDTH / w, DETECT_SHORT_SIDE / min(h, w)))
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         if scale < 1:
             gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
@@ -245,7 +247,8 @@ def rgb_array(image):
     """The notebook API's image as the (H, W, 3) uint8 RGB array prediction reads: a grayscale one (H, W) or (H, W, 1)
     as three equal channels, an RGBA one without its alpha; anything else is refused, not guessed at."""
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) \
+            or not min(image.shape[:2]):  # an empty crop of a frame, say
         raise UserError(f"expected an image as a uint8 array, RGB (H, W, 3), grayscale (H, W) or RGBA (H, W, 4); got "
                         f"{image.dtype} {tuple(image.shape)}")
     if image.ndim == 2:
@@ -360,8 +363,9 @@ class MediaSource:
 
 def prediction_inputs(specs):
     """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt (one input per line).
-    Folders are searched recursively, hidden files and folders skipped; a file named on its own with an
-    unknown extension is tried as an image."""
+    Folders are searched recursively, hidden files and folders skipped, and predict.py's own output folders (a
+    predictions.csv with its summary.json) too; a file named on its own with an unknown extension is tried as an
+    image."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
@@ -394,6 +398,10 @@ def prediction_inputs(specs):
             except OSError as e:
                 found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
                 continue
+            # predict.py's own output folders inside it (the default outputs/ under the current folder): not inputs
+            ours = {f.parent for f in files if f.name == "predictions.csv"} & \
+                {f.parent for f in files if f.name == "summary.json"}
+            files = [f for f in files if not ours & set(f.parents)]
             kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
                      "ignored" for f in files]
             found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
@@ -498,7 +506,7 @@ def plot_timeline(times, track_probs, class_names, title, path):
         axes[0, 0].set_title("no faces")
     axes[-1, 0].set_xlabel("time (s)")
     axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=10, parse_math=False)
     save_figure(fig, path, dpi=100)
 
 
@@ -521,10 +529,7 @@ class PredictionOutputs:
                                *(["", *[""] * len(self.class_names)] if row["emotion"] is None else
                                  [f"{row['confidence']:.4f}", *(f"{v:.4f}" for v in row["probabilities"].values())])])
             if self.jsonl:
-                try:
-                    print(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}), flush=True)
-                except BrokenPipeError:  # the reader (head, a closed pipe) has gone: keep writing the CSV
-                    self.jsonl, sys.stdout = False, open(os.devnull, "w", errors="backslashreplace")
+                say(json.dumps({"source": source, "frame": frame, "time_s": time_s, "face": face, **row}))
         self.file.flush()
 
     def claim(self, name, suffix=None):
@@ -546,7 +551,7 @@ class PredictionOutputs:
         """Record one source's summary and print its line (errors, and everything when stdout carries JSON
         lines, to stderr)."""
         self.sources.append(entry)
-        tqdm.write(source_line(entry), file=sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
+        say(source_line(entry), sys.stderr if self.jsonl or entry.get("error") else sys.stdout)
 
     def close(self, extra):
         try:
@@ -557,6 +562,18 @@ class PredictionOutputs:
         errors = [{"source": s["source"], "error": s["error"]} for s in self.sources if s.get("error")]
         write_json({**extra, "sources": self.sources, "errors": errors}, self.dir / "summary.json")
         return errors
+
+
+def say(line, stream=None):
+    """Print a line for the user. A reader that has gone (head, less then q: a closed pipe) ends the printing, not
+    the run: the stream's descriptor then points at /dev/null (Python's recipe: no flush at exit fails either)."""
+    stream = stream or sys.stdout
+    try:
+        tqdm.write(line, file=stream)
+        stream.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def emotion_shares(probs, class_names):
@@ -711,7 +728,9 @@ def predict_video(predictor, source, out, args):
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     if writer is None:
-                        rate = (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every
+                        # two decimals: MPEG-4 counts time in at most 65535 ticks a second, and OpenCV asks 1000 a
+                        # frame of an uneven rate (a slow-motion clip's average, 119.767: no video before)
+                        rate = round((fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every, 2)
                         try:
                             writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate,
                                                      frame.shape[1::-1])
@@ -770,9 +789,13 @@ def run_prediction(args, specs):
     settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if hasattr(args, k)}  # None: the checkpoint's
     predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     inputs = prediction_inputs(specs)
-    out_dir = Path(args.output_dir) if args.output_dir else unique_folder(
+    out_dir = Path(args.output_dir).expanduser() if args.output_dir else unique_folder(
         Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out_dir / "predictions.csv").exists() and not args.overwrite:
+    try:
+        held = (out_dir / "predictions.csv").exists()
+    except OSError as e:  # a name too long, a folder this user may not enter
+        raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
+    if held and not args.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
     try:
         out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
@@ -783,8 +806,8 @@ def run_prediction(args, specs):
             out.source({"source": source.path, "kind": "input", "error": source.error})
     left_out = [s.path for s in inputs if s.kind == "ignored"]
     if left_out:
-        print(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
-              f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", file=sys.stderr)
+        say(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
+            f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", sys.stderr)
     images = [s for s in inputs if s.kind == "image"]
     interrupted, stopped = False, None
     try:
@@ -808,11 +831,11 @@ def run_prediction(args, specs):
             "interrupted": interrupted, "stopped": None if stopped is None else str(stopped), "ignored": left_out,
             "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
             "arithmetic": arithmetic(predictor.cfg, predictor.device)})
-    print(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
-          f"{out_dir / 'predictions.csv'}; summary.json and annotated/{', explain/' if args.explain else ''} beside it"
-          + (f"; {len(errors)} input(s) could not be read" if errors else ""), file=sys.stderr if args.jsonl else sys.stdout)
+    say(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
+        f"{out_dir / 'predictions.csv'}; summary.json and annotated/{', explain/' if args.explain else ''} beside it"
+        + (f"; {len(errors)} input(s) could not be read" if errors else ""), sys.stderr if args.jsonl else sys.stdout)
     if interrupted:
-        print("interrupted: the rows written so far are in predictions.csv", file=sys.stderr)
+        say("interrupted: the rows written so far are in predictions.csv", sys.stderr)
         return 130
     return 1 if errors else 0
 

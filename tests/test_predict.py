@@ -22,7 +22,7 @@ import pytest
 import torch
 from matplotlib import cbook
 
-from conftest import EXPORT, PREDICT, ROOT, ern, pr, run_script
+from conftest import EXPORT, PREDICT, ROOT, ern, ex, pr, run_script
 
 HOPPER = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # 512x600 RGB portrait, one frontal face
 CLASSES = ["Anger", "Contempt", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"]
@@ -267,6 +267,18 @@ def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_p
     assert "the video ended after 10 of the 16 frames its header announces" in cut_entry["warnings"]
 
 
+def test_a_slow_motion_clip_of_an_uneven_rate_gets_its_annotated_video(checkpoint, tmp_path):
+    """119.767 frames a second (a slow-motion clip's average): OpenCV's MPEG-4 writer refuses the rate as given
+    (its time base would need 119767 ticks a second, above MPEG-4's 65535), which left no annotated video and
+    blamed OpenCV; at two decimals it opens, and the copy keeps the source's time."""
+    clip = avi_with_gaps(tmp_path / "slow.avi", 6, {}, fps=119.767)
+    predict(f"{clip}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    [entry] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert entry["annotated"] and not entry["warnings"], entry
+    annotated = cv2.VideoCapture(entry["annotated"])
+    assert annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(119.77) and annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 6
+
+
 def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path):
     """--detect_faces=false: one row per image, the whole image, face_detected false; --jsonl: one JSON
     line per face on stdout, the same numbers as the CSV, everything else on stderr."""
@@ -446,6 +458,70 @@ def test_notebook_api_matches_the_command_line(checkpoint, tmp_path):
     assert together == pytest.approx(one_by_one, abs=1e-5)
 
 
+def test_a_closed_stdout_stops_the_printing_not_the_run(checkpoint, tmp_path):
+    """`predict.py photos | head -1`: the reader goes away after a line; every photo is still classified, the
+    console says nothing of a broken pipe (before: "writing into ... failed: Broken pipe" after the first photo,
+    or a traceback at the last line), exit 0. Python's default buffering, as in a shell."""
+    media = tmp_path / "media"
+    media.mkdir()
+    for k in range(3):
+        shutil.copy(HOPPER, media / f"hopper{k}.jpg")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, str(PREDICT), str(media), f"--checkpoint={checkpoint}",
+                             f"--output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the first line: the model still loads
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert len(read_csv(tmp_path / "out")) == 3 and "Broken pipe" not in stderr and "Traceback" not in stderr
+
+
+def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path, monkeypatch):
+    """--checkpoint=~/..., --output_dir=~/... and export's --output=~/... are the home folder's (the shell leaves
+    ~ after = alone: a folder named ~ before); a name too long for the system is one line (a traceback before);
+    a file name with two $ is drawn as text in --explain's titles (matplotlib read it as math and died)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(checkpoint, home / "model.pth")
+    photo = tmp_path / "price_$5_vs_$10.jpg"
+    shutil.copy(HOPPER, photo)
+    predict(str(photo), "--checkpoint=~/model.pth", "--output_dir=~/preds", "--explain", cwd=tmp_path,
+            env={"HOME": str(home)})
+    assert len(read_csv(home / "preds")) == 1 and not (tmp_path / "~").exists()
+    assert [p.name for p in (home / "preds" / "explain").iterdir()] == ["price_$5_vs_$10_face0.png"]
+    long = "x" * 300
+    for main, args, message in ((pr.main, [str(HOPPER), f"--checkpoint={long}.pth"], "cannot read the checkpoint"),
+                                (pr.main, [str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={long}"],
+                                 "cannot write the predictions into"),
+                                (ex.main, [f"--checkpoint={checkpoint}", f"--output={long}.onnx"], "cannot write"),
+                                (ern.main, [f"--output_dir={long}"], "cannot write in --output_dir")):
+        with pytest.raises(ern.UserError, match=f"{message}.*File name too long"):
+            main(args)
+
+
+def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, tmp_path):
+    """The default outputs/ under the current folder, or --output_dir inside the folder read: a second run reads
+    its photos, not the first run's annotated copies (it nested them one level deeper each time)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(HOPPER, photos / "hopper.jpg")
+    for _ in range(2):
+        predict(str(photos), f"--checkpoint={checkpoint}", f"--output_dir={photos / 'out'}", "--overwrite=true",
+                cwd=tmp_path)
+        assert [r["source"] for r in read_csv(photos / "out")] == [str(photos / "hopper.jpg")]
+
+
+def test_a_face_in_a_panorama_is_found(checkpoint):
+    """Detection works on a copy at most 640 px wide, and at least 300 px on its short side: the Haar window (24 px)
+    is then 8 % of it, the smallest face looked for. A 5:1 panorama's face of 20 % of its height was 17 px in a
+    640 px copy before, below the window: no face."""
+    face = cv2.resize(hopper_rgb()[60:400, 110:420], (120, 132))
+    canvas = np.full((600, 3000, 3), 90, np.uint8)
+    canvas[240:372, 1400:1520] = face
+    found = pr.EmotionPredictor(checkpoint).faces(canvas)
+    assert len(found) == 1 and found[0][1] and 1350 < found[0][0][0] < 1460, found
+
+
 def test_the_notebook_api_takes_grayscale_and_rgba_and_refuses_other_arrays(checkpoint):
     predictor = pr.EmotionPredictor(checkpoint)
     gray = cv2.cvtColor(hopper_rgb(), cv2.COLOR_RGB2GRAY)
@@ -453,7 +529,7 @@ def test_the_notebook_api_takes_grayscale_and_rgba_and_refuses_other_arrays(chec
     assert want[0]["face_detected"] and predictor(gray) == want and predictor(gray[:, :, None]) == want
     rgba = np.dstack([hopper_rgb(), np.full(gray.shape, 7, np.uint8)])
     assert predictor(rgba) == predictor(hopper_rgb())
-    for bad in (hopper_rgb() / 255.0, hopper_rgb()[:, :, :2], hopper_rgb()[None]):
+    for bad in (hopper_rgb() / 255.0, hopper_rgb()[:, :, :2], hopper_rgb()[None], hopper_rgb()[5:5]):  # [5:5]: empty
         with pytest.raises(pr.UserError, match=rf"expected an image as a uint8 array.*got {bad.dtype} "
                                                rf"{re.escape(str(bad.shape))}"):
             predictor(bad)
