@@ -794,9 +794,16 @@ def parse_label_file(path, num_classes):
 
 def folder_files(folder):
     """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
-    as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES)."""
-    return [f for f in sorted(Path(folder).rglob("*")) if f.is_file() and f.name.lower() not in SYSTEM_FILES and
-            not any(part.startswith(".") for part in f.relative_to(folder).parts)]
+    as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). Linked folders are read
+    (an album linked in from another disk), each real folder once: a link loop ends."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))  # the same order each time
+        if real not in seen:
+            seen.add(real)
+            found += [Path(root) / f for f in files if not f.startswith(".") and f.lower() not in SYSTEM_FILES]
+    return sorted(f for f in found if f.is_file())
 
 
 def scan_split(name, images_dir, num_classes):

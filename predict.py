@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import sys
@@ -797,6 +798,8 @@ def run_prediction(args, specs):
         raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
     if held and not args.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
+    for folder in ("annotated", "explain", "timelines") if held else ():  # the earlier run's pictures go with its rows
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
     try:
         out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
     except OSError as e:

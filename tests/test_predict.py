@@ -501,14 +501,22 @@ def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path,
 
 def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, tmp_path):
     """The default outputs/ under the current folder, or --output_dir inside the folder read: a second run reads
-    its photos, not the first run's annotated copies (it nested them one level deeper each time)."""
-    photos = tmp_path / "photos"
+    its photos, not the first run's annotated copies (it nested them one level deeper each time). A linked folder
+    (an album on another disk) is read, a link loop ends (both were skipped without a word). --overwrite=true
+    takes the earlier run's pictures away with its rows."""
+    photos, album = tmp_path / "photos", tmp_path / "disk" / "album"
     photos.mkdir()
+    album.mkdir(parents=True)
     shutil.copy(HOPPER, photos / "hopper.jpg")
-    for _ in range(2):
-        predict(str(photos), f"--checkpoint={checkpoint}", f"--output_dir={photos / 'out'}", "--overwrite=true",
-                cwd=tmp_path)
-        assert [r["source"] for r in read_csv(photos / "out")] == [str(photos / "hopper.jpg")]
+    shutil.copy(HOPPER, album / "linked.jpg")
+    (photos / "album").symlink_to(album, target_is_directory=True)
+    (album / "loop").symlink_to(photos, target_is_directory=True)
+    want = [str(photos / "album" / "linked.jpg"), str(photos / "hopper.jpg")]
+    for run in range(2):
+        predict(*([str(photos)] if run else [str(photos / "hopper.jpg"), str(album / "linked.jpg"), "--explain"]),
+                f"--checkpoint={checkpoint}", f"--output_dir={photos / 'out'}", "--overwrite=true", cwd=tmp_path)
+    assert sorted(r["source"] for r in read_csv(photos / "out")) == want
+    assert not (photos / "out" / "explain").exists()  # the first run's, taken away by the second
 
 
 def test_a_face_in_a_panorama_is_found(checkpoint):
