@@ -519,6 +519,28 @@ def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, t
     assert not (photos / "out" / "explain").exists()  # the first run's, taken away by the second
 
 
+def test_decoded_photos_waiting_are_bounded_by_pixels_not_count():
+    """The prefetch decodes photos ahead of classification: at most BUFFER_PIXELS of them wait, however many
+    cores (2 x threads of them waited, 9.5 GB of 48-megapixel photos on 32 cores); small ones still run the full
+    depth ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+    for side, most in ((8000, 2), (100, 9)):  # 64 Mpx: one ahead (and the one yielded); 10 kpx: the depth, 8, ahead
+        submitted, peak = [], 0
+
+        def photos():
+            for k in range(20):
+                submitted.append(k)
+                yield k
+
+        def decode(k):  # a side x side image that takes no memory here
+            return np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (side, side), (0, 0))
+
+        with ThreadPoolExecutor(2) as pool:
+            for done, image in enumerate(pr.ordered_prefetch(decode, photos(), pool, 8, lambda a: a.size), 1):
+                peak = max(peak, len(submitted) - done + 1)  # decoded or being decoded, not yet classified
+        assert peak == most, (side, peak)
+
+
 def test_a_face_in_a_panorama_is_found(checkpoint):
     """Detection works on a copy at most 640 px wide, and at least 300 px on its short side: the Haar window (24 px)
     is then 8 % of it, the smallest face looked for. A 5:1 panorama's face of 20 % of its height was 17 px in a
