@@ -794,12 +794,24 @@ def parse_label_file(path, num_classes):
 
 def folder_files(folder):
     """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
-    as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). Linked folders are read
-    (an album linked in from another disk), each real folder once: a link loop ends."""
+    as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). A linked folder is read
+    where it leads outside folder (an album on another disk), each real folder once (a link loop ends); one that
+    leads inside is not (its files keep their own names)."""
+    top = os.path.realpath(folder)
+
+    def followed(root, name):
+        path = os.path.join(root, name)
+        return not name.startswith(".") and (not os.path.islink(path) or
+                                             os.path.commonpath([top, os.path.realpath(path)]) != top)
+
+    def unlisted(error):  # a subfolder this user may not read is passed over, as rglob did; the folder itself is not
+        if os.path.realpath(error.filename) == top:
+            raise error
+
     found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
         real = os.path.realpath(root)
-        dirs[:] = [] if real in seen else sorted(d for d in dirs if not d.startswith("."))  # the same order each time
+        dirs[:] = [] if real in seen else sorted(d for d in dirs if followed(root, d))  # the same order each time
         if real not in seen:
             seen.add(real)
             found += [Path(root) / f for f in files if not f.startswith(".") and f.lower() not in SYSTEM_FILES]
@@ -2997,7 +3009,7 @@ def main(argv, started=None):
         if "optimizer" not in ckpt:
             raise UserError(f"{action.resume} holds weights but no training state; resume from the run's last.pth")
         folder = Path(action.resume).parent
-        if Path(overrides.get("output_dir", folder)).resolve() == folder.resolve():
+        if Path(overrides.get("output_dir", folder)).expanduser().resolve() == folder.resolve():
             overrides.pop("output_dir", None)  # naming the run's own folder is no change
         unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != ckpt["config"].get(k)]
         if unresumable:

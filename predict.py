@@ -24,6 +24,7 @@ crops and that evaluate the model.
 import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -103,8 +104,10 @@ PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is th
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
 BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB; prefetch holds up to as much again
+PREFETCH_PIXELS = 2 ** 27  # photos decoded ahead of classification: at most this many pixels, 400 MB of RGB
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
-STILL_SECONDS = 10.0  # the longest pause of a source (a stalled camera) its annotated copy holds as a still
+STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy holds as a still
+ANNOTATED_FPS = 60.0  # at most, for an annotated video: WebM files that claim 1000 fps would repeat each frame 33 times
 
 
 def plot_explanation(face, explanation, probs, class_names, title, path):
@@ -399,10 +402,12 @@ def prediction_inputs(specs):
             except OSError as e:
                 found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
                 continue
-            # predict.py's own output folders inside it (the default outputs/ under the current folder): not inputs
-            ours = {f.parent for f in files if f.name == "predictions.csv"} & \
-                {f.parent for f in files if f.name == "summary.json"}
-            files = [f for f in files if not ours & set(f.parents)]
+            # predict.py's own pictures in an output folder inside it (the default outputs/ under the current
+            # folder): not inputs; a folder that is both (--output_dir=photos) keeps its photos
+            ours = {f.parent for f in files if f.name == "predictions.csv" and (f.parent / "summary.json").exists()}
+            pictures = {folder / sub for folder in ours for sub in ("annotated", "explain", "timelines")}
+            files = [f for f in files if not pictures & set(f.parents) and
+                     not (f.parent in ours and f.name in ("predictions.csv", "summary.json"))]
             kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
                      "ignored" for f in files]
             found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
@@ -417,15 +422,16 @@ def prediction_inputs(specs):
 
 def ordered_prefetch(fn, items, pool, depth, pixels=None):
     """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order. pixels(result):
-    the images' size, which holds the lead to what BUFFER_PIXELS fits of the last one (one ahead until it is known:
-    on 32 cores, 65 decoded 48-megapixel photos are 9.5 GB)."""
-    pending, ahead = deque(), depth if pixels is None else 1
+    an image's size, which holds the lead to what PREFETCH_PIXELS fits of the largest so far (one ahead until one
+    is known: on 32 cores, 65 decoded 48-megapixel photos were 9.5 GB)."""
+    pending, ahead, largest = deque(), depth if pixels is None else 1, 1
     for item in items:
         pending.append(pool.submit(fn, item))
         if len(pending) > ahead:
             result = pending.popleft().result()
             if pixels is not None:
-                ahead = max(1, min(depth, BUFFER_PIXELS // max(1, pixels(result))))
+                largest = max(largest, pixels(result))
+                ahead = max(1, min(depth, PREFETCH_PIXELS // largest))
             yield result
     for future in pending:
         yield future.result()
@@ -577,9 +583,13 @@ def say(line, stream=None):
     try:
         tqdm.write(line, file=stream)
         stream.flush()
-    except BrokenPipeError:
+    except OSError as e:
+        if not isinstance(e, BrokenPipeError) and not (os.name == "nt" and e.errno == errno.EINVAL):  # Windows' way
+            raise
         with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
 
 
 def emotion_shares(probs, class_names):
@@ -651,7 +661,7 @@ def video_frames(capture, every, max_frames, fps):
     converted nor classified). A file's time is the frame's own timestamp, right for variable-frame-rate video
     (phones, browsers, screen recorders), where index / fps drifts; where the container gives none, it is
     counted on from the last one at fps. fps 0 (a camera): the wall clock since the first frame."""
-    start, index, classified, last = time.time(), 0, 0, (0, -1.0)  # last: (index, time) of the last stamped frame
+    start, index, classified, last = None, 0, 0, (0, -1.0)  # last: (index, time) of the last stamped frame
     while not max_frames or classified < max_frames:
         if index % every:
             if not capture.grab():
@@ -661,17 +671,19 @@ def video_frames(capture, every, max_frames, fps):
             if not ok:
                 return
             classified += 1
+            start = start or time.monotonic()  # a camera's clock starts at its first frame, not at its opening
             if fps:
                 stamp = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
                 last = (index, stamp if stamp > last[1] else max(0.0, last[1]) + (index - last[0]) / fps)
-            yield index, last[1] if fps else time.time() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            yield index, last[1] if fps else time.monotonic() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         index += 1
 
 
 def predict_video(predictor, source, out, args):
     """A video file or a camera, frame by frame: faces tracked, classified args.batch faces at a time (a camera
     one frame at a time, for latency), rows written as they come; an annotated video at the source's frame rate
-    divided by --every, as long as the source, and a timeline."""
+    divided by --every (at most ANNOTATED_FPS), as long as a file is (a camera's at its nominal rate), and a
+    timeline."""
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
     try:
@@ -735,20 +747,21 @@ def predict_video(predictor, source, out, args):
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     if writer is None:
-                        # two decimals: MPEG-4 counts time in at most 65535 ticks a second, and OpenCV asks 1000 a
-                        # frame of an uneven rate (a slow-motion clip's average, 119.767: no video before)
-                        rate = round((fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every, 2)
-                        try:
-                            writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"), rate,
-                                                     frame.shape[1::-1])
+                        rate = min((fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every, ANNOTATED_FPS)
+                        try:  # three decimals: OpenCV asks MPEG-4 for 1000 ticks a frame of an uneven rate, and
+                            # MPEG-4 takes at most 65535 a second (119.767 fps, a slow-motion clip's: no video before)
+                            writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                     max(round(rate, 3), 0.001), frame.shape[1::-1])
                             problem = None if writer.isOpened() else "this OpenCV cannot write mp4v video"
                         except ValueError as e:  # an --output_dir whose name is not UTF-8
                             problem = str(e)
                         if problem:
                             writer = False
                             entry["warnings"].append(f"{problem}: no annotated video")
-                    if writer:  # in step with the source's time: a frame is repeated through a gap (a variable
-                        # frame rate, a camera slower than it says) and left out where frames crowd
+                    if writer and camera:  # one frame each: repeating them to keep the wall clock's time would
+                        writer.write(frame)  # slow the capture loop, which would lengthen the next gap
+                    elif writer:  # in step with the file's time: a frame is repeated through a gap (a variable frame
+                        # rate) and left out where frames crowd (a rate above ANNOTATED_FPS)
                         slot = round(t * rate)
                         written = max(written, slot - round(STILL_SECONDS * rate))
                         for _ in range(slot + 1 - written):

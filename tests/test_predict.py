@@ -268,15 +268,15 @@ def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_p
 
 
 def test_a_slow_motion_clip_of_an_uneven_rate_gets_its_annotated_video(checkpoint, tmp_path):
-    """119.767 frames a second (a slow-motion clip's average): OpenCV's MPEG-4 writer refuses the rate as given
+    """119.767 frames a second (a slow-motion clip's average): OpenCV's MPEG-4 writer refused the rate as given
     (its time base would need 119767 ticks a second, above MPEG-4's 65535), which left no annotated video and
-    blamed OpenCV; at two decimals it opens, and the copy keeps the source's time."""
+    blamed OpenCV. An annotated video now runs at most 60 frames a second, in step with the source."""
     clip = avi_with_gaps(tmp_path / "slow.avi", 6, {}, fps=119.767)
     predict(f"{clip}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
     [entry] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
     assert entry["annotated"] and not entry["warnings"], entry
-    annotated = cv2.VideoCapture(entry["annotated"])
-    assert annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(119.77) and annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 6
+    annotated = cv2.VideoCapture(entry["annotated"])  # at most 60 a second: the frames at 0, 1, 2, 3 sixtieths
+    assert annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(60) and annotated.get(cv2.CAP_PROP_FRAME_COUNT) == 4
 
 
 def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path):
@@ -501,30 +501,34 @@ def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path,
 
 def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, tmp_path):
     """The default outputs/ under the current folder, or --output_dir inside the folder read: a second run reads
-    its photos, not the first run's annotated copies (it nested them one level deeper each time). A linked folder
-    (an album on another disk) is read, a link loop ends (both were skipped without a word). --overwrite=true
-    takes the earlier run's pictures away with its rows."""
+    its photos, not the first run's annotated copies (it nested them one level deeper each time), also where the
+    output folder is the photo folder itself. A linked folder that leads out (an album on another disk) is read,
+    one that leads back in is not (its photos keep their names), a link loop ends (links were skipped without a
+    word). --overwrite=true takes the earlier run's pictures away with its rows."""
     photos, album = tmp_path / "photos", tmp_path / "disk" / "album"
-    photos.mkdir()
+    (photos / "2023").mkdir(parents=True)
     album.mkdir(parents=True)
     shutil.copy(HOPPER, photos / "hopper.jpg")
+    shutil.copy(HOPPER, photos / "2023" / "party.jpg")
     shutil.copy(HOPPER, album / "linked.jpg")
     (photos / "album").symlink_to(album, target_is_directory=True)
+    (photos / "0_latest").symlink_to(photos / "2023", target_is_directory=True)  # sorts first, leads back in
     (album / "loop").symlink_to(photos, target_is_directory=True)
-    want = [str(photos / "album" / "linked.jpg"), str(photos / "hopper.jpg")]
-    for run in range(2):
-        predict(*([str(photos)] if run else [str(photos / "hopper.jpg"), str(album / "linked.jpg"), "--explain"]),
-                f"--checkpoint={checkpoint}", f"--output_dir={photos / 'out'}", "--overwrite=true", cwd=tmp_path)
-    assert sorted(r["source"] for r in read_csv(photos / "out")) == want
-    assert not (photos / "out" / "explain").exists()  # the first run's, taken away by the second
+    want = sorted(str(photos / p) for p in ("album/linked.jpg", "hopper.jpg", "2023/party.jpg"))
+    for out in (photos / "out", photos):
+        for run in range(2):
+            predict(*([str(photos)] if run else [str(photos / "hopper.jpg"), "--explain"]), f"--checkpoint={checkpoint}",
+                    f"--output_dir={out}", "--overwrite=true", cwd=tmp_path)
+        assert sorted(r["source"] for r in read_csv(out)) == want, out
+        assert not (out / "explain").exists()  # the first run's, taken away by the second
 
 
 def test_decoded_photos_waiting_are_bounded_by_pixels_not_count():
-    """The prefetch decodes photos ahead of classification: at most BUFFER_PIXELS of them wait, however many
-    cores (2 x threads of them waited, 9.5 GB of 48-megapixel photos on 32 cores); small ones still run the full
-    depth ahead."""
+    """The prefetch decodes photos ahead of classification: at most PREFETCH_PIXELS of them (sized by the largest
+    so far) wait, however many cores (2 x threads of them waited, 9.5 GB of 48-megapixel photos on 32 cores);
+    phone photos still run the full depth ahead."""
     from concurrent.futures import ThreadPoolExecutor
-    for side, most in ((8000, 2), (100, 9)):  # 64 Mpx: one ahead (and the one yielded); 10 kpx: the depth, 8, ahead
+    for side, most in ((8000, 3), (4000, 9)):  # 64 Mpx: two ahead (and the one yielded); 16 Mpx: the depth, 8
         submitted, peak = [], 0
 
         def photos():
