@@ -2577,7 +2577,8 @@ def run_evaluation(cfg, action, overrides):
                 "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
                 set(splits["train"].hashes) if split != "train" else None)
         except (RuntimeError, MemoryError) as e:
-            error = out_of_memory(e, device, f"--eval_batch_size={cfg.eval_batch_size}")
+            error = out_of_memory(e, device, f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples="
+                                             f"{cfg.attention_samples}, --tsne_samples={cfg.tsne_samples}")  # the figures
             if error is None:
                 raise
             raise error from None
