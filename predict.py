@@ -367,8 +367,8 @@ class MediaSource:
 
 def prediction_inputs(specs):
     """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt (one input per line).
-    Folders are searched recursively, hidden files and folders skipped, and predict.py's own output folders (a
-    predictions.csv with its summary.json) too; a file named on its own with an unknown extension is tried as an
+    Folders are searched recursively, hidden files and folders skipped, and the pictures of predict.py's own
+    output folders (annotated/, explain/ and timelines/ beside a predictions.csv) too; a file named on its own with an unknown extension is tried as an
     image."""
     parts = []
     for spec in specs:
@@ -404,7 +404,7 @@ def prediction_inputs(specs):
                 continue
             # predict.py's own pictures in an output folder inside it (the default outputs/ under the current
             # folder): not inputs; a folder that is both (--output_dir=photos) keeps its photos
-            ours = {f.parent for f in files if f.name == "predictions.csv" and (f.parent / "summary.json").exists()}
+            ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
             pictures = {folder / sub for folder in ours for sub in ("annotated", "explain", "timelines")}
             files = [f for f in files if not pictures & set(f.parents) and
                      not (f.parent in ours and f.name in ("predictions.csv", "summary.json"))]
