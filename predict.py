@@ -368,8 +368,8 @@ class MediaSource:
 def prediction_inputs(specs):
     """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt (one input per line).
     Folders are searched recursively, hidden files and folders skipped, and the pictures of predict.py's own
-    output folders (annotated/, explain/ and timelines/ beside a predictions.csv) too; a file named on its own with an unknown extension is tried as an
-    image."""
+    output folders (annotated/, explain/ and timelines/ beside a predictions.csv) too; a file named on its own
+    with an unknown extension is tried as an image."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
