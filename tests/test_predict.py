@@ -490,6 +490,10 @@ def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path,
             env={"HOME": str(home)})
     assert len(read_csv(home / "preds")) == 1 and not (tmp_path / "~").exists()
     assert [p.name for p in (home / "preds" / "explain").iterdir()] == ["price_$5_vs_$10_face0.png"]
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert ex.main([f"--checkpoint={checkpoint}", "--output=~/model.onnx"]) == 0
+    assert (home / "model.onnx").exists() and not (tmp_path / "~").exists()
     long = "x" * 300
     for main, args, message in ((pr.main, [str(HOPPER), f"--checkpoint={long}.pth"], "cannot read the checkpoint"),
                                 (pr.main, [str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={long}"],
@@ -548,8 +552,8 @@ def test_decoded_photos_waiting_are_bounded_by_pixels_not_count():
 
 def test_a_face_in_a_panorama_is_found(checkpoint):
     """Detection works on a copy at most 640 px wide, and at least 300 px on its short side: the Haar window (24 px)
-    is then 8 % of it, the smallest face looked for. A 5:1 panorama's face of 20 % of its height was 17 px in a
-    640 px copy before, below the window: no face."""
+    is then 8 % of it, the smallest face looked for. In a 5:1 panorama's 640 px copy (128 px tall) the window was
+    18.75 % of the height: this face, about a sixth of it, came to some 21 px there, and was not found."""
     face = cv2.resize(hopper_rgb()[60:400, 110:420], (120, 132))
     canvas = np.full((600, 3000, 3), 90, np.uint8)
     canvas[240:372, 1400:1520] = face
