@@ -145,9 +145,8 @@ class Action:
 # through a stride-2 stem, so the stages work at 48 px's cost (1.4 points above 48 px faces in float32); channels
 # 32-256 (width 0.4: 1.6x the epochs of 0.5, 2.3 points better in float32, no worse where bf16 is native); at most
 # 100 epochs, so that the budget decides; lr 3e-3 (+0.64 where bf16 is native, -0.69 in float32: within the seeds'
-# spread); no random erasing (no gain on so
-# short a schedule); twenty test-time views (the face and its central 86 px enlarged, each moved 2 px each way and
-# mirrored: 0.2-0.7 points above the ten without the zoom). demo: --demo's.
+# spread); no random erasing (no gain on so short a schedule); twenty test-time views (the face and its central 86 px
+# enlarged, each moved 2 px each way and mirrored: 0.2-0.7 points above the ten without the zoom). demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
@@ -426,14 +425,18 @@ def resolve_device(name):
     return device
 
 
-def out_of_memory(error, device, sizes):
-    """A UserError naming the batch sizes to lower, for memory that ran out: a GPU's, or an allocation the system
-    refused (DefaultCPUAllocator, numpy's MemoryError); None for any other error, which is left as it is."""
-    if not (isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(error)):
-        return None
-    first = (str(error).splitlines() or [type(error).__name__])[0][:160]
-    return UserError(f"out of memory on {device} ({first}) at {sizes}: start again with "
-                     f"{'smaller ones' if ',' in sizes else 'a smaller one'}")
+@contextlib.contextmanager
+def out_of_memory_named(device, sizes, advice=""):
+    """Memory that runs out inside (a GPU's, or an allocation the system refused: DefaultCPUAllocator, numpy's
+    MemoryError) as one UserError naming the sizes to lower, and advice; any other error is left as it is."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(e)):
+            raise
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"out of memory on {device} ({first}) at {sizes}: start again with "
+                        f"{'smaller ones' if ',' in sizes else 'a smaller one'}{advice}") from None
 
 
 def rank_and_world():
@@ -1131,17 +1134,16 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if name in folders:
             splits[name], found = scan_split(name, folders[name], len(class_names))
             problems += found
-    for name in ("val", "test"):  # a split naming the training folder (Ultralytics' coco128.yaml: val: images/train2017)
-        if name in splits and "train" in splits and splits[name].paths and set(splits[name].paths) == set(splits["train"].paths):
-            log(f"note: data.yaml's {'validation' if name == 'val' else 'test'} split ({folders[name]}) holds exactly "
-                f"the training split's images, so it measures nothing training has not seen; "
-                + ("holding out validation images instead" if name == "val" else "the final evaluation is on the "
-                   "validation split"), log_file)
+    label = {"train": "training", "val": "validation", "test": "test"}
+    # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
+    # val: images/train2017), or test the validation folder (exports without a test split write that)
+    for name, other in (("val", "train"), ("test", "train"), ("test", "val")):
+        if name in splits and other in splits and splits[name].paths and set(splits[name].paths) == set(splits[other].paths):
+            log(f"note: data.yaml's {label[name]} split ({folders[name]}) holds exactly the {label[other]} split's "
+                f"images{' (which choose the best epoch)' if other == 'val' else ''}, so it is no {label[name]} split; "
+                + ("validation images are held out of training instead" if name == "val" else
+                   "the final evaluation is on the validation split"), log_file)
             del splits[name]
-    if "test" in splits and "val" in splits and splits["val"].paths and set(splits["test"].paths) == set(splits["val"].paths):
-        log(f"note: data.yaml's test split ({folders['test']}) holds exactly the validation split's images, which "
-            f"choose the best epoch: it is no test split; the final evaluation is on the validation split", log_file)
-        del splits["test"]
     ok = {}
     for name, split in splits.items():
         if len(split):
@@ -2566,7 +2568,9 @@ def run_evaluation(cfg, action, overrides):
         split = action.split or ("test" if "test" in splits else "val")
         if split not in splits:
             raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-        try:
+        sizes = f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples={cfg.attention_samples}, " \
+            f"--tsne_samples={cfg.tsne_samples}"  # the figures' too
+        with out_of_memory_named(device, sizes):
             model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
             results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
                 "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
@@ -2576,12 +2580,6 @@ def run_evaluation(cfg, action, overrides):
                 "training_seconds": None,
                 "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
                 set(splits["train"].hashes) if split != "train" else None)
-        except (RuntimeError, MemoryError) as e:
-            error = out_of_memory(e, device, f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples="
-                                             f"{cfg.attention_samples}, --tsne_samples={cfg.tsne_samples}")  # the figures
-            if error is None:
-                raise
-            raise error from None
         log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
             f"outputs in {run_dir}", run_dir / "train.log")
         return run_dir, results
@@ -2869,17 +2867,17 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, contextlib.nullcontext())
     with lock:  # the claim ends with the run, also where a caller keeps its traceback
         try:
-            return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv, started)
-        except (RuntimeError, MemoryError) as e:
-            if cfg.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):  # no C++ compiler, or a bug
-                compiler = " on the CPU it needs a working C++ compiler (g++ or clang; MSVC on Windows): install one, or" \
-                    if device.type == "cpu" else ""
-                raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]};{compiler} pass "
-                                f"--compile=false (a resume may too)") from None
-            error = out_of_memory(e, device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}")
-            if error is None:
+            with out_of_memory_named(device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}",
+                                     " (a resume keeps the batch size), or a smaller --image_size or --width"):
+                return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv,
+                                       started)
+        except RuntimeError as e:
+            if not (cfg.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed)):  # no C++ compiler, or a bug
                 raise
-            raise UserError(f"{error} (a resume keeps the batch size), or a smaller --image_size or --width") from None
+            compiler = " on the CPU it needs a working C++ compiler (g++ or clang; MSVC on Windows): install one, or" \
+                if device.type == "cpu" else ""
+            raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]};{compiler} pass "
+                            f"--compile=false (a resume may too)") from None
 
 
 def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
-                                 out_of_memory, overlay, read_overrides, resolve_device, run_inference, save_figure,
+                                 out_of_memory_named, overlay, read_overrides, resolve_device, run_inference, save_figure,
                                  unique_folder, validate_device, write_image, write_json)
 
 
@@ -833,20 +833,20 @@ def run_prediction(args, specs):
     images = [s for s in inputs if s.kind == "image"]
     interrupted, stopped = False, None
     try:
-        with tqdm(total=len(images), desc="images", unit="image", leave=False, disable=None if len(images) > 1 else True) as bar:
-            predict_images(predictor, images, out, bar, args)
-        for source in inputs:
-            if source.kind in ("video", "camera"):
-                out.source(predict_video(predictor, source, out, args))
+        with out_of_memory_named(predictor.device, f"--batch={args.batch}"):
+            with tqdm(total=len(images), desc="images", unit="image", leave=False,
+                      disable=None if len(images) > 1 else True) as bar:
+                predict_images(predictor, images, out, bar, args)
+            for source in inputs:
+                if source.kind in ("video", "camera"):
+                    out.source(predict_video(predictor, source, out, args))
     except KeyboardInterrupt:
         interrupted = True
     except OSError as e:
         raise UserError(f"writing into {out_dir} failed: {e}") from None
-    except (RuntimeError, MemoryError) as e:  # the rows so far are kept, as after Ctrl-C
-        stopped = out_of_memory(e, predictor.device, f"--batch={args.batch}")
-        if stopped is None:
-            raise
-        raise stopped from None
+    except UserError as e:  # out of memory: the rows so far are kept, as after Ctrl-C, and the summary says why
+        stopped = e
+        raise
     finally:
         errors = out.close({
             "checkpoint": predictor.checkpoint, "class_names": predictor.class_names, "inputs": list(specs),
