@@ -696,16 +696,19 @@ def read_data_yaml(data_dir, problems=None):
         raise UserError(f"no data.yaml at {yaml_path}: pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
     try:
         doc = yaml.safe_load(yaml_path.read_bytes())  # bytes: UTF-8 (or a BOM's UTF-16) whatever the locale
+    except OSError as e:
+        raise UserError(f"{yaml_path}: cannot read it ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         hint = " (save it as UTF-8)" if isinstance(e, yaml.reader.ReaderError) else ""
         raise UserError(f"{yaml_path}: not valid YAML{hint}: {e}") from None
     if not isinstance(doc, dict) or "names" not in doc:
         raise UserError(f"{yaml_path}: expected a mapping with 'names' (and 'nc', 'train', 'val')")
     names = doc["names"]
-    if isinstance(names, dict):  # Ultralytics also writes {0: name, 1: name, ...}
-        if sorted(names) != list(range(len(names))):
-            raise UserError(f"{yaml_path}: names keys must be 0..{len(names) - 1}, got {sorted(names)}")
-        names = [names[i] for i in range(len(names))]
+    if isinstance(names, dict):  # Ultralytics also writes {0: name, 1: name, ...}; JSON-made yamls {"0": name}
+        ids = {str(k).strip(): v for k, v in names.items()}
+        if sorted(ids) != sorted(map(str, range(len(names)))):
+            raise UserError(f"{yaml_path}: names keys must be 0..{len(names) - 1}, got {list(names)}")
+        names = [ids[str(i)] for i in range(len(names))]
     if not isinstance(names, list) or not names:
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
     names = [str(n) for n in names]
@@ -722,27 +725,31 @@ def read_data_yaml(data_dir, problems=None):
         problems.append(problem)
     if len(set(names)) != len(names):
         raise UserError(f"{yaml_path}: duplicate class names: {names}")
-    base = yaml_path.parent
+    base = Path(os.path.abspath(yaml_path.parent))
     root = (base / doc["path"]) if doc.get("path") else base
     folders, notes = {}, []
     for split, standard in (("train", ["train"]), ("val", ["valid", "val"]), ("test", ["test"])):
         entry = doc.get(split)
         if isinstance(entry, list):
             raise UserError(f"{yaml_path}: '{split}' is a list of folders; this script reads one folder per split")
-        given = (root / entry).resolve() if entry else None
+        given = Path(os.path.abspath(root / entry)) if entry else None  # not resolved: labels lie beside a link
         if given is not None and given.is_file():  # never train on other images than the yaml names
             raise UserError(f"{yaml_path}: '{split}: {entry}' names a file (an Ultralytics image list); this script "
                             f"reads a folder of images per split: point '{split}' at the images folder")
+        fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
+        if (given is not None and given.is_dir() and fallback is not None and base not in given.parents
+                and not os.path.samefile(given, fallback)):  # an export unpacked inside another: which one is meant?
+            raise UserError(f"{yaml_path}: '{split}: {entry}' is {given}, outside the yaml's folder, and {fallback} "
+                            f"lies beside the yaml too: point '{split}' at the folder you mean")
         if given is not None and given.is_dir():
             folders[split] = given
             continue
-        fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
-        if entry is None and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
+        if not entry and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
             if fallback is not None:
                 notes.append(f"data.yaml names no {split} split: {fallback} is not read")
             continue
         if fallback is not None:
-            folders[split] = fallback.resolve()
+            folders[split] = fallback
             if given is not None:
                 notes.append(f"data.yaml's {split} path {entry!r} does not exist; using {fallback}")
         elif given is not None and split != "test":
@@ -762,23 +769,33 @@ def labels_folder(images_dir):
 
 
 def parse_label_file(path, num_classes):
-    """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers])."""
-    boxes, problems = [], []
-    text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
+    """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
+
+    As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
+    points; values within 1 % outside [0, 1] (converters' rounding) are clamped; a row repeated exactly is dropped
+    with a note (one face, counted once); the same box again with another class is a problem."""
+    boxes, problems, notes, rows = [], [], [], {}
+    try:
+        text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
+    except OSError as e:
+        return boxes, [f"{path}: cannot read the label file ({e.strerror or e})"], notes
     if not text.strip():
-        return boxes, [f"{path}: empty label file (expected lines 'class cx cy w h')"]
+        return boxes, [f"{path}: empty label file (expected lines 'class cx cy w h')"], notes
+    if "\x00" in text:  # PowerShell's > writes UTF-16
+        return boxes, [f"{path}: not UTF-8 text (UTF-16?): save it as UTF-8"], notes
     for n, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
-        where = f"{path}:{n}"
-        if len(fields) != 5:
-            problems.append(f"{where}: expected 5 fields 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
+        where, shown = f"{path}:{n}", repr(line.strip()[:80] + ("..." if len(line.strip()) > 80 else ""))
+        if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+            problems.append(f"{where}: expected 5 fields 'class cx cy w h' (or a polygon 'class x1 y1 x2 y2 x3 y3 "
+                            f"...'), got {len(fields)}: {shown}")
             continue
         try:
             values = [float(v) for v in fields]
         except ValueError:
-            problems.append(f"{where}: non-numeric field in {line.strip()!r}")
+            problems.append(f"{where}: non-numeric field in {shown}")
             continue
         cls = values[0]
         if not 0 <= cls < num_classes:  # NaN fails here too
@@ -787,12 +804,27 @@ def parse_label_file(path, num_classes):
         if cls != int(cls):
             problems.append(f"{where}: class id {fields[0]} is not an integer")
             continue
-        cx, cy, w, h = values[1:]
-        if not all(0 <= v <= 1 for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
-            problems.append(f"{where}: box {cx} {cy} {w} {h} outside [0, 1] (normalized cx cy w h expected)")
+        if not all(-0.01 <= v <= 1.01 for v in values[1:]):  # NaN fails here too
+            problems.append(f"{where}: coordinates {' '.join(fields[1:])[:80]} outside [0, 1] (normalized to the "
+                            f"image's width and height expected)")
             continue
-        boxes.append((int(cls), cx, cy, w, h))
-    return boxes, problems
+        values = [min(max(v, 0.0), 1.0) for v in values[1:]]
+        if len(values) > 4:  # a polygon: the box around its points
+            xs, ys = values[0::2], values[1::2]
+            values = [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+        cx, cy, w, h = values
+        if w <= 0 or h <= 0:
+            problems.append(f"{where}: box {cx} {cy} {w} {h} has no width or height")
+            continue
+        first = rows.setdefault((cx, cy, w, h), (n, int(cls)))
+        if first[0] != n and first[1] == int(cls):
+            notes.append(f"{where}: the same row as line {first[0]}, dropped (one face counted once)")
+        elif first[0] != n:
+            problems.append(f"{where}: the box of line {first[0]} again, with class {int(cls)} (line {first[0]}: "
+                            f"{first[1]})")
+        else:
+            boxes.append((int(cls), cx, cy, w, h))
+    return boxes, problems, notes
 
 
 def folder_files(folder):
@@ -822,13 +854,17 @@ def folder_files(folder):
 
 
 def scan_split(name, images_dir, num_classes):
-    """Pair images with label files and parse them: (Split of the valid boxes, problems)."""
+    """Pair images with label files and parse them: (Split of the valid boxes, problems, notes)."""
     labels_dir = labels_folder(images_dir)
-    problems = []
+    problems, notes = [], []
     if not labels_dir.is_dir():
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
+    try:
+        image_files, label_files = folder_files(images_dir), folder_files(labels_dir)
+    except OSError as e:
+        raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
     images, others = {}, []
-    for p in folder_files(images_dir):
+    for p in image_files:
         stem = p.relative_to(images_dir).with_suffix("")
         if p.suffix.lower() in IMAGE_EXTS and stem in images:
             problems.append(f"{p}: shares its label file {stem}.txt with {images[stem]}")
@@ -837,7 +873,7 @@ def scan_split(name, images_dir, num_classes):
         else:
             others.append(p)
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
-    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in folder_files(labels_dir) if p.suffix == ".txt"}
+    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
     paths, labels, boxes = [], [], []
@@ -846,15 +882,16 @@ def scan_split(name, images_dir, num_classes):
         if label is None:
             problems.append(f"{image}: no label file (expected {labels_dir / stem}.txt)")
             continue
-        found, bad = parse_label_file(label, num_classes)
+        found, bad, said = parse_label_file(label, num_classes)
         problems += bad
+        notes += said
         for cls, *box in found:
             paths.append(str(image))
             labels.append(cls)
             boxes.append(box)
     problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in images]
     split = Split(name, paths, np.array(labels, dtype=np.int64), np.array(boxes, dtype=np.float32).reshape(-1, 4))
-    return split, problems
+    return split, problems, notes
 
 
 def image_format(data):
@@ -934,7 +971,10 @@ def decode_image(path):
         raise ValueError("not an image (unknown file signature)")
     if truncated(data, fmt):
         raise ValueError(f"truncated {fmt} file")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as e:  # a header claiming more than OpenCV's 2**30 pixels: a corrupt one, or a gigapixel scan
+        raise ValueError(f"unreadable {fmt} file ({str(e).strip().splitlines()[-1][:160]})") from None
     if image is None:
         raise ValueError(f"unreadable {fmt} file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
@@ -1088,13 +1128,14 @@ def find_duplicates(splits):
     owners = defaultdict(lambda: defaultdict(set))  # hash -> split -> labels
     first_path = {}
     for s in splits.values():
-        seen = defaultdict(set)
-        for p, h, y in zip(s.paths, s.hashes, s.labels):
+        seen, faces = defaultdict(set), defaultdict(list)  # hash -> paths; path -> its faces (label, box)
+        for p, h, y, box in zip(s.paths, s.hashes, s.labels, s.boxes.tolist()):
             seen[h].add(p)
+            faces[p].append((int(y), *np.round(box, 4)))
             owners[h][s.name].add(int(y))
             first_path.setdefault((h, s.name), p)
         groups = [ps for ps in seen.values() if len(ps) > 1]
-        conflicts = sum(1 for h, ps in seen.items() if len(ps) > 1 and len(owners[h][s.name]) > 1)
+        conflicts = sum(1 for ps in groups if len({tuple(sorted(faces[p])) for p in ps}) > 1)  # labelled otherwise
         report[f"{s.name}_within"] = {"groups": len(groups), "extra_images": sum(len(g) - 1 for g in groups),
                                       "label_conflicts": conflicts, "files": sorted(sorted(map(str, g)) for g in groups)}
     train_hashes = set(splits["train"].hashes)
@@ -1129,11 +1170,15 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     class_names, folders, notes = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
-    splits, problems = {}, list(yaml_problems)
+    splits, problems, row_notes = {}, list(yaml_problems), []
     for name in splits_wanted:
         if name in folders:
-            splits[name], found = scan_split(name, folders[name], len(class_names))
+            splits[name], found, said = scan_split(name, folders[name], len(class_names))
             problems += found
+            row_notes += said
+    if row_notes:
+        log(f"note: dropped {len(row_notes)} label row(s) that repeat a row of their file, e.g. {row_notes[0]} "
+            f"(all in data_report.json)", log_file)
     label = {"train": "training", "val": "validation", "test": "test"}
     # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
     # val: images/train2017), or test the validation folder (exports without a test split write that)
@@ -1151,7 +1196,16 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
             problems += found
     decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
-        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        shown = "\n  ".join(problems[:50])
+        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind
+            listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
+            try:
+                listing.parent.mkdir(parents=True, exist_ok=True)
+                listing.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8", errors="backslashreplace")
+                where = f", all listed in {listing}"
+            except OSError:  # a folder that cannot be written: the first 50 are still shown
+                where = ""
+            shown += f"\n  ... and {len(problems) - 50} more{where}"
         advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
                   "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
         raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
@@ -1173,6 +1227,11 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                             f"split (a class's only image stays in training): add a validation split to data.yaml")
         log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
             f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
+    if "train" in splits:
+        counts = np.bincount(splits["train"].labels, minlength=len(class_names))
+        for c in np.flatnonzero(counts == 0):
+            elsewhere = ", ".join(f"{n}: {int((s.labels == c).sum())}" for n, s in splits.items() if n != "train")
+            log(f"warning: class {class_names[c]!r} has no training samples ({elsewhere})", log_file)
     duplicates = find_duplicates(splits) if "train" in splits else {}
     if duplicates.get("test_in_val", {}).get("samples"):
         log(f"warning: {duplicates['test_in_val']['samples']} test samples duplicate validation images pixel for pixel; "
@@ -1194,7 +1253,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                     log("note: every test sample duplicates a training image and is dropped; the final evaluation is "
                         "on the validation split", log_file)
                     del splits[s.name]
-    report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes,
+    report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes + row_notes,
               "decode_seconds": round(decode_seconds, 2),
               "problems": problems, "skipped_problems": len(problems),
               "splits": {n: split_report(s, class_names) for n, s in splits.items()},

@@ -7,6 +7,7 @@ Failure modes and bad data are in test_reliability.py.
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import cv2
@@ -264,13 +265,13 @@ def test_macro_f1_leaves_out_a_class_the_split_lacks_and_nobody_predicts():
 def test_parse_label_file_valid_lines(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("3 0.5 0.4 0.25 0.75\n")
-    assert ern.parse_label_file(f, 8) == ([(3, 0.5, 0.4, 0.25, 0.75)], [])
+    assert ern.parse_label_file(f, 8) == ([(3, 0.5, 0.4, 0.25, 0.75)], [], [])
 
 
 def test_parse_label_file_multiple_boxes_and_blank_lines(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("0 0.1 0.2 0.1 0.2\n\n7 0.9 0.8 0.2 0.1\n1 0.5 0.5 1 1\n")
-    boxes, problems = ern.parse_label_file(f, 8)
+    boxes, problems, _ = ern.parse_label_file(f, 8)
     assert problems == []
     assert boxes == [(0, 0.1, 0.2, 0.1, 0.2), (7, 0.9, 0.8, 0.2, 0.1), (1, 0.5, 0.5, 1.0, 1.0)]
     assert all(isinstance(b[0], int) for b in boxes)
@@ -279,7 +280,7 @@ def test_parse_label_file_multiple_boxes_and_blank_lines(tmp_path):
 def test_parse_label_file_without_trailing_newline(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("2 0.5 0.5 0.3 0.4\n5 0.25 0.75 0.5 0.5")  # as the AffectNet export writes them
-    assert ern.parse_label_file(f, 8) == ([(2, 0.5, 0.5, 0.3, 0.4), (5, 0.25, 0.75, 0.5, 0.5)], [])
+    assert ern.parse_label_file(f, 8) == ([(2, 0.5, 0.5, 0.3, 0.4), (5, 0.25, 0.75, 0.5, 0.5)], [], [])
 
 
 def make_split_folders(root, splits=("train", "valid", "test")):
@@ -353,6 +354,91 @@ def test_read_data_yaml_nc_names_mismatch(tmp_path):
         ern.read_data_yaml(tmp_path)
 
 
+def test_parse_label_file_reads_polygons_tolerates_rounding_and_counts_a_repeated_row_once(tmp_path):
+    """Ultralytics' reading: a segmentation row gives the box around its points, coordinates within 1 % outside
+    [0, 1] are clamped; a row written twice is one face (a note), the same box with another class a problem."""
+    label = tmp_path / "a.txt"
+    label.write_text("4 0.2 0.3 0.6 0.3 0.6 0.9 0.2 0.9\n"  # a rectangle's corners: box centre (0.4, 0.6), 0.4 x 0.6
+                     "1 1.004 0.5 0.4 -0.003\n"  # clamped: 1.0 and 0.0 -> no height
+                     "1 1.005 0.5 0.4 0.4\n"  # clamped: cx 1.0
+                     "1 1.02 0.5 0.4 0.4\n"  # beyond the tolerance
+                     "2 0.5 0.5 0 0.3\n"
+                     "4 0.2 0.3 0.6 0.3 0.6\n"  # six fields: neither a box nor a polygon (2.5 points)
+                     "1 1.0 0.5 0.4 0.4\n"  # line 3's box after clamping, same class: one face
+                     "6 1.0 0.5 0.4 0.4\n")  # line 3's box, another class
+    boxes, problems, notes = ern.parse_label_file(label, 8)
+    assert boxes == [(4, pytest.approx(0.4), pytest.approx(0.6), pytest.approx(0.4), pytest.approx(0.6)),
+                     (1, 1.0, 0.5, 0.4, 0.4)]
+    assert [p.split(": ", 1)[0] for p in problems] == [f"{label}:{n}" for n in (2, 4, 5, 6, 8)]
+    assert "no width or height" in problems[0] and "outside [0, 1]" in problems[1] and "no width" in problems[2]
+    assert "polygon" in problems[3] and "line 3" in problems[4] and "class 6" in problems[4]
+    assert notes == [f"{label}:7: the same row as line 3, dropped (one face counted once)"]
+
+
+def test_parse_label_file_says_what_cannot_be_read(tmp_path):
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text("3 0.5 0.5 0.4 0.4\n", encoding="utf-16")  # what PowerShell's > writes
+    assert ern.parse_label_file(utf16, 8) == ([], [f"{utf16}: not UTF-8 text (UTF-16?): save it as UTF-8"], [])
+    folder = tmp_path / "folder.txt"
+    folder.mkdir()  # reading it raises a real OSError (root reads files whatever their permissions)
+    boxes, problems, _ = ern.parse_label_file(folder, 8)
+    assert boxes == [] and len(problems) == 1 and problems[0].startswith(f"{folder}: cannot read the label file (")
+
+
+def test_upper_case_label_suffixes_are_label_files(tmp_path):
+    make_split_folders(tmp_path, ("train",))
+    cv2.imwrite(str(tmp_path / "train" / "images" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (tmp_path / "train" / "labels" / "a.TXT").write_text("1 0.5 0.5 1 1")
+    split, problems, _ = ern.scan_split("train", tmp_path / "train" / "images", 2)
+    assert problems == [] and split.labels.tolist() == [1]
+
+
+def test_read_data_yaml_names_with_string_or_mixed_keys(tmp_path):
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", names={"1": "b", "0": "a", 2: "c"})  # JSON-made yamls
+    assert ern.read_data_yaml(tmp_path)[0] == ["a", "b", "c"]
+    write_yaml(tmp_path / "data.yaml", train="train/images", names={"0": "a", "2": "c"})
+    with pytest.raises(ern.UserError, match="names keys must be 0..1"):
+        ern.read_data_yaml(tmp_path)
+
+
+@pytest.mark.parametrize("left_out", ["''", "false", "null", ""])
+def test_read_data_yaml_reads_no_split_it_leaves_out_however_written(tmp_path, left_out):
+    make_split_folders(tmp_path)
+    (tmp_path / "data.yaml").write_text(f"train: train/images\nval: valid/images\ntest: {left_out}\nnames: [a, b]\n")
+    _, folders, notes = ern.read_data_yaml(tmp_path)
+    assert sorted(folders) == ["train", "val"] and notes == [f"data.yaml names no test split: "
+                                                             f"{tmp_path / 'test' / 'images'} is not read"]
+
+
+def test_read_data_yaml_refuses_a_path_into_another_export_beside_its_own(tmp_path):
+    """Roboflow writes train: ../train/images; a second export unpacked inside the first resolves that to the first
+    export's folders, while its own lie beside its yaml."""
+    make_split_folders(tmp_path / "v1", ("train", "valid"))
+    make_split_folders(tmp_path / "v1" / "v2", ("train", "valid"))
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", train="../train/images", val="../valid/images", names=["a", "b"])
+    with pytest.raises(ern.UserError, match=re.escape(f"{tmp_path / 'v1' / 'train' / 'images'}, outside")):
+        ern.read_data_yaml(tmp_path / "v1" / "v2")
+    write_yaml(tmp_path / "v1" / "data.yaml", train="../train/images", val="../valid/images", names=["a", "b"])
+    assert ern.read_data_yaml(tmp_path / "v1")[1]["train"] == tmp_path / "v1" / "train" / "images"  # the usual case
+
+
+def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
+    """A cluster's images on a big disk, linked into a dataset whose labels were edited locally."""
+    big = tmp_path / "big" / "faces"
+    big.mkdir(parents=True)
+    cv2.imwrite(str(big / "a.png"), np.full((16, 16, 3), 99, np.uint8))
+    (tmp_path / "big" / "labels").mkdir()
+    (tmp_path / "big" / "labels" / "faces.txt").write_text("0 0.5 0.5 1 1")  # not the labels of this dataset
+    (tmp_path / "ds" / "train" / "labels").mkdir(parents=True)
+    (tmp_path / "ds" / "train" / "images").symlink_to(big)
+    (tmp_path / "ds" / "train" / "labels" / "a.txt").write_text("1 0.5 0.5 1 1")
+    write_yaml(tmp_path / "ds" / "data.yaml", train="train/images", names=["a", "b"])
+    _, folders, _ = ern.read_data_yaml(tmp_path / "ds")
+    split, problems, _ = ern.scan_split("train", folders["train"], 2)
+    assert problems == [] and split.labels.tolist() == [1]
+
+
 def test_crop_box_whole_image_is_a_plain_resize():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
@@ -382,7 +468,7 @@ def test_pipeline_crops_each_label_box(tmp_path):
     make_split_folders(tmp_path / "data", ("train",))
     cv2.imwrite(str(tmp_path / "data" / "train" / "images" / "two.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     (tmp_path / "data" / "train" / "labels" / "two.txt").write_text("1 0.75 0.5 0.4 0.8\n0 0.25 0.5 0.4 0.8")
-    split, problems = ern.scan_split("train", tmp_path / "data" / "train" / "images", 2)
+    split, problems, _ = ern.scan_split("train", tmp_path / "data" / "train" / "images", 2)
     assert problems == []
     cfg = ern.Config(cache_dir=str(tmp_path / "cache"), image_size=32, crop_margin=0.1)
     ok, problems = ern.load_split_pixels(split, cfg)
@@ -909,7 +995,7 @@ def test_augment_batch_randomness_is_per_sample(field):
 def test_parse_label_file_reports_non_integer_class_ids(tmp_path, cls):
     label = tmp_path / "a.txt"
     label.write_text(f"{cls} 0.5 0.5 1 1\n3 0.5 0.5 1 1")
-    boxes, problems = ern.parse_label_file(label, 8)
+    boxes, problems, _ = ern.parse_label_file(label, 8)
     assert boxes == [(3, 0.5, 0.5, 1.0, 1.0)]
     assert len(problems) == 1 and f"{label}:1" in problems[0] and "class id" in problems[0]
 
@@ -928,7 +1014,7 @@ def test_images_sharing_a_label_stem_are_reported(tiny_dataset, tmp_path):
     first = sorted(images.iterdir())[0]
     twin = first.with_suffix(".bmp")
     cv2.imwrite(str(twin), cv2.imread(str(first)))
-    split, problems = ern.scan_split("train", images, 8)
+    split, problems, _ = ern.scan_split("train", images, 8)
     assert len(split) == len(list(images.iterdir())) - 1
     shared = [p for p in problems if "shares its label file" in p]
     assert len(shared) == 1 and str(twin) in shared[0] and str(first) in shared[0]
@@ -968,7 +1054,7 @@ def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dat
     images = data / "train" / "images"
 
     def load():
-        split, problems = ern.scan_split("train", images, 8)
+        split, problems, _ = ern.scan_split("train", images, 8)
         ok, decode_problems = ern.load_split_pixels(split, cfg)
         assert ok.all() and not problems and not decode_problems
         return split

@@ -389,7 +389,7 @@ def test_a_cut_jpeg_with_an_exif_thumbnail_is_truncated():
 def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
     """Given a face's dataset box (in pixels), the predictor cuts exactly the crop that the training cache holds."""
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, crop_margin=0.1)
-    split, _ = ern.scan_split("train", tiny_dataset / "train" / "images", 8)
+    split, _, _ = ern.scan_split("train", tiny_dataset / "train" / "images", 8)
     ern.load_split_pixels(split, cfg)
     cfg = dataclasses.replace(cfg, width=0.125, blocks="1,1,1,1")
     path = tmp_path / "m.pth"

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -119,7 +120,7 @@ def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
     fault(f"{label}:1: ", "outside", "train", img, c)
     img, label, c = take("train")
     good = label.read_text().strip()
-    label.write_text(f"{good}\n{good}\n8 0.5 0.5 0.4 0.4")  # two good boxes, then class 8 of nc=8
+    label.write_text(f"{good}\n{c} 0.5 0.5 0.3 0.3\n8 0.5 0.5 0.4 0.4")  # two good boxes, then class 8 of nc=8
     b.counts["train"][c] += 1
     b.multiplicity[str(img)] = 2
     fault(f"{label}:3: ", "class")
@@ -222,6 +223,55 @@ def test_nc_names_mismatch_stops_even_when_lenient_and_is_reported_with_the_rest
     assert all(w in yaml_line for w in ("nc", "7", "8")), yaml_line
 
 
+def test_an_image_whose_header_claims_too_many_pixels_is_a_listed_problem(tiny_dataset, tmp_path):
+    """OpenCV refuses headers over 2**30 pixels with cv2.error (a corrupt header, or a gigapixel scan), which is no
+    ValueError: it left the load as a traceback that named no file, with --strict=false too."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    image = sorted((data / "train" / "images").glob("*.jpg"))[0]
+    jpeg = bytearray(image.read_bytes())
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: marker, length, precision, height, width
+    struct.pack_into(">HH", jpeg, sof + 5, 30000, 40000)
+    image.write_bytes(bytes(jpeg))
+    with pytest.raises(ValueError, match="unreadable jpeg file"):
+        ern.decode_image(image)
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    _, splits, report = ern.load_dataset(cfg)
+    assert [p.split(": ", 1)[0] for p in report["problems"]] == [str(image)]
+    assert str(image) not in splits["train"].paths
+
+
+def test_more_problems_than_are_shown_are_all_listed_in_a_file(tiny_dataset, tmp_path):
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    orphans = [data / "train" / "labels" / f"orphan_{i:02d}.txt" for i in range(60)]
+    for orphan in orphans:
+        orphan.write_text("0 0.5 0.5 0.4 0.4")
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ern.UserError) as error:
+        ern.load_dataset(cfg, tmp_path / "run" / "train.log")
+    listing = tmp_path / "run" / "data_problems.txt"
+    assert f"... and 10 more, all listed in {listing}" in str(error.value)
+    assert listing.read_text().splitlines() == [f"{p}: label file without an image in {data / 'train' / 'images'}"
+                                                for p in orphans]
+
+
+def test_a_class_without_training_samples_is_warned_of(tiny_dataset, tmp_path):
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    others = {}
+    for folder, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        labels = [p for p in (data / folder / "labels").glob("*.txt") if p.read_text().startswith("7 ")]
+        others[split] = len(labels)
+        if split == "train":
+            for p in labels:
+                p.write_text("0" + p.read_text()[1:])
+    assert others["train"] and others["val"] + others["test"]  # the fixture has Surprise faces everywhere
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    ern.load_dataset(cfg, tmp_path / "load.log")
+    warnings = [line for line in (tmp_path / "load.log").read_text().splitlines() if "no training samples" in line]
+    assert warnings == [f"warning: class 'Surprise' has no training samples (val: {others['val']}, "
+                        f"test: {others['test']})"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Duplicates and leakage
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +327,23 @@ def test_duplicates_are_reported_with_conflicts_and_leakage_is_counted_in_result
     assert results["duplicates"]["val_in_train"]["samples"] == 2
     assert results["duplicates"]["test_in_train"]["samples"] == 1
     assert results["samples_duplicating_train"] == 1  # the evaluated split is test
+
+
+def test_copies_of_a_photo_of_two_faces_conflict_only_where_a_face_is_labelled_otherwise(tiny_dataset, tmp_path):
+    """Each face's label is compared, not the union of a group's labels (two faces, two classes: a conflict
+    before, in copies labelled alike)."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    images, labels = data / "train" / "images", data / "train" / "labels"
+    photo = sorted(images.glob("*.png"))[0]
+    (labels / f"{photo.stem}.txt").write_text("0 0.25 0.5 0.4 0.8\n1 0.75 0.5 0.4 0.8")
+    shutil.copy(photo, images / "copy_alike.png")
+    (labels / "copy_alike.txt").write_text("1 0.75 0.5 0.4 0.8\n0 0.25 0.5 0.4 0.8")  # the same faces, reordered
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    within = lambda: ern.load_dataset(cfg)[2]["duplicates"]["train_within"]
+    assert (within()["groups"], within()["label_conflicts"]) == (1, 0)
+    shutil.copy(photo, images / "copy_swapped.png")
+    (labels / "copy_swapped.txt").write_text("1 0.25 0.5 0.4 0.8\n0 0.75 0.5 0.4 0.8")
+    assert (within()["groups"], within()["label_conflicts"]) == (1, 1)
 
 
 def test_data_report_has_per_class_counts_sizes_and_formats(duplicated):
@@ -855,7 +922,7 @@ def test_class_names_are_utf8_in_data_yaml_and_the_log_whatever_the_locale(tmp_p
 def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_dataset, tmp_path, monkeypatch):
     """The cache is a sparse memory-mapped file: a disk filling under it would kill the run (SIGBUS) without a word."""
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
-    split, _ = ern.scan_split("val", folders["val"], 8)
+    split, _, _ = ern.scan_split("val", folders["val"], 8)
     need, real = len(split) * 3 * 32 * 32, shutil.disk_usage
     decoded = []
     decode = ern.decode_image
@@ -941,12 +1008,12 @@ def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path)
     (labels / "orphan.txt").write_text("0 0.5 0.5 0.5 0.5\n")
     (images / ".ipynb_checkpoints").mkdir()  # Jupyter's copies
     cv2.imwrite(str(images / ".ipynb_checkpoints" / "a-checkpoint.png"), face)
-    split, problems = ern.scan_split("train", images, 2)
+    split, problems, _ = ern.scan_split("train", images, 2)
     assert sorted(Path(p).name for p in split.paths) == ["a.png", "b.png"]
     assert problems == [f"{labels / 'orphan.txt'}: label file without an image in {images}"]
     cv2.imwrite(str(images / "classes.png"), face)
     (labels / "classes.txt").write_text("0 0.5 0.5 0.5 0.5\n")
-    split, problems = ern.scan_split("train", images, 2)
+    split, problems, _ = ern.scan_split("train", images, 2)
     assert sorted((Path(p).name, c) for p, c in zip(split.paths, split.labels.tolist())) == [
         ("a.png", 1), ("b.png", 1), ("classes.png", 0)]
 
@@ -975,7 +1042,7 @@ def test_what_a_killed_cache_build_left_is_removed_by_the_next_build(tiny_datase
 def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
-    split, _ = ern.scan_split("val", folders["val"], 8)
+    split, _, _ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(split, cfg)
     want = np.array(split.images)
     array = next((tmp_path / "cache").glob("*.npy"))
@@ -983,7 +1050,7 @@ def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch
     decoded = []
     real = ern.decode_image
     monkeypatch.setattr(ern, "decode_image", lambda path: decoded.append(path) or real(path))
-    again, _ = ern.scan_split("val", folders["val"], 8)
+    again, _, _ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(again, cfg)
     assert len(decoded) == len(set(again.paths)) and np.array_equal(np.asarray(again.images), want)
 
@@ -1065,7 +1132,7 @@ def test_what_users_type_is_read_as_they_mean_it(tiny_dataset, tmp_path):
 
     label = tmp_path / "a.txt"
     label.write_bytes("\ufeff3 0.5 0.5 0.4 0.4\n".encode("utf-8"))  # Windows Notepad's UTF-8
-    assert ern.parse_label_file(label, 8) == ([(3, 0.5, 0.5, 0.4, 0.4)], [])
+    assert ern.parse_label_file(label, 8) == ([(3, 0.5, 0.5, 0.4, 0.4)], [], [])
     label.write_text("2.5 0.5 0.5 0.4 0.4\n")
     assert ern.parse_label_file(label, 8)[1] == [f"{label}:1: class id 2.5 is not an integer"]
 
