@@ -198,7 +198,8 @@ def print_help(doc, sections):
     for cls, title in sections:
         print(f"\n{title}, as --name=value:")
         for f in dataclasses.fields(cls):
-            print(f"  {f'--{f.name}=' + ('' if f.default is None else str(f.default)):<36} {helps.get(f.name, '')}")
+            default = "" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            print(f"  {f'--{f.name}=' + default:<36} {helps.get(f.name, '')}")  # bools as the parser reads them
 
 
 # Options that live in the sibling scripts now: the trainer names the script instead of "unknown field"

@@ -27,7 +27,7 @@ import torch.nn as nn
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
                                  crop_box, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
                                  model_from_checkpoint, normalize, read_overrides, tta_view_count, tta_views)
-from predict import WHOLE_IMAGE, FaceDetector, face_crop_box
+from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
 LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir", "device")  # the training machine's: left out of a file to share
@@ -37,12 +37,12 @@ EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and
 @dataclass
 class Export:
     """export settings"""
-    checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
+    checkpoint: str = ""  # a run folder (its best_emotion_model.pth) or a .pth file
     output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
     overwrite: bool = False  # replace an existing file
-    tta_flip: bool | None = None  # average each view and its mirror in the graph (2x the work); none: the checkpoint's
-    tta_shift: int | None = None  # views moved this many pixels each way too (5x the work); none: the checkpoint's
-    tta_zoom: float | None = None  # views of the central crop of this fraction of the side too (2x the work); none: the checkpoint's
+    tta_flip: bool | None = None  # average each view and its mirror in the graph (2x); empty = the checkpoint's
+    tta_shift: int | None = None  # views moved N pixels each way too (5x the work); empty = the checkpoint's
+    tta_zoom: float | None = None  # zoomed views too: the central crop, this fraction of the side (2x); empty = the checkpoint's
 
 
 class ExportedERN(nn.Module):
@@ -67,8 +67,8 @@ def export_inputs(image_size):
     matplotlib ships (cropped as predict.py crops a detected face, and the whole image), each also mirrored."""
     from matplotlib import cbook
     image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    boxes = [face_crop_box(b, image.shape) for b in FaceDetector()(image)] + [WHOLE_IMAGE]
-    real = np.stack([crop_box(image, b, 0.0, image_size).transpose(2, 0, 1) for b in boxes])
+    real = np.stack([detected_face_crop(image, b, image_size) for b in FaceDetector()(image)]
+                    + [crop_box(image, WHOLE_IMAGE, 0.0, image_size).transpose(2, 0, 1)])
     real = torch.from_numpy(np.concatenate([real, real[..., ::-1]])).float() / 255
     noise = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     return {"random": noise, "real": real}

@@ -5,20 +5,11 @@ Emotions of the faces in photos, folders, videos and cameras, with a model train
     python predict.py --checkpoint=outputs/RUN photos/ clip.mp4 camera:0 # folders (recursive), videos, cameras
     python predict.py --checkpoint=outputs/RUN @inputs.txt               # a list file, one input per line
     python predict.py --checkpoint=outputs/RUN --explain photo.jpg       # + explain/: attention and Grad-CAM per face
-    python predict.py --help
 
 Writes one folder (default outputs/predict__{time}): predictions.csv (a row per face, or per image or frame
 without one), annotated/ copies, timelines/ of videos, summary.json, and with --explain a picture per face.
 Faces are found with OpenCV's Haar cascades; an image without a face gets a row with face_detected false and no
-emotion (--detect_faces=false classifies whole images: pre-cropped faces). In a notebook:
-
-    from predict import EmotionPredictor
-    predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
-    faces = predictor(rgb_array)                            # one dict per face: box, emotion, probabilities
-    faces = predictor(rgb_array, boxes=[(x1, y1, x2, y2)])  # your own face boxes, in pixels
-
-Crops are cut by the trainer's crop_box and classified by its run_inference, the functions that made the training
-crops and that evaluate the model.
+emotion (--detect_faces=false classifies whole images: pre-cropped faces). In Python: EmotionPredictor (README).
 """
 
 import contextlib
@@ -53,24 +44,24 @@ from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arit
 @dataclass
 class Prediction:
     """prediction settings"""
-    checkpoint: str = ""  # the model: a run folder (its best_emotion_model.pth) or a .pth checkpoint
-    output_dir: str = ""  # empty = outputs/predict__{time} (__2, __3, ... for calls in the same second)
+    checkpoint: str = ""  # a run folder (its best_emotion_model.pth) or a .pth file
+    output_dir: str = ""  # empty = outputs/predict__{time}
     overwrite: bool = False  # allow writing into a folder that already holds predictions
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    detect_faces: bool = True  # find faces with OpenCV's Haar cascades; false: classify whole images (pre-cropped faces)
+    detect_faces: bool = True  # find faces (OpenCV's Haar cascades); false: each image is one face (pre-cropped)
     every: int = 1  # videos and cameras: classify one frame in N
-    max_frames: int = 0  # videos and cameras: stop after this many classified frames; 0 = to the end (camera: Ctrl-C)
-    smoothing: float = 0.0  # videos: per-track exponential smoothing of probabilities for timeline and summary; 0 = raw
-    batch: int = 64  # faces per forward pass, gathered across images and frames
+    max_frames: int = 0  # videos and cameras: stop after N classified frames; 0 = all (camera: Ctrl-C)
+    smoothing: float = 0.0  # videos: per-track exponential smoothing in [0, 1) (timeline, summary); 0 = raw
+    batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
-    show: bool = False  # videos and cameras: show the annotated frames (needs a display and OpenCV built with a GUI)
-    explain: bool = False  # also write explain/: per face, the crop, spatial attention, Grad-CAM, probabilities, context q
-    # inference; empty: as the checkpoint was trained
-    tta_flip: bool | None = None  # average each view of the face and its mirror
-    tta_shift: int | None = None  # views moved this many pixels each way too (5x the work; 0 for speed)
-    tta_zoom: float | None = None  # views of the face's central crop of this fraction of its side too (2x the work; 0 for speed)
-    amp: bool | None = None  # autocast: bf16 on CUDA (fp16 before Ampere) and on CPUs with native bf16
-    channels_last: bool | None = None  # NHWC layout (CPU: only where the probe of the model passes)
+    show: bool = False  # videos and cameras: show the annotated frames (needs a display)
+    explain: bool = False  # also write explain/: crop, attention, Grad-CAM, probabilities and q per face
+    # inference: empty = as the checkpoint was trained
+    tta_flip: bool | None = None  # average each view and its mirror; empty = the checkpoint's
+    tta_shift: int | None = None  # views moved N pixels each way too (5x the work); empty = the checkpoint's
+    tta_zoom: float | None = None  # zoomed views too: the central crop, this fraction of the side (2x); empty = the checkpoint's
+    amp: bool | None = None  # autocast: bf16 (CUDA; CPUs with native bf16); empty = the checkpoint's
+    channels_last: bool | None = None  # NHWC (CPU: where the model's probe passes); empty = the checkpoint's
 
 
 def validate_prediction(args, sources):
@@ -87,27 +78,31 @@ def validate_prediction(args, sources):
     validate_device(args.device)
 
 
-# Detection and tracking: OpenCV's defaults where they serve, the rest measured (BENCHMARKS.md)
+# Detection and the crop: OpenCV's defaults where they serve, the rest measured (BENCHMARKS.md)
 DETECT_WIDTH = 640  # detection runs on a copy resized to at most this width (pixels): the cascades' cost grows with them
+DETECT_SHORT_SIDE = 300  # and at least this short a side: the cascades' 24 px window is FACE_MIN_SIZE of it (panoramas)
 FACE_SCALE_FACTOR = 1.1  # Haar image-pyramid step
 FACE_MIN_NEIGHBORS = 5  # Haar: overlapping hits a face needs
 FACE_MIN_SIZE = 0.08  # smallest face side, fraction of the image's shorter side
-DETECT_SHORT_SIDE = 300  # and at least this short a side: the cascades' 24 px window is FACE_MIN_SIZE of it (panoramas)
+PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
 FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the training crops' (benchmarks/crop_calibration.py)
-TRACK_IOU = 0.3  # videos: a face continues a track if its box overlaps the track's last box this much
-TRACK_MAX_MISSED = 10  # videos: classified frames a track may go without its face before it ends
+# Videos
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
               ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
-CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
-WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
-PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
+TRACK_IOU = 0.3  # a face continues a track if its box overlaps the track's last box this much
+TRACK_MAX_MISSED = 10  # classified frames a track may go without its face before it ends
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
-WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
-BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB; prefetch holds up to as much again
-PREFETCH_PIXELS = 2 ** 27  # photos decoded ahead of classification: at most this many pixels, 400 MB of RGB
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy holds as a still
 ANNOTATED_FPS = 60.0  # at most, for an annotated video: WebM files that claim 1000 fps would repeat each frame 33 times
+# Memory
+BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB
+PREFETCH_PIXELS = 2 ** 27  # photos decoded ahead of classification: at most this many pixels, 400 MB of RGB
+# Outputs
+CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
+WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
+WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect_faces=false: the image classified)
+PICTURE_FOLDERS = ("annotated", "explain", "timelines")  # predict.py's pictures beside its predictions.csv
 
 
 def plot_explanation(face, explanation, probs, class_names, title, path):
@@ -247,6 +242,11 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
     return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
 
 
+def detected_face_crop(image, box, size):
+    """The uint8 (3, S, S) crop of a detected pixel box, framed as the training crops are (the scale holds the margin)."""
+    return crop_box(image, face_crop_box(box, image.shape), 0.0, size).transpose(2, 0, 1)
+
+
 def rgb_array(image):
     """The notebook API's image as the (H, W, 3) uint8 RGB array prediction reads: a grayscale one (H, W) or (H, W, 1)
     as three equal channels, an RGBA one without its alpha; anything else is refused, not guessed at."""
@@ -265,7 +265,14 @@ class EmotionPredictor:
     confidence, probabilities by class name; rgb as rgb_array takes it); an image without a detected face: one dict
     with face_detected false and emotion, confidence and probabilities None. detect_faces=False: the whole image is
     the face. checkpoint: a .pth file or a run folder (its best_emotion_model.pth).
-    settings: the inference fields (INFERENCE_SETTINGS) replacing the checkpoint's."""
+    settings: the inference fields (INFERENCE_SETTINGS) replacing the checkpoint's.
+
+        predictor = EmotionPredictor("outputs/RUN/best_emotion_model.pth")
+        faces = predictor(rgb)                             # one dict per face: box, emotion, probabilities
+        faces = predictor(rgb, boxes=[(x1, y1, x2, y2)])   # your own face boxes, in pixels
+
+    Crops are cut by the trainer's crop_box and classified by its run_inference: the functions that made the
+    training crops and that evaluate the model."""
 
     def __init__(self, checkpoint, device="auto", detect_faces=True, **settings):
         unknown = sorted(set(settings) - set(INFERENCE_SETTINGS))
@@ -296,8 +303,7 @@ class EmotionPredictor:
         whole = (0.0, 0.0, float(w), float(h))
         if self.detector is None:
             return [(whole, False, self.crop(image, WHOLE_IMAGE, margin))]
-        found = [(b, True, self.crop(image, face_crop_box(b, image.shape), 0.0))  # the scale holds the margin
-                 for b in self.detector(image, still)]
+        found = [(b, True, detected_face_crop(image, b, self.image_size)) for b in self.detector(image, still)]
         return found or [(whole, False, None)]
 
     def classify(self, crops):
@@ -405,7 +411,7 @@ def prediction_inputs(specs):
             # predict.py's own pictures in an output folder inside it (the default outputs/ under the current
             # folder): not inputs; a folder that is both (--output_dir=photos) keeps its photos
             ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
-            pictures = {folder / sub for folder in ours for sub in ("annotated", "explain", "timelines")}
+            pictures = {folder / sub for folder in ours for sub in PICTURE_FOLDERS}
             files = [f for f in files if not pictures & set(f.parents) and
                      not (f.parent in ours and f.name in ("predictions.csv", "summary.json"))]
             kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
@@ -679,6 +685,64 @@ def video_frames(capture, every, max_frames, fps):
         index += 1
 
 
+def open_video(source):
+    """(capture, frames per second (0: a camera, timed by its clock), frame count (0: unknown), warnings) of a video
+    file or a camera; ValueError saying why it cannot be opened."""
+    camera = source.kind == "camera"
+    try:
+        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else opencv_path(source.path))
+    except cv2.error as e:
+        raise ValueError(f"OpenCV cannot open it: {opencv_message(e)}") from None
+    if not capture.isOpened():
+        raise ValueError("cannot open the camera" if camera else
+                         "cannot open the video (unreadable, or a format this OpenCV cannot decode)")
+    if camera:
+        return capture, 0.0, 0, []
+    fps, total = capture.get(cv2.CAP_PROP_FPS), int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if fps > 0:
+        return capture, fps, total, []
+    return capture, FALLBACK_FPS, total, [f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames "
+                                          f"per second"]
+
+
+class AnnotatedVideo:
+    """A video's annotated copy, opened at its first frame at nominal_rate() (at most ANNOTATED_FPS); a failure is a
+    warning, not an error. A file's copy keeps the file's time: a frame is repeated through a gap (a variable frame
+    rate; at most STILL_SECONDS of still) and left out where frames crowd. A camera's holds one frame per classified
+    frame: repeating frames to keep the wall clock's time would slow the capture loop, which would lengthen the next
+    gap."""
+
+    def __init__(self, path, nominal_rate, camera, warnings):
+        self.path, self.nominal_rate, self.camera, self.warnings = path, nominal_rate, camera, warnings
+        self.writer, self.rate, self.written = None, None, 0  # writer: False where it could not be opened
+
+    def write(self, frame, t):
+        if self.writer is None:
+            self.rate = min(self.nominal_rate(), ANNOTATED_FPS)
+            try:  # three decimals: OpenCV asks MPEG-4 for 1000 ticks a frame of an uneven rate, and MPEG-4 takes at
+                # most 65535 a second (119.767 fps, a slow-motion clip's: no video before)
+                self.writer = cv2.VideoWriter(opencv_path(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
+                                              max(round(self.rate, 3), 0.001), frame.shape[1::-1])
+                problem = None if self.writer.isOpened() else "this OpenCV cannot write mp4v video"
+            except ValueError as e:  # an --output_dir whose name is not UTF-8
+                problem = str(e)
+            if problem:
+                self.writer = False
+                self.warnings.append(f"{problem}: no annotated video")
+        if self.writer and self.camera:
+            self.writer.write(frame)
+        elif self.writer:
+            slot = round(t * self.rate)
+            self.written = max(self.written, slot - round(STILL_SECONDS * self.rate))
+            for _ in range(slot + 1 - self.written):
+                self.writer.write(frame)
+            self.written = max(self.written, slot + 1)
+
+    def close(self):
+        if self.writer:
+            self.writer.release()
+
+
 def predict_video(predictor, source, out, args):
     """A video file or a camera, frame by frame: faces tracked, classified args.batch faces at a time (a camera
     one frame at a time, for latency), rows written as they come; an annotated video at the source's frame rate
@@ -687,27 +751,18 @@ def predict_video(predictor, source, out, args):
     entry = {"source": source.path, "kind": source.kind, "error": None, "warnings": []}
     camera = source.kind == "camera"
     try:
-        capture = cv2.VideoCapture(int(source.path.split(":")[1]) if camera else opencv_path(source.path))
-    except cv2.error as e:
-        return {**entry, "error": f"OpenCV cannot open it: {opencv_message(e)}"}
+        capture, fps, total, entry["warnings"] = open_video(source)
     except ValueError as e:
         return {**entry, "error": str(e)}
-    if not capture.isOpened():
-        return {**entry, "error": "cannot open the camera" if camera else
-                "cannot open the video (unreadable, or a format this OpenCV cannot decode)"}
-    fps = 0.0 if camera else capture.get(cv2.CAP_PROP_FPS)
-    if not camera and not fps > 0:
-        fps = FALLBACK_FPS
-        entry["warnings"].append(f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames per second")
-    total = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     expected = -(-total // args.every) if total > 0 else None
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
-    tracker, writer, window, interrupted = FaceTracker(args.smoothing), None, None, False
-    end, written = 0.0, 0  # the last classified frame's time; the annotated video's frames
+    tracker, window, interrupted, last_time = FaceTracker(args.smoothing), None, False, 0.0
     times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
+    video = AnnotatedVideo(annotated, lambda: (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every,
+                           camera, entry["warnings"])  # a camera's rate is read at its first frame
 
     def prepare(frame):
         return (*frame, predictor.faces(frame[2], still=False))
@@ -742,31 +797,11 @@ def predict_video(predictor, source, out, args):
                             shares[detected].append(q)
                             counts["faces"] += detected
                         counts["frames"] += 1
-                        end = t
+                        last_time = t
                     if args.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
-                    if writer is None:
-                        rate = min((fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every, ANNOTATED_FPS)
-                        try:  # three decimals: OpenCV asks MPEG-4 for 1000 ticks a frame of an uneven rate, and
-                            # MPEG-4 takes at most 65535 a second (119.767 fps, a slow-motion clip's: no video before)
-                            writer = cv2.VideoWriter(opencv_path(annotated), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                     max(round(rate, 3), 0.001), frame.shape[1::-1])
-                            problem = None if writer.isOpened() else "this OpenCV cannot write mp4v video"
-                        except ValueError as e:  # an --output_dir whose name is not UTF-8
-                            problem = str(e)
-                        if problem:
-                            writer = False
-                            entry["warnings"].append(f"{problem}: no annotated video")
-                    if writer and camera:  # one frame each: repeating them to keep the wall clock's time would
-                        writer.write(frame)  # slow the capture loop, which would lengthen the next gap
-                    elif writer:  # in step with the file's time: a frame is repeated through a gap (a variable frame
-                        # rate) and left out where frames crowd (a rate above ANNOTATED_FPS)
-                        slot = round(t * rate)
-                        written = max(written, slot - round(STILL_SECONDS * rate))
-                        for _ in range(slot + 1 - written):
-                            writer.write(frame)
-                        written = max(written, slot + 1)
+                    video.write(frame, t)
                     if args.show and window is not False:
                         show(frame)
                     bar.update()
@@ -778,22 +813,21 @@ def predict_video(predictor, source, out, args):
     finally:
         capture.release()
         bar.close()
-        if writer:
-            writer.release()
+        video.close()
         if window:
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
         entry["error"] = "no frame could be decoded"
     # a header's frame count is an estimate for variable-frame-rate video: ended early only if short in time too, by
     # more than the stride after the last classified frame (frames grabbed after it are not timed) and half a frame
-    if counts["frames"] and expected and counts["frames"] < expected and end + 1.5 * args.every / fps < total / fps:
+    if counts["frames"] and expected and counts["frames"] < expected and last_time + 1.5 * args.every / fps < total / fps:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"], no_face=counts["no_face"],
                  tracks=len([t for t in times if t != WHOLE_FRAME]),
                  rows=len(shares[True]) + len(shares[False]) + counts["no_face"],
                  dominant_emotion=dominant,
-                 emotion_share=share, annotated=str(annotated) if writer else None)
+                 emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
         plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline)
         entry["timeline"] = str(timeline)
@@ -817,7 +851,7 @@ def run_prediction(args, specs):
         raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
     if held and not args.overwrite:
         raise UserError(f"{out_dir} already holds predictions; choose another --output_dir, or --overwrite=true")
-    for folder in ("annotated", "explain", "timelines") if held else ():  # the earlier run's pictures go with its rows
+    for folder in PICTURE_FOLDERS if held else ():  # the earlier run's pictures go with its rows
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     try:
         out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
