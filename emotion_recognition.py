@@ -22,7 +22,7 @@ Zen 5 EPYC with native bf16 (2026-12-04/05), and 72.30 % (four seeds) in float32
 (2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
 and reach 70.03 %, three seeds). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
 with native bf16 (three seeds) on a family 25 model 17 EPYC, which steps at half the Zen 5's speed.
-How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.6 M-parameter,
+How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.7 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
@@ -83,7 +83,7 @@ class Config:
     aug_contrast: float = 0.2  # contrast factor in [1 - a, 1 + a]
     aug_erase: float = 0.25  # probability of erasing one random rectangle
     # model
-    width: float = 1.0  # channel multiplier; 1.0 = the 27.6 M-parameter network (the original's 27.5 M + 0.5 %)
+    width: float = 1.0  # channel multiplier; 1.0 = the 27.7 M-parameter network (the original's 27.5 M + 0.5 %)
     blocks: str = "2,4,7,2"  # residual blocks per stage
     stem_stride: int = 1  # 1 | 2: the stem convolution's stride (2: faces of twice the side at the same network cost)
     channel_attention: bool = True  # CBAM channel gate after every stage

@@ -21,9 +21,9 @@ from PIL import Image
 
 from conftest import TINY, ern, pr, run_script
 
-RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "metrics.jsonl",
-             "data_report.json", "evaluation_results.json", "training_history.png", "confusion_matrix.png",
-             "context_similarities.png", "feature_space.png", "attention_maps.png"]
+RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "provenance.json",
+             "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "training_history.png",
+             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png"]
 EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
               "feature_space.png"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
@@ -239,10 +239,21 @@ def test_evaluation_results_on_hand_made_predictions():
     pred = np.array([0, 1, 0, 1, 2, 2, 2, 0, 3, 1])
     split = ern.Split("test", [f"{i}.jpg" for i in range(10)], y, np.zeros((10, 4), np.float32),
                       formats=["jpeg"] * 6 + ["png"] * 4, hashes=[str(i) for i in range(10)])
-    results = ern.evaluation_results(split, {"logits": F.one_hot(torch.from_numpy(pred), 4).float()}, list("abcd"))
+    out = {"logits": F.one_hot(torch.from_numpy(pred), 4).float()}
+    results = ern.evaluation_results(split, out, list("abcd"))
     assert results["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 1, 0], [1, 0, 2, 1], [0, 0, 0, 0]]
     assert results["accuracy"] == results["test_accuracy"] == pytest.approx(6 / 10)
     check_consistent_with_confusion(results)
+    assert "accuracy_excluding_train_duplicates" not in results  # no training hashes given: no leakage figure
+    # right at 0, 2, 3, 5, 6 and 9: faces 1 and 7 (both wrong) in training leave 6 right of 8; faces 0 and 1 (one
+    # right, one wrong) leave 5 of 8; a mask the wrong way round would give 0 / 2 and 1 / 2
+    r = ern.evaluation_results(split, out, list("abcd"), train_hashes={"1", "7"})
+    assert r["samples_duplicating_train"] == 2 and r["accuracy_excluding_train_duplicates"] == pytest.approx(6 / 8)
+    assert r["accuracy"] == pytest.approx(6 / 10)  # the plain accuracy still counts every face
+    r = ern.evaluation_results(split, out, list("abcd"), train_hashes={"0", "1", "not in the split"})
+    assert r["samples_duplicating_train"] == 2 and r["accuracy_excluding_train_duplicates"] == pytest.approx(5 / 8)
+    r = ern.evaluation_results(split, out, list("abcd"), train_hashes=set(map(str, range(10))))
+    assert r["samples_duplicating_train"] == 10 and r["accuracy_excluding_train_duplicates"] is None  # none left
 
 
 def test_macro_f1_leaves_out_a_class_the_split_lacks_and_nobody_predicts():
@@ -559,12 +570,15 @@ def test_context_similarity_is_cosine_over_temperature():
 
 
 def test_context_vector_is_expected_prototype():
+    """forward's s is the cosine over tau and its c the prototypes weighted by softmax(s), both recomputed in numpy."""
     torch.manual_seed(1)
     ctx = ern.EmotionContext(dim=5, num_classes=3, temperature=0.5)
     f = torch.randn(4, 5)
     c, s = ctx(f)
-    s_np, p = s.detach().numpy().astype(np.float64), ctx.prototypes.detach().numpy().astype(np.float64)
-    assert np.allclose(s_np, ctx.context_similarity(f).detach().numpy())
+    fn, p = f.numpy().astype(np.float64), ctx.prototypes.detach().numpy().astype(np.float64)
+    # s and q from numpy, not from the module: cosine of f and each prototype over tau, then its softmax
+    s_np = (fn / np.linalg.norm(fn, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T / 0.5
+    assert np.allclose(s.detach().numpy(), s_np, atol=1e-5)
     for i in range(4):
         q = np.exp(s_np[i] - s_np[i].max())
         q /= q.sum()
@@ -573,13 +587,17 @@ def test_context_vector_is_expected_prototype():
 
 
 def test_classifier_sees_features_and_context_vector():
+    """ERN's context logits are cos(f, P) / tau of its own features (numpy), and its logits the classifier on [f, c]:
+    other prototypes, the same features, other logits."""
     torch.manual_seed(2)
     model = ern.build_model(ern.Config(width=0.125, blocks="1,1,1,1"), 8).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         logits, s, f = model(x)
-        c, s_again = model.context(f)
-        assert torch.allclose(s, s_again)
+        c, _ = model.context(f)
+        fn, p = f.numpy().astype(np.float64), model.context.prototypes.detach().numpy().astype(np.float64)
+        cosine = (fn / np.linalg.norm(fn, axis=1, keepdims=True)) @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T
+        assert np.allclose(s.numpy(), cosine / model.context.temperature, atol=1e-4)  # the context logits: cos / tau
         assert torch.allclose(logits, model.classifier(torch.cat([f, c], 1)), atol=1e-6)
         model.context.prototypes.mul_(-1)  # the same features, another context vector: other logits
         logits_flipped, _, f_again = model(x)
@@ -615,8 +633,21 @@ def test_a_checkpoint_from_before_attention_residual_gates_as_it_was_trained():
     cfg = ern.Config(width=0.125, blocks="1,1,1,1")
     config = dataclasses.asdict(cfg)
     assert ern.config_from_checkpoint({"config": config}).attention_residual is True
+    weights = ern.build_model(cfg, 8).state_dict()  # the gating adds no weights: one state_dict fits both networks
+    current = {"config": dict(config), "class_names": [str(k) for k in range(8)], "image_size": 32, "model": weights}
     del config["attention_residual"]
     assert ern.config_from_checkpoint({"config": config}).attention_residual is False
+    old = {**current, "config": config}
+    x = positive_input((2, 8, 6, 6))  # the first stage's 8 channels at width 0.125
+    for ckpt, residual in ((old, False), (current, True)):  # what the network built from the checkpoint computes
+        model, _ = ern.model_from_checkpoint(ckpt)
+        duals = [m for m in model.modules() if isinstance(m, ern.DualAttention)]
+        assert len(duals) == 4 and all(d.residual is residual for d in duals)
+        d = duals[0].eval()
+        with torch.no_grad():
+            gated = d.spatial(d.channel(x))
+            assert torch.allclose(d(x), x + gated if residual else gated)  # x * (1 + g), or x * g
+            assert not torch.allclose(d(x), gated if residual else x + gated)
 
 
 def test_default_model_has_27_5_million_parameters():
@@ -742,6 +773,10 @@ def test_scheduler_warms_up_peaks_and_anneals_to_the_floor(warmup_epochs):
     middle = warmup + (total - warmup) // 2 if (total - warmup) % 2 == 0 else None
     if middle is not None:  # halfway through the cosine: half way between peak and floor
         assert lrs[middle] == pytest.approx((1e-3 + 5e-5) / 2)
+    # step 50, inside the cosine for both warm-ups: (50 - 14) / 56 and (50 - 35) / 35 of the way from peak to floor
+    cosine = 0.05 + 0.95 * (1 + math.cos(math.pi * (50 - warmup) / (total - warmup))) / 2
+    assert lrs[50] == pytest.approx(1e-3 * cosine)
+    assert abs(lrs[50] - 1e-3 * (1 - 0.95 * (50 - warmup) / (total - warmup))) > 1e-5  # a linear decay would miss it
 
 
 def test_class_weighted_cross_entropy():
@@ -899,9 +934,14 @@ def test_parse_args_unknown_field_suggests_closest():
         ern.parse_args(["--context_wieght=0.1"])
 
 
-@pytest.mark.parametrize("arg", ["--epochs=three", "--batch_size=2.5", "--lr=fast", "--context=maybe", "--epochs"])
-def test_parse_args_wrong_type(arg):
-    with pytest.raises(ern.UserError, match="--epochs|--batch_size|--lr|--context"):
+@pytest.mark.parametrize("arg, message", [("--epochs=three", "--epochs expects float, got 'three'"),
+                                          ("--batch_size=2.5", "--batch_size expects int, got '2.5'"),
+                                          ("--lr=fast", "--lr expects float, got 'fast'"),
+                                          ("--context=maybe", "--context expects true or false, got 'maybe'"),
+                                          ("--epochs", "--epochs needs a value: --epochs=...")])
+def test_parse_args_wrong_type(arg, message):
+    """Each bad value is named with its own field, the type it needs and what was typed."""
+    with pytest.raises(ern.UserError, match=re.escape(message)):
         ern.parse_args([arg])
 
 
@@ -1027,20 +1067,25 @@ def test_evaluate_refuses_architecture_overrides(trained, tiny_dataset, tmp_path
     assert proc.returncode == 2 and "--width" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("settings", [{}, {"amp": False, "tta_flip": False}])
+@pytest.mark.parametrize("settings", [{}, {"tta_flip": False, "tta_shift": 1}])
 def test_predict_agrees_with_evaluation_on_the_box_crops(trained, tiny_dataset, settings):
     """EmotionPredictor on whole images equals run_inference on the same whole-image crops (same TTA, precision,
-    weights); settings given to it (as predict.py takes them from the command line) replace the checkpoint's."""
+    weights); settings given to it (as predict.py takes them from the command line) replace the checkpoint's: the
+    checkpoint's are a mirror and no shifts, and these views change the probabilities by more than the tolerance."""
     run_dir, _ = trained
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
-    model, cfg = ern.model_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, **settings)
+    model, saved = ern.model_from_checkpoint(ckpt)
+    assert (saved.tta_flip, saved.tta_shift) == (True, 0)  # settings differ from the checkpoint's
+    cfg = dataclasses.replace(saved, **settings)
     files = sorted((tiny_dataset / "test" / "images").iterdir())[:6]
     predictor = pr.EmotionPredictor(run_dir / "best_emotion_model.pth", "cpu", detect_faces=False, **settings)
     crops = np.stack([ern.crop_box(ern.decode_image(f)[0], (0.5, 0.5, 1.0, 1.0), cfg.crop_margin, cfg.image_size)
                       .transpose(2, 0, 1) for f in files])
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
     probs = ern.run_inference(model, crops, mean, std, torch.device("cpu"), cfg)["logits"].softmax(1)
+    if settings:  # a predictor that ignored them would give the checkpoint's views' numbers, this far off
+        own = ern.run_inference(model, crops, mean, std, torch.device("cpu"), saved)["logits"].softmax(1)
+        assert (own - probs).abs().max() > 1e-4
     for f, p in zip(files, probs):
         [face] = predictor(ern.decode_image(f)[0])
         assert face["emotion"] == ckpt["class_names"][int(p.argmax())] and face["face_detected"] is False

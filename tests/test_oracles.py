@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from conftest import PREDICT, TINY, ern, pr, run_script
-from test_predict import HOPPER
+from test_predict import HOPPER, hand_face_region
 
 # ---------------------------------------------------------------------------------------------
 # The class order: data.yaml's, never sorted, into every report and the checkpoint
@@ -238,7 +238,8 @@ def test_the_warm_up_is_linear_and_the_cosine_has_its_quarter_point():
 def test_csv_probabilities_are_the_models_softmax_on_that_faces_crop(tmp_path):
     """On a photo larger than predict.py's detection width (2.5x the portrait: 1280 px wide): the row's box is in the
     photo's own pixels (2.5x the box found on the portrait), and its probabilities are the softmax of the mean of
-    the network's logits on the crop and on its mirror, computed here from the box with crop_box, the checkpoint's
+    the network's logits on the crop and on its mirror, computed here from the box with crop_box (the region written
+    out by hand: 1.25 of the box's longer side, centred on it; not predict.py's face_crop_box), the checkpoint's
     normalization and the model itself."""
     torch.manual_seed(0)
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", amp=False, channels_last=False)
@@ -260,7 +261,7 @@ def test_csv_probabilities_are_the_models_softmax_on_that_faces_crop(tmp_path):
     [small] = pr.FaceDetector()(cv2.cvtColor(portrait, cv2.COLOR_BGR2RGB))
     assert box == pytest.approx([2.5 * v for v in small], abs=0.05 * (small[2] - small[0]) * 2.5)
     rgb = cv2.cvtColor(big, cv2.COLOR_BGR2RGB)
-    crop = ern.crop_box(rgb, pr.face_crop_box(box, rgb.shape), 0.0, 32).transpose(2, 0, 1)
+    crop = ern.crop_box(rgb, hand_face_region(box, rgb.shape, 1.25, 0.0), 0.0, 32).transpose(2, 0, 1)
     x = (torch.from_numpy(crop.copy()).float()[None] / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     model.eval()
     with torch.no_grad():

@@ -407,25 +407,58 @@ def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
 AFFECTNET_FRAMING = (1.42, -0.056)  # the export's training crops, in Haar sides and shift (BENCHMARKS.md)
 
 
+def hand_face_region(box, shape, scale=1.25, shift=0.0):
+    """The region a detected pixel box (x1, y1, x2, y2) must be cropped to, written out here rather than taken from
+    predict.py: a square `scale` times the box's longer side, centred on the box and moved down `shift` sides, as a
+    normalized (cx, cy, w, h) of an image of shape (H, W, ...). The defaults are predict.py's framing (FACE_CROP_SCALE
+    1.25, no shift)."""
+    x1, y1, x2, y2 = box
+    height, width = shape[:2]
+    side = max(x2 - x1, y2 - y1)
+    return ((x1 + x2) / 2 / width, ((y1 + y2) / 2 + shift * side) / height, side * scale / width, side * scale / height)
+
+
+def test_face_crop_box_frames_the_longer_side_scaled_and_shifted_down():
+    """face_crop_box against numbers worked out by hand, on boxes that are not square in images that are not square
+    (so that swapped width and height, the box's width for its longer side, a shift upwards or another scale all give
+    other numbers); and a detected face's crop is crop_box of that region at 1.25 sides, no shift."""
+    assert pr.FACE_CROP_SCALE == 1.25  # the calibrated framing (benchmarks/crop_calibration.py) assumed below
+    box, shape = (100, 50, 140, 110), (200, 400, 3)  # 40 wide, 60 tall, centred at (120, 80); the image 400 wide
+    # side 60; 1.25 sides = 75 px: 75 / 400 of the width, 75 / 200 of the height
+    assert pr.face_crop_box(box, shape) == pytest.approx((120 / 400, 80 / 200, 75 / 400, 75 / 200))
+    # -0.056 sides: the centre 3.36 px up
+    assert pr.face_crop_box(box, shape, 1.25, -0.056) == pytest.approx((0.3, 76.64 / 200, 0.1875, 0.375))
+    # 80 wide, 30 tall, centred at (50, 35), in an image 160 wide and 300 tall; 2 sides = 160 px, 0.1 sides = 8 px down
+    assert pr.face_crop_box((10, 20, 90, 50), (300, 160), 2.0, 0.1) == pytest.approx(
+        (50 / 160, 43 / 300, 160 / 160, 160 / 300))
+    assert hand_face_region(box, shape, 1.25, -0.056) == pytest.approx((0.3, 76.64 / 200, 0.1875, 0.375))  # the oracle
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    want = ern.crop_box(image, hand_face_region(box, shape), 0.0, 32).transpose(2, 0, 1)
+    assert np.array_equal(pr.detected_face_crop(image, box, 32), want)
+    assert not np.array_equal(ern.crop_box(image, hand_face_region(box, shape, 1.0), 0.0, 32).transpose(2, 0, 1), want)
+
+
 def test_a_detected_face_gets_the_crop_training_saw(checkpoint):
     """The Haar path gives the network the training crop of the same face. The training image is the portrait's
     face framed as the AffectNet export frames faces (96 px, the median framing benchmarks/crop_calibration.py
     measured on the export); placed 2.5x larger in a 640x480 photo and found again, the crop --predict cuts
     correlates with the crop training cuts from that image (its whole-image label box) more than a crop of the
-    tight Haar box, or of twice its side, or a quarter of a side off."""
+    tight Haar box, or of twice its side, or a quarter of a side off. The framings are written out here
+    (hand_face_region), and the crop --predict cuts is exactly the one of 1.25 Haar sides centred on the box."""
     predictor = pr.EmotionPredictor(checkpoint)
     portrait = hopper_rgb()
     [(box, _, _)] = predictor.faces(portrait)
-    training_image = ern.crop_box(portrait, pr.face_crop_box(box, portrait.shape, *AFFECTNET_FRAMING), 0.0, 96)
+    training_image = ern.crop_box(portrait, hand_face_region(box, portrait.shape, *AFFECTNET_FRAMING), 0.0, 96)
     training_crop = predictor.crop(training_image, pr.WHOLE_IMAGE, predictor.cfg.crop_margin)
     photo = np.full((480, 640, 3), 80, np.uint8)
     photo[100:340, 300:540] = cv2.resize(training_image, (240, 240), interpolation=cv2.INTER_LINEAR)
     [(found, detected, crop)] = predictor.faces(photo)
     assert detected and 300 <= found[0] < found[2] <= 540 and 100 <= found[1] < found[3] <= 340
     corr = lambda a: np.corrcoef(a.ravel().astype(float), training_crop.ravel().astype(float))[0, 1]
-    framed = lambda box, scale: predictor.crop(photo, pr.face_crop_box(box, photo.shape, scale, 0.0), 0.0)
+    framed = lambda box, scale: predictor.crop(photo, hand_face_region(box, photo.shape, scale, 0.0), 0.0)
+    assert np.array_equal(crop, framed(found, 1.25))
     quarter = (found[2] - found[0]) / 4
-    others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], pr.FACE_CROP_SCALE)]
+    others = [framed(found, 1.0), framed(found, 2.0), framed([v + quarter for v in found], 1.25)]
     # measured: 0.58 (1.25 sides zoom in 12 % on the 1.42 framing), against 0.22, 0.28 and 0.06
     assert corr(crop) > 0.5 and corr(crop) > max(corr(c) for c in others) + 0.2, [corr(crop)] + [corr(c) for c in others]
 

@@ -3,6 +3,7 @@ erasing's area, fp16's GradScaler (skipped steps, resuming without its state), -
 outside the epochs (decoding, the final evaluation)."""
 import copy
 import json
+import math
 import os
 import signal
 import threading
@@ -13,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import TINY, ern, run_script
@@ -262,8 +264,9 @@ def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
 
 def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path):
     """--epochs=2.5 with 6 steps an epoch (96 training faces, batch 16): three passes, the last of 3 steps; the
-    schedule is laid over the 15 steps (the learning rate ends at its floor) and the last pass's loss is an average
-    over its own steps."""
+    schedule is laid over the 15 steps (the learning rate ends at its floor) and every pass's accuracy is a fraction.
+    That a pass cut short averages its loss and accuracy over its own steps is checked exactly below, with a model of
+    known loss."""
     ern.main([*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--epochs=2.5", "--amp=false",
               f"--output_dir={tmp_path / 'run'}"])
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -271,6 +274,47 @@ def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path)
     assert [h["epoch"] for h in history] == [1, 2, 3] and last["epoch"] == 3
     assert last["scheduler"]["last_epoch"] == 15
     assert history[-1]["lr"] == pytest.approx(ern.Config().lr * ern.Config().min_lr_ratio)
+    assert all(0 <= h["train_accuracy"] <= 1 for h in history)  # the exact average: the unit test below
+
+
+class ZeroLogits(nn.Module):
+    """Logits exactly zero whatever the input (a Linear with zero weight and bias on the mean colour) and no context
+    logits, as ERN without its context module returns them; counts its forward calls."""
+
+    def __init__(self, num_classes=8):
+        super().__init__()
+        self.linear = nn.Linear(3, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        f = x.mean((2, 3))
+        return self.linear(f), None, f
+
+
+def test_a_pass_cut_short_averages_its_statistics_over_its_own_steps():
+    """train_one_epoch with max_steps=3 of an epoch's 6 (96 faces, batch 16), on a model whose logits are exactly
+    zero and stay so (SGD at lr 0): every face's cross-entropy is ln 8 (no label smoothing), the KL term is 0 (no
+    context logits: hybrid_loss leaves it out, so context_weight does not enter), and every face is right (all labels
+    are class 0, and argmax takes the first of equal logits). Averaged over the 3 steps taken the loss is ln 8 and the
+    accuracy 1; over the epoch's 6 steps they would be halved. The pass stops after 3 forward passes and 3
+    scheduler steps."""
+    cfg = ern.Config(batch_size=16, label_smoothing=0.0, amp=False, channels_last=False)
+    model = ZeroLogits()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stats = ern.train_one_epoch(model, images, torch.zeros(96, dtype=torch.long), torch.zeros(3), torch.ones(3),
+                                optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), cfg, 1, num_classes=8,
+                                max_steps=3)
+    assert model.calls == 3 and scheduler.last_epoch == 3
+    assert stats["train_loss"] == pytest.approx(math.log(8), rel=1e-5)  # ln(8) / 2 if divided by the epoch's 6 steps
+    assert stats["train_ce"] == pytest.approx(math.log(8), rel=1e-5)
+    assert stats["train_kl"] == 0
+    assert stats["train_accuracy"] == pytest.approx(1.0)  # 0.5 if divided by the epoch's 6 steps
+    assert torch.count_nonzero(model.linear.weight) == 0  # lr 0: the logits stayed zero throughout
 
 
 def test_epochs_before_the_deadline():
