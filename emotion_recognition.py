@@ -653,6 +653,7 @@ def ctrl_c_deferred():
 # ---------------------------------------------------------------------------------------------
 
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
+MIN_BOX_PIXELS = 4  # a label box narrower or lower than this in its image is a problem, not a face
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder of images: skipped, as dot-files are
 
@@ -712,6 +713,9 @@ def read_data_yaml(data_dir, problems=None):
         names = [ids[str(i)] for i in range(len(names))]
     if not isinstance(names, list) or not names:
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
+    if any(n is None or isinstance(n, bool) for n in names):  # YAML 1.1 reads unquoted yes/no/on/off/null so
+        raise UserError(f"{yaml_path}: names holds {[n for n in names if n is None or isinstance(n, bool)]}: YAML reads "
+                        f"unquoted Yes, No, On, Off and null as these; quote the class names")
     names = [str(n) for n in names]
     nc = doc.get("nc")
     if isinstance(nc, str) and nc.strip().isdigit():  # nc: "8", quoted
@@ -756,7 +760,9 @@ def read_data_yaml(data_dir, problems=None):
         elif given is not None and split != "test":
             notes.append(f"data.yaml's {split} path {entry!r} does not exist and there is no {standard[0]}/images")
     if "train" not in folders:
-        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path nor {base}/train/images exists")
+        given = f" ({os.path.abspath(root / doc['train'])})" if doc.get("train") else ""
+        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{given} nor {base}/train/images "
+                        f"exists" + (" (a relative 'path' is taken from the yaml's folder)" if doc.get("path") else ""))
     return names, folders, notes
 
 
@@ -1195,6 +1201,12 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
         if len(split):
             ok[name], found = load_split_pixels(split, cfg, log_file)
             problems += found
+            for i, size in enumerate(split.sizes):  # a misclick's box: its crop would be one blurred colour
+                w, h = (split.boxes[i, 2:] * size[::-1]) if size else (MIN_BOX_PIXELS, MIN_BOX_PIXELS)
+                if min(w, h) < MIN_BOX_PIXELS:
+                    ok[name][i] = False
+                    problems.append(f"{split.paths[i]}: a box of {w:.1f} x {h:.1f} pixels (class "
+                                    f"{class_names[split.labels[i]]}) is too small for a face (under {MIN_BOX_PIXELS})")
     decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
         shown = "\n  ".join(problems[:50])

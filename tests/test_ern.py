@@ -450,6 +450,24 @@ def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
     assert problems == [] and split.labels.tolist() == [1]
 
 
+def test_read_data_yaml_refuses_class_names_yaml_read_as_booleans(tmp_path):
+    make_split_folders(tmp_path, ("train",))
+    (tmp_path / "data.yaml").write_text("train: train/images\nnames: [No, Yes, Maybe]\n")
+    with pytest.raises(ern.UserError, match=r"names holds \[False, True\].*quote"):
+        ern.read_data_yaml(tmp_path)
+    (tmp_path / "data.yaml").write_text("train: train/images\nnames: ['No', 'Yes', Maybe]\n")
+    assert ern.read_data_yaml(tmp_path)[0] == ["No", "Yes", "Maybe"]
+
+
+def test_read_data_yaml_names_the_train_path_it_tried(tmp_path):
+    """A relative `path:` is taken from the yaml's folder (Ultralytics takes it from the current folder)."""
+    write_yaml(tmp_path / "configs" / "faces.yaml", path="datasets/faces", train="train/images", names=["a", "b"])
+    with pytest.raises(ern.UserError) as error:
+        ern.read_data_yaml(tmp_path / "configs" / "faces.yaml")
+    assert f"({tmp_path / 'configs' / 'datasets' / 'faces' / 'train' / 'images'})" in str(error.value)
+    assert "a relative 'path' is taken from the yaml's folder" in str(error.value)
+
+
 def test_crop_box_whole_image_is_a_plain_resize():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)

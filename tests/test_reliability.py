@@ -240,6 +240,21 @@ def test_an_image_whose_header_claims_too_many_pixels_is_a_listed_problem(tiny_d
     assert str(image) not in splits["train"].paths
 
 
+def test_a_box_too_small_for_a_face_is_a_problem(tiny_dataset, tmp_path):
+    """A misclick's box (a pixel of a 48 px image) was cropped to one blurred colour and trained on."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    image = sorted((data / "train" / "images").iterdir())[0]
+    label = data / "train" / "labels" / f"{image.stem}.txt"
+    cls = int(label.read_text().split()[0])
+    label.write_text(f"{cls} 0.5 0.5 0.5 0.5\n{cls} 0.5 0.5 0.02 0.5\n")  # 24 x 24 and 0.96 x 24 pixels
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    _, splits, report = ern.load_dataset(cfg)
+    assert report["problems"] == [f"{image}: a box of 1.0 x 24.0 pixels (class {ern.DEMO_CLASSES[cls]}) is too small "
+                                  f"for a face (under 4)"]
+    assert splits["train"].paths.count(str(image)) == 1 and splits["train"].boxes[
+        splits["train"].paths.index(str(image))].tolist() == [0.5, 0.5, 0.5, 0.5]
+
+
 def test_more_problems_than_are_shown_are_all_listed_in_a_file(tiny_dataset, tmp_path):
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
     orphans = [data / "train" / "labels" / f"orphan_{i:02d}.txt" for i in range(60)]
