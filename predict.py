@@ -105,46 +105,9 @@ WHOLE_FRAME = -1  # the face number of whole-image rows (no face found; --detect
 PICTURE_FOLDERS = ("annotated", "explain", "timelines")  # predict.py's pictures beside its predictions.csv
 
 
-def plot_explanation(face, explanation, probs, class_names, title, path):
-    """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
-    class, the class probabilities and the context distribution q over the emotion prototypes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
-    stages = 0 if gates is None else gates.shape[0]
-    fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
-                             gridspec_kw={"width_ratios": [1] * (2 + max(stages, 1)) + [1.6, 1.6]})
-    axes[0].imshow(face.transpose(1, 2, 0))
-    axes[0].set_title("crop (network input)", fontsize=8)
-    axes[0].axis("off")
-    for j in range(stages):
-        overlay(axes[1 + j], face, gates[j], f"stage {j + 1} spatial attention\n(gate {gates[j].min():.2f}-{gates[j].max():.2f})",
-                gates[j].min(), max(gates[j].max(), gates[j].min() + 1e-6))
-    if not stages:
-        axes[1].text(0.5, 0.5, "no spatial attention\n(--spatial_attention=false)", ha="center", va="center", fontsize=8)
-        axes[1].axis("off")
-    k = int(probs.argmax())
-    overlay(axes[1 + max(stages, 1)], face, cam, f"Grad-CAM: {class_names[k]}")
-    for ax, values, name in ((axes[-2], probs, "probabilities"), (axes[-1], q, "context q (prototypes)")):
-        if values is None:
-            ax.text(0.5, 0.5, "no context module\n(--context=false)", ha="center", va="center", fontsize=8)
-            ax.axis("off")
-            continue
-        ax.barh(range(len(class_names)), values, color=["tab:red" if i == k else "tab:gray" for i in range(len(class_names))])
-        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 1)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(title, fontsize=9, parse_math=False)  # a name's $ signs are text
-    save_figure(fig, path, dpi=100)
-
-
-def opencv_message(error):
-    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
-    return str(error).strip().splitlines()[-1][:200]
-
+# ---------------------------------------------------------------------------------------------
+# Faces: detection, and the crop that training saw
+# ---------------------------------------------------------------------------------------------
 
 def box_iou(a, b):
     """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
@@ -153,19 +116,6 @@ def box_iou(a, b):
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
-
-
-def opencv_path(path):
-    """path as OpenCV's file calls (videos) must have it: they encode a str in UTF-8 and crash (SIGSEGV) on one that
-    cannot be, which is what Python makes of a name whose bytes are not UTF-8 (Latin-1, from an old archive), and of
-    any non-ASCII name under an ASCII locale without Python's UTF-8 mode. The name's bytes read as UTF-8 are what
-    OpenCV opens; a name that is not UTF-8 is a ValueError."""
-    name = os.fsencode(path).decode("utf-8", "surrogateescape")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"OpenCV cannot open a file whose name is not UTF-8: {ascii(str(path))}; rename it") from None
-    return name
 
 
 def cascade(path):
@@ -260,6 +210,10 @@ def rgb_array(image):
     return np.ascontiguousarray(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3])
 
 
+# ---------------------------------------------------------------------------------------------
+# The model: EmotionPredictor, the notebook API
+# ---------------------------------------------------------------------------------------------
+
 class EmotionPredictor:
     """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected, emotion,
     confidence, probabilities by class name; rgb as rgb_array takes it); an image without a detected face: one dict
@@ -320,47 +274,23 @@ class EmotionPredictor:
                      "probabilities": dict(zip(self.class_names, map(float, p)))})}
                 for (box, detected, _), p in zip(faces, probs)]
 
+    def face_probabilities(self, faces):
+        """Class probabilities (N, K) of faces() entries in one pass; a row of NaN where there is no crop (no face
+        found)."""
+        probs = np.full((len(faces), len(self.class_names)), np.nan, np.float32)
+        found = [i for i, (*_, crop) in enumerate(faces) if crop is not None]
+        if found:
+            probs[found] = self.classify(np.stack([faces[i][2] for i in found]))
+        return probs
+
     def __call__(self, image, boxes=None):
         faces = self.faces(image, boxes)
-        return self.describe(faces, classify_batch(self, [(faces,)])[0])
+        return self.describe(faces, self.face_probabilities(faces))
 
 
-class FaceTracker:
-    """A video's faces across frames: each face continues the live track whose last box it overlaps most
-    (IoU >= TRACK_IOU, best pairs first) or starts a new one; a track ends after TRACK_MAX_MISSED classified
-    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
-
-    def __init__(self, smoothing, min_iou=TRACK_IOU, max_missed=TRACK_MAX_MISSED):
-        self.min_iou, self.max_missed, self.smoothing = min_iou, max_missed, smoothing
-        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
-
-    def update(self, faces, probs):
-        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
-        pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
-                        for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
-        match = {}
-        for iou, tid, j in pairs:
-            if iou >= self.min_iou and j not in match and tid not in match.values():
-                match[j] = tid
-        ids, smoothed = [], []
-        for j, ((box, detected, _), p) in enumerate(zip(faces, probs)):
-            tid = match.get(j, WHOLE_FRAME if not detected else None)
-            if tid is None:
-                tid, self.next_id = self.next_id, self.next_id + 1
-            ids.append(tid)
-            if np.isnan(p).any():  # no face: nothing to smooth or keep
-                smoothed.append(p)
-                continue
-            track = self.tracks.get(tid)
-            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
-            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
-            smoothed.append(p)
-        for tid in [t for t in self.tracks if t not in ids]:
-            self.tracks[tid]["missed"] += 1
-            if self.tracks[tid]["missed"] > self.max_missed:
-                del self.tracks[tid]
-        return ids, smoothed
-
+# ---------------------------------------------------------------------------------------------
+# Inputs: photos, folders, videos, cameras and list files
+# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class MediaSource:
@@ -426,6 +356,10 @@ def prediction_inputs(specs):
     return found
 
 
+# ---------------------------------------------------------------------------------------------
+# Batches: images decoded ahead, faces gathered across images and frames
+# ---------------------------------------------------------------------------------------------
+
 def ordered_prefetch(fn, items, pool, depth, pixels=None):
     """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order. pixels(result):
     an image's size, which holds the lead to what PREFETCH_PIXELS fits of the largest so far (one ahead until one
@@ -459,73 +393,52 @@ def in_batches(prepared, max_faces, max_items):
 
 
 def classify_batch(predictor, ready):
-    """The probabilities of every face of a batch of prepared items (tuples ending in faces) in one pass, split
-    back per item; a face without a crop (no face found) gets a row of NaN."""
-    faces = [face for *_, item_faces in ready for face in item_faces]
-    crops = [crop for *_, crop in faces if crop is not None]
-    probs = np.full((len(faces), len(predictor.class_names)), np.nan, np.float32)
-    probs[[i for i, (*_, crop) in enumerate(faces) if crop is not None]] = predictor.classify(np.stack(crops) if crops else [])
+    """face_probabilities of every face of a batch of prepared items (tuples ending in faces) in one pass, split
+    back per item."""
+    probs = predictor.face_probabilities([face for *_, item_faces in ready for face in item_faces])
     return np.split(probs, np.cumsum([len(item[-1]) for item in ready])[:-1])
 
 
-def write_explanations(predictor, out, stem, faces, probs, face_ids):
-    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with the
-    checkpoint's test-time views), the maps and q those of the crop itself."""
-    kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face[2] is not None]
-    if not kept:
-        return
-    maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
-                         predictor.device)
-    shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
-    for j, ((_, detected, crop), p, face) in enumerate(kept):
-        title = f"{shown}, {f'face {face}' if detected else 'whole image'}: " \
-                f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
-        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
-        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
-                         title, out.path(name, "explain"))
+# ---------------------------------------------------------------------------------------------
+# Outputs: predictions.csv, summary.json, annotated copies, explanations
+# ---------------------------------------------------------------------------------------------
+
+def say(line, stream=None):
+    """Print a line for the user. A reader that has gone (head, less then q: a closed pipe) ends the printing, not
+    the run: the stream's descriptor then points at /dev/null (Python's recipe: no flush at exit fails either)."""
+    stream = stream or sys.stdout
+    try:
+        tqdm.write(line, file=stream)
+        stream.flush()
+    except OSError as e:
+        if not isinstance(e, BrokenPipeError) and not (os.name == "nt" and e.errno == errno.EINVAL):  # Windows' way
+            raise
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
 
 
-def annotate(image, faces, rows, tracks=None):
-    """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
-    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    thick = max(1, round(min(image.shape[:2]) / 300))  # lines and letters grow with the image: 1 px up to 450 px
-    font_scale = 0.4 * thick  # 0.4: about 9 px tall letters per unit of thickness
-    for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
-        label = "no face" if row["emotion"] is None else f"{row['emotion']} {row['confidence']:.2f}"
-        if tracks is not None and tracks[j] != WHOLE_FRAME:
-            label = f"#{tracks[j]} " + label
-        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
-        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2  # above the box, else inside
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
-        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
-    return out
+def emotion_shares(probs, class_names):
+    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
+    probs = [p for p in probs if not np.isnan(p).any()]
+    if not probs:
+        return {}, None
+    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
+    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
 
 
-def plot_timeline(times, track_probs, class_names, title, path):
-    """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
-    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    for ax, tid in zip(axes[:, 0], shown):
-        t, p = np.array(times[tid]), np.array(track_probs[tid])
-        for k, name in enumerate(class_names):
-            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("probability")
-        ax.set_title("whole frames (--detect_faces=false)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
-        ax.grid(alpha=0.3)
-    if not shown:
-        axes[0, 0].set_title("no faces")
-    axes[-1, 0].set_xlabel("time (s)")
-    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=10, parse_math=False)
-    save_figure(fig, path, dpi=100)
+def source_line(entry):
+    if entry.get("error"):
+        return f"{entry['source']}: error: {entry['error']}"
+    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
+    dominant = entry["dominant_emotion"]
+    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of the faces" if dominant else ""
+    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
+    if entry["kind"] == "image" and entry["no_face"]:
+        return f"{entry['source']}: no face{warnings}"
+    no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
+    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected{no_face}, {entry['rows']} row(s){share}{warnings}"
 
 
 class PredictionOutputs:
@@ -582,42 +495,85 @@ class PredictionOutputs:
         return errors
 
 
-def say(line, stream=None):
-    """Print a line for the user. A reader that has gone (head, less then q: a closed pipe) ends the printing, not
-    the run: the stream's descriptor then points at /dev/null (Python's recipe: no flush at exit fails either)."""
-    stream = stream or sys.stdout
-    try:
-        tqdm.write(line, file=stream)
-        stream.flush()
-    except OSError as e:
-        if not isinstance(e, BrokenPipeError) and not (os.name == "nt" and e.errno == errno.EINVAL):  # Windows' way
-            raise
-        with contextlib.suppress(OSError, ValueError):
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())
-            os.close(null)
+def annotate(image, faces, rows, tracks=None):
+    """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
+    out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    thick = max(1, round(min(image.shape[:2]) / 300))  # lines and letters grow with the image: 1 px up to 450 px
+    font_scale = 0.4 * thick  # 0.4: about 9 px tall letters per unit of thickness
+    for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
+        label = "no face" if row["emotion"] is None else f"{row['emotion']} {row['confidence']:.2f}"
+        if tracks is not None and tracks[j] != WHOLE_FRAME:
+            label = f"#{tracks[j]} " + label
+        cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thick)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(y2, out.shape[0]) - base - 2  # above the box, else inside
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base), color, -1)
+        cv2.putText(out, label, (x1 + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), thick, cv2.LINE_AA)
+    return out
 
 
-def emotion_shares(probs, class_names):
-    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
-    probs = [p for p in probs if not np.isnan(p).any()]
-    if not probs:
-        return {}, None
-    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
-    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
+def plot_explanation(face, explanation, probs, class_names, title, path):
+    """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
+    class, the class probabilities and the context distribution q over the emotion prototypes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
+    stages = 0 if gates is None else gates.shape[0]
+    fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
+                             gridspec_kw={"width_ratios": [1] * (2 + max(stages, 1)) + [1.6, 1.6]})
+    axes[0].imshow(face.transpose(1, 2, 0))
+    axes[0].set_title("crop (network input)", fontsize=8)
+    axes[0].axis("off")
+    for j in range(stages):
+        overlay(axes[1 + j], face, gates[j], f"stage {j + 1} spatial attention\n(gate {gates[j].min():.2f}-{gates[j].max():.2f})",
+                gates[j].min(), max(gates[j].max(), gates[j].min() + 1e-6))
+    if not stages:
+        axes[1].text(0.5, 0.5, "no spatial attention\n(--spatial_attention=false)", ha="center", va="center", fontsize=8)
+        axes[1].axis("off")
+    k = int(probs.argmax())
+    overlay(axes[1 + max(stages, 1)], face, cam, f"Grad-CAM: {class_names[k]}")
+    for ax, values, name in ((axes[-2], probs, "probabilities"), (axes[-1], q, "context q (prototypes)")):
+        if values is None:
+            ax.text(0.5, 0.5, "no context module\n(--context=false)", ha="center", va="center", fontsize=8)
+            ax.axis("off")
+            continue
+        ax.barh(range(len(class_names)), values, color=["tab:red" if i == k else "tab:gray" for i in range(len(class_names))])
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(title, fontsize=9, parse_math=False)  # a name's $ signs are text
+    save_figure(fig, path, dpi=100)
 
 
-def source_line(entry):
-    if entry.get("error"):
-        return f"{entry['source']}: error: {entry['error']}"
-    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
-    dominant = entry["dominant_emotion"]
-    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of the faces" if dominant else ""
-    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
-    if entry["kind"] == "image" and entry["no_face"]:
-        return f"{entry['source']}: no face{warnings}"
-    no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
-    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected{no_face}, {entry['rows']} row(s){share}{warnings}"
+def write_explanations(predictor, out, stem, faces, probs, face_ids):
+    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with the
+    checkpoint's test-time views), the maps and q those of the crop itself."""
+    kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face[2] is not None]
+    if not kept:
+        return
+    maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
+                         predictor.device)
+    shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
+    for j, ((_, detected, crop), p, face) in enumerate(kept):
+        title = f"{shown}, {f'face {face}' if detected else 'whole image'}: " \
+                f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
+        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
+        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
+                         title, out.path(name, "explain"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos
+# ---------------------------------------------------------------------------------------------
+
+def opencv_message(error):
+    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
+    return str(error).strip().splitlines()[-1][:200]
 
 
 def no_face(faces):
@@ -662,6 +618,23 @@ def predict_images(predictor, sources, out, progress, args):
                             "warnings": [problem] if problem else []})
 
 
+# ---------------------------------------------------------------------------------------------
+# Videos and cameras
+# ---------------------------------------------------------------------------------------------
+
+def opencv_path(path):
+    """path as OpenCV's file calls (videos) must have it: they encode a str in UTF-8 and crash (SIGSEGV) on one that
+    cannot be, which is what Python makes of a name whose bytes are not UTF-8 (Latin-1, from an old archive), and of
+    any non-ASCII name under an ASCII locale without Python's UTF-8 mode. The name's bytes read as UTF-8 are what
+    OpenCV opens; a name that is not UTF-8 is a ValueError."""
+    name = os.fsencode(path).decode("utf-8", "surrogateescape")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"OpenCV cannot open a file whose name is not UTF-8: {ascii(str(path))}; rename it") from None
+    return name
+
+
 def video_frames(capture, every, max_frames, fps):
     """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
     converted nor classified). A file's time is the frame's own timestamp, right for variable-frame-rate video
@@ -683,6 +656,43 @@ def video_frames(capture, every, max_frames, fps):
                 last = (index, stamp if stamp > last[1] else max(0.0, last[1]) + (index - last[0]) / fps)
             yield index, last[1] if fps else time.monotonic() - start, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
         index += 1
+
+
+class FaceTracker:
+    """A video's faces across frames: each face continues the live track whose last box it overlaps most
+    (IoU >= TRACK_IOU, best pairs first) or starts a new one; a track ends after TRACK_MAX_MISSED classified
+    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
+
+    def __init__(self, smoothing, min_iou=TRACK_IOU, max_missed=TRACK_MAX_MISSED):
+        self.min_iou, self.max_missed, self.smoothing = min_iou, max_missed, smoothing
+        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
+
+    def update(self, faces, probs):
+        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
+        pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
+                        for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
+        match = {}
+        for iou, tid, j in pairs:
+            if iou >= self.min_iou and j not in match and tid not in match.values():
+                match[j] = tid
+        ids, smoothed = [], []
+        for j, ((box, detected, _), p) in enumerate(zip(faces, probs)):
+            tid = match.get(j, WHOLE_FRAME if not detected else None)
+            if tid is None:
+                tid, self.next_id = self.next_id, self.next_id + 1
+            ids.append(tid)
+            if np.isnan(p).any():  # no face: nothing to smooth or keep
+                smoothed.append(p)
+                continue
+            track = self.tracks.get(tid)
+            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
+            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
+            smoothed.append(p)
+        for tid in [t for t in self.tracks if t not in ids]:
+            self.tracks[tid]["missed"] += 1
+            if self.tracks[tid]["missed"] > self.max_missed:
+                del self.tracks[tid]
+        return ids, smoothed
 
 
 def open_video(source):
@@ -741,6 +751,30 @@ class AnnotatedVideo:
     def close(self):
         if self.writer:
             self.writer.release()
+
+
+def plot_timeline(times, track_probs, class_names, title, path):
+    """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
+    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for ax, tid in zip(axes[:, 0], shown):
+        t, p = np.array(times[tid]), np.array(track_probs[tid])
+        for k, name in enumerate(class_names):
+            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("probability")
+        ax.set_title("whole frames (--detect_faces=false)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
+        ax.grid(alpha=0.3)
+    if not shown:
+        axes[0, 0].set_title("no faces")
+    axes[-1, 0].set_xlabel("time (s)")
+    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
+    fig.suptitle(title, fontsize=10, parse_math=False)
+    save_figure(fig, path, dpi=100)
 
 
 def predict_video(predictor, source, out, args):
@@ -836,6 +870,10 @@ def predict_video(predictor, source, out, args):
         raise KeyboardInterrupt
     return entry
 
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
 
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
