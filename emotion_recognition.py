@@ -37,6 +37,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shlex
@@ -1728,8 +1729,9 @@ def probe_channels_last(model, image_size, batch, amp_dtype, threads, report):
     return tuple(((g - truth).norm() / truth.norm()).item() for g in (nhwc, nchw))
 
 
-def _probe_child(model, image_size, batch, amp_dtype, threads, conn):
+def _probe_child(model_bytes, image_size, batch, amp_dtype, threads, conn):
     try:
+        model = pickle.loads(model_bytes)
         errors = probe_channels_last(model, image_size, batch, amp_dtype, threads, lambda s: conn.send(("contiguous", s)))
         conn.send(("errors", errors))
     except Exception as e:  # a kernel that raises instead of crashing: a verdict too
@@ -1766,7 +1768,10 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_probe_child, args=(model, image_size, batch, amp_dtype, threads, send), daemon=True)
+    # the model as pickled bytes: a tensor handed to a child goes through /dev/shm, which Docker sizes 64 MB (the
+    # default model's 105 MiB: the start failed with "unable to allocate shared memory")
+    child = ctx.Process(target=_probe_child, args=(pickle.dumps(model), image_size, batch, amp_dtype, threads, send),
+                        daemon=True)
     # The child starts with Ctrl-C ignored (exec keeps a signal ignored, and Python then sets no handler): the terminal
     # sends it to the whole process group, and the child's traceback would follow the parent's one line; the parent
     # handles it and kills the child. The parent ignores it too while it starts the child: 35 ms for the CPU preset's
@@ -1776,6 +1781,10 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     try:
         with callers_script_hidden():
             child.start()
+    except OSError as e:  # no memory or process slot left for it: the contiguous layout, and nothing cached
+        send.close()
+        receive.close()
+        return False, f"the probe process could not start ({e.strerror or e})", False
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # None: a handler set in C

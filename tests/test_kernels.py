@@ -9,6 +9,7 @@ crashed under three levels, are checked against float64 and, without the probe, 
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -204,6 +205,29 @@ def test_the_probe_of_a_script_without_a_main_guard_does_not_run_the_script_agai
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()  # the verdict itself is the CPU's; a child that ran the script died (exit 1)
     assert lines[0] == "top level ran" and len(lines) == 2 and lines[1].endswith(", True)"), lines
+
+
+def small_dev_shm_allowed():
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /dev/shm"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not small_dev_shm_allowed(),
+                    reason="needs a private mount namespace (unshare -m, as root) to make /dev/shm small")
+def test_the_probe_runs_where_dev_shm_is_smaller_than_the_model(tmp_path):
+    """Docker gives /dev/shm 64 MB, and a model handed to a spawned child goes through it: the default model's 105 MiB
+    failed the start with "unable to allocate shared memory". Here /dev/shm holds 64 KiB and the model 1.8 MiB."""
+    script = tmp_path / "probe.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport emotion_recognition as ern\n"
+                      "cfg = ern.Config(image_size=32, width=0.25, blocks='1,1,1,1')\n"
+                      "print(ern.run_probe(ern.build_model(cfg, 8), 32, 4, None, 1), flush=True)\n")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs /dev/shm && "
+                           f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith(", True)"), done.stdout + done.stderr[-3000:]
 
 
 def test_the_callers_script_is_hidden_only_while_the_probe_starts(monkeypatch):
