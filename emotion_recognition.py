@@ -628,8 +628,9 @@ def write_image(path, bgr):
 def ctrl_c_deferred():
     """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
     checkpoint and metrics, a video frame's rows and counts) is recorded whole; an error inside the block goes
-    first, and a second Ctrl-C acts at once (a block stuck on a stalled disk can still be left). Only the main
-    thread may set signal handlers; elsewhere a no-op."""
+    first, and a second Ctrl-C acts at once (a block stuck on a stalled disk can still be left). A SIGTERM that the
+    scripts route to Ctrl-C (stop_on_sigterm) is deferred alike. Only the main thread may set signal handlers;
+    elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -640,13 +641,23 @@ def ctrl_c_deferred():
             raise KeyboardInterrupt
         pressed.append(True)
 
-    previous = signal.signal(signal.SIGINT, deferred)
+    routed = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is signal.default_int_handler else []
+    previous = {s: signal.signal(s, deferred) for s in [signal.SIGINT, *routed]}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set in C
     if pressed:
         raise KeyboardInterrupt
+
+
+def stop_on_sigterm():
+    """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
+    what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
+    ignored it (`cmd &`)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,8 +855,12 @@ def folder_files(folder):
 
     def followed(root, name):
         path = os.path.join(root, name)
-        return not name.startswith(".") and (not os.path.islink(path) or
-                                             os.path.commonpath([top, os.path.realpath(path)]) != top)
+        if name.startswith("."):
+            return False
+        try:
+            return not os.path.islink(path) or os.path.commonpath([top, os.path.realpath(path)]) != top
+        except ValueError:  # Windows: a link to another drive, which is outside
+            return True
 
     def unlisted(error):  # a subfolder this user may not read is passed over, as rglob did; the folder itself is not
         if os.path.realpath(error.filename) == top:
@@ -1699,6 +1714,8 @@ PROBE_HANG_FACTOR = 10  # the channels_last steps may take this many times their
 PROBE_SLACK = {None: 1e-3, torch.bfloat16: 2e-2}  # channels_last may miss the float64 gradients by twice what the
 # contiguous layout misses, plus this (per autocast dtype; a wrong kernel misses by O(1))
 PROBE_DEFINITE = ("SIGSEGV", "SIGABRT", "SIGBUS", "SIGILL", "SIGFPE")  # deaths that are the kernels', cached as such
+WINDOWS_CRASHES = {0xC0000005: "SIGSEGV", 0xC000001D: "SIGILL", 0xC0000094: "SIGFPE", 0xC0000409: "SIGABRT",
+                   3: "SIGABRT"}  # the exit codes Windows gives the same deaths (3: abort())
 
 
 def probe_channels_last(model, image_size, batch, amp_dtype, threads, report):
@@ -1766,6 +1783,8 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     """Run probe_channels_last in a spawned child; returns (safe, reason, definite): definite is False where the
     outcome may be the machine's rather than the kernels' (a child that could not start, was killed, or raised)."""
     import multiprocessing
+    if multiprocessing.current_process().daemon:  # a Pool or DataLoader worker may start no process of its own
+        return False, "no probe process can start inside a daemonic process (a Pool or DataLoader worker)", False
     ctx = multiprocessing.get_context("spawn")  # a fork would inherit this process's OpenMP and oneDNN state
     receive, send = ctx.Pipe(duplex=False)
     # the model as pickled bytes: a tensor handed to a child goes through /dev/shm, which Docker sizes 64 MB (the
@@ -1798,7 +1817,7 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
             answer = receive.recv()
             if answer[0] == "contiguous":
                 timeout = max(min_timeout, PROBE_HANG_FACTOR * answer[1])
-    except EOFError:  # the child died before it answered
+    except (EOFError, OSError):  # the child died before it answered (Windows' poll: BrokenPipeError)
         answer = None
     finally:
         receive.close()
@@ -1807,7 +1826,8 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
         child.join()
     if answer is None:
         code = child.exitcode
-        name = signal.Signals(-code).name if code is not None and code < 0 and -code in signal.valid_signals() else None
+        name = (signal.Signals(-code).name if code is not None and code < 0 and -code in signal.valid_signals() else
+                WINDOWS_CRASHES.get(code) if os.name == "nt" else None)
         return False, f"the probe process died ({name or f'exit {code}'})", name in PROBE_DEFINITE
     kind, value = answer
     if kind != "errors":
@@ -2485,7 +2505,8 @@ def replanned_epochs(plan, walls, val_walls, done, cfg, steps_per_epoch, val_fac
 
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
-    return shlex.join([sys.executable, str(Path(__file__).resolve()), *args])
+    words = [sys.executable, str(Path(__file__).resolve()), *args]
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)  # as cmd.exe quotes
 
 
 def restore_training_state(resume, model, optimizer, scheduler, scaler):
@@ -3114,8 +3135,7 @@ def main(argv, started=None):
 
 
 if __name__ == "__main__":
-    # Ctrl-C saves and prints the resume command even where the launching shell ignored SIGINT (`cmd &`)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_sigterm()
     try:
         main(sys.argv[1:], started=process_start_time())
         if rank_and_world()[1] > 1:

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import sys
 import threading
@@ -38,7 +37,7 @@ from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arit
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
                                  out_of_memory_named, overlay, read_overrides, resolve_device, run_inference, save_figure,
-                                 unique_folder, validate_device, write_image, write_json)
+                                 stop_on_sigterm, unique_folder, validate_device, write_image, write_json)
 
 
 @dataclass
@@ -950,7 +949,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C keeps the rows written, even under `cmd &`
+    stop_on_sigterm()  # Ctrl-C or SIGTERM keeps the rows written
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:

@@ -230,6 +230,32 @@ def test_the_probe_runs_where_dev_shm_is_smaller_than_the_model(tmp_path):
     assert done.returncode == 0 and done.stdout.strip().endswith(", True)"), done.stdout + done.stderr[-3000:]
 
 
+def test_inside_a_daemonic_process_the_probe_declines_instead_of_crashing(monkeypatch):
+    """A Pool or DataLoader worker building an EmotionPredictor: multiprocessing refuses it a child of its own
+    (AssertionError: daemonic processes are not allowed to have children), which ended the caller's work."""
+    import multiprocessing
+    monkeypatch.setitem(multiprocessing.current_process()._config, "daemon", True)
+    safe, reason, definite = ern.run_probe(Layout("fine"), 8, 4, None, 1)
+    assert (safe, definite) == (False, False) and "daemonic" in reason
+
+
+def test_a_linked_folder_on_another_drive_is_read(tmp_path, monkeypatch):
+    """Windows' commonpath raises ValueError for paths on two drives (an album linked from D: to E:)."""
+    (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "album")
+    real = os.path.commonpath
+
+    def two_drives(paths):
+        if any("album" in p for p in paths):
+            raise ValueError("Paths don't have the same drive")
+        return real(paths)
+
+    monkeypatch.setattr(os.path, "commonpath", two_drives)
+    assert ern.folder_files(tmp_path / "photos") == [tmp_path / "photos" / "linked" / "a.jpg"]
+
+
 def test_the_callers_script_is_hidden_only_while_the_probe_starts(monkeypatch):
     main = sys.modules["__main__"]
     spec = object()

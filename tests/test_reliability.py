@@ -481,9 +481,30 @@ def test_ctrl_c_inside_a_deferred_block_waits_for_its_end_an_error_goes_first_an
     assert done[-1] == "next frame"
 
 
-def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(finished, tiny_dataset, tmp_path):
-    """Ctrl-C after the first epoch, then the command it printed: the deterministic run ends bit for bit as the
-    uninterrupted one, its final and best models (weights, epoch, best epoch) and its final evaluation alike."""
+def test_a_sigterm_routed_to_ctrl_c_is_deferred_alike():
+    """The scripts route SIGTERM to KeyboardInterrupt (stop_on_sigterm): inside a deferred block it waits for the
+    block's end too, and the handler is put back."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ern.stop_on_sigterm()
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with ern.ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                done.append("checkpoint and metrics")
+        assert done == ["checkpoint and metrics"]
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(finished, tiny_dataset, tmp_path, stop):
+    """Ctrl-C (or SIGTERM: SLURM's scancel and preemption, docker stop, which killed the run without its resume
+    command before) after the first epoch, then the command it printed: the deterministic run ends bit for bit as
+    the uninterrupted one, its final and best models (weights, epoch, best epoch) and its final evaluation alike."""
     args = args_for(tiny_dataset, tmp_path, f"--epochs={EPOCHS}", "--deterministic=true", "--seed=3")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -491,13 +512,13 @@ def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(
     for line in proc.stdout:
         seen.append(line)
         if re.match(r"epoch\s+1/", line):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop)
             interrupted = True
             break
     out, err = proc.communicate(timeout=300)
     out = "".join(seen) + out
     assert interrupted, f"no first epoch line\n{out}\n{err}"
-    assert proc.returncode != 0 and "Traceback" not in err, f"exit {proc.returncode}\n{out}\n{err}"
+    assert proc.returncode == 130 and "Traceback" not in err, f"exit {proc.returncode}\n{out}\n{err}"
     last = torch.load(tmp_path / "run" / "last.pth", map_location="cpu", weights_only=True)
     assert 1 <= last["epoch"] < EPOCHS, "interrupted after the last epoch: make EPOCHS larger"
     after = out[out.rindex(seen[-1]) + len(seen[-1]):]  # what it printed on the way out
