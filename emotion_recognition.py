@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import errno
 import functools
 import hashlib
 import inspect
@@ -571,15 +572,23 @@ def atomic_write(path, write):
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
     try:
         write(tmp)
-        os.replace(tmp, path)
+        for wait in (0.1, 0.3, 1.0, 2.0, None):
+            try:
+                os.replace(tmp, path)
+                break
+            except PermissionError as e:  # Windows: a virus scanner, an indexer or a reader holds one for a moment
+                if getattr(e, "winerror", None) not in (5, 32) or wait is None:
+                    raise
+                time.sleep(wait)
     except BaseException as e:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc...] ... write failed")
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-            raise UserError(f"could not write {path}: {reason}; free some space or choose a writable folder "
-                            f"(nothing half-written is left)") from None
+            advice = ("close the program that holds it open" if getattr(e, "winerror", None) in (5, 32) else
+                      "free some space or choose a writable folder")
+            raise UserError(f"could not write {path}: {reason}; {advice} (nothing half-written is left)") from None
         raise
 
 
@@ -1103,8 +1112,9 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
                             f"another --cache_dir") from None
         log(f"{split.name}: the decode cache {array_path} is damaged ({reason}); rebuilding it", log_file)
         split.images = None
-        array_path.unlink(missing_ok=True)
-        meta_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # held (Windows): the rebuild's own write then says so
+            array_path.unlink(missing_ok=True)
+            meta_path.unlink(missing_ok=True)
         return load_split_pixels(split, cfg, log_file, rebuilt=True)
     ok = np.array([m is not None for m in meta], dtype=bool)
     split.hashes = [m[0] if m else None for m in meta]
@@ -2857,21 +2867,26 @@ RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "da
 def claim_folder(run_dir):
     """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open (a context manager: `with` it
     to end the claim with the work): the operating system releases it when the process ends however it ends, so a
-    killed run never blocks the next. An empty context where the platform has no flock (Windows)."""
+    killed run never blocks the next. Windows, which has no flock: a lock on the file's first byte, released alike."""
     try:
         import fcntl
     except ImportError:
-        return contextlib.nullcontext()
+        fcntl = None
     lock = open(run_dir / ".lock", "a")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            import msvcrt
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
         lock.close()
-        raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
-                        f"another --output_dir") from None
-    except OSError:  # a filesystem without locks (NFS without lockd, Lustre without -o flock): unclaimed, as on Windows
-        lock.close()
-        return contextlib.nullcontext()
+        held = (errno.EAGAIN, errno.EWOULDBLOCK) if fcntl else (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
+        if e.errno in held:
+            raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
+                            f"another --output_dir") from None
+        return contextlib.nullcontext()  # a filesystem without locks (NFS without lockd, Lustre without -o flock)
     return lock
 
 
@@ -2914,7 +2929,11 @@ def make_run_dir(cfg, resuming=False):
                             f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
         for n in RUN_FILES:
-            (run_dir / n).unlink(missing_ok=True)
+            try:
+                (run_dir / n).unlink(missing_ok=True)
+            except OSError as e:  # open in another program (Windows), a folder of that name
+                with lock:
+                    raise UserError(f"cannot remove the earlier run's {run_dir / n}: {e.strerror or e}") from None
     return run_dir, lock
 
 

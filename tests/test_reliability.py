@@ -5,6 +5,7 @@ runs the script in a subprocess where the behaviour is the command line's, and c
 printed and wrote. Core features are in test_ern.py.
 """
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -479,6 +481,59 @@ def test_ctrl_c_inside_a_deferred_block_waits_for_its_end_an_error_goes_first_an
     with ern.ctrl_c_deferred():  # no Ctrl-C: nothing raised
         done.append("next frame")
     assert done[-1] == "next frame"
+
+
+def test_on_windows_a_run_folder_is_claimed_with_a_byte_lock(tmp_path, monkeypatch):
+    """Windows has no fcntl: the claim is msvcrt.locking on the first byte (a non-blocking lock that the system
+    releases when the process ends), which raises EACCES or EDEADLOCK where another process holds it. This machine
+    has no msvcrt: a stand-in with its documented behaviour takes its place."""
+    held, calls = set(), []
+
+    def locking(fd, mode, nbytes):
+        calls.append((mode, nbytes, os.lseek(fd, 0, os.SEEK_CUR)))
+        if os.fstat(fd).st_ino in held:
+            raise OSError(getattr(errno, "EDEADLOCK", errno.EDEADLK), "Resource deadlock avoided")
+        held.add(os.fstat(fd).st_ino)
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl: ImportError, as on Windows
+    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(locking=locking, LK_NBLCK=2))
+    with ern.claim_folder(tmp_path):
+        with pytest.raises(ern.UserError, match="in use by another run that is still running"):
+            ern.claim_folder(tmp_path)
+    assert calls == [(2, 1, 0), (2, 1, 0)]
+
+
+def test_on_windows_a_file_held_for_a_moment_is_replaced_and_one_held_longer_is_named(tmp_path, monkeypatch):
+    """Windows refuses to replace a file that a virus scanner, an indexer or a reader holds (PermissionError,
+    WinError 32): atomic_write tries again for a few seconds, then says what holds it, not "free some space"."""
+    real, refusals = os.replace, [2]
+
+    def replace(src, dst):
+        if refusals[0]:
+            refusals[0] -= 1
+            error = PermissionError(13, "The process cannot access the file because it is being used by another process")
+            error.winerror = 32
+            raise error
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    ern.atomic_write(tmp_path / "a.json", lambda p: p.write_text("{}"))
+    assert (tmp_path / "a.json").read_text() == "{}" and refusals == [0]
+    refusals[0] = 99
+    with pytest.raises(ern.UserError, match="close the program that holds it open"):
+        ern.atomic_write(tmp_path / "b.json", lambda p: p.write_text("{}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # nothing half-written is left
+
+
+def test_overwrite_that_cannot_remove_an_old_file_says_which_and_gives_the_folder_back(tmp_path):
+    run = tmp_path / "run"
+    (run / "train.log").mkdir(parents=True)  # unlink refuses a folder (Windows: a file another program holds open)
+    (run / "last.pth").write_bytes(b"old")
+    cfg = ern.Config(output_dir=str(run), overwrite=True)
+    with pytest.raises(ern.UserError, match=re.escape(f"cannot remove the earlier run's {run / 'train.log'}")):
+        ern.make_run_dir(cfg)
+    ern.claim_folder(run).close()  # given back: a second claim is not refused
 
 
 def test_a_sigterm_routed_to_ctrl_c_is_deferred_alike():
