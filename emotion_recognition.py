@@ -1140,7 +1140,8 @@ def file_list_fingerprint(paths):
     wherever the dataset lies."""
     files = sorted(set(map(str, paths)))
     root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
-    return hashlib.sha256(b"\n".join(os.fsencode(os.path.relpath(f, root)) for f in files)).hexdigest()
+    relative = (os.path.relpath(f, root).replace(os.sep, "/") for f in files)  # as on POSIX: the same on Windows
+    return hashlib.sha256(b"\n".join(os.fsencode(r) for r in relative)).hexdigest()
 
 
 def split_report(split, class_names):
@@ -1857,6 +1858,7 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
         return cfg, None
     amp_dtype = autocast_dtype(cfg, device)
     key = {"cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "torch": torch.__version__,
+           "isa": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),  # where there is no cpuinfo
            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
            "threads": torch.get_num_threads(), "dtype": str(amp_dtype), "image_size": cfg.image_size,
            "batch": batch or cfg.batch_size, "model": hashlib.sha256(repr(model).encode()).hexdigest()}
@@ -2945,7 +2947,7 @@ def provenance(argv, device, data_dir, data_report):
     def git(*args):  # None outside a git checkout, or without git
         try:
             done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
-                                  text=True, timeout=10)
+                                  encoding="utf-8", errors="replace", timeout=10)  # git writes UTF-8, whatever the locale
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
