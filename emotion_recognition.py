@@ -1809,7 +1809,8 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
-        with callers_script_hidden():
+        own = any(type(m).__module__ == "__main__" for m in model.modules())  # the caller's classes: the child needs
+        with contextlib.nullcontext() if own else callers_script_hidden():  # its script (a baseline network, say)
             child.start()
     except OSError as e:  # no memory or process slot left for it: the contiguous layout, and nothing cached
         send.close()

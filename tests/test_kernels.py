@@ -256,6 +256,21 @@ def test_a_linked_folder_on_another_drive_is_read(tmp_path, monkeypatch):
     assert ern.folder_files(tmp_path / "photos") == [tmp_path / "photos" / "linked" / "a.jpg"]
 
 
+def test_the_probe_of_a_network_defined_in_the_callers_script_unpickles_it_there(tmp_path):
+    """benchmarks/resnet18_baseline.py's network is a class of its script: hidden from the child, the class could not
+    be unpickled and the probe died (exit 1), which left the baseline without channels_last."""
+    script = tmp_path / "baseline.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nimport torch.nn as nn\n"
+                      "import emotion_recognition as ern\n\n"
+                      "class Tiny(nn.Module):\n"
+                      "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3)\n"
+                      "    def forward(self, x):\n        return self.conv(x).mean((2, 3)), None\n\n"
+                      "if __name__ == '__main__':\n    print(ern.run_probe(Tiny(), 8, 4, None, 1), flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(", True)") and "died" not in done.stdout, done.stdout
+
+
 def test_the_callers_script_is_hidden_only_while_the_probe_starts(monkeypatch):
     main = sys.modules["__main__"]
     spec = object()
