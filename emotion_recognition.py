@@ -565,19 +565,24 @@ def preset_for_machine(cfg, overrides):
     return dataclasses.replace(cfg, **fields)
 
 
+WINDOWS_FILE_IN_USE = (5, 32)  # the winerror of a file another program has open: access denied, sharing violation
+
+
 def atomic_write(path, write):
     """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file. A write the
     system refuses (a full disk, a read-only folder) is one UserError naming the file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
+    held = False  # Windows: the rename refused because another program holds the file
     try:
         write(tmp)
         for wait in (0.1, 0.3, 1.0, 2.0, None):
             try:
                 os.replace(tmp, path)
                 break
-            except PermissionError as e:  # Windows: a virus scanner, an indexer or a reader holds one for a moment
-                if getattr(e, "winerror", None) not in (5, 32) or wait is None:
+            except PermissionError as e:  # a virus scanner, an indexer or a reader holds one of them for a moment
+                held = getattr(e, "winerror", None) in WINDOWS_FILE_IN_USE
+                if not held or wait is None:
                     raise
                 time.sleep(wait)
     except BaseException as e:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
@@ -586,8 +591,7 @@ def atomic_write(path, write):
         # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc...] ... write failed")
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-            advice = ("close the program that holds it open" if getattr(e, "winerror", None) in (5, 32) else
-                      "free some space or choose a writable folder")
+            advice = "close the program that holds it open" if held else "free some space or choose a writable folder"
             raise UserError(f"could not write {path}: {reason}; {advice} (nothing half-written is left)") from None
         raise
 
@@ -638,7 +642,7 @@ def ctrl_c_deferred():
     """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
     checkpoint and metrics, a video frame's rows and counts) is recorded whole; an error inside the block goes
     first, and a second Ctrl-C acts at once (a block stuck on a stalled disk can still be left). A SIGTERM that the
-    scripts route to Ctrl-C (stop_on_sigterm) is deferred alike. Only the main thread may set signal handlers;
+    scripts route to Ctrl-C (stop_on_ctrl_c_and_sigterm) is deferred alike. Only the main thread may set signal handlers;
     elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -661,7 +665,7 @@ def ctrl_c_deferred():
         raise KeyboardInterrupt
 
 
-def stop_on_sigterm():
+def stop_on_ctrl_c_and_sigterm():
     """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
     what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
     ignored it (`cmd &`)."""
@@ -734,9 +738,10 @@ def read_data_yaml(data_dir, problems=None):
         names = [ids[str(i)] for i in range(len(names))]
     if not isinstance(names, list) or not names:
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
-    if any(n is None or isinstance(n, bool) for n in names):  # YAML 1.1 reads unquoted yes/no/on/off/null so
-        raise UserError(f"{yaml_path}: names holds {[n for n in names if n is None or isinstance(n, bool)]}: YAML reads "
-                        f"unquoted Yes, No, On, Off and null as these; quote the class names")
+    misread = [n for n in names if n is None or isinstance(n, bool)]  # YAML 1.1's unquoted yes, no, on, off, null
+    if misread:
+        raise UserError(f"{yaml_path}: names holds {misread}: YAML reads unquoted Yes, No, On, Off and null as these; "
+                        f"quote the class names")
     names = [str(n) for n in names]
     nc = doc.get("nc")
     if isinstance(nc, str) and nc.strip().isdigit():  # nc: "8", quoted
@@ -788,10 +793,11 @@ def read_data_yaml(data_dir, problems=None):
 
 
 def labels_folder(images_dir):
-    """Ultralytics convention: the last 'images' component of the path becomes 'labels'."""
+    """Ultralytics convention: the last 'images' component of the path becomes 'labels'. A path without one: a labels
+    folder beside it, else the images' own folder (Darknet's layout, which Ultralytics reads too)."""
     parts = list(images_dir.parts)
     if "images" not in parts:
-        return images_dir.parent / "labels"
+        return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
     i = len(parts) - 1 - parts[::-1].index("images")
     return Path(*parts[:i], "labels", *parts[i + 1:])
 
@@ -800,8 +806,8 @@ def parse_label_file(path, num_classes):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
-    points; values within 1 % outside [0, 1] (converters' rounding) are clamped; a row repeated exactly is dropped
-    with a note (one face, counted once); the same box again with another class is a problem."""
+    points; values within 1 % outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped
+    with a note (one face, counted once). The same box again with another class is a problem."""
     boxes, problems, notes, rows = [], [], [], {}
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
@@ -833,8 +839,8 @@ def parse_label_file(path, num_classes):
             problems.append(f"{where}: class id {fields[0]} is not an integer")
             continue
         if not all(-0.01 <= v <= 1.01 for v in values[1:]):  # NaN fails here too
-            problems.append(f"{where}: coordinates {' '.join(fields[1:])[:80]} outside [0, 1] (normalized to the "
-                            f"image's width and height expected)")
+            problems.append(f"{where}: coordinates outside [0, 1] (normalized to the image's width and height "
+                            f"expected): {shown}")
             continue
         values = [min(max(v, 0.0), 1.0) for v in values[1:]]
         if len(values) > 4:  # a polygon: the box around its points
@@ -846,7 +852,7 @@ def parse_label_file(path, num_classes):
             continue
         first = rows.setdefault((cx, cy, w, h), (n, int(cls)))
         if first[0] != n and first[1] == int(cls):
-            notes.append(f"{where}: the same row as line {first[0]}, dropped (one face counted once)")
+            notes.append(f"{where}: the box and class of line {first[0]} again, dropped (one face counted once)")
         elif first[0] != n:
             problems.append(f"{where}: the box of line {first[0]} again, with class {int(cls)} (line {first[0]}: "
                             f"{first[1]})")
@@ -895,6 +901,10 @@ def scan_split(name, images_dir, num_classes):
         image_files, label_files = folder_files(images_dir), folder_files(labels_dir)
     except OSError as e:
         raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
+    beside = labels_dir == images_dir  # Darknet's layout: a.jpg and a.txt in one folder
+    if beside and not any(p.suffix.lower() == ".txt" for p in label_files):
+        raise UserError(f"{name} split: images in {images_dir} but no labels folder {images_dir.parent / 'labels'} "
+                        f"and no label files beside them")
     images, others = {}, []
     for p in image_files:
         stem = p.relative_to(images_dir).with_suffix("")
@@ -902,7 +912,7 @@ def scan_split(name, images_dir, num_classes):
             problems.append(f"{p}: shares its label file {stem}.txt with {images[stem]}")
         elif p.suffix.lower() in IMAGE_EXTS:
             images[stem] = p
-        else:
+        elif not (beside and p.suffix.lower() == ".txt"):
             others.append(p)
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
     label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in label_files if p.suffix.lower() == ".txt"}
@@ -914,9 +924,9 @@ def scan_split(name, images_dir, num_classes):
         if label is None:
             problems.append(f"{image}: no label file (expected {labels_dir / stem}.txt)")
             continue
-        found, bad, said = parse_label_file(label, num_classes)
+        found, bad, repeated = parse_label_file(label, num_classes)
         problems += bad
-        notes += said
+        notes += repeated
         for cls, *box in found:
             paths.append(str(image))
             labels.append(cls)
@@ -993,6 +1003,11 @@ def crop_box(image, box, margin, size):
     return cv2.resize(crop, (size, size), interpolation=interp)
 
 
+def opencv_message(error):
+    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
+    return str(error).strip().splitlines()[-1][:200]
+
+
 def decode_image(path):
     """RGB uint8 array of one file and its format, or raise ValueError saying what is wrong."""
     data = Path(path).read_bytes()
@@ -1006,7 +1021,7 @@ def decode_image(path):
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as e:  # a header claiming more than OpenCV's 2**30 pixels: a corrupt one, or a gigapixel scan
-        raise ValueError(f"unreadable {fmt} file ({str(e).strip().splitlines()[-1][:160]})") from None
+        raise ValueError(f"unreadable {fmt} file ({opencv_message(e)})") from None
     if image is None:
         raise ValueError(f"unreadable {fmt} file")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), fmt
@@ -1162,14 +1177,15 @@ def find_duplicates(splits):
     owners = defaultdict(lambda: defaultdict(set))  # hash -> split -> labels
     first_path = {}
     for s in splits.values():
-        seen, faces = defaultdict(set), defaultdict(list)  # hash -> paths; path -> its faces (label, box)
+        seen, faces = defaultdict(set), defaultdict(list)  # hash -> paths; path -> its faces (centre, label)
         for p, h, y, box in zip(s.paths, s.hashes, s.labels, s.boxes.tolist()):
             seen[h].add(p)
-            faces[p].append((int(y), *np.round(box, 4)))
+            faces[p].append((box[:2], int(y)))
             owners[h][s.name].add(int(y))
             first_path.setdefault((h, s.name), p)
         groups = [ps for ps in seen.values() if len(ps) > 1]
-        conflicts = sum(1 for ps in groups if len({tuple(sorted(faces[p])) for p in ps}) > 1)  # labelled otherwise
+        labels_left_to_right = lambda p: tuple(y for _, y in sorted(faces[p]))  # a box drawn a little off is the face
+        conflicts = sum(1 for ps in groups if len({labels_left_to_right(p) for p in ps}) > 1)
         report[f"{s.name}_within"] = {"groups": len(groups), "extra_images": sum(len(g) - 1 for g in groups),
                                       "label_conflicts": conflicts, "files": sorted(sorted(map(str, g)) for g in groups)}
     train_hashes = set(splits["train"].hashes)
@@ -1207,11 +1223,11 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     splits, problems, row_notes = {}, list(yaml_problems), []
     for name in splits_wanted:
         if name in folders:
-            splits[name], found, said = scan_split(name, folders[name], len(class_names))
+            splits[name], found, repeated = scan_split(name, folders[name], len(class_names))
             problems += found
-            row_notes += said
+            row_notes += repeated
     if row_notes:
-        log(f"note: dropped {len(row_notes)} label row(s) that repeat a row of their file, e.g. {row_notes[0]} "
+        log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
             f"(all in data_report.json)", log_file)
     label = {"train": "training", "val": "validation", "test": "test"}
     # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
@@ -1237,7 +1253,8 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
         shown = "\n  ".join(problems[:50])
-        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind
+        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind (no log file: a resume,
+            # whose folder changes only once the data fit, or --evaluate: in the cache folder)
             listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
             try:
                 listing.parent.mkdir(parents=True, exist_ok=True)
@@ -1770,12 +1787,14 @@ SPAWN_LOCK = threading.Lock()  # callers_script_hidden: two threads may build pr
 
 
 @contextlib.contextmanager
-def callers_script_hidden():
+def callers_script_hidden(model):
     """A spawned child runs the main script again (as __mp_main__) wherever it can find it. Where this file is
     imported (a user's script calling main() or EmotionPredictor at its top level, without a __main__ guard) the
-    child needs this module alone: the caller's script is hidden from it while it starts."""
+    child needs this module alone: the caller's script is hidden from it while it starts, unless the model is built
+    of the script's own classes (benchmarks/resnet18_baseline.py's network), which the child unpickles from it."""
     main = sys.modules.get("__main__")
-    if __name__ == "__main__" or main is None:  # run as the script: the child finds _probe_child in it
+    own = any(type(m).__module__ == "__main__" for m in model.modules())
+    if __name__ == "__main__" or main is None or own:  # run as the script: the child finds _probe_child in it
         yield
         return
     with SPAWN_LOCK:
@@ -1809,8 +1828,7 @@ def run_probe(model, image_size, batch, amp_dtype, threads, min_timeout=30.0):
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
-        own = any(type(m).__module__ == "__main__" for m in model.modules())  # the caller's classes: the child needs
-        with contextlib.nullcontext() if own else callers_script_hidden():  # its script (a baseline network, say)
+        with callers_script_hidden(model):
             child.start()
     except OSError as e:  # no memory or process slot left for it: the contiguous layout, and nothing cached
         send.close()
@@ -2519,7 +2537,7 @@ def replanned_epochs(plan, walls, val_walls, done, cfg, steps_per_epoch, val_fac
 def script_command(*args):
     """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
     words = [sys.executable, str(Path(__file__).resolve()), *args]
-    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)  # as cmd.exe quotes
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)  # Windows' C runtime quoting
 
 
 def restore_training_state(resume, model, optimizer, scheduler, scaler):
@@ -2864,7 +2882,8 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 
 RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
              "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
-             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png")
+             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png",
+             "data_problems.txt")
 
 
 def claim_folder(run_dir):
@@ -3157,7 +3176,7 @@ def main(argv, started=None):
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
+    stop_on_ctrl_c_and_sigterm()
     try:
         main(sys.argv[1:], started=process_start_time())
         if rank_and_world()[1] > 1:

@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
                                  crop_box, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
-                                 model_from_checkpoint, normalize, read_overrides, stop_on_sigterm, tta_view_count,
-                                 tta_views)
+                                 model_from_checkpoint, normalize, read_overrides, stop_on_ctrl_c_and_sigterm,
+                                 tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -176,7 +176,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()
+    stop_on_ctrl_c_and_sigterm()
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:

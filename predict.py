@@ -36,8 +36,9 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
-                                 out_of_memory_named, overlay, read_overrides, resolve_device, run_inference, save_figure,
-                                 stop_on_sigterm, unique_folder, validate_device, write_image, write_json)
+                                 opencv_message, out_of_memory_named, overlay, read_overrides, resolve_device,
+                                 run_inference, save_figure, stop_on_ctrl_c_and_sigterm, unique_folder, validate_device,
+                                 write_image, write_json)
 
 
 @dataclass
@@ -570,11 +571,6 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
 # Photos
 # ---------------------------------------------------------------------------------------------
 
-def opencv_message(error):
-    """The last line of a cv2.error (its first lines are OpenCV's source location)."""
-    return str(error).strip().splitlines()[-1][:200]
-
-
 def no_face(faces):
     return sum(crop is None for *_, crop in faces)
 
@@ -949,7 +945,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    stop_on_sigterm()  # Ctrl-C or SIGTERM keeps the rows written
+    stop_on_ctrl_c_and_sigterm()  # Ctrl-C or SIGTERM keeps the rows written
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:

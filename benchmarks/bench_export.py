@@ -1,6 +1,6 @@
 """Export speed and accuracy: the network in PyTorch eager against the exported model.onnx in onnxruntime.
 
-For the CPU-preset model (PRESETS["cpu"]) and the default model (96 px, 27.6 M), in float32
+For the CPU-preset model (PRESETS["cpu"]) and the default model (96 px, 27.7 M), in float32
 on the CPU, with the same inputs (normalization and softmax included on both sides, no flip TTA):
 
   batch 1     milliseconds per face, one face per call (a camera, a notebook)

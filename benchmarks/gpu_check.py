@@ -1,4 +1,4 @@
-"""The first thing to run on a GPU: the CUDA tests, then the default protocol (96 px, 27.6 M parameters, compile on)
+"""The first thing to run on a GPU: the CUDA tests, then the default protocol (96 px, 27.7 M parameters, compile on)
 on the packed AffectNet set, for 50 epochs if its time budget says they fit, else the most that fit (said so).
 Reports images per second, seconds per epoch, peak GPU memory, validation accuracy (best and final epoch) and the
 fraction of the GPU's bf16 matrix rate that training reaches (a large bf16 matmul timed in the same process);

@@ -383,7 +383,7 @@ def test_parse_label_file_reads_polygons_tolerates_rounding_and_counts_a_repeate
     assert [p.split(": ", 1)[0] for p in problems] == [f"{label}:{n}" for n in (2, 4, 5, 6, 8)]
     assert "no width or height" in problems[0] and "outside [0, 1]" in problems[1] and "no width" in problems[2]
     assert "polygon" in problems[3] and "line 3" in problems[4] and "class 6" in problems[4]
-    assert notes == [f"{label}:7: the same row as line 3, dropped (one face counted once)"]
+    assert notes == [f"{label}:7: the box and class of line 3 again, dropped (one face counted once)"]
 
 
 def test_parse_label_file_says_what_cannot_be_read(tmp_path):
@@ -402,6 +402,18 @@ def test_upper_case_label_suffixes_are_label_files(tmp_path):
     (tmp_path / "train" / "labels" / "a.TXT").write_text("1 0.5 0.5 1 1")
     split, problems, _ = ern.scan_split("train", tmp_path / "train" / "images", 2)
     assert problems == [] and split.labels.tolist() == [1]
+
+
+def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path):
+    """Darknet's layout, which Ultralytics reads: train/a.jpg beside train/a.txt, no images/ in the path."""
+    (tmp_path / "train").mkdir()
+    cv2.imwrite(str(tmp_path / "train" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (tmp_path / "train" / "a.txt").write_text("1 0.5 0.5 1 1")
+    split, problems, _ = ern.scan_split("train", tmp_path / "train", 2)
+    assert problems == [] and split.labels.tolist() == [1] and split.paths == [str(tmp_path / "train" / "a.jpg")]
+    (tmp_path / "train" / "a.txt").unlink()
+    with pytest.raises(ern.UserError, match="no label files beside them"):
+        ern.scan_split("train", tmp_path / "train", 2)
 
 
 def test_read_data_yaml_names_with_string_or_mixed_keys(tmp_path):

@@ -537,11 +537,11 @@ def test_overwrite_that_cannot_remove_an_old_file_says_which_and_gives_the_folde
 
 
 def test_a_sigterm_routed_to_ctrl_c_is_deferred_alike():
-    """The scripts route SIGTERM to KeyboardInterrupt (stop_on_sigterm): inside a deferred block it waits for the
+    """The scripts route SIGTERM to KeyboardInterrupt (stop_on_ctrl_c_and_sigterm): inside a deferred block it waits for the
     block's end too, and the handler is put back."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ern.stop_on_sigterm()
+        ern.stop_on_ctrl_c_and_sigterm()
         done = []
         with pytest.raises(KeyboardInterrupt):
             with ern.ctrl_c_deferred():
