@@ -2591,6 +2591,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
+    if resume is not None and epoch >= epochs_run(cfg, steps_per_epoch):
+        log(f"the run had finished (epoch {epoch}); the final evaluation is repeated (--epochs=N trains on)", log_file)
     walls, val_walls = [], []  # seconds of each epoch from its start to its last write; of its validation
     try:
         while epoch < epochs_run(cfg, steps_per_epoch):
@@ -2687,14 +2689,22 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
     saved = config_from_checkpoint(ckpt)
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
+    own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
+    if own_data:
+        cfg = dataclasses.replace(cfg, data_dir=saved.data_dir)
     # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
     cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
     validate_config(cfg)
-    if not cfg.output_dir:
+    made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
+    if made:
         folder = unique_folder(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
         cfg = dataclasses.replace(cfg, output_dir=str(folder))
     run_dir, lock = make_run_dir(cfg)
-    with lock:  # the claim ends here, also where a caller keeps the failure's traceback
+    with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
+        if made:
+            cleanup.callback(lambda: (run_dir / "evaluation_results.json").exists() or shutil.rmtree(run_dir, True))
+        if own_data:
+            log(f"data: {cfg.data_dir}, the checkpoint's (--data_dir= for another)", run_dir / "train.log")
         device = resolve_device(cfg.device)
         class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
         write_json(report, run_dir / "data_report.json")

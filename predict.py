@@ -432,8 +432,10 @@ def source_line(entry):
     if entry.get("error"):
         return f"{entry['source']}: error: {entry['error']}"
     frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
-    dominant = entry["dominant_emotion"]
-    share = f"; {dominant} in {entry['emotion_share'][dominant]:.0%} of the faces" if dominant else ""
+    dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
+    share = ("" if not dominant else  # counts, not a percentage, for a photo: "100%" of one face read as a confidence
+             f"; top emotion {dominant} ({round(entry['emotion_share'][dominant] * classified)} of {classified} face(s))"
+             if entry["kind"] == "image" else f"; top emotion {dominant} ({entry['emotion_share'][dominant]:.0%} of the faces)")
     warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
     if entry["kind"] == "image" and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
@@ -893,6 +895,9 @@ def run_prediction(args, specs):
     for source in inputs:
         if source.kind == "error":
             out.source({"source": source.path, "kind": "input", "error": source.error})
+    if predictor.cfg.preset == "demo":
+        say("note: this is a --demo model, which knows drawn faces only; train on real faces before predicting on "
+            "photos", sys.stderr)
     left_out = [s.path for s in inputs if s.kind == "ignored"]
     if left_out:
         say(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "

@@ -178,6 +178,28 @@ def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
     assert "chosen on this split: the final epoch 1 reached" in proc.stdout.splitlines()[-1]
 
 
+def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_leaves_no_folder(evaluated, trained,
+                                                                                                tiny_dataset, tmp_path,
+                                                                                                capsys):
+    """The checkpoint records its data: `--evaluate=RUN` alone evaluated nothing (no data.yaml at Config's default)
+    and left an eval__ folder in the run folder, as did every refused evaluation."""
+    run_dir, _ = trained
+    (tmp_path / "run").mkdir()
+    shutil.copy(run_dir / "best_emotion_model.pth", tmp_path / "run")
+    folder, results = ern.main([f"--evaluate={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}"])
+    assert f"data: {tiny_dataset}, the checkpoint's" in capsys.readouterr().out
+    assert folder.parent == tmp_path / "run" and folder.name.startswith("eval__")
+    assert results["confusion_matrix"] == read_results(evaluated[0])["confusion_matrix"]  # with --data_dir given
+    shutil.rmtree(folder)
+    no_test = tmp_path / "no_test"
+    shutil.copytree(tiny_dataset, no_test, ignore=shutil.ignore_patterns("test"))
+    (no_test / "data.yaml").write_text((tiny_dataset / "data.yaml").read_text().replace("test:", "# test:"))
+    with pytest.raises(ern.UserError, match="no such split"):
+        ern.main([f"--evaluate={tmp_path / 'run'}", f"--data_dir={no_test}", "--split=test",
+                  f"--cache_dir={tmp_path / 'cache'}"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best_emotion_model.pth"]
+
+
 def test_evaluate_writes_results_without_training(evaluated, trained):
     eval_dir, proc = evaluated
     missing = [n for n in EVAL_FILES if not (eval_dir / n).is_file()]

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -94,6 +95,25 @@ def test_a_folder_with_a_nested_copy_and_a_broken_file(checkpoint, tmp_path):
     assert summary["ignored"] == [str(media / "notes.txt")]
     assert (tmp_path / "out" / "annotated" / "media" / "sub" / "copy.jpg").is_file()
     assert cv2.imread(str(tmp_path / "out" / "annotated" / "media" / "hopper.jpg")).shape == (600, 512, 3)
+
+
+def test_a_photo_line_counts_faces_and_a_demo_model_is_named(checkpoint, tmp_path, capsys):
+    """"Anger in 100% of the faces" for a photo of one face read as a confidence: a photo's line counts the faces.
+    A --demo model (drawn faces only) used on a photo gets a note."""
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"]["preset"] = "demo"
+    torch.save(ckpt, tmp_path / "demo.pth")
+    two = tmp_path / "two.jpg"
+    cv2.imwrite(str(two), np.hstack([cv2.imread(str(HOPPER))] * 2))  # two faces side by side
+    assert pr.main([str(HOPPER), str(two), f"--checkpoint={tmp_path / 'demo.pth'}",
+                    f"--output_dir={tmp_path / 'out'}"]) == 0
+    out, err = capsys.readouterr()
+    rows = read_csv(tmp_path / "out")
+    for source, faces in ((str(HOPPER), 1), (str(two), 2)):
+        top = Counter(r["emotion"] for r in rows if r["source"] == source).most_common(1)[0]
+        assert f"{source}: {faces} face(s) detected, {faces} row(s); top emotion {top[0]} ({top[1]} of {faces} " \
+               f"face(s))" in out
+    assert "note: this is a --demo model, which knows drawn faces only" in err
 
 
 @pytest.mark.parametrize("where", ["EmotionPredictor", "prediction_inputs"])

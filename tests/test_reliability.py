@@ -435,6 +435,13 @@ def finished(tiny_dataset, tmp_path_factory):
     return tmp / "run"
 
 
+def test_a_resume_of_a_finished_run_says_so(finished, tmp_path, capsys):
+    """It repeats the final evaluation, rewriting the run's results: it did so without a word."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    ern.main([f"--resume={run}", f"--cache_dir={tmp_path / 'cache'}"])
+    assert f"the run had finished (epoch {EPOCHS}); the final evaluation is repeated" in capsys.readouterr().out
+
+
 def test_last_checkpoint_holds_the_whole_training_state(finished):
     """last.pth of the finished run: weights' epoch, optimizer moments, schedule position, scaler and random state,
     and what train() resumes its bookkeeping from: the history, line for line metrics.jsonl's, and the best epoch,
