@@ -3124,7 +3124,8 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
             f"{script_command(f'--evaluate={best_path}')}", log_file)
         raise SystemExit(130)
     chosen_on_it = "" if eval_split == "test" else \
-        f"; chosen on this split: the final epoch {history[-1]['epoch']} reached {history[-1]['val_accuracy']:.2%}"
+        f" (the best epoch was chosen on this split, so this is optimistic; the final epoch {history[-1]['epoch']} " \
+        f"reached {history[-1]['val_accuracy']:.2%})"
     log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
         f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}){chosen_on_it}; outputs in {run_dir}", log_file)
     if plan is not None:

@@ -759,7 +759,10 @@ def plot_timeline(times, track_probs, class_names, title, path):
     fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for ax, tid in zip(axes[:, 0], shown):
-        t, p = np.array(times[tid]), np.array(track_probs[tid])
+        t, p = np.array(times[tid], dtype=float), np.array(track_probs[tid], dtype=float)
+        if len(t) > 2:  # a line only where the face was seen: a gap of frames without it is left blank, not bridged
+            gaps = np.flatnonzero(np.diff(t) > 2 * np.median(np.diff(t))) + 1
+            t, p = np.insert(t, gaps, np.nan), np.insert(p, gaps, np.nan, axis=0)
         for k, name in enumerate(class_names):
             ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
         ax.set_ylim(0, 1)

@@ -116,6 +116,26 @@ def test_a_photo_line_counts_faces_and_a_demo_model_is_named(checkpoint, tmp_pat
     assert "note: this is a --demo model, which knows drawn faces only" in err
 
 
+def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):
+    """A track seen at 0-0.3 s and again at 1.4-1.6 s (frames every 0.1 s): the line stops at 0.3 s and starts again
+    at 1.4 s. Drawn through, it showed a gradual change of expression across the second without the face."""
+    import matplotlib.axes
+    drawn, plot = [], matplotlib.axes.Axes.plot
+
+    def recorded(ax, x, y, *args, **kwargs):
+        drawn.append((np.asarray(x), np.asarray(y)))
+        return plot(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded)
+    times = [0.0, 0.1, 0.2, 0.3, 1.4, 1.5, 1.6]
+    probs = [np.eye(8)[0] if t < 1 else np.eye(8)[6] for t in times]
+    pr.plot_timeline({0: times}, {0: probs}, CLASSES, "clip", tmp_path / "timeline.png")
+    assert len(drawn) == 8 and (tmp_path / "timeline.png").stat().st_size > 5000
+    for x, y in drawn:
+        assert np.flatnonzero(np.isnan(x)).tolist() == [4] and np.isnan(y[4])
+        assert np.array_equal(np.delete(x, 4), times)
+
+
 @pytest.mark.parametrize("where", ["EmotionPredictor", "prediction_inputs"])
 def test_ctrl_c_before_the_first_input_is_one_line(checkpoint, tmp_path, monkeypatch, capsys, where):
     """Ctrl-C while the model loads (or the probe runs) or while folders are listed: exit status 130 and one line,
