@@ -368,10 +368,13 @@ def log(message, log_file=None):
 def console_escapes():
     """The scripts' stdout and stderr write what their encoding cannot as escapes (\\xdc) instead of dying with
     UnicodeEncodeError on a file or class name: a Windows console redirected to a file writes cp1252, a server's
-    locale may be narrower still."""
-    for stream in (sys.stdout, sys.stderr):
+    locale may be narrower still. A stream the process started without (`cmd >&-`, Windows' pythonw) is a sink:
+    Python leaves it None, and the first progress line died with AttributeError."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
         with contextlib.suppress(AttributeError, ValueError):  # a stream of a notebook's or a test's own
-            stream.reconfigure(errors="backslashreplace")
+            getattr(sys, name).reconfigure(errors="backslashreplace")
 
 
 def seed_everything(seed, deterministic):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -114,6 +115,17 @@ def test_a_photo_line_counts_faces_and_a_demo_model_is_named(checkpoint, tmp_pat
         assert f"{source}: {faces} face(s) detected, {faces} row(s); top emotion {top[0]} ({top[1]} of {faces} " \
                f"face(s))" in out
     assert "note: this is a --demo model, which knows drawn faces only" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a POSIX shell closes the descriptor")
+def test_a_run_started_without_stdout_writes_its_predictions(checkpoint, tmp_path):
+    """`predict.py ... >&-` (and Windows' pythonw) start Python with sys.stdout None: the first photo's line died
+    with AttributeError, a traceback and exit 1."""
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(PREDICT))} {shlex.quote(str(HOPPER))} " \
+              f"--checkpoint={shlex.quote(str(checkpoint))} --output_dir={shlex.quote(str(tmp_path / 'out'))} >&-"
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(read_csv(tmp_path / "out")) == 1
 
 
 def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):
