@@ -741,6 +741,8 @@ def read_data_yaml(data_dir, problems=None):
         names = [ids[str(i)] for i in range(len(names))]
     if not isinstance(names, list) or not names:
         raise UserError(f"{yaml_path}: 'names' must be a non-empty list of class names")
+    if len(names) < 2:  # every face would be that class: accuracy 100 %, a model that learned nothing
+        raise UserError(f"{yaml_path}: names lists one class ({names[0]!r}); a classifier needs two or more")
     misread = [n for n in names if n is None or isinstance(n, bool)]  # YAML 1.1's unquoted yes, no, on, off, null
     if misread:
         raise UserError(f"{yaml_path}: names holds {misread}: YAML reads unquoted Yes, No, On, Off and null as these; "

@@ -485,6 +485,14 @@ def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
     assert problems == [] and split.labels.tolist() == [1]
 
 
+def test_read_data_yaml_refuses_a_single_class(tmp_path):
+    """One class trained to 100 % accuracy on every split: a face detector's export (names: [face]), not emotions."""
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", nc=1, names=["face"])
+    with pytest.raises(ern.UserError, match="names lists one class \\('face'\\); a classifier needs two or more"):
+        ern.read_data_yaml(tmp_path)
+
+
 def test_read_data_yaml_refuses_class_names_yaml_read_as_booleans(tmp_path):
     make_split_folders(tmp_path, ("train",))
     (tmp_path / "data.yaml").write_text("train: train/images\nnames: [No, Yes, Maybe]\n")
