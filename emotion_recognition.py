@@ -2085,7 +2085,12 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for foreign or damaged files
-        raise UserError(f"{path} is not a readable checkpoint: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        with open(path, "rb") as f:
+            head = f.read(2)
+        reason = ("not a file that torch.save wrote" if head not in (b"PK", b"\x80\x02") else  # zip; old pickle
+                  "it holds Python objects, not only tensors and values (a model saved whole: torch.save(model)?)"
+                  if "Weights only load failed" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"{path} is not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
     return ckpt

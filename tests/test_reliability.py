@@ -543,6 +543,18 @@ def test_overwrite_that_cannot_remove_an_old_file_says_which_and_gives_the_folde
     ern.claim_folder(run).close()  # given back: a second claim is not refused
 
 
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
+    """torch's own words for these were "Weights only load failed. In PyTorch 2.6, we changed the default...", a
+    message about torch's versions where the file was the problem."""
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pth")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pth")
+    for name, reason in (("junk", "not a file that torch.save wrote"), ("whole", "a model saved whole"),
+                         ("state_dict", "not an ERN checkpoint")):
+        with pytest.raises(ern.UserError, match=re.escape(reason)):
+            ern.load_checkpoint(tmp_path / f"{name}.pth")
+
+
 def test_a_sigterm_routed_to_ctrl_c_is_deferred_alike():
     """The scripts route SIGTERM to KeyboardInterrupt (stop_on_ctrl_c_and_sigterm): inside a deferred block it waits for the
     block's end too, and the handler is put back."""
