@@ -792,7 +792,8 @@ def predict_video(predictor, source, out, args):
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
     tracker, window, interrupted, last_time = FaceTracker(args.smoothing), None, False, 0.0
-    times, track_probs, shares, counts = defaultdict(list), defaultdict(list), {True: [], False: []}, Counter()
+    times, track_probs, counts = defaultdict(list), defaultdict(list), Counter()
+    classified = {True: [], False: []}  # the smoothed probabilities of face rows (True) and of whole frames
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
     video = AnnotatedVideo(annotated, lambda: (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every,
@@ -812,23 +813,24 @@ def predict_video(predictor, source, out, args):
             entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
 
     frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-    most = 1 if camera else int(min(args.batch, max(1, BUFFER_PIXELS // frame_pixels)))
+    frames_per_batch = 1 if camera else int(min(args.batch, max(1, BUFFER_PIXELS // frame_pixels)))
     bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
     try:
         with ThreadPoolExecutor(cpu_threads()) as pool:  # detection of the next frames overlaps classification
-            prepared = ordered_prefetch(prepare, video_frames(capture, args.every, args.max_frames, fps), pool, most)
-            for ready in in_batches(prepared, args.batch, most):
-                for (index, t, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
+            prepared = ordered_prefetch(prepare, video_frames(capture, args.every, args.max_frames, fps), pool,
+                                       frames_per_batch)
+            for batch in in_batches(prepared, args.batch, frames_per_batch):
+                for (index, t, image, faces), probs in zip(batch, classify_batch(predictor, batch)):
                     ids, smoothed = tracker.update(faces, probs)
                     with ctrl_c_deferred():  # the summary stays in step with the CSV
                         out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
-                        for tid, q, (_, detected, crop) in zip(ids, smoothed, faces):
+                        for tid, track_p, (_, detected, crop) in zip(ids, smoothed, faces):
                             if crop is None:
                                 counts["no_face"] += 1
                                 continue
                             times[tid].append(t)
-                            track_probs[tid].append(q)
-                            shares[detected].append(q)
+                            track_probs[tid].append(track_p)
+                            classified[detected].append(track_p)
                             counts["faces"] += detected
                         counts["frames"] += 1
                         last_time = t
@@ -856,10 +858,10 @@ def predict_video(predictor, source, out, args):
     # more than the stride after the last classified frame (frames grabbed after it are not timed) and half a frame
     if counts["frames"] and expected and counts["frames"] < expected and last_time + 1.5 * args.every / fps < total / fps:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
-    share, dominant = emotion_shares(shares[True] or shares[False], predictor.class_names)  # faces; if none, frames
+    share, dominant = emotion_shares(classified[True] or classified[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"], no_face=counts["no_face"],
                  tracks=len([t for t in times if t != WHOLE_FRAME]),
-                 rows=len(shares[True]) + len(shares[False]) + counts["no_face"],
+                 rows=len(classified[True]) + len(classified[False]) + counts["no_face"],
                  dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
