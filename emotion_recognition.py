@@ -200,7 +200,8 @@ def print_help(doc, sections):
     for cls, title in sections:
         print(f"\n{title}, as --name=value:")
         for f in dataclasses.fields(cls):
-            default = "" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            default = "" if f.default is None else str(f.default)
+            default = default.lower() if isinstance(f.default, bool) else default
             print(f"  {f'--{f.name}=' + default:<36} {helps.get(f.name, '')}")  # bools as the parser reads them
 
 
@@ -645,8 +646,8 @@ def ctrl_c_deferred():
     """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
     checkpoint and metrics, a video frame's rows and counts) is recorded whole; an error inside the block goes
     first, and a second Ctrl-C acts at once (a block stuck on a stalled disk can still be left). A SIGTERM that the
-    scripts route to Ctrl-C (stop_on_ctrl_c_and_sigterm) is deferred alike. Only the main thread may set signal handlers;
-    elsewhere a no-op."""
+    scripts route to Ctrl-C (stop_on_ctrl_c_and_sigterm) is deferred alike. Only the main thread may set signal
+    handlers; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -792,8 +793,9 @@ def read_data_yaml(data_dir, problems=None):
             notes.append(f"data.yaml's {split} path {entry!r} does not exist and there is no {standard[0]}/images")
     if "train" not in folders:
         given = f" ({os.path.abspath(root / doc['train'])})" if doc.get("train") else ""
-        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{given} nor {base}/train/images "
-                        f"exists" + (" (a relative 'path' is taken from the yaml's folder)" if doc.get("path") else ""))
+        relative = " (a relative 'path' is taken from the yaml's folder)" if doc.get("path") else ""
+        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{given} nor "
+                        f"{base}/train/images exists{relative}")
     return names, folders, notes
 
 
@@ -2924,7 +2926,8 @@ def claim_folder(run_dir):
             msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
     except OSError as e:
         lock.close()
-        held = (errno.EAGAIN, errno.EWOULDBLOCK) if fcntl else (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
+        held = ((errno.EAGAIN, errno.EWOULDBLOCK) if fcntl else
+                (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)))
         if e.errno in held:
             raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
                             f"another --output_dir") from None
@@ -2987,7 +2990,7 @@ def provenance(argv, device, data_dir, data_report):
     def git(*args):  # None outside a git checkout, or without git
         try:
             done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
-                                  encoding="utf-8", errors="replace", timeout=10)  # git writes UTF-8, whatever the locale
+                                  encoding="utf-8", errors="replace", timeout=10)  # git's, whatever the locale
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

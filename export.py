@@ -42,7 +42,7 @@ class Export:
     overwrite: bool = False  # replace an existing file
     tta_flip: bool | None = None  # average each view and its mirror in the graph (2x); empty = the checkpoint's
     tta_shift: int | None = None  # views moved N pixels each way too (5x the work); empty = the checkpoint's
-    tta_zoom: float | None = None  # zoomed views too: the central crop, this fraction of the side (2x); empty = the checkpoint's
+    tta_zoom: float | None = None  # zoomed views: central crop, this fraction of a side (2x); empty = the checkpoint's
 
 
 class ExportedERN(nn.Module):
@@ -80,9 +80,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     checkpoint's. Returns the largest probability difference per input kind."""
     try:
         import onnx
-        import onnxruntime
-        importlib.import_module("onnxscript")  # torch.onnx.export's: missing, it fails deep in torch
-        from onnxruntime.capi import onnxruntime_pybind11_state as errors
+        for package in ("onnxruntime", "onnxscript"):  # onnx_session's; torch.onnx.export's (it fails deep in torch)
+            importlib.import_module(package)
     except ImportError as e:  # not installed, or a binary part that does not load
         raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name else
                         f"export could not import its packages: {e}") from None
@@ -112,23 +111,32 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     onnx.save(graph, str(path))
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except (errors.Fail, errors.InvalidGraph, errors.InvalidProtobuf, errors.NotImplemented) as e:
-        # an onnxruntime older than the exporter names its limit in the message's last sentence
-        message = str(e).strip()
-        opset = max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-        if "opset" in message or "IR version" in message:
-            reason = message.rsplit(") ", 1)[-1].rstrip(".").split(". ")[-1]
-            raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the export (ONNX opset {opset}, IR "
-                            f"version {graph.ir_version}): {reason}; upgrade it: pip install -U onnxruntime") from None
-        raise UserError(f"onnxruntime {onnxruntime.__version__} could not load the export: {message[:300]}") from None
+    session = onnx_session(path, graph)
     differences = {}
     with torch.inference_mode():
         for kind, x in export_inputs(size).items():
             got = session.run(["probabilities"], {"images": x.numpy()})[0]
             differences[kind] = float(np.abs(got - exported(x).numpy()).max())
     return differences
+
+
+def onnx_session(path, onnx_model):
+    """An onnxruntime CPU session of the written file; an onnxruntime too old for its opset is one line naming both
+    versions and onnxruntime's own limit."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf, ort_errors.NotImplemented) as e:
+        # an onnxruntime older than the exporter names its limit in the message's last sentence
+        message = str(e).strip()
+        opset = max(o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx"))
+        if "opset" in message or "IR version" in message:
+            reason = message.rsplit(") ", 1)[-1].rstrip(".").split(". ")[-1]
+            raise UserError(f"onnxruntime {onnxruntime.__version__} cannot load the export (ONNX opset {opset}, IR "
+                            f"version {onnx_model.ir_version}): {reason}; upgrade it: pip install -U onnxruntime") \
+                from None
+        raise UserError(f"onnxruntime {onnxruntime.__version__} could not load the export: {message[:300]}") from None
 
 
 def run_export(args):

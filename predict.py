@@ -28,6 +28,7 @@ from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -59,7 +60,7 @@ class Prediction:
     # inference: empty = as the checkpoint was trained
     tta_flip: bool | None = None  # average each view and its mirror; empty = the checkpoint's
     tta_shift: int | None = None  # views moved N pixels each way too (5x the work); empty = the checkpoint's
-    tta_zoom: float | None = None  # zoomed views too: the central crop, this fraction of the side (2x); empty = the checkpoint's
+    tta_zoom: float | None = None  # zoomed views: central crop, this fraction of a side (2x); empty = the checkpoint's
     amp: bool | None = None  # autocast: bf16 (CUDA; CPUs with native bf16); empty = the checkpoint's
     channels_last: bool | None = None  # NHWC (CPU: where the model's probe passes); empty = the checkpoint's
 
@@ -193,7 +194,8 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
 
 
 def detected_face_crop(image, box, size):
-    """The uint8 (3, S, S) crop of a detected pixel box, framed as the training crops are (the scale holds the margin)."""
+    """The uint8 (3, S, S) crop of a detected pixel box, framed as the training crops are (the scale holds the
+    margin)."""
     return crop_box(image, face_crop_box(box, image.shape), 0.0, size).transpose(2, 0, 1)
 
 
@@ -213,6 +215,13 @@ def rgb_array(image):
 # ---------------------------------------------------------------------------------------------
 # The model: EmotionPredictor, the notebook API
 # ---------------------------------------------------------------------------------------------
+
+class Face(NamedTuple):
+    """One face of an image, as EmotionPredictor.faces finds it."""
+    box: tuple  # pixels (x1, y1, x2, y2); the whole image where no face was found
+    detected: bool  # False: the whole image (no face found, or --detect_faces=false)
+    crop: np.ndarray  # uint8 (3, S, S) as the network sees it; None: nothing to classify (no face found)
+
 
 class EmotionPredictor:
     """A trained model, loaded once and reused: predictor(rgb) -> one dict per face (box, face_detected, emotion,
@@ -245,20 +254,21 @@ class EmotionPredictor:
         return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
 
     def faces(self, image, boxes=None, still=True):
-        """[(pixel box, face_detected, uint8 crop (3, S, S) or None)] of an RGB image (still=False: a video frame):
-        the given boxes (cropped as the dataset's label boxes are, with the checkpoint's crop_margin), else the
-        detected faces, else the whole image with face_detected false and no crop (nothing to classify); without
-        the detector, the whole image cropped as a label box covering it."""
+        """[Face] of an RGB image (still=False: a video frame): the given boxes (cropped as the dataset's label
+        boxes are, with the checkpoint's crop_margin), else the detected faces, else the whole image with
+        face_detected false and no crop (nothing to classify); without the detector, the whole image cropped as a
+        label box covering it."""
         image = rgb_array(image)
         h, w = image.shape[:2]
         margin = self.cfg.crop_margin
         if boxes is not None:
-            return [(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin)) for b in boxes]
+            return [Face(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin))
+                    for b in boxes]
         whole = (0.0, 0.0, float(w), float(h))
         if self.detector is None:
-            return [(whole, False, self.crop(image, WHOLE_IMAGE, margin))]
-        found = [(b, True, detected_face_crop(image, b, self.image_size)) for b in self.detector(image, still)]
-        return found or [(whole, False, None)]
+            return [Face(whole, False, self.crop(image, WHOLE_IMAGE, margin))]
+        found = [Face(b, True, detected_face_crop(image, b, self.image_size)) for b in self.detector(image, still)]
+        return found or [Face(whole, False, None)]
 
     def classify(self, crops):
         """Class probabilities (N, K) of uint8 crops (N, 3, S, S), as evaluation computes them."""
@@ -278,9 +288,9 @@ class EmotionPredictor:
         """Class probabilities (N, K) of faces() entries in one pass; a row of NaN where there is no crop (no face
         found)."""
         probs = np.full((len(faces), len(self.class_names)), np.nan, np.float32)
-        found = [i for i, (*_, crop) in enumerate(faces) if crop is not None]
+        found = [i for i, face in enumerate(faces) if face.crop is not None]
         if found:
-            probs[found] = self.classify(np.stack([faces[i][2] for i in found]))
+            probs[found] = self.classify(np.stack([faces[i].crop for i in found]))
         return probs
 
     def __call__(self, image, boxes=None):
@@ -301,11 +311,8 @@ class MediaSource:
     error: str = ""
 
 
-def prediction_inputs(specs):
-    """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt (one input per line).
-    Folders are searched recursively, hidden files and folders skipped, and the pictures of predict.py's own
-    output folders (annotated/, explain/ and timelines/ beside a predictions.csv) too; a file named on its own
-    with an unknown extension is tried as an image."""
+def read_list_files(specs):
+    """The command line's inputs with each @list.txt replaced by its non-blank lines (one input a line)."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
@@ -318,8 +325,34 @@ def prediction_inputs(specs):
             raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
     if not parts:
         raise UserError(f"{' '.join(specs)!r} names no input")
+    return parts
+
+
+def folder_sources(path):
+    """The MediaSources of a folder, searched recursively (hidden files and folders skipped), without the pictures of
+    predict.py's own output folders inside it (annotated/, explain/ and timelines/ beside a predictions.csv: the
+    default outputs/ under the current folder); a folder that is both (--output_dir=photos) keeps its photos."""
+    try:
+        files = folder_files(path)
+    except OSError as e:
+        return [MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}")]
+    ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
+    pictures = {folder / sub for folder in ours for sub in PICTURE_FOLDERS}
+    files = [f for f in files if not pictures & set(f.parents) and
+             not (f.parent in ours and f.name in ("predictions.csv", "summary.json"))]
+    kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
+             "ignored" for f in files]
+    found = [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
+    if not {"image", "video"} & set(kinds):
+        found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
+    return found
+
+
+def prediction_inputs(specs):
+    """The MediaSources of the command line's inputs: paths, camera:N, or @list.txt; folders as folder_sources
+    finds them; a file named on its own with an unknown extension is tried as an image."""
     found = []
-    for part in parts:
+    for part in read_list_files(specs):
         if re.fullmatch(r"camera:\d{1,4}", part):
             found.append(MediaSource("camera", part, part.replace(":", "_")))
             continue
@@ -333,22 +366,7 @@ def prediction_inputs(specs):
             found.append(MediaSource("error", str(path), error=f"cannot read it: {e.strerror or e}"))
             continue
         if stat.S_ISDIR(mode):
-            try:
-                files = folder_files(path)
-            except OSError as e:
-                found.append(MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}"))
-                continue
-            # predict.py's own pictures in an output folder inside it (the default outputs/ under the current
-            # folder): not inputs; a folder that is both (--output_dir=photos) keeps its photos
-            ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
-            pictures = {folder / sub for folder in ours for sub in PICTURE_FOLDERS}
-            files = [f for f in files if not pictures & set(f.parents) and
-                     not (f.parent in ours and f.name in ("predictions.csv", "summary.json"))]
-            kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
-                     "ignored" for f in files]
-            found += [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
-            if not {"image", "video"} & set(kinds):
-                found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
+            found += folder_sources(path)
         elif stat.S_ISREG(mode):
             found.append(MediaSource("video" if path.suffix.lower() in VIDEO_EXTS else "image", str(path), path.name))
         else:  # a device or a pipe, whose reading may never end
@@ -433,9 +451,9 @@ def source_line(entry):
         return f"{entry['source']}: error: {entry['error']}"
     frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
     dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
-    share = ("" if not dominant else  # counts, not a percentage, for a photo: "100%" of one face read as a confidence
-             f"; top emotion {dominant} ({round(entry['emotion_share'][dominant] * classified)} of {classified} face(s))"
-             if entry["kind"] == "image" else f"; top emotion {dominant} ({entry['emotion_share'][dominant]:.0%} of the faces)")
+    top = entry["emotion_share"].get(dominant, 0.0)  # counts for a photo: "100%" of one face read as a confidence
+    share = ("" if not dominant else f"; top emotion {dominant} ({round(top * classified)} of {classified} face(s))"
+             if entry["kind"] == "image" else f"; top emotion {dominant} ({top:.0%} of the faces)")
     warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
     if entry["kind"] == "image" and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
@@ -555,10 +573,10 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
 def write_explanations(predictor, out, stem, faces, probs, face_ids):
     """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with the
     checkpoint's test-time views), the maps and q those of the crop itself."""
-    kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face[2] is not None]
+    kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face.crop is not None]
     if not kept:
         return
-    maps = explain_faces(predictor.model, np.stack([crop for (*_, crop), _, _ in kept]), predictor.mean, predictor.std,
+    maps = explain_faces(predictor.model, np.stack([face.crop for face, _, _ in kept]), predictor.mean, predictor.std,
                          predictor.device)
     shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
     for j, ((_, detected, crop), p, face) in enumerate(kept):
@@ -574,7 +592,7 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
 # ---------------------------------------------------------------------------------------------
 
 def no_face(faces):
-    return sum(crop is None for *_, crop in faces)
+    return sum(face.crop is None for face in faces)
 
 
 def predict_images(predictor, sources, out, progress, args):
@@ -609,7 +627,7 @@ def predict_images(predictor, sources, out, progress, args):
                 except OSError as e:
                     problem = f"could not write {annotated}: {e.strerror or e}"
                 share, dominant = emotion_shares(probs, predictor.class_names)
-                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(d for _, d, _ in faces),
+                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(face.detected for face in faces),
                             "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
                             "annotated": None if problem else str(annotated), "error": None,
                             "warnings": [problem] if problem else []})

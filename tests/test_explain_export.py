@@ -149,7 +149,12 @@ def test_maps_of_a_mirrored_face_are_the_mirrored_maps_for_a_mirror_symmetric_ne
     assert np.abs(maps["gates"] - maps["gates"][..., ::-1]).max() > 0.01  # the faces themselves are not symmetric
 
 
-def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, cache, tmp_path):
+def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tiny_dataset, cache, tmp_path,
+                                                                             monkeypatch):
+    import matplotlib.axes
+    written, text = [], matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda ax, x, y, s, *a, **k: written.append(s) or text(
+        ax, x, y, s, *a, **k))
     torch.manual_seed(0)
     model = ern.ERN(8, width=0.125, blocks=(1, 1, 1, 1), spatial_attention=False).eval()
     faces = faces_of(tiny_dataset, cache)[:2]
@@ -158,6 +163,7 @@ def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tin
     one = {k: None if v is None else v[0] for k, v in maps.items()}
     pr.plot_explanation(faces[0], one, maps["probabilities"][0], ern.DEMO_CLASSES, "no attention", tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000
+    assert any("no spatial attention" in s for s in written), written
 
 
 def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path):
@@ -256,12 +262,15 @@ def test_export_carries_the_metadata(exported, run):
 
 
 def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_dataset, tmp_path):
-    """The export run as the README runs it without this repository (onnxruntime on the crop, resized with
-    INTER_AREA, in [0, 1]) gives predict.py's probabilities for the same face boxes: the crop and the
-    normalization travel in the file's metadata, not in this code."""
+    """The export run as the README runs it without this repository (onnxruntime on the crop, resized as training
+    resized: area when shrinking, linear when enlarging; in [0, 1]) gives predict.py's probabilities for the same
+    face boxes: the crop and the normalization travel in the file's metadata, not in this code. Half the photos are
+    smaller than the model's input (the recipe's INTER_AREA for every crop missed those by up to 0.15)."""
     path, _ = exported
     photos = tmp_path / "photos"
     shutil.copytree(tiny_dataset / "valid" / "images", photos)
+    for photo in sorted(photos.iterdir())[::2]:
+        cv2.imwrite(str(photo), cv2.resize(cv2.imread(str(photo)), (20, 20), interpolation=cv2.INTER_AREA))
     run_script(str(photos), f"--checkpoint={run}", "--detect_faces=false", f"--output_dir={tmp_path / 'out'}",
                cwd=tmp_path, script=PREDICT)  # the checkpoint's flip TTA, in predict.py and in the export
     rows, expected = read_probabilities(tmp_path / "out")
@@ -272,9 +281,11 @@ def test_the_readme_recipe_gives_predict_pys_probabilities(exported, run, tiny_d
     for row in rows:
         # the whole image is the face box: with crop_margin on each side, clamped to the image, it is the crop
         image = cv2.cvtColor(cv2.imread(row["source"]), cv2.COLOR_BGR2RGB)
-        x = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)[None].astype(np.float32) / 255
+        shrink = image.shape[0] > size
+        x = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        x = x.transpose(2, 0, 1)[None].astype(np.float32) / 255
         got.append(session.run(["probabilities"], {"images": x})[0][0])
-    assert len(rows) == 32 and np.abs(np.array(got) - expected).max() <= 1e-3
+    assert len(rows) == 32 and np.abs(np.array(got) - expected).max() <= 1e-4  # the CSV keeps 4 decimals
 
 
 def test_an_export_is_refused_where_a_checkpoint_is_expected(exported, tiny_dataset, tmp_path):
