@@ -1260,8 +1260,8 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
         shown = "\n  ".join(problems[:50])
-        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind (no log file: a resume,
-            # whose folder changes only once the data fit, or --evaluate: in the cache folder)
+        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind (beside the log; a
+            # resume, whose folder changes only once the data fit, has none: in the cache folder)
             listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
             try:
                 listing.parent.mkdir(parents=True, exist_ok=True)
@@ -2714,7 +2714,8 @@ def run_evaluation(cfg, action, overrides):
     run_dir, lock = make_run_dir(cfg)
     with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
         if made:
-            cleanup.callback(lambda: (run_dir / "evaluation_results.json").exists() or shutil.rmtree(run_dir, True))
+            kept = ("evaluation_results.json", "data_problems.txt")  # results, or the problems that refused them
+            cleanup.callback(lambda: any((run_dir / n).exists() for n in kept) or shutil.rmtree(run_dir, True))
         if own_data:
             log(f"data: {cfg.data_dir}, the checkpoint's (--data_dir= for another)", run_dir / "train.log")
         device = resolve_device(cfg.device)

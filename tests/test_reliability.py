@@ -272,6 +272,20 @@ def test_more_problems_than_are_shown_are_all_listed_in_a_file(tiny_dataset, tmp
                                                 for p in orphans]
 
 
+def test_an_evaluation_refused_by_many_problems_keeps_their_list(finished, tiny_dataset, tmp_path):
+    """--evaluate writes the list into its own eval__ folder, which a refused evaluation takes away again: the
+    folder stays where it holds the list the message names."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    for i in range(60):
+        (data / "train" / "labels" / f"orphan_{i:02d}.txt").write_text("0 0.5 0.5 0.4 0.4")
+    (tmp_path / "run").mkdir()
+    shutil.copy(finished / "best_emotion_model.pth", tmp_path / "run")
+    with pytest.raises(ern.UserError) as error:
+        ern.main([f"--evaluate={tmp_path / 'run'}", f"--data_dir={data}", f"--cache_dir={tmp_path / 'cache'}"])
+    listing = Path(re.search(r"all listed in (\S+data_problems\.txt)", str(error.value)).group(1))
+    assert listing.parent.parent == tmp_path / "run" and len(listing.read_text().splitlines()) == 60
+
+
 def test_a_class_without_training_samples_is_warned_of(tiny_dataset, tmp_path):
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
     others = {}
