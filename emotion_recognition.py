@@ -774,11 +774,11 @@ def read_data_yaml(data_dir, problems=None):
             raise UserError(f"{yaml_path}: '{split}: {entry}' names a file (an Ultralytics image list); this script "
                             f"reads a folder of images per split: point '{split}' at the images folder")
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
-        if (given is not None and given.is_dir() and fallback is not None and base not in given.parents
-                and not os.path.samefile(given, fallback)):  # an export unpacked inside another: which one is meant?
-            raise UserError(f"{yaml_path}: '{split}: {entry}' is {given}, outside the yaml's folder, and {fallback} "
-                            f"lies beside the yaml too: point '{split}' at the folder you mean")
         if given is not None and given.is_dir():
+            if fallback is not None and base not in given.parents and not os.path.samefile(given, fallback):
+                raise UserError(f"{yaml_path}: '{split}: {entry}' is {given}, outside the yaml's folder, and {fallback} "
+                                f"lies beside the yaml too (an export unpacked inside another): point '{split}' at "
+                                f"the folder you mean")
             folders[split] = given
             continue
         if not entry and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
@@ -904,11 +904,12 @@ def scan_split(name, images_dir, num_classes):
     problems, notes = [], []
     if not labels_dir.is_dir():
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
+    beside = labels_dir == images_dir  # Darknet's layout: a.jpg and a.txt in one folder, listed once
     try:
-        image_files, label_files = folder_files(images_dir), folder_files(labels_dir)
+        image_files = folder_files(images_dir)
+        label_files = image_files if beside else folder_files(labels_dir)
     except OSError as e:
         raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
-    beside = labels_dir == images_dir  # Darknet's layout: a.jpg and a.txt in one folder
     if beside and not any(p.suffix.lower() == ".txt" for p in label_files):
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {images_dir.parent / 'labels'} "
                         f"and no label files beside them")
@@ -1252,7 +1253,9 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
             ok[name], found = load_split_pixels(split, cfg, log_file)
             problems += found
             for i, size in enumerate(split.sizes):  # a misclick's box: its crop would be one blurred colour
-                w, h = (split.boxes[i, 2:] * size[::-1]) if size else (MIN_BOX_PIXELS, MIN_BOX_PIXELS)
+                if size is None:  # its image did not decode: a problem already
+                    continue
+                w, h = split.boxes[i, 2:] * size[::-1]
                 if min(w, h) < MIN_BOX_PIXELS:
                     ok[name][i] = False
                     problems.append(f"{split.paths[i]}: a box of {w:.1f} x {h:.1f} pixels (class "

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
-                                 crop_box, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
+                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
                                  model_from_checkpoint, normalize, read_overrides, stop_on_ctrl_c_and_sigterm,
                                  tta_view_count, tta_views)
-from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
+from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop, network_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
 LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir", "device")  # the training machine's: left out of a file to share
@@ -68,7 +68,7 @@ def export_inputs(image_size):
     from matplotlib import cbook
     image, _ = decode_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     real = np.stack([detected_face_crop(image, b, image_size) for b in FaceDetector()(image)]
-                    + [crop_box(image, WHOLE_IMAGE, 0.0, image_size).transpose(2, 0, 1)])
+                    + [network_crop(image, WHOLE_IMAGE, 0.0, image_size)])
     real = torch.from_numpy(np.concatenate([real, real[..., ::-1]])).float() / 255
     noise = torch.rand(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     return {"random": noise, "real": real}

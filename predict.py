@@ -193,10 +193,14 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
     return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
 
 
+def network_crop(image, box, margin, size):
+    """The uint8 (3, S, S) crop of a normalized box as the network sees it (the trainer's crop_box, channels first)."""
+    return crop_box(image, box, margin, size).transpose(2, 0, 1)
+
+
 def detected_face_crop(image, box, size):
-    """The uint8 (3, S, S) crop of a detected pixel box, framed as the training crops are (the scale holds the
-    margin)."""
-    return crop_box(image, face_crop_box(box, image.shape), 0.0, size).transpose(2, 0, 1)
+    """network_crop of a detected pixel box, framed as the training crops are (the scale holds the margin)."""
+    return network_crop(image, face_crop_box(box, image.shape), 0.0, size)
 
 
 def rgb_array(image):
@@ -251,7 +255,7 @@ class EmotionPredictor:
         self.detector = FaceDetector() if detect_faces else None
 
     def crop(self, image, box, margin):
-        return crop_box(image, box, margin, self.image_size).transpose(2, 0, 1)
+        return network_crop(image, box, margin, self.image_size)
 
     def faces(self, image, boxes=None, still=True):
         """[Face] of an RGB image (still=False: a video frame): the given boxes (cropped as the dataset's label
@@ -395,6 +399,11 @@ def ordered_prefetch(fn, items, pool, depth, pixels=None):
         yield future.result()
 
 
+def image_pixels(image):
+    """Pixels of a decoded image (0: none, an input that failed)."""
+    return 0 if image is None else image.shape[0] * image.shape[1]
+
+
 def in_batches(prepared, max_faces, max_items):
     """Group prepared items (tuples ending in image, faces) into lists of about max_faces faces, at most
     max_items items and BUFFER_PIXELS pixels: one forward pass each."""
@@ -402,7 +411,7 @@ def in_batches(prepared, max_faces, max_items):
     for item in prepared:
         ready.append(item)
         faces += len(item[-1])
-        pixels += 0 if item[-2] is None else item[-2].shape[0] * item[-2].shape[1]
+        pixels += image_pixels(item[-2])
         if faces >= max_faces or len(ready) >= max_items or pixels >= BUFFER_PIXELS:
             yield ready
             ready, faces, pixels = [], 0, 0
@@ -591,10 +600,6 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
 # Photos
 # ---------------------------------------------------------------------------------------------
 
-def no_face(faces):
-    return sum(face.crop is None for face in faces)
-
-
 def predict_images(predictor, sources, out, progress, args):
     """Images, decoded and searched for faces in threads, classified args.batch faces at a time."""
     def prepare(source):
@@ -607,7 +612,7 @@ def predict_images(predictor, sources, out, progress, args):
     threads = cpu_threads()
     with ThreadPoolExecutor(threads) as pool:  # cv2 releases the GIL: decoding overlaps classification
         prepared = ordered_prefetch(prepare, sources, pool, 2 * threads,
-                                    lambda item: 0 if item[2] is None else item[2].shape[0] * item[2].shape[1])
+                                    lambda item: image_pixels(item[2]))
         for ready in in_batches(prepared, args.batch, args.batch):
             for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                 progress.update()
@@ -615,7 +620,7 @@ def predict_images(predictor, sources, out, progress, args):
                     out.source({"source": source.path, "kind": "image", "error": error})
                     continue
                 rows = predictor.describe(faces, probs)
-                ids = [i if detected else WHOLE_FRAME for i, (_, detected, _) in enumerate(faces)]
+                ids = [i if face.detected else WHOLE_FRAME for i, face in enumerate(faces)]
                 out.rows(source.path, None, None, faces, rows, ids)
                 name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
                 annotated = out.path(name)
@@ -628,7 +633,7 @@ def predict_images(predictor, sources, out, progress, args):
                     problem = f"could not write {annotated}: {e.strerror or e}"
                 share, dominant = emotion_shares(probs, predictor.class_names)
                 out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(face.detected for face in faces),
-                            "no_face": no_face(faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
+                            "no_face": sum(face.crop is None for face in faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
                             "annotated": None if problem else str(annotated), "error": None,
                             "warnings": [problem] if problem else []})
 
@@ -849,7 +854,6 @@ def predict_video(predictor, source, out, args):
                             times[tid].append(t)
                             track_probs[tid].append(track_p)
                             classified[detected].append(track_p)
-                            counts["faces"] += detected
                         counts["frames"] += 1
                         last_time = t
                     if args.explain:
@@ -877,7 +881,7 @@ def predict_video(predictor, source, out, args):
     if counts["frames"] and expected and counts["frames"] < expected and last_time + 1.5 * args.every / fps < total / fps:
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(classified[True] or classified[False], predictor.class_names)  # faces; if none, frames
-    entry.update(frames=counts["frames"], fps=fps or None, faces=counts["faces"], no_face=counts["no_face"],
+    entry.update(frames=counts["frames"], fps=fps or None, faces=len(classified[True]), no_face=counts["no_face"],
                  tracks=len([t for t in times if t != WHOLE_FRAME]),
                  rows=len(classified[True]) + len(classified[False]) + counts["no_face"],
                  dominant_emotion=dominant,
