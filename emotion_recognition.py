@@ -55,6 +55,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+IMPORTING_SINCE = time.time()  # the budget's start where the process's own is unknown: before torch's import
+
 import cv2
 import numpy as np
 import torch
@@ -809,19 +811,23 @@ def labels_folder(images_dir):
     return Path(*parts[:i], "labels", *parts[i + 1:])
 
 
+NO_FACE_LABELLED = "empty label file: an image without a face (YOLO's background image), not used"
+
+
 def parse_label_file(path, num_classes):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
     points; values within 1 % outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped
-    with a note (one face, counted once). The same box again with another class is a problem."""
+    with a note (one face, counted once), and so is an empty file (an image without faces). The same box again with
+    another class is a problem."""
     boxes, problems, notes, rows = [], [], [], {}
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
     except OSError as e:
         return boxes, [f"{path}: cannot read the label file ({e.strerror or e})"], notes
-    if not text.strip():
-        return boxes, [f"{path}: empty label file (expected lines 'class cx cy w h')"], notes
+    if not text.strip():  # how YOLO marks an image without objects: nothing to train on, and no mistake
+        return boxes, problems, [f"{path}: {NO_FACE_LABELLED}"]
     if "\x00" in text:  # PowerShell's > writes UTF-16
         return boxes, [f"{path}: not UTF-8 text (UTF-16?): save it as UTF-8"], notes
     for n, line in enumerate(text.splitlines(), 1):
@@ -868,11 +874,12 @@ def parse_label_file(path, num_classes):
     return boxes, problems, notes
 
 
-def folder_files(folder):
+def folder_files(folder, unreadable=None):
     """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
     as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). A linked folder is read
     where it leads outside folder (an album on another disk), each real folder once (a link loop ends); one that
-    leads inside is not (its files keep their own names)."""
+    leads inside is not (its files keep their own names). A subfolder this user may not list is passed over, and
+    added to the list unreadable as (path, reason); folder itself raises OSError."""
     top = os.path.realpath(folder)
 
     def followed(root, name):
@@ -884,9 +891,11 @@ def folder_files(folder):
         except ValueError:  # Windows: a link to another drive, which is outside
             return True
 
-    def unlisted(error):  # a subfolder this user may not read is passed over, as rglob did; the folder itself is not
+    def unlisted(error):
         if os.path.realpath(error.filename) == top:
             raise error
+        if unreadable is not None:
+            unreadable.append((Path(error.filename), error.strerror or str(error)))
 
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
@@ -905,11 +914,13 @@ def scan_split(name, images_dir, num_classes):
     if not labels_dir.is_dir():
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
     beside = labels_dir == images_dir  # Darknet's layout: a.jpg and a.txt in one folder, listed once
+    unreadable = []
     try:
-        image_files = folder_files(images_dir)
-        label_files = image_files if beside else folder_files(labels_dir)
+        image_files = folder_files(images_dir, unreadable)
+        label_files = image_files if beside else folder_files(labels_dir, unreadable)
     except OSError as e:
         raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
+    problems += [f"{folder}: cannot list this folder ({why}), so its files are left out" for folder, why in unreadable]
     if beside and not any(p.suffix.lower() == ".txt" for p in label_files):
         raise UserError(f"{name} split: images in {images_dir} but no labels folder {images_dir.parent / 'labels'} "
                         f"and no label files beside them")
@@ -922,7 +933,9 @@ def scan_split(name, images_dir, num_classes):
             images[stem] = p
         elif not (beside and p.suffix.lower() == ".txt"):
             others.append(p)
-    problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others]
+    pixel_caches = {p for p in others if p.suffix == ".npy" and p.relative_to(images_dir).with_suffix("") in images}
+    problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others  # Ultralytics' cache=disk
+                 if p not in pixel_caches]  # writes each image's pixels beside it as .npy
     label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
@@ -1234,8 +1247,13 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
             splits[name], found, repeated = scan_split(name, folders[name], len(class_names))
             problems += found
             row_notes += repeated
-    if row_notes:
-        log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
+    background = [n for n in row_notes if n.endswith(NO_FACE_LABELLED)]
+    repeats = [n for n in row_notes if not n.endswith(NO_FACE_LABELLED)]
+    if background:
+        log(f"note: {len(background)} image(s) with an empty label file (no face) are not used, e.g. "
+            f"{background[0].removesuffix(': ' + NO_FACE_LABELLED)} (all in data_report.json)", log_file)
+    if repeats:
+        log(f"note: dropped {len(repeats)} label row(s) that repeat a box of their file, e.g. {repeats[0]} "
             f"(all in data_report.json)", log_file)
     label = {"train": "training", "val": "validation", "test": "test"}
     # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
@@ -2442,14 +2460,14 @@ TSNE_SECONDS_PER_POINT = 0.006  # sklearn's t-SNE: 3.8 ms a point at 2,000 point
 
 def process_start_time():
     """time.time() when this process started (Linux: /proc), so that the budget includes the imports; elsewhere, or
-    where the answer is implausible (a container's clocks), now."""
+    where the answer is implausible (a container's clocks), when this file began importing torch and the rest."""
     now = time.time()
     with contextlib.suppress(OSError, ValueError, IndexError, AttributeError):
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: since boot
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
         if 0 <= age < 600:
             return now - age
-    return now
+    return IMPORTING_SINCE
 
 
 def final_seconds(eval_faces, face_s, step_s, batch, cfg, tta):

@@ -336,8 +336,9 @@ def folder_sources(path):
     """The MediaSources of a folder, searched recursively (hidden files and folders skipped), without the pictures of
     predict.py's own output folders inside it (annotated/, explain/ and timelines/ beside a predictions.csv: the
     default outputs/ under the current folder); a folder that is both (--output_dir=photos) keeps its photos."""
+    unreadable = []
     try:
-        files = folder_files(path)
+        files = folder_files(path, unreadable)
     except OSError as e:
         return [MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}")]
     ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
@@ -347,6 +348,7 @@ def folder_sources(path):
     kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
              "ignored" for f in files]
     found = [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
+    found += [MediaSource("error", str(folder), error=f"cannot list the folder: {why}") for folder, why in unreadable]
     if not {"image", "video"} & set(kinds):
         found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
     return found
@@ -447,12 +449,14 @@ def say(line, stream=None):
 
 
 def emotion_shares(probs, class_names):
-    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion."""
-    probs = [p for p in probs if not np.isnan(p).any()]
-    if not probs:
+    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion: the
+    largest share; between equal shares, the larger mean probability (not the class listed first)."""
+    probs = np.asarray([p for p in probs if not np.isnan(p).any()])
+    if not len(probs):
         return {}, None
-    counts = np.bincount(np.asarray(probs).argmax(1), minlength=len(class_names)) / len(probs)
-    return dict(zip(class_names, map(float, counts))), class_names[int(counts.argmax())]
+    counts = np.bincount(probs.argmax(1), minlength=len(class_names)) / len(probs)
+    dominant = np.lexsort((probs.mean(0), counts))[-1]  # sorted by share, then by mean probability
+    return dict(zip(class_names, map(float, counts))), class_names[int(dominant)]
 
 
 def source_line(entry):

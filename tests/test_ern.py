@@ -7,6 +7,7 @@ Failure modes and bad data are in test_reliability.py.
 import dataclasses
 import json
 import math
+import os
 import re
 import shutil
 
@@ -425,6 +426,50 @@ def test_upper_case_label_suffixes_are_label_files(tmp_path):
     (tmp_path / "train" / "labels" / "a.TXT").write_text("1 0.5 0.5 1 1")
     split, problems, _ = ern.scan_split("train", tmp_path / "train" / "images", 2)
     assert problems == [] and split.labels.tolist() == [1]
+
+
+def test_an_empty_label_file_is_an_image_without_faces_and_a_pixel_cache_is_no_stray_file(tmp_path):
+    """YOLO marks an image without objects with an empty label file (Roboflow's null images), and Ultralytics'
+    cache=disk writes a.npy beside a.jpg: neither is a mistake in the dataset. A .npy without its image still is."""
+    make_split_folders(tmp_path, ("train",))
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    for stem in "abc":
+        cv2.imwrite(str(images / f"{stem}.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (labels / "a.txt").write_text("1 0.5 0.5 1 1")
+    (labels / "b.txt").write_text("")
+    (labels / "c.txt").write_text(" \n\n")
+    np.save(images / "a.npy", np.zeros((16, 16, 3), np.uint8))
+    np.save(images / "stray.npy", np.zeros(3))
+    split, problems, notes = ern.scan_split("train", images, 2)
+    assert split.labels.tolist() == [1] and split.paths == [str(images / "a.jpg")]
+    assert problems == [f"{images / 'stray.npy'}: not an image file (extension .npy)"]
+    assert notes == [f"{labels / stem}.txt: {ern.NO_FACE_LABELLED}" for stem in "bc"]
+
+
+def test_a_subfolder_that_cannot_be_listed_is_a_problem_not_a_silent_gap(tmp_path, monkeypatch):
+    """Root lists any folder, so the refusal is os.scandir's, as a folder copied with another owner's mode 700 gives."""
+    make_split_folders(tmp_path, ("train",))
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    for sub in ("", "locked/"):
+        (images / sub).mkdir(exist_ok=True)
+        (labels / sub).mkdir(exist_ok=True)
+        cv2.imwrite(str(images / f"{sub}a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+        (labels / f"{sub}a.txt").write_text("1 0.5 0.5 1 1")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path) == str(images / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    split, problems, _ = ern.scan_split("train", images, 2)
+    assert split.paths == [str(images / "a.jpg")]
+    assert problems[0] == f"{images / 'locked'}: cannot list this folder (Permission denied), so its files are left out"
+    assert problems[1:] == [f"{labels / 'locked' / 'a.txt'}: label file without an image in {images}"]
+    sources = pr.folder_sources(images)
+    assert [(m.kind, m.path) for m in sources] == [("image", str(images / "a.jpg")), ("error", str(images / "locked"))]
+    assert sources[1].error == "cannot list the folder: Permission denied"
 
 
 def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path):

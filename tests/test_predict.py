@@ -128,6 +128,15 @@ def test_a_run_started_without_stdout_writes_its_predictions(checkpoint, tmp_pat
     assert len(read_csv(tmp_path / "out")) == 1
 
 
+def test_equal_shares_go_to_the_larger_mean_probability_not_the_first_class():
+    names = ["anger", "happy", "sad"]
+    probs = [np.array([0.5, 0.3, 0.2]), np.array([0.1, 0.8, 0.1]), np.full(3, np.nan)]  # one face each; a gap
+    assert pr.emotion_shares(probs, names) == ({"anger": 0.5, "happy": 0.5, "sad": 0.0}, "happy")
+    assert pr.emotion_shares(probs[::-1], names[::-1])[1] == "happy"  # the order of classes and rows is no tie-break
+    assert pr.emotion_shares(probs[:1] * 2 + probs[1:], names)[1] == "anger"  # the largest share first
+    assert pr.emotion_shares([np.full(3, np.nan)], names) == ({}, None)
+
+
 def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):
     """A track seen at 0-0.3 s and again at 1.4-1.6 s (frames every 0.1 s): the line stops at 0.3 s and starts again
     at 1.4 s. Drawn through, it showed a gradual change of expression across the second without the face."""

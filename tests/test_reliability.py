@@ -57,6 +57,7 @@ class Broken:
     counts: dict  # split -> Counter(class id -> samples that must survive a lenient load)
     dropped: set  # image paths none of whose samples may survive
     multiplicity: dict  # image path -> samples it must still contribute (files with one bad line among good)
+    no_face: list  # the notes of empty label files (images without faces): dropped, and no problem
 
 
 def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
@@ -66,7 +67,7 @@ def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
     for split, folder in SPLIT_FOLDERS.items():
         pool[split] = sorted((root / folder / "images").iterdir())
         counts[split] = Counter(int(p.read_text().split()[0]) for p in (root / folder / "labels").glob("*.txt"))
-    b = Broken(root, [], counts, set(), {})
+    b = Broken(root, [], counts, set(), {}, [])
 
     def take(split, ext=None):
         """An untouched image of the split (with that extension), its label file and class id."""
@@ -108,8 +109,10 @@ def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
     fault(f"{orphan}: ", "image")
     # label files
     img, label, c = take("train")
-    label.write_text("")
-    fault(f"{label}: ", "empty", "train", img, c)
+    label.write_text("")  # YOLO's image without objects: not used, and no problem
+    b.counts["train"][c] -= 1
+    b.dropped.add(str(img))
+    b.no_face.append(f"{label}: {ern.NO_FACE_LABELLED}")
     img, label, c = take("train")
     label.write_text(label.read_text().strip() + "\n3 0.5 0.5 0.4\n")  # line 1 good, line 2 four fields
     b.multiplicity[str(img)] = 1
@@ -159,6 +162,7 @@ def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_pa
     run = tmp_path / "run"
     report = json.loads((run / "data_report.json").read_text())
     assert len(report["problems"]) == len(b.expected), report["problems"]  # and nothing clean was flagged
+    assert report["notes"] == b.no_face
     for where, keyword in b.expected:
         assert any(p.startswith(where) and keyword in p[len(where):].lower() for p in report["problems"]), where
     names = report["class_names"]
@@ -167,6 +171,8 @@ def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_pa
         assert report["splits"][split]["samples"] == sum(counts.values()), split
     log = (run / "train.log").read_text().replace(str(tmp_path), "")  # the folder's name holds "skip"
     count = re.compile(rf"\b{len(b.expected)}\b")
+    assert f"note: 1 image(s) with an empty label file (no face) are not used, e.g. {b.no_face[0].split(': ')[0]}" \
+        in (run / "train.log").read_text()
     assert any("skip" in line.lower() and count.search(line) for line in log.splitlines()), log
     assert (run / "evaluation_results.json").exists()
 

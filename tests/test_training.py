@@ -164,6 +164,21 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
     assert json.loads((run / "config.json").read_text())["epochs"] == epochs
 
 
+def test_without_proc_the_budget_starts_before_torch_is_imported(monkeypatch):
+    """macOS and Windows have no /proc/self/stat: the budget counted from main() left out torch's import (seconds)."""
+    on_linux = ern.process_start_time()
+    assert on_linux <= ern.IMPORTING_SINCE, "the process started before the script imported torch"
+    read_text = Path.read_text
+
+    def without_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", without_proc)
+    assert ern.process_start_time() == ern.IMPORTING_SINCE < time.time()
+
+
 def test_a_budget_that_its_fixed_costs_exceed_is_refused_before_training(tiny_dataset, tmp_path):
     proc = run_script(*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--time_budget=0.01",
                       f"--output_dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
