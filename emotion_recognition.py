@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -671,6 +671,26 @@ def ctrl_c_deferred():
         raise KeyboardInterrupt
 
 
+PREFETCH_PIXELS = 2 ** 27  # images decoded ahead of their use: at most this many pixels, 400 MB of RGB
+
+
+def ordered_prefetch(fn, items, pool, depth, pixels=None):
+    """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order. pixels(result):
+    an image's size, which holds the lead to what PREFETCH_PIXELS fits of the largest so far (one ahead until one
+    is known: on 32 cores, 65 decoded 48-megapixel photos were 9.5 GB)."""
+    pending, ahead, largest = deque(), depth if pixels is None else 1, 1
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > ahead:
+            result = pending.popleft().result()
+            if pixels is not None:
+                largest = max(largest, pixels(result))
+                ahead = max(1, min(depth, PREFETCH_PIXELS // largest))
+            yield result
+    for future in pending:
+        yield future.result()
+
+
 def stop_on_ctrl_c_and_sigterm():
     """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
     what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
@@ -714,19 +734,20 @@ class Split:
 
 
 def read_data_yaml(data_dir, problems=None):
-    """Class names (in data.yaml's order) and {split: images folder}, resolved as Ultralytics does.
+    """Class names (in data.yaml's order), {split: its images (split_sources)} and notes, as Ultralytics reads them.
 
-    An nc that disagrees with names is raised, or appended to `problems` if a list is given (so
-    that it is reported together with the label and image problems).
-
-    Split paths are relative to `path` if given, else to the yaml's folder. If a path the yaml names does not exist
-    (an export moved from its machine), the standard folder beside the yaml (train/, valid/ or val/, test/) is used,
-    with a note; a split the yaml does not name is not read, whatever folders lie beside it (a note says so).
+    An nc that disagrees with names, or a class list file (LabelImg's classes.txt, Darknet's obj.names) that names
+    the same classes in another order, is raised, or appended to `problems` if a list is given (so that it is reported
+    together with the label and image problems).
     """
     data_dir = Path(data_dir).expanduser()
-    yaml_path = data_dir if data_dir.suffix in (".yaml", ".yml") else data_dir / "data.yaml"
+    yaml_path = data_dir if data_dir.suffix.lower() in (".yaml", ".yml") else data_dir / "data.yaml"
     if not yaml_path.is_file():
-        raise UserError(f"no data.yaml at {yaml_path}: pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
+        others = sorted(p.name for p in data_dir.glob("*.y*ml")) if data_dir.is_dir() else []
+        hint = (f"{data_dir} is a file, not a folder (an archive? unpack it)" if data_dir.is_file() else
+                f"the folder holds {', '.join(others)}: pass that file as --data_dir" if others else
+                "pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
+        raise UserError(f"no data.yaml at {yaml_path}: {hint}")
     try:
         doc = yaml.safe_load(yaml_path.read_bytes())  # bytes: UTF-8 (or a BOM's UTF-16) whatever the locale
     except OSError as e:
@@ -736,6 +757,25 @@ def read_data_yaml(data_dir, problems=None):
         raise UserError(f"{yaml_path}: not valid YAML{hint}: {e}") from None
     if not isinstance(doc, dict) or "names" not in doc:
         raise UserError(f"{yaml_path}: expected a mapping with 'names' (and 'nc', 'train', 'val')")
+    names = yaml_class_names(doc, yaml_path, problems)
+    folders, notes = split_sources(doc, yaml_path)
+    for listing in class_list_files(yaml_path.parent, folders):
+        listed = [line.strip() for line in listing.read_text(encoding="utf-8-sig", errors="replace").splitlines()
+                  if line.strip()]
+        if listed != names and sorted(listed) == sorted(names):  # the label files count in the list file's order
+            problem = (f"{listing} lists the classes as {listed}, data.yaml as {names}: the labels were written in "
+                       f"the list's order, so every face would be named another emotion. Give data.yaml's names "
+                       f"the list's order (or delete the list, if it is stale)")
+            if problems is None:
+                raise UserError(problem)
+            problems.append(problem)
+        elif listed != names:
+            notes.append(f"{listing} lists other classes than data.yaml ({listed}); data.yaml's are used")
+    return names, folders, notes
+
+
+def yaml_class_names(doc, yaml_path, problems):
+    """data.yaml's names as a list of strings, checked against its nc (see read_data_yaml)."""
     names = doc["names"]
     if isinstance(names, dict):  # Ultralytics also writes {0: name, 1: name, ...}; JSON-made yamls {"0": name}
         ids = {str(k).strip(): v for k, v in names.items()}
@@ -764,41 +804,90 @@ def read_data_yaml(data_dir, problems=None):
         problems.append(problem)
     if len(set(names)) != len(names):
         raise UserError(f"{yaml_path}: duplicate class names: {names}")
+    return names
+
+
+def yaml_paths(doc, key, yaml_path):
+    """The paths data.yaml gives under key, as strings: none, one, or a list (a number is a folder's name)."""
+    value = doc.get(key)
+    if value is None or value is False or value == "":
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not values or any(isinstance(v, (dict, list, bool)) or v is None or v == "" for v in values):
+        raise UserError(f"{yaml_path}: '{key}' must be a folder, an image list file or a list of these; got {value!r}")
+    return [str(v) for v in values]
+
+
+def split_sources(doc, yaml_path):
+    """{split: images folder, image list file (Ultralytics' train.txt), or a list of these} and notes.
+
+    Paths are relative to `path` if given (the yaml's folder where it does not exist: an export made on another
+    machine), else to the yaml's folder. A split folder holding images/ and labels/ means its images/. If a path the
+    yaml names does not exist (an export moved from its machine), the standard folder beside the yaml (train/,
+    valid/ or val/, test/) is used, with a note; a split the yaml does not name is not read, whatever folders lie
+    beside it (a note says so).
+    """
     base = Path(os.path.abspath(yaml_path.parent))
-    root = (base / doc["path"]) if doc.get("path") else base
-    folders, notes = {}, []
+    root, notes, absent = base, [], ""
+    for path in yaml_paths(doc, "path", yaml_path)[:1]:
+        root = base / path
+        if not root.is_dir():
+            notes.append(f"data.yaml's path {path!r} does not exist here; its splits are read from {base}")
+            absent = f"; its path {path!r} does not exist ({os.path.abspath(root)}: a relative path is taken from " \
+                     f"the yaml's folder)"
+            root = base
+    folders = {}
     for split, standard in (("train", ["train"]), ("val", ["valid", "val"]), ("test", ["test"])):
-        entry = doc.get(split)
-        if isinstance(entry, list):
-            raise UserError(f"{yaml_path}: '{split}' is a list of folders; this script reads one folder per split")
-        given = Path(os.path.abspath(root / entry)) if entry else None  # not resolved: labels lie beside a link
-        if given is not None and given.is_file():  # never train on other images than the yaml names
-            raise UserError(f"{yaml_path}: '{split}: {entry}' names a file (an Ultralytics image list); this script "
-                            f"reads a folder of images per split: point '{split}' at the images folder")
+        key = "validation" if split == "val" and "val" not in doc and "validation" in doc else split  # Ultralytics
+        entries = yaml_paths(doc, key, yaml_path)  # reads both keys
+        given = [Path(os.path.abspath(root / e)) for e in entries]  # not resolved: labels lie beside a link
+        given = [g / "images" if (g / "images").is_dir() and (g / "labels").is_dir() else g for g in given]
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
-        if given is not None and given.is_dir():
-            if fallback is not None and base not in given.parents and not os.path.samefile(given, fallback):
-                raise UserError(f"{yaml_path}: '{split}: {entry}' is {given}, outside the yaml's folder, and {fallback} "
-                                f"lies beside the yaml too (an export unpacked inside another): point '{split}' at "
-                                f"the folder you mean")
-            folders[split] = given
+        if given and all(g.exists() for g in given):
+            for g, entry in zip(given, entries):
+                if (g.is_dir() and fallback is not None and base not in g.parents
+                        and not os.path.samefile(g, fallback)):
+                    raise UserError(f"{yaml_path}: '{key}: {entry}' is {g}, outside the yaml's folder, and {fallback} "
+                                    f"lies beside the yaml too (an export unpacked inside another): point '{key}' at "
+                                    f"the folder you mean")
+            folders[split] = given[0] if len(given) == 1 else given
             continue
-        if not entry and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
+        if len(given) > 1:
+            raise UserError(f"{yaml_path}: '{key}' lists {', '.join(str(g) for g in given if not g.exists())}, "
+                            f"which does not exist")
+        if not entries and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
             if fallback is not None:
                 notes.append(f"data.yaml names no {split} split: {fallback} is not read")
             continue
         if fallback is not None:
             folders[split] = fallback
-            if given is not None:
-                notes.append(f"data.yaml's {split} path {entry!r} does not exist; using {fallback}")
-        elif given is not None and split != "test":
-            notes.append(f"data.yaml's {split} path {entry!r} does not exist and there is no {standard[0]}/images")
+            if entries:
+                notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist; using {fallback}")
+        elif entries and split != "test":
+            notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist and there is no {standard[0]}/images")
     if "train" not in folders:
         given = f" ({os.path.abspath(root / doc['train'])})" if doc.get("train") else ""
-        relative = " (a relative 'path' is taken from the yaml's folder)" if doc.get("path") else ""
         raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{given} nor "
-                        f"{base}/train/images exists{relative}")
-    return names, folders, notes
+                        f"{base}/train/images exists{absent}")
+    return folders, notes
+
+
+def class_list_files(yaml_folder, folders):
+    """The class lists that labelling tools leave beside the labels (LabelImg's classes.txt) or the export (Label
+    Studio's classes.txt, Darknet's obj.names)."""
+    places = [Path(yaml_folder)] + [labels_folder(f) for f in flat_sources(folders) if f.is_dir()]
+    found = [p / name for p in dict.fromkeys(places) for name in ("classes.txt", "obj.names")]
+    return [p for p in found if p.is_file()]
+
+
+def flat_sources(folders):
+    """Every folder or list file of split_sources' {split: source or [sources]}."""
+    return [s for source in folders.values() for s in (source if isinstance(source, list) else [source])]
+
+
+def source_text(source):
+    """A split's folder or list file, or its list of these, for a message."""
+    return ", ".join(map(str, source)) if isinstance(source, list) else str(source)
 
 
 def labels_folder(images_dir):
@@ -811,23 +900,20 @@ def labels_folder(images_dir):
     return Path(*parts[:i], "labels", *parts[i + 1:])
 
 
-NO_FACE_LABELLED = "empty label file: an image without a face (YOLO's background image), not used"
-
-
 def parse_label_file(path, num_classes):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
     points; values within 1 % outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped
-    with a note (one face, counted once), and so is an empty file (an image without faces). The same box again with
-    another class is a problem."""
+    with a note (one face, counted once). An empty file (YOLO's image without objects) gives no box, problem or note.
+    The same box again with another class is a problem."""
     boxes, problems, notes, rows = [], [], [], {}
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
     except OSError as e:
         return boxes, [f"{path}: cannot read the label file ({e.strerror or e})"], notes
     if not text.strip():  # how YOLO marks an image without objects: nothing to train on, and no mistake
-        return boxes, problems, [f"{path}: {NO_FACE_LABELLED}"]
+        return boxes, problems, notes
     if "\x00" in text:  # PowerShell's > writes UTF-16
         return boxes, [f"{path}: not UTF-8 text (UTF-16?): save it as UTF-8"], notes
     for n, line in enumerate(text.splitlines(), 1):
@@ -874,12 +960,13 @@ def parse_label_file(path, num_classes):
     return boxes, problems, notes
 
 
-def folder_files(folder, unreadable=None):
+def folder_files(folder, passed_over=None):
     """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
     as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). A linked folder is read
     where it leads outside folder (an album on another disk), each real folder once (a link loop ends); one that
-    leads inside is not (its files keep their own names). A subfolder this user may not list is passed over, and
-    added to the list unreadable as (path, reason); folder itself raises OSError."""
+    leads inside is not (its files keep their own names). A subfolder this user may not list, and a link that leads
+    nowhere (a dataset fetched in part: git-annex, DVC), are added to the list passed_over as (path, why); folder
+    itself raises OSError."""
     top = os.path.realpath(folder)
 
     def followed(root, name):
@@ -894,8 +981,9 @@ def folder_files(folder, unreadable=None):
     def unlisted(error):
         if os.path.realpath(error.filename) == top:
             raise error
-        if unreadable is not None:
-            unreadable.append((Path(error.filename), error.strerror or str(error)))
+        if passed_over is not None:
+            passed_over.append((Path(error.filename), f"cannot list this folder ({error.strerror or error}), so its "
+                                                      f"files are left out"))
 
     found, seen = [], set()
     for root, dirs, files in os.walk(folder, onerror=unlisted, followlinks=True):
@@ -904,26 +992,51 @@ def folder_files(folder, unreadable=None):
         if real not in seen:
             seen.add(real)
             found += [Path(root) / f for f in files if not f.startswith(".") and f.lower() not in SYSTEM_FILES]
+    if passed_over is not None:
+        passed_over += [(f, f"a link to {os.readlink(f)}, which does not exist, so it is left out")
+                        for f in sorted(found) if f.is_symlink() and not f.exists()]
     return sorted(f for f in found if f.is_file())
 
 
-def scan_split(name, images_dir, num_classes):
-    """Pair images with label files and parse them: (Split of the valid boxes, problems, notes)."""
+def scan_split(name, source, num_classes):
+    """Pair the images of a split (split_sources' folder, image list file, or a list of these) with their label files
+    and parse them: (Split of the valid boxes, problems, notes, the images whose label file is empty)."""
+    pairs, problems = {}, []
+    for part in source if isinstance(source, list) else [source]:
+        found, bad = listed_pairs(part) if part.is_file() else folder_pairs(name, part)
+        for image, pair in found.items():  # an image listed twice is read once
+            pairs.setdefault(image, pair)
+        problems += bad
+    paths, labels, boxes, notes, no_face = [], [], [], [], []
+    for image, (label, expected) in pairs.items():
+        if label is None:
+            problems.append(f"{image}: no label file (expected {expected})")
+            continue
+        found, bad, repeated = parse_label_file(label, num_classes)
+        problems += bad
+        notes += repeated
+        if not found and not bad:  # nothing but blank lines
+            no_face.append(str(image))
+        for cls, *box in found:
+            paths.append(str(image))
+            labels.append(cls)
+            boxes.append(box)
+    split = Split(name, paths, np.array(labels, dtype=np.int64), np.array(boxes, dtype=np.float32).reshape(-1, 4))
+    return split, problems, notes, no_face
+
+
+def folder_pairs(name, images_dir):
+    """{image: (its label file or None, the label file expected)} of an images folder, and the problems: files that
+    are no images, label files without an image, what folder_files passed over."""
     labels_dir = labels_folder(images_dir)
-    problems, notes = [], []
-    if not labels_dir.is_dir():
-        raise UserError(f"{name} split: images in {images_dir} but no labels folder {labels_dir}")
     beside = labels_dir == images_dir  # Darknet's layout: a.jpg and a.txt in one folder, listed once
-    unreadable = []
+    passed_over, labelled = [], labels_dir.is_dir()
     try:
-        image_files = folder_files(images_dir, unreadable)
-        label_files = image_files if beside else folder_files(labels_dir, unreadable)
+        image_files = folder_files(images_dir, passed_over)
+        label_files = image_files if beside else folder_files(labels_dir, passed_over) if labelled else []
     except OSError as e:
         raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
-    problems += [f"{folder}: cannot list this folder ({why}), so its files are left out" for folder, why in unreadable]
-    if beside and not any(p.suffix.lower() == ".txt" for p in label_files):
-        raise UserError(f"{name} split: images in {images_dir} but no labels folder {images_dir.parent / 'labels'} "
-                        f"and no label files beside them")
+    problems = [f"{path}: {why}" for path, why in passed_over]
     images, others = {}, []
     for p in image_files:
         stem = p.relative_to(images_dir).with_suffix("")
@@ -933,28 +1046,45 @@ def scan_split(name, images_dir, num_classes):
             images[stem] = p
         elif not (beside and p.suffix.lower() == ".txt"):
             others.append(p)
+    # an empty folder is an empty split, labels or not (zip tools drop empty folders)
+    if images and not (labelled and (not beside or any(p.suffix.lower() == ".txt" for p in label_files))):
+        missing = (f"no labels folder {labels_dir}" if not beside else
+                   f"no labels folder {images_dir.parent / 'labels'} and no label files beside them")
+        if name == "train":
+            raise UserError(f"{name} split: images in {images_dir} but {missing}")
+        return {}, problems + [f"{images_dir}: {len(images)} images but {missing}, so the split is left out"]
     pixel_caches = {p for p in others if p.suffix == ".npy" and p.relative_to(images_dir).with_suffix("") in images}
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others  # Ultralytics' cache=disk
                  if p not in pixel_caches]  # writes each image's pixels beside it as .npy
     label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
-    paths, labels, boxes = [], [], []
-    for stem, image in images.items():
-        label = label_files.get(stem)
-        if label is None:
-            problems.append(f"{image}: no label file (expected {labels_dir / stem}.txt)")
-            continue
-        found, bad, repeated = parse_label_file(label, num_classes)
-        problems += bad
-        notes += repeated
-        for cls, *box in found:
-            paths.append(str(image))
-            labels.append(cls)
-            boxes.append(box)
     problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in images]
-    split = Split(name, paths, np.array(labels, dtype=np.int64), np.array(boxes, dtype=np.float32).reshape(-1, 4))
-    return split, problems, notes
+    return {image: (label_files.get(stem), labels_dir / f"{stem}.txt") for stem, image in images.items()}, problems
+
+
+def listed_pairs(list_file):
+    """{image: (its label file or None, the label file expected)} of an image list (Ultralytics' and CVAT's
+    train.txt: one image a line, relative to the list's folder), each label file where labels_folder puts it, and
+    the problems: lines that name no image."""
+    try:
+        text = list_file.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{list_file}: cannot read the image list ({getattr(e, 'strerror', None) or e})") from None
+    pairs, problems, label_folders = {}, [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        image = Path(os.path.abspath(list_file.parent / line))
+        if image.suffix.lower() not in IMAGE_EXTS or not image.is_file():
+            problems.append(f"{list_file}:{n}: {image} " + ("does not exist" if not image.exists() else
+                                                             f"is not an image file (extension {image.suffix or 'none'})"))
+            continue
+        labels_dir = label_folders.setdefault(image.parent, labels_folder(image.parent))
+        expected = labels_dir / f"{image.stem}.txt"
+        pairs[image] = (expected if expected.is_file() else None, expected)
+    return pairs, problems
 
 
 def image_format(data):
@@ -1069,9 +1199,10 @@ def decode_split(split, out, size, margin, threads):
             out[i] = crop_box(image, split.boxes[i], margin, size).transpose(2, 0, 1)
         return path, idx, (digest.hexdigest(), fmt, list(image.shape[:2])), None
 
-    pool = ThreadPoolExecutor(threads or cpu_threads())  # cv2 releases the GIL
-    try:
-        for path, idx, info, error in pool.map(work, by_image.items()):
+    threads = threads or cpu_threads()
+    pool = ThreadPoolExecutor(threads)  # cv2 releases the GIL
+    try:  # a few images ahead, not a future for each of a million at once
+        for path, idx, info, error in ordered_prefetch(work, by_image.items(), pool, 4 * threads):
             if error:
                 problems.append(f"{path}: {error}")
             for i in idx:
@@ -1241,26 +1372,25 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     class_names, folders, notes = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
-    splits, problems, row_notes = {}, list(yaml_problems), []
+    splits, problems, row_notes, no_face = {}, list(yaml_problems), [], []
     for name in splits_wanted:
         if name in folders:
-            splits[name], found, repeated = scan_split(name, folders[name], len(class_names))
+            splits[name], found, repeated, empty = scan_split(name, folders[name], len(class_names))
             problems += found
             row_notes += repeated
-    background = [n for n in row_notes if n.endswith(NO_FACE_LABELLED)]
-    repeats = [n for n in row_notes if not n.endswith(NO_FACE_LABELLED)]
-    if background:
-        log(f"note: {len(background)} image(s) with an empty label file (no face) are not used, e.g. "
-            f"{background[0].removesuffix(': ' + NO_FACE_LABELLED)} (all in data_report.json)", log_file)
-    if repeats:
-        log(f"note: dropped {len(repeats)} label row(s) that repeat a box of their file, e.g. {repeats[0]} "
+            no_face += empty
+    if no_face:
+        log(f"note: {len(no_face)} image(s) have an empty label file (YOLO's image without faces) and are not used, "
+            f"e.g. {no_face[0]} (all in data_report.json)", log_file)
+    if row_notes:
+        log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
             f"(all in data_report.json)", log_file)
     label = {"train": "training", "val": "validation", "test": "test"}
     # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
     # val: images/train2017), or test the validation folder (exports without a test split write that)
     for name, other in (("val", "train"), ("test", "train"), ("test", "val")):
         if name in splits and other in splits and splits[name].paths and set(splits[name].paths) == set(splits[other].paths):
-            log(f"note: data.yaml's {label[name]} split ({folders[name]}) holds exactly the {label[other]} split's "
+            log(f"note: data.yaml's {label[name]} split ({source_text(folders[name])}) holds exactly the {label[other]} split's "
                 f"images{' (which choose the best epoch)' if other == 'val' else ''}, so it is no {label[name]} split; "
                 + ("validation images are held out of training instead" if name == "val" else
                    "the final evaluation is on the validation split"), log_file)
@@ -1299,7 +1429,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
             splits[name] = splits[name].subset(ok[name])
         if not len(splits[name]):
             if name == "train":
-                raise UserError(f"the training split in {folders['train']} has no usable samples")
+                raise UserError(f"the training split in {source_text(folders['train'])} has no usable samples")
             del splits[name]
     if problems:
         log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
@@ -1339,6 +1469,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
                         "on the validation split", log_file)
                     del splits[s.name]
     report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes + row_notes,
+              "images_without_faces": no_face,
               "decode_seconds": round(decode_seconds, 2),
               "problems": problems, "skipped_problems": len(problems),
               "splits": {n: split_report(s, class_names) for n, s in splits.items()},

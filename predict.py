@@ -24,7 +24,7 @@ import stat
 import sys
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +37,9 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
-                                 opencv_message, out_of_memory_named, overlay, read_overrides, resolve_device,
-                                 run_inference, save_figure, stop_on_ctrl_c_and_sigterm, unique_folder, validate_device,
-                                 write_image, write_json)
+                                 opencv_message, ordered_prefetch, out_of_memory_named, overlay, read_overrides,
+                                 resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm, unique_folder,
+                                 validate_device, write_image, write_json)
 
 
 @dataclass
@@ -98,7 +98,6 @@ STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy hol
 ANNOTATED_FPS = 60.0  # at most, for an annotated video: WebM files that claim 1000 fps would repeat each frame 33 times
 # Memory
 BUFFER_PIXELS = 2 ** 25  # pixels of the decoded images (or frames) one batch may hold: about 100 MB of RGB
-PREFETCH_PIXELS = 2 ** 27  # photos decoded ahead of classification: at most this many pixels, 400 MB of RGB
 # Outputs
 CSV_COLUMNS = ["source", "frame", "time_s", "face", "x1", "y1", "x2", "y2", "face_detected", "emotion", "confidence"]
 WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # normalized cx, cy, w, h
@@ -316,7 +315,10 @@ class MediaSource:
 
 
 def read_list_files(specs):
-    """The command line's inputs with each @list.txt replaced by its non-blank lines (one input a line)."""
+    """The command line's inputs with each @list.txt replaced by its lines, one input a line: a relative path is
+    taken from the list's folder where it is there, else from the current folder. Blank lines and # comments are
+    skipped, quotes around a line (Explorer's "Copy as path") dropped; UTF-8 or, with its byte-order mark, UTF-16
+    (PowerShell's >)."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
@@ -324,9 +326,17 @@ def read_list_files(specs):
             continue
         listing = Path(spec[1:]).expanduser()
         try:
-            parts += [line.strip() for line in listing.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            data = listing.read_bytes()
+            text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
+        for line in text.splitlines():
+            line = line.strip()
+            if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+                line = line[1:-1]
+            if line and not line.startswith("#"):
+                beside = listing.parent / Path(line).expanduser()
+                parts.append(str(beside) if beside.exists() else line)
     if not parts:
         raise UserError(f"{' '.join(specs)!r} names no input")
     return parts
@@ -336,9 +346,9 @@ def folder_sources(path):
     """The MediaSources of a folder, searched recursively (hidden files and folders skipped), without the pictures of
     predict.py's own output folders inside it (annotated/, explain/ and timelines/ beside a predictions.csv: the
     default outputs/ under the current folder); a folder that is both (--output_dir=photos) keeps its photos."""
-    unreadable = []
+    passed_over = []
     try:
-        files = folder_files(path, unreadable)
+        files = folder_files(path, passed_over)
     except OSError as e:
         return [MediaSource("error", str(path), error=f"cannot list the folder: {e.strerror or e}")]
     ours = {f.parent for f in files if f.name == "predictions.csv"}  # a killed run's has no summary.json
@@ -348,7 +358,7 @@ def folder_sources(path):
     kinds = ["image" if f.suffix.lower() in IMAGE_EXTS else "video" if f.suffix.lower() in VIDEO_EXTS else
              "ignored" for f in files]
     found = [MediaSource(k, str(f), str(Path(path.resolve().name) / f.relative_to(path))) for k, f in zip(kinds, files)]
-    found += [MediaSource("error", str(folder), error=f"cannot list the folder: {why}") for folder, why in unreadable]
+    found += [MediaSource("error", str(f), error=why) for f, why in passed_over]
     if not {"image", "video"} & set(kinds):
         found.append(MediaSource("error", str(path), error="no images or videos in this folder"))
     return found
@@ -383,23 +393,6 @@ def prediction_inputs(specs):
 # ---------------------------------------------------------------------------------------------
 # Batches: images decoded ahead, faces gathered across images and frames
 # ---------------------------------------------------------------------------------------------
-
-def ordered_prefetch(fn, items, pool, depth, pixels=None):
-    """fn(item) for each item, computed up to `depth` items ahead in the pool, yielded in order. pixels(result):
-    an image's size, which holds the lead to what PREFETCH_PIXELS fits of the largest so far (one ahead until one
-    is known: on 32 cores, 65 decoded 48-megapixel photos were 9.5 GB)."""
-    pending, ahead, largest = deque(), depth if pixels is None else 1, 1
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > ahead:
-            result = pending.popleft().result()
-            if pixels is not None:
-                largest = max(largest, pixels(result))
-                ahead = max(1, min(depth, PREFETCH_PIXELS // largest))
-            yield result
-    for future in pending:
-        yield future.result()
-
 
 def image_pixels(image):
     """Pixels of a decoded image (0: none, an input that failed)."""

@@ -120,7 +120,7 @@ def load_splits(cfg, folders, num_classes, limit):
     splits, scanned, t_scan, t_pixels = {}, 0, 0.0, 0.0
     for name in ("train", "val"):
         t0 = time.perf_counter()
-        split, problems, _ = ern.scan_split(name, folders[name], num_classes)
+        split, problems, *_ = ern.scan_split(name, folders[name], num_classes)
         t1 = time.perf_counter()
         scanned += len(split)
         if limit and limit < len(split):

@@ -27,7 +27,7 @@ def pack(src, out, size, margin, quality):
     for split, folder in (("train", "train"), ("val", "valid")):
         if split not in folders:
             continue
-        samples, problems, _ = ern.scan_split(split, folders[split], len(class_names))
+        samples, problems, *_ = ern.scan_split(split, folders[split], len(class_names))
         if problems:
             raise SystemExit(f"{len(problems)} problems in {folders[split]}, e.g. {problems[0]}")
         (out / folder / "images").mkdir(parents=True, exist_ok=True)

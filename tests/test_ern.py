@@ -376,6 +376,74 @@ def test_read_data_yaml_falls_back_to_standard_folders(tmp_path):
     assert "../gone/valid/images" in notes[1] and "does not exist" in notes[1]
 
 
+def test_read_data_yaml_reads_the_layouts_exporters_write(tmp_path):
+    """CVAT's Ultralytics export (path: ./, train: train.txt), merged datasets (train: [a, b]), a split named by its
+    folder (train: train), a Colab machine's path (path: /content/...), Ultralytics' validation key, a number as a
+    folder name: each read as Ultralytics reads it, where the script stopped or trained on a hold-out."""
+    cvat = tmp_path / "cvat"
+    for split in ("train", "val"):
+        (cvat / "images" / split).mkdir(parents=True)
+    write_yaml(cvat / "data.yaml", path="./", train="train.txt", val="images/val", names=["a", "b"])
+    (cvat / "train.txt").write_text("images/train/x.jpg\n")
+    assert ern.read_data_yaml(cvat)[1] == {"train": cvat / "train.txt", "val": cvat / "images" / "val"}
+    merged = tmp_path / "merged"
+    make_split_folders(merged / "one", ("train",))
+    make_split_folders(merged / "two", ("train", "valid"))
+    write_yaml(merged / "data.yaml", train=["one/train", "two/train/images"], validation="two/valid",
+               names=["a", "b"])
+    names, folders, notes = ern.read_data_yaml(merged)
+    assert folders == {"train": [merged / "one" / "train" / "images", merged / "two" / "train" / "images"],
+                       "val": merged / "two" / "valid" / "images"} and notes == []
+    write_yaml(merged / "data.yaml", train=["one/train", "three/train"], names=["a", "b"])
+    with pytest.raises(ern.UserError, match=f"'train' lists {merged / 'three' / 'train'}, which does not exist"):
+        ern.read_data_yaml(merged)
+    colab = tmp_path / "colab"
+    (colab / "images" / "2024").mkdir(parents=True)
+    write_yaml(colab / "data.yaml", path="/content/datasets/faces", train=2024, names=["a", "b"])
+    (colab / "data.yaml").write_text((colab / "data.yaml").read_text().replace("2024", "images/2024"))
+    names, folders, notes = ern.read_data_yaml(colab)
+    assert folders == {"train": colab / "images" / "2024"}
+    assert notes == [f"data.yaml's path '/content/datasets/faces' does not exist here; its splits are read from {colab}"]
+    (colab / "2024").mkdir()
+    write_yaml(colab / "data.yaml", train=2024, names=["a", "b"])  # YAML reads the folder's name as a number
+    assert ern.read_data_yaml(colab)[1] == {"train": colab / "2024"}
+    write_yaml(colab / "data.yaml", train={"images": "x"}, names=["a", "b"])
+    with pytest.raises(ern.UserError, match="'train' must be a folder, an image list file or a list of these"):
+        ern.read_data_yaml(colab)
+
+
+def test_a_data_dir_without_data_yaml_says_what_it_holds(tmp_path):
+    write_yaml(tmp_path / "faces" / "dataset.yml", train="train", names=["a", "b"])
+    with pytest.raises(ern.UserError, match="the folder holds dataset.yml: pass that file as --data_dir"):
+        ern.read_data_yaml(tmp_path / "faces")
+    (tmp_path / "faces.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ern.UserError, match="faces.zip is a file, not a folder \\(an archive\\? unpack it\\)"):
+        ern.read_data_yaml(tmp_path / "faces.zip")
+    make_split_folders(tmp_path / "faces", ("train",))
+    (tmp_path / "faces" / "dataset.yml").rename(tmp_path / "faces" / "DATASET.YML")  # an upper-case suffix is YAML
+    assert ern.read_data_yaml(tmp_path / "faces" / "DATASET.YML")[1]["train"] == tmp_path / "faces" / "train" / "images"
+
+
+def test_a_class_list_in_another_order_than_data_yaml_stops_the_run(tmp_path):
+    """LabelImg writes label ids in the order of labels/classes.txt; a data.yaml written by hand in another order
+    named every face with another emotion, silently."""
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", names=["anger", "happy", "sad"])
+    listing = tmp_path / "train" / "labels" / "classes.txt"
+    listing.write_text("anger\nhappy\nsad\n")
+    assert ern.read_data_yaml(tmp_path)[2] == []
+    listing.write_text("happy\r\nsad\r\nanger\r\n")
+    with pytest.raises(ern.UserError, match=re.escape(f"{listing} lists the classes as ['happy', 'sad', 'anger'], "
+                                                      f"data.yaml as ['anger', 'happy', 'sad']")):
+        ern.read_data_yaml(tmp_path)
+    problems = []
+    assert ern.read_data_yaml(tmp_path, problems)[0] == ["anger", "happy", "sad"] and len(problems) == 1
+    listing.unlink()
+    (tmp_path / "obj.names").write_text("dog\ncat\n")  # Darknet's, of another project: named, not refused
+    assert ern.read_data_yaml(tmp_path)[2] == [f"{tmp_path / 'obj.names'} lists other classes than data.yaml "
+                                              f"(['dog', 'cat']); data.yaml's are used"]
+
+
 def test_read_data_yaml_names_as_dict(tmp_path):
     make_split_folders(tmp_path, ("train",))
     write_yaml(tmp_path / "data.yaml", train="train/images", nc=3, names={2: "c", 0: "z", 1: "b"})
@@ -424,7 +492,7 @@ def test_upper_case_label_suffixes_are_label_files(tmp_path):
     make_split_folders(tmp_path, ("train",))
     cv2.imwrite(str(tmp_path / "train" / "images" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
     (tmp_path / "train" / "labels" / "a.TXT").write_text("1 0.5 0.5 1 1")
-    split, problems, _ = ern.scan_split("train", tmp_path / "train" / "images", 2)
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train" / "images", 2)
     assert problems == [] and split.labels.tolist() == [1]
 
 
@@ -440,10 +508,10 @@ def test_an_empty_label_file_is_an_image_without_faces_and_a_pixel_cache_is_no_s
     (labels / "c.txt").write_text(" \n\n")
     np.save(images / "a.npy", np.zeros((16, 16, 3), np.uint8))
     np.save(images / "stray.npy", np.zeros(3))
-    split, problems, notes = ern.scan_split("train", images, 2)
+    split, problems, notes, no_face = ern.scan_split("train", images, 2)
     assert split.labels.tolist() == [1] and split.paths == [str(images / "a.jpg")]
     assert problems == [f"{images / 'stray.npy'}: not an image file (extension .npy)"]
-    assert notes == [f"{labels / stem}.txt: {ern.NO_FACE_LABELLED}" for stem in "bc"]
+    assert notes == [] and no_face == [str(images / "b.jpg"), str(images / "c.jpg")]
 
 
 def test_a_subfolder_that_cannot_be_listed_is_a_problem_not_a_silent_gap(tmp_path, monkeypatch):
@@ -463,13 +531,30 @@ def test_a_subfolder_that_cannot_be_listed_is_a_problem_not_a_silent_gap(tmp_pat
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refusing)
-    split, problems, _ = ern.scan_split("train", images, 2)
+    split, problems, *_ = ern.scan_split("train", images, 2)
     assert split.paths == [str(images / "a.jpg")]
     assert problems[0] == f"{images / 'locked'}: cannot list this folder (Permission denied), so its files are left out"
     assert problems[1:] == [f"{labels / 'locked' / 'a.txt'}: label file without an image in {images}"]
     sources = pr.folder_sources(images)
     assert [(m.kind, m.path) for m in sources] == [("image", str(images / "a.jpg")), ("error", str(images / "locked"))]
-    assert sources[1].error == "cannot list the folder: Permission denied"
+    assert sources[1].error == "cannot list this folder (Permission denied), so its files are left out"
+
+
+def test_a_link_that_leads_nowhere_is_a_problem_in_training_and_prediction(tmp_path):
+    """A dataset fetched in part (git-annex, DVC) or on an unmounted disk: its links were dropped without a word."""
+    make_split_folders(tmp_path, ("train",))
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    cv2.imwrite(str(images / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (labels / "a.txt").write_text("1 0.5 0.5 1 1")
+    (images / "b.jpg").symlink_to(tmp_path / "annex" / "b.jpg")
+    (labels / "b.txt").symlink_to(tmp_path / "annex" / "b.txt")
+    split, problems, *_ = ern.scan_split("train", images, 2)
+    assert split.paths == [str(images / "a.jpg")]
+    assert problems == [f"{images / 'b.jpg'}: a link to {tmp_path / 'annex' / 'b.jpg'}, which does not exist, so it "
+                        f"is left out", f"{labels / 'b.txt'}: a link to {tmp_path / 'annex' / 'b.txt'}, which does not "
+                        f"exist, so it is left out"]
+    assert [(m.kind, m.path) for m in pr.folder_sources(images)] == [("image", str(images / "a.jpg")),
+                                                                    ("error", str(images / "b.jpg"))]
 
 
 def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path):
@@ -477,7 +562,7 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     (tmp_path / "train").mkdir()
     cv2.imwrite(str(tmp_path / "train" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
     (tmp_path / "train" / "a.txt").write_text("1 0.5 0.5 1 1")
-    split, problems, _ = ern.scan_split("train", tmp_path / "train", 2)
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)
     assert problems == [] and split.labels.tolist() == [1] and split.paths == [str(tmp_path / "train" / "a.jpg")]
     (tmp_path / "train" / "a.txt").unlink()
     with pytest.raises(ern.UserError, match="no label files beside them"):
@@ -526,7 +611,7 @@ def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
     (tmp_path / "ds" / "train" / "labels" / "a.txt").write_text("1 0.5 0.5 1 1")
     write_yaml(tmp_path / "ds" / "data.yaml", train="train/images", names=["a", "b"])
     _, folders, _ = ern.read_data_yaml(tmp_path / "ds")
-    split, problems, _ = ern.scan_split("train", folders["train"], 2)
+    split, problems, *_ = ern.scan_split("train", folders["train"], 2)
     assert problems == [] and split.labels.tolist() == [1]
 
 
@@ -552,8 +637,9 @@ def test_read_data_yaml_names_the_train_path_it_tried(tmp_path):
     write_yaml(tmp_path / "configs" / "faces.yaml", path="datasets/faces", train="train/images", names=["a", "b"])
     with pytest.raises(ern.UserError) as error:
         ern.read_data_yaml(tmp_path / "configs" / "faces.yaml")
-    assert f"({tmp_path / 'configs' / 'datasets' / 'faces' / 'train' / 'images'})" in str(error.value)
-    assert "a relative 'path' is taken from the yaml's folder" in str(error.value)
+    assert f"its path 'datasets/faces' does not exist ({tmp_path / 'configs' / 'datasets' / 'faces'}: a relative " \
+           f"path is taken from the yaml's folder)" in str(error.value)
+    assert f"({tmp_path / 'configs' / 'train' / 'images'})" in str(error.value)  # the train path then tried
 
 
 def test_crop_box_whole_image_is_a_plain_resize():
@@ -585,7 +671,7 @@ def test_pipeline_crops_each_label_box(tmp_path):
     make_split_folders(tmp_path / "data", ("train",))
     cv2.imwrite(str(tmp_path / "data" / "train" / "images" / "two.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     (tmp_path / "data" / "train" / "labels" / "two.txt").write_text("1 0.75 0.5 0.4 0.8\n0 0.25 0.5 0.4 0.8")
-    split, problems, _ = ern.scan_split("train", tmp_path / "data" / "train" / "images", 2)
+    split, problems, *_ = ern.scan_split("train", tmp_path / "data" / "train" / "images", 2)
     assert problems == []
     cfg = ern.Config(cache_dir=str(tmp_path / "cache"), image_size=32, crop_margin=0.1)
     ok, problems = ern.load_split_pixels(split, cfg)
@@ -1160,7 +1246,7 @@ def test_images_sharing_a_label_stem_are_reported(tiny_dataset, tmp_path):
     first = sorted(images.iterdir())[0]
     twin = first.with_suffix(".bmp")
     cv2.imwrite(str(twin), cv2.imread(str(first)))
-    split, problems, _ = ern.scan_split("train", images, 8)
+    split, problems, *_ = ern.scan_split("train", images, 8)
     assert len(split) == len(list(images.iterdir())) - 1
     shared = [p for p in problems if "shares its label file" in p]
     assert len(shared) == 1 and str(twin) in shared[0] and str(first) in shared[0]
@@ -1205,7 +1291,7 @@ def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dat
     images = data / "train" / "images"
 
     def load():
-        split, problems, _ = ern.scan_split("train", images, 8)
+        split, problems, *_ = ern.scan_split("train", images, 8)
         ok, decode_problems = ern.load_split_pixels(split, cfg)
         assert ok.all() and not problems and not decode_problems
         return split

@@ -68,7 +68,7 @@ def test_the_decode_cache_is_rebuilt_by_what_changes_the_crops(tiny_dataset, tmp
     cfg = ern.Config(data_dir=str(data), image_size=32, cache_dir=str(tmp_path / "cache"), decode_threads=1)
 
     def load(cfg):
-        split, _, _ = ern.scan_split("train", data / "train" / "images", 8)
+        split, _, *_ = ern.scan_split("train", data / "train" / "images", 8)
         ern.load_split_pixels(split, cfg)
         return split
 

@@ -418,6 +418,20 @@ def test_a_list_file_of_inputs(checkpoint, tmp_path):
     assert [r["source"] for r in read_csv(tmp_path / "out")] == [str(HOPPER)] * 2
 
 
+def test_a_list_file_is_read_from_its_own_folder_as_windows_writes_it(tmp_path, monkeypatch):
+    """Lines relative to the list's folder (the current folder's where only it holds them), UTF-16 from PowerShell's
+    >, quoted paths from Explorer's "Copy as path", # comments: each was an input that did not exist."""
+    (tmp_path / "batch" / "img").mkdir(parents=True)
+    (tmp_path / "work" / "img").mkdir(parents=True)
+    for folder, name in (("batch", "a.jpg"), ("work", "a.jpg"), ("work", "b.jpg")):
+        (tmp_path / folder / "img" / name).write_bytes(b"x")
+    listing = tmp_path / "batch" / "list.txt"
+    listing.write_text('# photos of day 1\r\nimg/a.jpg\r\n"img/b.jpg"\r\n\r\ncamera:0\r\n', encoding="utf-16")
+    monkeypatch.chdir(tmp_path / "work")
+    assert pr.read_list_files([f"@{listing}", "x.jpg"]) == [str(tmp_path / "batch" / "img" / "a.jpg"), "img/b.jpg",
+                                                            "camera:0", "x.jpg"]
+
+
 def test_a_jpeg_with_a_trailer_is_readable_here_and_in_training(checkpoint, tmp_path):
     """Phone cameras append bytes after the end-of-image marker: the image is whole. A cut JPEG is not."""
     data = open(HOPPER, "rb").read()
@@ -450,7 +464,7 @@ def test_a_cut_jpeg_with_an_exif_thumbnail_is_truncated():
 def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
     """Given a face's dataset box (in pixels), the predictor cuts exactly the crop that the training cache holds."""
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, crop_margin=0.1)
-    split, _, _ = ern.scan_split("train", tiny_dataset / "train" / "images", 8)
+    split, _, *_ = ern.scan_split("train", tiny_dataset / "train" / "images", 8)
     ern.load_split_pixels(split, cfg)
     cfg = dataclasses.replace(cfg, width=0.125, blocks="1,1,1,1")
     path = tmp_path / "m.pth"

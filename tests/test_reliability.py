@@ -57,7 +57,7 @@ class Broken:
     counts: dict  # split -> Counter(class id -> samples that must survive a lenient load)
     dropped: set  # image paths none of whose samples may survive
     multiplicity: dict  # image path -> samples it must still contribute (files with one bad line among good)
-    no_face: list  # the notes of empty label files (images without faces): dropped, and no problem
+    no_face: list  # images whose label file is empty (no face): dropped, and no problem
 
 
 def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
@@ -112,7 +112,7 @@ def broken_copy(tiny_dataset, tmp_path, nc_mismatch=False):
     label.write_text("")  # YOLO's image without objects: not used, and no problem
     b.counts["train"][c] -= 1
     b.dropped.add(str(img))
-    b.no_face.append(f"{label}: {ern.NO_FACE_LABELLED}")
+    b.no_face.append(str(img))
     img, label, c = take("train")
     label.write_text(label.read_text().strip() + "\n3 0.5 0.5 0.4\n")  # line 1 good, line 2 four fields
     b.multiplicity[str(img)] = 1
@@ -162,7 +162,7 @@ def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_pa
     run = tmp_path / "run"
     report = json.loads((run / "data_report.json").read_text())
     assert len(report["problems"]) == len(b.expected), report["problems"]  # and nothing clean was flagged
-    assert report["notes"] == b.no_face
+    assert report["images_without_faces"] == b.no_face and report["notes"] == []
     for where, keyword in b.expected:
         assert any(p.startswith(where) and keyword in p[len(where):].lower() for p in report["problems"]), where
     names = report["class_names"]
@@ -171,8 +171,8 @@ def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_pa
         assert report["splits"][split]["samples"] == sum(counts.values()), split
     log = (run / "train.log").read_text().replace(str(tmp_path), "")  # the folder's name holds "skip"
     count = re.compile(rf"\b{len(b.expected)}\b")
-    assert f"note: 1 image(s) with an empty label file (no face) are not used, e.g. {b.no_face[0].split(': ')[0]}" \
-        in (run / "train.log").read_text()
+    assert f"note: 1 image(s) have an empty label file (YOLO's image without faces) and are not used, e.g. " \
+           f"{b.no_face[0]} (all in data_report.json)" in (run / "train.log").read_text()
     assert any("skip" in line.lower() and count.search(line) for line in log.splitlines()), log
     assert (run / "evaluation_results.json").exists()
 
@@ -1106,7 +1106,7 @@ def test_class_names_are_utf8_in_data_yaml_and_the_log_whatever_the_locale(tmp_p
 def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_dataset, tmp_path, monkeypatch):
     """The cache is a sparse memory-mapped file: a disk filling under it would kill the run (SIGBUS) without a word."""
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
-    split, _, _ = ern.scan_split("val", folders["val"], 8)
+    split, _, *_ = ern.scan_split("val", folders["val"], 8)
     need, real = len(split) * 3 * 32 * 32, shutil.disk_usage
     decoded = []
     decode = ern.decode_image
@@ -1192,12 +1192,12 @@ def test_what_labelimg_and_windows_leave_in_a_dataset_is_not_a_problem(tmp_path)
     (labels / "orphan.txt").write_text("0 0.5 0.5 0.5 0.5\n")
     (images / ".ipynb_checkpoints").mkdir()  # Jupyter's copies
     cv2.imwrite(str(images / ".ipynb_checkpoints" / "a-checkpoint.png"), face)
-    split, problems, _ = ern.scan_split("train", images, 2)
+    split, problems, *_ = ern.scan_split("train", images, 2)
     assert sorted(Path(p).name for p in split.paths) == ["a.png", "b.png"]
     assert problems == [f"{labels / 'orphan.txt'}: label file without an image in {images}"]
     cv2.imwrite(str(images / "classes.png"), face)
     (labels / "classes.txt").write_text("0 0.5 0.5 0.5 0.5\n")
-    split, problems, _ = ern.scan_split("train", images, 2)
+    split, problems, *_ = ern.scan_split("train", images, 2)
     assert sorted((Path(p).name, c) for p, c in zip(split.paths, split.labels.tolist())) == [
         ("a.png", 1), ("b.png", 1), ("classes.png", 0)]
 
@@ -1226,7 +1226,7 @@ def test_what_a_killed_cache_build_left_is_removed_by_the_next_build(tiny_datase
 def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
     _, folders, _ = ern.read_data_yaml(tiny_dataset)
-    split, _, _ = ern.scan_split("val", folders["val"], 8)
+    split, _, *_ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(split, cfg)
     want = np.array(split.images)
     array = next((tmp_path / "cache").glob("*.npy"))
@@ -1234,7 +1234,7 @@ def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch
     decoded = []
     real = ern.decode_image
     monkeypatch.setattr(ern, "decode_image", lambda path: decoded.append(path) or real(path))
-    again, _, _ = ern.scan_split("val", folders["val"], 8)
+    again, _, *_ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(again, cfg)
     assert len(decoded) == len(set(again.paths)) and np.array_equal(np.asarray(again.images), want)
 
@@ -1341,16 +1341,47 @@ def test_a_run_folder_stands_for_its_checkpoint(tmp_path):
         ern.main([f"--resume={run}"])
 
 
-def test_an_image_list_split_is_refused_not_replaced_by_a_folder(tiny_dataset, tmp_path):
-    """`train: train.txt` (Ultralytics' and CVAT's image lists): one line, never a silent fall back to train/images."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dataset, data)
-    (data / "train.txt").write_text("".join(f"./train/images/{p.name}\n" for p in (data / "train" / "images").iterdir()))
-    doc = yaml.safe_load((data / "data.yaml").read_text())
-    doc["train"] = "train.txt"
-    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    with pytest.raises(ern.UserError, match="'train: train.txt' names a file .*point 'train' at the images folder"):
-        ern.read_data_yaml(data)
+def test_an_image_list_split_reads_the_images_it_lists_with_their_labels(tiny_dataset, tmp_path):
+    """`train: train.txt` (Ultralytics' and CVAT's image lists; lines relative to the list's folder, with or without
+    './'): exactly the listed images, each with the label file the folder rule gives, as the folder would read them."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    images = sorted((data / "train" / "images").iterdir())
+    lines = [f"./train/images/{p.name}" for p in images[:5]] + [f"train/images/{p.name}" for p in images[5:9]]
+    (data / "lists").mkdir()
+    (data / "lists" / "train.txt").write_text("# nine of them\n" + "".join(f"../{x}\n" for x in lines) +
+                                             "../train/images/gone.jpg\n../train/labels/" + images[0].stem + ".txt\n")
+    folder, *_ = ern.scan_split("train", data / "train" / "images", 8)
+    listed, problems, *_ = ern.scan_split("train", data / "lists" / "train.txt", 8)
+    expected = [i for i, p in enumerate(folder.paths) if Path(p) in images[:9]]
+    assert listed.paths == [folder.paths[i] for i in expected] and len(set(listed.paths)) == 9
+    assert listed.labels.tolist() == folder.labels[expected].tolist()
+    np.testing.assert_array_equal(listed.boxes, folder.boxes[expected])
+    assert problems == [f"{data / 'lists' / 'train.txt'}:11: {data / 'train' / 'images' / 'gone.jpg'} does not exist",
+                        f"{data / 'lists' / 'train.txt'}:12: {data / 'train' / 'labels' / images[0].stem}.txt is not "
+                        f"an image file (extension .txt)"]
+    both, _, *_ = ern.scan_split("train", [data / "lists" / "train.txt", data / "train" / "images"], 8)
+    assert both.paths == listed.paths + [p for p in folder.paths if Path(p) not in images[:9]]  # each image once
+
+
+def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_dataset, tmp_path):
+    """An unlabelled test/images (a competition's) stopped even --strict=false; an empty test/images without its
+    empty labels/ (which zip tools drop) stopped every run."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    shutil.rmtree(data / "test" / "labels")
+    n = len(list((data / "test" / "images").iterdir()))
+    split, problems, *_ = ern.scan_split("test", data / "test" / "images", 8)
+    assert len(split) == 0 and problems == [f"{data / 'test' / 'images'}: {n} images but no labels folder "
+                                            f"{data / 'test' / 'labels'}, so the split is left out"]
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
+    _, splits, report = ern.load_dataset(cfg)
+    assert set(splits) == {"train", "val"} and report["problems"] == problems
+    for p in (data / "test" / "images").iterdir():
+        p.unlink()
+    split, problems, *_ = ern.scan_split("test", data / "test" / "images", 8)
+    assert len(split) == 0 and problems == []
+    shutil.rmtree(data / "train" / "labels")
+    with pytest.raises(ern.UserError, match="train split: images in .* but no labels folder"):
+        ern.scan_split("train", data / "train" / "images", 8)
 
 
 @pytest.mark.parametrize("ext", [".m4v", ".mpg", ".wmv", ".3gp"])
