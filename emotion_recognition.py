@@ -2563,9 +2563,12 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
 
 def epoch_validation(val, cfg):
     """The split and the TTA of the per-epoch validation: all of val with cfg's test-time views, or --val_faces of it (a
-    fixed random sample, the same in every epoch and after a resume) without: a fifth of a short CPU epoch saved."""
-    if not cfg.val_faces or cfg.val_faces >= len(val):
+    fixed random sample, the same in every epoch and after a resume; all of a split that small) without: a fifth of
+    a short CPU epoch saved."""
+    if not cfg.val_faces:
         return val, True
+    if cfg.val_faces >= len(val):
+        return val, False
     keep = np.zeros(len(val), bool)
     keep[np.random.default_rng(cfg.seed).permutation(len(val))[:cfg.val_faces]] = True
     return val.subset(keep), False
@@ -2846,18 +2849,22 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
 FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
 
 
+# What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
+# and what computes (the data is the checkpoint's, unless --data_dir is given)
+EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite")
+
+
 def run_evaluation(cfg, action, overrides):
+    """--evaluate: the checkpoint's settings (as predict.py takes them: its inference settings unless the command line
+    gives others; FROM_CHECKPOINT's always), this machine's EVALUATION_MACHINE; the results and figures in a folder of
+    their own. Its config in evaluation_results.json is the checkpoint's run, not today's defaults."""
     ckpt = load_checkpoint(action.evaluate)
-    clash = [k for k in FROM_CHECKPOINT if k in overrides]
+    clash = [k for k in (*FROM_CHECKPOINT, "preset") if k in overrides]
     if clash:
         raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
-    saved = config_from_checkpoint(ckpt)
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in FROM_CHECKPOINT})
     own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
-    if own_data:
-        cfg = dataclasses.replace(cfg, data_dir=saved.data_dir)
-    # the rule of predict.py too: inference settings as the checkpoint was trained, unless the command line says
-    cfg = dataclasses.replace(cfg, **{k: getattr(saved, k) for k in INFERENCE_SETTINGS if k not in overrides})
+    cfg = dataclasses.replace(config_from_checkpoint(ckpt),
+                              **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
     validate_config(cfg)
     made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
     if made:

@@ -204,6 +204,9 @@ def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_l
 
 def test_evaluate_writes_results_without_training(evaluated, trained):
     eval_dir, proc = evaluated
+    config, trained_config = read_results(eval_dir)["config"], json.loads((trained[0] / "config.json").read_text())
+    assert config["tsne_samples"] == 60 and config["amp"] is False  # the run's (it recorded today's defaults)
+    assert {k for k in config if config[k] != trained_config[k]} == {"output_dir", "cache_dir"}  # this command's
     missing = [n for n in EVAL_FILES if not (eval_dir / n).is_file()]
     assert not missing, f"missing outputs: {missing}\nstdout:\n{proc.stdout[-2000:]}"
     for n in ("last.pth", "final_emotion_model.pth", "metrics.jsonl", "training_history.png"):

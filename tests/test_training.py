@@ -164,6 +164,18 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
     assert json.loads((run / "config.json").read_text())["epochs"] == epochs
 
 
+def test_per_epoch_validation_takes_no_test_time_views_once_val_faces_is_set():
+    """--val_faces: a fixed sample, one view a face; a split no larger than it is validated whole, still with one view
+    (it took the preset's twenty views every epoch); 0: the whole split as evaluated, with its views."""
+    val = ern.Split("val", [f"{i}.jpg" for i in range(10)], np.arange(10) % 2, np.zeros((10, 4), np.float32))
+    sample, tta = ern.epoch_validation(val, ern.Config(val_faces=4, seed=3))
+    assert len(sample) == 4 and tta is False
+    assert sample.paths == ern.epoch_validation(val, ern.Config(val_faces=4, seed=3))[0].paths  # the same each time
+    for val_faces, views in ((10, False), (11, False), (0, True)):
+        whole, tta = ern.epoch_validation(val, ern.Config(val_faces=val_faces))
+        assert whole is val and tta is views, val_faces
+
+
 def test_without_proc_the_budget_starts_before_torch_is_imported(monkeypatch):
     """macOS and Windows have no /proc/self/stat: the budget counted from main() left out torch's import (seconds)."""
     on_linux = ern.process_start_time()
