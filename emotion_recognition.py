@@ -1372,58 +1372,16 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     class_names, folders, notes = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
-    splits, problems, row_notes, no_face = {}, list(yaml_problems), [], []
-    for name in splits_wanted:
-        if name in folders:
-            splits[name], found, repeated, empty = scan_split(name, folders[name], len(class_names))
-            problems += found
-            row_notes += repeated
-            no_face += empty
-    if no_face:
-        log(f"note: {len(no_face)} image(s) have an empty label file (YOLO's image without faces) and are not used, "
-            f"e.g. {no_face[0]} (all in data_report.json)", log_file)
-    if row_notes:
-        log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
-            f"(all in data_report.json)", log_file)
-    label = {"train": "training", "val": "validation", "test": "test"}
-    # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
-    # val: images/train2017), or test the validation folder (exports without a test split write that)
-    for name, other in (("val", "train"), ("test", "train"), ("test", "val")):
-        if name in splits and other in splits and splits[name].paths and set(splits[name].paths) == set(splits[other].paths):
-            log(f"note: data.yaml's {label[name]} split ({source_text(folders[name])}) holds exactly the {label[other]} split's "
-                f"images{' (which choose the best epoch)' if other == 'val' else ''}, so it is no {label[name]} split; "
-                + ("validation images are held out of training instead" if name == "val" else
-                   "the final evaluation is on the validation split"), log_file)
-            del splits[name]
+    splits, problems, row_notes, no_face = scan_splits(folders, splits_wanted, len(class_names), log_file)
+    problems = yaml_problems + problems
     ok = {}
     for name, split in splits.items():
         if len(split):
             ok[name], found = load_split_pixels(split, cfg, log_file)
-            problems += found
-            for i, size in enumerate(split.sizes):  # a misclick's box: its crop would be one blurred colour
-                if size is None:  # its image did not decode: a problem already
-                    continue
-                w, h = split.boxes[i, 2:] * size[::-1]
-                if min(w, h) < MIN_BOX_PIXELS:
-                    ok[name][i] = False
-                    problems.append(f"{split.paths[i]}: a box of {w:.1f} x {h:.1f} pixels (class "
-                                    f"{class_names[split.labels[i]]}) is too small for a face (under {MIN_BOX_PIXELS})")
+            problems += found + too_small_boxes(split, ok[name], class_names)
     decode_seconds = sum(split.decode_seconds for split in splits.values())  # before subset() makes new splits
     if problems and (cfg.strict or yaml_problems):
-        shown = "\n  ".join(problems[:50])
-        if len(problems) > 50:  # the whole list in a file: the first 50 can all be of one kind (beside the log; a
-            # resume, whose folder changes only once the data fit, has none: in the cache folder)
-            listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
-            try:
-                listing.parent.mkdir(parents=True, exist_ok=True)
-                listing.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8", errors="backslashreplace")
-                where = f", all listed in {listing}"
-            except OSError:  # a folder that cannot be written: the first 50 are still shown
-                where = ""
-            shown += f"\n  ... and {len(problems) - 50} more{where}"
-        advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
-                  "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
-        raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
+        stop_on_problems(problems, yaml_problems, cfg, log_file)
     for name in list(splits):
         if name in ok and not ok[name].all():  # subset() copies: keep the memory map when nothing is dropped
             splits[name] = splits[name].subset(ok[name])
@@ -1434,40 +1392,14 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     if problems:
         log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
     if "val" not in splits and "train" in splits_wanted:
-        held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
-        splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
-        splits["train"] = splits["train"].subset(~held)
-        if not held.any():
-            raise UserError(f"{len(set(splits['train'].paths))} training images are too few to hold out a validation "
-                            f"split (a class's only image stays in training): add a validation split to data.yaml")
-        log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
-            f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
+        hold_out_validation(splits, cfg, log_file)
     if "train" in splits:
         counts = np.bincount(splits["train"].labels, minlength=len(class_names))
         for c in np.flatnonzero(counts == 0):
             elsewhere = ", ".join(f"{n}: {int((s.labels == c).sum())}" for n, s in splits.items() if n != "train")
             log(f"warning: class {class_names[c]!r} has no training samples ({elsewhere})", log_file)
     duplicates = find_duplicates(splits) if "train" in splits else {}
-    if duplicates.get("test_in_val", {}).get("samples"):
-        log(f"warning: {duplicates['test_in_val']['samples']} test samples duplicate validation images pixel for pixel; "
-            f"the validation split chose the best epoch, so the test accuracy is not independent of them", log_file)
-    for name, d in duplicates.items():
-        if name.endswith("_in_train") and d["samples"]:
-            log(f"warning: {d['samples']} {name.split('_')[0]} samples duplicate training images pixel for pixel "
-                f"({d['label_conflicts']} with other labels)" + ("; dropping them" if cfg.drop_duplicates else
-                                                                 "; --drop_duplicates=true drops them"), log_file)
-            if cfg.drop_duplicates:
-                train_hashes = set(splits["train"].hashes)
-                s = splits[name.split("_")[0]]
-                splits[s.name] = s.subset([h not in train_hashes for h in s.hashes])
-                if not len(splits[s.name]) and s.name == "val":
-                    raise UserError("every validation sample duplicates a training image, so --drop_duplicates=true "
-                                    "leaves none: give data.yaml a validation split of other images (or none, for a "
-                                    "hold-out), or keep them")
-                if not len(splits[s.name]):
-                    log("note: every test sample duplicates a training image and is dropped; the final evaluation is "
-                        "on the validation split", log_file)
-                    del splits[s.name]
+    warn_of_duplicates(splits, duplicates, cfg, log_file)
     report = {"data_dir": str(cfg.data_dir), "class_names": class_names, "notes": notes + row_notes,
               "images_without_faces": no_face,
               "decode_seconds": round(decode_seconds, 2),
@@ -1475,6 +1407,110 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
               "splits": {n: split_report(s, class_names) for n, s in splits.items()},
               "duplicates": duplicates}
     return class_names, splits, report
+
+
+SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def scan_splits(folders, splits_wanted, num_classes, log_file):
+    """scan_split of each split wanted that data.yaml names, but one that holds exactly another's images: ({split:
+    Split}, problems, notes of repeated rows, images without faces)."""
+    splits, problems, row_notes, no_face = {}, [], [], []
+    for name in splits_wanted:
+        if name in folders:
+            splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes)
+            problems += found
+            row_notes += repeated
+            no_face += empty
+    if no_face:
+        log(f"note: {len(no_face)} image(s) have an empty label file (YOLO's image without faces) and are not used, "
+            f"e.g. {no_face[0]} (all in data_report.json)", log_file)
+    if row_notes:
+        log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
+            f"(all in data_report.json)", log_file)
+    # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
+    # val: images/train2017), or test the validation folder (exports without a test split write that)
+    for name, other in (("val", "train"), ("test", "train"), ("test", "val")):
+        if name in splits and other in splits and splits[name].paths and set(splits[name].paths) == set(splits[other].paths):
+            log(f"note: data.yaml's {SPLIT_WORDS[name]} split ({source_text(folders[name])}) holds exactly the "
+                f"{SPLIT_WORDS[other]} split's images{' (which choose the best epoch)' if other == 'val' else ''}, so "
+                f"it is no {SPLIT_WORDS[name]} split; " + ("validation images are held out of training instead"
+                                                           if name == "val" else
+                                                           "the final evaluation is on the validation split"), log_file)
+            del splits[name]
+    return splits, problems, row_notes, no_face
+
+
+def too_small_boxes(split, ok, class_names):
+    """The problems of boxes under MIN_BOX_PIXELS on a side (a misclick: its crop would be one blurred colour), whose
+    samples ok then marks False."""
+    problems = []
+    for i, size in enumerate(split.sizes):
+        if size is None:  # its image did not decode: a problem already
+            continue
+        w, h = split.boxes[i, 2:] * size[::-1]
+        if min(w, h) < MIN_BOX_PIXELS:
+            ok[i] = False
+            problems.append(f"{split.paths[i]}: a box of {w:.1f} x {h:.1f} pixels (class "
+                            f"{class_names[split.labels[i]]}) is too small for a face (under {MIN_BOX_PIXELS})")
+    return problems
+
+
+def stop_on_problems(problems, yaml_problems, cfg, log_file):
+    """Raise the problems, the first 50 in the message; past 50 the whole list goes to data_problems.txt (beside the
+    log; a resume, whose folder changes only once the data fit, has none: in the cache folder)."""
+    shown = "\n  ".join(problems[:50])
+    if len(problems) > 50:  # the first 50 can all be of one kind
+        listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
+        try:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8", errors="backslashreplace")
+            where = f", all listed in {listing}"
+        except OSError:  # a folder that cannot be written: the first 50 are still shown
+            where = ""
+        shown += f"\n  ... and {len(problems) - 50} more{where}"
+    advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
+              "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
+    raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
+
+
+def hold_out_validation(splits, cfg, log_file):
+    """Without a validation split: --val_fraction of the training images, whole and stratified, become one."""
+    held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
+    splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
+    splits["train"] = splits["train"].subset(~held)
+    if not held.any():
+        raise UserError(f"{len(set(splits['train'].paths))} training images are too few to hold out a validation "
+                        f"split (a class's only image stays in training): add a validation split to data.yaml")
+    log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
+        f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
+
+
+def warn_of_duplicates(splits, duplicates, cfg, log_file):
+    """Say which evaluated samples duplicate training (or, for test, validation) images; --drop_duplicates drops the
+    ones that duplicate training images."""
+    if duplicates.get("test_in_val", {}).get("samples"):
+        log(f"warning: {duplicates['test_in_val']['samples']} test samples duplicate validation images pixel for pixel; "
+            f"the validation split chose the best epoch, so the test accuracy is not independent of them", log_file)
+    for key, d in duplicates.items():
+        if not (key.endswith("_in_train") and d["samples"]):
+            continue
+        name = key.split("_")[0]
+        log(f"warning: {d['samples']} {name} samples duplicate training images pixel for pixel "
+            f"({d['label_conflicts']} with other labels)" + ("; dropping them" if cfg.drop_duplicates else
+                                                             "; --drop_duplicates=true drops them"), log_file)
+        if not cfg.drop_duplicates:
+            continue
+        train_hashes = set(splits["train"].hashes)
+        splits[name] = splits[name].subset([h not in train_hashes for h in splits[name].hashes])
+        if not len(splits[name]) and name == "val":
+            raise UserError("every validation sample duplicates a training image, so --drop_duplicates=true "
+                            "leaves none: give data.yaml a validation split of other images (or none, for a "
+                            "hold-out), or keep them")
+        if not len(splits[name]):
+            log("note: every test sample duplicates a training image and is dropped; the final evaluation is "
+                "on the validation split", log_file)
+            del splits[name]
 
 
 STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization
