@@ -1882,44 +1882,6 @@ def count_parameters(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
-
-def smooth_targets(labels, num_classes, smoothing):
-    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
-    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
-
-
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
-    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
-
-    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
-    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
-    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
-    context module the KL term is 0.
-    """
-    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
-    if class_weights is not None:
-        w = target @ class_weights
-        ce = (ce * w).sum() / w.sum()
-    else:
-        ce = ce.mean()
-    if context_logits is None:
-        return ce, ce, torch.zeros_like(ce)
-    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
-    return ce + context_weight * kl, ce, kl
-
-
-def inverse_frequency_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
-    if not cfg.class_weights:
-        return None
-    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
-# ---------------------------------------------------------------------------------------------
 # channels_last on the CPU: a probe of the run's own model in a child process
 # ---------------------------------------------------------------------------------------------
 
@@ -2095,6 +2057,44 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
         log(f"channels_last off: {verdict['reason']} in the probe of this model on this CPU; computing in the "
             f"contiguous layout (slower, same results)", log_file)
     return dataclasses.replace(cfg, channels_last=verdict["channels_last"]), verdict
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def smooth_targets(labels, num_classes, smoothing):
+    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
+    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
+
+    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
+    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
+    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
+    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
+    context module the KL term is 0.
+    """
+    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
+    if class_weights is not None:
+        w = target @ class_weights
+        ce = (ce * w).sum() / w.sum()
+    else:
+        ce = ce.mean()
+    if context_logits is None:
+        return ce, ce, torch.zeros_like(ce)
+    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
+    return ce + context_weight * kl, ce, kl
+
+
+def inverse_frequency_weights(cfg, train_y, num_classes):
+    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2364,6 +2364,135 @@ def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_si
 
 
 # ---------------------------------------------------------------------------------------------
+# Run folder: claimed for one run at a time; what a run writes, and where it came from
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
+             "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
+             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png",
+             "data_problems.txt")
+
+
+def claim_folder(run_dir):
+    """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open (a context manager: `with` it
+    to end the claim with the work): the operating system releases it when the process ends however it ends, so a
+    killed run never blocks the next. Windows, which has no flock: a lock on the file's first byte, released alike."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    lock = open(run_dir / ".lock", "a")
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            import msvcrt
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
+        lock.close()
+        held = ((errno.EAGAIN, errno.EWOULDBLOCK) if fcntl else
+                (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)))
+        if e.errno in held:
+            raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
+                            f"another --output_dir") from None
+        return contextlib.nullcontext()  # a filesystem without locks (NFS without lockd, Lustre without -o flock)
+    return lock
+
+
+def unique_folder(base):
+    """base, else base__2, base__3, ...: the first that this call creates (mkdir is exclusive: two runs started in the
+    same second, whose default folders share a name, get two)."""
+    for n in range(1, 1000):
+        folder = base if n == 1 else base.with_name(f"{base.name}__{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create the folder {folder}: {e.strerror}; choose a writable --output_dir") from None
+    raise UserError(f"{base} and 998 folders named after it exist; choose an --output_dir")
+
+
+def make_run_dir(cfg, resuming=False):
+    """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
+    folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
+    if cfg.output_dir:
+        run_dir = Path(cfg.output_dir).expanduser()  # the shell leaves --output_dir=~/... unexpanded
+        try:
+            if run_dir.exists() and not run_dir.is_dir():
+                raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
+        except OSError as e:  # a name too long, a folder this user may not enter
+            raise UserError(f"cannot write in --output_dir={run_dir}: {e.strerror or e}") from None
+    else:
+        run_dir = unique_folder(Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = claim_folder(run_dir)
+    except OSError as e:
+        raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
+    held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
+    if held and not (resuming or cfg.overwrite):
+        with lock:  # given back
+            raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
+                            f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
+    if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
+        for n in RUN_FILES:
+            try:
+                (run_dir / n).unlink(missing_ok=True)
+            except OSError as e:  # open in another program (Windows), a folder of that name
+                with lock:
+                    raise UserError(f"cannot remove the earlier run's {run_dir / n}: {e.strerror or e}") from None
+    return run_dir, lock
+
+
+def provenance(argv, device, data_dir, data_report):
+    """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
+    and the dataset's fingerprint."""
+    script = Path(__file__).resolve()
+
+    def git(*args):  # None outside a git checkout, or without git
+        try:
+            done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
+                                  encoding="utf-8", errors="replace", timeout=10)  # git's, whatever the locale
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("log", "-1", "--format=%H")
+    return {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
+        "command": shlex.join([sys.executable, str(script), *argv]),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                     "opencv": cv2.__version__, "cuda": torch.version.cuda,
+                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu_model(), "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
+        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
+        "git_commit": commit or None,  # the last commit that changed the script
+        "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
+        "data_dir": str(Path(data_dir).resolve()),
+        "dataset": {name: {"images": r["images"], "samples": r["samples"], "file_list_sha256": r["file_list_sha256"]}
+                    for name, r in data_report["splits"].items()},
+    }
+
+
+def record_start(run_dir, resuming, log_file, entry):
+    """Append this start's provenance entry to the run's provenance.json (a resume's to the earlier starts)."""
+    starts = []
+    if resuming and (run_dir / "provenance.json").exists():
+        try:
+            starts = json.loads((run_dir / "provenance.json").read_text())
+            if not isinstance(starts, list):
+                raise ValueError(f"a list was expected, not {type(starts).__name__}")
+        except (OSError, ValueError) as e:  # cut short or edited by hand: the checkpoint, not this record, resumes
+            starts = []
+            log(f"note: {run_dir / 'provenance.json'} is unreadable ({e}); it starts again with this resume", log_file)
+    write_json(starts + [entry], run_dir / "provenance.json")
+
+
+# ---------------------------------------------------------------------------------------------
 # Distributed: under torchrun every process (rank) trains on its share of each global batch, DDP averages
 # the gradients, and rank 0 alone logs and writes
 # ---------------------------------------------------------------------------------------------
@@ -2470,6 +2599,15 @@ def run_inference_sharded(model, images, mean, std, device, cfg, tta=True):
     torch.distributed.all_gather_object(parts, part)
     return {name: None if all(p[name] is None for p in parts) else torch.cat([p[name] for p in parts if p[name] is not None])
             for name in part}  # a rank with no faces (a split smaller than the world) gives None
+
+
+def agree_on_layout(cfg, log_file):
+    """One memory layout in every process (machines may differ): channels_last if every machine's probe passed."""
+    every = torch.tensor([int(cfg.channels_last)])
+    torch.distributed.all_reduce(every, torch.distributed.ReduceOp.MIN)
+    if cfg.channels_last and not every.item():
+        log("channels_last off: another machine's probe failed", log_file)
+    return dataclasses.replace(cfg, channels_last=bool(every.item()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2825,24 +2963,15 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                     append_text(run_dir / "metrics.jsonl", json.dumps(stats) + "\n")
             walls.append(time.time() - t0)
             if plan is not None and epoch > 1:  # re-plan from the epochs as timed, the final evaluation's time too
-                epochs, epoch_s = replanned_epochs(plan, walls, val_walls, epoch, cfg, steps_per_epoch, len(val), tta)
-                epochs = from_rank_zero(epochs)
-                # fewer whenever needed; more by a quarter epoch or more while a pass is left (a small step of the
-                # cosine: adding half an epoch to 16 moves its position by 3 %)
-                if epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
-                                                                 epoch < epochs_run(cfg, steps_per_epoch)):
-                    cfg = dataclasses.replace(cfg, epochs=epochs)
+                replanned = replan(plan, walls, val_walls, epoch, cfg, steps_per_epoch, len(val), tta, log_file)
+                if replanned is not None:
+                    cfg = replanned
                     scheduler = relaid_schedule(scheduler, optimizer, cfg, steps_per_epoch)
-                    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
-                        f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
                     if writes:
                         with ctrl_c_deferred():  # config.json and last.pth agree on the schedule
                             write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                             save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
-            log(f"epoch {epoch:3d}/{epochs_run(cfg, steps_per_epoch)} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
-                f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
-                f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
-                f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}", log_file)
+            log(epoch_line(epoch, epochs_run(cfg, steps_per_epoch), stats, improved), log_file)
     except KeyboardInterrupt:
         log(f"\ninterrupted during epoch {saved + 1}; {last_path} holds the end of epoch {saved}. Resume with:\n  {resume_cmd}", log_file)
         raise SystemExit(130)
@@ -2852,6 +2981,28 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, history[-1], best=best),
                     run_dir / "final_emotion_model.pth")
     return history, best, time.time() - t_start, cfg
+
+
+def replan(plan, walls, val_walls, epoch, cfg, steps_per_epoch, val_faces, tta, log_file):
+    """cfg with the epochs that the budget fits, re-planned from the epochs as timed (replanned_epochs; rank 0's
+    under torchrun), or None where they stay: fewer whenever needed; more by REPLAN_MORE or more while a pass is left
+    (a small step of the cosine: adding half an epoch to 16 moves its position by 3 %)."""
+    epochs, epoch_s = replanned_epochs(plan, walls, val_walls, epoch, cfg, steps_per_epoch, val_faces, tta)
+    epochs = from_rank_zero(epochs)
+    if not (epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
+                                                         epoch < epochs_run(cfg, steps_per_epoch))):
+        return None
+    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
+        f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
+    return dataclasses.replace(cfg, epochs=epochs)
+
+
+def epoch_line(epoch, epochs, stats, improved):
+    """An epoch's line of the log: the losses, accuracies, learning rate and seconds; * where it is the best yet."""
+    return (f"epoch {epoch:3d}/{epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
+            f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
+            f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
+            f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2879,61 +3030,6 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
                                                         mean, std, device, cfg, run_dir / "attention_maps.png")
         write_json(results, run_dir / "evaluation_results.json")
     return results
-
-
-# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
-
-
-# What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
-# and what computes (the data is the checkpoint's, unless --data_dir is given)
-EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite")
-
-
-def run_evaluation(cfg, action, overrides):
-    """--evaluate: the checkpoint's settings (as predict.py takes them: its inference settings unless the command line
-    gives others; FROM_CHECKPOINT's always), this machine's EVALUATION_MACHINE; the results and figures in a folder of
-    their own. Its config in evaluation_results.json is the checkpoint's run, not today's defaults."""
-    ckpt = load_checkpoint(action.evaluate)
-    clash = [k for k in (*FROM_CHECKPOINT, "preset") if k in overrides]
-    if clash:
-        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
-    own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
-    cfg = dataclasses.replace(config_from_checkpoint(ckpt),
-                              **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
-    validate_config(cfg)
-    made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
-    if made:
-        folder = unique_folder(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
-        cfg = dataclasses.replace(cfg, output_dir=str(folder))
-    run_dir, lock = make_run_dir(cfg)
-    with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
-        if made:
-            kept = ("evaluation_results.json", "data_problems.txt")  # results, or the problems that refused them
-            cleanup.callback(lambda: any((run_dir / n).exists() for n in kept) or shutil.rmtree(run_dir, True))
-        if own_data:
-            log(f"data: {cfg.data_dir}, the checkpoint's (--data_dir= for another)", run_dir / "train.log")
-        device = resolve_device(cfg.device)
-        class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
-        write_json(report, run_dir / "data_report.json")
-        split = action.split or ("test" if "test" in splits else "val")
-        if split not in splits:
-            raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
-        sizes = f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples={cfg.attention_samples}, " \
-            f"--tsne_samples={cfg.tsne_samples}"  # the figures' too
-        with out_of_memory_named(device, sizes):
-            model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
-            results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
-                "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
-                "num_parameters": count_parameters(model),
-                "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
-                "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
-                "training_seconds": None,
-                "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
-                set(splits["train"].hashes) if split != "train" else None)
-        log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
-            f"outputs in {run_dir}", run_dir / "train.log")
-        return run_dir, results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3098,115 +3194,59 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 # Main
 # ---------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
-             "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
-             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png",
-             "data_problems.txt")
+# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
+FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
 
 
-def claim_folder(run_dir):
-    """Hold an exclusive lock on run_dir/.lock for as long as the returned file is open (a context manager: `with` it
-    to end the claim with the work): the operating system releases it when the process ends however it ends, so a
-    killed run never blocks the next. Windows, which has no flock: a lock on the file's first byte, released alike."""
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    lock = open(run_dir / ".lock", "a")
-    try:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            import msvcrt
-            lock.seek(0)
-            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
-    except OSError as e:
-        lock.close()
-        held = ((errno.EAGAIN, errno.EWOULDBLOCK) if fcntl else
-                (errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK)))
-        if e.errno in held:
-            raise UserError(f"{run_dir} is in use by another run that is still running; wait for it to end, or choose "
-                            f"another --output_dir") from None
-        return contextlib.nullcontext()  # a filesystem without locks (NFS without lockd, Lustre without -o flock)
-    return lock
+# What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
+# and what computes (the data is the checkpoint's, unless --data_dir is given)
+EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite")
 
 
-def unique_folder(base):
-    """base, else base__2, base__3, ...: the first that this call creates (mkdir is exclusive: two runs started in the
-    same second, whose default folders share a name, get two)."""
-    for n in range(1, 1000):
-        folder = base if n == 1 else base.with_name(f"{base.name}__{n}")
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UserError(f"cannot create the folder {folder}: {e.strerror}; choose a writable --output_dir") from None
-    raise UserError(f"{base} and 998 folders named after it exist; choose an --output_dir")
-
-
-def make_run_dir(cfg, resuming=False):
-    """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
-    folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
-    if cfg.output_dir:
-        run_dir = Path(cfg.output_dir).expanduser()  # the shell leaves --output_dir=~/... unexpanded
-        try:
-            if run_dir.exists() and not run_dir.is_dir():
-                raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
-        except OSError as e:  # a name too long, a folder this user may not enter
-            raise UserError(f"cannot write in --output_dir={run_dir}: {e.strerror or e}") from None
-    else:
-        run_dir = unique_folder(Path("outputs") / f"{cfg.run_name}__{cfg.seed}__{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = claim_folder(run_dir)
-    except OSError as e:
-        raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
-    held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
-    if held and not (resuming or cfg.overwrite):
-        with lock:  # given back
-            raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
-                            f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
-    if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
-        for n in RUN_FILES:
-            try:
-                (run_dir / n).unlink(missing_ok=True)
-            except OSError as e:  # open in another program (Windows), a folder of that name
-                with lock:
-                    raise UserError(f"cannot remove the earlier run's {run_dir / n}: {e.strerror or e}") from None
-    return run_dir, lock
-
-
-def provenance(argv, device, data_dir, data_report):
-    """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
-    and the dataset's fingerprint."""
-    script = Path(__file__).resolve()
-
-    def git(*args):  # None outside a git checkout, or without git
-        try:
-            done = subprocess.run(["git", "-C", str(script.parent), *args, "--", script.name], capture_output=True,
-                                  encoding="utf-8", errors="replace", timeout=10)  # git's, whatever the locale
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("log", "-1", "--format=%H")
-    return {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
-        "command": shlex.join([sys.executable, str(script), *argv]),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "opencv": cv2.__version__, "cuda": torch.version.cuda,
-                     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
-        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": cpu_model(), "cpu_bf16_native": cpu_has_bf16(), "threads": torch.get_num_threads(),
-        "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(),
-        "git_commit": commit or None,  # the last commit that changed the script
-        "git_uncommitted_changes": bool(git("status", "--porcelain")) if commit else None,
-        "data_dir": str(Path(data_dir).resolve()),
-        "dataset": {name: {"images": r["images"], "samples": r["samples"], "file_list_sha256": r["file_list_sha256"]}
-                    for name, r in data_report["splits"].items()},
-    }
+def run_evaluation(cfg, action, overrides):
+    """--evaluate: the checkpoint's settings (as predict.py takes them: its inference settings unless the command line
+    gives others; FROM_CHECKPOINT's always), this machine's EVALUATION_MACHINE; the results and figures in a folder of
+    their own. Its config in evaluation_results.json is the checkpoint's run, not today's defaults."""
+    ckpt = load_checkpoint(action.evaluate)
+    clash = [k for k in (*FROM_CHECKPOINT, "preset") if k in overrides]
+    if clash:
+        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
+    own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
+    cfg = dataclasses.replace(config_from_checkpoint(ckpt),
+                              **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
+    validate_config(cfg)
+    made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
+    if made:
+        folder = unique_folder(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
+        cfg = dataclasses.replace(cfg, output_dir=str(folder))
+    run_dir, lock = make_run_dir(cfg)
+    with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
+        if made:
+            kept = ("evaluation_results.json", "data_problems.txt")  # results, or the problems that refused them
+            cleanup.callback(lambda: any((run_dir / n).exists() for n in kept) or shutil.rmtree(run_dir, True))
+        if own_data:
+            log(f"data: {cfg.data_dir}, the checkpoint's (--data_dir= for another)", run_dir / "train.log")
+        device = resolve_device(cfg.device)
+        class_names, splits, report = load_dataset(cfg, run_dir / "train.log")
+        write_json(report, run_dir / "data_report.json")
+        split = action.split or ("test" if "test" in splits else "val")
+        if split not in splits:
+            raise UserError(f"--split={split}: the dataset in {cfg.data_dir} has no such split")
+        sizes = f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples={cfg.attention_samples}, " \
+            f"--tsne_samples={cfg.tsne_samples}"  # the figures' too
+        with out_of_memory_named(device, sizes):
+            model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
+            results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
+                "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
+                "num_parameters": count_parameters(model),
+                "checkpoint_epoch": ckpt["epoch"],  # best, final and last checkpoints record the run's best epoch as of then
+                "best_epoch": ckpt.get("best", {}).get("epoch"), "best_val_accuracy": ckpt.get("best", {}).get("val_accuracy"),
+                "training_seconds": None,
+                "checkpoint": str(action.evaluate), "duplicates": report["duplicates"], "config": dataclasses.asdict(cfg)},
+                set(splits["train"].hashes) if split != "train" else None)
+        log(f"{split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) of {action.evaluate}; "
+            f"outputs in {run_dir}", run_dir / "train.log")
+        return run_dir, results
 
 
 def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None):
@@ -3270,12 +3310,8 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     model = build(cfg, len(class_names))
     with rank_zero_first():  # one probe per machine: the other processes read its verdict
         cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file, cfg.batch_size // world)
-    if world > 1 and memory_verdict is not None:  # one layout everywhere (machines may differ): NHWC if all passed
-        every = torch.tensor([int(cfg.channels_last)])
-        torch.distributed.all_reduce(every, torch.distributed.ReduceOp.MIN)
-        if cfg.channels_last and not every.item():
-            log("channels_last off: another machine's probe failed", log_file)
-        cfg = dataclasses.replace(cfg, channels_last=bool(every.item()))
+    if world > 1 and memory_verdict is not None:
+        cfg = agree_on_layout(cfg, log_file)
     model = place_model(model, cfg, device)
     same_as_rank_zero(model)
     if cfg.sync_bn and world > 1:  # CUDA: PyTorch's; gloo on CPUs: ours (nn.SyncBatchNorm is CUDA-only)
@@ -3298,35 +3334,38 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:
-        starts = []
-        if resume_ckpt is not None and (run_dir / "provenance.json").exists():
-            try:
-                starts = json.loads((run_dir / "provenance.json").read_text())
-                if not isinstance(starts, list):
-                    raise ValueError(f"a list was expected, not {type(starts).__name__}")
-            except (OSError, ValueError) as e:  # cut short or edited by hand: the checkpoint, not this record, resumes
-                starts = []
-                log(f"note: {run_dir / 'provenance.json'} is unreadable ({e}); it starts again with this resume", log_file)
-        write_json(starts + [{**provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
-                              "channels_last_probe": memory_verdict,
-                              "world_size": world, "backend": torch.distributed.get_backend() if world > 1 else None}],
-                   run_dir / "provenance.json")
+        record_start(run_dir, resume_ckpt is not None, log_file, {
+            **provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
+            "channels_last_probe": memory_verdict, "world_size": world,
+            "backend": torch.distributed.get_backend() if world > 1 else None})
     history, best, seconds, cfg = train(model, train_x, train_y, val_epoch, class_names, mean, std, cfg, run_dir,
                                         device, log_file, resume_ckpt, plan, tta)
     del train_x, train_y
     if rank > 0:  # rank 0 evaluates alone: the whole test split, as one process
         return run_dir, None
-    best_path = run_dir / "best_emotion_model.pth"
     t_final = time.time()
+    results = final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, {
+        "evaluated_split": eval_split, "num_parameters": n_params, "arithmetic": computes, "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
+        "final_epoch_val_accuracy": history[-1]["val_accuracy"], "training_seconds": round(seconds, 1),
+        "duplicates": report["duplicates"], "duplicates_dropped": cfg.drop_duplicates,
+        "config": dataclasses.asdict(cfg)}, history)
+    if plan is not None:
+        log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (estimated "
+            f"{plan['final_evaluation_seconds']:.0f} s); {(time.time() - started) / 60:.2f} of {cfg.time_budget:g} "
+            f"minutes used", log_file)
+    return run_dir, results
+
+
+def final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, record,
+                     history):
+    """The end of a run: the best epoch's weights evaluated on eval_split (write_evaluation, with record), the
+    training history plotted, the result line. Ctrl-C here names the --evaluate command that does it later."""
+    best_path = run_dir / "best_emotion_model.pth"
     try:
         model.load_state_dict(load_checkpoint(best_path)["model"])
-        results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir, {
-            "evaluated_split": eval_split, "num_parameters": n_params, "arithmetic": computes, "best_epoch": best["epoch"],
-            "best_val_accuracy": best["val_accuracy"], "final_epoch": history[-1]["epoch"],
-            "final_epoch_val_accuracy": history[-1]["val_accuracy"], "training_seconds": round(seconds, 1),
-            "checkpoint": str(best_path), "duplicates": report["duplicates"], "duplicates_dropped": cfg.drop_duplicates,
-            "config": dataclasses.asdict(cfg)},
-            set(splits["train"].hashes))
+        results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir,
+                                   {**record, "checkpoint": str(best_path)}, set(splits["train"].hashes))
         plot_history(history, run_dir / "training_history.png")
     except KeyboardInterrupt:
         log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
@@ -3336,12 +3375,9 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         f" (the best epoch was chosen on this split, so this is optimistic; the final epoch {history[-1]['epoch']} " \
         f"reached {history[-1]['val_accuracy']:.2%})"
     log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
-        f"epoch {best['epoch']} (val accuracy {best['val_accuracy']:.2%}){chosen_on_it}; outputs in {run_dir}", log_file)
-    if plan is not None:
-        log(f"time budget: the final evaluation and figures took {time.time() - t_final:.0f} s (estimated "
-            f"{plan['final_evaluation_seconds']:.0f} s); {(time.time() - started) / 60:.2f} of {cfg.time_budget:g} "
-            f"minutes used", log_file)
-    return run_dir, results
+        f"epoch {record['best_epoch']} (val accuracy {record['best_val_accuracy']:.2%}){chosen_on_it}; outputs in "
+        f"{run_dir}", log_file)
+    return results
 
 
 # What a resumed run keeps from its checkpoint, and why
