@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ class Config:
     output_dir: str = ""  # run folder; empty = outputs/{name}__{seed}__{time}
     run_name: str = "ern"  # first part of the default run folder's name
     overwrite: bool = False  # allow writing into a folder that already holds a run's results
-    tsne_samples: int = 2000  # points in feature_space.png (t-SNE is quadratic)
+    tsne_samples: int = 2000  # points in feature_space.png (t-SNE's time grows with them)
     attention_samples: int = 2000  # faces in attention_maps.png (a forward and a backward pass each); 0 = no figure
     # preset
     preset: str = ""  # named overrides applied before the command line: cpu | demo
@@ -1037,9 +1038,13 @@ def folder_pairs(name, images_dir):
     except OSError as e:
         raise UserError(f"{name} split: cannot list {e.filename} ({e.strerror})") from None
     problems = [f"{path}: {why}" for path, why in passed_over]
+
+    def key(path, folder):  # a Mac writes names decomposed (NFD), most tools composed (NFC): one name either way
+        return Path(unicodedata.normalize("NFC", str(path.relative_to(folder).with_suffix(""))))
+
     images, others = {}, []
     for p in image_files:
-        stem = p.relative_to(images_dir).with_suffix("")
+        stem = key(p, images_dir)
         if p.suffix.lower() in IMAGE_EXTS and stem in images:
             problems.append(f"{p}: shares its label file {stem}.txt with {images[stem]}")
         elif p.suffix.lower() in IMAGE_EXTS:
@@ -1053,10 +1058,10 @@ def folder_pairs(name, images_dir):
         if name == "train":
             raise UserError(f"{name} split: images in {images_dir} but {missing}")
         return {}, problems + [f"{images_dir}: {len(images)} images but {missing}, so the split is left out"]
-    pixel_caches = {p for p in others if p.suffix == ".npy" and p.relative_to(images_dir).with_suffix("") in images}
+    pixel_caches = {p for p in others if p.suffix == ".npy" and key(p, images_dir) in images}
     problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others  # Ultralytics' cache=disk
                  if p not in pixel_caches]  # writes each image's pixels beside it as .npy
-    label_files = {p.relative_to(labels_dir).with_suffix(""): p for p in label_files if p.suffix.lower() == ".txt"}
+    label_files = {key(p, labels_dir): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
     problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in images]
@@ -1599,10 +1604,10 @@ def draw_face(rng, expression, size):
     return np.clip(img, 0, 255).astype(np.uint8), box
 
 
-def make_synthetic_dataset(root, per_class=(60, 20, 0), size=64, seed=0, names=DEMO_CLASSES):
+def make_synthetic_dataset(root, per_class=(150, 50, 0), size=64, seed=0, names=DEMO_CLASSES):
     """A YOLO-format dataset of drawn faces: data.yaml and train/valid/test with images/ and labels/.
 
-    per_class gives the images per class in train, valid and test (0 = no such split). JPEG and
+    per_class gives the images per class in train, valid and test (0 = no such split; the defaults: --demo's). JPEG and
     PNG are mixed, and every label ends without a trailing newline, as in the AffectNet export.
     """
     root = Path(root)
@@ -2090,7 +2095,8 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
 
 def inverse_frequency_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split, normalized to a mean of 1; else None."""
+    """--class_weights: inverse class frequency of the training split (a mean of 1 over its samples; hybrid_loss
+    divides by the batch's sum of weights, so only their ratios count); else None."""
     if not cfg.class_weights:
         return None
     counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
@@ -2102,7 +2108,7 @@ def inverse_frequency_weights(cfg, train_y, num_classes):
 # (spatial-attention gates, Grad-CAM); the metrics
 # ---------------------------------------------------------------------------------------------
 
-def normalize(x_uint8, mean, std):
+def standardize(x_uint8, mean, std):
     """uint8 (or 0-255 float) images -> the network's input: the dataset's per-channel normalization."""
     return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
@@ -2145,7 +2151,7 @@ def run_inference(model, images, mean, std, device, cfg, tta=True):
     amp_dtype = autocast_dtype(cfg, device)
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
-        x = normalize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
+        x = standardize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
         views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
@@ -2176,7 +2182,7 @@ def explain_faces(model, images, mean, std, device, target=None):
         for i in range(0, len(images), EXPLAIN_BATCH):
             gates.clear()
             stage_out.clear()
-            x = normalize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
+            x = standardize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
             with torch.enable_grad():
                 logits, s, _ = model(x)
                 t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
@@ -2510,7 +2516,7 @@ def init_distributed(cfg):
 
 
 @contextlib.contextmanager
-def rank_zero_first():
+def local_rank_zero_first():
     """Each machine's first process (LOCAL_RANK 0) runs the block first (and builds the decode cache in its
     --cache_dir); the other processes wait, then run it (and read that cache)."""
     first, world = int(os.environ.get("LOCAL_RANK", "0")) == 0, rank_and_world()[1]
@@ -2615,7 +2621,9 @@ def agree_on_layout(cfg, log_file):
 # ---------------------------------------------------------------------------------------------
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on biases, norms and prototypes (1-d or scale-free parameters)."""
+    """AdamW; no weight decay on biases and norms (1-d) nor on the prototypes: the similarities s use only their
+    directions, while the expected prototype c, which the classifier reads, has their length (decay would shrink it;
+    not measured against decaying them)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith("prototypes") else decay).append(p)
@@ -2677,6 +2685,12 @@ def epochs_run(cfg, steps_per_epoch):
     return -(-total_steps(cfg, steps_per_epoch) // steps_per_epoch)
 
 
+def epoch_seed(cfg, epoch):
+    """The seed of an epoch's permutation (and, per rank, of its augmentation): from the run's seed and the epoch alone,
+    so that a resume continues it."""
+    return cfg.seed * 1_000_003 + epoch
+
+
 def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scaler, cfg, epoch, *, num_classes,
                     class_weights=None, max_steps=None):
     """One pass over a fresh permutation of the on-device training set; returns mean loss terms and accuracy.
@@ -2693,7 +2707,7 @@ def train_one_epoch(model, images, labels, mean, std, optimizer, scheduler, scal
     share = batch // world  # this rank's part of each global batch
     steps = min(epoch_steps(images.shape[0], cfg), max_steps or math.inf)
     # one permutation per epoch, the same on every rank (from the seed), whatever the number of ranks
-    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).to(dev)
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(epoch_seed(cfg, epoch))).to(dev)
     sums = torch.zeros(4, device=dev)  # loss, ce, kl, correct
     first_bad = torch.full((), -1, device=dev, dtype=torch.long)
     amp_dtype = autocast_dtype(cfg, dev)
@@ -2748,7 +2762,7 @@ def epoch_validation(val, cfg):
     return val.subset(keep), False
 
 
-def validate(model, val, mean, std, device, cfg, num_classes, tta=True):
+def validation_metrics(model, val, mean, std, device, cfg, num_classes, tta=True):
     """The per-epoch validation: loss (the hybrid loss on smoothed targets), accuracy and macro-F1 of the split."""
     out = run_inference_sharded(model, val.images, mean, std, device, cfg, tta)
     target = smooth_targets(torch.from_numpy(val.labels), num_classes, cfg.label_smoothing)
@@ -2763,7 +2777,8 @@ BUDGET_TIMED_STEPS = 3  # training steps timed, after one warm-up step (which al
 BUDGET_VAL_FACES = 1024  # validation faces timed; the pass is scaled to the split's size
 BUDGET_MARGIN = 0.03  # of the budget, kept free for the machine's drift (epochs are re-planned as they are timed)
 BUDGET_FIGURES_SECONDS = 4.0  # the figures but t-SNE (matplotlib's import, five PNGs): 3 s on a 2-core CPU
-TSNE_SECONDS_PER_POINT = 0.006  # sklearn's t-SNE: 3.8 ms a point at 2,000 points on a 2-core AVX-512 CPU
+TSNE_SECONDS_PER_POINT = 0.006  # sklearn's t-SNE: 3.8 ms a point measured at 2,000 points on a 2-core AVX-512 CPU,
+# and room for slower ones
 
 
 def process_start_time():
@@ -2940,13 +2955,13 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
-                torch.manual_seed((cfg.seed * 1_000_003 + epoch) * 1_009 + rank)
+                torch.manual_seed(epoch_seed(cfg, epoch) * 1_009 + rank)
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, class_weights=weights,
                                     max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
             same_as_rank_zero(model)  # one model on every rank
             t_val = time.time()
-            stats.update(epoch=epoch, **validate(model, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
+            stats.update(epoch=epoch, **validation_metrics(model, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
                          epoch_seconds=time.time() - t0)
             val_walls.append(time.time() - t_val)
             history.append(stats)
@@ -3288,7 +3303,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     # a resumed run's folder changes only once the data and the checkpoint are known to fit: log to the console until then
     log_file = run_dir / "train.log" if resume_ckpt is None else None
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
-    with rank_zero_first():  # one decode, then the others read the cache
+    with local_rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
@@ -3308,9 +3323,9 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         ("" if eval_split == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     mean, std = mean.to(device), std.to(device)
     model = build(cfg, len(class_names))
-    with rank_zero_first():  # one probe per machine: the other processes read its verdict
-        cfg, memory_verdict = channels_last_checked(model, cfg, device, log_file, cfg.batch_size // world)
-    if world > 1 and memory_verdict is not None:
+    with local_rank_zero_first():  # one probe per machine: the other processes read its verdict
+        cfg, layout_verdict = channels_last_checked(model, cfg, device, log_file, cfg.batch_size // world)
+    if world > 1 and layout_verdict is not None:
         cfg = agree_on_layout(cfg, log_file)
     model = place_model(model, cfg, device)
     same_as_rank_zero(model)
@@ -3331,12 +3346,12 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
         plan = from_rank_zero(plan_epochs(model, train_x, train_y, val_epoch, len(splits[eval_split]), mean, std,
                                           cfg, device, len(class_names), deadline, tta=tta))  # every rank measures, rank 0's plan
         cfg = apply_plan(cfg, plan, log_file)
-    if rank == 0 and (plan is not None or memory_verdict is not None):  # as run: epochs planned, the layout probed
+    if rank == 0 and (plan is not None or layout_verdict is not None):  # as run: epochs planned, the layout probed
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
     if rank == 0:
         record_start(run_dir, resume_ckpt is not None, log_file, {
             **provenance(argv, device, cfg.data_dir, report), "time_budget_plan": plan,
-            "channels_last_probe": memory_verdict, "world_size": world,
+            "channels_last_probe": layout_verdict, "world_size": world,
             "backend": torch.distributed.get_backend() if world > 1 else None})
     history, best, seconds, cfg = train(model, train_x, train_y, val_epoch, class_names, mean, std, cfg, run_dir,
                                         device, log_file, resume_ckpt, plan, tta)
@@ -3426,7 +3441,7 @@ def main(argv, started=None):
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
         if not (data / "data.yaml").exists():
             print(f"writing a synthetic dataset of drawn faces to {data} ...")
-            make_synthetic_dataset(data, per_class=(150, 50, 0), size=64, seed=cfg.seed)
+            make_synthetic_dataset(data, seed=cfg.seed)
         cfg = dataclasses.replace(cfg, data_dir=str(data))
     return run_training(cfg, argv=argv, started=started)
 

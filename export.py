@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
                                  decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
-                                 model_from_checkpoint, normalize, read_overrides, stop_on_ctrl_c_and_sigterm,
+                                 model_from_checkpoint, read_overrides, standardize, stop_on_ctrl_c_and_sigterm,
                                  tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop, network_crop
 
@@ -57,7 +57,7 @@ class ExportedERN(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, images):
-        x = normalize(images * 255, self.mean, self.std)
+        x = standardize(images * 255, self.mean, self.std)
         views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
         return (sum(self.model(v)[0] for v in views) / len(views)).softmax(1)
 

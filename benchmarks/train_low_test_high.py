@@ -73,7 +73,7 @@ def main():
                                                                      device, args.bn_faces))])
         for name, m in variants:
             t0 = time.perf_counter()
-            r = ern.validate(m, splits["val"], mean, std, device, cfg, k)
+            r = ern.validation_metrics(m, splits["val"], mean, std, device, cfg, k)
             rows.append({"test_px": size, "batchnorm": name, **r, "seconds": round(time.perf_counter() - t0, 1)})
             print(f"| {size} | {name} | {100 * r['val_accuracy']:.2f} % | {r['val_macro_f1']:.4f} | "
                   f"{rows[-1]['seconds']} |", flush=True)

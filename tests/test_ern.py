@@ -148,7 +148,7 @@ def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_da
         crops.append(ern.crop_box(image, box, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1))
         labels.append(int(cls))
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
-    x = ern.normalize(torch.from_numpy(np.stack(crops)), mean, std)
+    x = ern.standardize(torch.from_numpy(np.stack(crops)), mean, std)
     with torch.no_grad():
         logits = (model(x)[0] + model(x.flip(3))[0]) / 2  # flip TTA, as the evaluation does
     cm = np.bincount(np.array(labels) * 8 + logits.argmax(1).numpy(), minlength=64).reshape(8, 8)  # rows true
@@ -558,6 +558,17 @@ def test_a_link_that_leads_nowhere_is_a_problem_in_training_and_prediction(tmp_p
                         f"exist, so it is left out"]
     assert [(m.kind, m.path) for m in pr.folder_sources(images)] == [("image", str(images / "a.jpg")),
                                                                     ("error", str(images / "b.jpg"))]
+
+
+def test_an_image_named_on_a_mac_pairs_with_its_label(tmp_path):
+    """macOS writes names decomposed (e + combining accent), most labelling tools composed (é): the same name, which
+    was an image without a label file and a label file without an image."""
+    make_split_folders(tmp_path, ("train",))
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    cv2.imwrite(str(images / "cafe\u0301.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (labels / "caf\u00e9.txt").write_text("1 0.5 0.5 1 1")
+    split, problems, *_ = ern.scan_split("train", images, 2)
+    assert problems == [] and split.paths == [str(images / "cafe\u0301.jpg")] and split.labels.tolist() == [1]
 
 
 def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path):
@@ -1100,7 +1111,7 @@ def test_test_time_views_average_the_logits_of_the_zoomed_shifted_and_mirrored_f
     views = views_oracle(x.astype(np.float32), shift, flip, zoom)
     assert ern.tta_view_count(cfg) == len(views) == count
     with torch.no_grad():
-        each = [model(ern.normalize(torch.from_numpy(np.ascontiguousarray(v)), mean, std))[0] for v in views]
+        each = [model(ern.standardize(torch.from_numpy(np.ascontiguousarray(v)), mean, std))[0] for v in views]
     got = ern.run_inference(model, x, mean, std, torch.device("cpu"), cfg)["logits"]
     assert got == pytest.approx((sum(each) / len(each)).numpy(), abs=1e-5)
     assert (got - each[0]).abs().max() > 1e-3  # the views differ, so the check above tells
@@ -1184,19 +1195,19 @@ def test_augment_batch_keeps_shape_and_is_float():
     out = ern.augment_batch(x, MEAN, STD, ern.Config())
     assert out.shape == x.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    assert not torch.allclose(out, ern.normalize(x, MEAN, STD))
+    assert not torch.allclose(out, ern.standardize(x, MEAN, STD))
 
 
 def test_augment_batch_off_is_normalize():
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
     out = ern.augment_batch(x, MEAN, STD, ern.Config(**NO_AUGMENTATION))
-    assert torch.equal(out, ern.normalize(x, MEAN, STD))
+    assert torch.equal(out, ern.standardize(x, MEAN, STD))
 
 
 def test_augment_batch_flip_is_per_sample():
     """With only flips on, each sample comes out as itself or its exact mirror, drawn independently."""
     x = asymmetric_batch(n=8)
-    plain = ern.normalize(x, MEAN, STD)
+    plain = ern.standardize(x, MEAN, STD)
     cfg = ern.Config(**{**NO_AUGMENTATION, "aug_flip": 0.5})
     torch.manual_seed(0)
     flips = []
@@ -1219,7 +1230,7 @@ def test_augment_batch_randomness_is_per_sample(field):
     torch.manual_seed(0)
     out = ern.augment_batch(x, MEAN, STD, cfg)
     assert not torch.allclose(out[0], out[1], atol=1e-3)
-    assert not torch.allclose(out[0], ern.normalize(x, MEAN, STD)[0], atol=1e-3)
+    assert not torch.allclose(out[0], ern.standardize(x, MEAN, STD)[0], atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_
     target = np.arange(6) % 8
     maps = ern.explain_faces(model, faces, mean, std, torch.device("cpu"), target=target)
     with torch.no_grad():
-        a = model.stages(model.stem(ern.normalize(torch.from_numpy(faces), mean, std)))
+        a = model.stages(model.stem(ern.standardize(torch.from_numpy(faces), mean, std)))
         cam = F.relu(torch.einsum("nkhw,nk->nhw", a, model.classifier.weight[target]))[:, None]
         cam = F.interpolate(cam, size=32, mode="bilinear", align_corners=False)[:, 0]
         cam = cam / cam.amax((1, 2), keepdim=True).clamp_min(1e-12)
