@@ -56,7 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-IMPORTING_SINCE = time.time()  # the budget's start where the process's own is unknown: before torch's import
+# the budget's start where the process's own is unknown (process_start_time): here, before torch's seconds of import
+IMPORTING_SINCE = time.time()
 
 import cv2
 import numpy as np
@@ -692,6 +693,22 @@ def ordered_prefetch(fn, items, pool, depth, pixels=None):
         yield future.result()
 
 
+def list_file_lines(path):
+    """The entries of a list file (a split's image list, predict.py's @list.txt): (line number, text) of each line
+    that is not blank or a # comment, without the quotes that Explorer's "Copy as path" puts around it; UTF-8, or
+    UTF-16 with its byte-order mark (PowerShell's >). Raises OSError or UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    entries = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
+            line = line[1:-1]
+        if line and not line.startswith("#"):
+            entries.append((n, line))
+    return entries
+
+
 def stop_on_ctrl_c_and_sigterm():
     """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
     what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
@@ -701,7 +718,7 @@ def stop_on_ctrl_c_and_sigterm():
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: data.yaml -> split folders -> labelled samples (parsing and checks) -> decoded uint8 cache
+# Data: data.yaml -> split folders or image lists -> labelled samples (parsing and checks) -> decoded uint8 cache
 # ---------------------------------------------------------------------------------------------
 
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
@@ -761,8 +778,11 @@ def read_data_yaml(data_dir, problems=None):
     names = yaml_class_names(doc, yaml_path, problems)
     folders, notes = split_sources(doc, yaml_path)
     for listing in class_list_files(yaml_path.parent, folders):
-        listed = [line.strip() for line in listing.read_text(encoding="utf-8-sig", errors="replace").splitlines()
-                  if line.strip()]
+        try:
+            listed = [line for _, line in list_file_lines(listing)]
+        except (OSError, UnicodeDecodeError) as e:
+            notes.append(f"{listing} cannot be read ({getattr(e, 'strerror', None) or e}); data.yaml's names are used")
+            continue
         if listed != names and sorted(listed) == sorted(names):  # the label files count in the list file's order
             problem = (f"{listing} lists the classes as {listed}, data.yaml as {names}: the labels were written in "
                        f"the list's order, so every face would be named another emotion. Give data.yaml's names "
@@ -830,7 +850,11 @@ def split_sources(doc, yaml_path):
     """
     base = Path(os.path.abspath(yaml_path.parent))
     root, notes, absent = base, [], ""
-    for path in yaml_paths(doc, "path", yaml_path)[:1]:
+    if isinstance(doc.get("path"), list):
+        raise UserError(f"{yaml_path}: 'path' must be one folder, got {doc['path']!r}")
+    if "val" in doc and "validation" in doc:
+        notes.append("data.yaml gives both val and validation: val is read")
+    for path in yaml_paths(doc, "path", yaml_path):
         root = base / path
         if not root.is_dir():
             notes.append(f"data.yaml's path {path!r} does not exist here; its splits are read from {base}")
@@ -840,7 +864,10 @@ def split_sources(doc, yaml_path):
     folders = {}
     for split, standard in (("train", ["train"]), ("val", ["valid", "val"]), ("test", ["test"])):
         key = "validation" if split == "val" and "val" not in doc and "validation" in doc else split  # Ultralytics
-        entries = yaml_paths(doc, key, yaml_path)  # reads both keys
+        entries = yaml_paths(doc, key, yaml_path)  # reads either key
+        raw = doc.get(key) if isinstance(doc.get(key), list) else [doc.get(key)]
+        number = " (YAML read the name as a number: quote it)" if entries and not all(isinstance(v, str) for v in raw) \
+            else ""
         given = [Path(os.path.abspath(root / e)) for e in entries]  # not resolved: labels lie beside a link
         given = [g / "images" if (g / "images").is_dir() and (g / "labels").is_dir() else g for g in given]
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
@@ -855,7 +882,7 @@ def split_sources(doc, yaml_path):
             continue
         if len(given) > 1:
             raise UserError(f"{yaml_path}: '{key}' lists {', '.join(str(g) for g in given if not g.exists())}, "
-                            f"which does not exist")
+                            f"which does not exist{number}")
         if not entries and split != "train":  # never read a split the yaml leaves out (a test split kept aside)
             if fallback is not None:
                 notes.append(f"data.yaml names no {split} split: {fallback} is not read")
@@ -863,21 +890,25 @@ def split_sources(doc, yaml_path):
         if fallback is not None:
             folders[split] = fallback
             if entries:
-                notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist; using {fallback}")
+                notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist{number}; using {fallback}")
         elif entries and split != "test":
-            notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist and there is no {standard[0]}/images")
-    if "train" not in folders:
-        given = f" ({os.path.abspath(root / doc['train'])})" if doc.get("train") else ""
-        raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{given} nor "
-                        f"{base}/train/images exists{absent}")
+            notes.append(f"data.yaml's {key} path {entries[0]!r} does not exist{number} and there is no "
+                         f"{standard[0]}/images")
+        if split == "train" and split not in folders:
+            tried = f" ({', '.join(str(g) for g in given)}{number})" if given else ""
+            raise UserError(f"{yaml_path}: no training images: neither the yaml's train path{tried} nor "
+                            f"{base}/train/images exists{absent}")
     return folders, notes
+
+
+CLASS_LISTS = ("classes.txt", "obj.names")  # LabelImg's and Label Studio's, Darknet's
 
 
 def class_list_files(yaml_folder, folders):
     """The class lists that labelling tools leave beside the labels (LabelImg's classes.txt) or the export (Label
     Studio's classes.txt, Darknet's obj.names)."""
     places = [Path(yaml_folder)] + [labels_folder(f) for f in flat_sources(folders) if f.is_dir()]
-    found = [p / name for p in dict.fromkeys(places) for name in ("classes.txt", "obj.names")]
+    found = [p / name for p in dict.fromkeys(places) for name in CLASS_LISTS]
     return [p for p in found if p.is_file()]
 
 
@@ -1057,10 +1088,11 @@ def folder_pairs(name, images_dir):
                    f"no labels folder {images_dir.parent / 'labels'} and no label files beside them")
         if name == "train":
             raise UserError(f"{name} split: images in {images_dir} but {missing}")
-        return {}, problems + [f"{images_dir}: {len(images)} images but {missing}, so the split is left out"]
-    pixel_caches = {p for p in others if p.suffix == ".npy" and key(p, images_dir) in images}
-    problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others  # Ultralytics' cache=disk
-                 if p not in pixel_caches]  # writes each image's pixels beside it as .npy
+        return {}, problems + [f"{images_dir}: {len(images)} images but {missing}: add the labels, or take the split "
+                               f"out of data.yaml (--strict=false leaves it out)"]
+    not_data = {p for p in others if p.suffix == ".npy" and key(p, images_dir) in images  # Ultralytics' cache=disk
+                or beside and p.name in CLASS_LISTS}  # writes each image's pixels beside it as .npy
+    problems += [f"{p}: not an image file (extension {p.suffix or 'none'})" for p in others if p not in not_data]
     label_files = {key(p, labels_dir): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
@@ -1073,17 +1105,19 @@ def listed_pairs(list_file):
     train.txt: one image a line, relative to the list's folder), each label file where labels_folder puts it, and
     the problems: lines that name no image."""
     try:
-        text = list_file.read_text(encoding="utf-8-sig")
+        lines = list_file_lines(list_file)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{list_file}: cannot read the image list ({getattr(e, 'strerror', None) or e})") from None
     pairs, problems, label_folders = {}, [], {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in lines:
         image = Path(os.path.abspath(list_file.parent / line))
-        if image.suffix.lower() not in IMAGE_EXTS or not image.is_file():
-            problems.append(f"{list_file}:{n}: {image} " + ("does not exist" if not image.exists() else
+        try:
+            found, exists = image.is_file(), image.exists()
+        except OSError as e:  # a name too long, a folder this user may not enter
+            problems.append(f"{list_file}:{n}: {image}: {e.strerror or e}")
+            continue
+        if image.suffix.lower() not in IMAGE_EXTS or not found:
+            problems.append(f"{list_file}:{n}: {image} " + ("does not exist" if not exists else
                                                              f"is not an image file (extension {image.suffix or 'none'})"))
             continue
         labels_dir = label_folders.setdefault(image.parent, labels_folder(image.parent))
@@ -1373,7 +1407,8 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     Strict (default): any problem stops the run with the full list. Otherwise the offending
     samples are skipped and listed in the report. Unreadable images are never replaced.
     """
-    yaml_problems = []  # no sample to skip: these stop the run even with --strict=false
+    yaml_problems = []  # nc or a class list against names: no sample to skip, so these stop the run even with
+    # --strict=false
     class_names, folders, notes = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
@@ -1425,6 +1460,9 @@ def scan_splits(folders, splits_wanted, num_classes, log_file):
         if name in folders:
             splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes)
             problems += found
+            if empty and not len(splits[name]):  # not one face: an export that lost its labels, not a background set
+                problems.append(f"{source_text(folders[name])}: all {len(empty)} label files of the {name} split are "
+                                f"empty (no face labelled): an export without its labels?")
             row_notes += repeated
             no_face += empty
     if no_face:
@@ -1474,7 +1512,8 @@ def stop_on_problems(problems, yaml_problems, cfg, log_file):
         except OSError:  # a folder that cannot be written: the first 50 are still shown
             where = ""
         shown += f"\n  ... and {len(problems) - 50} more{where}"
-    advice = ("data.yaml's nc and names must agree (--strict=false cannot skip that)." if yaml_problems else
+    advice = ("data.yaml's names must agree with its nc and with the labels' class list (--strict=false cannot skip "
+              "that)." if yaml_problems else
               "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
     raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
 
@@ -1887,6 +1926,175 @@ def count_parameters(model):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def smooth_targets(labels, num_classes, smoothing):
+    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
+    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
+
+    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
+    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
+    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
+    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
+    context module the KL term is 0.
+    """
+    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
+    if class_weights is not None:
+        w = target @ class_weights
+        ce = (ce * w).sum() / w.sum()
+    else:
+        ce = ce.mean()
+    if context_logits is None:
+        return ce, ce, torch.zeros_like(ce)
+    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
+    return ce + context_weight * kl, ce, kl
+
+
+def inverse_frequency_weights(cfg, train_y, num_classes):
+    """--class_weights: inverse class frequency of the training split (a mean of 1 over its samples; hybrid_loss
+    divides by the batch's sum of weights, so only their ratios count); else None."""
+    if not cfg.class_weights:
+        return None
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: the one forward pass that validation, evaluation and predict.py share; what the network looks at
+# (spatial-attention gates, Grad-CAM); the metrics
+# ---------------------------------------------------------------------------------------------
+
+def standardize(x_uint8, mean, std):
+    """uint8 (or 0-255 float) images -> the network's input: the dataset's per-channel normalization."""
+    return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+TTA_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # --tta_shift's moves (x, y), in units of its pixels
+
+
+def zoom_margin(size, zoom):
+    """--tta_zoom's crop: the pixels cut from each side of a size-pixel image, so that the crop stays centred."""
+    return round(size * (1 - zoom) / 2)
+
+
+def tta_views(x, flip, shift, zoom):
+    """The views of a batch that evaluation averages: the images; with zoom, also their central crops of zoom times
+    the side, enlarged back (bilinear); with shift, each of these also moved shift pixels left, right, up and down
+    (the edge pixels repeated into the gap); with flip, each of these mirrored too."""
+    size, views = x.shape[-1], [x]
+    if zoom:
+        cut = zoom_margin(size, zoom)
+        views.append(F.interpolate(x[..., cut:size - cut, cut:size - cut], size=(size, size), mode="bilinear",
+                                   align_corners=False))
+    if shift:
+        padded = [F.pad(v, (shift, shift, shift, shift), mode="replicate") for v in views]
+        views += [p[..., shift * (1 + dy):shift * (1 + dy) + size, shift * (1 + dx):shift * (1 + dx) + size]
+                  for p in padded for dx, dy in TTA_SHIFTS]
+    return views + [v.flip(3) for v in views] if flip else views
+
+
+def tta_view_count(cfg):
+    """The views tta_views makes of each face under cfg."""
+    return (2 if cfg.tta_flip else 1) * (2 if cfg.tta_zoom else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
+
+
+@torch.inference_mode()
+def run_inference(model, images, mean, std, device, cfg, tta=True):
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches, each the mean over
+    cfg's test-time views (tta_views; tta=False: the images alone); None for what the model does not give (context
+    logits without the context module)."""
+    model.eval()
+    amp_dtype = autocast_dtype(cfg, device)
+    outs = defaultdict(list)
+    for i in range(0, len(images), cfg.eval_batch_size):
+        x = standardize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
+        views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
+        logits, s, f = (None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
+        for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
+            if t is not None:
+                outs[name].append(t.cpu())
+    return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
+
+
+EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
+
+
+def explain_faces(model, images, mean, std, device, target=None):
+    """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
+    upsampled to S x S, (N, stages, S, S), or None without spatial attention; "gradcam", Grad-CAM (Selvaraju et
+    al., ICCV 2017) of the target class (default: the predicted one) on the last stage's output, (N, S, S),
+    scaled by its maximum; both in [0, 1]. Also "probabilities" (N, K) and the context distribution "q"
+    (N, K, or None without the context module). Evaluation mode: dropout off, BatchNorm's running statistics."""
+    model.eval()
+    size = images.shape[-1]
+    gates, stage_out = [], []
+    hooks = [m.bn.register_forward_hook(lambda module, inputs, out: gates.append(torch.sigmoid(out.float())))
+             for m in model.modules() if isinstance(m, SpatialAttention)]
+    hooks.append(model.stages[-1].register_forward_hook(lambda module, inputs, out: stage_out.append(out)))
+    outs = defaultdict(list)
+    try:
+        for i in range(0, len(images), EXPLAIN_BATCH):
+            gates.clear()
+            stage_out.clear()
+            x = standardize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
+            with torch.enable_grad():
+                logits, s, _ = model(x)
+                t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
+                [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
+            a = stage_out[0].detach()
+            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # Selvaraju et al.'s eq. 1-2
+            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
+            if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
+                outs["gates"].append(torch.cat([F.interpolate(g.detach(), size=size, mode="bilinear", align_corners=False)
+                                                for g in gates], 1).cpu())
+            outs["probabilities"].append(logits.detach().float().softmax(1).cpu())
+            if s is not None:
+                outs["q"].append(s.detach().float().softmax(1).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
+
+
+def macro_f1(y_true, y_pred):
+    """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
+    a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
+    predicts but the split lacks counts 0."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
+
+
+def evaluation_results(split, out, class_names, train_hashes=None):
+    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and the accuracy without the
+    faces whose image is also in the training split."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    k = len(class_names)
+    y, pred = split.labels, out["logits"].argmax(1).numpy()
+    cm = confusion_matrix(y, pred, labels=np.arange(k))  # rows true, columns predicted; an absent class: a zero row
+    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
+    report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
+              for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
+    correct = pred == y
+    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred), "class_names": list(class_names),
+               "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
+    if split.name == "test":  # the name says which split: never "test" for a validation figure
+        results["test_accuracy"] = results["accuracy"]
+    if train_hashes is not None:
+        unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
+        results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
+        results["samples_duplicating_train"] = int((~unseen).sum())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # channels_last on the CPU: a probe of the run's own model in a child process
 # ---------------------------------------------------------------------------------------------
 
@@ -2065,180 +2273,11 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
-
-def smooth_targets(labels, num_classes, smoothing):
-    """t = (1 - eps) * onehot(y) + eps / K, the label-smoothed target distribution."""
-    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
-
-
-def hybrid_loss(logits, context_logits, target, context_weight, class_weights=None):
-    """L = CE(z, t) + lambda * KL(t || q), returned as (L, CE, KL).
-
-    CE(z, t) = -sum_k t_k log softmax(z)_k        (cross-entropy with label smoothing via t)
-    KL(t || q) = sum_k t_k (log t_k - log q_k),   q = softmax(s), s_k = cos(f, P_k) / tau
-    t is the label-smoothed target distribution; with class_weights w, each sample's cross-entropy
-    is weighted by t . w (w_y without smoothing) and the weighted mean is taken. Without the
-    context module the KL term is 0.
-    """
-    ce = -(target * F.log_softmax(logits.float(), 1)).sum(1)
-    if class_weights is not None:
-        w = target @ class_weights
-        ce = (ce * w).sum() / w.sum()
-    else:
-        ce = ce.mean()
-    if context_logits is None:
-        return ce, ce, torch.zeros_like(ce)
-    kl = (torch.xlogy(target, target) - target * F.log_softmax(context_logits.float(), 1)).sum(1).mean()
-    return ce + context_weight * kl, ce, kl
-
-
-def inverse_frequency_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split (a mean of 1 over its samples; hybrid_loss
-    divides by the batch's sum of weights, so only their ratios count); else None."""
-    if not cfg.class_weights:
-        return None
-    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: the one forward pass that validation, evaluation and predict.py share; what the network looks at
-# (spatial-attention gates, Grad-CAM); the metrics
-# ---------------------------------------------------------------------------------------------
-
-def standardize(x_uint8, mean, std):
-    """uint8 (or 0-255 float) images -> the network's input: the dataset's per-channel normalization."""
-    return (x_uint8.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
-TTA_SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # --tta_shift's moves (x, y), in units of its pixels
-
-
-def zoom_margin(size, zoom):
-    """--tta_zoom's crop: the pixels cut from each side of a size-pixel image, so that the crop stays centred."""
-    return round(size * (1 - zoom) / 2)
-
-
-def tta_views(x, flip, shift, zoom):
-    """The views of a batch that evaluation averages: the images; with zoom, also their central crops of zoom times
-    the side, enlarged back (bilinear); with shift, each of these also moved shift pixels left, right, up and down
-    (the edge pixels repeated into the gap); with flip, each of these mirrored too."""
-    size, views = x.shape[-1], [x]
-    if zoom:
-        cut = zoom_margin(size, zoom)
-        views.append(F.interpolate(x[..., cut:size - cut, cut:size - cut], size=(size, size), mode="bilinear",
-                                   align_corners=False))
-    if shift:
-        padded = [F.pad(v, (shift, shift, shift, shift), mode="replicate") for v in views]
-        views += [p[..., shift * (1 + dy):shift * (1 + dy) + size, shift * (1 + dx):shift * (1 + dx) + size]
-                  for p in padded for dx, dy in TTA_SHIFTS]
-    return views + [v.flip(3) for v in views] if flip else views
-
-
-def tta_view_count(cfg):
-    """The views tta_views makes of each face under cfg."""
-    return (2 if cfg.tta_flip else 1) * (2 if cfg.tta_zoom else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
-
-
-@torch.inference_mode()
-def run_inference(model, images, mean, std, device, cfg, tta=True):
-    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches, each the mean over
-    cfg's test-time views (tta_views; tta=False: the images alone); None for what the model does not give (context
-    logits without the context module)."""
-    model.eval()
-    amp_dtype = autocast_dtype(cfg, device)
-    outs = defaultdict(list)
-    for i in range(0, len(images), cfg.eval_batch_size):
-        x = standardize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
-        logits, s, f = (None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
-        for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
-            if t is not None:
-                outs[name].append(t.cpu())
-    return {name: torch.cat(outs[name]) if outs[name] else None for name in ("logits", "context_logits", "features")}
-
-
-EXPLAIN_BATCH = 64  # faces per forward and backward pass: the backward keeps every activation of the batch
-
-
-def explain_faces(model, images, mean, std, device, target=None):
-    """Per uint8 crop (N, 3, S, S), in float32 without TTA: "gates", each stage's spatial-attention gate
-    upsampled to S x S, (N, stages, S, S), or None without spatial attention; "gradcam", Grad-CAM (Selvaraju et
-    al., ICCV 2017) of the target class (default: the predicted one) on the last stage's output, (N, S, S),
-    scaled by its maximum; both in [0, 1]. Also "probabilities" (N, K) and the context distribution "q"
-    (N, K, or None without the context module). Evaluation mode: dropout off, BatchNorm's running statistics."""
-    model.eval()
-    size = images.shape[-1]
-    gates, stage_out = [], []
-    hooks = [m.bn.register_forward_hook(lambda module, inputs, out: gates.append(torch.sigmoid(out.float())))
-             for m in model.modules() if isinstance(m, SpatialAttention)]
-    hooks.append(model.stages[-1].register_forward_hook(lambda module, inputs, out: stage_out.append(out)))
-    outs = defaultdict(list)
-    try:
-        for i in range(0, len(images), EXPLAIN_BATCH):
-            gates.clear()
-            stage_out.clear()
-            x = standardize(torch.from_numpy(np.asarray(images[i:i + EXPLAIN_BATCH])).to(device), mean, std)
-            with torch.enable_grad():
-                logits, s, _ = model(x)
-                t = logits.argmax(1) if target is None else torch.as_tensor(target[i:i + len(x)], device=device)
-                [grad] = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), stage_out[0])
-            a = stage_out[0].detach()
-            cam = F.relu((grad.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))  # Selvaraju et al.'s eq. 1-2
-            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
-            outs["gradcam"].append((cam / cam.amax((2, 3), keepdim=True).clamp_min(1e-12))[:, 0].cpu())
-            if gates:  # bilinear upsampling mixes values in [0, 1] convexly: they stay there
-                outs["gates"].append(torch.cat([F.interpolate(g.detach(), size=size, mode="bilinear", align_corners=False)
-                                                for g in gates], 1).cpu())
-            outs["probabilities"].append(logits.detach().float().softmax(1).cpu())
-            if s is not None:
-                outs["q"].append(s.detach().float().softmax(1).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
-
-
-def macro_f1(y_true, y_pred):
-    """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
-    a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
-    predicts but the split lacks counts 0."""
-    from sklearn.metrics import f1_score
-    return float(f1_score(y_true, y_pred, average="macro", zero_division=0))
-
-
-def evaluation_results(split, out, class_names, train_hashes=None):
-    """Accuracy, macro-F1, per-class report keyed by class name, confusion matrix, and the accuracy without the
-    faces whose image is also in the training split."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-    k = len(class_names)
-    y, pred = split.labels, out["logits"].argmax(1).numpy()
-    cm = confusion_matrix(y, pred, labels=np.arange(k))  # rows true, columns predicted; an absent class: a zero row
-    p, r, f1, support = precision_recall_fscore_support(y, pred, labels=np.arange(k), zero_division=0)
-    report = {name: {"precision": float(p[i]), "recall": float(r[i]), "f1-score": float(f1[i]), "support": int(support[i])}
-              for i, name in enumerate(class_names)}  # every class; an absent one: support 0, the rest 0
-    correct = pred == y
-    results = {"accuracy": float(correct.mean()), "macro_f1": macro_f1(y, pred), "class_names": list(class_names),
-               "classification_report": report, "confusion_matrix": cm.tolist(), "evaluated_samples": int(len(y))}
-    if split.name == "test":  # the name says which split: never "test" for a validation figure
-        results["test_accuracy"] = results["accuracy"]
-    if train_hashes is not None:
-        unseen = np.array([h not in train_hashes for h in split.hashes], dtype=bool)  # no copy in the training split
-        results["accuracy_excluding_train_duplicates"] = float(correct[unseen].mean()) if unseen.any() else None
-        results["samples_duplicating_train"] = int((~unseen).sum())
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # Checkpoints: one self-contained dict (weights, config, class names, normalization, metrics)
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-# --evaluate's, predict.py's and export.py's: the command line's, else the checkpoint's
+# predict.py's and export.py's: the command line's, else the checkpoint's (--evaluate takes every setting so)
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 
 
@@ -3214,8 +3253,8 @@ FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperat
 
 
 # What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
-# and what computes (the data is the checkpoint's, unless --data_dir is given)
-EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite")
+# what computes, and whether a data problem stops it (the data is the checkpoint's, unless --data_dir is given)
+EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite", "strict")
 
 
 def run_evaluation(cfg, action, overrides):
@@ -3386,12 +3425,14 @@ def final_evaluation(model, splits, eval_split, class_names, mean, std, device, 
         log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
             f"{script_command(f'--evaluate={best_path}')}", log_file)
         raise SystemExit(130)
-    chosen_on_it = "" if eval_split == "test" else \
-        f" (the best epoch was chosen on this split, so this is optimistic; the final epoch {history[-1]['epoch']} " \
-        f"reached {history[-1]['val_accuracy']:.2%})"
+    subset = f" on {min(cfg.val_faces, len(splits['val'])):,} faces, one view" if cfg.val_faces else ""
+    final = history[-1]
+    chosen_on_it = "" if eval_split == "test" else " (the best epoch was chosen on this split, so this is optimistic" + \
+        ("" if final["epoch"] == record["best_epoch"] else
+         f"; the final epoch {final['epoch']} reached {final['val_accuracy']:.2%} in its validation{subset}") + ")"
     log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
-        f"epoch {record['best_epoch']} (val accuracy {record['best_val_accuracy']:.2%}){chosen_on_it}; outputs in "
-        f"{run_dir}", log_file)
+        f"epoch {record['best_epoch']} ({record['best_val_accuracy']:.2%} in its validation{subset}){chosen_on_it}; "
+        f"outputs in {run_dir}", log_file)
     return results
 
 

@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
-                                 fit_threads_to_cpu, folder_files, inference_config, inference_model, load_checkpoint,
-                                 opencv_message, ordered_prefetch, out_of_memory_named, overlay, read_overrides,
-                                 resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm, unique_folder,
-                                 validate_device, write_image, write_json)
+                                 fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
+                                 load_checkpoint, opencv_message, ordered_prefetch, out_of_memory_named, overlay,
+                                 read_overrides, resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm,
+                                 unique_folder, validate_device, write_image, write_json)
 
 
 @dataclass
@@ -315,10 +315,8 @@ class MediaSource:
 
 
 def read_list_files(specs):
-    """The command line's inputs with each @list.txt replaced by its lines, one input a line: a relative path is
-    taken from the list's folder where it is there, else from the current folder. Blank lines and # comments are
-    skipped, quotes around a line (Explorer's "Copy as path") dropped; UTF-8 or, with its byte-order mark, UTF-16
-    (PowerShell's >)."""
+    """The command line's inputs with each @list.txt replaced by its entries (list_file_lines), one input a line: a
+    relative path is taken from the list's folder where it is there, else from the current folder."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
@@ -326,17 +324,15 @@ def read_list_files(specs):
             continue
         listing = Path(spec[1:]).expanduser()
         try:
-            data = listing.read_bytes()
-            text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+            lines = list_file_lines(listing)
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
-        for line in text.splitlines():
-            line = line.strip()
-            if len(line) > 1 and line[0] == line[-1] and line[0] in "\"'":
-                line = line[1:-1]
-            if line and not line.startswith("#"):
-                beside = listing.parent / Path(line).expanduser()
+        for _, line in lines:
+            beside = listing.parent / Path(line).expanduser()
+            try:
                 parts.append(str(beside) if beside.exists() else line)
+            except OSError:  # a name too long, a folder this user may not enter: the input fails on its own
+                parts.append(line)
     if not parts:
         raise UserError(f"{' '.join(specs)!r} names no input")
     return parts

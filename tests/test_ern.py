@@ -165,7 +165,7 @@ def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
     doc["names"] = doc["names"][::-1]
     (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     proc = run_script(*TINY, f"--data_dir={data}", "--epochs=1", f"--output_dir={tmp_path / 'run'}",
-                      f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", cwd=tmp_path)
+                      f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", "--val_faces=8", cwd=tmp_path)
     results = read_results(tmp_path / "run")
     assert results["evaluated_split"] == "val"
     assert results["evaluated_samples"] == 32
@@ -176,8 +176,8 @@ def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
     assert "test_accuracy" not in results  # a validation figure is never called a test accuracy
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert (results["final_epoch"], results["final_epoch_val_accuracy"]) == (1, metrics[-1]["val_accuracy"])
-    assert ("(the best epoch was chosen on this split, so this is optimistic; the final epoch 1 reached"
-            in proc.stdout.splitlines()[-1])
+    assert (f"with the best epoch 1 ({metrics[-1]['val_accuracy']:.2%} in its validation on 8 faces, one view) (the "
+            f"best epoch was chosen on this split, so this is optimistic)" in proc.stdout.splitlines()[-1])
 
 
 def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_leaves_no_folder(evaluated, trained,
@@ -199,6 +199,9 @@ def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_l
     with pytest.raises(ern.UserError, match="no such split"):
         ern.main([f"--evaluate={tmp_path / 'run'}", f"--data_dir={no_test}", "--split=test",
                   f"--cache_dir={tmp_path / 'cache'}"])
+    for given in ("--preset=cpu", "--image_size=64"):  # what the checkpoint fixes: its settings, its preprocessing
+        with pytest.raises(ern.UserError, match=f"--evaluate takes {given.split('=')[0]} from the checkpoint"):
+            ern.main([f"--evaluate={tmp_path / 'run'}", given])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best_emotion_model.pth"]
 
 
@@ -413,6 +416,19 @@ def test_read_data_yaml_reads_the_layouts_exporters_write(tmp_path):
     write_yaml(colab / "data.yaml", train={"images": "x"}, names=["a", "b"])
     with pytest.raises(ern.UserError, match="'train' must be a folder, an image list file or a list of these"):
         ern.read_data_yaml(colab)
+    write_yaml(colab / "data.yaml", path=["a", "b"], train="2024", names=["a", "b"])
+    with pytest.raises(ern.UserError, match=re.escape("'path' must be one folder, got ['a', 'b']")):
+        ern.read_data_yaml(colab)
+    (colab / "data.yaml").write_text("train: 2023.10\nnames: [a, b]\n")  # YAML reads 2023.1
+    with pytest.raises(ern.UserError, match=re.escape(f"train path ({colab / '2023.1'} (YAML read the name as a "
+                                                      f"number: quote it)) nor {colab}/train/images exists")):
+        ern.read_data_yaml(colab)
+    write_yaml(colab / "data.yaml", train=["gone/images"], names=["a", "b"])  # a list: a TypeError traceback
+    with pytest.raises(ern.UserError, match=re.escape(f"train path ({colab / 'gone' / 'images'}) nor")):
+        ern.read_data_yaml(colab)
+    write_yaml(colab / "data.yaml", train="2024", val="2024", validation="other", names=["a", "b"])
+    assert ern.read_data_yaml(colab)[1:] == ({"train": colab / "2024", "val": colab / "2024"},
+                                             ["data.yaml gives both val and validation: val is read"])
 
 
 def test_a_data_dir_without_data_yaml_says_what_it_holds(tmp_path):
@@ -578,6 +594,8 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     (tmp_path / "train" / "a.txt").write_text("1 0.5 0.5 1 1")
     split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)
     assert problems == [] and split.labels.tolist() == [1] and split.paths == [str(tmp_path / "train" / "a.jpg")]
+    (tmp_path / "train" / "obj.names").write_text("a\nb\n")  # Darknet's class list: no stray file
+    assert ern.scan_split("train", tmp_path / "train", 2)[1] == []
     (tmp_path / "train" / "a.txt").unlink()
     with pytest.raises(ern.UserError, match="no label files beside them"):
         ern.scan_split("train", tmp_path / "train", 2)

@@ -426,10 +426,13 @@ def test_a_list_file_is_read_from_its_own_folder_as_windows_writes_it(tmp_path, 
     for folder, name in (("batch", "a.jpg"), ("work", "a.jpg"), ("work", "b.jpg")):
         (tmp_path / folder / "img" / name).write_bytes(b"x")
     listing = tmp_path / "batch" / "list.txt"
-    listing.write_text('# photos of day 1\r\nimg/a.jpg\r\n"img/b.jpg"\r\n\r\ncamera:0\r\n', encoding="utf-16")
+    listing.write_text('# photos of day 1\r\nimg/a.jpg\r\n"img/b.jpg"\r\n\r\ncamera:0\r\n' + "y" * 300 + "\r\n",
+                       encoding="utf-16")
     monkeypatch.chdir(tmp_path / "work")
     assert pr.read_list_files([f"@{listing}", "x.jpg"]) == [str(tmp_path / "batch" / "img" / "a.jpg"), "img/b.jpg",
-                                                            "camera:0", "x.jpg"]
+                                                            "camera:0", "y" * 300, "x.jpg"]  # a name too long fails
+    [source] = pr.prediction_inputs(["y" * 300])  # on its own
+    assert source.kind == "error"
 
 
 def test_a_jpeg_with_a_trailer_is_readable_here_and_in_training(checkpoint, tmp_path):

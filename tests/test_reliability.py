@@ -1359,6 +1359,9 @@ def test_an_image_list_split_reads_the_images_it_lists_with_their_labels(tiny_da
     assert problems == [f"{data / 'lists' / 'train.txt'}:11: {data / 'train' / 'images' / 'gone.jpg'} does not exist",
                         f"{data / 'lists' / 'train.txt'}:12: {data / 'train' / 'labels' / images[0].stem}.txt is not "
                         f"an image file (extension .txt)"]
+    (data / "lists" / "long.txt").write_text("x" * 300 + ".jpg\n", encoding="utf-16")  # PowerShell's; too long
+    assert ern.scan_split("train", data / "lists" / "long.txt", 8)[1] == [
+        f"{data / 'lists' / 'long.txt'}:1: {data / 'lists' / ('x' * 300 + '.jpg')}: File name too long"]
     both, _, *_ = ern.scan_split("train", [data / "lists" / "train.txt", data / "train" / "images"], 8)
     assert both.paths == listed.paths + [p for p in folder.paths if Path(p) not in images[:9]]  # each image once
 
@@ -1371,7 +1374,8 @@ def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_data
     n = len(list((data / "test" / "images").iterdir()))
     split, problems, *_ = ern.scan_split("test", data / "test" / "images", 8)
     assert len(split) == 0 and problems == [f"{data / 'test' / 'images'}: {n} images but no labels folder "
-                                            f"{data / 'test' / 'labels'}, so the split is left out"]
+                                            f"{data / 'test' / 'labels'}: add the labels, or take the split out of "
+                                            f"data.yaml (--strict=false leaves it out)"]
     cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, strict=False)
     _, splits, report = ern.load_dataset(cfg)
     assert set(splits) == {"train", "val"} and report["problems"] == problems
@@ -1382,6 +1386,19 @@ def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_data
     shutil.rmtree(data / "train" / "labels")
     with pytest.raises(ern.UserError, match="train split: images in .* but no labels folder"):
         ern.scan_split("train", data / "train" / "images", 8)
+
+
+def test_a_split_whose_every_label_file_is_empty_is_a_problem(tiny_dataset, tmp_path):
+    """Empty label files are images without faces; a whole split of them is an export that lost its labels, which
+    became a validation split held out of training without a word."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
+    labels = sorted((data / "valid" / "labels").iterdir())
+    for label in labels:
+        label.write_text("")
+    cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32)
+    with pytest.raises(ern.UserError, match=re.escape(f"{data / 'valid' / 'images'}: all {len(labels)} label files "
+                                                      f"of the val split are empty (no face labelled)")):
+        ern.load_dataset(cfg)
 
 
 @pytest.mark.parametrize("ext", [".m4v", ".mpg", ".wmv", ".3gp"])
