@@ -784,9 +784,10 @@ def read_data_yaml(data_dir, problems=None):
             notes.append(f"{listing} cannot be read ({getattr(e, 'strerror', None) or e}); data.yaml's names are used")
             continue
         if listed != names and sorted(listed) == sorted(names):  # the label files count in the list file's order
+            moved = [n for n, m in zip(names, listed) if n != m]
             problem = (f"{listing} lists the classes as {listed}, data.yaml as {names}: the labels were written in "
-                       f"the list's order, so every face would be named another emotion. Give data.yaml's names "
-                       f"the list's order (or delete the list, if it is stale)")
+                       f"the list's order, so the faces of {', '.join(moved)} would be named as another class. Give "
+                       f"data.yaml's names the list's order (or delete the list, if it is stale)")
             if problems is None:
                 raise UserError(problem)
             problems.append(problem)
@@ -1432,7 +1433,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     if problems:
         log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
     if "val" not in splits and "train" in splits_wanted:
-        hold_out_validation(splits, cfg, log_file)
+        hold_out_validation(splits, cfg, log_file, "val" in folders)
     if "train" in splits:
         counts = np.bincount(splits["train"].labels, minlength=len(class_names))
         for c in np.flatnonzero(counts == 0):
@@ -1455,22 +1456,24 @@ SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 def scan_splits(folders, splits_wanted, num_classes, log_file):
     """scan_split of each split wanted that data.yaml names, but one that holds exactly another's images: ({split:
     Split}, problems, notes of repeated rows, images without faces)."""
-    splits, problems, row_notes, no_face = {}, [], [], []
+    splits, problems, row_notes, no_face, counts = {}, [], [], [], {}
     for name in splits_wanted:
         if name in folders:
             splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes)
             problems += found
+            counts[name] = len(empty)
             if empty and not len(splits[name]):  # not one face: an export that lost its labels, not a background set
                 problems.append(f"{source_text(folders[name])}: all {len(empty)} label files of the {name} split are "
                                 f"empty (no face labelled): an export without its labels?")
             row_notes += repeated
             no_face += empty
     if no_face:
-        log(f"note: {len(no_face)} image(s) have an empty label file (YOLO's image without faces) and are not used, "
-            f"e.g. {no_face[0]} (all in data_report.json)", log_file)
+        log(f"note: images with an empty label file (YOLO's image without faces) are not used: "
+            f"{', '.join(f'{n} {k}' for n, k in counts.items() if k)}, e.g. {no_face[0]} (a run's data_report.json "
+            f"lists them)", log_file)
     if row_notes:
         log(f"note: dropped {len(row_notes)} label row(s) that repeat a box of their file, e.g. {row_notes[0]} "
-            f"(all in data_report.json)", log_file)
+            f"(a run's data_report.json lists them)", log_file)
     # a split that names another's images: val or test the training folder (Ultralytics' coco128.yaml has
     # val: images/train2017), or test the validation folder (exports without a test split write that)
     for name, other in (("val", "train"), ("test", "train"), ("test", "val")):
@@ -1514,20 +1517,23 @@ def stop_on_problems(problems, yaml_problems, cfg, log_file):
         shown += f"\n  ... and {len(problems) - 50} more{where}"
     advice = ("data.yaml's names must agree with its nc and with the labels' class list (--strict=false cannot skip "
               "that)." if yaml_problems else
-              "Fix them, or pass --strict=false to skip the offending samples (they are listed in data_report.json).")
+              "Fix them, or pass --strict=false to skip the offending samples (a run then lists them in "
+              "data_report.json).")
     raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
 
 
-def hold_out_validation(splits, cfg, log_file):
-    """Without a validation split: --val_fraction of the training images, whole and stratified, become one."""
+def hold_out_validation(splits, cfg, log_file, named=False):
+    """Without a validation split (or, named: data.yaml's has no usable sample): --val_fraction of the training
+    images, whole and stratified, become one."""
     held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
     splits["val"] = dataclasses.replace(splits["train"].subset(held), name="val")
     splits["train"] = splits["train"].subset(~held)
     if not held.any():
         raise UserError(f"{len(set(splits['train'].paths))} training images are too few to hold out a validation "
                         f"split (a class's only image stays in training): add a validation split to data.yaml")
-    log(f"note: no validation split; holding out {held.sum()} training samples, the faces of "
-        f"{len(set(splits['val'].paths))} whole images (--val_fraction={cfg.val_fraction})", log_file)
+    log(f"note: {'the validation split has no usable sample' if named else 'no validation split'}; holding out "
+        f"{held.sum()} training samples, the faces of {len(set(splits['val'].paths))} whole images "
+        f"(--val_fraction={cfg.val_fraction})", log_file)
 
 
 def warn_of_duplicates(splits, duplicates, cfg, log_file):
@@ -3327,6 +3333,11 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
                                      " (a resume keeps the batch size), or a smaller --image_size or --width"):
                 return train_in_folder(Path(from_rank_zero(str(run_dir))), cfg, device, resume_ckpt, build, argv,
                                        started)
+        except UserError as e:  # the log of a refused run says why (a refused resume leaves its folder as it was)
+            if rank == 0 and resume_ckpt is None:
+                with contextlib.suppress(OSError):
+                    append_text(run_dir / "train.log", f"error: {e}\n")
+            raise
         except RuntimeError as e:
             if not (cfg.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed)):  # no C++ compiler, or a bug
                 raise

@@ -330,7 +330,7 @@ def read_list_files(specs):
         for _, line in lines:
             beside = listing.parent / Path(line).expanduser()
             try:
-                parts.append(str(beside) if beside.exists() else line)
+                parts.append(os.path.normpath(beside) if beside.exists() else line)
             except OSError:  # a name too long, a folder this user may not enter: the input fails on its own
                 parts.append(line)
     if not parts:
@@ -453,14 +453,19 @@ def source_line(entry):
         return f"{entry['source']}: error: {entry['error']}"
     frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
     dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
+    whole = classified and not entry["faces"]  # --detect_faces=false: each image or frame is the face
     top = entry["emotion_share"].get(dominant, 0.0)  # counts for a photo: "100%" of one face read as a confidence
-    share = ("" if not dominant else f"; top emotion {dominant} ({round(top * classified)} of {classified} face(s))"
-             if entry["kind"] == "image" else f"; top emotion {dominant} ({top:.0%} of the faces)")
+    unit = "frames" if whole else "faces"
+    share = ("" if not dominant else f"; emotion {dominant}" if whole and entry["kind"] == "image" else
+             f"; top emotion {dominant} ({round(top * classified)} of {classified} face(s))"
+             if entry["kind"] == "image" else f"; top emotion {dominant} ({top:.0%} of the {unit})")
     warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
     if entry["kind"] == "image" and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
+    found = f"whole {'image' if entry['kind'] == 'image' else 'frames'} classified" if whole else \
+        f"{entry['faces']} face(s) detected"
     no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
-    return f"{entry['source']}: {frames}{entry['faces']} face(s) detected{no_face}, {entry['rows']} row(s){share}{warnings}"
+    return f"{entry['source']}: {frames}{found}{no_face}, {entry['rows']} row(s){share}{warnings}"
 
 
 class PredictionOutputs:

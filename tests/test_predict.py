@@ -137,6 +137,19 @@ def test_equal_shares_go_to_the_larger_mean_probability_not_the_first_class():
     assert pr.emotion_shares([np.full(3, np.nan)], names) == ({}, None)
 
 
+def test_a_whole_image_line_says_so_not_zero_faces_detected():
+    """--detect_faces=false: "0 face(s) detected ... (1 of 1 face(s))" contradicted itself."""
+    image = {"source": "a.jpg", "kind": "image", "faces": 0, "no_face": 0, "rows": 1, "dominant_emotion": "Happy",
+             "emotion_share": {"Happy": 1.0}}
+    assert pr.source_line(image) == "a.jpg: whole image classified, 1 row(s); emotion Happy"
+    video = {**image, "source": "v.mp4", "kind": "video", "frames": 3, "tracks": 1, "rows": 3,
+             "dominant_emotion": "Sad", "emotion_share": {"Sad": 2 / 3}}
+    assert pr.source_line(video) == "v.mp4: 3 frames, 1 track(s), whole frames classified, 3 row(s); top emotion Sad " \
+                                    "(67% of the frames)"
+    assert pr.source_line({**image, "faces": 1}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
+                                                    "face(s))"
+
+
 def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):
     """A track seen at 0-0.3 s and again at 1.4-1.6 s (frames every 0.1 s): the line stops at 0.3 s and starts again
     at 1.4 s. Drawn through, it showed a gradual change of expression across the second without the face."""

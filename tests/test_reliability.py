@@ -154,6 +154,8 @@ def test_strict_run_reports_every_problem_and_stops_before_training(tiny_dataset
         assert any(keyword in hit.lower() for hit in hits), f"{where!r} reported without {keyword!r}: {hits}"
     assert not re.search(r"^epoch\s+\d", proc.stdout, re.M), "training started"
     assert not (tmp_path / "run" / "last.pth").exists()
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert error in (tmp_path / "run" / "train.log").read_text()  # the log says why
 
 
 def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_path):
@@ -171,8 +173,8 @@ def test_lenient_run_skips_lists_and_counts_the_bad_samples(tiny_dataset, tmp_pa
         assert report["splits"][split]["samples"] == sum(counts.values()), split
     log = (run / "train.log").read_text().replace(str(tmp_path), "")  # the folder's name holds "skip"
     count = re.compile(rf"\b{len(b.expected)}\b")
-    assert f"note: 1 image(s) have an empty label file (YOLO's image without faces) and are not used, e.g. " \
-           f"{b.no_face[0]} (all in data_report.json)" in (run / "train.log").read_text()
+    assert f"note: images with an empty label file (YOLO's image without faces) are not used: train 1, e.g. " \
+           f"{b.no_face[0]} (a run's data_report.json lists them)" in (run / "train.log").read_text()
     assert any("skip" in line.lower() and count.search(line) for line in log.splitlines()), log
     assert (run / "evaluation_results.json").exists()
 
@@ -1399,6 +1401,12 @@ def test_a_split_whose_every_label_file_is_empty_is_a_problem(tiny_dataset, tmp_
     with pytest.raises(ern.UserError, match=re.escape(f"{data / 'valid' / 'images'}: all {len(labels)} label files "
                                                       f"of the val split are empty (no face labelled)")):
         ern.load_dataset(cfg)
+    log = tmp_path / "train.log"
+    _, splits, _ = ern.load_dataset(dataclasses.replace(cfg, strict=False), log)
+    assert not set(splits["val"].paths) & {str(data / "valid" / "images" / f"{p.stem}.jpg") for p in labels}
+    assert f"note: images with an empty label file (YOLO's image without faces) are not used: val {len(labels)}, " \
+           f"e.g." in log.read_text()
+    assert "note: the validation split has no usable sample; holding out" in log.read_text()
 
 
 @pytest.mark.parametrize("ext", [".m4v", ".mpg", ".wmv", ".3gp"])
