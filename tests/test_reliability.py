@@ -1351,7 +1351,9 @@ def test_an_image_list_split_reads_the_images_it_lists_with_their_labels(tiny_da
     lines = [f"./train/images/{p.name}" for p in images[:5]] + [f"train/images/{p.name}" for p in images[5:9]]
     (data / "lists").mkdir()
     (data / "lists" / "train.txt").write_text("# nine of them\n" + "".join(f"../{x}\n" for x in lines) +
-                                             "../train/images/gone.jpg\n../train/labels/" + images[0].stem + ".txt\n")
+                                             "../train/images/gone.jpg\n../train/labels/" + images[0].stem + ".txt\n"
+                                             f"../{lines[0]}\n\"../{lines[6]}\"\n",  # again, and quoted: read once
+                                             encoding="utf-16")  # as PowerShell's > writes it
     folder, *_ = ern.scan_split("train", data / "train" / "images", 8)
     listed, problems, *_ = ern.scan_split("train", data / "lists" / "train.txt", 8)
     expected = [i for i, p in enumerate(folder.paths) if Path(p) in images[:9]]
