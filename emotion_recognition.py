@@ -851,11 +851,12 @@ def split_sources(doc, yaml_path):
     """
     base = Path(os.path.abspath(yaml_path.parent))
     root, notes, absent = base, [], ""
-    if isinstance(doc.get("path"), list):
+    paths = yaml_paths(doc, "path", yaml_path)
+    if len(paths) > 1:
         raise UserError(f"{yaml_path}: 'path' must be one folder, got {doc['path']!r}")
     if "val" in doc and "validation" in doc:
         notes.append("data.yaml gives both val and validation: val is read")
-    for path in yaml_paths(doc, "path", yaml_path):
+    for path in paths:
         root = base / path
         if not root.is_dir():
             notes.append(f"data.yaml's path {path!r} does not exist here; its splits are read from {base}")
@@ -1194,6 +1195,11 @@ def crop_box(image, box, margin, size):
     return cv2.resize(crop, (size, size), interpolation=interp)
 
 
+def network_crop(image, box, margin, size):
+    """The uint8 (3, S, S) crop of a normalized box as the network sees it: crop_box, channels first."""
+    return crop_box(image, box, margin, size).transpose(2, 0, 1)
+
+
 def opencv_message(error):
     """The last line of a cv2.error (its first lines are OpenCV's source location)."""
     return str(error).strip().splitlines()[-1][:200]
@@ -1236,7 +1242,7 @@ def decode_split(split, out, size, margin, threads):
         digest = hashlib.blake2b(image.tobytes(), digest_size=12)
         digest.update(str(image.shape).encode())
         for i in idx:
-            out[i] = crop_box(image, split.boxes[i], margin, size).transpose(2, 0, 1)
+            out[i] = network_crop(image, split.boxes[i], margin, size)
         return path, idx, (digest.hexdigest(), fmt, list(image.shape[:2])), None
 
     threads = threads or cpu_threads()

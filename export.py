@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
-                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
+                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, network_crop,
                                  model_from_checkpoint, read_overrides, standardize, stop_on_ctrl_c_and_sigterm,
                                  tta_view_count, tta_views)
-from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop, network_crop
+from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
 LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir", "device")  # the training machine's: left out of a file to share

@@ -35,9 +35,9 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
-                                 cpu_threads, crop_box, ctrl_c_deferred, decode_image, explain_faces,
+                                 cpu_threads, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
-                                 load_checkpoint, opencv_message, ordered_prefetch, out_of_memory_named, overlay,
+                                 load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named, overlay,
                                  read_overrides, resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm,
                                  unique_folder, validate_device, write_image, write_json)
 
@@ -190,11 +190,6 @@ def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
     side = max(x2 - x1, y2 - y1)
     h, w = image_shape[:2]
     return ((x1 + x2) / 2 / w, ((y1 + y2) / 2 + shift * side) / h, side * scale / w, side * scale / h)
-
-
-def network_crop(image, box, margin, size):
-    """The uint8 (3, S, S) crop of a normalized box as the network sees it (the trainer's crop_box, channels first)."""
-    return crop_box(image, box, margin, size).transpose(2, 0, 1)
 
 
 def detected_face_crop(image, box, size):
@@ -449,21 +444,25 @@ def emotion_shares(probs, class_names):
 
 
 def source_line(entry):
+    """The console's line for one input: what was found and classified, and the top emotion."""
     if entry.get("error"):
         return f"{entry['source']}: error: {entry['error']}"
-    frames = f"{entry['frames']} frames, {entry['tracks']} track(s), " if entry["kind"] != "image" else ""
+    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
+    image = entry["kind"] == "image"
+    if image and entry["no_face"]:
+        return f"{entry['source']}: no face{warnings}"
     dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
     whole = classified and not entry["faces"]  # --detect_faces=false: each image or frame is the face
     top = entry["emotion_share"].get(dominant, 0.0)  # counts for a photo: "100%" of one face read as a confidence
-    unit = "frames" if whole else "faces"
-    share = ("" if not dominant else f"; emotion {dominant}" if whole and entry["kind"] == "image" else
-             f"; top emotion {dominant} ({round(top * classified)} of {classified} face(s))"
-             if entry["kind"] == "image" else f"; top emotion {dominant} ({top:.0%} of the {unit})")
-    warnings = "".join(f"; warning: {w}" for w in entry.get("warnings", []))
-    if entry["kind"] == "image" and entry["no_face"]:
-        return f"{entry['source']}: no face{warnings}"
-    found = f"whole {'image' if entry['kind'] == 'image' else 'frames'} classified" if whole else \
-        f"{entry['faces']} face(s) detected"
+    if not dominant:
+        share = ""
+    elif image:
+        share = f"; emotion {dominant}" if whole else f"; top emotion {dominant} ({round(top * classified)} of " \
+                                                      f"{classified} face(s))"
+    else:
+        share = f"; top emotion {dominant} ({top:.0%} of the {'frames' if whole else 'faces'})"
+    frames = "" if image else f"{entry['frames']} frames, {entry['tracks']} track(s), "
+    found = f"whole {'image' if image else 'frames'} classified" if whole else f"{entry['faces']} face(s) detected"
     no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
     return f"{entry['source']}: {frames}{found}{no_face}, {entry['rows']} row(s){share}{warnings}"
 
@@ -586,11 +585,11 @@ def write_explanations(predictor, out, stem, faces, probs, face_ids):
     maps = explain_faces(predictor.model, np.stack([face.crop for face, _, _ in kept]), predictor.mean, predictor.std,
                          predictor.device)
     shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
-    for j, ((_, detected, crop), p, face) in enumerate(kept):
-        title = f"{shown}, {f'face {face}' if detected else 'whole image'}: " \
+    for j, (face, p, face_id) in enumerate(kept):
+        title = f"{shown}, {f'face {face_id}' if face.detected else 'whole image'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
-        name = out.claim(f"{stem}_{'whole' if face == WHOLE_FRAME else f'face{face}'}.png")  # unique, as annotated/'s
-        plot_explanation(crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
+        name = out.claim(f"{stem}_{'whole' if face_id == WHOLE_FRAME else f'face{face_id}'}.png")  # unique, as annotated/'s
+        plot_explanation(face.crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
                          title, out.path(name, "explain"))
 
 
@@ -610,7 +609,7 @@ def predict_images(predictor, sources, out, progress, args):
     threads = cpu_threads()
     with ThreadPoolExecutor(threads) as pool:  # cv2 releases the GIL: decoding overlaps classification
         prepared = ordered_prefetch(prepare, sources, pool, 2 * threads,
-                                    lambda item: image_pixels(item[2]))
+                                    lambda item: image_pixels(item[-2]))
         for ready in in_batches(prepared, args.batch, args.batch):
             for (source, error, image, faces), probs in zip(ready, classify_batch(predictor, ready)):
                 progress.update()
