@@ -297,7 +297,7 @@ def main(argv):
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     try:
         cfg = ern.Config(data_dir=args.data_dir, cache_dir=str(cache_root / "cache96"))  # the defaults: 96 px
-        class_names, folders, _ = ern.read_data_yaml(cfg.data_dir)
+        class_names, folders, _, _ = ern.read_data_yaml(cfg.data_dir)
         k = len(class_names)
 
         # 2. the decode cache, built in a fresh folder, then reloaded as a later run does

@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--shift", type=float, default=None, help="face_crop_shift of those rows (default: the fitted one)")
     ap.add_argument("--out", default="outputs/crop_calibration.json")
     args = ap.parse_args()
-    names, folders, _ = ern.read_data_yaml(args.data_dir)
+    names, folders, _, _ = ern.read_data_yaml(args.data_dir)
     split, _, *_ = ern.scan_split("val", folders["val"], len(names))
     pick = np.linspace(0, len(split) - 1, min(args.images, len(split))).astype(int)
     rng = np.random.default_rng(args.seed)

@@ -20,7 +20,7 @@ import emotion_recognition as ern  # noqa: E402
 
 
 def pack(src, out, size, margin, quality):
-    class_names, folders, _ = ern.read_data_yaml(src)
+    class_names, folders, _, _ = ern.read_data_yaml(src)
     out.mkdir(parents=True, exist_ok=True)
     inner = 1 / (1 + 2 * margin)  # crop_region widens this centred box to exactly the whole image
     total, counts = 0, {}

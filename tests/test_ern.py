@@ -324,6 +324,29 @@ def test_parse_label_file_without_trailing_newline(tmp_path):
     assert ern.parse_label_file(f, 8) == ([(2, 0.5, 0.5, 0.3, 0.4), (5, 0.25, 0.75, 0.5, 0.5)], [], [])
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_pose_export_gives_each_face_its_box(tmp_path, dims):
+    """An Ultralytics pose export (data.yaml's kpt_shape: five face landmarks after each box) was read as a polygon
+    over the box's numbers and the landmarks (with x y: a wrong box, silently), or refused (with visibility)."""
+    make_split_folders(tmp_path, ("train",))
+    write_yaml(tmp_path / "data.yaml", train="train/images", names=["a", "b"], kpt_shape=[5, dims])
+    landmarks = {2: "0.42 0.35 0.58 0.35 0.5 0.45 0.44 0.55 0.56 0.55",
+                 3: "0.42 0.35 2 0.58 0.35 2 0.5 0.45 1 0 0 0 0.56 0.55 2"}[dims]  # one landmark not labelled
+    label = tmp_path / "train" / "labels" / "face.txt"
+    label.write_text(f"1 0.5 0.45 0.3 0.4 {landmarks}\n0 0.2 0.2 0.1 0.1\n")
+    (tmp_path / "train" / "images" / "face.png").write_bytes(b"")
+    names, folders, _, keypoints = ern.read_data_yaml(tmp_path)
+    assert keypoints == 5 * dims
+    split, problems, *_ = ern.scan_split("train", folders["train"], len(names), keypoints)
+    assert split.labels.tolist() == [1]
+    np.testing.assert_allclose(split.boxes, [[0.5, 0.45, 0.3, 0.4]])  # the row's own box
+    assert problems == [f"{label}:2: expected {5 + 5 * dims} fields 'class cx cy w h' and the {5 * dims} keypoint "
+                        f"values of data.yaml's kpt_shape, got 5: '0 0.2 0.2 0.1 0.1'"]
+    write_yaml(tmp_path / "data.yaml", train="train/images", names=["a", "b"], kpt_shape=[5, 4])
+    with pytest.raises(ern.UserError, match=re.escape("kpt_shape must be [keypoints, 2 or 3]")):
+        ern.read_data_yaml(tmp_path)
+
+
 def make_split_folders(root, splits=("train", "valid", "test")):
     for s in splits:
         (root / s / "images").mkdir(parents=True)
@@ -340,7 +363,7 @@ def test_read_data_yaml_paths_relative_to_path_key(tmp_path):
     make_split_folders(tmp_path / "elsewhere")
     write_yaml(tmp_path / "cfg" / "data.yaml", path="../elsewhere", train="train/images", val="valid/images",
                test="test/images", nc=2, names=["b", "a"])
-    names, folders, notes = ern.read_data_yaml(tmp_path / "cfg")
+    names, folders, notes, _ = ern.read_data_yaml(tmp_path / "cfg")
     assert names == ["b", "a"]  # the yaml's order, not sorted
     assert folders == {s: (tmp_path / "elsewhere" / d / "images").resolve()
                        for s, d in (("train", "train"), ("val", "valid"), ("test", "test"))}
@@ -350,7 +373,7 @@ def test_read_data_yaml_paths_relative_to_path_key(tmp_path):
 def test_read_data_yaml_paths_relative_to_yaml_folder(tmp_path):
     make_split_folders(tmp_path / "ds" / "sub", ("tr", "va"))
     yaml_path = write_yaml(tmp_path / "ds" / "my.yaml", train="sub/tr/images", val="sub/va/images", names=["x", "y"])
-    names, folders, notes = ern.read_data_yaml(yaml_path)  # a .yaml file may be passed directly
+    names, folders, notes, _ = ern.read_data_yaml(yaml_path)  # a .yaml file may be passed directly
     assert folders == {"train": (tmp_path / "ds" / "sub" / "tr" / "images").resolve(),
                        "val": (tmp_path / "ds" / "sub" / "va" / "images").resolve()}
     assert notes == []
@@ -365,7 +388,7 @@ def test_read_data_yaml_ultralytics_parent_style(tmp_path):
                                     'val: "../YOLO_format/valid/images"\ntest: "../YOLO_format/test/images"\n\n'
                                     'nc: 8\n\nnames:\n  [\n    "Anger",\n    "Contempt",\n    "Disgust",\n    "Fear",\n'
                                     '    "Happy",\n    "Neutral",\n    "Sad",\n    "Surprise",\n  ]\n')
-    names, folders, notes = ern.read_data_yaml(base)
+    names, folders, notes, _ = ern.read_data_yaml(base)
     assert names == ern.DEMO_CLASSES
     assert folders == {"train": (base / "train" / "images").resolve(), "val": (base / "valid" / "images").resolve()}
     assert notes == []
@@ -375,7 +398,7 @@ def test_read_data_yaml_falls_back_to_standard_folders(tmp_path):
     base = tmp_path / "moved"
     make_split_folders(base, ("train", "val"))
     write_yaml(base / "data.yaml", train="/old/machine/train/images", val="../gone/valid/images", names=["a", "b"])
-    names, folders, notes = ern.read_data_yaml(base)
+    names, folders, notes, _ = ern.read_data_yaml(base)
     assert folders == {"train": (base / "train" / "images").resolve(), "val": (base / "val" / "images").resolve()}
     assert len(notes) == 2
     assert "/old/machine/train/images" in notes[0] and "does not exist" in notes[0]
@@ -397,7 +420,7 @@ def test_read_data_yaml_reads_the_layouts_exporters_write(tmp_path):
     make_split_folders(merged / "two", ("train", "valid"))
     write_yaml(merged / "data.yaml", train=["one/train", "two/train/images"], validation="two/valid",
                names=["a", "b"])
-    names, folders, notes = ern.read_data_yaml(merged)
+    names, folders, notes, _ = ern.read_data_yaml(merged)
     assert folders == {"train": [merged / "one" / "train" / "images", merged / "two" / "train" / "images"],
                        "val": merged / "two" / "valid" / "images"} and notes == []
     write_yaml(merged / "data.yaml", train=["one/train", "three/train"], names=["a", "b"])
@@ -407,7 +430,7 @@ def test_read_data_yaml_reads_the_layouts_exporters_write(tmp_path):
     (colab / "images" / "2024").mkdir(parents=True)
     write_yaml(colab / "data.yaml", path="/content/datasets/faces", train=2024, names=["a", "b"])
     (colab / "data.yaml").write_text((colab / "data.yaml").read_text().replace("2024", "images/2024"))
-    names, folders, notes = ern.read_data_yaml(colab)
+    names, folders, notes, _ = ern.read_data_yaml(colab)
     assert folders == {"train": colab / "images" / "2024"}
     assert notes == [f"data.yaml's path '/content/datasets/faces' does not exist here; its splits are read from {colab}"]
     (colab / "2024").mkdir()
@@ -427,7 +450,7 @@ def test_read_data_yaml_reads_the_layouts_exporters_write(tmp_path):
     with pytest.raises(ern.UserError, match=re.escape(f"train path ({colab / 'gone' / 'images'}) nor")):
         ern.read_data_yaml(colab)
     write_yaml(colab / "data.yaml", train="2024", val="2024", validation="other", names=["a", "b"])
-    assert ern.read_data_yaml(colab)[1:] == ({"train": colab / "2024", "val": colab / "2024"},
+    assert ern.read_data_yaml(colab)[1:3] == ({"train": colab / "2024", "val": colab / "2024"},
                                              ["data.yaml gives both val and validation: val is read"])
 
 
@@ -614,7 +637,7 @@ def test_read_data_yaml_names_with_string_or_mixed_keys(tmp_path):
 def test_read_data_yaml_reads_no_split_it_leaves_out_however_written(tmp_path, left_out):
     make_split_folders(tmp_path)
     (tmp_path / "data.yaml").write_text(f"train: train/images\nval: valid/images\ntest: {left_out}\nnames: [a, b]\n")
-    _, folders, notes = ern.read_data_yaml(tmp_path)
+    _, folders, notes, _ = ern.read_data_yaml(tmp_path)
     assert sorted(folders) == ["train", "val"] and notes == [f"data.yaml names no test split: "
                                                              f"{tmp_path / 'test' / 'images'} is not read"]
 
@@ -642,7 +665,7 @@ def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
     (tmp_path / "ds" / "train" / "images").symlink_to(big)
     (tmp_path / "ds" / "train" / "labels" / "a.txt").write_text("1 0.5 0.5 1 1")
     write_yaml(tmp_path / "ds" / "data.yaml", train="train/images", names=["a", "b"])
-    _, folders, _ = ern.read_data_yaml(tmp_path / "ds")
+    _, folders, _, _ = ern.read_data_yaml(tmp_path / "ds")
     split, problems, *_ = ern.scan_split("train", folders["train"], 2)
     assert problems == [] and split.labels.tolist() == [1]
 

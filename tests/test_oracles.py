@@ -277,7 +277,7 @@ def test_demo_writes_its_dataset_and_trains_with_its_preset_under_the_command_li
     run_dir, results = ern.main(["--demo", "--epochs=1", f"--data_dir={tmp_path / 'demo'}", "--tsne_samples=0",
                                  "--attention_samples=0", f"--output_dir={tmp_path / 'run'}",
                                  f"--cache_dir={tmp_path / 'cache'}"])
-    names, folders, _ = ern.read_data_yaml(tmp_path / "demo")
+    names, folders, _, _ = ern.read_data_yaml(tmp_path / "demo")
     assert names == ern.DEMO_CLASSES and set(folders) == {"train", "val"}
     assert len(list(folders["train"].iterdir())) == 8 * 150 and len(list(folders["val"].iterdir())) == 8 * 50
     cfg = json.loads((run_dir / "config.json").read_text())

@@ -1107,7 +1107,7 @@ def test_class_names_are_utf8_in_data_yaml_and_the_log_whatever_the_locale(tmp_p
 
 def test_a_disk_too_small_for_the_decode_cache_is_one_line_before_decoding(tiny_dataset, tmp_path, monkeypatch):
     """The cache is a sparse memory-mapped file: a disk filling under it would kill the run (SIGBUS) without a word."""
-    _, folders, _ = ern.read_data_yaml(tiny_dataset)
+    _, folders, _, _ = ern.read_data_yaml(tiny_dataset)
     split, _, *_ = ern.scan_split("val", folders["val"], 8)
     need, real = len(split) * 3 * 32 * 32, shutil.disk_usage
     decoded = []
@@ -1227,7 +1227,7 @@ def test_what_a_killed_cache_build_left_is_removed_by_the_next_build(tiny_datase
 
 def test_a_truncated_decode_cache_is_rebuilt(tiny_dataset, tmp_path, monkeypatch):
     cfg = ern.Config(data_dir=str(tiny_dataset), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
-    _, folders, _ = ern.read_data_yaml(tiny_dataset)
+    _, folders, _, _ = ern.read_data_yaml(tiny_dataset)
     split, _, *_ = ern.scan_split("val", folders["val"], 8)
     ern.load_split_pixels(split, cfg)
     want = np.array(split.images)
@@ -1454,6 +1454,6 @@ def test_a_split_the_yaml_leaves_out_is_not_read_though_its_folder_is_there(tiny
     doc = yaml.safe_load((data / "data.yaml").read_text())
     del doc["test"]
     (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-    names, folders, notes = ern.read_data_yaml(data)
+    names, folders, notes, _ = ern.read_data_yaml(data)
     assert set(folders) == {"train", "val"} and (data / "test" / "images").is_dir()
     assert notes == [f"data.yaml names no test split: {data / 'test' / 'images'} is not read"]

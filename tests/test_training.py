@@ -365,7 +365,7 @@ def test_ctrl_c_while_decoding_stops_soon_and_leaves_no_partial_cache(tmp_path, 
     decoding thread waits for the pool's shutdown to drop the queue (an event, not a sleep): no timing involved."""
     data = ern.make_synthetic_dataset(tmp_path / "data", per_class=(40, 0, 0), size=32, seed=0)
     cfg = ern.Config(data_dir=str(data), cache_dir=str(tmp_path / "cache"), image_size=32, decode_threads=1)
-    _, folders, _ = ern.read_data_yaml(data)
+    _, folders, _, _ = ern.read_data_yaml(data)
     split, _, *_ = ern.scan_split("train", folders["train"], 8)
     calls, dropped = [], threading.Event()
     real = ern.decode_image
