@@ -461,8 +461,9 @@ def source_line(entry):
                                                       f"{classified} face(s))"
     else:
         share = f"; top emotion {dominant} ({top:.0%} of the {'frames' if whole else 'faces'})"
-    frames = "" if image else f"{entry['frames']} frames, {entry['tracks']} track(s), "
-    found = f"whole {'image' if image else 'frames'} classified" if whole else f"{entry['faces']} face(s) detected"
+    frames = "" if image else f"{entry['frames']} frames, " + ("" if whole else f"{entry['tracks']} face track(s), ")
+    found = f"whole {'image' if image else 'frames'} classified" if whole else \
+        f"{entry['faces']} face(s) detected" if image else f"{entry['faces']} face detection(s)"
     no_face = f", {entry['no_face']} frame(s) without a face" if entry["no_face"] else ""
     return f"{entry['source']}: {frames}{found}{no_face}, {entry['rows']} row(s){share}{warnings}"
 
@@ -732,6 +733,24 @@ def open_video(source):
                                           f"per second"]
 
 
+def codec_name(capture):
+    """The video's codec as its container names it (FourCC: 'codec avc1'), for a message."""
+    code = int(capture.get(cv2.CAP_PROP_FOURCC))
+    text = "".join(chr((code >> 8 * i) & 0xFF) for i in range(4)).strip("\x00 ")
+    return f"codec {text}" if code > 0 and text.isprintable() and text else "codec unknown"
+
+
+def ended_early(last_time, total, fps, every):
+    """Whether a video file whose last classified frame came at last_time (s) stopped short of the total frames its
+    header announces: short in time by more than the stride after that frame (frames grabbed after it are not timed)
+    and a slack. The count is an estimate where frames are variable, and in MKV, WebM and MPEG-TS it is the
+    container's duration times fps, a duration the audio may lengthen: the slack is 2.5 strides, or up to a second
+    (a tenth of the video)."""
+    stride = every / fps
+    slack = max(2.5 * stride, min(1.0, 0.1 * total / fps))
+    return last_time + slack < total / fps
+
+
 class AnnotatedVideo:
     """A video's annotated copy, opened at its first frame at nominal_rate() (at most ANNOTATED_FPS); a failure is a
     warning, not an error. A file's copy keeps the file's time: a frame is repeated through a gap (a variable frame
@@ -742,20 +761,27 @@ class AnnotatedVideo:
     def __init__(self, path, nominal_rate, camera, warnings):
         self.path, self.nominal_rate, self.camera, self.warnings = path, nominal_rate, camera, warnings
         self.writer, self.rate, self.written = None, None, 0  # writer: False where it could not be opened
+        self.size = None  # the first frame's (width, height): the writer drops frames of another size unheard
 
     def write(self, frame, t):
         if self.writer is None:
             self.rate = min(self.nominal_rate(), ANNOTATED_FPS)
             try:  # three decimals: OpenCV asks MPEG-4 for 1000 ticks a frame of an uneven rate, and MPEG-4 takes at
                 # most 65535 a second (119.767 fps, a slow-motion clip's: no video before)
+                self.size = frame.shape[1::-1]
                 self.writer = cv2.VideoWriter(opencv_path(self.path), cv2.VideoWriter_fourcc(*"mp4v"),
-                                              max(round(self.rate, 3), 0.001), frame.shape[1::-1])
+                                              max(round(self.rate, 3), 0.001), self.size)
                 problem = None if self.writer.isOpened() else "this OpenCV cannot write mp4v video"
             except ValueError as e:  # an --output_dir whose name is not UTF-8
                 problem = str(e)
             if problem:
                 self.writer = False
                 self.warnings.append(f"{problem}: no annotated video")
+        if self.writer and frame.shape[1::-1] != self.size:  # a stream that changes resolution (WebRTC, screens)
+            if not any(w.startswith("the frames changed size") for w in self.warnings):
+                self.warnings.append(f"the frames changed size from {self.size[0]}x{self.size[1]} to "
+                                     f"{frame.shape[1]}x{frame.shape[0]}; the annotated video shows them resized")
+            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
         if self.writer and self.camera:
             self.writer.write(frame)
         elif self.writer:
@@ -783,16 +809,17 @@ def plot_timeline(times, track_probs, class_names, title, path):
         if len(t) > 2:  # a line only where the face was seen: a gap of frames without it is left blank, not bridged
             gaps = np.flatnonzero(np.diff(t) > 2 * np.median(np.diff(t))) + 1
             t, p = np.insert(t, gaps, np.nan), np.insert(p, gaps, np.nan, axis=0)
-        for k, name in enumerate(class_names):
-            ax.plot(t, p[:, k], "-", lw=1.3, color=cmap(k % cmap.N), label=name)
+        for k, name in enumerate(class_names):  # a track of one frame: dots, which a line of one point is not
+            ax.plot(t, p[:, k], "-" if len(t) > 1 else "o", lw=1.3, ms=4, color=cmap(k % cmap.N), label=name)
         ax.set_ylim(0, 1)
         ax.set_ylabel("probability")
         ax.set_title("whole frames (--detect_faces=false)" if tid == WHOLE_FRAME else f"face track #{tid}", fontsize=9)
         ax.grid(alpha=0.3)
     if not shown:
         axes[0, 0].set_title("no faces")
+    else:
+        axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("time (s)")
-    axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
     fig.suptitle(title, fontsize=10, parse_math=False)
     save_figure(fig, path, dpi=100)
 
@@ -833,6 +860,7 @@ def predict_video(predictor, source, out, args):
             entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
 
     frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    codec = codec_name(capture)
     frames_per_batch = 1 if camera else int(min(args.batch, max(1, BUFFER_PIXELS // frame_pixels)))
     bar = tqdm(total=expected, desc=source.name, unit="frame", leave=False, disable=None)
     try:
@@ -872,10 +900,9 @@ def predict_video(predictor, source, out, args):
         if window:
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
-        entry["error"] = "no frame could be decoded"
-    # a header's frame count is an estimate for variable-frame-rate video: ended early only if short in time too, by
-    # more than the stride after the last classified frame (frames grabbed after it are not timed) and half a frame
-    if counts["frames"] and expected and counts["frames"] < expected and last_time + 1.5 * args.every / fps < total / fps:
+        entry["error"] = f"no frame could be decoded ({codec}; the header announces {max(total, 0)} frames): a codec " \
+                         f"this OpenCV lacks, or a damaged file"
+    if counts["frames"] and expected and counts["frames"] < expected and ended_early(last_time, total, fps, args.every):
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(classified[True] or classified[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=len(classified[True]), no_face=counts["no_face"],

@@ -144,8 +144,12 @@ def test_a_whole_image_line_says_so_not_zero_faces_detected():
     assert pr.source_line(image) == "a.jpg: whole image classified, 1 row(s); emotion Happy"
     video = {**image, "source": "v.mp4", "kind": "video", "frames": 3, "tracks": 1, "rows": 3,
              "dominant_emotion": "Sad", "emotion_share": {"Sad": 2 / 3}}
-    assert pr.source_line(video) == "v.mp4: 3 frames, 1 track(s), whole frames classified, 3 row(s); top emotion Sad " \
-                                    "(67% of the frames)"
+    assert pr.source_line({**video, "tracks": 0}) == "v.mp4: 3 frames, whole frames classified, 3 row(s); top " \
+                                                   "emotion Sad (67% of the frames)"
+    # a video's faces are detections, one a frame: "300 face(s) detected" read as 300 people
+    faces = {**video, "frames": 300, "faces": 300, "rows": 300}
+    assert pr.source_line(faces) == "v.mp4: 300 frames, 1 face track(s), 300 face detection(s), 300 row(s); top " \
+                                    "emotion Sad (67% of the faces)"
     assert pr.source_line({**image, "faces": 1}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
                                                     "face(s))"
 
@@ -340,6 +344,64 @@ def test_a_variable_frame_rate_video_gets_each_frames_own_time(checkpoint, tmp_p
     annotated = cv2.VideoCapture(str(tmp_path / "out" / "annotated" / "gaps.mp4"))
     assert int(annotated.get(cv2.CAP_PROP_FRAME_COUNT)) == 16 and annotated.get(cv2.CAP_PROP_FPS) == pytest.approx(25)
     assert "the video ended after 10 of the 16 frames its header announces" in cut_entry["warnings"]
+
+
+def test_a_header_that_counts_the_audio_is_no_cut_video():
+    """MKV, WebM and MPEG-TS give a frame count of duration x fps, and the audio may run past the video: a whole
+    minute at 25 fps whose header announces 12 frames (0.48 s) more was called cut short; a video that stops at half
+    its minute still is, and so is a clip a few frames short."""
+    assert not pr.ended_early(last_time=1499 / 25, total=1512, fps=25.0, every=1)  # the old rule warned: 0.46 s short
+    assert pr.ended_early(last_time=749 / 25, total=1512, fps=25.0, every=1)
+    assert pr.ended_early(last_time=9 / 25, total=16, fps=25.0, every=1)  # 10 of 16 frames (the AVI test above)
+    assert not pr.ended_early(last_time=12 / 25, total=16, fps=25.0, every=3)  # the last of every 3rd frame: whole
+
+
+def test_a_video_that_decodes_nothing_names_its_codec():
+    class Header:  # what cv2.VideoCapture.get gives
+        def __init__(self, code):
+            self.code = code
+
+        def get(self, prop):
+            assert prop == cv2.CAP_PROP_FOURCC
+            return float(self.code)
+
+    assert pr.codec_name(Header(cv2.VideoWriter_fourcc(*"avc1"))) == "codec avc1"
+    assert pr.codec_name(Header(cv2.VideoWriter_fourcc(*"H264"))) == "codec H264"
+    assert pr.codec_name(Header(0)) == pr.codec_name(Header(-1)) == "codec unknown"
+
+
+def test_frames_that_change_size_stay_in_the_annotated_video(tmp_path):
+    """A WebRTC or screen recording changes resolution mid-stream; OpenCV's writer drops frames of another size than
+    its first without a word, so the annotated video lost them."""
+    warnings = []
+    video = pr.AnnotatedVideo(tmp_path / "a.mp4", lambda: 10.0, True, warnings)
+    for k, (w, h) in enumerate([(64, 48)] * 3 + [(80, 60)] * 3):
+        video.write(np.full((h, w, 3), 40 * k, np.uint8), k / 10)
+    video.close()
+    capture = cv2.VideoCapture(str(tmp_path / "a.mp4"))
+    frames = []
+    while (frame := capture.read()[1]) is not None:
+        frames.append(frame)
+    assert [f.shape for f in frames] == [(48, 64, 3)] * 6
+    assert [round(float(f.mean()) / 40) for f in frames] == list(range(6))  # each frame, in order
+    assert warnings == ["the frames changed size from 64x48 to 80x60; the annotated video shows them resized"]
+
+
+def test_a_timeline_without_faces_warns_of_nothing(tmp_path, monkeypatch):
+    """A video without a face drew its timeline's legend over no line: matplotlib's "No artists with labels" on
+    stderr. A track seen in one frame is drawn as dots (a line of one point is not drawn)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pr.plot_timeline({}, {}, ["a", "b"], "v.mp4", tmp_path / "none.png")
+    assert (tmp_path / "none.png").exists()
+    drawn = []
+    monkeypatch.setattr(pr, "save_figure", lambda fig, path, dpi: drawn.append(fig))
+    pr.plot_timeline({1: [0.5], 2: [0.1, 0.2]}, {1: [np.array([0.8, 0.2])], 2: [np.array([0.3, 0.7])] * 2},
+                     ["a", "b"], "v.mp4", tmp_path / "one.png")
+    one, two = drawn[0].axes
+    assert [line.get_marker() for line in one.lines] == ["o", "o"]  # track 1: one frame
+    assert [line.get_marker() for line in two.lines] == ["None", "None"] and two.lines[0].get_linestyle() == "-"
 
 
 def test_a_slow_motion_clip_of_an_uneven_rate_gets_its_annotated_video(checkpoint, tmp_path):
