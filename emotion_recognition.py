@@ -753,7 +753,7 @@ class Split:
 
 def read_data_yaml(data_dir, problems=None):
     """Class names (in data.yaml's order), {split: its images (split_sources)}, notes, and the keypoint values that
-    follow each box in a pose export's label rows (yaml_keypoints), as Ultralytics reads them.
+    follow each box in a pose export's label rows (yaml_keypoint_values), as Ultralytics reads them.
 
     An nc that disagrees with names, or a class list file (LabelImg's classes.txt, Darknet's obj.names) that names
     the same classes in another order, is raised, or appended to `problems` if a list is given (so that it is reported
@@ -794,7 +794,7 @@ def read_data_yaml(data_dir, problems=None):
             problems.append(problem)
         elif listed != names:
             notes.append(f"{listing} lists other classes than data.yaml ({listed}); data.yaml's are used")
-    return names, folders, notes, yaml_keypoints(doc, yaml_path)
+    return names, folders, notes, yaml_keypoint_values(doc, yaml_path)
 
 
 def yaml_class_names(doc, yaml_path, problems):
@@ -830,7 +830,7 @@ def yaml_class_names(doc, yaml_path, problems):
     return names
 
 
-def yaml_keypoints(doc, yaml_path):
+def yaml_keypoint_values(doc, yaml_path):
     """How many values follow the box in each label row: kpt_shape [K, 2 or 3] (an Ultralytics pose export, e.g. five
     face landmarks with their visibility) gives K*D, read past; 0 without it."""
     shape = doc.get("kpt_shape")
@@ -838,7 +838,8 @@ def yaml_keypoints(doc, yaml_path):
         return 0
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape) and shape[0] > 0
             and shape[1] in (2, 3)):
-        raise UserError(f"{yaml_path}: kpt_shape must be [keypoints, 2 or 3] (x y, or x y visibility), got {shape!r}")
+        raise UserError(f"{yaml_path}: kpt_shape must be two whole numbers [keypoints, 2 or 3] (x y, or x y "
+                        f"visibility), got {shape!r}")
     return shape[0] * shape[1]
 
 
@@ -947,11 +948,11 @@ def labels_folder(images_dir):
     return Path(*parts[:i], "labels", *parts[i + 1:])
 
 
-def parse_label_file(path, num_classes, keypoints=0):
+def parse_label_file(path, num_classes, keypoint_values=0):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
-    points, and a pose export's row (keypoints values after the box: yaml_keypoints) its box; values within 1 %
+    points, and a pose export's row (keypoint_values after the box: yaml_keypoint_values) its box; values within 1 %
     outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped with a note (one face,
     counted once). An empty file (YOLO's image without objects) gives no box, problem or note. The same box again
     with another class is a problem."""
@@ -969,11 +970,11 @@ def parse_label_file(path, num_classes, keypoints=0):
         if not fields:
             continue
         where, shown = f"{path}:{n}", repr(line.strip()[:80] + ("..." if len(line.strip()) > 80 else ""))
-        if keypoints and len(fields) != 5 + keypoints:
-            problems.append(f"{where}: expected {5 + keypoints} fields 'class cx cy w h' and the {keypoints} keypoint "
-                            f"values of data.yaml's kpt_shape, got {len(fields)}: {shown}")
+        if keypoint_values and len(fields) != 5 + keypoint_values:
+            problems.append(f"{where}: expected {5 + keypoint_values} fields 'class cx cy w h' and the "
+                            f"{keypoint_values} keypoint values of data.yaml's kpt_shape, got {len(fields)}: {shown}")
             continue
-        if not keypoints and len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+        if not keypoint_values and len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
             problems.append(f"{where}: expected 5 fields 'class cx cy w h' (or a polygon 'class x1 y1 x2 y2 x3 y3 "
                             f"...'; a pose export's data.yaml gives kpt_shape), got {len(fields)}: {shown}")
             continue
@@ -982,7 +983,7 @@ def parse_label_file(path, num_classes, keypoints=0):
         except ValueError:
             problems.append(f"{where}: non-numeric field in {shown}")
             continue
-        values = values[:5] if keypoints else values  # the landmarks are not read
+        values = values[:5] if keypoint_values else values  # the landmarks are not read
         cls = values[0]
         if not 0 <= cls < num_classes:  # NaN fails here too
             problems.append(f"{where}: class id {fields[0]} outside 0..{num_classes - 1}")
@@ -1051,7 +1052,7 @@ def folder_files(folder, passed_over=None):
     return sorted(f for f in found if f.is_file())
 
 
-def scan_split(name, source, num_classes, keypoints=0):
+def scan_split(name, source, num_classes, keypoint_values=0):
     """Pair the images of a split (split_sources' folder, image list file, or a list of these) with their label files
     and parse them: (Split of the valid boxes, problems, notes, the images whose label file is empty)."""
     pairs, problems = {}, []
@@ -1065,7 +1066,7 @@ def scan_split(name, source, num_classes, keypoints=0):
         if label is None:
             problems.append(f"{image}: no label file (expected {expected})")
             continue
-        found, bad, repeated = parse_label_file(label, num_classes, keypoints)
+        found, bad, repeated = parse_label_file(label, num_classes, keypoint_values)
         problems += bad
         notes += repeated
         if not found and not bad:  # nothing but blank lines
@@ -1435,10 +1436,11 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     """
     yaml_problems = []  # nc or a class list against names: no sample to skip, so these stop the run even with
     # --strict=false
-    class_names, folders, notes, keypoints = read_data_yaml(cfg.data_dir, yaml_problems)
+    class_names, folders, notes, keypoint_values = read_data_yaml(cfg.data_dir, yaml_problems)
     for note in notes:
         log(f"note: {note}", log_file)
-    splits, problems, row_notes, no_face = scan_splits(folders, splits_wanted, len(class_names), keypoints, log_file)
+    splits, problems, row_notes, no_face = scan_splits(folders, splits_wanted, len(class_names), keypoint_values,
+                                                       log_file)
     problems = yaml_problems + problems
     ok = {}
     for name, split in splits.items():
@@ -1478,13 +1480,13 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
 SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 
-def scan_splits(folders, splits_wanted, num_classes, keypoints, log_file):
+def scan_splits(folders, splits_wanted, num_classes, keypoint_values, log_file):
     """scan_split of each split wanted that data.yaml names, but one that holds exactly another's images: ({split:
     Split}, problems, notes of repeated rows, images without faces)."""
     splits, problems, row_notes, no_face, counts = {}, [], [], [], {}
     for name in splits_wanted:
         if name in folders:
-            splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoints)
+            splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoint_values)
             problems += found
             counts[name] = len(empty)
             if empty and not len(splits[name]):  # not one face: an export that lost its labels, not a background set

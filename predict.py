@@ -90,6 +90,8 @@ FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the t
 # Videos
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
               ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
+ESTIMATED_COUNTS = {".mkv", ".webm", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv", ".ogv"}  # containers whose frame
+# count OpenCV works out as duration x fps (no count in the header), a duration the audio may lengthen
 TRACK_IOU = 0.3  # a face continues a track if its box overlaps the track's last box this much
 TRACK_MAX_MISSED = 10  # classified frames a track may go without its face before it ends
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
@@ -740,14 +742,13 @@ def codec_name(capture):
     return f"codec {text}" if code > 0 and text.isprintable() and text else "codec unknown"
 
 
-def ended_early(last_time, total, fps, every):
-    """Whether a video file whose last classified frame came at last_time (s) stopped short of the total frames its
-    header announces: short in time by more than the stride after that frame (frames grabbed after it are not timed)
-    and a slack. The count is an estimate where frames are variable, and in MKV, WebM and MPEG-TS it is the
-    container's duration times fps, a duration the audio may lengthen: the slack is 2.5 strides, or up to a second
-    (a tenth of the video)."""
-    stride = every / fps
-    slack = max(2.5 * stride, min(1.0, 0.1 * total / fps))
+def ended_early(last_time, total, fps, every, estimated=False):
+    """Whether a video file (fps > 0) whose last classified frame came at last_time (s) stopped short of the total
+    frames its header announces: its time ends more than a slack after that frame. The slack is 2.5 strides (the
+    frames grabbed after the last classified one are not timed; a variable frame rate's count is an estimate), and
+    where the count is estimated (ESTIMATED_COUNTS: the duration, which the audio may lengthen, times fps) up to a
+    second, a tenth of the video."""
+    slack = max(2.5 * every / fps, min(1.0, 0.1 * total / fps) if estimated else 0.0)
     return last_time + slack < total / fps
 
 
@@ -761,7 +762,8 @@ class AnnotatedVideo:
     def __init__(self, path, nominal_rate, camera, warnings):
         self.path, self.nominal_rate, self.camera, self.warnings = path, nominal_rate, camera, warnings
         self.writer, self.rate, self.written = None, None, 0  # writer: False where it could not be opened
-        self.size = None  # the first frame's (width, height): the writer drops frames of another size unheard
+        self.size, self.resized = None, False  # the first frame's (width, height): the writer drops frames of another
+        # size unheard
 
     def write(self, frame, t):
         if self.writer is None:
@@ -778,10 +780,12 @@ class AnnotatedVideo:
                 self.writer = False
                 self.warnings.append(f"{problem}: no annotated video")
         if self.writer and frame.shape[1::-1] != self.size:  # a stream that changes resolution (WebRTC, screens)
-            if not any(w.startswith("the frames changed size") for w in self.warnings):
+            if not self.resized:
                 self.warnings.append(f"the frames changed size from {self.size[0]}x{self.size[1]} to "
-                                     f"{frame.shape[1]}x{frame.shape[0]}; the annotated video shows them resized")
-            frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+                                     f"{frame.shape[1]}x{frame.shape[0]}; the annotated video shows them scaled "
+                                     f"into the first size, with black bars")
+                self.resized = True
+            frame = letterboxed(frame, self.size)
         if self.writer and self.camera:
             self.writer.write(frame)
         elif self.writer:
@@ -794,6 +798,16 @@ class AnnotatedVideo:
     def close(self):
         if self.writer:
             self.writer.release()
+
+
+def letterboxed(frame, size):
+    """frame scaled to fit size (width, height) whole, its shape kept, on black bars."""
+    scale = min(size[0] / frame.shape[1], size[1] / frame.shape[0])
+    w, h = max(1, round(frame.shape[1] * scale)), max(1, round(frame.shape[0] * scale))
+    out = np.zeros((size[1], size[0], 3), np.uint8)
+    x, y = (size[0] - w) // 2, (size[1] - h) // 2
+    out[y:y + h, x:x + w] = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+    return out
 
 
 def plot_timeline(times, track_probs, class_names, title, path):
@@ -900,9 +914,11 @@ def predict_video(predictor, source, out, args):
         if window:
             cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
-        entry["error"] = f"no frame could be decoded ({codec}; the header announces {max(total, 0)} frames): a codec " \
-                         f"this OpenCV lacks, or a damaged file"
-    if counts["frames"] and expected and counts["frames"] < expected and ended_early(last_time, total, fps, args.every):
+        count = f"{total} frames" if total > 0 else "no frame count"
+        entry["error"] = "no frame could be decoded" + ("" if camera else f" ({codec}, {count} in its header): a "
+                                                        f"codec this OpenCV lacks, or a damaged file")
+    if counts["frames"] and expected and counts["frames"] < expected and \
+            ended_early(last_time, total, fps, args.every, Path(source.path).suffix.lower() in ESTIMATED_COUNTS):
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
     share, dominant = emotion_shares(classified[True] or classified[False], predictor.class_names)  # faces; if none, frames
     entry.update(frames=counts["frames"], fps=fps or None, faces=len(classified[True]), no_face=counts["no_face"],

@@ -114,13 +114,13 @@ def code_version():
 # 2. Decode cache: build and reload, through the script's own functions
 # ---------------------------------------------------------------------------------------------
 
-def load_splits(cfg, folders, num_classes, limit):
+def load_splits(cfg, folders, num_classes, keypoint_values, limit):
     """scan_split + load_split_pixels for train and val (an evenly spaced `limit` samples of each
     if limit > 0): ({name: Split with images}, samples scanned, seconds scanning, seconds in load_split_pixels)."""
     splits, scanned, t_scan, t_pixels = {}, 0, 0.0, 0.0
     for name in ("train", "val"):
         t0 = time.perf_counter()
-        split, problems, *_ = ern.scan_split(name, folders[name], num_classes)
+        split, problems, *_ = ern.scan_split(name, folders[name], num_classes, keypoint_values)
         t1 = time.perf_counter()
         scanned += len(split)
         if limit and limit < len(split):
@@ -297,12 +297,12 @@ def main(argv):
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     try:
         cfg = ern.Config(data_dir=args.data_dir, cache_dir=str(cache_root / "cache96"))  # the defaults: 96 px
-        class_names, folders, _, _ = ern.read_data_yaml(cfg.data_dir)
+        class_names, folders, _, keypoint_values = ern.read_data_yaml(cfg.data_dir)
         k = len(class_names)
 
         # 2. the decode cache, built in a fresh folder, then reloaded as a later run does
-        splits, scanned, scan_s, build_s = load_splits(cfg, folders, k, plan["cache_samples"])
-        _, _, reload_scan_s, reload_pixels_s = load_splits(cfg, folders, k, plan["cache_samples"])
+        splits, scanned, scan_s, build_s = load_splits(cfg, folders, k, keypoint_values, plan["cache_samples"])
+        _, _, reload_scan_s, reload_pixels_s = load_splits(cfg, folders, k, keypoint_values, plan["cache_samples"])
         cached = sum(len(s) for s in splits.values())
         out.update(cache_images=cached, cache_build_seconds=scan_s + build_s, cache_build_decode_seconds=build_s,
                    cache_reload_seconds=reload_scan_s + reload_pixels_s, cache_reload_scan_seconds=reload_scan_s,
@@ -346,7 +346,7 @@ def main(argv):
         # 3a. the CPU preset's model at 64 px, fed from its own cache of a train subset
         small = dataclasses.replace(cfg, **{**ern.PRESETS["cpu"], "batch_size": plan["small_batch"]},
                                     cache_dir=str(cache_root / "cache64"))
-        sub, *_ = ern.scan_split("train", folders["train"], k)
+        sub, *_ = ern.scan_split("train", folders["train"], k, keypoint_values)
         sub = sub.subset(np.arange(len(sub)) % (len(sub) // plan["small_samples"]) == 0)
         ok, found = ern.load_split_pixels(sub, small)
         if found or not ok.all():

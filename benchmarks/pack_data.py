@@ -20,14 +20,14 @@ import emotion_recognition as ern  # noqa: E402
 
 
 def pack(src, out, size, margin, quality):
-    class_names, folders, _, _ = ern.read_data_yaml(src)
+    class_names, folders, _, keypoint_values = ern.read_data_yaml(src)
     out.mkdir(parents=True, exist_ok=True)
     inner = 1 / (1 + 2 * margin)  # crop_region widens this centred box to exactly the whole image
     total, counts = 0, {}
     for split, folder in (("train", "train"), ("val", "valid")):
         if split not in folders:
             continue
-        samples, problems, *_ = ern.scan_split(split, folders[split], len(class_names))
+        samples, problems, *_ = ern.scan_split(split, folders[split], len(class_names), keypoint_values)
         if problems:
             raise SystemExit(f"{len(problems)} problems in {folders[split]}, e.g. {problems[0]}")
         (out / folder / "images").mkdir(parents=True, exist_ok=True)

@@ -342,9 +342,11 @@ def test_a_pose_export_gives_each_face_its_box(tmp_path, dims):
     np.testing.assert_allclose(split.boxes, [[0.5, 0.45, 0.3, 0.4]])  # the row's own box
     assert problems == [f"{label}:2: expected {5 + 5 * dims} fields 'class cx cy w h' and the {5 * dims} keypoint "
                         f"values of data.yaml's kpt_shape, got 5: '0 0.2 0.2 0.1 0.1'"]
-    write_yaml(tmp_path / "data.yaml", train="train/images", names=["a", "b"], kpt_shape=[5, 4])
-    with pytest.raises(ern.UserError, match=re.escape("kpt_shape must be [keypoints, 2 or 3]")):
-        ern.read_data_yaml(tmp_path)
+    for shape in ([5, 4], [5, 3.0], [5, True], [0, 3], 5):
+        write_yaml(tmp_path / "data.yaml", train="train/images", names=["a", "b"], kpt_shape=shape)
+        with pytest.raises(ern.UserError, match=re.escape(f"kpt_shape must be two whole numbers [keypoints, 2 or 3] "
+                                                          f"(x y, or x y visibility), got {shape!r}")):
+            ern.read_data_yaml(tmp_path)
 
 
 def make_split_folders(root, splits=("train", "valid", "test")):

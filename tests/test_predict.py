@@ -350,10 +350,14 @@ def test_a_header_that_counts_the_audio_is_no_cut_video():
     """MKV, WebM and MPEG-TS give a frame count of duration x fps, and the audio may run past the video: a whole
     minute at 25 fps whose header announces 12 frames (0.48 s) more was called cut short; a video that stops at half
     its minute still is, and so is a clip a few frames short."""
-    assert not pr.ended_early(last_time=1499 / 25, total=1512, fps=25.0, every=1)  # the old rule warned: 0.46 s short
-    assert pr.ended_early(last_time=749 / 25, total=1512, fps=25.0, every=1)
+    mkv = dict(total=1512, fps=25.0, every=1, estimated=True)
+    assert not pr.ended_early(last_time=1499 / 25, **mkv)  # the old rule warned: 0.46 s short
+    assert pr.ended_early(last_time=749 / 25, **mkv)
+    assert pr.ended_early(last_time=1499 / 25, **{**mkv, "estimated": False})  # an MP4's count is the header's own
     assert pr.ended_early(last_time=9 / 25, total=16, fps=25.0, every=1)  # 10 of 16 frames (the AVI test above)
-    assert not pr.ended_early(last_time=12 / 25, total=16, fps=25.0, every=3)  # the last of every 3rd frame: whole
+    # every 3rd frame: 0, 3, ..., 12 of 17 frames, the 15th not decoded: two frames, within an estimate's error (the
+    # old rule warned)
+    assert not pr.ended_early(last_time=12 / 25, total=17, fps=25.0, every=3)
 
 
 def test_a_video_that_decodes_nothing_names_its_codec():
@@ -375,16 +379,19 @@ def test_frames_that_change_size_stay_in_the_annotated_video(tmp_path):
     its first without a word, so the annotated video lost them."""
     warnings = []
     video = pr.AnnotatedVideo(tmp_path / "a.mp4", lambda: 10.0, True, warnings)
-    for k, (w, h) in enumerate([(64, 48)] * 3 + [(80, 60)] * 3):
-        video.write(np.full((h, w, 3), 40 * k, np.uint8), k / 10)
+    for k, (w, h) in enumerate([(64, 48)] * 3 + [(80, 60)] * 2 + [(48, 96)] * 2):  # and a phone turned upright
+        video.write(np.full((h, w, 3), 30 * (k + 1), np.uint8), k / 10)
     video.close()
     capture = cv2.VideoCapture(str(tmp_path / "a.mp4"))
     frames = []
     while (frame := capture.read()[1]) is not None:
         frames.append(frame)
-    assert [f.shape for f in frames] == [(48, 64, 3)] * 6
-    assert [round(float(f.mean()) / 40) for f in frames] == list(range(6))  # each frame, in order
-    assert warnings == ["the frames changed size from 64x48 to 80x60; the annotated video shows them resized"]
+    assert [f.shape for f in frames] == [(48, 64, 3)] * 7
+    assert [round(float(f[24, 32].mean()) / 30) for f in frames] == list(range(1, 8))  # each frame, in order
+    assert all(f[:, :16].max() < 20 for f in frames[5:])  # upright: 24x48 in the middle, black bars beside it
+    assert all(f[:, :16].min() > 20 for f in frames[:5])  # the same shape: no bars
+    assert warnings == ["the frames changed size from 64x48 to 80x60; the annotated video shows them scaled into the "
+                        "first size, with black bars"]
 
 
 def test_a_timeline_without_faces_warns_of_nothing(tmp_path, monkeypatch):

@@ -192,6 +192,24 @@ def test_lenient_load_keeps_no_bad_sample_and_never_a_blank_image(tiny_dataset, 
         assert (pixels.std(1) > 1).all(), f"{s.name}: a constant (substituted) image"
 
 
+def test_a_pose_export_trains_on_the_boxes_of_its_rows(tiny_dataset, tmp_path):
+    """load_dataset reads data.yaml's kpt_shape through to every label row: the same samples and boxes as the export
+    without its landmarks (read as polygons, each box would be the landmarks' hull)."""
+    data = Path(shutil.copytree(tiny_dataset, tmp_path / "pose")).resolve()
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    (data / "data.yaml").write_text(yaml.safe_dump({**doc, "kpt_shape": [5, 2]}, sort_keys=False))
+    for label in data.glob("*/labels/*.txt"):
+        label.write_text("".join(f"{row} 0.1 0.1 0.9 0.1 0.5 0.5 0.2 0.9 0.8 0.9\n"
+                                 for row in label.read_text().splitlines() if row.strip()))
+    plain, pose = (ern.load_dataset(ern.Config(data_dir=str(d), cache_dir=str(tmp_path / "cache"), image_size=32))
+                   for d in (tiny_dataset, data))
+    assert pose[0] == plain[0] and pose[1].keys() == plain[1].keys() and pose[2]["problems"] == []
+    for name, split in plain[1].items():
+        assert [Path(p).name for p in pose[1][name].paths] == [Path(p).name for p in split.paths]
+        np.testing.assert_array_equal(pose[1][name].labels, split.labels)
+        np.testing.assert_array_equal(pose[1][name].boxes, split.boxes)
+
+
 NOT_UTF8_NAMES = pytest.mark.skipif(sys.platform != "linux", reason="macOS and Windows keep names in Unicode")
 
 
