@@ -52,7 +52,7 @@ class Prediction:
     detect_faces: bool = True  # find faces (OpenCV's Haar cascades); false: each image is one face (pre-cropped)
     every: int = 1  # videos and cameras: classify one frame in N
     max_frames: int = 0  # videos and cameras: stop after N classified frames; 0 = all (camera: Ctrl-C)
-    smoothing: float = 0.0  # videos: per-track exponential smoothing in [0, 1) (timeline, summary); 0 = raw
+    smoothing: float = 0.0  # videos: the weight in [0, 1) a track's past keeps over each SMOOTHING_STEP (1/30 s); 0 = raw
     batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
     show: bool = False  # videos and cameras: show the annotated frames (needs a display)
@@ -89,11 +89,18 @@ PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is th
 FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the training crops' (benchmarks/crop_calibration.py)
 # Videos
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
-              ".m2ts", ".ogv"}  # what OpenCV's FFmpeg backend opens
+              ".m2ts", ".ogv", ".gif"}  # what OpenCV's FFmpeg backend opens; a GIF, animated or still, is a video: its
+# frames at their own delays
 ESTIMATED_COUNTS = {".mkv", ".webm", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv", ".ogv"}  # containers whose frame
 # count OpenCV works out as duration x fps (no count in the header), a duration the audio may lengthen
+UNCHECKED_COUNTS = {".gif"}  # never called cut short: the duration its count comes from ends with the last frame's
+# delay, of any length
 TRACK_IOU = 0.3  # a face continues a track if its box overlaps the track's last box this much
-TRACK_MAX_MISSED = 10  # classified frames a track may go without its face before it ends
+TRACK_MAX_GAP = 1.0  # seconds a track may go without its face before it ends, and at least TRACK_MIN_MISSED
+TRACK_MIN_MISSED = 3  # classified frames (a camera classifying 3 frames a second, --every=30: a missed detection or
+# two is no end)
+SMOOTHING_STEP = 1 / 30  # seconds: --smoothing is the weight a track's past keeps over each (a frame at 30 fps), so a
+# track is smoothed alike whatever the frame rate, --every, or a variable frame rate's gaps
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy holds as a still
@@ -434,15 +441,34 @@ def say(line, stream=None):
             os.close(null)
 
 
+class EmotionTally:
+    """A running count of the rows each emotion tops and their summed probabilities: a video's emotion_shares in
+    constant memory."""
+
+    def __init__(self, classes):
+        self.rows, self.tops, self.sums = 0, np.zeros(classes, np.int64), np.zeros(classes)
+
+    def add(self, probs):
+        if not np.isnan(probs).any():
+            self.rows += 1
+            self.tops[np.argmax(probs)] += 1
+            self.sums += probs
+
+    def shares(self, class_names):
+        """{emotion: share of the rows it tops}, and the dominant emotion: the largest share; between equal shares,
+        the larger mean probability (not the class listed first)."""
+        if not self.rows:
+            return {}, None
+        dominant = np.lexsort((self.sums, self.tops))[-1]  # sorted by share, then by mean probability
+        return dict(zip(class_names, map(float, self.tops / self.rows))), class_names[int(dominant)]
+
+
 def emotion_shares(probs, class_names):
-    """{emotion: share of the classified rows whose (smoothed) probabilities it tops}, and the dominant emotion: the
-    largest share; between equal shares, the larger mean probability (not the class listed first)."""
-    probs = np.asarray([p for p in probs if not np.isnan(p).any()])
-    if not len(probs):
-        return {}, None
-    counts = np.bincount(probs.argmax(1), minlength=len(class_names)) / len(probs)
-    dominant = np.lexsort((probs.mean(0), counts))[-1]  # sorted by share, then by mean probability
-    return dict(zip(class_names, map(float, counts))), class_names[int(dominant)]
+    """EmotionTally.shares of a list of (smoothed) probabilities; rows without a face (NaN) are not counted."""
+    tally = EmotionTally(len(class_names))
+    for p in probs:
+        tally.add(np.asarray(p))
+    return tally.shares(class_names)
 
 
 def source_line(entry):
@@ -680,15 +706,17 @@ def video_frames(capture, every, max_frames, fps):
 
 class FaceTracker:
     """A video's faces across frames: each face continues the live track whose last box it overlaps most
-    (IoU >= TRACK_IOU, best pairs first) or starts a new one; a track ends after TRACK_MAX_MISSED classified
-    frames without its face. Each track's probabilities are smoothed exponentially (smoothing 0 = raw)."""
+    (IoU >= min_iou, best pairs first) or starts a new one; a track ends once its face has gone unseen for more than
+    max_gap seconds and at least min_missed classified frames. Each track's probabilities are smoothed
+    exponentially in time: its past keeps smoothing ** (elapsed / SMOOTHING_STEP) of the weight (0 = raw)."""
 
-    def __init__(self, smoothing, min_iou=TRACK_IOU, max_missed=TRACK_MAX_MISSED):
-        self.min_iou, self.max_missed, self.smoothing = min_iou, max_missed, smoothing
-        self.tracks, self.next_id = {}, 0  # id -> {"box", "missed", "probs"}
+    def __init__(self, smoothing, min_iou=TRACK_IOU, max_gap=TRACK_MAX_GAP, min_missed=TRACK_MIN_MISSED):
+        self.min_iou, self.max_gap, self.min_missed, self.smoothing = min_iou, max_gap, min_missed, smoothing
+        self.tracks, self.next_id = {}, 0  # id -> {"box", "seen" (s), "missed", "probs"}
 
-    def update(self, faces, probs):
-        """Track numbers and smoothed probabilities of one frame's faces (whole-frame rows share WHOLE_FRAME)."""
+    def update(self, faces, probs, now):
+        """Track numbers and smoothed probabilities of one frame's faces at time now (s; whole-frame rows share
+        WHOLE_FRAME)."""
         pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
                         for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
         match = {}
@@ -705,12 +733,16 @@ class FaceTracker:
                 smoothed.append(p)
                 continue
             track = self.tracks.get(tid)
-            p = p if track is None else self.smoothing * track["probs"] + (1 - self.smoothing) * p
-            self.tracks[tid] = {"box": box, "missed": 0, "probs": p}
+            if track is not None:
+                steps = (now - track["seen"]) / SMOOTHING_STEP  # a frame of no later time counts one step
+                keep = self.smoothing ** (steps if steps > 0 else 1)
+                p = keep * track["probs"] + (1 - keep) * p
+            self.tracks[tid] = {"box": box, "seen": now, "missed": 0, "probs": p}
             smoothed.append(p)
         for tid in [t for t in self.tracks if t not in ids]:
-            self.tracks[tid]["missed"] += 1
-            if self.tracks[tid]["missed"] > self.max_missed:
+            track = self.tracks[tid]
+            track["missed"] += 1
+            if track["missed"] >= self.min_missed and now - track["seen"] > self.max_gap:
                 del self.tracks[tid]
         return ids, smoothed
 
@@ -810,6 +842,16 @@ def letterboxed(frame, size):
     return out
 
 
+def forget_short_tracks(times, track_probs, live):
+    """Drop the timeline's points of ended tracks it will not draw (all but the TIMELINE_TRACKS longest): a camera
+    left running for a day keeps the points of its live tracks and of those only. Done once the tracks held are
+    4x those drawn, not at every frame (a sort)."""
+    if len(times) > 4 * TIMELINE_TRACKS:
+        kept = set(live) | set(sorted(times, key=lambda k: -len(times[k]))[:TIMELINE_TRACKS])
+        for tid in set(times) - kept:
+            del times[tid], track_probs[tid]
+
+
 def plot_timeline(times, track_probs, class_names, title, path):
     """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
     import matplotlib
@@ -854,7 +896,8 @@ def predict_video(predictor, source, out, args):
         expected = min(expected, args.max_frames)
     tracker, window, interrupted, last_time = FaceTracker(args.smoothing), None, False, 0.0
     times, track_probs, counts = defaultdict(list), defaultdict(list), Counter()
-    classified = {True: [], False: []}  # the smoothed probabilities of face rows (True) and of whole frames
+    tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
+    # the face rows (True) and the whole frames
     name = out.claim(source.name, ".mp4")
     annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
     video = AnnotatedVideo(annotated, lambda: (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every,
@@ -883,8 +926,8 @@ def predict_video(predictor, source, out, args):
                                        frames_per_batch)
             for batch in in_batches(prepared, args.batch, frames_per_batch):
                 for (index, t, image, faces), probs in zip(batch, classify_batch(predictor, batch)):
-                    ids, smoothed = tracker.update(faces, probs)
                     with ctrl_c_deferred():  # the summary stays in step with the CSV
+                        ids, smoothed = tracker.update(faces, probs, t)
                         out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
                         for tid, track_p, (_, detected, crop) in zip(ids, smoothed, faces):
                             if crop is None:
@@ -892,9 +935,10 @@ def predict_video(predictor, source, out, args):
                                 continue
                             times[tid].append(t)
                             track_probs[tid].append(track_p)
-                            classified[detected].append(track_p)
+                            tallies[detected].add(track_p)
                         counts["frames"] += 1
                         last_time = t
+                        forget_short_tracks(times, track_probs, tracker.tracks)
                     if args.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
@@ -917,13 +961,14 @@ def predict_video(predictor, source, out, args):
         count = f"{total} frames" if total > 0 else "no frame count"
         entry["error"] = "no frame could be decoded" + ("" if camera else f" ({codec}, {count} in its header): a "
                                                         f"codec this OpenCV lacks, or a damaged file")
-    if counts["frames"] and expected and counts["frames"] < expected and \
-            ended_early(last_time, total, fps, args.every, Path(source.path).suffix.lower() in ESTIMATED_COUNTS):
+    suffix = Path(source.path).suffix.lower()
+    if counts["frames"] and expected and counts["frames"] < expected and suffix not in UNCHECKED_COUNTS and \
+            ended_early(last_time, total, fps, args.every, suffix in ESTIMATED_COUNTS):
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
-    share, dominant = emotion_shares(classified[True] or classified[False], predictor.class_names)  # faces; if none, frames
-    entry.update(frames=counts["frames"], fps=fps or None, faces=len(classified[True]), no_face=counts["no_face"],
-                 tracks=len([t for t in times if t != WHOLE_FRAME]),
-                 rows=len(classified[True]) + len(classified[False]) + counts["no_face"],
+    tally = tallies[True] if tallies[True].rows else tallies[False]  # faces; if none, whole frames
+    share, dominant = tally.shares(predictor.class_names)
+    entry.update(frames=counts["frames"], fps=fps or None, faces=tallies[True].rows, no_face=counts["no_face"],
+                 tracks=tracker.next_id, rows=tallies[True].rows + tallies[False].rows + counts["no_face"],
                  dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
@@ -970,6 +1015,9 @@ def run_prediction(args, specs):
         say(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
             f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", sys.stderr)
     images = [s for s in inputs if s.kind == "image"]
+    if args.explain and any(s.kind in ("video", "camera") for s in inputs):
+        say("note: --explain writes a picture for each face of every classified video frame"
+            f"{'' if args.max_frames or args.every > 1 else '; --every=N or --max_frames=N write fewer'}", sys.stderr)
     interrupted, stopped = False, None
     try:
         with out_of_memory_named(predictor.device, f"--batch={args.batch}"):

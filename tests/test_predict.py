@@ -807,20 +807,93 @@ def test_file_names_opencv_and_the_console_cannot_take(checkpoint, tmp_path):
 
 
 def test_tracker_keeps_ids_by_overlap_and_smooths():
-    tracker = pr.FaceTracker(smoothing=0.5, min_iou=0.3, max_missed=1)
+    step = pr.SMOOTHING_STEP
+    tracker = pr.FaceTracker(smoothing=0.5, min_iou=0.3, max_gap=1.5 * step, min_missed=2)
     a, b = (0, 0, 100, 100), (300, 0, 400, 100)
     p, q, r = np.eye(3)
     face = lambda box: (box, True, None)
-    ids, _ = tracker.update([face(a), face(b)], [p, q])
+    ids, _ = tracker.update([face(a), face(b)], [p, q], 0.0)
     assert ids == [0, 1]
-    ids, smoothed = tracker.update([face((310, 0, 410, 100)), face((10, 0, 110, 100))], [r, r])  # order swapped
+    ids, smoothed = tracker.update([face((310, 0, 410, 100)), face((10, 0, 110, 100))], [r, r], step)  # order swapped
     assert ids == [1, 0]
     assert smoothed[0] == pytest.approx(0.5 * q + 0.5 * r) and smoothed[1] == pytest.approx(0.5 * p + 0.5 * r)
-    ids, smoothed = tracker.update([face((20, 0, 120, 100)), (None, False, None)], [r, q])  # track 1 missed once
+    ids, smoothed = tracker.update([face((20, 0, 120, 100)), (None, False, None)], [r, q], 2 * step)  # track 1 missed once
     assert ids == [0, pr.WHOLE_FRAME] and smoothed[0] == pytest.approx(0.25 * p + 0.75 * r) and smoothed[1] == pytest.approx(q)
-    tracker.update([], [])  # track 1: two frames missed, more than track_max_missed
-    ids, smoothed = tracker.update([face(b)], [q])
+    tracker.update([], [], 3 * step)  # track 1: two frames missed, 2 steps unseen: more than max_gap
+    ids, smoothed = tracker.update([face(b)], [q], 4 * step)
     assert ids == [2] and smoothed[0] == pytest.approx(q)  # a new track starts raw
+
+
+def test_tracks_end_and_smooth_in_seconds_not_classified_frames():
+    """Every frame of 30 a second: a face missed for 0.4 s keeps its track (max_gap 0.5 s). One frame a second
+    (--every=30): two missed detections keep it and three end it (counted in frames, ten missed frames kept a track for
+    ten seconds). Smoothing weighs the past by the time elapsed: 0.5 over one step is 0.25 over two and about 0 over a
+    second; a frame of no later time counts one step."""
+    step = pr.SMOOTHING_STEP
+    p, q = np.eye(2)
+    box = (0, 0, 100, 100)
+    tracker = pr.FaceTracker(smoothing=0.5, max_gap=0.5, min_missed=3)
+    tracker.update([(box, True, None)], [p], 0.0)
+    for k in range(1, 13):  # 12 frames without the face, to 0.4 s
+        tracker.update([], [], k * step)
+    ids, smoothed = tracker.update([(box, True, None)], [q], 13 * step)
+    before = 0.5 ** 13 * p + (1 - 0.5 ** 13) * q
+    assert ids == [0] and smoothed[0] == pytest.approx(before)
+    ids, smoothed = tracker.update([(box, True, None)], [p], 15 * step)
+    assert smoothed[0] == pytest.approx(0.25 * before + 0.75 * p)
+    ids, smoothed = tracker.update([(box, True, None)], [q], 15 * step)
+    assert smoothed[0] == pytest.approx(0.5 * (0.25 * before + 0.75 * p) + 0.5 * q)
+    sparse = pr.FaceTracker(smoothing=0.9, max_gap=0.5, min_missed=3)
+    sparse.update([(box, True, None)], [p], 0.0)
+    sparse.update([], [], 1.0)
+    sparse.update([], [], 2.0)  # two missed detections
+    ids, smoothed = sparse.update([(box, True, None)], [q], 3.0)
+    assert ids == [0] and smoothed[0] == pytest.approx(q, abs=1e-3)  # 0.9 ** (3 / step) of the past: 8e-5
+    for k in (4.0, 5.0, 6.0):
+        sparse.update([], [], k)  # three missed, 3 s unseen: ended
+    assert sparse.update([(box, True, None)], [p], 7.0)[0] == [1]
+
+
+def test_a_long_video_keeps_the_timeline_tracks_it_draws_and_no_others():
+    """Of 30 tracks (track k seen k + 1 times) with tracks 2 and 3 live, the timeline keeps the six longest (24-29)
+    and the live ones; the points of the rest, which the timeline cannot draw, are forgotten."""
+    times = {k: [0.1] * (k + 1) for k in range(30)}
+    probs = {k: [np.eye(8)[0]] * (k + 1) for k in range(30)}
+    pr.forget_short_tracks(times, probs, live={2: {}, 3: {}})
+    assert sorted(times) == sorted(probs) == [2, 3, 24, 25, 26, 27, 28, 29]
+    assert len(times[29]) == len(probs[29]) == 30
+    few = {k: [0.1] for k in range(10)}
+    pr.forget_short_tracks(few, dict(few), live={})  # too few to be worth it: kept
+    assert len(few) == 10
+
+
+def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
+    """An animated GIF (frames shown 0.1, 0.3, 0.1 and 2 s) is read as a video at its frames' own times, from a
+    folder too, and not called cut short; a still GIF is a video of one frame. --explain on a video says that it writes a picture per face
+    of every frame."""
+    from PIL import Image
+    face = cv2.resize(hopper_rgb()[60:400, 110:420], (220, 240))
+    frames = []
+    for i in range(4):
+        frame = np.full((360, 480, 3), 90, np.uint8)
+        frame[60:300, 40 + 20 * i:260 + 20 * i] = face
+        frames.append(Image.fromarray(frame))
+    (tmp_path / "gifs").mkdir()
+    frames[0].save(tmp_path / "gifs" / "moving.gif", save_all=True, append_images=frames[1:], duration=[100, 300, 100, 2000])
+    frames[0].save(tmp_path / "gifs" / "still.gif")
+    proc = predict(f"{tmp_path / 'gifs'}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+                   "--explain", cwd=tmp_path)
+    assert "--explain writes a picture for each face of every classified video frame" in proc.stderr
+    rows = read_csv(tmp_path / "out")
+    moving = [r for r in rows if r["source"].endswith("moving.gif")]
+    assert [float(r["time_s"]) for r in moving] == pytest.approx([0.0, 0.1, 0.4, 0.5])
+    assert {r["face"] for r in moving} == {"0"} and all(r["face_detected"] == "true" for r in moving)
+    entries = {Path(e["source"]).name: e for e in json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]}
+    assert entries["moving.gif"]["kind"] == "video" and entries["moving.gif"]["frames"] == 4
+    for entry in entries.values():
+        assert (entry["kind"], entry["warnings"], entry["error"]) == ("video", [], None)
+    assert (entries["still.gif"]["frames"], entries["still.gif"]["faces"], entries["still.gif"]["tracks"]) == (1, 1, 1)
+    assert len(list((tmp_path / "out" / "explain").rglob("moving_frame*_face0.png"))) == 4
 
 
 def test_videos_of_one_name_max_frames_and_a_video_in_a_folder(checkpoint, tmp_path):
