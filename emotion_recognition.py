@@ -11,7 +11,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --demo                         # synthetic faces, about a minute on a CPU
     python emotion_recognition.py --data_dir=path/to/YOLO_format # the full protocol (GPU: 96 px, 50 epochs)
     python emotion_recognition.py --data_dir=... --preset=cpu    # the CPU protocol: 30 minutes (--time_budget)
-    python emotion_recognition.py --evaluate=outputs/RUN --data_dir=...  # a run folder or a checkpoint
+    python emotion_recognition.py --evaluate=outputs/RUN         # a run folder or a checkpoint, on its own data
     python emotion_recognition.py --resume=outputs/RUN           # continue an interrupted run
     torchrun --nproc_per_node=4 emotion_recognition.py --data_dir=...  # DistributedDataParallel; --batch_size is global
     python emotion_recognition.py --help                         # every field
@@ -2310,7 +2310,8 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-# predict.py's and export.py's: the command line's, else the checkpoint's (--evaluate takes every setting so)
+# predict.py's settings: the command line's, else the checkpoint's (export.py takes the tta_* ones; --evaluate every
+# setting so)
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 
 
