@@ -52,7 +52,7 @@ class Prediction:
     detect_faces: bool = True  # find faces (OpenCV's Haar cascades); false: each image is one face (pre-cropped)
     every: int = 1  # videos and cameras: classify one frame in N
     max_frames: int = 0  # videos and cameras: stop after N classified frames; 0 = all (camera: Ctrl-C)
-    smoothing: float = 0.0  # videos: the weight in [0, 1) a track's past keeps over each SMOOTHING_STEP (1/30 s); 0 = raw
+    smoothing: float = 0.0  # videos: in [0, 1), the weight a track's past keeps over 1/30 s (SMOOTHING_STEP); 0 = raw
     batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
     show: bool = False  # videos and cameras: show the annotated frames (needs a display)

@@ -817,7 +817,7 @@ def test_tracker_keeps_ids_by_overlap_and_smooths():
     ids, smoothed = tracker.update([face((310, 0, 410, 100)), face((10, 0, 110, 100))], [r, r], step)  # order swapped
     assert ids == [1, 0]
     assert smoothed[0] == pytest.approx(0.5 * q + 0.5 * r) and smoothed[1] == pytest.approx(0.5 * p + 0.5 * r)
-    ids, smoothed = tracker.update([face((20, 0, 120, 100)), (None, False, None)], [r, q], 2 * step)  # track 1 missed once
+    ids, smoothed = tracker.update([face((20, 0, 120, 100)), (None, False, None)], [r, q], 2 * step)  # 1 missed once
     assert ids == [0, pr.WHOLE_FRAME] and smoothed[0] == pytest.approx(0.25 * p + 0.75 * r) and smoothed[1] == pytest.approx(q)
     tracker.update([], [], 3 * step)  # track 1: two frames missed, 2 steps unseen: more than max_gap
     ids, smoothed = tracker.update([face(b)], [q], 4 * step)
@@ -869,8 +869,8 @@ def test_a_long_video_keeps_the_timeline_tracks_it_draws_and_no_others():
 
 def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
     """An animated GIF (frames shown 0.1, 0.3, 0.1 and 2 s) is read as a video at its frames' own times, from a
-    folder too, and not called cut short; a still GIF is a video of one frame. --explain on a video says that it writes a picture per face
-    of every frame."""
+    folder too, and not called cut short; a still GIF is a video of one frame. --explain on a video says that it
+    writes a picture per face of every frame."""
     from PIL import Image
     face = cv2.resize(hopper_rgb()[60:400, 110:420], (220, 240))
     frames = []
@@ -879,7 +879,8 @@ def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
         frame[60:300, 40 + 20 * i:260 + 20 * i] = face
         frames.append(Image.fromarray(frame))
     (tmp_path / "gifs").mkdir()
-    frames[0].save(tmp_path / "gifs" / "moving.gif", save_all=True, append_images=frames[1:], duration=[100, 300, 100, 2000])
+    frames[0].save(tmp_path / "gifs" / "moving.gif", save_all=True, append_images=frames[1:],
+                   duration=[100, 300, 100, 2000])
     frames[0].save(tmp_path / "gifs" / "still.gif")
     proc = predict(f"{tmp_path / 'gifs'}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
                    "--explain", cwd=tmp_path)
@@ -888,7 +889,8 @@ def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
     moving = [r for r in rows if r["source"].endswith("moving.gif")]
     assert [float(r["time_s"]) for r in moving] == pytest.approx([0.0, 0.1, 0.4, 0.5])
     assert {r["face"] for r in moving} == {"0"} and all(r["face_detected"] == "true" for r in moving)
-    entries = {Path(e["source"]).name: e for e in json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    entries = {Path(e["source"]).name: e for e in summary["sources"]}
     assert entries["moving.gif"]["kind"] == "video" and entries["moving.gif"]["frames"] == 4
     for entry in entries.values():
         assert (entry["kind"], entry["warnings"], entry["error"]) == ("video", [], None)
