@@ -102,6 +102,8 @@ TRACK_MIN_MISSED = 3  # classified frames (a camera classifying 3 frames a secon
 SMOOTHING_STEP = 1 / 30  # seconds: --smoothing is the weight a track's past keeps over each (a frame at 30 fps), so a
 # track is smoothed alike whatever the frame rate, --every, or a variable frame rate's gaps
 TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
+TIMELINE_POINTS = 4096  # points a track's timeline holds at most, even (its figure is 1,100 pixels wide): then each two
+# are averaged into one, and the frames that follow in groups as large (the last unfinished group is not drawn)
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
 STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy holds as a still
 ANNOTATED_FPS = 60.0  # at most, for an annotated video: WebM files that claim 1000 fps would repeat each frame 33 times
@@ -842,26 +844,58 @@ def letterboxed(frame, size):
     return out
 
 
-def forget_short_tracks(times, track_probs, live):
-    """Drop the timeline's points of ended tracks it will not draw (all but the TIMELINE_TRACKS longest): a camera
-    left running for a day keeps the points of its live tracks and of those only. Done once the tracks held are
-    4x those drawn, not at every frame (a sort)."""
-    if len(times) > 4 * TIMELINE_TRACKS:
-        kept = set(live) | set(sorted(times, key=lambda k: -len(times[k]))[:TIMELINE_TRACKS])
-        for tid in set(times) - kept:
-            del times[tid], track_probs[tid]
+class Timeline:
+    """Each face track's (smoothed) probabilities over a video's time, for plot_timeline, in memory bounded however
+    long the video or camera runs: a track's points are averaged in pairs once it holds TIMELINE_POINTS (and its
+    later frames in groups as large, so each point is the mean of equally many frames; the last unfinished group's
+    frames are not drawn),
+    and the points of ended tracks it will not draw (all but the TIMELINE_TRACKS longest) are dropped once it holds
+    4x that many tracks."""
+
+    def __init__(self):
+        self.times, self.probs, self.frames = {}, {}, Counter()
+        self.group = defaultdict(lambda: 1)  # frames averaged into one point
+        self.pending = {}  # (frames, sum of times, sum of probabilities) of the group begun
+
+    def add(self, tid, t, probs):
+        self.frames[tid] += 1
+        n, t_sum, p_sum = self.pending.pop(tid, (0, 0.0, 0.0))
+        n, t_sum, p_sum = n + 1, t_sum + t, p_sum + np.asarray(probs, dtype=float)
+        if n < self.group[tid]:
+            self.pending[tid] = n, t_sum, p_sum
+            return
+        times, track_probs = self.times.setdefault(tid, []), self.probs.setdefault(tid, [])
+        times.append(t_sum / n)
+        track_probs.append(p_sum / n)
+        if len(times) == TIMELINE_POINTS:
+            times[:] = np.reshape(times, (-1, 2)).mean(1).tolist()
+            track_probs[:] = list(np.reshape(track_probs, (-1, 2, len(track_probs[0]))).mean(1))
+            self.group[tid] *= 2
+
+    def forget(self, live):
+        """Drop the ended tracks it will not draw (live: the tracker's tracks). Done once it holds 4x the tracks
+        drawn, not at every frame (a sort)."""
+        if len(self.frames) > 4 * TIMELINE_TRACKS:
+            kept = set(live) | set(self.longest())
+            for tid in set(self.frames) - kept:
+                for held in (self.times, self.probs, self.frames, self.group, self.pending):
+                    held.pop(tid, None)
+
+    def longest(self):
+        """The TIMELINE_TRACKS tracks of the most frames, in the order of their numbers."""
+        return sorted(sorted(self.times, key=lambda k: -self.frames[k])[:TIMELINE_TRACKS])
 
 
-def plot_timeline(times, track_probs, class_names, title, path):
+def plot_timeline(timeline, class_names, title, path):
     """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    shown = sorted(sorted(track_probs, key=lambda t: -len(track_probs[t]))[:TIMELINE_TRACKS])
+    shown = timeline.longest()
     fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for ax, tid in zip(axes[:, 0], shown):
-        t, p = np.array(times[tid], dtype=float), np.array(track_probs[tid], dtype=float)
+        t, p = np.array(timeline.times[tid], dtype=float), np.array(timeline.probs[tid], dtype=float)
         if len(t) > 2:  # a line only where the face was seen: a gap of frames without it is left blank, not bridged
             gaps = np.flatnonzero(np.diff(t) > 2 * np.median(np.diff(t))) + 1
             t, p = np.insert(t, gaps, np.nan), np.insert(p, gaps, np.nan, axis=0)
@@ -895,11 +929,11 @@ def predict_video(predictor, source, out, args):
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
     tracker, window, interrupted, last_time = FaceTracker(args.smoothing), None, False, 0.0
-    times, track_probs, counts = defaultdict(list), defaultdict(list), Counter()
+    timeline, counts = Timeline(), Counter()
     tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
     # the face rows (True) and the whole frames
     name = out.claim(source.name, ".mp4")
-    annotated, timeline = out.path(name), out.path(name.with_suffix(".png"), "timelines")
+    annotated, timeline_path = out.path(name), out.path(name.with_suffix(".png"), "timelines")
     video = AnnotatedVideo(annotated, lambda: (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every,
                            camera, entry["warnings"])  # a camera's rate is read at its first frame
 
@@ -933,12 +967,11 @@ def predict_video(predictor, source, out, args):
                             if crop is None:
                                 counts["no_face"] += 1
                                 continue
-                            times[tid].append(t)
-                            track_probs[tid].append(track_p)
+                            timeline.add(tid, t, track_p)
                             tallies[detected].add(track_p)
                         counts["frames"] += 1
                         last_time = t
-                        forget_short_tracks(times, track_probs, tracker.tracks)
+                        timeline.forget(tracker.tracks)
                     if args.explain:
                         write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
@@ -972,8 +1005,9 @@ def predict_video(predictor, source, out, args):
                  dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
-        plot_timeline(times, track_probs, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline)
-        entry["timeline"] = str(timeline)
+        plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})",
+                      timeline_path)
+        entry["timeline"] = str(timeline_path)
     if interrupted:
         out.source(entry)
         raise KeyboardInterrupt

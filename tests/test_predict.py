@@ -167,7 +167,10 @@ def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", recorded)
     times = [0.0, 0.1, 0.2, 0.3, 1.4, 1.5, 1.6]
     probs = [np.eye(8)[0] if t < 1 else np.eye(8)[6] for t in times]
-    pr.plot_timeline({0: times}, {0: probs}, CLASSES, "clip", tmp_path / "timeline.png")
+    timeline = pr.Timeline()
+    for t, p in zip(times, probs):
+        timeline.add(0, t, p)
+    pr.plot_timeline(timeline, CLASSES, "clip", tmp_path / "timeline.png")
     assert len(drawn) == 8 and (tmp_path / "timeline.png").stat().st_size > 5000
     for x, y in drawn:
         assert np.flatnonzero(np.isnan(x)).tolist() == [4] and np.isnan(y[4])
@@ -400,12 +403,13 @@ def test_a_timeline_without_faces_warns_of_nothing(tmp_path, monkeypatch):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pr.plot_timeline({}, {}, ["a", "b"], "v.mp4", tmp_path / "none.png")
+        pr.plot_timeline(pr.Timeline(), ["a", "b"], "v.mp4", tmp_path / "none.png")
     assert (tmp_path / "none.png").exists()
-    drawn = []
+    drawn, timeline = [], pr.Timeline()
     monkeypatch.setattr(pr, "save_figure", lambda fig, path, dpi: drawn.append(fig))
-    pr.plot_timeline({1: [0.5], 2: [0.1, 0.2]}, {1: [np.array([0.8, 0.2])], 2: [np.array([0.3, 0.7])] * 2},
-                     ["a", "b"], "v.mp4", tmp_path / "one.png")
+    for tid, t, p in ((1, 0.5, [0.8, 0.2]), (2, 0.1, [0.3, 0.7]), (2, 0.2, [0.3, 0.7])):
+        timeline.add(tid, t, np.array(p))
+    pr.plot_timeline(timeline, ["a", "b"], "v.mp4", tmp_path / "one.png")
     one, two = drawn[0].axes
     assert [line.get_marker() for line in one.lines] == ["o", "o"]  # track 1: one frame
     assert [line.get_marker() for line in two.lines] == ["None", "None"] and two.lines[0].get_linestyle() == "-"
@@ -857,14 +861,71 @@ def test_tracks_end_and_smooth_in_seconds_not_classified_frames():
 def test_a_long_video_keeps_the_timeline_tracks_it_draws_and_no_others():
     """Of 30 tracks (track k seen k + 1 times) with tracks 2 and 3 live, the timeline keeps the six longest (24-29)
     and the live ones; the points of the rest, which the timeline cannot draw, are forgotten."""
-    times = {k: [0.1] * (k + 1) for k in range(30)}
-    probs = {k: [np.eye(8)[0]] * (k + 1) for k in range(30)}
-    pr.forget_short_tracks(times, probs, live={2: {}, 3: {}})
-    assert sorted(times) == sorted(probs) == [2, 3, 24, 25, 26, 27, 28, 29]
-    assert len(times[29]) == len(probs[29]) == 30
-    few = {k: [0.1] for k in range(10)}
-    pr.forget_short_tracks(few, dict(few), live={})  # too few to be worth it: kept
-    assert len(few) == 10
+    timeline = pr.Timeline()
+    for k in range(30):
+        for _ in range(k + 1):
+            timeline.add(k, 0.1, np.eye(8)[0])
+    timeline.forget(live={2: {}, 3: {}})
+    assert sorted(timeline.frames) == sorted(timeline.times) == sorted(timeline.probs) == [2, 3, 24, 25, 26, 27, 28, 29]
+    assert len(timeline.times[29]) == len(timeline.probs[29]) == timeline.frames[29] == 30
+    assert timeline.longest() == [24, 25, 26, 27, 28, 29]
+    few = pr.Timeline()
+    for k in range(10):
+        few.add(k, 0.1, np.eye(8)[0])
+    few.forget(live={})  # too few to be worth it: kept
+    assert len(few.times) == 10
+
+
+def test_a_long_track_is_drawn_from_averages_of_evenly_many_frames(monkeypatch):
+    """100 frames of one track, at most 8 points: its points are each the average of 16 consecutive frames (times
+    and probabilities alike), 6 of them (frames 96-99 wait for a seventh), whatever the frames' times."""
+    monkeypatch.setattr(pr, "TIMELINE_POINTS", 8)
+    rng = np.random.default_rng(0)
+    times, probs = np.cumsum(rng.uniform(0.01, 0.1, 100)), rng.dirichlet(np.ones(8), 100)
+    timeline = pr.Timeline()
+    for t, p in zip(times, probs):
+        timeline.add(0, t, p)
+    assert timeline.group[0] == 16 and timeline.frames[0] == 100
+    assert timeline.times[0] == pytest.approx(times[:96].reshape(6, 16).mean(1))
+    assert np.array(timeline.probs[0]) == pytest.approx(probs[:96].reshape(6, 16, 8).mean(1))
+
+
+def test_a_video_s_timeline_holds_few_tracks_and_few_points(checkpoint, tmp_path, monkeypatch):
+    """predict_video's timeline with TIMELINE_TRACKS 1 and TIMELINE_POINTS 4, on a video at 2 fps of a face seen
+    in one frame five times (each followed by three frames without it, 1.5 s: the track ends), then for nine frames:
+    it drops tracks 1-3 once it holds five (keeping the live one and one longest), draws the last, and holds two
+    points of it, the averages of its first four frames' rows and of the next four's (the ninth waits for a group
+    of four), times and probabilities."""
+    monkeypatch.setattr(pr, "TIMELINE_TRACKS", 1)
+    monkeypatch.setattr(pr, "TIMELINE_POINTS", 4)
+    held, drawn, forget = [], [], pr.Timeline.forget
+
+    def counted(timeline, live):
+        forget(timeline, live)
+        held.append(len(timeline.frames))
+
+    monkeypatch.setattr(pr.Timeline, "forget", counted)
+    monkeypatch.setattr(pr, "plot_timeline", lambda timeline, *args: drawn.append(timeline))
+    face = cv2.resize(cv2.imread(str(HOPPER))[60:400, 110:420], (220, 240))
+    blank = np.full((480, 640, 3), 90, np.uint8)
+    seen = blank.copy()
+    seen[120:360, 200:420] = face
+    writer = cv2.VideoWriter(str(tmp_path / "v.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 2.0, (640, 480))
+    for frame in ([seen] + [blank] * 3) * 5 + [seen] * 9:
+        writer.write(frame)
+    writer.release()
+    assert pr.main([str(tmp_path / "v.mp4"), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+                    "--smoothing=0"]) == 0  # the CSV's probabilities are the raw ones, the timeline's the smoothed
+    rows = [r for r in read_csv(tmp_path / "out") if r["face"] == "5"]
+    assert len(rows) == 9 and held and max(held) == 4
+    [timeline] = drawn
+    assert sorted(timeline.frames) == [0, 4, 5] and timeline.longest() == [5] and timeline.frames[5] == 9
+    times = np.array([float(r["time_s"]) for r in rows])
+    assert timeline.times[5] == pytest.approx([times[:4].mean(), times[4:8].mean()])
+    probs = np.array([[float(r[name]) for name in CLASSES] for r in rows])  # written to 4 decimals
+    assert np.array(timeline.probs[5]) == pytest.approx(probs[:8].reshape(2, 4, 8).mean(1), abs=1e-4)
+    [source] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert source["tracks"] == 6
 
 
 def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
