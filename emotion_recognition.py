@@ -165,7 +165,7 @@ PRESETS = {
 # epochs in 30 minutes against 17.5-18, and reaches 72.35 % against 70.03 % (three seeds paired). Where bf16 is
 # native two blocks a stage fit 55-62 epochs and reach 74 %, above one block's 100 epochs there (73.09 % in float32,
 # one seed). On a Zen 5 run with AVX-512 float32 kernels (the Intel Xeon's stand-in) one block fits 71-74 epochs and
-# reaches 73.16 % (three seeds), two blocks 41 epochs and 73.29 % (one seed): no worse.
+# reaches 73.17 % (three seeds), two blocks 41 epochs and 73.29 % (one seed): no worse.
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 
 
