@@ -16,6 +16,8 @@ import emotion_recognition as ern  # noqa: E402
 import export as ex  # noqa: E402
 import predict as pr  # noqa: E402
 
+__all__ = ["ROOT", "SCRIPT", "PREDICT", "EXPORT", "TINY", "ern", "ex", "pr", "run_script"]  # what the tests import
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, for its own tensors too
     ern.torch.set_num_threads(1)
 
