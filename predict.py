@@ -848,9 +848,8 @@ class Timeline:
     """Each face track's (smoothed) probabilities over a video's time, for plot_timeline, in memory bounded however
     long the video or camera runs: a track's points are averaged in pairs once it holds TIMELINE_POINTS (and its
     later frames in groups as large, so each point is the mean of equally many frames; the last unfinished group's
-    frames are not drawn),
-    and the points of ended tracks it will not draw (all but the TIMELINE_TRACKS longest) are dropped once it holds
-    4x that many tracks."""
+    frames are not drawn), and the points of ended tracks it will not draw (all but the TIMELINE_TRACKS longest) are
+    dropped once it holds 4x that many tracks."""
 
     def __init__(self):
         self.times, self.probs, self.frames = {}, {}, Counter()
@@ -1005,8 +1004,7 @@ def predict_video(predictor, source, out, args):
                  dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
-        plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})",
-                      timeline_path)
+        plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline_path)
         entry["timeline"] = str(timeline_path)
     if interrupted:
         out.source(entry)

@@ -52,6 +52,11 @@ def hopper_rgb():
     return cv2.cvtColor(cv2.imread(str(HOPPER)), cv2.COLOR_BGR2RGB)
 
 
+def hopper_head():
+    """The Hopper photograph's head without the flag, 220 x 240 px, BGR."""
+    return cv2.resize(cv2.imread(str(HOPPER))[60:400, 110:420], (220, 240))
+
+
 def read_csv(folder):
     with open(folder / "predictions.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -60,7 +65,7 @@ def read_csv(folder):
 def write_video(path, frames, fps=10.0, size=(640, 480)):
     """A video of the Hopper head (without the flag) moving right by 6 px a frame on a grey background (back to
     the left edge after 55 frames)."""
-    face = cv2.resize(cv2.imread(str(HOPPER))[60:400, 110:420], (220, 240))
+    face = hopper_head()
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     for i in range(frames):
         frame = np.full((size[1], size[0], 3), 90, np.uint8)
@@ -906,7 +911,7 @@ def test_a_video_s_timeline_holds_few_tracks_and_few_points(checkpoint, tmp_path
 
     monkeypatch.setattr(pr.Timeline, "forget", counted)
     monkeypatch.setattr(pr, "plot_timeline", lambda timeline, *args: drawn.append(timeline))
-    face = cv2.resize(cv2.imread(str(HOPPER))[60:400, 110:420], (220, 240))
+    face = hopper_head()
     blank = np.full((480, 640, 3), 90, np.uint8)
     seen = blank.copy()
     seen[120:360, 200:420] = face
@@ -933,7 +938,7 @@ def test_gifs_are_videos_with_each_frames_own_delay(checkpoint, tmp_path):
     folder too, and not called cut short; a still GIF is a video of one frame. --explain on a video says that it
     writes a picture per face of every frame."""
     from PIL import Image
-    face = cv2.resize(hopper_rgb()[60:400, 110:420], (220, 240))
+    face = cv2.cvtColor(hopper_head(), cv2.COLOR_BGR2RGB)
     frames = []
     for i in range(4):
         frame = np.full((360, 480, 3), 90, np.uint8)
