@@ -177,11 +177,14 @@ class UserError(Exception):
     """A problem the user can fix (arguments, data, checkpoint): printed as one message, no traceback."""
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # what --flag=... takes
+
+
 def parse_value(name, text, kind):
     if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
+        if text.lower() in TRUE_WORDS:
             return True
-        if text.lower() in ("0", "false", "no", "off"):
+        if text.lower() in FALSE_WORDS:
             return False
         raise UserError(f"--{name} expects true or false, got {text!r}")
     try:
@@ -220,7 +223,7 @@ def read_overrides(argv, classes, doc, positional=False):
     """({name: value} per dataclass in classes, the other words) from --name=value arguments (a bare --flag means
     true); unknown names are refused with the closest known one. -h/--help prints doc and the fields, and exits."""
     kinds = [field_kinds(c) for c in classes]
-    found, words = [{} for _ in classes], []
+    found, words, bare_flag = [{} for _ in classes], [], None
     for arg in argv:
         if arg in ("-h", "--help"):
             print_help(doc, [(c, c.__doc__.splitlines()[0]) for c in classes])
@@ -228,7 +231,10 @@ def read_overrides(argv, classes, doc, positional=False):
         if not arg.startswith("--"):
             if not positional:
                 raise UserError(f"unexpected argument {arg!r}: use --name=value")
+            if bare_flag and arg.lower() in TRUE_WORDS + FALSE_WORDS:  # `--detect_faces false`: a value, not an input
+                raise UserError(f"{bare_flag} {arg}: a setting's value follows '=': {bare_flag}={arg}")
             words.append(arg)
+            bare_flag = None
             continue
         name, eq, text = arg[2:].partition("=")
         owner = next((i for i, k in enumerate(kinds) if name in k), None)
@@ -240,6 +246,7 @@ def read_overrides(argv, classes, doc, positional=False):
                 raise UserError(f"--{name} is a training setting: the checkpoint's model is used as it was trained")
             raise UserError(f"unknown field --{name}" + (f"; did you mean --{close[0]}?" if close else ""))
         kind = kinds[owner][name]
+        bare_flag = None if eq else f"--{name}"
         if not eq:
             if kind is not bool:
                 raise UserError(f"--{name} needs a value: --{name}=...")
@@ -724,7 +731,7 @@ def stop_on_ctrl_c_and_sigterm():
 
 CACHE_VERSION = 2  # raised when the same files and settings decode differently: older caches are rebuilt
 MIN_BOX_PIXELS = 4  # a label box narrower or lower than this in its image is a problem, not a face
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # .jfif: a JPEG as browsers save it
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}  # what Windows leaves in a folder of images: skipped, as dot-files are
 
 
@@ -918,12 +925,12 @@ def split_sources(doc, yaml_path):
     return folders, notes
 
 
-CLASS_LISTS = ("classes.txt", "obj.names")  # LabelImg's and Label Studio's, Darknet's
+CLASS_LISTS = ("classes.txt", "obj.names", "_darknet.labels")  # LabelImg's and Label Studio's, Darknet's, Roboflow's
 
 
 def class_list_files(yaml_folder, folders):
-    """The class lists that labelling tools leave beside the labels (LabelImg's classes.txt) or the export (Label
-    Studio's classes.txt, Darknet's obj.names)."""
+    """The class lists that labelling tools leave beside the labels (LabelImg's classes.txt, Roboflow's Darknet export's
+    _darknet.labels) or the export (Label Studio's classes.txt, Darknet's obj.names)."""
     places = [Path(yaml_folder)] + [labels_folder(f) for f in flat_sources(folders) if f.is_dir()]
     found = [p / name for p in dict.fromkeys(places) for name in CLASS_LISTS]
     return [p for p in found if p.is_file()]
@@ -1125,8 +1132,9 @@ def folder_pairs(name, images_dir):
 
 def listed_pairs(list_file):
     """{image: (its label file or None, the label file expected)} of an image list (Ultralytics' and CVAT's
-    train.txt: one image a line, relative to the list's folder), each label file where labels_folder puts it, and
-    the problems: lines that name no image."""
+    train.txt: one image a line, relative to the list's folder; CVAT's YOLO 1.1 export writes data/ before each, the
+    folder Darknet keeps it in), each label file where labels_folder puts it, and the problems: lines that name no
+    image."""
     try:
         lines = list_file_lines(list_file)
     except (OSError, UnicodeDecodeError) as e:
@@ -1134,6 +1142,9 @@ def listed_pairs(list_file):
     pairs, problems, label_folders = {}, [], {}
     for n, line in lines:
         image = Path(os.path.abspath(list_file.parent / line))
+        darknet = list_file.parent.joinpath(*Path(line).parts[1:]) if Path(line).parts[0] == "data" else None
+        if darknet and not os.path.lexists(image) and os.path.lexists(darknet):
+            image = Path(os.path.abspath(darknet))
         try:
             found, exists = image.is_file(), image.exists()
         except OSError as e:  # a name too long, a folder this user may not enter
@@ -1164,9 +1175,6 @@ def image_format(data):
     return None
 
 
-PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: zero length, type, its fixed CRC
-
-
 def jpeg_complete(data):
     """Whether the scan data, after the headers, reaches an end-of-image marker. Bytes after it (phone
     cameras append trailers) are allowed; an EXIF thumbnail's own end marker is skipped with its header segment,
@@ -1187,12 +1195,23 @@ def jpeg_complete(data):
     return False
 
 
+def png_complete(data):
+    """Whether the chunks, each stepped over by its length from the signature on, reach IEND. Bytes after it are
+    allowed, as after a JPEG's end."""
+    i = 8
+    while i + 12 <= len(data):
+        if data[i + 4:i + 8] == b"IEND":
+            return True
+        i += 12 + int.from_bytes(data[i:i + 4], "big")  # length, type, data, CRC
+    return False
+
+
 def truncated(data, fmt):
     """JPEG must reach its end-of-image marker, PNG its IEND chunk (decoders accept partial files)."""
     if fmt == "jpeg":
         return not jpeg_complete(data)
     if fmt == "png":
-        return PNG_END not in data[-4096:]
+        return not png_complete(data)
     return False
 
 
@@ -1285,6 +1304,7 @@ def cache_key(split, size, margin):
         st = os.stat(p)
         h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # a name as its bytes: any name
     h.update(split.boxes.tobytes())
+    h.update(b"\0".join(map(os.fsencode, split.paths)))  # whose box each is: one moved to the next image moves its crop
     return h.hexdigest()[:20]
 
 
@@ -3305,9 +3325,13 @@ def run_evaluation(cfg, action, overrides):
                               **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
     validate_config(cfg)
     made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
+    own_folder = Path(action.evaluate).parent
     if made:
-        folder = unique_folder(Path(action.evaluate).parent / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
+        folder = unique_folder(own_folder / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
         cfg = dataclasses.replace(cfg, output_dir=str(folder))
+    elif Path(cfg.output_dir).expanduser().resolve() == own_folder.resolve():  # --overwrite would delete the model
+        raise UserError(f"--output_dir={cfg.output_dir} holds the checkpoint evaluated: an evaluation writes into a "
+                        f"folder of its own (without --output_dir, {own_folder / 'eval__TIME'})")
     run_dir, lock = make_run_dir(cfg)
     with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
         if made:

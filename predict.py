@@ -52,7 +52,7 @@ class Prediction:
     detect_faces: bool = True  # find faces (OpenCV's Haar cascades); false: each image is one face (pre-cropped)
     every: int = 1  # videos and cameras: classify one frame in N
     max_frames: int = 0  # videos and cameras: stop after N classified frames; 0 = all (camera: Ctrl-C)
-    smoothing: float = 0.0  # videos: in [0, 1), the weight a track's past keeps over 1/30 s (SMOOTHING_STEP); 0 = raw
+    smoothing: float = 0.0  # videos: in [0, 1), a track's past's weight over 1/30 s in the annotated video, timeline and summary (the rows stay raw); 0 = none
     batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
     show: bool = False  # videos and cameras: show the annotated frames (needs a display)
@@ -1020,7 +1020,9 @@ def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
     were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
     settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if hasattr(args, k)}  # None: the checkpoint's
-    predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.jsonl else contextlib.nullcontext()
+    with quiet:  # stdout carries the JSON lines alone: the model's loading notes (channels_last off) go to stderr
+        predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     inputs = prediction_inputs(specs)
     out_dir = Path(args.output_dir).expanduser() if args.output_dir else unique_folder(
         Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}")

@@ -482,7 +482,10 @@ def test_a_class_list_in_another_order_than_data_yaml_stops_the_run(tmp_path):
         ern.read_data_yaml(tmp_path)
     problems = []
     assert ern.read_data_yaml(tmp_path, problems)[0] == ["anger", "happy", "sad"] and len(problems) == 1
-    listing.unlink()
+    roboflow = listing.rename(listing.with_name("_darknet.labels"))  # Roboflow's Darknet export's, in every split
+    with pytest.raises(ern.UserError, match=re.escape(f"{roboflow} lists the classes as ['happy', 'sad', 'anger']")):
+        ern.read_data_yaml(tmp_path)
+    roboflow.unlink()
     (tmp_path / "obj.names").write_text("dog\ncat\n")  # Darknet's, of another project: named, not refused
     assert ern.read_data_yaml(tmp_path)[2] == [f"{tmp_path / 'obj.names'} lists other classes than data.yaml "
                                               f"(['dog', 'cat']); data.yaml's are used"]
@@ -620,6 +623,7 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)
     assert problems == [] and split.labels.tolist() == [1] and split.paths == [str(tmp_path / "train" / "a.jpg")]
     (tmp_path / "train" / "obj.names").write_text("a\nb\n")  # Darknet's class list: no stray file
+    (tmp_path / "train" / "_darknet.labels").write_text("a\nb\n")  # nor Roboflow's, in each split of its Darknet export
     assert ern.scan_split("train", tmp_path / "train", 2)[1] == []
     (tmp_path / "train" / "a.txt").unlink()
     with pytest.raises(ern.UserError, match="no label files beside them"):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -88,6 +89,34 @@ def test_the_decode_cache_is_rebuilt_by_what_changes_the_crops(tiny_dataset, tmp
     assert np.array_equal(split.images[i], expected)
     if change == "label box":
         assert split.boxes[0].tolist() == pytest.approx([0.4, 0.4, 0.5, 0.5])
+
+
+def test_a_box_moved_to_the_next_image_rebuilds_the_cache(tmp_path):
+    """The last box of a.txt moved to the top of b.txt leaves the split's boxes and images as they were, in order:
+    the cache was reused, and that face's crop was cut from a.jpg. Every crop is its own image's after the move."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "images" / f"{name}.png"), rng.integers(0, 256, (64, 64, 3), np.uint8))
+    (tmp_path / "labels" / "a.txt").write_text("0 0.3 0.5 0.4 0.4\n1 0.7 0.5 0.4 0.4\n")
+    (tmp_path / "labels" / "b.txt").write_text("0 0.5 0.5 0.6 0.6\n")
+    cfg = ern.Config(image_size=32, cache_dir=str(tmp_path / "cache"), decode_threads=1)
+
+    def load():
+        split, problems, *_ = ern.scan_split("train", tmp_path / "images", 2)
+        assert problems == []
+        ern.load_split_pixels(split, cfg)
+        return split
+
+    load()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.3 0.5 0.4 0.4\n")
+    (tmp_path / "labels" / "b.txt").write_text("1 0.7 0.5 0.4 0.4\n0 0.5 0.5 0.6 0.6\n")
+    split = load()
+    assert [Path(p).name for p in split.paths] == ["a.png", "b.png", "b.png"] and split.decode_seconds > 0
+    for i, path in enumerate(split.paths):
+        expected = ern.crop_box(ern.decode_image(path)[0], split.boxes[i], cfg.crop_margin, 32).transpose(2, 0, 1)
+        assert np.array_equal(split.images[i], expected), i
 
 
 # ---------------------------------------------------------------------------------------------

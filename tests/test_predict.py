@@ -445,6 +445,19 @@ def test_whole_images_without_detection_and_jsonl_on_stdout(checkpoint, tmp_path
     assert [face["probabilities"][c] for c in CLASSES] == pytest.approx([float(row[c]) for c in CLASSES], abs=1e-4)
 
 
+def test_jsonl_keeps_stdout_json_when_the_model_loads_with_a_note(checkpoint, tmp_path, monkeypatch, capsys):
+    """The trainer's note on loading a model (channels_last off, where this CPU's probe refused it) went to stdout,
+    the first line a `predict.py --jsonl ... | jq` could not parse; with --jsonl it goes to stderr."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no verdict cached: the probe runs
+    monkeypatch.setattr(ern, "run_probe", lambda *a, **k: (False, "a refusal", False))
+    assert pr.main([f"{HOPPER}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", "--jsonl",
+                    "--detect_faces=false"]) == 0
+    out, err = capsys.readouterr()
+    assert "channels_last off: a refusal" in err
+    [line] = out.splitlines()
+    assert json.loads(line)["source"] == str(HOPPER)
+
+
 def test_no_face_no_emotion(checkpoint, tmp_path):
     """A photo without a face: its row says face_detected false with the emotion, confidence and probabilities
     empty, the summary counts it as no face and gives no emotion, the console says "no face"; a video's frames
@@ -539,6 +552,18 @@ def test_a_jpeg_with_a_trailer_is_readable_here_and_in_training(checkpoint, tmp_
             ern.decode_image(tmp_path / "cut.jpg")
     predict(f"{trailer}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
     assert len(read_csv(tmp_path / "out")) == 1
+
+
+def test_a_png_with_a_trailer_is_whole_and_a_cut_one_is_not(tmp_path):
+    """Bytes after a PNG's IEND chunk (an editor's or a phone's trailer) leave the image whole: more than 4 KiB of
+    them made it "truncated". A PNG cut anywhere before its IEND is truncated."""
+    data = cv2.imencode(".png", hopper_head())[1].tobytes()
+    whole = tmp_path / "trailer.png"
+    whole.write_bytes(data + bytes(range(256)) * 40)
+    image, fmt = ern.decode_image(whole)
+    assert fmt == "png" and np.array_equal(image, cv2.cvtColor(hopper_head(), cv2.COLOR_BGR2RGB))
+    for cut in (len(data) - 1, len(data) - 12, len(data) // 2, 40):
+        assert ern.truncated(data[:cut], "png"), cut
 
 
 def test_a_cut_jpeg_with_an_exif_thumbnail_is_truncated():
@@ -989,6 +1014,17 @@ def test_videos_of_one_name_max_frames_and_a_video_in_a_folder(checkpoint, tmp_p
 def test_prediction_settings_are_checked(arg, message):
     with pytest.raises(ern.UserError, match=message):
         pr.main(["x.jpg", "--checkpoint=m.pth", arg])
+
+
+def test_a_flag_and_its_value_apart_are_refused_not_read_as_an_input():
+    """`--detect_faces false photo.jpg` detected faces (a bare flag is true) and read "false" as an input; a
+    value after a bare flag is refused naming the form that works. A bare flag before an input still works."""
+    with pytest.raises(ern.UserError, match=re.escape("--detect_faces false: a setting's value follows '=': "
+                                                      "--detect_faces=false")):
+        pr.main(["--checkpoint=m.pth", "--detect_faces", "false", "x.jpg"])
+    (given,), words = ern.read_overrides(["--jsonl", "x.jpg", "--detect_faces", "1.jpg"], (pr.Prediction,), "",
+                                         positional=True)
+    assert given == {"jsonl": True, "detect_faces": True} and words == ["x.jpg", "1.jpg"]
 
 
 def test_predict_needs_a_model_and_an_input(checkpoint, tmp_path):

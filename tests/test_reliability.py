@@ -1388,6 +1388,22 @@ def test_an_image_list_split_reads_the_images_it_lists_with_their_labels(tiny_da
     assert both.paths == listed.paths + [p for p in folder.paths if Path(p) not in images[:9]]  # each image once
 
 
+def test_cvats_yolo_1_1_image_list_is_read_from_the_export(tmp_path):
+    """CVAT's YOLO 1.1 export (train.txt, obj.names, obj_train_data/ with each label beside its image) names each
+    image as data/obj_train_data/x.jpg, for Darknet, which keeps the export in its data/ folder: every image "did not
+    exist". A data/ folder that is there is still read as named."""
+    (tmp_path / "obj_train_data").mkdir()
+    cv2.imwrite(str(tmp_path / "obj_train_data" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (tmp_path / "obj_train_data" / "a.txt").write_text("1 0.5 0.5 1 1")
+    (tmp_path / "train.txt").write_text("data/obj_train_data/a.jpg\ndata/obj_train_data/gone.jpg\n")
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train.txt", 2)
+    assert split.paths == [str(tmp_path / "obj_train_data" / "a.jpg")] and split.labels.tolist() == [1]
+    assert problems == [f"{tmp_path / 'train.txt'}:2: {tmp_path / 'data' / 'obj_train_data' / 'gone.jpg'} does not exist"]
+    shutil.copytree(tmp_path / "obj_train_data", tmp_path / "data" / "obj_train_data")
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train.txt", 2)
+    assert split.paths == [str(tmp_path / "data" / "obj_train_data" / "a.jpg")]
+
+
 def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_dataset, tmp_path):
     """An unlabelled test/images (a competition's) stopped even --strict=false; an empty test/images without its
     empty labels/ (which zip tools drop) stopped every run."""
@@ -1436,6 +1452,15 @@ def test_common_video_files_are_videos(tmp_path, ext):
     assert [s.kind for s in pr.prediction_inputs([str(clip)])] == ["video"]
 
 
+def test_a_jfif_in_a_folder_is_an_image(tmp_path):
+    """Browsers on Windows save a JPEG as .jfif: a folder's .jfif photos were passed over as neither image nor
+    video (summary.json's "ignored")."""
+    (tmp_path / "download.jfif").write_bytes(b"\xff\xd8")
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert sorted((Path(s.path).name, s.kind) for s in pr.prediction_inputs([str(tmp_path)])) == [
+        ("download.jfif", "image"), ("notes.txt", "ignored")]
+
+
 @pytest.mark.parametrize("arg, message", [
     ("--seed=-1", "--seed must be in [0, 2**32)"), ("--seed=5000000000", "--seed must be in [0, 2**32)"),
     ("--time_budget=inf", "--time_budget must be a finite number"), ("--lr=nan", "--lr must be"),
@@ -1450,12 +1475,15 @@ def test_every_value_a_user_types_is_range_checked_before_any_work(arg, message,
     assert not (tmp_path / "run").exists()
 
 
-def test_evaluate_into_a_finished_runs_folder_changes_none_of_its_files(finished, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite=true"]])
+def test_evaluate_into_a_finished_runs_folder_changes_none_of_its_files(finished, tiny_dataset, tmp_path, overwrite):
+    """Evaluating a run into its own folder is refused, --overwrite=true too (it deleted the checkpoints evaluated:
+    the evaluation still ran, from the loaded model, and said nothing)."""
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(ern.UserError, match="already holds"):
-        ern.main([f"--evaluate={run}", f"--data_dir={tiny_dataset}", f"--output_dir={run}",
-                  f"--cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ern.UserError, match="holds the checkpoint evaluated"):
+        ern.main([f"--evaluate={run}", f"--data_dir={tiny_dataset}", f"--output_dir={run}/.",
+                  f"--cache_dir={tmp_path / 'cache'}", *overwrite])
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
