@@ -1132,9 +1132,9 @@ def folder_pairs(name, images_dir):
 
 def listed_pairs(list_file):
     """{image: (its label file or None, the label file expected)} of an image list (Ultralytics' and CVAT's
-    train.txt: one image a line, relative to the list's folder; CVAT's YOLO 1.1 export writes data/ before each, the
-    folder Darknet keeps it in), each label file where labels_folder puts it, and the problems: lines that name no
-    image."""
+    train.txt: one image a line, relative to the list's folder; CVAT's YOLO 1.1 export writes data/ before each:
+    Darknet's data/ folder, where the export is meant to sit), each label file where labels_folder puts it, and the
+    problems: lines that name no image."""
     try:
         lines = list_file_lines(list_file)
     except (OSError, UnicodeDecodeError) as e:
@@ -1142,7 +1142,8 @@ def listed_pairs(list_file):
     pairs, problems, label_folders = {}, [], {}
     for n, line in lines:
         image = Path(os.path.abspath(list_file.parent / line))
-        darknet = list_file.parent.joinpath(*Path(line).parts[1:]) if Path(line).parts[0] == "data" else None
+        parts = Path(line).parts
+        darknet = list_file.parent.joinpath(*parts[1:]) if parts[:1] == ("data",) and len(parts) > 1 else None
         if darknet and not os.path.lexists(image) and os.path.lexists(darknet):
             image = Path(os.path.abspath(darknet))
         try:
@@ -3325,11 +3326,11 @@ def run_evaluation(cfg, action, overrides):
                               **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
     validate_config(cfg)
     made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
-    own_folder = Path(action.evaluate).parent
+    own_folder = Path(action.evaluate).parent  # never the output: --overwrite would delete the model (or a link's)
     if made:
         folder = unique_folder(own_folder / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
         cfg = dataclasses.replace(cfg, output_dir=str(folder))
-    elif Path(cfg.output_dir).expanduser().resolve() == own_folder.resolve():  # --overwrite would delete the model
+    elif Path(cfg.output_dir).expanduser().resolve() in (own_folder.resolve(), Path(action.evaluate).resolve().parent):
         raise UserError(f"--output_dir={cfg.output_dir} holds the checkpoint evaluated: an evaluation writes into a "
                         f"folder of its own (without --output_dir, {own_folder / 'eval__TIME'})")
     run_dir, lock = make_run_dir(cfg)

@@ -52,7 +52,7 @@ class Prediction:
     detect_faces: bool = True  # find faces (OpenCV's Haar cascades); false: each image is one face (pre-cropped)
     every: int = 1  # videos and cameras: classify one frame in N
     max_frames: int = 0  # videos and cameras: stop after N classified frames; 0 = all (camera: Ctrl-C)
-    smoothing: float = 0.0  # videos: in [0, 1), a track's past's weight over 1/30 s in the annotated video, timeline and summary (the rows stay raw); 0 = none
+    smoothing: float = 0.0  # videos: in [0, 1), a track's past's weight per 1/30 s (SMOOTHING_STEP) in the video, timeline and summary; 0 = raw
     batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
     show: bool = False  # videos and cameras: show the annotated frames (needs a display)
@@ -650,7 +650,8 @@ def predict_images(predictor, sources, out, progress, args):
                 rows = predictor.describe(faces, probs)
                 ids = [i if face.detected else WHOLE_FRAME for i, face in enumerate(faces)]
                 out.rows(source.path, None, None, faces, rows, ids)
-                name = out.claim(source.name, None if Path(source.name).suffix.lower() in IMAGE_EXTS else ".png")
+                suffix = Path(source.name).suffix.lower()  # OpenCV writes no .jfif: its JPEG is a .jpg
+                name = out.claim(source.name, ".jpg" if suffix == ".jfif" else None if suffix in IMAGE_EXTS else ".png")
                 annotated = out.path(name)
                 if args.explain:
                     write_explanations(predictor, out, name.stem, faces, probs, ids)

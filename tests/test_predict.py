@@ -566,6 +566,21 @@ def test_a_png_with_a_trailer_is_whole_and_a_cut_one_is_not(tmp_path):
         assert ern.truncated(data[:cut], "png"), cut
 
 
+def test_a_jfif_in_a_folder_is_an_image_and_its_annotated_copy_a_jpg(checkpoint, tmp_path):
+    """Browsers on Windows save a JPEG as .jfif: a folder's .jfif photos were passed over as neither image nor
+    video (summary.json's "ignored"); OpenCV writes no .jfif, so its annotated copy is a .jpg."""
+    (tmp_path / "photos").mkdir()
+    shutil.copy(HOPPER, tmp_path / "photos" / "download.jfif")
+    (tmp_path / "photos" / "notes.txt").write_text("not a picture")
+    assert pr.main([f"{tmp_path / 'photos'}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    [source] = summary["sources"]
+    assert Path(source["source"]).name == "download.jfif" and not source["warnings"] and not source["error"], source
+    assert summary["ignored"] == [str(tmp_path / "photos" / "notes.txt")]
+    annotated = tmp_path / "out" / "annotated" / "photos" / "download.jpg"
+    assert source["annotated"] == str(annotated) and cv2.imread(str(annotated)).shape == cv2.imread(str(HOPPER)).shape
+
+
 def test_a_cut_jpeg_with_an_exif_thumbnail_is_truncated():
     """The thumbnail in the APP1 segment has its own end marker: only the main image's may count."""
     data = open(HOPPER, "rb").read()

@@ -1395,10 +1395,12 @@ def test_cvats_yolo_1_1_image_list_is_read_from_the_export(tmp_path):
     (tmp_path / "obj_train_data").mkdir()
     cv2.imwrite(str(tmp_path / "obj_train_data" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
     (tmp_path / "obj_train_data" / "a.txt").write_text("1 0.5 0.5 1 1")
-    (tmp_path / "train.txt").write_text("data/obj_train_data/a.jpg\ndata/obj_train_data/gone.jpg\n")
+    (tmp_path / "train.txt").write_text("data/obj_train_data/a.jpg\ndata/obj_train_data/gone.jpg\n.\n")
     split, problems, *_ = ern.scan_split("train", tmp_path / "train.txt", 2)
     assert split.paths == [str(tmp_path / "obj_train_data" / "a.jpg")] and split.labels.tolist() == [1]
-    assert problems == [f"{tmp_path / 'train.txt'}:2: {tmp_path / 'data' / 'obj_train_data' / 'gone.jpg'} does not exist"]
+    gone = tmp_path / "data" / "obj_train_data" / "gone.jpg"
+    assert problems == [f"{tmp_path / 'train.txt'}:2: {gone} does not exist",
+                        f"{tmp_path / 'train.txt'}:3: {tmp_path} is not an image file (extension none)"]
     shutil.copytree(tmp_path / "obj_train_data", tmp_path / "data" / "obj_train_data")
     split, problems, *_ = ern.scan_split("train", tmp_path / "train.txt", 2)
     assert split.paths == [str(tmp_path / "data" / "obj_train_data" / "a.jpg")]
@@ -1452,15 +1454,6 @@ def test_common_video_files_are_videos(tmp_path, ext):
     assert [s.kind for s in pr.prediction_inputs([str(clip)])] == ["video"]
 
 
-def test_a_jfif_in_a_folder_is_an_image(tmp_path):
-    """Browsers on Windows save a JPEG as .jfif: a folder's .jfif photos were passed over as neither image nor
-    video (summary.json's "ignored")."""
-    (tmp_path / "download.jfif").write_bytes(b"\xff\xd8")
-    (tmp_path / "notes.txt").write_text("not a picture")
-    assert sorted((Path(s.path).name, s.kind) for s in pr.prediction_inputs([str(tmp_path)])) == [
-        ("download.jfif", "image"), ("notes.txt", "ignored")]
-
-
 @pytest.mark.parametrize("arg, message", [
     ("--seed=-1", "--seed must be in [0, 2**32)"), ("--seed=5000000000", "--seed must be in [0, 2**32)"),
     ("--time_budget=inf", "--time_budget must be a finite number"), ("--lr=nan", "--lr must be"),
@@ -1478,13 +1471,18 @@ def test_every_value_a_user_types_is_range_checked_before_any_work(arg, message,
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite=true"]])
 def test_evaluate_into_a_finished_runs_folder_changes_none_of_its_files(finished, tiny_dataset, tmp_path, overwrite):
     """Evaluating a run into its own folder is refused, --overwrite=true too (it deleted the checkpoints evaluated:
-    the evaluation still ran, from the loaded model, and said nothing)."""
+    the evaluation still ran, from the loaded model, and said nothing), however the folder or the model is named."""
     run = Path(shutil.copytree(finished, tmp_path / "run"))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(ern.UserError, match="holds the checkpoint evaluated"):
-        ern.main([f"--evaluate={run}", f"--data_dir={tiny_dataset}", f"--output_dir={run}/.",
-                  f"--cache_dir={tmp_path / 'cache'}", *overwrite])
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "best.pth").symlink_to(run / "best_emotion_model.pth")
+    (tmp_path / "same").symlink_to(run)
+    named = ((run, tmp_path / "x" / ".." / "run"), (tmp_path / "models" / "best.pth", run), (run, tmp_path / "same"))
+    for model, out in named:
+        with pytest.raises(ern.UserError, match="holds the checkpoint evaluated"):
+            ern.main([f"--evaluate={model}", f"--data_dir={tiny_dataset}", f"--output_dir={out}",
+                      f"--cache_dir={tmp_path / 'cache'}", *overwrite])
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_an_export_to_a_place_that_cannot_be_made_is_one_line(finished, tmp_path):
