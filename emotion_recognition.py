@@ -1300,12 +1300,11 @@ def decode_split(split, out, size, margin, threads):
 
 
 def cache_key(split, size, margin):
+    """What the split's crops depend on: each face's image (its name as bytes: any name; size and time) and box."""
     h = hashlib.sha1(f"{CACHE_VERSION}|{size}|{margin}".encode())
-    for p in dict.fromkeys(split.paths):
-        st = os.stat(p)
-        h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())  # a name as its bytes: any name
-    h.update(split.boxes.tobytes())
-    h.update(b"\0".join(map(os.fsencode, split.paths)))  # whose box each is: one moved to the next image moves its crop
+    stats = {p: os.stat(p) for p in dict.fromkeys(split.paths)}  # an image of many faces once
+    for p, box in zip(split.paths, split.boxes):
+        h.update(os.fsencode(p) + f"|{stats[p].st_size}|{stats[p].st_mtime_ns}|".encode() + box.tobytes())
     return h.hexdigest()[:20]
 
 
