@@ -148,11 +148,10 @@ class Action:
 
 # Named sets of overrides, applied before the command line; the runs behind each value: BENCHMARKS.md, issue 24.
 # cpu: the best model a 30-minute budget buys on a 2-core CPU (--time_budget plans the epochs that fit): 96 px faces
-# through a stride-2 stem, so the stages work at 48 px's cost (1.4 points above 48 px faces in float32); channels
-# 32-256 (width 0.4: 1.6x the epochs of 0.5, 2.3 points better in float32, no worse where bf16 is native); at most
-# 100 epochs, so that the budget decides; lr 3e-3 (+0.64 where bf16 is native, -0.69 in float32: within the seeds'
-# spread); no random erasing (no gain on so short a schedule); twenty test-time views (the face and its central 86 px
-# enlarged, each moved 2 px each way and mirrored: 0.2-0.7 points above the ten without the zoom). demo: --demo's.
+# through a stride-2 stem, so the stages work at 48 px's cost; channels 32-256 (width 0.4: more epochs than 0.5, and
+# better in float32); at most 100 epochs, so that the budget decides; lr 3e-3; no random erasing (no gain on so short
+# a schedule); twenty test-time views (the face and its central 86 px enlarged, each moved 2 px each way and
+# mirrored: above the ten without the zoom). demo: --demo's.
 PRESETS = {
     "cpu": dict(image_size=96, stem_stride=2, width=0.4, blocks="2,2,2,2", epochs=100, time_budget=30.0, batch_size=64,
                 lr=3e-3, warmup_epochs=1.0, aug_erase=0.0, val_faces=1024, tsne_samples=1000, attention_samples=512,
@@ -161,11 +160,9 @@ PRESETS = {
                  warmup_epochs=1.0, tsne_samples=800, run_name="demo"),
 }
 # A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false) and the command line gives
-# none of them (preset_for_machine). cpu: one block a stage, whose step costs 0.56x: a 2-core AVX2 CPU fits 33-34
-# epochs in 30 minutes against 17.5-18, and reaches 72.35 % against 70.03 % (three seeds paired). Where bf16 is
-# native two blocks a stage fit 55-62 epochs and reach 74 %, above one block's 100 epochs there (73.09 % in float32,
-# one seed). On a Zen 5 run with AVX-512 float32 kernels (the Intel Xeon's stand-in) one block fits 71-74 epochs and
-# reaches 73.17 % (three seeds), two blocks 41 epochs and 73.29 % (one seed): no worse.
+# none of them (preset_for_machine). cpu: one block a stage, whose step costs 0.56x: on a 2-core AVX2 CPU it fits
+# twice the epochs in 30 minutes and reaches 2.3 points more; where bf16 is native two blocks fit 55-62 epochs and
+# do better than one block does even at 100.
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 
 
@@ -1103,6 +1100,13 @@ def folder_pairs(name, images_dir):
     def key(path, folder):  # a Mac writes names decomposed (NFD), most tools composed (NFC): one name either way
         return Path(unicodedata.normalize("NFC", str(path.relative_to(folder).with_suffix(""))))
 
+    def label_key(stem):  # Ultralytics' rule below the folder too: part1/images/a.jpg -> part1/labels/a.txt
+        folders = stem.parts[:-1]
+        if not beside or "images" not in folders:
+            return stem
+        i = len(folders) - 1 - folders[::-1].index("images")
+        return Path(*folders[:i], "labels", *stem.parts[i + 1:])
+
     images, others = {}, []
     for p in image_files:
         stem = key(p, images_dir)
@@ -1126,8 +1130,10 @@ def folder_pairs(name, images_dir):
     label_files = {key(p, labels_dir): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
-    problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in images]
-    return {image: (label_files.get(stem), labels_dir / f"{stem}.txt") for stem, image in images.items()}, problems
+    wanted = {label_key(stem) for stem in images}
+    problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in wanted]
+    return {image: (label_files.get(label_key(stem)), labels_dir / f"{label_key(stem)}.txt")
+            for stem, image in images.items()}, problems
 
 
 def listed_pairs(list_file):
@@ -1570,7 +1576,7 @@ def stop_on_problems(problems, yaml_problems, cfg, log_file):
     raise UserError(f"{len(problems)} dataset problem(s) in {cfg.data_dir}:\n  {shown}\n{advice}")
 
 
-def hold_out_validation(splits, cfg, log_file, named=False):
+def hold_out_validation(splits, cfg, log_file, named):
     """Without a validation split (or, named: data.yaml's has no usable sample): --val_fraction of the training
     images, whole and stratified, become one."""
     held = stratified_holdout(splits["train"].labels, splits["train"].paths, cfg.val_fraction, cfg.seed)
@@ -2057,6 +2063,13 @@ def tta_view_count(cfg):
     return (2 if cfg.tta_flip else 1) * (2 if cfg.tta_zoom else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
 
 
+def mean_over_views(model, views, channels_last=False):
+    """The model's outputs (logits, context logits, features) for each view, averaged in float32; None for what the
+    model does not give. What evaluation, prediction and an exported model compute of one batch."""
+    each = [model(v.contiguous(memory_format=torch.channels_last) if channels_last else v) for v in views]
+    return tuple(None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
+
+
 @torch.inference_mode()
 def run_inference(model, images, mean, std, device, cfg, tta=True):
     """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches, each the mean over
@@ -2069,8 +2082,7 @@ def run_inference(model, images, mean, std, device, cfg, tta=True):
         x = standardize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
         views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            each = [model(v.contiguous(memory_format=torch.channels_last) if cfg.channels_last else v) for v in views]
-        logits, s, f = (None if ts[0] is None else sum(t.float() for t in ts) / len(ts) for ts in zip(*each))
+            logits, s, f = mean_over_views(model, views, cfg.channels_last)
         for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
             if t is not None:
                 outs[name].append(t.cpu())
@@ -2343,12 +2355,14 @@ def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **state)
             "image_size": cfg.image_size, "epoch": epoch, "metrics": metrics, **state}
 
 
-def training_state(optimizer, scheduler, scaler, history, best):
+def training_state(optimizer, scheduler, scaler, history, best, steps):
+    """What --resume continues from beside the weights: steps, the optimizer steps taken (a fractional last pass
+    took fewer than a pass's)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "history": history, "best": best, "rng": rng}
+            "history": history, "best": best, "steps": steps, "rng": rng}
 
 
 def checkpoint_in(path, name):
@@ -2547,6 +2561,12 @@ def make_run_dir(cfg, resuming=False):
     return run_dir, lock
 
 
+def script_command(*args):
+    """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
+    words = [sys.executable, str(Path(__file__).resolve()), *args]
+    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)  # Windows' C runtime quoting
+
+
 def provenance(argv, device, data_dir, data_report):
     """What repeating a run needs beyond its config: the command, the software, the machine, the code's version
     and the dataset's fingerprint."""
@@ -2563,7 +2583,7 @@ def provenance(argv, device, data_dir, data_report):
     commit = git("log", "-1", "--format=%H")
     return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S %z"), "cwd": os.getcwd(),
-        "command": shlex.join([sys.executable, str(script), *argv]),
+        "command": script_command(*argv),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                      "opencv": cv2.__version__, "cuda": torch.version.cuda,
                      "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None},
@@ -2774,9 +2794,10 @@ def total_steps(cfg, steps_per_epoch):
     return max(1, round(cfg.epochs * steps_per_epoch))
 
 
-def epochs_run(cfg, steps_per_epoch):
-    """Passes the run makes, the last one cut short where cfg.epochs has a fraction."""
-    return -(-total_steps(cfg, steps_per_epoch) // steps_per_epoch)
+def epochs_run(cfg, steps_per_epoch, epoch=0, done=0):
+    """The run's last pass: after epoch passes that took done steps, the steps left in full passes, the last one cut
+    short where cfg.epochs has a fraction (a run resumed after such a pass, to train on, makes one pass more)."""
+    return epoch + -(-(total_steps(cfg, steps_per_epoch) - done) // steps_per_epoch)
 
 
 def epoch_seed(cfg, epoch):
@@ -2930,8 +2951,12 @@ def plan_epochs(model, train_x, train_y, val, eval_faces, mean, std, cfg, device
         for n in (1, BUDGET_TIMED_STEPS):
             idx = torch.randperm(len(train_y), device=device)[:n * batch]
             t0 = clock()
-            train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
-                            num_classes=num_classes, class_weights=weights)
+            try:
+                train_one_epoch(compiled, train_x[idx], train_y[idx], mean, std, optimizer, scheduler, scaler, cfg, 0,
+                                num_classes=num_classes, class_weights=weights)
+            except NonFiniteLoss as e:
+                raise UserError(f"{e} while timing the steps that plan --time_budget: the run would diverge from its "
+                                f"first steps; a lower --lr, or --amp=false") from None
             seconds.append(clock() - t0)
             steps.append(epoch_steps(len(idx), cfg))  # fewer than n where the training set is that small
         faces = min(BUDGET_VAL_FACES, len(val))
@@ -2973,26 +2998,37 @@ def apply_plan(cfg, plan, log_file=None):
     return dataclasses.replace(cfg, epochs=plan["epochs"])
 
 
-def replanned_epochs(plan, walls, val_walls, done, cfg, steps_per_epoch, val_faces, tta):
-    """The epochs that end by the plan's deadline, from the medians of the last three epochs and validations as
-    timed (the first pays the warm-up again), and the plan's final-evaluation estimate updated from them (each rank
-    validated its share of val_faces). Returns (epochs, seconds an epoch)."""
+def replan(plan, walls, val_walls, epoch, cfg, steps_per_epoch, val_faces, tta, log_file):
+    """cfg with the epochs that end by the plan's deadline, re-planned from the medians of the last three epochs and
+    validations as timed (the first pays the warm-up again; rank 0's under torchrun), and the plan's final-evaluation
+    estimate updated from them (each rank validated its share of val_faces); or None where the epochs stay: fewer
+    whenever needed; more by REPLAN_MORE or more while a pass is left (a small step of the cosine: adding half an
+    epoch to 16 moves its position by 3 %)."""
     epoch_s, val_s = statistics.median(walls[1:][-3:]), statistics.median(val_walls[1:][-3:])
     plan["final_evaluation_seconds"] = final_seconds(plan["eval_faces"], val_s * rank_and_world()[1] / val_faces,
                                                      (epoch_s - val_s) / steps_per_epoch, plan["batch"], cfg, tta)
-    return epochs_before(plan["deadline"], time.time(), epoch_s, plan["final_evaluation_seconds"],
-                         BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], done, val_s, steps_per_epoch), epoch_s
+    epochs = from_rank_zero(epochs_before(plan["deadline"], time.time(), epoch_s, plan["final_evaluation_seconds"],
+                                          BUDGET_MARGIN * cfg.time_budget * 60, plan["max_epochs"], epoch, val_s,
+                                          steps_per_epoch))
+    if not (epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
+                                                         epoch < epochs_run(cfg, steps_per_epoch))):
+        return None
+    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
+        f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
+    return dataclasses.replace(cfg, epochs=epochs)
 
 
-def script_command(*args):
-    """This script's command line with args, as this interpreter runs it (a virtual environment's python)."""
-    words = [sys.executable, str(Path(__file__).resolve()), *args]
-    return subprocess.list2cmdline(words) if os.name == "nt" else shlex.join(words)  # Windows' C runtime quoting
+def epoch_line(epoch, epochs, stats, improved):
+    """An epoch's line of the log: the losses, accuracies, learning rate and seconds; * where it is the best yet."""
+    return (f"epoch {epoch:3d}/{epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
+            f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
+            f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
+            f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}")
 
 
 def restore_training_state(resume, model, optimizer, scheduler, scaler):
     """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first
-    epoch)."""
+    epoch, optimizer steps taken: None in a last.pth from before they were counted)."""
     model.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
@@ -3002,7 +3038,7 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and torch.cuda.is_available():  # saved per visible GPU: as many as are here now
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
-    return resume["history"], resume["best"], resume["epoch"] + 1
+    return resume["history"], resume["best"], resume["epoch"] + 1, resume.get("steps")
 
 
 def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume, plan, tta):
@@ -3016,9 +3052,14 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = inverse_frequency_weights(cfg, train_y, k)
-    history, best, start = [], {"val_accuracy": -1.0, "epoch": 0}, 1
+    history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: optimizer steps taken
     if resume is not None:
-        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        history, best, start, done = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        if done is None:  # a last.pth from before steps were saved: whole passes, the last one as its config cut it
+            done = min((start - 1) * steps_per_epoch, total_steps(config_from_checkpoint(resume), steps_per_epoch))
+        if done > total_steps(cfg, steps_per_epoch):
+            raise UserError(f"--epochs={cfg.epochs:g} is fewer than the {done / steps_per_epoch:.4g} epochs "
+                            f"{run_dir / 'last.pth'} has trained; give more, or none to repeat the final evaluation")
     rank, world = rank_and_world()
     writes, ddp = rank == 0, world > 1  # under torchrun, rank 0 alone writes
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -3032,7 +3073,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     def save_last(epoch, metrics):
         if writes:
             atomic_save(checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics,
-                                        **training_state(optimizer, scheduler, scaler, history, best)), last_path)
+                                        **training_state(optimizer, scheduler, scaler, history, best, done)), last_path)
 
     if resume is None:
         save_last(0, {})  # an interrupt in the first epoch still has a state to resume from
@@ -3041,18 +3082,19 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
         atomic_write(run_dir / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
     t_start = time.time() - sum(h["epoch_seconds"] for h in history)
     epoch = saved = start - 1  # saved: the epoch last.pth holds (a Ctrl-C can land inside its save)
-    if resume is not None and epoch >= epochs_run(cfg, steps_per_epoch):
+    if resume is not None and done >= total_steps(cfg, steps_per_epoch):
         log(f"the run had finished (epoch {epoch}); the final evaluation is repeated (--epochs=N trains on)", log_file)
     walls, val_walls = [], []  # seconds of each epoch from its start to its last write; of its validation
     try:
-        while epoch < epochs_run(cfg, steps_per_epoch):
+        while done < total_steps(cfg, steps_per_epoch):
             epoch += 1
             t0 = time.time()
             if ddp:  # each rank's augmentation, from (seed, epoch, rank): a resume continues it
                 torch.manual_seed(epoch_seed(cfg, epoch) * 1_009 + rank)
             stats = train_one_epoch(compiled, train_x, train_y, mean, std, optimizer, scheduler, scaler, cfg, epoch,
                                     num_classes=k, class_weights=weights,
-                                    max_steps=total_steps(cfg, steps_per_epoch) - (epoch - 1) * steps_per_epoch)
+                                    max_steps=total_steps(cfg, steps_per_epoch) - done)
+            done += min(steps_per_epoch, total_steps(cfg, steps_per_epoch) - done)
             same_as_rank_zero(model)  # one model on every rank
             t_val = time.time()
             stats.update(epoch=epoch, **validation_metrics(model, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
@@ -3080,7 +3122,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
                         with ctrl_c_deferred():  # config.json and last.pth agree on the schedule
                             write_json(dataclasses.asdict(cfg), run_dir / "config.json")
                             save_last(epoch, stats)  # last.pth resumes with the schedule as now laid
-            log(epoch_line(epoch, epochs_run(cfg, steps_per_epoch), stats, improved), log_file)
+            log(epoch_line(epoch, epochs_run(cfg, steps_per_epoch, epoch, done), stats, improved), log_file)
     except KeyboardInterrupt:
         log(f"\ninterrupted during epoch {saved + 1}; {last_path} holds the end of epoch {saved}. Resume with:\n  {resume_cmd}", log_file)
         raise SystemExit(130)
@@ -3092,36 +3134,12 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     return history, best, time.time() - t_start, cfg
 
 
-def replan(plan, walls, val_walls, epoch, cfg, steps_per_epoch, val_faces, tta, log_file):
-    """cfg with the epochs that the budget fits, re-planned from the epochs as timed (replanned_epochs; rank 0's
-    under torchrun), or None where they stay: fewer whenever needed; more by REPLAN_MORE or more while a pass is left
-    (a small step of the cosine: adding half an epoch to 16 moves its position by 3 %)."""
-    epochs, epoch_s = replanned_epochs(plan, walls, val_walls, epoch, cfg, steps_per_epoch, val_faces, tta)
-    epochs = from_rank_zero(epochs)
-    if not (epochs < cfg.epochs - 1 / steps_per_epoch or (epochs >= cfg.epochs + REPLAN_MORE and
-                                                         epoch < epochs_run(cfg, steps_per_epoch))):
-        return None
-    log(f"time budget: {epochs:.4g} epochs in all, re-planned from {epoch_s:.1f} s an epoch and "
-        f"{plan['final_evaluation_seconds']:.0f} s for the final evaluation", log_file)
-    return dataclasses.replace(cfg, epochs=epochs)
-
-
-def epoch_line(epoch, epochs, stats, improved):
-    """An epoch's line of the log: the losses, accuracies, learning rate and seconds; * where it is the best yet."""
-    return (f"epoch {epoch:3d}/{epochs} | train loss {stats['train_loss']:.4f} (ce {stats['train_ce']:.4f} "
-            f"kl {stats['train_kl']:.4f}) acc {stats['train_accuracy']:6.2%} | val loss {stats['val_loss']:.4f} "
-            f"acc {stats['val_accuracy']:6.2%} f1 {stats['val_macro_f1']:.4f} | lr {stats['lr']:.2e} | "
-            f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation: a split's results and figures (the end of training, and --evaluate)
 # ---------------------------------------------------------------------------------------------
 
 def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
     """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
-    import matplotlib
-    matplotlib.use("Agg")
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
@@ -3141,13 +3159,49 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     return results
 
 
+def final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, record,
+                     history):
+    """The end of a run: the best epoch's weights evaluated on eval_split (write_evaluation, with record), the
+    training history plotted, the result line. Ctrl-C here names the --evaluate command that does it later."""
+    best_path = run_dir / "best_emotion_model.pth"
+    try:
+        model.load_state_dict(load_checkpoint(best_path)["model"])
+        results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir,
+                                   {**record, "checkpoint": str(best_path)}, set(splits["train"].hashes))
+        plot_history(history, run_dir / "training_history.png")
+    except KeyboardInterrupt:
+        log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
+            f"{script_command(f'--evaluate={best_path}')}", log_file)
+        raise SystemExit(130)
+    subset = f" on {min(cfg.val_faces, len(splits['val'])):,} faces, one view" if cfg.val_faces else ""
+    final = history[-1]
+    chosen_on_it = "" if eval_split == "test" else " (the best epoch was chosen on this split, so this is optimistic" + \
+        ("" if final["epoch"] == record["best_epoch"] else
+         f"; the final epoch {final['epoch']} reached {final['val_accuracy']:.2%} in its validation{subset}") + ")"
+    log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
+        f"epoch {record['best_epoch']} ({record['best_val_accuracy']:.2%} in its validation{subset}){chosen_on_it}; "
+        f"outputs in {run_dir}", log_file)
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend (Agg): a server has no display, and no figure is shown. Each plot
+    imports it itself, after the numbers are written, so a matplotlib that fails loses none of them. No figure writes
+    mathematics: a $ in a class or file name is a dollar sign (two of them would start TeX, and a bad one fail)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_figure(fig, path, dpi=110, rect=None):
     """Lay out, write and close a figure; a disk that fills under it is one line (the numbers are written first)."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     try:
         fig.tight_layout(**({} if rect is None else {"rect": rect}))
         fig.savefig(path, dpi=dpi)
@@ -3159,9 +3213,7 @@ def save_figure(fig, path, dpi=110, rect=None):
 
 
 def plot_history(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (total)")
@@ -3195,7 +3247,7 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
 
 
 def plot_confusion(cm, class_names, path):
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     cm = np.asarray(cm)
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
@@ -3209,7 +3261,7 @@ def plot_confusion(cm, class_names, path):
 
 def plot_context(prototypes, q, labels, class_names, path):
     """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     k = len(class_names)
     p = F.normalize(prototypes.float(), dim=1)
     sim = (p @ p.t()).numpy()
@@ -3224,7 +3276,7 @@ def plot_context(prototypes, q, labels, class_names, path):
 
 def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed):
     """t-SNE of a random sample of the features, prototypes embedded alongside and marked."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.manifold import TSNE
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(labels))[:max_points]
@@ -3259,7 +3311,7 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
     """attention_maps.png: per true class, the mean face of (at most attention_samples) evaluated faces, and the
     mean spatial attention (over stages) and mean Grad-CAM of the predicted class, correctly and incorrectly
     classified faces side by side. Returns what it shows, as numbers, for evaluation_results.json."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rng = np.random.default_rng(cfg.seed)
     idx = np.sort(rng.permutation(len(split))[:cfg.attention_samples])
     faces, labels, pred = np.asarray(split.images[idx]), split.labels[idx], pred[idx]
@@ -3388,7 +3440,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
                                        started)
         except UserError as e:  # the log of a refused run says why (a refused resume leaves its folder as it was)
             if rank == 0 and resume_ckpt is None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(UserError):  # a log that cannot be written either: the first error is said
                     append_text(run_dir / "train.log", f"error: {e}\n")
             raise
         except RuntimeError as e:
@@ -3475,37 +3527,17 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     return run_dir, results
 
 
-def final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, record,
-                     history):
-    """The end of a run: the best epoch's weights evaluated on eval_split (write_evaluation, with record), the
-    training history plotted, the result line. Ctrl-C here names the --evaluate command that does it later."""
-    best_path = run_dir / "best_emotion_model.pth"
-    try:
-        model.load_state_dict(load_checkpoint(best_path)["model"])
-        results = write_evaluation(model, splits[eval_split], class_names, mean, std, device, cfg, run_dir,
-                                   {**record, "checkpoint": str(best_path)}, set(splits["train"].hashes))
-        plot_history(history, run_dir / "training_history.png")
-    except KeyboardInterrupt:
-        log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
-            f"{script_command(f'--evaluate={best_path}')}", log_file)
-        raise SystemExit(130)
-    subset = f" on {min(cfg.val_faces, len(splits['val'])):,} faces, one view" if cfg.val_faces else ""
-    final = history[-1]
-    chosen_on_it = "" if eval_split == "test" else " (the best epoch was chosen on this split, so this is optimistic" + \
-        ("" if final["epoch"] == record["best_epoch"] else
-         f"; the final epoch {final['epoch']} reached {final['val_accuracy']:.2%} in its validation{subset}") + ")"
-    log(f"{eval_split} accuracy {results['accuracy']:.2%} (macro-F1 {results['macro_f1']:.4f}) with the best "
-        f"epoch {record['best_epoch']} ({record['best_val_accuracy']:.2%} in its validation{subset}){chosen_on_it}; "
-        f"outputs in {run_dir}", log_file)
-    return results
-
-
 # What a resumed run keeps from its checkpoint, and why
 RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folder to branch it)",
                 "batch_size": "the learning-rate schedule is laid out in steps of the original batch size",
                 "lr": "the optimizer resumes with its saved learning rate", "weight_decay": "the optimizer resumes "
                 "with its saved weight decay", "preset": "a run keeps the settings it started with",
-                "time_budget": "a budget plans a run's epochs at its start (--epochs changes them)"}
+                "time_budget": "a budget plans a run's epochs at its start (--epochs changes them)",
+                "seed": "the validation split held out of train, and each epoch's order, are drawn from it",
+                **dict.fromkeys(("val_fraction", "drop_duplicates", "crop_margin"), "the faces trained and validated on "
+                                "would change"),
+                **dict.fromkeys(("val_faces", "tta_flip", "tta_shift", "tta_zoom"), "the best epoch so far was "
+                                "chosen by validating so (--evaluate evaluates with others)")}
 
 
 def main(argv, started=None):
@@ -3529,15 +3561,16 @@ def main(argv, started=None):
         folder = Path(action.resume).parent
         if Path(overrides.get("output_dir", folder)).expanduser().resolve() == folder.resolve():
             overrides.pop("output_dir", None)  # naming the run's own folder is no change
-        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != ckpt["config"].get(k)]
+        saved = config_from_checkpoint(ckpt)
+        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != getattr(saved, k)]
         if unresumable:
             raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
-                            f"{'; '.join(RESUME_FIXED[k] for k in unresumable)}")
+                            f"{'; '.join(dict.fromkeys(RESUME_FIXED[k] for k in unresumable))}")
         best = folder / "best_emotion_model.pth"
         if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # else found missing after the training
             raise UserError(f"{best} (epoch {ckpt['best']['epoch']}, the run's best so far) is missing, and the final "
                             f"evaluation is of it: copy it back beside {Path(action.resume).name}")
-        cfg = dataclasses.replace(config_from_checkpoint(ckpt), **overrides,
+        cfg = dataclasses.replace(saved, **overrides,
                                   output_dir=str(Path(action.resume).parent))
         validate_config(cfg)
         return run_training(cfg, ckpt, argv=argv, started=started)

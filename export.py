@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
-                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, network_crop,
-                                 model_from_checkpoint, read_overrides, standardize, stop_on_ctrl_c_and_sigterm,
-                                 tta_view_count, tta_views)
+                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, mean_over_views,
+                                 network_crop, model_from_checkpoint, read_overrides, standardize,
+                                 stop_on_ctrl_c_and_sigterm, tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -59,7 +59,7 @@ class ExportedERN(nn.Module):
     def forward(self, images):
         x = standardize(images * 255, self.mean, self.std)
         views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
-        return (sum(self.model(v)[0] for v in views) / len(views)).softmax(1)
+        return mean_over_views(self.model, views)[0].softmax(1)
 
 
 def export_inputs(image_size):

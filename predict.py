@@ -37,7 +37,8 @@ from tqdm import tqdm
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
                                  cpu_threads, ctrl_c_deferred, decode_image, explain_faces,
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
-                                 load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named, overlay,
+                                 load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named,
+                                 overlay, pyplot,
                                  read_overrides, resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm,
                                  unique_folder, validate_device, write_image, write_json)
 
@@ -574,9 +575,7 @@ def annotate(image, faces, rows, tracks=None):
 def plot_explanation(face, explanation, probs, class_names, title, path):
     """One face: the crop as the network saw it, each stage's spatial-attention gate, Grad-CAM of the predicted
     class, the class probabilities and the context distribution q over the emotion prototypes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     gates, cam, q = explanation["gates"], explanation["gradcam"], explanation["q"]
     stages = 0 if gates is None else gates.shape[0]
     fig, axes = plt.subplots(1, 4 + max(stages, 1), figsize=(2.2 * (4 + max(stages, 1)) + 1.5, 2.8),
@@ -603,7 +602,7 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
         ax.set_xlim(0, 1)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(title, fontsize=9, parse_math=False)  # a name's $ signs are text
+    fig.suptitle(title, fontsize=9)
     save_figure(fig, path, dpi=100)
 
 
@@ -888,9 +887,7 @@ class Timeline:
 
 def plot_timeline(timeline, class_names, title, path):
     """Probability of each emotion over a video's time, one panel per track (the longest TIMELINE_TRACKS)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     shown = timeline.longest()
     fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(11, 2.6 * max(1, len(shown))), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
@@ -910,7 +907,7 @@ def plot_timeline(timeline, class_names, title, path):
     else:
         axes[0, 0].legend(ncol=min(8, len(class_names)), fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("time (s)")
-    fig.suptitle(title, fontsize=10, parse_math=False)
+    fig.suptitle(title, fontsize=10)
     save_figure(fig, path, dpi=100)
 
 

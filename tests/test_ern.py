@@ -228,6 +228,36 @@ def test_evaluate_writes_results_without_training(evaluated, trained):
         assert results[k] == trained_results[k], k
 
 
+def test_a_matplotlib_that_fails_to_import_loses_no_number(evaluated, trained, tiny_dataset, tmp_path):
+    """A matplotlib that cannot be imported (built against another numpy, half installed) fails the figures only:
+    evaluation_results.json, the same as with the figures, is written before any of them imports it."""
+    fake = tmp_path / "broken" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib was built against another numpy')\n")
+    proc = run_script(f"--evaluate={trained[0] / 'best_emotion_model.pth'}", f"--data_dir={tiny_dataset}",
+                      f"--output_dir={tmp_path / 'eval'}", f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path,
+                      check=False, env={"PYTHONPATH": str(tmp_path / "broken")})
+    assert proc.returncode != 0 and "matplotlib was built against another numpy" in proc.stderr, proc.stderr[-2000:]
+    results, whole = read_results(tmp_path / "eval"), read_results(evaluated[0])
+    for k in ("confusion_matrix", "test_accuracy", "macro_f1", "class_names"):
+        assert results[k] == whole[k], k
+    assert not list((tmp_path / "eval").glob("*.png"))
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_text(tiny_dataset, tmp_path):
+    """matplotlib reads the text between two $ as TeX: a class named "a$_$b" made every figure's savefig raise
+    (after evaluation_results.json), one named "$x$" was drawn as math. No figure writes mathematics."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    doc = yaml.safe_load((data / "data.yaml").read_text())
+    doc["names"] = ["a$_$b", "$x$", *doc["names"][2:]]
+    (data / "data.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    run_script(*TINY, f"--data_dir={data}", "--epochs=1", "--attention_samples=16", f"--output_dir={tmp_path / 'run'}",
+               f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.png")) == sorted(PLOTS)
+    assert read_results(tmp_path / "run")["class_names"] == doc["names"]
+
+
 @pytest.mark.parametrize("name", ["last.pth", "final_emotion_model.pth"])
 def test_evaluate_of_the_last_or_final_checkpoint_reports_the_runs_best_epoch(trained, tiny_dataset, tmp_path, name):
     """Its own epoch as checkpoint_epoch; best_epoch and best_val_accuracy are the run's (metrics.jsonl's best),
@@ -628,6 +658,27 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     (tmp_path / "train" / "a.txt").unlink()
     with pytest.raises(ern.UserError, match="no label files beside them"):
         ern.scan_split("train", tmp_path / "train", 2)
+
+
+def test_images_and_labels_folders_below_a_split_folder_are_paired(tmp_path):
+    """train/part1/images and train/part1/labels under data.yaml's 'train: train' (a dataset gathered in parts):
+    Ultralytics pairs each image with the labels folder beside its own images folder (its last images/ becomes
+    labels/), and so does ERN; each image was "without a label file" before, each label file "without an image"."""
+    for part, cls in (("part1", 1), ("part2", 0)):
+        (tmp_path / "train" / part / "images").mkdir(parents=True)
+        (tmp_path / "train" / part / "labels").mkdir()
+        cv2.imwrite(str(tmp_path / "train" / part / "images" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
+        (tmp_path / "train" / part / "labels" / "a.txt").write_text(f"{cls} 0.5 0.5 1 1")
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)
+    assert problems == []
+    assert dict(zip(split.paths, split.labels.tolist())) == {str(tmp_path / "train" / "part1" / "images" / "a.jpg"): 1,
+                                                             str(tmp_path / "train" / "part2" / "images" / "a.jpg"): 0}
+    (tmp_path / "train" / "part2" / "labels" / "a.txt").rename(tmp_path / "train" / "part2" / "labels" / "b.txt")
+    problems = ern.scan_split("train", tmp_path / "train", 2)[1]
+    assert sorted(problems) == [f"{tmp_path / 'train' / 'part2' / 'images' / 'a.jpg'}: no label file (expected "
+                                f"{tmp_path / 'train' / 'part2' / 'labels' / 'a.txt'})",
+                                f"{tmp_path / 'train' / 'part2' / 'labels' / 'b.txt'}: label file without an image in "
+                                f"{tmp_path / 'train'}"]
 
 
 def test_read_data_yaml_names_with_string_or_mixed_keys(tmp_path):

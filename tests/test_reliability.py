@@ -685,6 +685,40 @@ def test_a_resume_keeps_the_best_epoch_of_its_checkpoint(tmp_path):
         assert ckpt["epoch"] == 2 and ckpt["best"] == kept, name
 
 
+def test_a_run_that_ended_on_a_fraction_of_an_epoch_trains_on_to_exactly_the_epochs_asked(tmp_path):
+    """A budgeted run ends inside an epoch (--epochs=1.5: a pass and a half). Resumed with --epochs=3 it takes the
+    steps of three passes in all, and its schedule ends at the cosine's floor; before, it counted the half pass as
+    a whole one and stopped 0.5 epochs short, the learning rate above its floor. Fewer epochs than it has trained
+    are refused; a last.pth from before the steps were saved counts its last pass as its config cut it."""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=1.5, warmup_epochs=0,
+                     amp=False, channels_last=False, tsne_samples=0, attention_samples=0)
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8  # 2 steps a pass
+    val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
+                    images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
+    names, mean, std, cpu = [str(i) for i in range(8)], torch.zeros(3), torch.ones(3), torch.device("cpu")
+
+    def train(cfg, resume):
+        return ern.train(ern.build_model(cfg, 8), x, y, val, names, mean, std, cfg, tmp_path, cpu, None, resume, None,
+                         True)
+
+    train(cfg, None)
+    shutil.copy(tmp_path / "last.pth", tmp_path / "half.pth")
+    half = ern.load_checkpoint(tmp_path / "half.pth")
+    assert (half["epoch"], half["steps"], half["scheduler"]["last_epoch"]) == (2, 3, 3)
+    history, *_ = train(dataclasses.replace(cfg, epochs=3), half)
+    last = ern.load_checkpoint(tmp_path / "last.pth")
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert last["steps"] == last["scheduler"]["last_epoch"] == 6  # three passes of two steps
+    assert int(next(iter(last["optimizer"]["state"].values()))["step"]) == 6
+    assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    with pytest.raises(ern.UserError, match=r"^--epochs=1 is fewer than the 1\.5 epochs .*last\.pth has trained"):
+        train(dataclasses.replace(cfg, epochs=1), ern.load_checkpoint(tmp_path / "half.pth"))
+    older = {k: v for k, v in ern.load_checkpoint(tmp_path / "half.pth").items() if k != "steps"}
+    history, *_ = train(cfg, older)  # finished: nothing more to train
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
     proc = run_script(*args_for(tiny_dataset, tmp_path, "--epochs=2", "--lr=1e30"), cwd=tmp_path, check=False)
     assert_clean_error(proc)
@@ -694,6 +728,16 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_che
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert not (tmp_path / "run" / "final_emotion_model.pth").exists()
     assert not (tmp_path / "run" / "evaluation_results.json").exists()
+
+
+def test_a_loss_that_diverges_while_the_budget_is_timed_is_one_line(tiny_dataset, tmp_path):
+    """--time_budget times a few steps on a copy of the model before training; a loss that turns non-finite there
+    (a learning rate far too high) is the same one line as in training, not a traceback."""
+    proc = run_script(*args_for(tiny_dataset, tmp_path, "--epochs=2", "--lr=1e30", "--time_budget=5"), cwd=tmp_path,
+                      check=False)
+    assert_clean_error(proc)
+    assert re.search(r"error: non-finite loss .* while timing the steps that plan --time_budget", proc.stderr), \
+        proc.stderr[-2000:]
 
 
 class NaNAtCall(nn.Module):
@@ -807,8 +851,11 @@ def test_bad_checkpoint_file_gives_one_clear_line(finished, tiny_dataset, tmp_pa
 def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
     """Another output folder, batch size, learning rate, weight decay, time budget or preset: one line naming the
     field and why, before any work; the run's own folder is no change. (Before: a TypeError traceback, a scheduler
-    silently out of step, or a config.json recording a learning rate the optimizer never used.) A run folder that
-    lost its best model (copied without it): one line before training, not after it."""
+    silently out of step, or a config.json recording a learning rate the optimizer never used.) Likewise another seed,
+    held-out fraction, duplicate policy or crop margin (the validation split held out of train would hold faces
+    already trained on, silently) and other per-epoch validation (the best epoch so far compared with accuracies
+    measured otherwise). A run folder that lost its best model (copied without it): one line before training, not
+    after it."""
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, output_dir=str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     last = tmp_path / "run" / "last.pth"
@@ -816,7 +863,9 @@ def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
                 "optimizer": {}}, last)
     for arg, field in ((f"--output_dir={tmp_path / 'elsewhere'}", "--output_dir"), ("--batch_size=32", "--batch_size"),
                        ("--lr=0.5", "--lr"), ("--weight_decay=0", "--weight_decay"), ("--time_budget=5", "--time_budget"),
-                       ("--preset=cpu", "--preset")):
+                       ("--preset=cpu", "--preset"), ("--seed=1", "--seed"), ("--val_fraction=0.2", "--val_fraction"),
+                       ("--drop_duplicates=true", "--drop_duplicates"), ("--crop_margin=0.2", "--crop_margin"),
+                       ("--val_faces=8", "--val_faces"), ("--tta_zoom=0.9", "--tta_zoom")):
         with pytest.raises(ern.UserError, match=f"^--resume cannot change {field}:"):
             ern.main([f"--resume={last}", arg])
     ckpt = torch.load(last, weights_only=True)
@@ -1022,6 +1071,21 @@ def test_a_run_that_fails_in_its_folder_gives_the_folder_back_while_its_tracebac
         ern.main(argv)
     assert failed.traceback  # kept alive here, as sys.last_traceback keeps it in a notebook
     ern.claim_folder(tmp_path / "run").close()  # refused ("in use by another run") while the failed call held it
+
+
+def test_a_refused_run_whose_log_cannot_be_written_either_says_the_first_error(tmp_path, monkeypatch):
+    """A run refused in its folder notes why in train.log; where that write fails too (a disk full, a folder gone
+    read-only) the run's own error is what is said, not the log's."""
+    def refused(*args):
+        raise ern.UserError("could not write last.pth: No space left on device")
+
+    def unwritable(path, text):
+        raise ern.UserError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(ern, "train_in_folder", refused)
+    monkeypatch.setattr(ern, "append_text", unwritable)
+    with pytest.raises(ern.UserError, match="^could not write last.pth"):
+        ern.run_training(ern.Config(output_dir=str(tmp_path / "run"), device="cpu"))
 
 
 def test_an_output_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, monkeypatch):
@@ -1289,7 +1353,7 @@ def test_a_resume_where_fewer_gpus_are_visible_restores_the_random_state_of_thos
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1")
     model = ern.build_model(cfg, 8)
     optimizer, scheduler, scaler = ern.optimization_parts(model, cfg, torch.device("cpu"), 4)
-    state = ern.training_state(optimizer, scheduler, scaler, [], {"epoch": 0, "val_accuracy": 0.0})
+    state = ern.training_state(optimizer, scheduler, scaler, [], {"epoch": 0, "val_accuracy": 0.0}, 4)
     saved = [torch.full((16,), k, dtype=torch.uint8) for k in range(2)]  # two GPUs at the save
     resume = {**ern.checkpoint_dict(model, cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 1, {}, **state),
               "rng": {**state["rng"], "cuda": saved}}

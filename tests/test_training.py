@@ -124,14 +124,14 @@ def test_resuming_a_run_saved_without_fp16_into_an_fp16_scaler(tmp_path):
     optimizer = ern.make_optimizer(model, cfg)
     scheduler = ern.make_scheduler(optimizer, cfg, 4)
     saved_scaler = torch.amp.GradScaler("cpu", enabled=False)
-    state = ern.training_state(optimizer, scheduler, saved_scaler, [{"epoch": 1}], {"val_accuracy": 0.5, "epoch": 1})
+    state = ern.training_state(optimizer, scheduler, saved_scaler, [{"epoch": 1}], {"val_accuracy": 0.5, "epoch": 1}, 4)
     ckpt = ern.checkpoint_dict(model, cfg, [str(i) for i in range(8)], torch.zeros(3), torch.ones(3), 1, {}, **state)
     ern.atomic_save(ckpt, tmp_path / "last.pth")
     ckpt = ern.load_checkpoint(tmp_path / "last.pth")
     assert ckpt["scaler"] == {}
     fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
-    history, best, start = ern.restore_training_state(ckpt, model, optimizer, scheduler, fp16_scaler)
-    assert (history, best["epoch"], start) == ([{"epoch": 1}], 1, 2)
+    history, best, start, steps = ern.restore_training_state(ckpt, model, optimizer, scheduler, fp16_scaler)
+    assert (history, best["epoch"], start, steps) == ([{"epoch": 1}], 1, 2, 4)
     assert fp16_scaler.get_scale() == 2.0 ** 16  # a fresh scaler's
 
 
