@@ -17,7 +17,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --help                         # every field
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's 17,101
-training faces in 30 minutes and reaches 74.31 % validation accuracy (eight seeds; 2.8 M parameters, 55-62 epochs) on
+training faces in 30 minutes and reaches 74.30 % validation accuracy (nine seeds; 2.8 M parameters, 55-62 epochs) on
 a Zen 5 EPYC with native bf16 (2026-12-04 to 06), and 72.30 % (four seeds) in float32 on a Zen 3 EPYC with AVX2 only
 (2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
 and reach 70.03 %, three seeds). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
