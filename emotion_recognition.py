@@ -3540,6 +3540,29 @@ RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folde
                                 "chosen by validating so (--evaluate evaluates with others)")}
 
 
+def resumed(last, overrides):
+    """(the config, the checkpoint) that --resume=last continues: the run's config with the overrides it can honour,
+    in the run's folder; one line, before any work, for an override RESUME_FIXED keeps or a best model gone missing."""
+    ckpt = load_checkpoint(last)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{last} holds weights but no training state; resume from the run's last.pth")
+    folder = Path(last).parent
+    if Path(overrides.get("output_dir", folder)).expanduser().resolve() == folder.resolve():
+        overrides.pop("output_dir", None)  # naming the run's own folder is no change
+    saved = config_from_checkpoint(ckpt)
+    unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != getattr(saved, k)]
+    if unresumable:
+        raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
+                        f"{'; '.join(dict.fromkeys(RESUME_FIXED[k] for k in unresumable))}")
+    best = folder / "best_emotion_model.pth"
+    if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # else found missing after the training
+        raise UserError(f"{best} (epoch {ckpt['best']['epoch']}, the run's best so far) is missing, and the final "
+                        f"evaluation is of it: copy it back beside {Path(last).name}")
+    cfg = dataclasses.replace(saved, **overrides, output_dir=str(folder))
+    validate_config(cfg)
+    return cfg, ckpt
+
+
 def main(argv, started=None):
     """Parse, validate, and do the one action asked for (none: train). Returns (run folder, results).
     started: the time.time() a --time_budget counts from (default: now)."""
@@ -3555,25 +3578,7 @@ def main(argv, started=None):
     if action.evaluate:
         return run_evaluation(cfg, action, overrides)
     if action.resume:
-        ckpt = load_checkpoint(action.resume)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{action.resume} holds weights but no training state; resume from the run's last.pth")
-        folder = Path(action.resume).parent
-        if Path(overrides.get("output_dir", folder)).expanduser().resolve() == folder.resolve():
-            overrides.pop("output_dir", None)  # naming the run's own folder is no change
-        saved = config_from_checkpoint(ckpt)
-        unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != getattr(saved, k)]
-        if unresumable:
-            raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
-                            f"{'; '.join(dict.fromkeys(RESUME_FIXED[k] for k in unresumable))}")
-        best = folder / "best_emotion_model.pth"
-        if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # else found missing after the training
-            raise UserError(f"{best} (epoch {ckpt['best']['epoch']}, the run's best so far) is missing, and the final "
-                            f"evaluation is of it: copy it back beside {Path(action.resume).name}")
-        cfg = dataclasses.replace(saved, **overrides,
-                                  output_dir=str(Path(action.resume).parent))
-        validate_config(cfg)
-        return run_training(cfg, ckpt, argv=argv, started=started)
+        return run_training(*resumed(action.resume, overrides), argv=argv, started=started)
     cfg = preset_for_machine(cfg, overrides)  # the same stages as the preset's: validated above
     if action.demo:
         data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
