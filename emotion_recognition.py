@@ -2324,6 +2324,8 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
         if cached["key"] == key:
             verdict = {**cached["verdict"], "cached": str(path)}
     if verdict is None:
+        log("channels_last: trying this model's kernels on this CPU in a child process (once; the verdict is kept "
+            f"in {path.parent})", log_file)
         t0 = time.perf_counter()
         safe, reason, definite = run_probe(model, cfg.image_size, key["batch"], amp_dtype, key["threads"])
         verdict = {"channels_last": safe, "reason": reason, "seconds": round(time.perf_counter() - t0, 2)}

@@ -1072,8 +1072,9 @@ def run_prediction(args, specs):
             "interrupted": interrupted, "stopped": None if stopped is None else str(stopped), "ignored": left_out,
             "settings": {**dataclasses.asdict(args), **{k: getattr(predictor.cfg, k) for k in INFERENCE_SETTINGS}},
             "arithmetic": arithmetic(predictor.cfg, predictor.device)})
+    beside = ["summary.json", *(f"{name}/" for name in PICTURE_FOLDERS if (out_dir / name).is_dir())]
     say(f"{sum(s.get('rows', 0) for s in out.sources)} rows from {len(out.sources)} source(s) in "
-        f"{out_dir / 'predictions.csv'}; summary.json and annotated/{', explain/' if args.explain else ''} beside it"
+        f"{out_dir / 'predictions.csv'}; {', '.join(beside)} beside it"
         + (f"; {len(errors)} input(s) could not be read" if errors else ""), sys.stderr if args.jsonl else sys.stdout)
     if interrupted:
         say("interrupted: the rows written so far are in predictions.csv", sys.stderr)

@@ -290,7 +290,9 @@ def test_without_a_home_directory_verdicts_are_kept_in_the_temporary_folder(monk
     assert ern.user_cache_dir() == ern.Path(tempfile.gettempdir()) / f"ern-{os.getuid()}"
 
 
-def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch):
+def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch, capsys):
+    """A probe is said as it starts (a first run on a machine waits 10-15 s for it, silently before), and the
+    verdict kept; the same machine and model are not probed, or said, again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls, answer = [], [(False, "the probe process died (SIGSEGV)", True)]
     monkeypatch.setattr(ern, "run_probe", lambda *a, **k: calls.append(a) or answer[0])
@@ -298,8 +300,11 @@ def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_
     model = ern.build_model(cfg, 8)
     checked, verdict = ern.channels_last_checked(model, cfg, cpu)
     assert not checked.channels_last and verdict["cached"] is None and len(calls) == 1
+    assert capsys.readouterr().out.startswith("channels_last: trying this model's kernels on this CPU in a child "
+                                              "process (once; the verdict is kept in ")
     checked, verdict = ern.channels_last_checked(model, cfg, cpu)  # the same machine and model: no second probe
     assert not checked.channels_last and verdict["cached"] and len(calls) == 1
+    assert "trying" not in capsys.readouterr().out
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # other kernels: probed again
     ern.channels_last_checked(model, cfg, cpu)
     assert len(calls) == 2

@@ -122,6 +122,15 @@ def test_a_photo_line_counts_faces_and_a_demo_model_is_named(checkpoint, tmp_pat
     assert "note: this is a --demo model, which knows drawn faces only" in err
 
 
+def test_the_closing_line_names_the_folders_written_and_no_other(checkpoint, tmp_path, capsys):
+    """A photo gets annotated/; an input that cannot be read gets no picture, and the line said annotated/ anyway."""
+    assert pr.main([str(tmp_path / "missing.jpg"), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'none'}"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == (f"0 rows from 1 source(s) in {tmp_path / 'none' / 'predictions.csv'}; "
+                                                         f"summary.json beside it; 1 input(s) could not be read")
+    assert pr.main([str(HOPPER), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'one'}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("predictions.csv; summary.json, annotated/ beside it")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="a POSIX shell closes the descriptor")
 def test_a_run_started_without_stdout_writes_its_predictions(checkpoint, tmp_path):
     """`predict.py ... >&-` (and Windows' pythonw) start Python with sys.stdout None: the first photo's line died
