@@ -3471,6 +3471,10 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     if rank == 0:  # the run goes ahead: its config and data report (a resume's replace the old ones whole)
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         write_json(report, run_dir / "data_report.json")
+    faces = len(splits["train"])
+    if world > 1 and faces < cfg.batch_size and faces % world:  # each step's batch is then the whole set
+        raise UserError(f"{faces} training faces, fewer than --batch_size={cfg.batch_size}: each step takes them "
+                        f"all, and {faces} does not divide among {world} processes; train them with python")
     if world > 1:
         log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
             f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)

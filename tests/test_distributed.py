@@ -3,6 +3,7 @@ metrics as one process, resume across launchers, and a failing rank ending the r
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,3 +129,19 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_any_work(tiny_dat
     assert proc.returncode != 0
     assert "error (rank 0 of 2): --batch_size=15 (the global batch) does not divide among 2 processes" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_training_set_smaller_than_the_batch_that_does_not_divide_is_refused(tiny_dataset, tmp_path):
+    """95 faces and --batch_size=128: each step takes all 95, and each of two processes took 47 of them, one face
+    dropped from every step without a word."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    first = sorted((data / "train" / "images").iterdir())[0]
+    first.unlink()
+    (data / "train" / "labels" / f"{first.stem}.txt").unlink()
+    proc = torchrun(*FAST, f"--data_dir={data}", f"--output_dir={tmp_path / 'run'}", "--batch_size=128",
+                    f"--cache_dir={tmp_path / 'cache'}", cwd=tmp_path, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert ("error (rank 0 of 2): 95 training faces, fewer than --batch_size=128: each step takes them all, and 95 "
+            "does not divide among 2 processes") in proc.stderr, proc.stderr[-3000:]
+
