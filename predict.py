@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -373,7 +374,9 @@ def prediction_inputs(specs):
     found = []
     for part in read_list_files(specs):
         if re.fullmatch(r"camera:\d{1,4}", part):
-            found.append(MediaSource("camera", part, part.replace(":", "_")))
+            found.append(MediaSource("camera", part, part.replace(":", "_")) if int(part[7:]) < 100 else
+                         MediaSource("error", part, error="a camera's index is below 100 (OpenCV reads N from 100 up "
+                                                          "as another backend's camera N % 100)"))
             continue
         path = Path(part).expanduser()
         try:
@@ -762,11 +765,18 @@ def open_video(source):
                          "cannot open the video (unreadable, or a format this OpenCV cannot decode)")
     if camera:
         return capture, 0.0, 0, []
-    fps, total = capture.get(cv2.CAP_PROP_FPS), int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    if fps > 0:
+    fps, total = frame_rate(capture), int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if fps:
         return capture, fps, total, []
     return capture, FALLBACK_FPS, total, [f"the container gives no frame rate; times assume {FALLBACK_FPS:g} frames "
                                           f"per second"]
+
+
+def frame_rate(capture):
+    """The frames per second a capture gives, or None where it gives none to use: a camera's driver may say -1, and
+    a header 0, NaN or infinity."""
+    rate = capture.get(cv2.CAP_PROP_FPS)
+    return rate if math.isfinite(rate) and rate > 0 else None
 
 
 def codec_name(capture):
@@ -925,13 +935,13 @@ def predict_video(predictor, source, out, args):
     expected = -(-total // args.every) if total > 0 else None
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
-    tracker, window, interrupted, last_time = FaceTracker(args.smoothing), None, False, 0.0
+    tracker, window, interrupted, stopped, last_time = FaceTracker(args.smoothing), None, False, False, 0.0
     timeline, counts = Timeline(), Counter()
     tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
     # the face rows (True) and the whole frames
     name = out.claim(source.name, ".mp4")
     annotated, timeline_path = out.path(name), out.path(name.with_suffix(".png"), "timelines")
-    video = AnnotatedVideo(annotated, lambda: (fps or capture.get(cv2.CAP_PROP_FPS) or FALLBACK_FPS) / args.every,
+    video = AnnotatedVideo(annotated, lambda: (fps or frame_rate(capture) or FALLBACK_FPS) / args.every,
                            camera, entry["warnings"])  # a camera's rate is read at its first frame
 
     def prepare(frame):
@@ -978,23 +988,28 @@ def predict_video(predictor, source, out, args):
                     bar.update()
     except KeyboardInterrupt:
         entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
-        interrupted = not camera
+        interrupted, stopped = not camera, True
     except cv2.error as e:
         entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
     finally:
-        capture.release()
-        bar.close()
-        video.close()
-        if window:
-            cv2.destroyAllWindows()
+        with ctrl_c_deferred():  # a second Ctrl-C (people press it twice) leaves the annotated video whole
+            bar.close()
+            video.close()  # before the capture, whose release can wait on a camera
+            capture.release()
+            if window:
+                cv2.destroyAllWindows()
     if not counts["frames"] and not entry["error"]:
         count = f"{total} frames" if total > 0 else "no frame count"
         entry["error"] = "no frame could be decoded" + ("" if camera else f" ({codec}, {count} in its header): a "
                                                         f"codec this OpenCV lacks, or a damaged file")
     suffix = Path(source.path).suffix.lower()
-    if counts["frames"] and expected and counts["frames"] < expected and suffix not in UNCHECKED_COUNTS and \
+    cut = not stopped and not entry["error"] and counts["frames"]  # Ctrl-C or OpenCV's failure: said already
+    if cut and expected and counts["frames"] < expected and suffix not in UNCHECKED_COUNTS and \
             ended_early(last_time, total, fps, args.every, suffix in ESTIMATED_COUNTS):
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")
+    if cut and camera and counts["frames"] != args.max_frames:  # a camera ends at Ctrl-C or --max_frames, else it failed
+        entry["warnings"].append(f"the camera stopped delivering frames after {counts['frames']} (unplugged, or taken "
+                                 f"by another program)")
     tally = tallies[True] if tallies[True].rows else tallies[False]  # faces; if none, whole frames
     share, dominant = tally.shares(predictor.class_names)
     entry.update(frames=counts["frames"], fps=fps or None, faces=tallies[True].rows, no_face=counts["no_face"],

@@ -6,6 +6,7 @@ that matplotlib (a requirement) ships: Grace Hopper's portrait. Nothing is downl
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -289,7 +290,8 @@ def test_ctrl_c_keeps_the_rows_written(checkpoint, tmp_path):
     assert 16 <= len(frames) < 400 and frames == list(range(len(frames)))
     summary = json.loads((out / "summary.json").read_text())
     [entry] = summary["sources"]
-    assert summary["interrupted"] is True and entry["frames"] == len(frames) and "stopped by Ctrl-C" in entry["warnings"]
+    assert summary["interrupted"] is True and entry["frames"] == len(frames)
+    assert entry["warnings"] == ["stopped by Ctrl-C"]  # not also "the video ended after 16 of the 400 frames"
     # a frame's rows are written before its annotated frame: Ctrl-C between the two leaves one frame fewer there
     annotated = int(cv2.VideoCapture(str(out / "annotated" / "long.mp4")).get(cv2.CAP_PROP_FRAME_COUNT))
     assert len(frames) - 1 <= annotated <= len(frames)
@@ -514,6 +516,41 @@ def test_unreadable_video_missing_camera_and_missing_file_are_named(checkpoint, 
     assert [r["source"] for r in read_csv(tmp_path / "out")] == [str(HOPPER)]
     for source in errors:
         assert any(source in line and "error" in line for line in proc.stderr.splitlines())
+
+
+def test_a_camera_index_opencv_would_read_as_another_backends_is_refused():
+    """OpenCV reads camera 200 as backend 200 (V4L2)'s camera 0: another camera than the one named, silently."""
+    camera, other = pr.prediction_inputs(["camera:99", "camera:200"])
+    assert camera.kind == "camera" and (other.kind, other.path) == ("error", "camera:200")
+    assert other.error.startswith("a camera's index is below 100")
+
+
+def test_a_frame_rate_that_is_no_rate_is_none():
+    """A camera's driver says -1 where it cannot tell (a virtual camera, a capture card), a header 0, NaN or
+    infinity: none of them is a rate to time frames or write a video at (-1 wrote one frame each 1000 s)."""
+    class Capture:
+        def __init__(self, rate):
+            self.rate = rate
+
+        def get(self, prop):
+            assert prop == cv2.CAP_PROP_FPS
+            return self.rate
+
+    assert [pr.frame_rate(Capture(r)) for r in (-1.0, 0.0, math.nan, math.inf, 29.97)] == [None] * 4 + [29.97]
+
+
+@pytest.mark.parametrize("max_frames", [0, 5])
+def test_a_camera_that_stops_delivering_frames_is_said_to(checkpoint, tmp_path, monkeypatch, max_frames):
+    """A camera ends at Ctrl-C or --max_frames; one unplugged (here: a 5-frame file played as camera:0) ended as if
+    all were well. --max_frames=5 met is a camera's normal end."""
+    clip = write_video(tmp_path / "clip.mp4", frames=5)
+    monkeypatch.setattr(pr, "open_video", lambda source: (cv2.VideoCapture(str(clip)), 0.0, 0, []))
+    assert pr.main(["camera:0", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+                    f"--max_frames={max_frames}"]) == 0
+    [entry] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert entry["frames"] == 5
+    stopped = ["the camera stopped delivering frames after 5 (unplugged, or taken by another program)"]
+    assert entry["warnings"] == ([] if max_frames else stopped)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
