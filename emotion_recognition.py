@@ -1107,6 +1107,9 @@ def folder_pairs(name, images_dir):
         i = len(folders) - 1 - folders[::-1].index("images")
         return Path(*folders[:i], "labels", *stem.parts[i + 1:])
 
+    def label_of(stem):  # else a label file beside the image, as Darknet writes it
+        return label_key(stem) if label_key(stem) in label_files or stem not in label_files else stem
+
     images, others = {}, []
     for p in image_files:
         stem = key(p, images_dir)
@@ -1130,9 +1133,9 @@ def folder_pairs(name, images_dir):
     label_files = {key(p, labels_dir): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
-    wanted = {label_key(stem) for stem in images}
+    wanted = {label_of(stem) for stem in images}
     problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in wanted]
-    return {image: (label_files.get(label_key(stem)), labels_dir / f"{label_key(stem)}.txt")
+    return {image: (label_files.get(label_of(stem)), labels_dir / f"{label_key(stem)}.txt")
             for stem, image in images.items()}, problems
 
 
@@ -2797,8 +2800,9 @@ def total_steps(cfg, steps_per_epoch):
 
 
 def epochs_run(cfg, steps_per_epoch, epoch=0, done=0):
-    """The run's last pass: after epoch passes that took done steps, the steps left in full passes, the last one cut
-    short where cfg.epochs has a fraction (a run resumed after such a pass, to train on, makes one pass more)."""
+    """The number of the run's last pass, given `epoch` passes that took `done` steps: the steps left fill whole
+    passes, the last one cut short where cfg.epochs has a fraction (so a run resumed after such a pass, to train on,
+    makes one pass more than its epochs)."""
     return epoch + -(-(total_steps(cfg, steps_per_epoch) - done) // steps_per_epoch)
 
 
@@ -3030,7 +3034,7 @@ def epoch_line(epoch, epochs, stats, improved):
 
 def restore_training_state(resume, model, optimizer, scheduler, scaler):
     """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first
-    epoch, optimizer steps taken: None in a last.pth from before they were counted)."""
+    epoch)."""
     model.load_state_dict(resume["model"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
@@ -3040,7 +3044,15 @@ def restore_training_state(resume, model, optimizer, scheduler, scaler):
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"] and torch.cuda.is_available():  # saved per visible GPU: as many as are here now
             torch.cuda.set_rng_state_all(resume["rng"]["cuda"][:torch.cuda.device_count()])
-    return resume["history"], resume["best"], resume["epoch"] + 1, resume.get("steps")
+    return resume["history"], resume["best"], resume["epoch"] + 1
+
+
+def steps_taken(resume, steps_per_epoch):
+    """The optimizer steps a last.pth has taken; one from before they were saved took whole passes, the last one as
+    its config cut it."""
+    if resume.get("steps") is not None:
+        return resume["steps"]
+    return min(resume["epoch"] * steps_per_epoch, total_steps(config_from_checkpoint(resume), steps_per_epoch))
 
 
 def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, device, log_file, resume, plan, tta):
@@ -3054,14 +3066,10 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = inverse_frequency_weights(cfg, train_y, k)
-    history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: optimizer steps taken
+    history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: the schedule's steps taken
     if resume is not None:
-        history, best, start, done = restore_training_state(resume, model, optimizer, scheduler, scaler)
-        if done is None:  # a last.pth from before steps were saved: whole passes, the last one as its config cut it
-            done = min((start - 1) * steps_per_epoch, total_steps(config_from_checkpoint(resume), steps_per_epoch))
-        if done > total_steps(cfg, steps_per_epoch):
-            raise UserError(f"--epochs={cfg.epochs:g} is fewer than the {done / steps_per_epoch:.4g} epochs "
-                            f"{run_dir / 'last.pth'} has trained; give more, or none to repeat the final evaluation")
+        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        done = steps_taken(resume, steps_per_epoch)
     rank, world = rank_and_world()
     writes, ddp = rank == 0, world > 1  # under torchrun, rank 0 alone writes
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -3462,19 +3470,24 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     seed_everything(cfg.seed + rank, cfg.deterministic)  # rank 0's is the model's initialization, which DDP copies
     with local_rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
+    faces = len(splits["train"])
+    if world > 1 and faces < cfg.batch_size and faces % world:  # each step's batch is then the whole set
+        raise UserError(f"{faces} training faces, fewer than --batch_size={cfg.batch_size}: each step takes them "
+                        f"all, and {faces} does not divide among {world} processes; train them with python")
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
         model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
+        steps_per_epoch = epoch_steps(faces, cfg)
+        if steps_taken(resume_ckpt, steps_per_epoch) > total_steps(cfg, steps_per_epoch):
+            raise UserError(f"--epochs={cfg.epochs:g} is fewer than the "
+                            f"{steps_taken(resume_ckpt, steps_per_epoch) / steps_per_epoch:.4g} epochs "
+                            f"{run_dir / 'last.pth'} has trained; give more, or none to repeat the final evaluation")
         log_file = run_dir / "train.log"
     else:
         mean, std = dataset_normalization(splits["train"].images)
     if rank == 0:  # the run goes ahead: its config and data report (a resume's replace the old ones whole)
         write_json(dataclasses.asdict(cfg), run_dir / "config.json")
         write_json(report, run_dir / "data_report.json")
-    faces = len(splits["train"])
-    if world > 1 and faces < cfg.batch_size and faces % world:  # each step's batch is then the whole set
-        raise UserError(f"{faces} training faces, fewer than --batch_size={cfg.batch_size}: each step takes them "
-                        f"all, and {faces} does not divide among {world} processes; train them with python")
     if world > 1:
         log(f"distributed: world size {world} ({torch.distributed.get_backend()}), batch {cfg.batch_size} = "
             f"{world} x {cfg.batch_size // world}{', BatchNorm over the global batch' if cfg.sync_bn else ''}", log_file)

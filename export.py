@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
                                  decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, mean_over_views,
-                                 network_crop, model_from_checkpoint, read_overrides, standardize,
+                                 model_from_checkpoint, network_crop, read_overrides, standardize,
                                  stop_on_ctrl_c_and_sigterm, tta_view_count, tta_views)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 

@@ -935,7 +935,7 @@ def predict_video(predictor, source, out, args):
     expected = -(-total // args.every) if total > 0 else None
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
-    tracker, window, interrupted, stopped, last_time = FaceTracker(args.smoothing), None, False, False, 0.0
+    tracker, window, interrupted, ctrl_c, last_time = FaceTracker(args.smoothing), None, False, False, 0.0
     timeline, counts = Timeline(), Counter()
     tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
     # the face rows (True) and the whole frames
@@ -988,22 +988,25 @@ def predict_video(predictor, source, out, args):
                     bar.update()
     except KeyboardInterrupt:
         entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
-        interrupted, stopped = not camera, True
+        interrupted, ctrl_c = not camera, True
     except cv2.error as e:
         entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
     finally:
-        with ctrl_c_deferred():  # a second Ctrl-C (people press it twice) leaves the annotated video whole
-            bar.close()
-            video.close()  # before the capture, whose release can wait on a camera
-            capture.release()
-            if window:
-                cv2.destroyAllWindows()
+        try:
+            with ctrl_c_deferred():  # a second Ctrl-C (people press it twice) leaves the annotated video whole
+                bar.close()
+                video.close()  # before the capture, whose release can wait on a camera
+                capture.release()
+                if window:
+                    cv2.destroyAllWindows()
+        except KeyboardInterrupt:  # then stops the run, once this source's entry is recorded
+            interrupted = True
     if not counts["frames"] and not entry["error"]:
         count = f"{total} frames" if total > 0 else "no frame count"
         entry["error"] = "no frame could be decoded" + ("" if camera else f" ({codec}, {count} in its header): a "
                                                         f"codec this OpenCV lacks, or a damaged file")
     suffix = Path(source.path).suffix.lower()
-    cut = not stopped and not entry["error"] and counts["frames"]  # Ctrl-C or OpenCV's failure: said already
+    cut = not ctrl_c and not entry["error"] and counts["frames"]  # Ctrl-C or OpenCV's failure: said already
     if cut and expected and counts["frames"] < expected and suffix not in UNCHECKED_COUNTS and \
             ended_early(last_time, total, fps, args.every, suffix in ESTIMATED_COUNTS):
         entry["warnings"].append(f"the video ended after {counts['frames']} of the {expected} frames its header announces")

@@ -140,7 +140,8 @@ def main():
     cfg = ern.Config(**{k: v for k, v in results["config"].items() if k in ern.Config.__dataclass_fields__})
     train_faces = json.loads((out / "data_report.json").read_text())["splits"]["train"]["samples"]
     images_per_s = cfg.batch_size / plan["step_seconds"]
-    epoch_s = statistics.median(h["epoch_seconds"] for h in history[1:] or history)
+    whole = history[1:-1] if cfg.epochs % 1 else history[1:]  # the first warms up; a part-epoch last is short
+    epoch_s = statistics.median(h["epoch_seconds"] for h in whole or history)
     flops = forward_flops(cfg, len(results["class_names"]))
     report["train"].update({
         "epochs": cfg.epochs, "max_epochs": plan["max_epochs"], "all_epochs_fit": cfg.epochs == plan["max_epochs"],

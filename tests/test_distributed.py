@@ -144,4 +144,3 @@ def test_a_training_set_smaller_than_the_batch_that_does_not_divide_is_refused(t
     assert proc.returncode != 0
     assert ("error (rank 0 of 2): 95 training faces, fewer than --batch_size=128: each step takes them all, and 95 "
             "does not divide among 2 processes") in proc.stderr, proc.stderr[-3000:]
-

@@ -679,6 +679,11 @@ def test_images_and_labels_folders_below_a_split_folder_are_paired(tmp_path):
                                 f"{tmp_path / 'train' / 'part2' / 'labels' / 'a.txt'})",
                                 f"{tmp_path / 'train' / 'part2' / 'labels' / 'b.txt'}: label file without an image in "
                                 f"{tmp_path / 'train'}"]
+    (tmp_path / "train" / "part3" / "images").mkdir(parents=True)  # Darknet's layout in a folder named images
+    cv2.imwrite(str(tmp_path / "train" / "part3" / "images" / "c.jpg"), np.full((16, 16, 3), 99, np.uint8))
+    (tmp_path / "train" / "part3" / "images" / "c.txt").write_text("1 0.5 0.5 1 1")
+    split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)
+    assert str(tmp_path / "train" / "part3" / "images" / "c.jpg") in split.paths and len(problems) == 2
 
 
 def test_read_data_yaml_names_with_string_or_mixed_keys(tmp_path):

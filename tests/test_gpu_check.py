@@ -8,6 +8,7 @@ import time
 
 import cv2
 import numpy as np
+import pytest
 
 from conftest import ROOT, ern
 
@@ -26,10 +27,12 @@ def gpu_check(tmp_path, *args):
 
 def test_a_packed_set_holds_the_trainers_crops_and_gpu_check_trains_on_it_within_its_minute(tiny_dataset, tmp_path):
     """pack_data.py writes each face as the trainer crops it, as a JPEG, with a box that the trainer's crop turns back
-    into the whole image (the network sees exactly the JPEG of the source's crop); gpu_check --smoke trains on that set within its budget and reports, with the run's
-    log, metrics and results copied beside its JSON (a lent machine's run folder does not come back)."""
+    into the whole image (the network sees exactly the JPEG of the source's crop); gpu_check --smoke trains on that
+    set within its budget and reports, with the run's log, metrics and results copied beside its JSON (a lent
+    machine's run folder does not come back)."""
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pack_data.py"), f"--src={tiny_dataset}",
-                    f"--out={tmp_path / 'packed'}", "--size=32", "--quality=70"], check=True, capture_output=True, timeout=300)
+                    f"--out={tmp_path / 'packed'}", "--size=32", "--quality=70"], check=True, capture_output=True,
+                   timeout=300)
     names, folders, *_ = ern.read_data_yaml(tmp_path / "packed")
     source_names, source_folders, *_ = ern.read_data_yaml(tiny_dataset)
     assert names == source_names and set(folders) == {"train", "val"}  # the test split stays aside
@@ -53,7 +56,8 @@ def test_a_packed_set_holds_the_trainers_crops_and_gpu_check_trains_on_it_within
     train = report["train"]
     assert 1 <= train["epochs"] <= train["max_epochs"] == 50
     assert train["images_per_second"] > 0 and train["seconds_per_epoch"] > 0 and train["forward_gflops_per_image"] > 0
-    assert 0 < train["images_per_second_with_validation"]
+    whole_epoch_steps = train["train_faces"] // 16  # --batch_size=16 in --smoke
+    assert train["images_per_second_with_validation"] == pytest.approx(whole_epoch_steps * 16 / train["seconds_per_epoch"])
     assert 0 <= train["final_epoch_val_accuracy"] <= train["best_val_accuracy"] <= 1
     assert train["evaluated_split"] == "val" and 0 < train["fraction_of_matmul_rate"]
     for name in ("train.log", "metrics.jsonl", "evaluation_results.json"):
@@ -65,7 +69,8 @@ def test_a_check_stopped_in_its_training_keeps_what_it_measured_and_says_why(tmp
     """A budget the training cannot keep (the trainer refuses it): the JSON still holds the CUDA tests and the
     matrix rate, and the error; the run's log, which says it too, is copied beside it."""
     proc = gpu_check(tmp_path, "--minutes=0.3")  # 0.05 minutes for the training: the start took more
-    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("error: --time_budget="), proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("error: --time_budget="), proc.stderr[-2000:]
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["cuda_tests"]["returncode"] == 0 and report["matmul_tflops"] > 0
     assert report["error"].startswith("UserError: --time_budget=") and "cannot be kept" in report["error"]

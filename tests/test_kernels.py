@@ -291,8 +291,9 @@ def test_without_a_home_directory_verdicts_are_kept_in_the_temporary_folder(monk
 
 
 def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch, capsys):
-    """A probe is said as it starts (a first run on a machine waits 10-15 s for it, silently before), and the
-    verdict kept; the same machine and model are not probed, or said, again."""
+    """A probe is said as it starts (a first run on a machine waits for it: 1.7 s for the demo on a Zen 5, more for
+    a larger model; silently before), and the verdict kept; the same machine and model are not probed, or said,
+    again."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls, answer = [], [(False, "the probe process died (SIGSEGV)", True)]
     monkeypatch.setattr(ern, "run_probe", lambda *a, **k: calls.append(a) or answer[0])

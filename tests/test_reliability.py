@@ -689,7 +689,7 @@ def test_a_run_that_ended_on_a_fraction_of_an_epoch_trains_on_to_exactly_the_epo
     """A budgeted run ends inside an epoch (--epochs=1.5: a pass and a half). Resumed with --epochs=3 it takes the
     steps of three passes in all, and its schedule ends at the cosine's floor; before, it counted the half pass as
     a whole one and stopped 0.5 epochs short, the learning rate above its floor. Fewer epochs than it has trained
-    are refused; a last.pth from before the steps were saved counts its last pass as its config cut it."""
+    are refused (below); a last.pth from before the steps were saved counts its last pass as its config cut it."""
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=1.5, warmup_epochs=0,
                      amp=False, channels_last=False, tsne_samples=0, attention_samples=0)
     torch.manual_seed(0)
@@ -712,11 +712,20 @@ def test_a_run_that_ended_on_a_fraction_of_an_epoch_trains_on_to_exactly_the_epo
     assert last["steps"] == last["scheduler"]["last_epoch"] == 6  # three passes of two steps
     assert int(next(iter(last["optimizer"]["state"].values()))["step"]) == 6
     assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
-    with pytest.raises(ern.UserError, match=r"^--epochs=1 is fewer than the 1\.5 epochs .*last\.pth has trained"):
-        train(dataclasses.replace(cfg, epochs=1), ern.load_checkpoint(tmp_path / "half.pth"))
     older = {k: v for k, v in ern.load_checkpoint(tmp_path / "half.pth").items() if k != "steps"}
+    assert ern.steps_taken(older, 2) == 3  # two passes, the second cut to one step by its config's 1.5 epochs
     history, *_ = train(cfg, older)  # finished: nothing more to train
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_resume_to_fewer_epochs_than_trained_is_refused_before_it_changes_a_file(finished, tmp_path):
+    """--resume --epochs=2 of a run that trained 3: one line, and the run's files as they were (config.json was
+    rewritten with the refused epochs, provenance.json given a start, train.log the run's header, before)."""
+    run = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = snapshot(run)
+    with pytest.raises(ern.UserError, match=rf"^--epochs=2 is fewer than the {EPOCHS} epochs .*last\.pth has trained"):
+        ern.main([f"--resume={run}", "--epochs=2", f"--cache_dir={tmp_path / 'cache'}"])
+    assert snapshot(run) == before
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
