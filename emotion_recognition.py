@@ -1105,10 +1105,8 @@ def folder_pairs(name, images_dir):
         if not beside or "images" not in folders:
             return stem
         i = len(folders) - 1 - folders[::-1].index("images")
-        return Path(*folders[:i], "labels", *stem.parts[i + 1:])
-
-    def label_of(stem):  # else a label file beside the image, as Darknet writes it
-        return label_key(stem) if label_key(stem) in label_files or stem not in label_files else stem
+        ultralytics = Path(*folders[:i], "labels", *stem.parts[i + 1:])
+        return stem if ultralytics not in label_files and stem in label_files else ultralytics  # else Darknet's
 
     images, others = {}, []
     for p in image_files:
@@ -1133,9 +1131,10 @@ def folder_pairs(name, images_dir):
     label_files = {key(p, labels_dir): p for p in label_files if p.suffix.lower() == ".txt"}
     if Path("classes") not in images:  # LabelImg's list of class names beside the labels, not a label file
         label_files.pop(Path("classes"), None)
-    wanted = {label_of(stem) for stem in images}
-    problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items() if s not in wanted]
-    return {image: (label_files.get(label_of(stem)), labels_dir / f"{label_key(stem)}.txt")
+    label_keys = {stem: label_key(stem) for stem in images}
+    problems += [f"{p}: label file without an image in {images_dir}" for s, p in label_files.items()
+                 if s not in label_keys.values()]
+    return {image: (label_files.get(label_keys[stem]), labels_dir / f"{label_keys[stem]}.txt")
             for stem, image in images.items()}, problems
 
 
@@ -3066,7 +3065,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     steps_per_epoch = epoch_steps(len(train_y), cfg)
     optimizer, scheduler, scaler = optimization_parts(model, cfg, device, steps_per_epoch)
     weights = inverse_frequency_weights(cfg, train_y, k)
-    history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: the schedule's steps taken
+    history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: the training steps taken
     if resume is not None:
         history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
         done = steps_taken(resume, steps_per_epoch)
@@ -3471,16 +3470,16 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     with local_rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
     faces = len(splits["train"])
-    if world > 1 and faces < cfg.batch_size and faces % world:  # each step's batch is then the whole set
+    if min(cfg.batch_size, faces) % world:  # a training set smaller than the batch is each step's batch
         raise UserError(f"{faces} training faces, fewer than --batch_size={cfg.batch_size}: each step takes them "
                         f"all, and {faces} does not divide among {world} processes; train them with python")
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
         model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
         steps_per_epoch = epoch_steps(faces, cfg)
-        if steps_taken(resume_ckpt, steps_per_epoch) > total_steps(cfg, steps_per_epoch):
-            raise UserError(f"--epochs={cfg.epochs:g} is fewer than the "
-                            f"{steps_taken(resume_ckpt, steps_per_epoch) / steps_per_epoch:.4g} epochs "
+        trained = steps_taken(resume_ckpt, steps_per_epoch)
+        if trained > total_steps(cfg, steps_per_epoch):
+            raise UserError(f"--epochs={cfg.epochs:g} is fewer than the {trained / steps_per_epoch:.4g} epochs "
                             f"{run_dir / 'last.pth'} has trained; give more, or none to repeat the final evaluation")
         log_file = run_dir / "train.log"
     else:

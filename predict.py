@@ -36,10 +36,9 @@ import numpy as np
 from tqdm import tqdm
 
 from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
-                                 cpu_threads, ctrl_c_deferred, decode_image, explain_faces,
-                                 fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
-                                 load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named,
-                                 overlay, pyplot,
+                                 cpu_threads, ctrl_c_deferred, decode_image, explain_faces, fit_threads_to_cpu,
+                                 folder_files, inference_config, inference_model, list_file_lines, load_checkpoint,
+                                 network_crop, opencv_message, ordered_prefetch, out_of_memory_named, overlay, pyplot,
                                  read_overrides, resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm,
                                  unique_folder, validate_device, write_image, write_json)
 

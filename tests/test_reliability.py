@@ -657,6 +657,16 @@ def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(
         assert got[key] == want[key], key
 
 
+def train_on_random_faces(cfg, run_dir, resume=None):
+    """ern.train on 32 random training faces (two steps a pass at batch 16) and 16 validation faces, in memory."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8
+    val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
+                    images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
+    names, mean, std, cpu = [str(i) for i in range(8)], torch.zeros(3), torch.ones(3), torch.device("cpu")
+    return ern.train(ern.build_model(cfg, 8), x, y, val, names, mean, std, cfg, run_dir, cpu, None, resume, None, True)
+
+
 def test_a_resume_keeps_the_best_epoch_of_its_checkpoint(tmp_path):
     """train() resumed from a last.pth whose best is epoch 1 at validation accuracy 1.0, which no epoch can beat (an
     improvement is strictly greater): the resumed epoch leaves best_emotion_model.pth as it was, and the best it
@@ -664,19 +674,12 @@ def test_a_resume_keeps_the_best_epoch_of_its_checkpoint(tmp_path):
     again (at -1) would count its first epoch as an improvement and replace the best model."""
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=1, amp=False,
                      channels_last=False, tsne_samples=0, attention_samples=0)
-    torch.manual_seed(0)
-    x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8
-    val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
-                    images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
-    names, mean, std, cpu = [str(i) for i in range(8)], torch.zeros(3), torch.ones(3), torch.device("cpu")
-    first, _, _, _ = ern.train(ern.build_model(cfg, 8), x, y, val, names, mean, std, cfg, tmp_path, cpu, None, None,
-                               None, True)
+    first, _, _, _ = train_on_random_faces(cfg, tmp_path)
     kept = {"val_accuracy": 1.0, "epoch": 1}
     resume = {**ern.load_checkpoint(tmp_path / "last.pth"), "best": kept}
     best_before = (tmp_path / "best_emotion_model.pth").read_bytes()
     cfg = dataclasses.replace(cfg, epochs=2)
-    history, best, _, _ = ern.train(ern.build_model(cfg, 8), x, y, val, names, mean, std, cfg, tmp_path, cpu, None,
-                                    resume, None, True)
+    history, best, _, _ = train_on_random_faces(cfg, tmp_path, resume)
     assert [h["epoch"] for h in history] == [1, 2] and history[0] == first[0]
     assert best == kept
     assert (tmp_path / "best_emotion_model.pth").read_bytes() == best_before
@@ -692,21 +695,11 @@ def test_a_run_that_ended_on_a_fraction_of_an_epoch_trains_on_to_exactly_the_epo
     are refused (below); a last.pth from before the steps were saved counts its last pass as its config cut it."""
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=1.5, warmup_epochs=0,
                      amp=False, channels_last=False, tsne_samples=0, attention_samples=0)
-    torch.manual_seed(0)
-    x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8  # 2 steps a pass
-    val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
-                    images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
-    names, mean, std, cpu = [str(i) for i in range(8)], torch.zeros(3), torch.ones(3), torch.device("cpu")
-
-    def train(cfg, resume):
-        return ern.train(ern.build_model(cfg, 8), x, y, val, names, mean, std, cfg, tmp_path, cpu, None, resume, None,
-                         True)
-
-    train(cfg, None)
+    train_on_random_faces(cfg, tmp_path)  # two steps a pass
     shutil.copy(tmp_path / "last.pth", tmp_path / "half.pth")
     half = ern.load_checkpoint(tmp_path / "half.pth")
     assert (half["epoch"], half["steps"], half["scheduler"]["last_epoch"]) == (2, 3, 3)
-    history, *_ = train(dataclasses.replace(cfg, epochs=3), half)
+    history, *_ = train_on_random_faces(dataclasses.replace(cfg, epochs=3), tmp_path, half)
     last = ern.load_checkpoint(tmp_path / "last.pth")
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert last["steps"] == last["scheduler"]["last_epoch"] == 6  # three passes of two steps
@@ -714,7 +707,7 @@ def test_a_run_that_ended_on_a_fraction_of_an_epoch_trains_on_to_exactly_the_epo
     assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
     older = {k: v for k, v in ern.load_checkpoint(tmp_path / "half.pth").items() if k != "steps"}
     assert ern.steps_taken(older, 2) == 3  # two passes, the second cut to one step by its config's 1.5 epochs
-    history, *_ = train(cfg, older)  # finished: nothing more to train
+    history, *_ = train_on_random_faces(cfg, tmp_path, older)  # finished: nothing more to train
     assert [h["epoch"] for h in history] == [1, 2]
 
 
