@@ -17,7 +17,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --help                         # every field
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's 17,101
-training faces in 30 minutes and reaches 74.30 % validation accuracy (nine seeds; 2.8 M parameters, 55-62 epochs) on
+training faces in 30 minutes and reaches 74.28 % validation accuracy (ten seeds; 2.8 M parameters, 55-62 epochs) on
 a Zen 5 EPYC with native bf16 (2026-12-04 to 06), and 72.30 % (four seeds) in float32 on a Zen 3 EPYC with AVX2 only
 (2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
 and reach 70.03 %, three seeds). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
@@ -218,8 +218,10 @@ MOVED = {"predict": "python predict.py --checkpoint=RUN photo.jpg clip.mp4 camer
 
 def read_overrides(argv, classes, doc, positional=False):
     """({name: value} per dataclass in classes, the other words) from --name=value arguments (a bare --flag means
-    true); unknown names are refused with the closest known one. -h/--help prints doc and the fields, and exits."""
+    true; --name= with nothing after it, None where that is the field's default); unknown names are refused with the
+    closest known one. -h/--help prints doc and the fields, and exits."""
     kinds = [field_kinds(c) for c in classes]
+    optional = {f.name for c in classes for f in dataclasses.fields(c) if f.default is None}  # --name= : None
     found, words, bare_flag = [{} for _ in classes], [], None
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -248,7 +250,7 @@ def read_overrides(argv, classes, doc, positional=False):
             if kind is not bool:
                 raise UserError(f"--{name} needs a value: --{name}=...")
             text = "true"
-        found[owner][name] = parse_value(name, text, kind)
+        found[owner][name] = None if eq and not text and name in optional else parse_value(name, text, kind)
     return found, words
 
 
@@ -291,8 +293,14 @@ def parse_blocks(text):
 
 
 def validate_config(cfg):
-    """Refuse impossible values before any work starts."""
+    """Refuse impossible values before any work starts (the image size first: the test-time views' checks
+    depend on it)."""
+    min_size = max(32, 2 ** (len(parse_blocks(cfg.blocks)) + 1) * cfg.stem_stride)
+    stem = f" and a stride-{cfg.stem_stride} stem (--stem_stride=1 for smaller faces)" if cfg.stem_stride > 1 else ""
     checks = [
+        (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
+        (cfg.image_size >= min_size, f"--image_size must be >= {min_size} for {cfg.blocks!r} stages{stem}, got "
+                                     f"{cfg.image_size}"),
         (cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
@@ -301,7 +309,6 @@ def validate_config(cfg):
          f"--tta_zoom must be 0 (off), or in [0.5, 1) and crop a pixel or more from each side, got {cfg.tta_zoom}"),
         (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
         (cfg.width > 0, f"--width must be > 0, got {cfg.width}"),
-        (cfg.stem_stride in (1, 2), f"--stem_stride must be 1 or 2, got {cfg.stem_stride}"),
         (cfg.context_temperature > 0, f"--context_temperature must be > 0, got {cfg.context_temperature}"),
         (0 <= cfg.label_smoothing < 1, f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
@@ -326,11 +333,6 @@ def validate_config(cfg):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    stages = len(parse_blocks(cfg.blocks))
-    min_size = 2 ** (stages + 1) * cfg.stem_stride
-    if cfg.image_size < max(32, min_size):
-        stem = f" and a stride-{cfg.stem_stride} stem (--stem_stride=1 for smaller faces)" if cfg.stem_stride > 1 else ""
-        raise UserError(f"--image_size must be >= {max(32, min_size)} for {cfg.blocks!r} stages{stem}, got {cfg.image_size}")
     validate_device(cfg.device)
 
 
@@ -650,6 +652,28 @@ def write_image(path, bgr):
     Path(path).write_bytes(data.tobytes())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, routed to Ctrl-C (stop_on_ctrl_c_and_sigterm): it stops the script as Ctrl-C does, and is told apart
+    where Ctrl-C means less (predict.py: a camera's Ctrl-C ends that camera, and the next input starts)."""
+
+
+def raise_terminated(*_):
+    raise Terminated
+
+
+def stop_exception(signals):
+    """Terminated if a SIGTERM is among the signals received, else KeyboardInterrupt."""
+    return Terminated() if signal.SIGTERM in signals else KeyboardInterrupt()
+
+
+def stop_on_ctrl_c_and_sigterm():
+    """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
+    what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
+    ignored it (`cmd &`)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 @contextlib.contextmanager
 def ctrl_c_deferred():
     """Ctrl-C inside the block takes effect when the block ends, so that what the block records (an epoch's
@@ -662,12 +686,12 @@ def ctrl_c_deferred():
         return
     pressed = []
 
-    def deferred(*_):
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(True)
+    def deferred(signum, _):
+        pressed.append(signum)
+        if len(pressed) > 1:
+            raise stop_exception(pressed)
 
-    routed = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is signal.default_int_handler else []
+    routed = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is raise_terminated else []
     previous = {s: signal.signal(s, deferred) for s in [signal.SIGINT, *routed]}
     try:
         yield
@@ -675,7 +699,7 @@ def ctrl_c_deferred():
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: a handler set in C
     if pressed:
-        raise KeyboardInterrupt
+        raise stop_exception(pressed)
 
 
 PREFETCH_PIXELS = 2 ** 27  # images decoded ahead of their use: at most this many pixels, 400 MB of RGB
@@ -712,14 +736,6 @@ def list_file_lines(path):
         if line and not line.startswith("#"):
             entries.append((n, line))
     return entries
-
-
-def stop_on_ctrl_c_and_sigterm():
-    """A script's SIGINT and SIGTERM (SLURM's scancel and preemption, docker stop, kill) both stop it as Ctrl-C does:
-    what is being recorded is finished, and a run prints its resume command. SIGINT too where the launching shell
-    ignored it (`cmd &`)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,15 +776,19 @@ def read_data_yaml(data_dir, problems=None):
     """Class names (in data.yaml's order), {split: its images (split_sources)}, notes, and the keypoint values that
     follow each box in a pose export's label rows (yaml_keypoint_values), as Ultralytics reads them.
 
-    An nc that disagrees with names, or a class list file (LabelImg's classes.txt, Darknet's obj.names) that names
-    the same classes in another order, is raised, or appended to `problems` if a list is given (so that it is reported
-    together with the label and image problems).
+    An nc that disagrees with names, or a class list file (LabelImg's classes.txt, Darknet's obj.names) that puts a
+    class of names at another place (compared in any case), is raised, or appended to `problems` if a list is given
+    (so that it is reported together with the label and image problems).
     """
     data_dir = Path(data_dir).expanduser()
     yaml_path = data_dir if data_dir.suffix.lower() in (".yaml", ".yml") else data_dir / "data.yaml"
     if not yaml_path.is_file():
         others = sorted(p.name for p in data_dir.glob("*.y*ml")) if data_dir.is_dir() else []
-        hint = (f"{data_dir} is a file, not a folder (an archive? unpack it)" if data_dir.is_file() else
+        archive = data_dir.is_file() and data_dir.name.lower().endswith((".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz",
+                                                                          ".7z", ".rar"))
+        hint = (f"{data_dir} is an archive: unpack it, and pass the folder holding data.yaml" if archive else
+                f"{data_dir} is a file, not a folder: pass the folder holding data.yaml, or data.yaml itself"
+                if data_dir.is_file() else
                 f"the folder holds {', '.join(others)}: pass that file as --data_dir" if others else
                 "pass --data_dir=FOLDER_WITH_DATA_YAML, or run --demo")
         raise UserError(f"no data.yaml at {yaml_path}: {hint}")
@@ -789,15 +809,16 @@ def read_data_yaml(data_dir, problems=None):
         except (OSError, UnicodeDecodeError) as e:
             notes.append(f"{listing} cannot be read ({getattr(e, 'strerror', None) or e}); data.yaml's names are used")
             continue
-        if listed != names and sorted(listed) == sorted(names):  # the label files count in the list file's order
-            moved = [n for n, m in zip(names, listed) if n != m]
+        at = {n.casefold(): i for i, n in enumerate(listed)}  # the label files count in the list's order
+        moved = [n for i, n in enumerate(names) if at.get(n.casefold(), i) != i]
+        if moved:
             problem = (f"{listing} lists the classes as {listed}, data.yaml as {names}: the labels were written in "
                        f"the list's order, so the faces of {', '.join(moved)} would be named as another class. Give "
                        f"data.yaml's names the list's order (or delete the list, if it is stale)")
             if problems is None:
                 raise UserError(problem)
             problems.append(problem)
-        elif listed != names:
+        elif [n.casefold() for n in listed] != [n.casefold() for n in names]:
             notes.append(f"{listing} lists other classes than data.yaml ({listed}); data.yaml's are used")
     return names, folders, notes, yaml_keypoint_values(doc, yaml_path)
 
@@ -876,7 +897,7 @@ def split_sources(doc, yaml_path):
     if "val" in doc and "validation" in doc:
         notes.append("data.yaml gives both val and validation: val is read")
     for path in paths:
-        root = base / path
+        root = base / Path(path).expanduser()  # ~ as --data_dir's
         if not root.is_dir():
             notes.append(f"data.yaml's path {path!r} does not exist here; its splits are read from {base}")
             absent = f"; its path {path!r} does not exist ({os.path.abspath(root)}: a relative path is taken from " \
@@ -889,13 +910,14 @@ def split_sources(doc, yaml_path):
         raw = doc.get(key) if isinstance(doc.get(key), list) else [doc.get(key)]
         number = " (YAML read the name as a number: quote it)" if entries and not all(isinstance(v, str) for v in raw) \
             else ""
-        given = [Path(os.path.abspath(root / e)) for e in entries]  # not resolved: labels lie beside a link
+        # not resolved: labels lie beside a link
+        given = [Path(os.path.abspath(root / Path(e).expanduser())) for e in entries]
         given = [g / "images" if (g / "images").is_dir() and (g / "labels").is_dir() else g for g in given]
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
         if given and all(g.exists() for g in given):
-            for g, entry in zip(given, entries):
-                if (g.is_dir() and fallback is not None and base not in g.parents
-                        and not os.path.samefile(g, fallback)):
+            for g, entry in zip(given, entries):  # Roboflow's ../train/images, from an export unpacked in another
+                if (root == base and not Path(entry).expanduser().is_absolute() and g.is_dir() and fallback is not None
+                        and base not in g.parents and not os.path.samefile(g, fallback)):
                     raise UserError(f"{yaml_path}: '{key}: {entry}' is {g}, outside the yaml's folder, and {fallback} "
                                     f"lies beside the yaml too (an export unpacked inside another): point '{key}' at "
                                     f"the folder you mean")
@@ -1465,12 +1487,16 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     """
     yaml_problems = []  # nc or a class list against names: no sample to skip, so these stop the run even with
     # --strict=false
-    class_names, folders, notes, keypoint_values = read_data_yaml(cfg.data_dir, yaml_problems)
-    for note in notes:
-        log(f"note: {note}", log_file)
-    splits, problems, row_notes, no_face = scan_splits(folders, splits_wanted, len(class_names), keypoint_values,
-                                                       log_file)
+    try:
+        class_names, folders, notes, keypoint_values = read_data_yaml(cfg.data_dir, yaml_problems)
+        for note in notes:
+            log(f"note: {note}", log_file)
+        splits, problems, row_notes, no_face = scan_splits(folders, splits_wanted, len(class_names), keypoint_values,
+                                                           log_file)
+    except OSError as e:  # pathlib's checks raise for a folder this user may not enter, or a name too long
+        raise UserError(f"cannot read the dataset: {e.filename or cfg.data_dir}: {e.strerror or e}") from None
     problems = yaml_problems + problems
+    named_val = "val" in splits  # read (not the training images again, which scan_splits drops with a note)
     ok = {}
     for name, split in splits.items():
         if len(split):
@@ -1489,7 +1515,7 @@ def load_dataset(cfg, log_file=None, splits_wanted=("train", "val", "test")):
     if problems:
         log(f"warning: skipped the samples of {len(problems)} dataset problem(s) (--strict=false); see data_report.json", log_file)
     if "val" not in splits and "train" in splits_wanted:
-        hold_out_validation(splits, cfg, log_file, "val" in folders)
+        hold_out_validation(splits, cfg, log_file, named_val)
     if "train" in splits:
         counts = np.bincount(splits["train"].labels, minlength=len(class_names))
         for c in np.flatnonzero(counts == 0):
@@ -2022,8 +2048,8 @@ def inverse_frequency_weights(cfg, train_y, num_classes):
     divides by the batch's sum of weights, so only their ratios count); else None."""
     if not cfg.class_weights:
         return None
-    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
+    counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)  # an absent class: as if once
+    return len(train_y) / (num_classes * counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3215,8 +3241,9 @@ def save_figure(fig, path, dpi=110, rect=None):
         fig.tight_layout(**({} if rect is None else {"rect": rect}))
         fig.savefig(path, dpi=dpi)
     except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}; free some space or choose another "
-                        f"--output_dir") from None
+        full = e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise UserError(f"could not write {path}: {e.strerror or e}" + ("; free some space or choose another "
+                        "--output_dir" if full else "")) from None
     finally:
         plt.close(fig)
 

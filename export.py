@@ -38,7 +38,7 @@ EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and
 class Export:
     """export settings"""
     checkpoint: str = ""  # a run folder (its best_emotion_model.pth) or a .pth file
-    output: str = ""  # the .onnx file to write; empty = model.onnx beside the checkpoint
+    output: str = ""  # the .onnx file (a folder, or a name ending in /: its model.onnx); empty = beside the checkpoint
     overwrite: bool = False  # replace an existing file
     tta_flip: bool | None = None  # average each view and its mirror in the graph (2x); empty = the checkpoint's
     tta_shift: int | None = None  # views moved N pixels each way too (5x the work); empty = the checkpoint's
@@ -74,10 +74,12 @@ def export_inputs(image_size):
     return {"random": noise, "real": real}
 
 
-def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
-    """Write model.onnx from an ERN checkpoint, its metadata (class names, image size, crop margin, test-time views,
-    metrics, config) inside; then run it with onnxruntime against PyTorch. tta_flip, tta_shift, tta_zoom: None = the
-    checkpoint's. Returns the largest probability difference per input kind."""
+def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, ckpt=None):
+    """Write model.onnx from an ERN checkpoint (ckpt: that file already loaded; the metadata names the file), its
+    metadata (class names, image size, crop margin, test-time views, metrics, config) inside; then run it with
+    onnxruntime against PyTorch.
+    tta_flip, tta_shift, tta_zoom: None = the checkpoint's. Returns the largest probability difference per input
+    kind."""
     try:
         import onnx
         for package in ("onnxruntime", "onnxscript"):  # onnx_session's; torch.onnx.export's (it fails deep in torch)
@@ -85,7 +87,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None):
     except ImportError as e:  # not installed, or a binary part that does not load
         raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name else
                         f"export could not import its packages: {e}") from None
-    ckpt = load_checkpoint(checkpoint)
+    if ckpt is None:
+        ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
     cfg = inference_config(ckpt, "cpu", tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom)
     exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
@@ -141,12 +144,17 @@ def onnx_session(path, onnx_model):
 
 def run_export(args):
     """model.onnx at args.output, or beside the checkpoint; exit status 1 when onnxruntime disagrees with PyTorch by
-    more than EXPORT_TOLERANCE (nothing written then)."""
+    more than EXPORT_TOLERANCE (nothing written then). The checkpoint is read before anything is written."""
+    ckpt = load_checkpoint(args.checkpoint)
     path = Path(args.output).expanduser() if args.output else Path(args.checkpoint).parent / "model.onnx"
     try:
+        folder = path.is_dir() or args.output.endswith(("/", os.sep))  # model.onnx in it, as --checkpoint's
+        path = path / "model.onnx" if folder else path
         exists = path.exists()
     except OSError as e:  # a name too long, a folder this user may not enter
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    if path.suffix.lower() != ".onnx":  # a .pth given by mistake would be overwritten by the export
+        raise UserError(f"--output={args.output}: name the .onnx file to write, or a folder for its model.onnx")
     if exists and not args.overwrite:
         raise UserError(f"{path} exists; choose another --output, or --overwrite=true")
     try:
@@ -155,7 +163,7 @@ def run_export(args):
         raise UserError(f"cannot create {path.parent}: {e.strerror or e}") from None
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")  # the file appears only once it passed the check
     try:
-        differences = export_onnx(args.checkpoint, tmp, args.tta_flip, args.tta_shift, args.tta_zoom)
+        differences = export_onnx(args.checkpoint, tmp, args.tta_flip, args.tta_shift, args.tta_zoom, ckpt)
         worst = max(differences.values())
         report = ", ".join(f"{v:.2e} on {k} inputs" for k, v in differences.items())
         if worst > EXPORT_TOLERANCE:

@@ -35,12 +35,12 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, UserError, arithmetic, checkpoint_in, console_escapes,
-                                 cpu_threads, ctrl_c_deferred, decode_image, explain_faces, fit_threads_to_cpu,
-                                 folder_files, inference_config, inference_model, list_file_lines, load_checkpoint,
-                                 network_crop, opencv_message, ordered_prefetch, out_of_memory_named, overlay, pyplot,
-                                 read_overrides, resolve_device, run_inference, save_figure, stop_on_ctrl_c_and_sigterm,
-                                 unique_folder, validate_device, write_image, write_json)
+from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, Terminated, UserError, arithmetic, checkpoint_in,
+                                 console_escapes, cpu_threads, ctrl_c_deferred, decode_image, explain_faces,
+                                 fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
+                                 load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named,
+                                 overlay, pyplot, read_overrides, resolve_device, run_inference, save_figure,
+                                 stop_on_ctrl_c_and_sigterm, unique_folder, validate_device, write_image, write_json)
 
 
 @dataclass
@@ -609,20 +609,26 @@ def plot_explanation(face, explanation, probs, class_names, title, path):
 
 
 def write_explanations(predictor, out, stem, faces, probs, face_ids):
-    """--explain: explain/STEM_face{id}.png for every face; the probabilities are those of the CSV (with the
-    checkpoint's test-time views), the maps and q those of the crop itself."""
+    """--explain: explain/STEM_face{id}.png for every face (STEM keeps the source's subfolder, as annotated/ does);
+    the probabilities and the class whose Grad-CAM is drawn are those of the CSV (with the checkpoint's test-time
+    views), the maps and q those of the crop itself. Returns the problem, if a picture could not be written (the
+    source's warning: the rows stand)."""
     kept = [(face, p, i) for face, p, i in zip(faces, probs, face_ids) if face.crop is not None]
     if not kept:
-        return
+        return None
     maps = explain_faces(predictor.model, np.stack([face.crop for face, _, _ in kept]), predictor.mean, predictor.std,
-                         predictor.device)
+                         predictor.device, target=np.array([p.argmax() for _, p, _ in kept]))
     shown = stem.encode(errors="backslashreplace").decode()  # a name that is not UTF-8: matplotlib refuses it
     for j, (face, p, face_id) in enumerate(kept):
         title = f"{shown}, {f'face {face_id}' if face.detected else 'whole image'}: " \
                 f"{predictor.class_names[int(p.argmax())]} {p.max():.2f}"
         name = out.claim(f"{stem}_{'whole' if face_id == WHOLE_FRAME else f'face{face_id}'}.png")  # unique, as annotated/'s
-        plot_explanation(face.crop, {k: None if v is None else v[j] for k, v in maps.items()}, p, predictor.class_names,
-                         title, out.path(name, "explain"))
+        try:
+            plot_explanation(face.crop, {k: None if v is None else v[j] for k, v in maps.items()}, p,
+                             predictor.class_names, title, out.path(name, "explain"))
+        except (UserError, OSError) as e:  # a name too long for the disk, a full disk
+            return f"--explain: {e}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,22 +656,26 @@ def predict_images(predictor, sources, out, progress, args):
                     continue
                 rows = predictor.describe(faces, probs)
                 ids = [i if face.detected else WHOLE_FRAME for i, face in enumerate(faces)]
-                out.rows(source.path, None, None, faces, rows, ids)
                 suffix = Path(source.name).suffix.lower()  # OpenCV writes no .jfif: its JPEG is a .jpg
                 name = out.claim(source.name, ".jpg" if suffix == ".jfif" else None if suffix in IMAGE_EXTS else ".png")
                 annotated = out.path(name)
+                warnings = []
                 if args.explain:
-                    write_explanations(predictor, out, name.stem, faces, probs, ids)
-                problem = None
+                    warnings.append(write_explanations(predictor, out, str(name.with_suffix("")), faces, probs, ids))
                 try:
                     write_image(annotated, annotate(image, faces, rows))
                 except OSError as e:
-                    problem = f"could not write {annotated}: {e.strerror or e}"
+                    warnings.append(f"could not write {annotated}: {e.strerror or e}")
+                    annotated = None
                 share, dominant = emotion_shares(probs, predictor.class_names)
-                out.source({"source": source.path, "kind": "image", "frames": 1, "faces": sum(face.detected for face in faces),
-                            "no_face": sum(face.crop is None for face in faces), "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
-                            "annotated": None if problem else str(annotated), "error": None,
-                            "warnings": [problem] if problem else []})
+                with ctrl_c_deferred():  # the image's rows and its summary entry are written together
+                    out.rows(source.path, None, None, faces, rows, ids)
+                    out.source({"source": source.path, "kind": "image", "frames": 1,
+                                "faces": sum(face.detected for face in faces),
+                                "no_face": sum(face.crop is None for face in faces), "rows": len(faces),
+                                "dominant_emotion": dominant, "emotion_share": share,
+                                "annotated": None if annotated is None else str(annotated), "error": None,
+                                "warnings": [w for w in warnings if w]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,6 +945,7 @@ def predict_video(predictor, source, out, args):
     if expected and args.max_frames:
         expected = min(expected, args.max_frames)
     tracker, window, interrupted, ctrl_c, last_time = FaceTracker(args.smoothing), None, False, False, 0.0
+    explaining = args.explain
     timeline, counts = Timeline(), Counter()
     tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
     # the face rows (True) and the whole frames
@@ -978,16 +989,20 @@ def predict_video(predictor, source, out, args):
                         counts["frames"] += 1
                         last_time = t
                         timeline.forget(tracker.tracks)
-                    if args.explain:
-                        write_explanations(predictor, out, f"{name.stem}_frame{index:06d}", faces, probs, ids)
+                    if explaining:
+                        problem = write_explanations(predictor, out, f"{name.with_suffix('')}_frame{index:06d}",
+                                                     faces, probs, ids)
+                        if problem:  # the next frames' pictures would fail alike
+                            entry["warnings"].append(f"{problem}; no more pictures of this source")
+                            explaining = False
                     frame = annotate(image, faces, predictor.describe(faces, smoothed), ids)  # the smoothed track
                     video.write(frame, t)
                     if args.show and window is not False:
                         show(frame)
                     bar.update()
-    except KeyboardInterrupt:
-        entry["warnings"].append("stopped by Ctrl-C")  # a camera's normal end; a video's is recorded, then stops the run
-        interrupted, ctrl_c = not camera, True
+    except KeyboardInterrupt as e:  # Ctrl-C: a camera's normal end; a video's, or SIGTERM, recorded, stops the run
+        entry["warnings"].append(f"stopped by {'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}")
+        interrupted, ctrl_c = not camera or isinstance(e, Terminated), True
     except cv2.error as e:
         entry["error"] = f"OpenCV failed after {counts['frames']} frames: {opencv_message(e)}"
     finally:
@@ -1033,7 +1048,8 @@ def predict_video(predictor, source, out, args):
 
 def run_prediction(args, specs):
     """Every input into one output folder. Returns the exit status: 0 when every input was read, 1 when some
-    were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C."""
+    were not (each named, with its reason, on stderr and in summary.json), 130 after Ctrl-C (but a camera's,
+    which ends that camera) or SIGTERM."""
     settings = {k: getattr(args, k) for k in INFERENCE_SETTINGS if hasattr(args, k)}  # None: the checkpoint's
     quiet = contextlib.redirect_stdout(sys.stderr) if args.jsonl else contextlib.nullcontext()
     with quiet:  # stdout carries the JSON lines alone: the model's loading notes (channels_last off) go to stderr
@@ -1101,7 +1117,7 @@ def run_prediction(args, specs):
 
 def main(argv):
     """Parse and predict. Returns the exit status: 0 when every input was read, 1 when some were not, 130 after
-    Ctrl-C."""
+    Ctrl-C or SIGTERM."""
     console_escapes()
     (given,), sources = read_overrides(argv, (Prediction,), __doc__, positional=True)
     args = Prediction(**given)

@@ -72,6 +72,15 @@ ROWS = {
 }
 
 
+def cumulative(names):
+    """(name, overrides) of each row named, in ROWS' order: a row's changes added to those of the rows run above it,
+    or, for a row named with a leading "=", in their place."""
+    changes = ""
+    for name in [n for n in ROWS if n in names]:
+        changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
+        yield name, changes
+
+
 def run(name, overrides, seed, args):
     out = Path(args.out) / f"{name.strip('+= ').replace(' ', '_')}__{seed}"
     done = out / "evaluation_results.json"
@@ -143,25 +152,20 @@ def main():
     p.add_argument("--step_time", action="store_true", help="time training steps of each row's model, no data")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast where the CPU has it (default: float32)")
     args = p.parse_args([a for a in sys.argv[1:]])
-    if args.step_time:
-        changes = ""
-        print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
-              f"{'bf16 autocast' if args.bf16 else 'float32'}")
-        print("| change | px | stem stride | blocks | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|---|---|")
-        for name in [n for n in ROWS if args.rows == "all" or n in args.rows.split(",")]:
-            changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
-            r = step_time(name, changes, args)
-            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
-                  f"{r['ms_per_face']:.2f} |", flush=True)
-        return
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; known: {list(ROWS)}")
-    table, changes = [], ""
-    for name in [n for n in ROWS if n in names]:  # cumulative over the rows run, in ROWS' order
-        changes = ROWS[name] if name.startswith("=") else f"{changes} {ROWS[name]}".strip()
-        table += [run(name, changes, int(s), args) for s in args.seeds.split(",")]
+    if args.step_time:
+        print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
+              f"{'bf16 autocast' if args.bf16 else 'float32'}")
+        print("| change | px | stem stride | blocks | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|---|---|")
+        for name, changes in cumulative(names):
+            r = step_time(name, changes, args)
+            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
+                  f"{r['ms_per_face']:.2f} |", flush=True)
+        return
+    table = [run(name, changes, int(s), args) for name, changes in cumulative(names) for s in args.seeds.split(",")]
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
         (f", ONEDNN_MAX_CPU_ISA={args.isa}" if args.isa else "") + f"), {os.cpu_count()} cores"
     print(f"\n{machine}, {'bf16 autocast' if args.bf16 else 'float32'}, --time_budget={args.budget:g}\n")

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -184,7 +185,8 @@ def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_l
                                                                                                 tiny_dataset, tmp_path,
                                                                                                 capsys):
     """The checkpoint records its data: `--evaluate=RUN` alone evaluated nothing (no data.yaml at Config's default)
-    and left an eval__ folder in the run folder, as did every refused evaluation."""
+    and left an eval__ folder in the run folder, as did every refused evaluation. --split=val evaluates the
+    validation split."""
     run_dir, _ = trained
     (tmp_path / "run").mkdir()
     shutil.copy(run_dir / "best_emotion_model.pth", tmp_path / "run")
@@ -192,6 +194,12 @@ def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_l
     assert f"data: {tiny_dataset}, the checkpoint's" in capsys.readouterr().out
     assert folder.parent == tmp_path / "run" and folder.name.startswith("eval__")
     assert results["confusion_matrix"] == read_results(evaluated[0])["confusion_matrix"]  # with --data_dir given
+    shutil.rmtree(folder)
+    folder, results = ern.main([f"--evaluate={tmp_path / 'run'}", "--split=val", f"--cache_dir={tmp_path / 'cache'}"])
+    labels = [int(line.split()[0]) for f in (tiny_dataset / "valid" / "labels").iterdir() for line in
+              f.read_text().splitlines()]  # the oracle: the validation split's own label files
+    assert results["evaluated_split"] == "val" and len(labels) == 32
+    assert [sum(row) for row in results["confusion_matrix"]] == np.bincount(labels, minlength=8).tolist()
     shutil.rmtree(folder)
     no_test = tmp_path / "no_test"
     shutil.copytree(tiny_dataset, no_test, ignore=shutil.ignore_patterns("test"))
@@ -491,8 +499,12 @@ def test_a_data_dir_without_data_yaml_says_what_it_holds(tmp_path):
     with pytest.raises(ern.UserError, match="the folder holds dataset.yml: pass that file as --data_dir"):
         ern.read_data_yaml(tmp_path / "faces")
     (tmp_path / "faces.zip").write_bytes(b"PK\x03\x04")
-    with pytest.raises(ern.UserError, match="faces.zip is a file, not a folder \\(an archive\\? unpack it\\)"):
+    with pytest.raises(ern.UserError, match="faces.zip is an archive: unpack it, and pass the folder holding data.yaml"):
         ern.read_data_yaml(tmp_path / "faces.zip")
+    (tmp_path / "train.txt").write_text("train/images/a.jpg\n")  # an image list, where data.yaml was meant
+    with pytest.raises(ern.UserError, match="train.txt is a file, not a folder: pass the folder holding data.yaml, or "
+                                            "data.yaml itself"):
+        ern.read_data_yaml(tmp_path / "train.txt")
     make_split_folders(tmp_path / "faces", ("train",))
     (tmp_path / "faces" / "dataset.yml").rename(tmp_path / "faces" / "DATASET.YML")  # an upper-case suffix is YAML
     assert ern.read_data_yaml(tmp_path / "faces" / "DATASET.YML")[1]["train"] == tmp_path / "faces" / "train" / "images"
@@ -516,6 +528,15 @@ def test_a_class_list_in_another_order_than_data_yaml_stops_the_run(tmp_path):
     with pytest.raises(ern.UserError, match=re.escape(f"{roboflow} lists the classes as ['happy', 'sad', 'anger']")):
         ern.read_data_yaml(tmp_path)
     roboflow.unlink()
+    listing.write_text("Happy\nAnger\nSad\nNeutral\n")  # another case, and a class data.yaml does not name
+    with pytest.raises(ern.UserError, match=re.escape("so the faces of anger, happy would be named as another class")):
+        ern.read_data_yaml(tmp_path)
+    listing.write_text("Anger\nHappy\nSad\n")  # the same classes in the same order, capitalized: nothing to say
+    assert ern.read_data_yaml(tmp_path)[2] == []
+    listing.write_text("anger\nhappy\nsad\nneutral\n")  # one class more at the end: the ids agree
+    assert ern.read_data_yaml(tmp_path)[2] == [f"{listing} lists other classes than data.yaml "
+                                              f"(['anger', 'happy', 'sad', 'neutral']); data.yaml's are used"]
+    listing.unlink()
     (tmp_path / "obj.names").write_text("dog\ncat\n")  # Darknet's, of another project: named, not refused
     assert ern.read_data_yaml(tmp_path)[2] == [f"{tmp_path / 'obj.names'} lists other classes than data.yaml "
                                               f"(['dog', 'cat']); data.yaml's are used"]
@@ -704,7 +725,7 @@ def test_read_data_yaml_reads_no_split_it_leaves_out_however_written(tmp_path, l
                                                              f"{tmp_path / 'test' / 'images'} is not read"]
 
 
-def test_read_data_yaml_refuses_a_path_into_another_export_beside_its_own(tmp_path):
+def test_read_data_yaml_refuses_a_path_into_another_export_beside_its_own(tmp_path, monkeypatch):
     """Roboflow writes train: ../train/images; a second export unpacked inside the first resolves that to the first
     export's folders, while its own lie beside its yaml."""
     make_split_folders(tmp_path / "v1", ("train", "valid"))
@@ -712,8 +733,42 @@ def test_read_data_yaml_refuses_a_path_into_another_export_beside_its_own(tmp_pa
     write_yaml(tmp_path / "v1" / "v2" / "data.yaml", train="../train/images", val="../valid/images", names=["a", "b"])
     with pytest.raises(ern.UserError, match=re.escape(f"{tmp_path / 'v1' / 'train' / 'images'}, outside")):
         ern.read_data_yaml(tmp_path / "v1" / "v2")
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", path="/content/faces", train="../train/images", names=["a", "b"])
+    with pytest.raises(ern.UserError, match="outside"):  # a path: of another machine: the yaml's folder, as above
+        ern.read_data_yaml(tmp_path / "v1" / "v2")
     write_yaml(tmp_path / "v1" / "data.yaml", train="../train/images", val="../valid/images", names=["a", "b"])
     assert ern.read_data_yaml(tmp_path / "v1")[1]["train"] == tmp_path / "v1" / "train" / "images"  # the usual case
+    # meant, not an accident: an absolute path, a path: of its own (a copy on scratch), a list (a merge), and ~
+    outer = tmp_path / "v1" / "train" / "images"
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", train=str(outer), val="valid/images", names=["a", "b"])
+    assert ern.read_data_yaml(tmp_path / "v1" / "v2")[1]["train"] == outer
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", path=str(tmp_path / "v1"), train="train/images",
+               val="valid/images", names=["a", "b"])
+    assert ern.read_data_yaml(tmp_path / "v1" / "v2")[1]["train"] == outer
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", train=["train/images", str(outer)], names=["a", "b"])
+    assert ern.read_data_yaml(tmp_path / "v1" / "v2")[1]["train"] == [tmp_path / "v1" / "v2" / "train" / "images",
+                                                                       outer]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_yaml(tmp_path / "v1" / "v2" / "data.yaml", path="~/v1", train="train/images", names=["a", "b"])
+    assert ern.read_data_yaml(tmp_path / "v1" / "v2")[1]["train"] == outer
+
+
+def test_a_dataset_path_the_system_refuses_is_one_line(tmp_path):
+    """A name too long for the system, or (for a user other than root) a folder this user may not enter: pathlib's
+    checks raise these, not "no such file", and they came out as a traceback."""
+    long = "x" * 300
+    try:
+        Path(long).is_dir()
+    except OSError:
+        pass
+    else:
+        pytest.skip("this Python's pathlib says False for a name too long, as for one that does not exist")
+    with pytest.raises(ern.UserError, match=f"cannot read the dataset: .*{long}.*: File name too long"):
+        ern.load_dataset(ern.Config(data_dir=str(tmp_path / long)))
+    make_split_folders(tmp_path / "ds", ("train",))
+    write_yaml(tmp_path / "ds" / "data.yaml", path=long, train="train/images", names=["a", "b"])
+    with pytest.raises(ern.UserError, match=f"cannot read the dataset: .*{long}: File name too long"):
+        ern.load_dataset(ern.Config(data_dir=str(tmp_path / "ds")))
 
 
 def test_a_linked_images_folder_takes_the_labels_beside_the_link(tmp_path):
@@ -1257,6 +1312,8 @@ def test_parse_args_wrong_type(arg, message):
 @pytest.mark.parametrize("bad, message", [(dict(epochs=0), "--epochs must be > 0"),
                                           (dict(context_weight=-0.1), "--context_weight must be >= 0"),
                                           (dict(image_size=16), "--image_size must be >= 32"),
+                                          (dict(image_size=1), "--image_size must be >= 32"),  # not --tta_shift's
+                                          (dict(stem_stride=3), "--stem_stride must be 1 or 2"),
                                           (dict(blocks="1,1,1,1,1"), "--image_size must be >= 64"),
                                           (dict(tta_shift=-1), "--tta_shift must be in"),
                                           (dict(tta_shift=16), "--tta_shift must be in"),

@@ -166,19 +166,33 @@ def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tin
     assert any("no spatial attention" in s for s in written), written
 
 
-def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path):
+def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path, monkeypatch):
+    """One picture per classified face, under its source's subfolder as annotated/ has it (two photos of one name
+    in two folders stay apart), its Grad-CAM that of the class the CSV gives (the test-time views' average), not the
+    class of the crop alone."""
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for p in sorted((tiny_dataset / "test" / "images").iterdir())[:2]:
-        shutil.copy(p, photos)
-    shutil.copy(HOPPER, photos)
-    run_script(str(photos), f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain",
-               f"--output_dir={tmp_path / 'out'}", cwd=tmp_path, script=PREDICT)
-    rows, _ = read_probabilities(tmp_path / "out")
-    classified = [r for r in rows if r["emotion"]]  # a row without a face has nothing to explain
-    expected = {f"{Path(r['source']).stem}_{'whole' if r['face'] == '-1' else 'face' + r['face']}.png" for r in classified}
-    assert len(rows) == 3 and any(r["source"] == str(photos / Path(HOPPER).name) for r in classified)
-    assert {p.name for p in (tmp_path / "out" / "explain").iterdir()} == expected
+    for sub in ("a", "b"):
+        (photos / sub).mkdir(parents=True)
+        shutil.copy(HOPPER, photos / sub)
+    shutil.copy(sorted((tiny_dataset / "test" / "images").iterdir())[0], photos / "a")
+    targets = []
+
+    def explain_faces(*args, target=None):
+        targets.extend(target)
+        return ern.explain_faces(*args, target=target)
+
+    monkeypatch.setattr(pr, "explain_faces", explain_faces)
+    assert pr.main([str(photos), f"--checkpoint={run / 'best_emotion_model.pth'}", "--explain",
+                    f"--output_dir={tmp_path / 'out'}"]) == 0
+    rows, probs = read_probabilities(tmp_path / "out")
+    classified = [(r, p) for r, p in zip(rows, probs) if r["emotion"]]  # a row without a face has nothing to explain
+    expected = {Path("photos") / Path(r["source"]).relative_to(photos).parent /
+                f"{Path(r['source']).stem}_{'whole' if r['face'] == '-1' else 'face' + r['face']}.png"
+                for r, _ in classified}
+    assert len(rows) == 3 and len(expected) == len(classified) == 3
+    explain = tmp_path / "out" / "explain"
+    assert {p.relative_to(explain) for p in explain.rglob("*.png")} == expected
+    assert [int(t) for t in targets] == [int(p.argmax()) for _, p in classified]  # in the CSV's order
 
 
 def test_training_and_evaluation_draw_attention_maps(run):
@@ -221,9 +235,14 @@ def test_export_agrees_with_pytorch_and_says_by_how_much(exported, trained):
 
 
 def test_export_without_flip_tta_is_one_pass(run, trained, tmp_path):
+    """--tta_flip=false: one view in the graph; --tta_shift= (empty) is the checkpoint's, as the help says; an
+    --output naming a folder still to be made (a trailing /) gets its model.onnx."""
     model, _, mean, std = trained
-    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'one.onnx'}", "--tta_flip=false"]) == 0
-    session = onnxruntime.InferenceSession(str(tmp_path / "one.onnx"), providers=["CPUExecutionProvider"])
+    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'exports'}/", "--tta_flip=false",
+                    "--tta_shift="]) == 0
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["model.onnx"]
+    session = onnxruntime.InferenceSession(str(tmp_path / "exports" / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
     assert json.loads(session.get_modelmeta().custom_metadata_map["tta_flip"]) is False
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     single, averaged = single_and_mirrored(model, x, mean, std)
@@ -300,6 +319,22 @@ def test_export_refuses_what_is_not_an_ern_checkpoint(tmp_path):
     proc = run_script(f"--checkpoint={tmp_path / 'bare.pth'}", cwd=tmp_path, check=False, script=EXPORT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not an ERN checkpoint" in proc.stderr
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_reads_the_checkpoint_first_and_writes_only_an_onnx_file(run, tmp_path):
+    """A checkpoint that does not exist is refused before its folder is made (for the model.onnx beside it); the
+    user's own export given as the checkpoint is named as one (not "model.onnx exists"); an --output that is not
+    .onnx is refused (a .pth, with --overwrite=true, was replaced by the export)."""
+    with pytest.raises(ern.UserError, match="does not exist"):
+        ex.main([f"--checkpoint={tmp_path / 'RUNX' / 'best_emotion_model.pth'}"])
+    assert not (tmp_path / "RUNX").exists()
+    (tmp_path / "model.onnx").write_bytes(b"an export")
+    with pytest.raises(ern.UserError, match="is an export, which runs in onnxruntime"):
+        ex.main([f"--checkpoint={tmp_path / 'model.onnx'}"])
+    shutil.copy(run / "best_emotion_model.pth", tmp_path / "copy.pth")
+    with pytest.raises(ern.UserError, match="name the .onnx file to write, or a folder for its model.onnx"):
+        ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'copy.pth'}", "--overwrite=true"])
+    assert (tmp_path / "copy.pth").read_bytes() == (run / "best_emotion_model.pth").read_bytes()
 
 
 @pytest.mark.parametrize("args, message", [

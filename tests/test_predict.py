@@ -316,6 +316,29 @@ def test_a_video_every_second_frame(checkpoint, tmp_path):
     assert sum(source["emotion_share"].values()) == pytest.approx(1) and source["error"] is None
 
 
+def test_smoothing_reaches_the_timeline_but_not_the_csv(checkpoint, tmp_path, monkeypatch):
+    """--smoothing=0.5 at 60 fps: the CSV keeps each frame's own probabilities; the timeline (drawn from the smoothed
+    track, as the annotated video's labels and the summary are) holds them smoothed in time, 0.5 ** (elapsed /
+    SMOOTHING_STEP) of the past kept: the formula applied to the CSV's rows."""
+    video = write_video(tmp_path / "clip.mp4", frames=8, fps=60.0)
+    drawn = {}
+    monkeypatch.setattr(pr, "plot_timeline", lambda timeline, *args: drawn.update(t=timeline.times[0],
+                                                                                  p=timeline.probs[0]))
+    assert pr.main([str(video), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}",
+                    "--smoothing=0.5"]) == 0
+    rows = read_csv(tmp_path / "out")
+    raw = np.array([[float(r[c]) for c in list(rows[0])[len(pr.CSV_COLUMNS):]] for r in rows])
+    times = drawn["t"]  # the CSV's to the millisecond
+    want = [raw[0]]
+    for i in range(1, len(raw)):
+        keep = 0.5 ** ((times[i] - times[i - 1]) / pr.SMOOTHING_STEP)
+        want.append(keep * want[-1] + (1 - keep) * raw[i])
+    assert len(rows) == 8 and {r["face"] for r in rows} == {"0"}
+    assert [float(r["time_s"]) for r in rows] == pytest.approx([i / 60 for i in range(8)], abs=5e-4) == times
+    assert np.abs(np.array(drawn["p"]) - want).max() < 2e-4  # the CSV's four decimals
+    assert np.abs(np.array(drawn["p"]) - raw).max() > 1e-3  # the smoothing changed them, so the check above tells
+
+
 def avi_with_gaps(path, frames, gaps, announced=None, fps=25.0):
     """An MJPEG AVI of grey frames (brightness 20 * i) with variable frame rate: gaps[i] empty chunks (AVI's
     dropped frames) before frame i, each moving the frames after it on by 1 / fps, as a phone's recording
@@ -553,6 +576,39 @@ def test_a_camera_that_stops_delivering_frames_is_said_to(checkpoint, tmp_path, 
     assert entry["warnings"] == ([] if max_frames else stopped)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_a_camera_and_sigterm_ends_the_run(checkpoint, tmp_path, monkeypatch, stop):
+    """Ctrl-C is how a camera ends: its entry is kept and the next input starts. SIGTERM (docker stop, SLURM's
+    scancel) stops the whole run, as it does in a video (it ended the camera alone, and the run went on). The camera
+    here: a 5-frame file played as camera:0, the signal sent at its second frame."""
+    clip, real = write_video(tmp_path / "clip.mp4", frames=5), pr.open_video
+    monkeypatch.setattr(pr, "open_video", lambda source: (cv2.VideoCapture(str(clip)), 0.0, 0, [])
+                        if source.kind == "camera" else real(source))
+    calls, update = [], pr.FaceTracker.update
+
+    def update_and_signal(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), stop)
+        return update(self, *args)
+
+    monkeypatch.setattr(pr.FaceTracker, "update", update_and_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ern.stop_on_ctrl_c_and_sigterm()  # as predict.py's __main__ does
+        status = pr.main(["camera:0", str(clip), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    sources = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    said = "Ctrl-C" if stop == signal.SIGINT else "SIGTERM"
+    assert (sources[0]["frames"], sources[0]["warnings"]) == (2, [f"stopped by {said}"])
+    if stop == signal.SIGINT:
+        assert status == 0 and len(sources) == 2 and sources[1]["frames"] == 5
+    else:
+        assert status == 130 and len(sources) == 1
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
 def test_a_named_pipe_is_named_not_read(tmp_path):
     """Reading a pipe waits for a writer for ever (a device may too): it is an error of its own, before any model."""
@@ -763,6 +819,24 @@ def test_a_closed_stdout_stops_the_printing_not_the_run(checkpoint, tmp_path):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, stderr
     assert len(read_csv(tmp_path / "out")) == 3 and "Broken pipe" not in stderr and "Traceback" not in stderr
+
+
+def test_an_explanation_that_cannot_be_written_is_its_photos_warning(checkpoint, tmp_path):
+    """A photo whose name fits the system's 255 bytes and whose explanation's (10 bytes longer) does not: the photo
+    is classified and annotated, and the picture that failed is its warning (it ended the whole run, exit status 2,
+    advising to free some space). A video's frames: one warning, and no more pictures tried for that video."""
+    photo, video = tmp_path / ("a" * 246 + ".jpg"), write_video(tmp_path / ("b" * 236 + ".mp4"), frames=3)
+    shutil.copy(HOPPER, photo)
+    status = pr.main([str(photo), str(video), f"--checkpoint={checkpoint}", "--explain",
+                      f"--output_dir={tmp_path / 'out'}"])
+    image, clip = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert status == 0 and image["error"] is None and Path(image["annotated"]).exists() and image["rows"] == 1
+    explain = tmp_path / "out" / "explain"
+    assert image["warnings"] == [f"--explain: could not write {explain / photo.stem}_face0.png: File name too long"]
+    assert (clip["frames"], clip["error"]) == (3, None) and Path(clip["annotated"]).exists()
+    assert clip["warnings"] == [f"--explain: could not write {explain / video.stem}_frame000000_face0.png: File name "
+                                f"too long; no more pictures of this source"]
+    assert len(read_csv(tmp_path / "out")) == 4
 
 
 def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path, monkeypatch):

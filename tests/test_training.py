@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -78,6 +79,42 @@ def test_augment_batch_draws_each_geometry_within_its_range(monkeypatch):
         assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6
         assert values.min() < low + 0.05 * (high - low) and values.max() > high - 0.05 * (high - low)
     assert 0.45 < flip.float().mean() < 0.55
+
+
+def test_random_erasing_fills_one_rectangle_with_the_mean_in_the_share_of_faces_asked():
+    """--aug_erase=P alone: a face is erased with probability P, one rectangle of it set to 0 after normalization
+    (the dataset's mean colour, not black), in every channel; every other pixel is the normalized image."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (400, 3, 24, 24), dtype=torch.uint8)
+    mean, std = torch.tensor([0.5, 0.41, 0.33]), torch.tensor([0.2, 0.25, 0.3])  # no k / 255 among the means
+    want = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)  # the oracle: normalization alone
+    assert not (want == 0).any()  # so an erased pixel tells itself
+    others = dict(aug_scale=0, aug_translate=0, aug_rotate=0, aug_flip=0, aug_brightness=0, aug_contrast=0)
+    for p, low, high in ((1.0, 1.0, 1.0), (0.5, 0.42, 0.58), (0.0, 0.0, 0.0)):
+        out = ern.augment_batch(x, mean, std, ern.Config(**others, aug_erase=p))
+        changed = out != want
+        assert (out[changed] == 0).all() and (changed == changed[:, :1]).all()  # filled with 0, the same in R, G, B
+        mask = changed[:, 0]
+        rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)
+        assert torch.equal(mask.sum((1, 2)), rows * cols)  # one solid rectangle (or none)
+        assert low <= mask.any(2).any(1).float().mean() <= high
+
+
+def test_class_weights_and_the_optimizers_weight_decay_groups():
+    """--class_weights: N / (K count_k) of the training labels (an absent class counted once); off: None. AdamW
+    decays the weights of the convolutions and linear layers, never a bias, a norm's parameter or the prototypes."""
+    y = torch.tensor([0] * 6 + [1] * 3 + [2])  # four classes, the last absent
+    assert ern.inverse_frequency_weights(ern.Config(class_weights=True), y, 4).tolist() == pytest.approx(
+        [10 / 24, 10 / 12, 10 / 4, 10 / 4])
+    assert ern.inverse_frequency_weights(ern.Config(), y, 4) is None
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", weight_decay=0.05)
+    model = ern.build_model(cfg, 8)
+    decayed, kept = ern.make_optimizer(model, cfg).param_groups
+    assert (decayed["weight_decay"], kept["weight_decay"]) == (0.05, 0.0)
+    layers = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {id(p) for p in decayed["params"]} == layers
+    assert {id(p) for p in kept["params"]} == {id(p) for p in model.parameters()} - layers
+    assert {id(model.context.prototypes)} <= {id(p) for p in kept["params"]}
 
 
 def test_erased_rectangles_cover_the_configured_area_and_aspect():
@@ -162,6 +199,18 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
     monkeypatch.chdir(tmp_path)
     ern.main([f"--resume={run / 'last.pth'}", "--tsne_samples=0"])
     assert json.loads((run / "config.json").read_text())["epochs"] == epochs
+
+
+def test_a_budget_too_short_names_the_smallest_that_fits_an_epoch():
+    """Starting and measuring took 30 s, the first epoch takes 100 s and the final evaluation 20 s: the budget named
+    is the smallest in tenths of a minute whose share left after the margin holds all three."""
+    plan = {"epochs": 0, "spent_seconds": 30.0, "epoch_seconds": 90.0, "first_epoch_seconds": 100.0,
+            "final_evaluation_seconds": 20.0}
+    with pytest.raises(ern.UserError, match=r"give at least --time_budget=([\d.]+), or") as refused:
+        ern.apply_plan(ern.Config(time_budget=1.0), plan)
+    named = float(re.search(r"at least --time_budget=([\d.]+)", str(refused.value))[1])
+    usable = lambda minutes: minutes * 60 * (1 - ern.BUDGET_MARGIN)
+    assert usable(named) >= 150 > usable(named - 0.1) and abs(named * 10 - round(named * 10)) < 1e-9
 
 
 def test_per_epoch_validation_takes_no_test_time_views_once_val_faces_is_set():
@@ -266,7 +315,7 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch, tta, tta_shift, tta_zoom, vi
 def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
     """A first plan that put 5 s on the final evaluation (measured on a busy machine, say) with 3 s left: the
     re-plans estimate it again from the epochs' validation (milliseconds here), so the run trains on instead of
-    being cut to 2 of its planned 3 epochs."""
+    being cut to 2 of its planned 3 epochs, its cosine schedule re-laid to end at its floor."""
     monkeypatch.setattr(ern, "BUDGET_FIGURES_SECONDS", 0.0)
     estimates, epochs_before = [], ern.epochs_before
 
@@ -287,6 +336,7 @@ def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
                         cfg, tmp_path, torch.device("cpu"), None, None, plan, True)[0]
     assert estimates and all(0 < s < 0.5 for s in estimates)
     assert len(history) > 3 and plan["final_evaluation_seconds"] == estimates[-1]
+    assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the cosine re-laid over the epochs re-planned
 
 
 def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path):
