@@ -56,7 +56,7 @@ class Prediction:
     smoothing: float = 0.0  # videos: in [0, 1), a track's past's weight per 1/30 s (SMOOTHING_STEP) in the video, timeline and summary; 0 = raw
     batch: int = 64  # faces classified together, gathered across images and frames
     jsonl: bool = False  # also print one JSON line per face on stdout (for piping)
-    show: bool = False  # videos and cameras: show the annotated frames (needs a display)
+    show: bool = False  # videos, cameras: show the annotated frames (a display, and opencv-python, not -headless)
     explain: bool = False  # also write explain/: crop, attention, Grad-CAM, probabilities and q per face
     # inference: empty = as the checkpoint was trained
     tta_flip: bool | None = None  # average each view and its mirror; empty = the checkpoint's
@@ -487,6 +487,7 @@ def source_line(entry):
     dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
     whole = classified and not entry["faces"]  # --detect_faces=false: each image or frame is the face
     top = entry["emotion_share"].get(dominant, 0.0)  # counts for a photo: "100%" of one face read as a confidence
+    tied = [k for k, v in entry["emotion_share"].items() if v == top and k != dominant]
     if not dominant:
         share = ""
     elif image:
@@ -494,6 +495,8 @@ def source_line(entry):
                                                       f"{classified} face(s))"
     else:
         share = f"; top emotion {dominant} ({top:.0%} of the {'frames' if whole else 'faces'})"
+    if dominant and tied:  # EmotionTally.shares: between equal shares, the larger mean probability
+        share += f", as many as {', '.join(tied)} (the higher mean probability decided)"
     frames = "" if image else f"{entry['frames']} frames, " + ("" if whole else f"{entry['tracks']} face track(s), ")
     found = f"whole {'image' if image else 'frames'} classified" if whole else \
         f"{entry['faces']} face(s) detected" if image else f"{entry['faces']} face detection(s)"

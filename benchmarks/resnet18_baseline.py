@@ -2,8 +2,10 @@
 The calibration baseline of issue 5: a plain torchvision ResNet-18 (11.2 M parameters, no
 attention, no context) trained from scratch at 64 px for 10 epochs through ERN's own run_training:
 the same cached crops, augmentation, AdamW + warm-up + cosine schedule, label smoothing, bf16
-autocast where the CPU has it, flip TTA and evaluation as `--preset=cpu`, so only the network and
-the epoch count differ from an ERN preset run. With --ern, prints the two side by side.
+autocast where the CPU has it, test-time views and evaluation as `--preset=cpu` (its time budget off),
+so only the network and the epoch count differ from an ERN preset run. With --ern, prints the two side
+by side. BENCHMARKS.md's figure (2026-11-24) was made with the scripts of 27d1acd, whose preset
+validated the whole split each epoch with the mirror alone.
 
     python benchmarks/resnet18_baseline.py --data_dir=../shared/data/affectnet/YOLO_format --out=/tmp/resnet18 \
         [--epochs=10] [--image_size=64] [--seed=0] [--extra="--cache_dir=/tmp/erncache"] \
@@ -58,7 +60,8 @@ def main():
     ap.add_argument("--extra", default="", help="more emotion_recognition.py overrides (e.g. --cache_dir=...)")
     ap.add_argument("--ern", default="", help="an ERN run's evaluation_results.json to compare with")
     args = ap.parse_args()
-    cfg, _, _ = ern.parse_args(["--preset=cpu", "--stem_stride=1", f"--data_dir={args.data_dir}", f"--epochs={args.epochs}",
+    cfg, _, _ = ern.parse_args(["--preset=cpu", "--stem_stride=1", "--time_budget=0", f"--data_dir={args.data_dir}",
+                                f"--epochs={args.epochs}",
                                 f"--image_size={args.image_size}", f"--seed={args.seed}", f"--output_dir={args.out}",
                                 "--tsne_samples=0", *shlex.split(args.extra)])
     ern.validate_config(cfg)

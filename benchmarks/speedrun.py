@@ -155,7 +155,8 @@ def main():
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
-        raise SystemExit(f"unknown rows {unknown}; known: {list(ROWS)}")
+        raise SystemExit(f"unknown rows {unknown} (a row removed since runs at the commit its BENCHMARKS.md section "
+                         f"names); known: {list(ROWS)}")
     if args.step_time:
         print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
               f"{'bf16 autocast' if args.bf16 else 'float32'}")

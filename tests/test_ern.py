@@ -666,9 +666,12 @@ def test_an_image_named_on_a_mac_pairs_with_its_label(tmp_path):
     assert problems == [] and split.paths == [str(images / "cafe\u0301.jpg")] and split.labels.tolist() == [1]
 
 
-def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path):
-    """Darknet's layout, which Ultralytics reads: train/a.jpg beside train/a.txt, no images/ in the path."""
-    (tmp_path / "train").mkdir()
+@pytest.mark.parametrize("above", ["", "images/fer"])
+def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(tmp_path, above):
+    """Darknet's layout, which Ultralytics reads: train/a.jpg beside train/a.txt, no images/ in the path; or one far
+    above it (/data/images/fer/train, where Ultralytics would look for /data/labels/fer/train: "no labels folder")."""
+    tmp_path = tmp_path / above
+    (tmp_path / "train").mkdir(parents=True)
     cv2.imwrite(str(tmp_path / "train" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
     (tmp_path / "train" / "a.txt").write_text("1 0.5 0.5 1 1")
     split, problems, *_ = ern.scan_split("train", tmp_path / "train", 2)

@@ -293,7 +293,7 @@ def test_without_a_home_directory_verdicts_are_kept_in_the_temporary_folder(monk
 def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_not(tmp_path, monkeypatch, capsys):
     """A probe is said as it starts (a first run on a machine waits for it: 1.7 s for the demo on a Zen 5, more for
     a larger model; silently before), and the verdict kept; the same machine and model are not probed, or said,
-    again."""
+    again; another instruction set, input size, batch, arithmetic or thread count is."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls, answer = [], [(False, "the probe process died (SIGSEGV)", True)]
     monkeypatch.setattr(ern, "run_probe", lambda *a, **k: calls.append(a) or answer[0])
@@ -312,9 +312,24 @@ def test_a_verdict_is_cached_under_what_picks_the_kernels_and_a_doubtful_one_is_
     other = ern.dataclasses.replace(cfg, image_size=48)  # another input shape: probed again
     ern.channels_last_checked(ern.build_model(other, 8), other, cpu)
     assert len(calls) == 3
+    ern.channels_last_checked(model, ern.dataclasses.replace(cfg, batch_size=32), cpu)  # another batch
+    ern.channels_last_checked(model, cfg, cpu, batch=8)  # a torchrun process's share of it
+    assert len(calls) == 5
+    dtype, threads = ern.autocast_dtype, torch.get_num_threads()
+    monkeypatch.setattr(ern, "autocast_dtype", lambda *args: torch.bfloat16)  # bf16 autocast's kernels
+    ern.channels_last_checked(model, cfg, cpu)
+    monkeypatch.setattr(ern, "autocast_dtype", dtype)
+    torch.set_num_threads(threads + 1)  # oneDNN picks kernels by the thread count too
+    try:
+        ern.channels_last_checked(model, cfg, cpu)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 7
+    ern.channels_last_checked(model, cfg, cpu)  # all as before: the verdict kept
+    assert len(calls) == 7
     answer[0] = (False, "the probe process died (exit 1)", False)  # could not start: not the kernels' fault
     fresh = ern.dataclasses.replace(cfg, width=0.25)
     for _ in range(2):
         ern.channels_last_checked(ern.build_model(fresh, 8), fresh, cpu)
-    assert len(calls) == 5
+    assert len(calls) == 9
     assert ern.channels_last_checked(model, ern.dataclasses.replace(cfg, channels_last=False), cpu)[1] is None

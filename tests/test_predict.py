@@ -167,6 +167,9 @@ def test_a_whole_image_line_says_so_not_zero_faces_detected():
                                     "emotion Sad (67% of the faces)"
     assert pr.source_line({**image, "faces": 1}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
                                                     "face(s))"
+    tie = {**faces, "dominant_emotion": "Contempt", "emotion_share": {"Contempt": 0.5, "Happy": 0.0, "Neutral": 0.5}}
+    assert pr.source_line(tie).endswith("; top emotion Contempt (50% of the faces), as many as Neutral (the higher "
+                                        "mean probability decided)")  # a tie was shown as one emotion's
 
 
 def test_a_timeline_leaves_frames_without_the_face_blank(tmp_path, monkeypatch):

@@ -622,9 +622,11 @@ def test_a_sigterm_routed_to_ctrl_c_is_deferred_alike():
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(finished, tiny_dataset, tmp_path, stop):
     """Ctrl-C (or SIGTERM: SLURM's scancel and preemption, docker stop, which killed the run without its resume
-    command before) after the first epoch, then the command it printed: the deterministic run ends bit for bit as
-    the uninterrupted one, its final and best models (weights, epoch, best epoch) and its final evaluation alike."""
-    args = args_for(tiny_dataset, tmp_path, f"--epochs={EPOCHS}", "--deterministic=true", "--seed=3")
+    command before) after the first epoch, then the command it printed, from another folder: the deterministic run
+    ends bit for bit as the uninterrupted one, its final and best models (weights, epoch, best epoch) and its final
+    evaluation alike."""
+    args = args_for(tiny_dataset, tmp_path, f"--epochs={EPOCHS}", "--deterministic=true", "--seed=3",
+                    "--output_dir=run")  # relative: the command printed works from any folder
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     seen, interrupted = [], False
@@ -646,7 +648,8 @@ def test_ctrl_c_then_printed_resume_command_ends_with_the_uninterrupted_weights(
     assert command, f"no resume command in\n{after}"
     argv = shlex.split(command)
     assert argv[0] == sys.executable and Path(argv[1]) == SCRIPT.resolve(), command  # this interpreter, this file
-    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path.parent, capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, EPOCHS + 1))

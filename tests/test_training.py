@@ -241,12 +241,21 @@ def test_without_proc_the_budget_starts_before_torch_is_imported(monkeypatch):
 
 
 def test_a_budget_that_its_fixed_costs_exceed_is_refused_before_training(tiny_dataset, tmp_path):
-    proc = run_script(*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--time_budget=0.01",
-                      f"--output_dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    """Refused in one line. The folder given keeps the refusal in its train.log, and a run there later starts a log
+    of its own (it was appended to the refused run's); a folder named for the run is removed again (it stayed, with
+    no checkpoint, for --evaluate and --resume to trip on)."""
+    args = [*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}"]
+    proc = run_script(*args, "--time_budget=0.01", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --time_budget=0.01 min cannot be kept") and "give at least --time_budget=" in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "last.pth").exists()
+    assert line in (tmp_path / "run" / "train.log").read_text()
+    assert run_script(*args, "--time_budget=0.01", cwd=tmp_path, check=False).returncode == 2
+    assert not list((tmp_path / "outputs").glob("ern__*"))
+    run_script(*args, "--epochs=1", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "cannot be kept" not in log and log.count("ERN: ") == 1
 
 
 def test_the_plan_leaves_the_random_state_as_it_found_it(tiny_dataset, tmp_path):
