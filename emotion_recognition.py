@@ -966,15 +966,15 @@ def source_text(source):
 
 
 def labels_folder(images_dir):
-    """Ultralytics convention: the last 'images' component of the path becomes 'labels' (where the folder itself is
-    images/, or that labels folder exists). Otherwise a labels folder beside it, else the images' own folder (Darknet's
-    layout, which Ultralytics reads too; also below a folder that happens to be named images, /data/images/fer/train,
-    where Ultralytics looks for /data/labels/fer/train)."""
+    """Ultralytics convention: the last 'images' component of the path becomes 'labels' (but below a folder that
+    happens to be named images, /data/images/fer/train, label files beside the images where /data/labels/fer/train
+    does not exist: Darknet's layout, which Ultralytics does not find there). A path without one: a labels folder
+    beside it, else the images' own folder (Darknet's layout, which Ultralytics reads too)."""
     parts = list(images_dir.parts)
     if "images" in parts:
         i = len(parts) - 1 - parts[::-1].index("images")
         labels = Path(*parts[:i], "labels", *parts[i + 1:])
-        if i == len(parts) - 1 or labels.is_dir():
+        if i == len(parts) - 1 or labels.is_dir() or next(images_dir.glob("*.txt"), None) is None:
             return labels
     return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
 
@@ -2565,7 +2565,9 @@ def unique_folder(base):
 
 def make_run_dir(cfg, resuming=False):
     """The run's folder, created and claimed (claim_folder) before anything is written: (folder, lock). A default
-    folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it."""
+    folder is outputs/{run_name}__{seed}__{time}, with __2, __3, ... where a run started in the same second has it.
+    A folder that holds a run takes --overwrite=true (its files removed) or a resume; one that holds what a refused
+    run left has its train.log emptied and its data_problems.txt removed."""
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir).expanduser()  # the shell leaves --output_dir=~/... unexpanded
         try:
@@ -2580,11 +2582,12 @@ def make_run_dir(cfg, resuming=False):
         lock = claim_folder(run_dir)
     except OSError as e:
         raise UserError(f"cannot write in the run folder {run_dir}: {e.strerror}; choose a writable --output_dir") from None
-    held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth") if (run_dir / n).exists()]
+    held = [n for n in ("evaluation_results.json", "last.pth", "best_emotion_model.pth", "final_emotion_model.pth")
+            if (run_dir / n).exists()]
     if held and not (resuming or cfg.overwrite):
         with lock:  # given back
             raise UserError(f"{run_dir} already holds a run ({', '.join(held)}); choose another --output_dir, "
-                            f"--resume={run_dir / 'last.pth'}, or --overwrite=true")
+                            f"--resume={os.path.abspath(run_dir / 'last.pth')}, or --overwrite=true")
     if cfg.overwrite and not resuming:  # one folder, one run: nothing of the old one may stay
         for n in RUN_FILES:
             try:
@@ -2592,9 +2595,11 @@ def make_run_dir(cfg, resuming=False):
             except OSError as e:  # open in another program (Windows), a folder of that name
                 with lock:
                     raise UserError(f"cannot remove the earlier run's {run_dir / n}: {e.strerror or e}") from None
-    elif not resuming and (run_dir / "train.log").is_file():  # a refused run's (it holds no run): this one's log
-        with contextlib.suppress(OSError):  # starts afresh (an unwritable one is said at the first line written)
-            open(run_dir / "train.log", "w").close()
+    elif not resuming:  # what a refused run left (the folder holds no run) is not this run's: its log starts afresh
+        with contextlib.suppress(OSError):  # (an unwritable log is said at its first line)
+            (run_dir / "data_problems.txt").unlink(missing_ok=True)
+            if (run_dir / "train.log").is_file():
+                open(run_dir / "train.log", "w").close()
     return run_dir, lock
 
 
@@ -3140,7 +3145,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
             same_as_rank_zero(model)  # one model on every rank
             t_val = time.time()
             stats.update(epoch=epoch, **validation_metrics(model, val, mean, std, device, cfg, k, tta), lr=scheduler.get_last_lr()[0],
-                         epoch_seconds=time.time() - t0)
+                         epoch_seconds=time.time() - t0, epochs_trained=round(done / steps_per_epoch, 4))
             val_walls.append(time.time() - t_val)
             history.append(stats)
             improved = stats["val_accuracy"] > best["val_accuracy"]
@@ -3185,16 +3190,25 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
-    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
-    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png")
     prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
+    if prototypes is not None:  # the right panel of context_similarities.png, as numbers
+        mean_q = mean_q_by_class(out["context_logits"].softmax(1).numpy(), split.labels, len(class_names))
+        results["context_mean_q"] = [[None if np.isnan(v) else float(v) for v in row] for row in mean_q]  # None: a
+        # class the split lacks
+    write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
+    drawn = {"context_similarities.png": prototypes is not None, "feature_space.png": cfg.tsne_samples > 0,
+             "attention_maps.png": cfg.attention_samples > 0 and isinstance(model, ERN)}
+    for name in (n for n, yes in drawn.items() if not yes):  # a resume's earlier figure would not match these numbers
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink(missing_ok=True)
+    plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png", split.name)
     if prototypes is not None:
-        q = out["context_logits"].softmax(1).numpy()
-        plot_context(prototypes, q, split.labels, class_names, run_dir / "context_similarities.png")
+        plot_context(prototypes, np.array(results["context_mean_q"], dtype=float), class_names,
+                     run_dir / "context_similarities.png", split.name)
     if cfg.tsne_samples:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
                            cfg.tsne_samples, cfg.seed)
-    if cfg.attention_samples and isinstance(model, ERN):  # the hooks need ERN's stages (a baseline has others)
+    if drawn["attention_maps.png"]:  # the hooks need ERN's stages (a baseline has others)
         results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
                                                         mean, std, device, cfg, run_dir / "attention_maps.png")
         write_json(results, run_dir / "evaluation_results.json")
@@ -3256,19 +3270,21 @@ def save_figure(fig, path, dpi=110, rect=None):
 
 
 def plot_history(history, path):
+    """Per pass over the training set, at the epochs trained by its end (a pass cut short by --epochs=N.5 or a
+    budget is part of one; metrics.jsonl from before epochs_trained: the pass's number)."""
     plt = pyplot()
-    ep = [h["epoch"] for h in history]
+    ep = [h.get("epochs_trained", h["epoch"]) for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train (total)")
-    axes[0].plot(ep, [h["train_ce"] for h in history], "--", label="train CE")
-    axes[0].plot(ep, [h["train_kl"] for h in history], ":", label="train KL")
+    axes[0].plot(ep, [h["train_ce"] for h in history], ".--", label="train CE")  # a marker: one pass is one point
+    axes[0].plot(ep, [h["train_kl"] for h in history], ".:", label="train KL")
     axes[0].plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
     axes[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     axes[1].plot(ep, [h["val_accuracy"] for h in history], "o-", label="validation")
     axes[2].plot(ep, [h["lr"] for h in history], "o-")
     for ax, title in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs trained")
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()
@@ -3280,7 +3296,7 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
     ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
     ax.set_yticks(range(len(row_names)), row_names)
     ax.set_title(title)
-    hi = np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1
+    hi = vmax if vmax is not None else np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1  # the scale's
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isfinite(v):  # left blank
             continue
@@ -3289,11 +3305,13 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
 
 
-def plot_confusion(cm, class_names, path):
+def plot_confusion(cm, class_names, path, split):
     plt = pyplot()
     cm = np.asarray(cm)
-    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    support = cm.sum(1, keepdims=True)
+    rows = np.where(support > 0, cm / np.maximum(support, 1), np.nan)  # a class the split lacks: blank, not recall 0
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig.suptitle(f"the {split} split, {int(cm.sum()):,} faces")
     heatmap(axes[0], cm, class_names, class_names, "confusion matrix (counts)", "d")
     heatmap(axes[1], rows, class_names, class_names, "row-normalized (recall on the diagonal)", ".2f", vmin=0, vmax=1)
     for ax in axes:
@@ -3302,14 +3320,18 @@ def plot_confusion(cm, class_names, path):
     save_figure(fig, path)
 
 
-def plot_context(prototypes, q, labels, class_names, path):
+def mean_q_by_class(q, labels, k):
+    """(K, K): the mean context distribution q of each true class's faces (NaN for a class the split lacks)."""
+    return np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
+
+
+def plot_context(prototypes, mean_q, class_names, path, split):
     """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
     plt = pyplot()
-    k = len(class_names)
     p = F.normalize(prototypes.float(), dim=1)
     sim = (p @ p.t()).numpy()
-    mean_q = np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig.suptitle(f"the {split} split")
     heatmap(axes[0], sim, class_names, class_names, "prototype cosine similarity", ".2f", cmap="RdBu_r", vmin=-1, vmax=1)
     heatmap(axes[1], mean_q, class_names, class_names, "mean context distribution q by true class", ".2f", vmin=0, vmax=1)
     axes[1].set_xlabel("prototype")
@@ -3336,7 +3358,9 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
             if prototypes is not None:
                 ax.scatter(*emb[len(idx) + i], marker="*", s=400, color=cmap(i % cmap.N), edgecolors="black", linewidths=1.2)
         ax.legend(markerscale=3, fontsize=8, loc="best")
-    ax.set_title(f"t-SNE of {len(idx)} feature vectors" + (" (stars: emotion prototypes)" if prototypes is not None else ""))
+    stars = " (stars: emotion prototypes)" if prototypes is not None else ""
+    ax.set_title(f"t-SNE of {len(idx)} feature vectors{stars}" if len(pts) >= 5 else
+                 f"{len(idx)} feature vectors: too few for t-SNE")
     ax.set_xticks([])
     ax.set_yticks([])
     save_figure(fig, path)
@@ -3391,7 +3415,10 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
         f"attention: mean spatial gate over stages, colour range {gate_range[0]:.2f}-{gate_range[1]:.2f}"
     fig.suptitle(f"{len(idx)} faces of the evaluated split; {shown_range}; Grad-CAM of the predicted class, 0-1", fontsize=9)
     save_figure(fig, path, dpi=90, rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
-    return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range]}
+    return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range],
+            "faces_per_class": {name: {"correct": shown[(i, "Grad-CAM", True)][1],  # the figure's n, per class
+                                       "wrong": shown[(i, "Grad-CAM", False)][1]}
+                                for i, name in enumerate(class_names)}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3428,7 +3455,8 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--output_dir={cfg.output_dir} holds the checkpoint evaluated: an evaluation writes into a "
                         f"folder of its own (without --output_dir, {own_folder / 'eval__TIME'})")
     run_dir, lock = make_run_dir(cfg)
-    with lock, contextlib.ExitStack() as cleanup:  # the claim ends here, also where a caller keeps the traceback
+    with contextlib.ExitStack() as cleanup, lock:  # the claim ends here, also where a caller keeps the traceback;
+        # then (Windows cannot remove the open .lock) the cleanup
         if made:
             kept = ("evaluation_results.json", "data_problems.txt")  # results, or the problems that refused them
             cleanup.callback(lambda: any((run_dir / n).exists() for n in kept) or shutil.rmtree(run_dir, True))
@@ -3475,7 +3503,8 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, contextlib.nullcontext())
-    with lock:  # the claim ends with the run, also where a caller keeps its traceback
+    with contextlib.ExitStack() as cleanup, lock:  # the claim ends with the run, also where a caller keeps its
+        # traceback; then (Windows cannot remove the open .lock) the cleanup
         try:
             with out_of_memory_named(device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}",
                                      " (a resume keeps the batch size), or a smaller --image_size or --width"):
@@ -3485,7 +3514,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
             # a folder named for this run, which holds no checkpoint nor the dataset's problems, is removed again
             if rank == 0 and resume_ckpt is None and not cfg.output_dir and not any(
                     (run_dir / n).exists() for n in ("last.pth", "data_problems.txt")):
-                shutil.rmtree(run_dir, ignore_errors=True)
+                cleanup.callback(shutil.rmtree, run_dir, True)
             elif rank == 0 and resume_ckpt is None:
                 with contextlib.suppress(UserError):  # a log that cannot be written either: the first error is said
                     append_text(run_dir / "train.log", f"error: {e}\n")

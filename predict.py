@@ -968,7 +968,8 @@ def predict_video(predictor, source, out, args):
             window = True
         except cv2.error:
             window = False
-            entry["warnings"].append("--show needs OpenCV with a GUI and a display: nothing shown")
+            entry["warnings"].append("--show needs OpenCV with a GUI (opencv-python, not opencv-python-headless) and "
+                                     "a display: nothing shown")
 
     frame_pixels = max(1.0, capture.get(cv2.CAP_PROP_FRAME_WIDTH) * capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     codec = codec_name(capture)

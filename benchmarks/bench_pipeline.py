@@ -62,7 +62,7 @@ PLANS = {
         pipeline_rounds=3,  # rounds of (ours, baseline), alternating
         pipeline_batches=44,  # batches of ours per round (3 x 44: about one epoch of train)
         baseline_batches=14,  # DataLoader batches timed per round, after one warm-up batch per worker
-        small_samples=4096,  # train samples decoded at the CPU preset's size (96 px since 2026-12-02)
+        small_samples=4096,  # train samples decoded at the CPU preset's size
         small_rounds=3, small_steps=2, small_batch=128,  # rounds of (steps with our pipeline, with random tensors)
         default_rounds=2, default_steps=1, default_batch=128,
     ),
@@ -343,7 +343,8 @@ def main(argv):
                    ours_1_thread_images_per_s=ours_1t, baseline_decode_only_1_process_images_per_s=decode,
                    pipeline_batch_size=cfg.batch_size, pipeline_image_size=cfg.image_size)
 
-        # 3a. the CPU preset's model at its size, fed from its own cache of a train subset
+        # 3a. PRESETS['cpu']'s model (two blocks a stage, as where bf16 is native) at its size, fed from its own cache of
+        # a train subset
         small = dataclasses.replace(cfg, **{**ern.PRESETS["cpu"], "batch_size": plan["small_batch"]},
                                     cache_dir=str(cache_root / "cache_preset"))
         sub, *_ = ern.scan_split("train", folders["train"], k, keypoint_values)

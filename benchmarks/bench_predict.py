@@ -34,6 +34,7 @@ import emotion_recognition as ern  # noqa: E402
 import predict as pr  # noqa: E402
 
 MODELS = {"cpu preset": {**ern.PRESETS["cpu"], "tta_shift": 0, "tta_zoom": 0.0},  # the mirror alone, as before 12-04
+          "cpu preset 20 views": ern.PRESETS["cpu"],  # as it is trained and evaluated: the face, its zoom, shifts, mirrors
           "default": {}}
 
 

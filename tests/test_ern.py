@@ -181,6 +181,17 @@ def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
             f"best epoch was chosen on this split, so this is optimistic)" in proc.stdout.splitlines()[-1])
 
 
+def test_the_confusion_figure_leaves_a_class_the_split_lacks_blank(tmp_path, monkeypatch):
+    """Row-normalized, a class with no face in the split is blank (it read as recall 0.00 of a class never tested);
+    the others are their row's shares."""
+    drawn = []
+    monkeypatch.setattr(ern, "heatmap", lambda ax, matrix, *args, **kwargs: drawn.append(np.asarray(matrix, float)))
+    ern.plot_confusion([[3, 1, 0], [0, 0, 0], [1, 0, 4]], ["a", "b", "c"], tmp_path / "c.png", "val")
+    counts, rows = drawn
+    assert counts.sum() == 9 and np.isnan(rows[1]).all()
+    assert rows[[0, 2]].tolist() == [[0.75, 0.25, 0.0], [0.2, 0.0, 0.8]]
+
+
 def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_leaves_no_folder(evaluated, trained,
                                                                                                 tiny_dataset, tmp_path,
                                                                                                 capsys):
@@ -679,8 +690,10 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     (tmp_path / "train" / "obj.names").write_text("a\nb\n")  # Darknet's class list: no stray file
     (tmp_path / "train" / "_darknet.labels").write_text("a\nb\n")  # nor Roboflow's, in each split of its Darknet export
     assert ern.scan_split("train", tmp_path / "train", 2)[1] == []
-    (tmp_path / "train" / "a.txt").unlink()
-    with pytest.raises(ern.UserError, match="no label files beside them"):
+    (tmp_path / "train" / "a.txt").unlink()  # no labels at all: the folder Ultralytics looks in is named
+    missing = "no label files beside them" if not above else \
+        f"no labels folder {tmp_path.parent.parent / 'labels' / 'fer' / 'train'}"
+    with pytest.raises(ern.UserError, match=re.escape(missing)):
         ern.scan_split("train", tmp_path / "train", 2)
 
 

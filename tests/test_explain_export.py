@@ -201,6 +201,11 @@ def test_training_and_evaluation_draw_attention_maps(run):
     assert results["attention_maps"]["faces"] == results["evaluated_samples"]  # fewer than attention_samples
     lo, hi = results["attention_maps"]["gate_range"]
     assert 0 <= lo < hi <= 1
+    cm, names = np.array(results["confusion_matrix"]), results["class_names"]  # every face drawn: the matrix's counts
+    assert [[results["attention_maps"]["faces_per_class"][n][k] for k in ("correct", "wrong")] for n in names] == \
+        [[int(cm[i, i]), int(cm[i].sum() - cm[i, i])] for i in range(len(names))]
+    mean_q = np.array(results["context_mean_q"], dtype=float)  # a mean of distributions over the prototypes
+    assert mean_q.shape == (len(names), len(names)) and np.allclose(mean_q.sum(1), 1, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

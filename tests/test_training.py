@@ -253,6 +253,10 @@ def test_a_budget_that_its_fixed_costs_exceed_is_refused_before_training(tiny_da
     assert line in (tmp_path / "run" / "train.log").read_text()
     assert run_script(*args, "--time_budget=0.01", cwd=tmp_path, check=False).returncode == 2
     assert not list((tmp_path / "outputs").glob("ern__*"))
+    diverged = run_script(*args, "--epochs=1", "--lr=1e30", cwd=tmp_path, check=False)  # refused while it trains
+    assert "holds the last good state" in diverged.stderr, diverged.stderr[-2000:]
+    [kept] = (tmp_path / "outputs").glob("ern__*")  # with its last.pth, to resume from
+    assert (kept / "last.pth").is_file()
     run_script(*args, "--epochs=1", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "cannot be kept" not in log and log.count("ERN: ") == 1
@@ -358,6 +362,7 @@ def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = ern.load_checkpoint(tmp_path / "run" / "last.pth")
     assert [h["epoch"] for h in history] == [1, 2, 3] and last["epoch"] == 3
+    assert [h["epochs_trained"] for h in history] == [1, 2, 2.5]  # training_history.png's axis
     assert last["scheduler"]["last_epoch"] == 15
     assert history[-1]["lr"] == pytest.approx(ern.Config().lr * ern.Config().min_lr_ratio)
     assert all(0 <= h["train_accuracy"] <= 1 for h in history)  # the exact average: the unit test below
