@@ -17,7 +17,7 @@ folder. Beside it, predict.py uses a trained model on photos, videos and cameras
     python emotion_recognition.py --help                         # every field
 
 Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu trains on the AffectNet YOLO export's 17,101
-training faces in 30 minutes and reaches 74.28 % validation accuracy (ten seeds; 2.8 M parameters, 55-62 epochs) on
+training faces in 30 minutes and reaches 74.26 % validation accuracy (eleven seeds; 2.8 M parameters, 55-62 epochs) on
 a Zen 5 EPYC with native bf16 (2026-12-04 to 06), and 72.30 % (four seeds) in float32 on a Zen 3 EPYC with AVX2 only
 (2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
 and reach 70.03 %, three seeds). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
@@ -974,7 +974,8 @@ def labels_folder(images_dir):
     if "images" in parts:
         i = len(parts) - 1 - parts[::-1].index("images")
         labels = Path(*parts[:i], "labels", *parts[i + 1:])
-        if i == len(parts) - 1 or labels.is_dir() or next(images_dir.glob("*.txt"), None) is None:
+        beside = (p for p in images_dir.glob("*.txt") if p.name not in CLASS_LISTS)  # LabelImg's list is no label
+        if i == len(parts) - 1 or labels.is_dir() or next(beside, None) is None:
             return labels
     return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
 
@@ -2162,6 +2163,11 @@ def explain_faces(model, images, mean, std, device, target=None):
     return {k: torch.cat(outs[k]).numpy() if outs[k] else None for k in ("gates", "gradcam", "probabilities", "q")}
 
 
+def mean_q_by_class(q, labels, k):
+    """(K, K): the mean context distribution q of each true class's faces (NaN for a class the split lacks)."""
+    return np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
+
+
 def macro_f1(y_true, y_pred):
     """Unweighted mean of the per-class F1 over the classes present in y_true or y_pred (scikit-learn's default set):
     a class that the split lacks and the model never predicts is left out of the mean, not counted as 0; one the model
@@ -2596,9 +2602,14 @@ def make_run_dir(cfg, resuming=False):
                 with lock:
                     raise UserError(f"cannot remove the earlier run's {run_dir / n}: {e.strerror or e}") from None
     elif not resuming:  # what a refused run left (the folder holds no run) is not this run's: its log starts afresh
-        with contextlib.suppress(OSError):  # (an unwritable log is said at its first line)
+        try:
             (run_dir / "data_problems.txt").unlink(missing_ok=True)
-            if (run_dir / "train.log").is_file():
+        except OSError as e:
+            with lock:
+                raise UserError(f"cannot remove the refused run's {run_dir / 'data_problems.txt'}: "
+                                f"{e.strerror or e}") from None
+        if (run_dir / "train.log").is_file():
+            with contextlib.suppress(OSError):  # an unwritable log is said at the first line written
                 open(run_dir / "train.log", "w").close()
     return run_dir, lock
 
@@ -3193,8 +3204,8 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     prototypes = model.context.prototypes.detach().cpu() if isinstance(model, ERN) and model.context is not None else None
     if prototypes is not None:  # the right panel of context_similarities.png, as numbers
         mean_q = mean_q_by_class(out["context_logits"].softmax(1).numpy(), split.labels, len(class_names))
-        results["context_mean_q"] = [[None if np.isnan(v) else float(v) for v in row] for row in mean_q]  # None: a
-        # class the split lacks
+        # None (JSON has no NaN) for a class the split lacks
+        results["context_mean_q"] = [[None if np.isnan(v) else float(v) for v in row] for row in mean_q]
     write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
     drawn = {"context_similarities.png": prototypes is not None, "feature_space.png": cfg.tsne_samples > 0,
              "attention_maps.png": cfg.attention_samples > 0 and isinstance(model, ERN)}
@@ -3203,11 +3214,10 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
             (run_dir / name).unlink(missing_ok=True)
     plot_confusion(results["confusion_matrix"], class_names, run_dir / "confusion_matrix.png", split.name)
     if prototypes is not None:
-        plot_context(prototypes, np.array(results["context_mean_q"], dtype=float), class_names,
-                     run_dir / "context_similarities.png", split.name)
+        plot_context(prototypes, mean_q, class_names, run_dir / "context_similarities.png", split.name)
     if cfg.tsne_samples:
         plot_feature_space(out["features"], split.labels, prototypes, class_names, run_dir / "feature_space.png",
-                           cfg.tsne_samples, cfg.seed)
+                           cfg.tsne_samples, cfg.seed, split.name)
     if drawn["attention_maps.png"]:  # the hooks need ERN's stages (a baseline has others)
         results["attention_maps"] = plot_attention_maps(model, split, out["logits"].argmax(1).numpy(), class_names,
                                                         mean, std, device, cfg, run_dir / "attention_maps.png")
@@ -3296,7 +3306,8 @@ def heatmap(ax, matrix, row_names, col_names, title, fmt, cmap="Blues", vmin=Non
     ax.set_xticks(range(len(col_names)), col_names, rotation=45, ha="right")
     ax.set_yticks(range(len(row_names)), row_names)
     ax.set_title(title)
-    hi = vmax if vmax is not None else np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1  # the scale's
+    # the text's colour against the colour scale (a fixed 0-1 one included), not the data's largest value
+    hi = vmax if vmax is not None else np.nanmax(np.abs(matrix)) if np.isfinite(matrix).any() else 1
     for (i, j), v in np.ndenumerate(matrix):
         if not np.isfinite(v):  # left blank
             continue
@@ -3320,11 +3331,6 @@ def plot_confusion(cm, class_names, path, split):
     save_figure(fig, path)
 
 
-def mean_q_by_class(q, labels, k):
-    """(K, K): the mean context distribution q of each true class's faces (NaN for a class the split lacks)."""
-    return np.stack([q[labels == i].mean(0) if (labels == i).any() else np.full(k, np.nan) for i in range(k)])
-
-
 def plot_context(prototypes, mean_q, class_names, path, split):
     """Prototype-to-prototype cosine similarity, and the mean context distribution q per true class."""
     plt = pyplot()
@@ -3339,7 +3345,7 @@ def plot_context(prototypes, mean_q, class_names, path, split):
     save_figure(fig, path)
 
 
-def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed):
+def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed, split):
     """t-SNE of a random sample of the features, prototypes embedded alongside and marked."""
     plt = pyplot()
     from sklearn.manifold import TSNE
@@ -3359,8 +3365,8 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
                 ax.scatter(*emb[len(idx) + i], marker="*", s=400, color=cmap(i % cmap.N), edgecolors="black", linewidths=1.2)
         ax.legend(markerscale=3, fontsize=8, loc="best")
     stars = " (stars: emotion prototypes)" if prototypes is not None else ""
-    ax.set_title(f"t-SNE of {len(idx)} feature vectors{stars}" if len(pts) >= 5 else
-                 f"{len(idx)} feature vectors: too few for t-SNE")
+    ax.set_title(f"t-SNE of {len(idx)} feature vectors of the {split} split{stars}" if len(pts) >= 5 else
+                 f"{len(idx)} feature vectors of the {split} split: too few for t-SNE")
     ax.set_xticks([])
     ax.set_yticks([])
     save_figure(fig, path)
@@ -3413,7 +3419,8 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
                 overlay(ax, mean_face, heat, label, *(gate_range if title == "attention" else (0, 1)))
     shown_range = "no spatial attention" if gate_range is None else \
         f"attention: mean spatial gate over stages, colour range {gate_range[0]:.2f}-{gate_range[1]:.2f}"
-    fig.suptitle(f"{len(idx)} faces of the evaluated split; {shown_range}; Grad-CAM of the predicted class, 0-1", fontsize=9)
+    fig.suptitle(f"{len(idx)} faces of the {split.name} split; {shown_range}; Grad-CAM of the predicted class, 0-1",
+                 fontsize=9)
     save_figure(fig, path, dpi=90, rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the title
     return {"faces": int(len(idx)), "gate_range": None if gate_range is None else [float(v) for v in gate_range],
             "faces_per_class": {name: {"correct": shown[(i, "Grad-CAM", True)][1],  # the figure's n, per class
@@ -3455,8 +3462,9 @@ def run_evaluation(cfg, action, overrides):
         raise UserError(f"--output_dir={cfg.output_dir} holds the checkpoint evaluated: an evaluation writes into a "
                         f"folder of its own (without --output_dir, {own_folder / 'eval__TIME'})")
     run_dir, lock = make_run_dir(cfg)
-    with contextlib.ExitStack() as cleanup, lock:  # the claim ends here, also where a caller keeps the traceback;
-        # then (Windows cannot remove the open .lock) the cleanup
+    # the claim ends here, also where a caller keeps the traceback; the cleanup after it (Windows cannot remove a
+    # folder whose .lock is open)
+    with contextlib.ExitStack() as cleanup, lock:
         if made:
             kept = ("evaluation_results.json", "data_problems.txt")  # results, or the problems that refused them
             cleanup.callback(lambda: any((run_dir / n).exists() for n in kept) or shutil.rmtree(run_dir, True))
@@ -3503,8 +3511,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     if world > 1 and cfg.sync_bn and cfg.compile:
         raise UserError("--sync_bn with --compile is not supported under torchrun; drop one of them")
     run_dir, lock = make_run_dir(cfg, resuming=resume_ckpt is not None) if rank == 0 else (None, contextlib.nullcontext())
-    with contextlib.ExitStack() as cleanup, lock:  # the claim ends with the run, also where a caller keeps its
-        # traceback; then (Windows cannot remove the open .lock) the cleanup
+    # the claim ends with the run, also where a caller keeps its traceback; the cleanup after it (Windows cannot
+    # remove a folder whose .lock is open)
+    with contextlib.ExitStack() as cleanup, lock:
         try:
             with out_of_memory_named(device, f"--batch_size={cfg.batch_size}, --eval_batch_size={cfg.eval_batch_size}",
                                      " (a resume keeps the batch size), or a smaller --image_size or --width"):

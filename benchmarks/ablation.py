@@ -63,9 +63,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--out", required=True)
+    # the blocks given: --preset=cpu trains one block a stage in float32 (PRESETS_FLOAT32_CPU), so a protocol without
+    # them is another model on such a CPU
     ap.add_argument("--protocol", default="--preset=cpu --image_size=48 --stem_stride=1 --width=0.5 --blocks=2,2,2,2 "
-                                          "--epochs=5 --time_budget=0")  # blocks given: --preset=cpu trains one
-    # block a stage in float32 (PRESETS_FLOAT32_CPU), so a protocol without them is another model on such a CPU
+                                          "--epochs=5 --time_budget=0")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--rows", default=",".join(LADDER),

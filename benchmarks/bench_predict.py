@@ -1,8 +1,9 @@
 """Prediction speed: predict.py's batched, overlapped video path against a plain one-at-a-time loop.
 
 On a generated 640x480 video with one face (Grace Hopper's head, from matplotlib's sample data, moving
-across a grey background), for the CPU-preset model (PRESETS["cpu"]: its size, stem and width) and the
-default model (96 px, 27.7 M), untrained (speed does not depend on the weights):
+across a grey background), for the CPU-preset model (PRESETS["cpu"]: its size, stem and width) with the mirror alone
+("cpu preset") and with its twenty test-time views ("cpu preset 20 views", as it ships), and the default model
+(96 px, 27.7 M), untrained (speed does not depend on the weights):
 
   end to end    frames per second from the video file to predictions.csv, the annotated video and the
                 timeline (predict.py's predict_video), against a plain loop that reads a frame, finds the

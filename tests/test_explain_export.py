@@ -6,6 +6,7 @@ in [0, 1], Grad-CAM that changes when the trained weights are randomized, and mi
 compared with CAM (Zhou et al., 2016), which it equals for a network ending in pooling and a linear layer.
 """
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -164,6 +165,21 @@ def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tin
     pr.plot_explanation(faces[0], one, maps["probabilities"][0], ern.DEMO_CLASSES, "no attention", tmp_path / "e.png")
     assert (tmp_path / "e.png").stat().st_size > 5000
     assert any("no spatial attention" in s for s in written), written
+
+
+def test_evaluation_results_say_none_for_a_class_the_split_lacks(trained, tiny_dataset, cache, tmp_path):
+    """context_mean_q of a split without one class: that row is null (NaN is not JSON; strict readers refuse it),
+    the others are distributions."""
+    model, cfg, mean, std = trained
+    names, splits, _ = ern.load_dataset(ern.Config(data_dir=str(tiny_dataset), image_size=32, cache_dir=str(cache),
+                                                   decode_threads=1), None, ("test",))
+    split = splits["test"].subset(splits["test"].labels != 0)
+    ern.write_evaluation(model, split, names, mean, std, torch.device("cpu"),
+                         dataclasses.replace(cfg, tsne_samples=0, attention_samples=0), tmp_path, {})
+    written = json.loads((tmp_path / "evaluation_results.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in evaluation_results.json"))
+    assert written["context_mean_q"][0] == [None] * len(names)
+    assert np.allclose(np.array(written["context_mean_q"][1:]).sum(1), 1, atol=1e-5)
 
 
 def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path, monkeypatch):

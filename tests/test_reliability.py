@@ -479,12 +479,46 @@ def test_a_resume_of_a_finished_run_says_so(finished, tmp_path, capsys):
     """It repeats the final evaluation, rewriting the run's results: it did so without a word. A figure it does not
     draw again (--tsne_samples=0, --attention_samples=0) is removed, not left to disagree with the new numbers."""
     run = Path(shutil.copytree(finished, tmp_path / "run"))
-    for earlier in ("feature_space.png", "attention_maps.png"):
+    for earlier in ("feature_space.png", "attention_maps.png", "confusion_matrix.png"):
         (run / earlier).write_bytes(b"an earlier evaluation's figure")
     ern.main([f"--resume={run}", f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", "--attention_samples=0"])
     assert f"the run had finished (epoch {EPOCHS}); the final evaluation is repeated" in capsys.readouterr().out
     assert not (run / "feature_space.png").exists() and not (run / "attention_maps.png").exists()
     assert (run / "confusion_matrix.png").stat().st_size > 10_000  # drawn again
+
+
+def test_a_folder_a_refused_run_left_is_taken_afresh_and_one_holding_a_model_is_not(tmp_path):
+    """What a refused run left (its log, its list of data problems) is not the next run's; a folder that holds a
+    final model alone (its user kept only that) holds a run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("error: refused\n")
+    (run / "data_problems.txt").write_text("a.txt:1: class id 9 outside 0..7\n")
+    with ern.make_run_dir(ern.Config(output_dir=str(run)))[1]:
+        assert (run / "train.log").read_text() == "" and not (run / "data_problems.txt").exists()
+    (run / "final_emotion_model.pth").write_bytes(b"weights")
+    with pytest.raises(ern.UserError, match=r"already holds a run \(final_emotion_model.pth\)"):
+        ern.make_run_dir(ern.Config(output_dir=str(run)))
+
+
+def test_a_refused_runs_folder_is_removed_once_its_lock_is_released(tiny_dataset, tmp_path, monkeypatch):
+    """A run refused before training, in a folder named for it: the folder goes, after the claim on it ends (Windows
+    cannot remove a folder whose .lock is open; here: no other open file can take the lock while it is held)."""
+    fcntl = pytest.importorskip("fcntl")
+    removed, rmtree = [], shutil.rmtree
+
+    def after_the_claim(path, *args, **kwargs):
+        if (Path(path) / ".lock").exists():
+            with open(Path(path) / ".lock", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the run holds it
+            removed.append(Path(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ern.shutil, "rmtree", after_the_claim)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ern.UserError, match="cannot be kept"):
+        ern.main([*FAST, f"--data_dir={tiny_dataset}", f"--cache_dir={tmp_path / 'cache'}", "--time_budget=0.01"])
+    assert len(removed) == 1 and removed[0].parent.name == "outputs" and not removed[0].exists()
 
 
 def test_last_checkpoint_holds_the_whole_training_state(finished):
