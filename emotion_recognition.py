@@ -1145,7 +1145,8 @@ def folder_pairs(name, images_dir):
         elif not (beside and p.suffix.lower() == ".txt"):
             others.append(p)
     # an empty folder is an empty split, labels or not (zip tools drop empty folders)
-    if images and not (labelled and (not beside or any(p.suffix.lower() == ".txt" for p in label_files))):
+    if images and not (labelled and (not beside or any(p.suffix.lower() == ".txt" and p.name not in CLASS_LISTS
+                                                       for p in label_files))):  # a class list labels no face
         missing = (f"no labels folder {labels_dir}" if not beside else
                    f"no labels folder {images_dir.parent / 'labels'} and no label files beside them")
         if name == "train":

@@ -691,6 +691,7 @@ def test_label_files_beside_the_images_are_read_where_no_labels_folder_is_named(
     (tmp_path / "train" / "_darknet.labels").write_text("a\nb\n")  # nor Roboflow's, in each split of its Darknet export
     assert ern.scan_split("train", tmp_path / "train", 2)[1] == []
     (tmp_path / "train" / "a.txt").unlink()  # no labels at all: the folder Ultralytics looks in is named
+    (tmp_path / "train" / "classes.txt").write_text("a\nb\n")  # LabelImg's class list, not a label file
     missing = "no label files beside them" if not above else \
         f"no labels folder {tmp_path.parent.parent / 'labels' / 'fer' / 'train'}"
     with pytest.raises(ern.UserError, match=re.escape(missing)):
