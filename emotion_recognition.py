@@ -947,6 +947,11 @@ def split_sources(doc, yaml_path):
 CLASS_LISTS = ("classes.txt", "obj.names", "_darknet.labels")  # LabelImg's and Label Studio's, Darknet's, Roboflow's
 
 
+def is_label_file(path):
+    """A YOLO label file by its name: a .txt, but not a class list (LabelImg's classes.txt labels no face)."""
+    return path.suffix.lower() == ".txt" and path.name not in CLASS_LISTS
+
+
 def class_list_files(yaml_folder, folders):
     """The class lists that labelling tools leave beside the labels (LabelImg's classes.txt, Roboflow's Darknet export's
     _darknet.labels) or the export (Label Studio's classes.txt, Darknet's obj.names)."""
@@ -974,7 +979,7 @@ def labels_folder(images_dir):
     if "images" in parts:
         i = len(parts) - 1 - parts[::-1].index("images")
         labels = Path(*parts[:i], "labels", *parts[i + 1:])
-        beside = (p for p in images_dir.glob("*.txt") if p.name not in CLASS_LISTS)  # LabelImg's list is no label
+        beside = (p for p in images_dir.glob("*.txt") if is_label_file(p))
         if i == len(parts) - 1 or labels.is_dir() or next(beside, None) is None:
             return labels
     return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
@@ -1145,8 +1150,7 @@ def folder_pairs(name, images_dir):
         elif not (beside and p.suffix.lower() == ".txt"):
             others.append(p)
     # an empty folder is an empty split, labels or not (zip tools drop empty folders)
-    if images and not (labelled and (not beside or any(p.suffix.lower() == ".txt" and p.name not in CLASS_LISTS
-                                                       for p in label_files))):  # a class list labels no face
+    if images and not (labelled and (not beside or any(is_label_file(p) for p in label_files))):
         missing = (f"no labels folder {labels_dir}" if not beside else
                    f"no labels folder {images_dir.parent / 'labels'} and no label files beside them")
         if name == "train":
