@@ -9,6 +9,7 @@ import re
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import cv2
@@ -328,28 +329,46 @@ def test_plan_epochs_from_a_fake_clock(monkeypatch, tta, tta_shift, tta_zoom, vi
 def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
     """A first plan that put 5 s on the final evaluation (measured on a busy machine, say) with 3 s left: the
     re-plans estimate it again from the epochs' validation (milliseconds here), so the run trains on instead of
-    being cut to 2 of its planned 3 epochs, its cosine schedule re-laid to end at its floor."""
+    being cut to 2 of its planned 3 epochs, its cosine schedule re-laid to end at its floor. The trainer's clock is
+    the test's own (each epoch 0.04 s of training and 0.02 s of validation): on the wall clock a busy machine could
+    stall one epoch and rightly cut the run short of its floor."""
     monkeypatch.setattr(ern, "BUDGET_FIGURES_SECONDS", 0.0)
-    estimates, epochs_before = [], ern.epochs_before
+    clock, estimates, epochs_before = [1000.0], [], ern.epochs_before
+    monkeypatch.setattr(ern, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def taking(seconds, f):
+        def timed(*a, **k):
+            clock[0] += seconds
+            return f(*a, **k)
+        return timed
 
     def spy(deadline, now, epoch_s, final_s, *a, **k):
         estimates.append(final_s)
         return epochs_before(deadline, now, epoch_s, final_s, *a, **k)
 
     monkeypatch.setattr(ern, "epochs_before", spy)
+    monkeypatch.setattr(ern, "train_one_epoch", taking(0.04, ern.train_one_epoch))
+    monkeypatch.setattr(ern, "validation_metrics", taking(0.02, ern.validation_metrics))
     cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1", batch_size=16, epochs=3, time_budget=0.1,
                      tsne_samples=0, attention_samples=0, amp=False)
     torch.manual_seed(0)
     x, y = torch.randint(0, 255, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 8
     val = ern.Split("val", ["v.jpg"] * 16, np.arange(16) % 8, np.zeros((16, 4), np.float32),
                     images=np.random.default_rng(0).integers(0, 255, (16, 3, 32, 32), dtype=np.uint8))
-    plan = {"deadline": time.time() + 3.0, "final_evaluation_seconds": 5.0, "max_epochs": 1000, "eval_faces": 16,
+    plan = {"deadline": clock[0] + 3.0, "final_evaluation_seconds": 5.0, "max_epochs": 1000, "eval_faces": 16,
             "batch": 16}
-    history = ern.train(ern.build_model(cfg, 8), x, y, val, [str(i) for i in range(8)], torch.zeros(3), torch.ones(3),
-                        cfg, tmp_path, torch.device("cpu"), None, None, plan, True)[0]
+    history, _, _, cfg_run = ern.train(ern.build_model(cfg, 8), x, y, val, [str(i) for i in range(8)], torch.zeros(3),
+                                       torch.ones(3), cfg, tmp_path, torch.device("cpu"), None, None, plan, True)
     assert estimates and all(0 < s < 0.5 for s in estimates)
-    assert len(history) > 3 and plan["final_evaluation_seconds"] == estimates[-1]
-    assert history[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the cosine re-laid over the epochs re-planned
+    assert plan["final_evaluation_seconds"] == estimates[-1]
+    epochs_left = (3.0 - 0.12 - 0.18 - estimates[-1]) / 0.06  # after 2 epochs, less the 0.18 s margin, in 0.06 s
+    assert 2 + epochs_left - 1 < cfg_run.epochs <= 2 + epochs_left and len(history) == math.ceil(cfg_run.epochs)
+    steps = round(cfg_run.epochs * 2)  # 2 an epoch; the warm-up of make_scheduler, then the cosine to its floor
+    warmup, floor = min(int(cfg.warmup_epochs * 2), steps // 2), cfg.min_lr_ratio
+    for h in history[2:]:  # the cosine re-laid over the epochs re-planned, from the re-plan after epoch 2
+        progress = (h["epochs_trained"] * 2 - warmup) / (steps - warmup)
+        assert h["lr"] == pytest.approx(cfg.lr * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2))
+    assert history[-1]["lr"] == pytest.approx(cfg.lr * floor)
 
 
 def test_a_fraction_of_an_epoch_ends_the_last_pass_early(tiny_dataset, tmp_path):
