@@ -47,7 +47,8 @@ def test_a_packed_set_holds_the_trainers_crops_and_gpu_check_trains_on_it_within
             assert np.array_equal(got, want), path
 
     t0 = time.time()
-    proc = gpu_check(tmp_path, "--minutes=0.75", f"--data={tmp_path / 'packed'}")
+    proc = gpu_check(tmp_path, "--minutes=1", f"--data={tmp_path / 'packed'}")  # 45 s of training: a loaded machine
+    # can take 20 s to start it (the imports, the CUDA tests' pytest, a channels_last probe)
     took = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
@@ -62,7 +63,7 @@ def test_a_packed_set_holds_the_trainers_crops_and_gpu_check_trains_on_it_within
     assert train["evaluated_split"] == "val" and 0 < train["fraction_of_matmul_rate"]
     for name in ("train.log", "metrics.jsonl", "evaluation_results.json"):
         assert (tmp_path / f"check_{name}").read_bytes() == (tmp_path / "run" / name).read_bytes(), name
-    assert took < 60, took
+    assert took < 1.25 * 60, took  # the 5 % the budget promises is 3 s here: one stall of a shared machine
 
 
 def test_a_check_stopped_in_its_training_keeps_what_it_measured_and_says_why(tmp_path):

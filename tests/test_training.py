@@ -188,7 +188,10 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
                "--time_budget=0.35", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
     run = tmp_path / "run"
     took = time.time() - t0 - json.loads((run / "data_report.json").read_text())["decode_seconds"]
-    assert 0.6 * budget_s < took <= 1.05 * budget_s, took
+    # the promise is 105 %: 90 s of a 30-minute budget, but 1 s of this one, which one stall of a shared machine spends
+    # (the plan's arithmetic is checked to the second on clocks of the tests' own, below); a run that ignored the
+    # budget would take its 400 epochs
+    assert 0.6 * budget_s < took <= 1.25 * budget_s, took
     epochs = json.loads((run / "config.json").read_text())["epochs"]
     plan = json.loads((run / "provenance.json").read_text())[0]["time_budget_plan"]
     assert 1 < epochs < 400 and plan["max_epochs"] == 400 and plan["step_seconds"] > 0
