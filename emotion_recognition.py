@@ -26,6 +26,7 @@ How many epochs fit, and so the figure, depends on the machine's speed that day.
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -985,14 +986,15 @@ def labels_folder(images_dir):
     return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
 
 
-def parse_label_file(path, num_classes, keypoint_values=0):
+def parse_label_file(path, num_classes, keypoint_values=0, tally=None):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
     points, and a pose export's row (keypoint_values after the box: yaml_keypoint_values) its box; values within 1 %
     outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped with a note (one face,
     counted once). An empty file (YOLO's image without objects) gives no box, problem or note. The same box again
-    with another class is a problem."""
+    with another class is a problem. tally (a Counter), without keypoint_values: its "15 fields" counts the rows read
+    as 7-point polygons, its "five landmarks" those of them that read as YOLOv5-face's (five_landmarks)."""
     boxes, problems, notes, rows = [], [], [], {}
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
@@ -1020,6 +1022,9 @@ def parse_label_file(path, num_classes, keypoint_values=0):
         except ValueError:
             problems.append(f"{where}: non-numeric field in {shown}")
             continue
+        if tally is not None and not keypoint_values and len(values) == 15:
+            tally["15 fields"] += 1
+            tally["five landmarks"] += five_landmarks(values)
         values = values[:5] if keypoint_values else values  # the landmarks are not read
         cls = values[0]
         if not 0 <= cls < num_classes:  # NaN fails here too
@@ -1049,6 +1054,22 @@ def parse_label_file(path, num_classes, keypoint_values=0):
         else:
             boxes.append((int(cls), cx, cy, w, h))
     return boxes, problems, notes
+
+
+FIVE_LANDMARKS = 10  # the values after the box in a YOLOv5-face row: five landmarks, x y each
+
+
+def five_landmarks(values):
+    """Whether a label row's 15 values read as YOLOv5-face's (class, box, then eyes, nose tip and mouth corners, all -1
+    where not marked): the points inside the box, the nose below the eyes and above the mouth, the eyes and the mouth
+    corners in the same order from left to right. A 7-point polygon's outline does not: its later points go around."""
+    cx, cy, w, h, *points = values[1:]
+    if all(v == -1 for v in points):
+        return True
+    xs, ys = points[0::2], points[1::2]
+    inside = all(abs(x - cx) <= 0.6 * w and abs(y - cy) <= 0.6 * h for x, y in zip(xs, ys))
+    return (inside and (ys[0] + ys[1]) / 2 < ys[2] < (ys[3] + ys[4]) / 2
+            and (xs[1] - xs[0]) * (xs[4] - xs[3]) > 0)
 
 
 def folder_files(folder, passed_over=None):
@@ -1089,9 +1110,10 @@ def folder_files(folder, passed_over=None):
     return sorted(f for f in found if f.is_file())
 
 
-def scan_split(name, source, num_classes, keypoint_values=0):
+def scan_split(name, source, num_classes, keypoint_values=0, tally=None):
     """Pair the images of a split (split_sources' folder, image list file, or a list of these) with their label files
-    and parse them: (Split of the valid boxes, problems, notes, the images whose label file is empty)."""
+    and parse them (parse_label_file, with tally): (Split of the valid boxes, problems, notes, the images whose label
+    file is empty)."""
     pairs, problems = {}, []
     for part in source if isinstance(source, list) else [source]:
         found, bad = listed_pairs(part) if part.is_file() else folder_pairs(name, part)
@@ -1103,7 +1125,7 @@ def scan_split(name, source, num_classes, keypoint_values=0):
         if label is None:
             problems.append(f"{image}: no label file (expected {expected})")
             continue
-        found, bad, repeated = parse_label_file(label, num_classes, keypoint_values)
+        found, bad, repeated = parse_label_file(label, num_classes, keypoint_values, tally)
         problems += bad
         notes += repeated
         if not found and not bad:  # nothing but blank lines
@@ -1547,11 +1569,19 @@ SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 def scan_splits(folders, splits_wanted, num_classes, keypoint_values, log_file):
     """scan_split of each split wanted that data.yaml names, but one that holds exactly another's images: ({split:
-    Split}, problems, notes of repeated rows, images without faces)."""
+    Split}, problems, notes of repeated rows, images without faces). Without kpt_shape, a split most of whose 15-field
+    rows read as YOLOv5-face's (five_landmarks) is read so, with a note: as 7-point polygons (Ultralytics' reading),
+    every box would be wrong."""
     splits, problems, row_notes, no_face, counts = {}, [], [], [], {}
     for name in splits_wanted:
         if name in folders:
-            splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoint_values)
+            tally = collections.Counter()
+            splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoint_values, tally)
+            if tally["five landmarks"] > tally["15 fields"] / 2:
+                log(f"note: {tally['five landmarks']} of the {name} split's {tally['15 fields']} label rows of 15 "
+                    f"fields are YOLOv5-face's (a box, then five landmarks inside it): its rows are read so, not as "
+                    f"7-point polygons (data.yaml's kpt_shape: [5, 2] says so)", log_file)
+                splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, FIVE_LANDMARKS)
             problems += found
             counts[name] = len(empty)
             if empty and not len(splits[name]):  # not one face: an export that lost its labels, not a background set

@@ -5,6 +5,7 @@ and check the files and numbers it wrote; the unit tests import the script and c
 Failure modes and bad data are in test_reliability.py.
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -396,6 +397,43 @@ def test_a_pose_export_gives_each_face_its_box(tmp_path, dims):
         with pytest.raises(ern.UserError, match=re.escape(f"kpt_shape must be two whole numbers [keypoints, 2 or 3] "
                                                           f"(x y, or x y visibility), got {shape!r}")):
             ern.read_data_yaml(tmp_path)
+
+
+def test_yolov5_face_rows_give_each_face_its_box_and_7_point_polygons_stay_polygons(tmp_path, capsys):
+    """YOLOv5-face's rows (a box, then eyes, nose tip and mouth corners, -1 where not marked; its data.yaml has no
+    kpt_shape) were read as 7-point polygons: a box around the box's own numbers and the landmarks, every one wrong
+    (refused with -1). A split most of whose 15-field rows read so is read as box and landmarks, with a note, the
+    odd face too (mouth corners swapped); a segmentation export's 7-point outlines stay polygons, in every rotation,
+    direction and size, even where the points lie inside the box their first numbers would give."""
+    make_split_folders(tmp_path, ("train", "valid"))
+    write_yaml(tmp_path / "data.yaml", train="train/images", val="valid/images", names=["a", "b"])
+    faces = ["1 0.5 0.45 0.3 0.4 0.42 0.35 0.58 0.35 0.5 0.45 0.44 0.55 0.56 0.55",
+             "0 0.3 0.6 0.2 0.3 " + " ".join(["-1"] * 10),
+             "1 0.7 0.3 0.2 0.2 0.68 0.25 0.74 0.26 0.73 0.3 0.69 0.35 0.73 0.36",  # a face turned a little
+             "0 0.5 0.5 0.4 0.4 0.45 0.4 0.55 0.4 0.5 0.5 0.55 0.6 0.45 0.6"]  # mouth corners swapped
+    for i, row in enumerate(faces):
+        (tmp_path / "train" / "labels" / f"f{i}.txt").write_text(row + "\n")
+        (tmp_path / "train" / "images" / f"f{i}.png").write_bytes(b"")
+    outlines = []
+    for i, (start, turn, r, stretch) in enumerate(itertools.product(range(0, 360, 15), (1, -1), (0.05, 0.2), (1, 2))):
+        angles = [math.radians(start + turn * 360 * k / 7) for k in range(7)]
+        points = [(0.5 + r * stretch * math.cos(a), 0.5 + r * math.sin(a)) for a in angles]
+        outlines.append(points)
+        (tmp_path / "valid" / "labels" / f"p{i}.txt").write_text(
+            f"{i % 2} " + " ".join(f"{v:.6f}" for p in points for v in p) + "\n")
+        (tmp_path / "valid" / "images" / f"p{i}.png").write_bytes(b"")
+    names, folders, _, keypoints = ern.read_data_yaml(tmp_path)
+    assert keypoints == 0
+    splits, problems, *_ = ern.scan_splits(folders, ("train", "val"), len(names), keypoints, None)
+    assert problems == []
+    order = np.argsort(splits["train"].paths)
+    assert splits["train"].labels[order].tolist() == [int(row.split()[0]) for row in faces]
+    np.testing.assert_allclose(splits["train"].boxes[order], [[float(v) for v in row.split()[1:5]] for row in faces])
+    assert "note: 3 of the train split's 4 label rows of 15 fields are YOLOv5-face's" in capsys.readouterr().out
+    order = np.argsort([int(Path(p).stem[1:]) for p in splits["val"].paths])
+    want = [[(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
+            for xs, ys in (zip(*points) for points in outlines)]
+    np.testing.assert_allclose(splits["val"].boxes[order], want, atol=2e-6)  # the box around each outline
 
 
 def make_split_folders(root, splits=("train", "valid", "test")):
