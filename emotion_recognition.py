@@ -29,6 +29,7 @@ How many epochs fit, and so the figure, depends on the machine's speed that day.
 import collections
 import contextlib
 import copy
+import csv
 import dataclasses
 import datetime
 import difflib
@@ -2557,9 +2558,9 @@ def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_si
 # ---------------------------------------------------------------------------------------------
 
 RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
-             "final_emotion_model.pth", "last.pth", "evaluation_results.json", "training_history.png",
-             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png",
-             "data_problems.txt")
+             "final_emotion_model.pth", "last.pth", "evaluation_results.json", "evaluation_predictions.csv",
+             "training_history.png", "confusion_matrix.png", "context_similarities.png", "feature_space.png",
+             "attention_maps.png", "data_problems.txt")
 
 
 def claim_folder(run_dir):
@@ -3232,7 +3233,8 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
 # ---------------------------------------------------------------------------------------------
 
 def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
-    """Evaluate one split and write evaluation_results.json and the confusion, context, t-SNE and attention plots."""
+    """Evaluate one split and write evaluation_results.json, evaluation_predictions.csv and the confusion, context,
+    t-SNE and attention plots."""
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
@@ -3242,6 +3244,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
         # None (JSON has no NaN) for a class the split lacks
         results["context_mean_q"] = [[None if np.isnan(v) else float(v) for v in row] for row in mean_q]
     write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
+    write_predictions(split, out["logits"], class_names, train_hashes, run_dir / "evaluation_predictions.csv")
     drawn = {"context_similarities.png": prototypes is not None, "feature_space.png": cfg.tsne_samples > 0,
              "attention_maps.png": cfg.attention_samples > 0 and isinstance(model, ERN)}
     for name in (n for n, yes in drawn.items() if not yes):  # a resume's earlier figure would not match these numbers
@@ -3258,6 +3261,27 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
                                                         mean, std, device, cfg, run_dir / "attention_maps.png")
         write_json(results, run_dir / "evaluation_results.json")
     return results
+
+
+def write_predictions(split, logits, class_names, train_hashes, path):
+    """evaluation_predictions.csv: a row per evaluated face (its image and label row's box, its true and predicted
+    class by name, the confidence and each class's probability, of the views' mean logits as the accuracy counts
+    them; whether its image is also in the training split, where known), to study the errors or compare two models
+    face by face."""
+    probs, pred = logits.float().softmax(1).numpy(), logits.argmax(1).tolist()
+    in_train = [""] * len(split) if train_hashes is None else [int(h in train_hashes) for h in split.hashes]
+
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = csv.writer(f)
+            rows.writerow(["image", "cx", "cy", "w", "h", "true", "predicted", "confidence", "image_in_train",
+                           *class_names])
+            for path, box, y, k, p, dup in zip(split.paths, split.boxes.tolist(), split.labels.tolist(), pred, probs,
+                                               in_train):
+                rows.writerow([path, *(f"{v:.6g}" for v in box), class_names[y], class_names[k], f"{p[k]:.4f}", dup,
+                               *(f"{v:.4f}" for v in p)])
+
+    atomic_write(path, write)
 
 
 def final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, record,

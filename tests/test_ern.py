@@ -4,6 +4,7 @@ The end-to-end tests run the script in a subprocess on a tiny synthetic dataset 
 and check the files and numbers it wrote; the unit tests import the script and call its functions.
 Failure modes and bad data are in test_reliability.py.
 """
+import csv
 import dataclasses
 import itertools
 import json
@@ -25,9 +26,10 @@ from PIL import Image
 from conftest import TINY, ern, pr, run_script
 
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "provenance.json",
-             "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "training_history.png",
+             "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "evaluation_predictions.csv",
+             "training_history.png",
              "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png"]
-EVAL_FILES = ["evaluation_results.json", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
+EVAL_FILES = ["evaluation_results.json", "evaluation_predictions.csv", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
               "feature_space.png"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
 RESULT_KEYS = ["accuracy", "test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
@@ -136,25 +138,40 @@ def test_run_best_epoch_is_the_best_validation_epoch(trained):
 
 
 def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_dataset):
-    """Rebuild the best model from its checkpoint, crop the test faces here, and recount the confusion matrix."""
+    """Rebuild the best model from its checkpoint, crop the test faces here, and recount the confusion matrix; each
+    face's row of evaluation_predictions.csv holds its box, classes and probabilities as computed here."""
     run_dir, _ = trained
     results = read_results(run_dir)
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
     model, cfg = ern.model_from_checkpoint(ckpt)
     model.eval()
-    crops, labels = [], []
+    crops, labels, boxes, names = [], [], [], []
     for label_file in sorted((tiny_dataset / "test" / "labels").glob("*.txt")):
         image_file = next((tiny_dataset / "test" / "images").glob(label_file.stem + ".*"))
         image = cv2.cvtColor(cv2.imread(str(image_file)), cv2.COLOR_BGR2RGB)
         cls, *box = (float(v) for v in label_file.read_text().split())
         crops.append(ern.crop_box(image, box, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1))
         labels.append(int(cls))
+        boxes.append(box)
+        names.append(image_file.name)
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
     x = ern.standardize(torch.from_numpy(np.stack(crops)), mean, std)
     with torch.no_grad():
         logits = (model(x)[0] + model(x.flip(3))[0]) / 2  # flip TTA, as the evaluation does
     cm = np.bincount(np.array(labels) * 8 + logits.argmax(1).numpy(), minlength=64).reshape(8, 8)  # rows true
     assert cm.tolist() == results["confusion_matrix"]
+
+    classes = results["class_names"]
+    with open(run_dir / "evaluation_predictions.csv", newline="", encoding="utf-8") as f:
+        rows = {Path(row["image"]).name: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(names)
+    for name, label, box, p in zip(names, labels, boxes, logits.softmax(1).numpy()):
+        row = rows[name]
+        assert [float(row[k]) for k in ("cx", "cy", "w", "h")] == pytest.approx(box, abs=1e-6)
+        assert (row["true"], row["predicted"]) == (classes[label], classes[p.argmax()])
+        np.testing.assert_allclose([float(row[c]) for c in classes], p, atol=2e-4)
+        assert float(row["confidence"]) == pytest.approx(p.max(), abs=2e-4)
+    assert sum(int(row["image_in_train"]) for row in rows.values()) == results["samples_duplicating_train"]
 
 
 def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
