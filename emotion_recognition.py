@@ -987,15 +987,16 @@ def labels_folder(images_dir):
     return images_dir.parent / "labels" if (images_dir.parent / "labels").is_dir() else images_dir
 
 
-def parse_label_file(path, num_classes, keypoint_values=0, tally=None):
+def parse_label_file(path, num_classes, keypoint_values=0, tally=None, face_rows=False):
     """Boxes of one YOLO label file: ([(class, cx, cy, w, h)], [problems with line numbers], [notes]).
 
     As Ultralytics reads them: a polygon row (class x1 y1 x2 y2 ...: a segmentation export) gives the box around its
     points, and a pose export's row (keypoint_values after the box: yaml_keypoint_values) its box; values within 1 %
     outside [0, 1] (converters' rounding) are clamped; a repeated box and class is dropped with a note (one face,
     counted once). An empty file (YOLO's image without objects) gives no box, problem or note. The same box again
-    with another class is a problem. tally (a Counter), without keypoint_values: its "15 fields" counts the rows read
-    as 7-point polygons, its "five landmarks" those of them that read as YOLOv5-face's (five_landmarks)."""
+    with another class is a problem. Without keypoint_values, tally (a Counter) counts the 15-field rows ("15
+    fields") and those of them that read as YOLOv5-face's ("face landmarks": reads_as_face_landmarks); face_rows:
+    read them as its box and landmarks, not as 7-point polygons."""
     boxes, problems, notes, rows = [], [], [], {}
     try:
         text = path.read_text(encoding="utf-8-sig", errors="replace")  # -sig: the byte-order mark Windows editors add
@@ -1025,8 +1026,9 @@ def parse_label_file(path, num_classes, keypoint_values=0, tally=None):
             continue
         if tally is not None and not keypoint_values and len(values) == 15:
             tally["15 fields"] += 1
-            tally["five landmarks"] += five_landmarks(values)
-        values = values[:5] if keypoint_values else values  # the landmarks are not read
+            tally["face landmarks"] += reads_as_face_landmarks(values)
+        if keypoint_values or (face_rows and len(values) == 15):
+            values = values[:5]  # the landmarks are not read
         cls = values[0]
         if not 0 <= cls < num_classes:  # NaN fails here too
             problems.append(f"{where}: class id {fields[0]} outside 0..{num_classes - 1}")
@@ -1057,18 +1059,20 @@ def parse_label_file(path, num_classes, keypoint_values=0, tally=None):
     return boxes, problems, notes
 
 
-FIVE_LANDMARKS = 10  # the values after the box in a YOLOv5-face row: five landmarks, x y each
+LANDMARK_SLACK = 0.1  # a face landmark may lie this fraction of its box's width or height outside it (annotators')
 
 
-def five_landmarks(values):
+def reads_as_face_landmarks(values):
     """Whether a label row's 15 values read as YOLOv5-face's (class, box, then eyes, nose tip and mouth corners, all -1
-    where not marked): the points inside the box, the nose below the eyes and above the mouth, the eyes and the mouth
-    corners in the same order from left to right. A 7-point polygon's outline does not: its later points go around."""
+    where not marked): the points in the box (LANDMARK_SLACK), the nose below the eyes and above the mouth, the eyes
+    and the mouth corners in one order from left to right. A 7-point polygon's outline does not: its points go
+    around."""
     cx, cy, w, h, *points = values[1:]
     if all(v == -1 for v in points):
         return True
     xs, ys = points[0::2], points[1::2]
-    inside = all(abs(x - cx) <= 0.6 * w and abs(y - cy) <= 0.6 * h for x, y in zip(xs, ys))
+    reach = 0.5 + LANDMARK_SLACK
+    inside = all(abs(x - cx) <= reach * w and abs(y - cy) <= reach * h for x, y in zip(xs, ys))
     return (inside and (ys[0] + ys[1]) / 2 < ys[2] < (ys[3] + ys[4]) / 2
             and (xs[1] - xs[0]) * (xs[4] - xs[3]) > 0)
 
@@ -1113,20 +1117,31 @@ def folder_files(folder, passed_over=None):
 
 def scan_split(name, source, num_classes, keypoint_values=0, tally=None):
     """Pair the images of a split (split_sources' folder, image list file, or a list of these) with their label files
-    and parse them (parse_label_file, with tally): (Split of the valid boxes, problems, notes, the images whose label
-    file is empty)."""
+    and parse them: (Split of the valid boxes, problems, notes, the images whose label file is empty). Without
+    kpt_shape (keypoint_values 0), the 15-field rows are read as YOLOv5-face's where most of the split's read so (as
+    7-point polygons, Ultralytics' reading, every such box would be wrong); tally (a Counter) gets parse_label_file's
+    counts."""
     pairs, problems = {}, []
     for part in source if isinstance(source, list) else [source]:
         found, bad = listed_pairs(part) if part.is_file() else folder_pairs(name, part)
         for image, pair in found.items():  # an image listed twice is read once
             pairs.setdefault(image, pair)
         problems += bad
-    paths, labels, boxes, notes, no_face = [], [], [], [], []
+    tally = collections.Counter() if tally is None else tally
+    split, bad, notes, no_face = read_label_files(name, pairs, num_classes, keypoint_values, tally)
+    if tally["face landmarks"] > tally["15 fields"] / 2:
+        split, bad, notes, no_face = read_label_files(name, pairs, num_classes, keypoint_values, face_rows=True)
+    return split, problems + bad, notes, no_face
+
+
+def read_label_files(name, pairs, num_classes, keypoint_values, tally=None, face_rows=False):
+    """scan_split's pairs parsed (parse_label_file): (Split, problems, notes, the images whose label file is empty)."""
+    paths, labels, boxes, problems, notes, no_face = [], [], [], [], [], []
     for image, (label, expected) in pairs.items():
         if label is None:
             problems.append(f"{image}: no label file (expected {expected})")
             continue
-        found, bad, repeated = parse_label_file(label, num_classes, keypoint_values, tally)
+        found, bad, repeated = parse_label_file(label, num_classes, keypoint_values, tally, face_rows)
         problems += bad
         notes += repeated
         if not found and not bad:  # nothing but blank lines
@@ -1570,19 +1585,17 @@ SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
 def scan_splits(folders, splits_wanted, num_classes, keypoint_values, log_file):
     """scan_split of each split wanted that data.yaml names, but one that holds exactly another's images: ({split:
-    Split}, problems, notes of repeated rows, images without faces). Without kpt_shape, a split most of whose 15-field
-    rows read as YOLOv5-face's (five_landmarks) is read so, with a note: as 7-point polygons (Ultralytics' reading),
-    every box would be wrong."""
-    splits, problems, row_notes, no_face, counts = {}, [], [], [], {}
+    Split}, problems, notes (of repeated rows, then of YOLOv5-face's rows), images without faces)."""
+    splits, problems, row_notes, no_face, counts, face_notes = {}, [], [], [], {}, []
     for name in splits_wanted:
         if name in folders:
             tally = collections.Counter()
             splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoint_values, tally)
-            if tally["five landmarks"] > tally["15 fields"] / 2:
-                log(f"note: {tally['five landmarks']} of the {name} split's {tally['15 fields']} label rows of 15 "
-                    f"fields are YOLOv5-face's (a box, then five landmarks inside it): its rows are read so, not as "
-                    f"7-point polygons (data.yaml's kpt_shape: [5, 2] says so)", log_file)
-                splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, FIVE_LANDMARKS)
+            if tally["face landmarks"] > tally["15 fields"] / 2:
+                face_notes.append(f"{tally['face landmarks']} of the {name} split's {tally['15 fields']} label rows "
+                                  f"of 15 fields read as YOLOv5-face's (a box, then five landmarks in it): they are "
+                                  f"read so, not as 7-point polygons (kpt_shape: [5, 2] in data.yaml would say so)")
+                log(f"note: {face_notes[-1]}", log_file)
             problems += found
             counts[name] = len(empty)
             if empty and not len(splits[name]):  # not one face: an export that lost its labels, not a background set
@@ -1607,7 +1620,7 @@ def scan_splits(folders, splits_wanted, num_classes, keypoint_values, log_file):
                                                            if name == "val" else
                                                            "the final evaluation is on the validation split"), log_file)
             del splits[name]
-    return splits, problems, row_notes, no_face
+    return splits, problems, row_notes + face_notes, no_face
 
 
 def too_small_boxes(split, ok, class_names):
@@ -3276,9 +3289,9 @@ def write_predictions(split, logits, class_names, train_hashes, path):
             rows = csv.writer(f)
             rows.writerow(["image", "cx", "cy", "w", "h", "true", "predicted", "confidence", "image_in_train",
                            *class_names])
-            for path, box, y, k, p, dup in zip(split.paths, split.boxes.tolist(), split.labels.tolist(), pred, probs,
-                                               in_train):
-                rows.writerow([path, *(f"{v:.6g}" for v in box), class_names[y], class_names[k], f"{p[k]:.4f}", dup,
+            for image, box, y, k, p, dup in zip(split.paths, split.boxes.tolist(), split.labels.tolist(), pred, probs,
+                                                in_train):
+                rows.writerow([image, *(f"{v:.6g}" for v in box), class_names[y], class_names[k], f"{p[k]:.4f}", dup,
                                *(f"{v:.4f}" for v in p)])
 
     atomic_write(path, write)

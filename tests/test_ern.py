@@ -27,10 +27,10 @@ from conftest import TINY, ern, pr, run_script
 
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "provenance.json",
              "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "evaluation_predictions.csv",
-             "training_history.png",
-             "confusion_matrix.png", "context_similarities.png", "feature_space.png", "attention_maps.png"]
-EVAL_FILES = ["evaluation_results.json", "evaluation_predictions.csv", "data_report.json", "confusion_matrix.png", "context_similarities.png", "attention_maps.png",
-              "feature_space.png"]
+             "training_history.png", "confusion_matrix.png", "context_similarities.png", "feature_space.png",
+             "attention_maps.png"]
+EVAL_FILES = ["evaluation_results.json", "evaluation_predictions.csv", "data_report.json", "confusion_matrix.png",
+              "context_similarities.png", "attention_maps.png", "feature_space.png"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
 RESULT_KEYS = ["accuracy", "test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
                "evaluated_split", "num_parameters", "best_epoch", "best_val_accuracy", "training_seconds", "config"]
@@ -172,6 +172,30 @@ def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_da
         np.testing.assert_allclose([float(row[c]) for c in classes], p, atol=2e-4)
         assert float(row["confidence"]) == pytest.approx(p.max(), abs=2e-4)
     assert sum(int(row["image_in_train"]) for row in rows.values()) == results["samples_duplicating_train"]
+
+
+def test_evaluation_predictions_name_the_classes_and_the_faces_in_the_training_split(tmp_path):
+    """A row per face in the split's order, class names with a comma and an accent kept whole, the probabilities of
+    the logits, image_in_train 1 where the image's hash is the training split's (empty where that is not known)."""
+    names = ["a,b", "é", "c"]
+    split = ern.Split("val", ["x.jpg", "y, z.png", "x.jpg"], np.array([0, 1, 2]),
+                      np.array([[0.5, 0.5, 1, 1], [0.25, 0.5, 0.5, 0.25], [0.75, 0.5, 0.5, 1]], np.float32),
+                      hashes=["h1", "h2", "h1"])
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 1.0, 0.0]])
+    for train_hashes, flags in (({"h1", "h9"}, ["1", "0", "1"]), (None, ["", "", ""])):
+        ern.write_predictions(split, logits, names, train_hashes, tmp_path / "p.csv")
+        with open(tmp_path / "p.csv", newline="", encoding="utf-8") as f:
+            header, *rows = list(csv.reader(f))
+        assert header == ["image", "cx", "cy", "w", "h", "true", "predicted", "confidence", "image_in_train", *names]
+        assert [r[:5] for r in rows] == [["x.jpg", "0.5", "0.5", "1", "1"], ["y, z.png", "0.25", "0.5", "0.5", "0.25"],
+                                         ["x.jpg", "0.75", "0.5", "0.5", "1"]]
+        assert [r[5:7] for r in rows] == [["a,b", "a,b"], ["é", "c"], ["c", "é"]]
+        assert [r[8] for r in rows] == flags
+        e = math.e
+        want = [[e**2 / (e**2 + 2), 1 / (e**2 + 2), 1 / (e**2 + 2)], [1 / (e**3 + 2), 1 / (e**3 + 2), e**3 / (e**3 + 2)],
+                [1 / (e + 2), e / (e + 2), 1 / (e + 2)]]
+        np.testing.assert_allclose([[float(v) for v in r[9:]] for r in rows], want, atol=5e-5)
+        assert [float(r[7]) for r in rows] == pytest.approx([max(w) for w in want], abs=5e-5)
 
 
 def test_run_without_test_split_evaluates_on_val(tiny_dataset, tmp_path):
@@ -420,14 +444,16 @@ def test_yolov5_face_rows_give_each_face_its_box_and_7_point_polygons_stay_polyg
     """YOLOv5-face's rows (a box, then eyes, nose tip and mouth corners, -1 where not marked; its data.yaml has no
     kpt_shape) were read as 7-point polygons: a box around the box's own numbers and the landmarks, every one wrong
     (refused with -1). A split most of whose 15-field rows read so is read as box and landmarks, with a note, the
-    odd face too (mouth corners swapped); a segmentation export's 7-point outlines stay polygons, in every rotation,
-    direction and size, even where the points lie inside the box their first numbers would give."""
+    odd face too (mouth corners swapped), and its rows of 5 fields as ever; a segmentation export's 7-point outlines
+    stay polygons, in every rotation, direction and size, even where the points lie inside the box their first
+    numbers would give."""
     make_split_folders(tmp_path, ("train", "valid"))
     write_yaml(tmp_path / "data.yaml", train="train/images", val="valid/images", names=["a", "b"])
     faces = ["1 0.5 0.45 0.3 0.4 0.42 0.35 0.58 0.35 0.5 0.45 0.44 0.55 0.56 0.55",
              "0 0.3 0.6 0.2 0.3 " + " ".join(["-1"] * 10),
              "1 0.7 0.3 0.2 0.2 0.68 0.25 0.74 0.26 0.73 0.3 0.69 0.35 0.73 0.36",  # a face turned a little
-             "0 0.5 0.5 0.4 0.4 0.45 0.4 0.55 0.4 0.5 0.5 0.55 0.6 0.45 0.6"]  # mouth corners swapped
+             "0 0.5 0.5 0.4 0.4 0.45 0.4 0.55 0.4 0.5 0.5 0.55 0.6 0.45 0.6",  # mouth corners swapped
+             "1 0.4 0.6 0.3 0.2"]  # a face without landmarks
     for i, row in enumerate(faces):
         (tmp_path / "train" / "labels" / f"f{i}.txt").write_text(row + "\n")
         (tmp_path / "train" / "images" / f"f{i}.png").write_bytes(b"")
@@ -441,12 +467,14 @@ def test_yolov5_face_rows_give_each_face_its_box_and_7_point_polygons_stay_polyg
         (tmp_path / "valid" / "images" / f"p{i}.png").write_bytes(b"")
     names, folders, _, keypoints = ern.read_data_yaml(tmp_path)
     assert keypoints == 0
-    splits, problems, *_ = ern.scan_splits(folders, ("train", "val"), len(names), keypoints, None)
+    splits, problems, notes, _ = ern.scan_splits(folders, ("train", "val"), len(names), keypoints, None)
     assert problems == []
     order = np.argsort(splits["train"].paths)
     assert splits["train"].labels[order].tolist() == [int(row.split()[0]) for row in faces]
     np.testing.assert_allclose(splits["train"].boxes[order], [[float(v) for v in row.split()[1:5]] for row in faces])
-    assert "note: 3 of the train split's 4 label rows of 15 fields are YOLOv5-face's" in capsys.readouterr().out
+    [note] = notes  # into data_report.json
+    assert note.startswith("3 of the train split's 4 label rows of 15 fields read as YOLOv5-face's")
+    assert f"note: {note}" in capsys.readouterr().out
     order = np.argsort([int(Path(p).stem[1:]) for p in splits["val"].paths])
     want = [[(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
             for xs, ys in (zip(*points) for points in outlines)]

@@ -47,8 +47,8 @@ def test_a_packed_set_holds_the_trainers_crops_and_gpu_check_trains_on_it_within
             assert np.array_equal(got, want), path
 
     t0 = time.time()
-    proc = gpu_check(tmp_path, "--minutes=1", f"--data={tmp_path / 'packed'}")  # 45 s of training: a loaded machine
-    # can take 20 s to start it (the imports, the CUDA tests' pytest, a channels_last probe)
+    # 45 s of training: a loaded machine can take 20 s to start it (the imports, the CUDA tests' pytest, a probe)
+    proc = gpu_check(tmp_path, "--minutes=1", f"--data={tmp_path / 'packed'}")
     took = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())

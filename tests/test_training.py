@@ -364,7 +364,8 @@ def test_the_re_plans_measure_the_final_evaluation_again(tmp_path, monkeypatch):
                                        torch.ones(3), cfg, tmp_path, torch.device("cpu"), None, None, plan, True)
     assert estimates and all(0 < s < 0.5 for s in estimates)
     assert plan["final_evaluation_seconds"] == estimates[-1]
-    epochs_left = (3.0 - 0.12 - 0.18 - estimates[-1]) / 0.06  # after 2 epochs, less the 0.18 s margin, in 0.06 s
+    margin = ern.BUDGET_MARGIN * cfg.time_budget * 60
+    epochs_left = (3.0 - 0.12 - margin - estimates[-1]) / 0.06  # after 2 epochs of 0.06 s, in epochs of 0.06 s
     assert 2 + epochs_left - 1 < cfg_run.epochs <= 2 + epochs_left and len(history) == math.ceil(cfg_run.epochs)
     steps = round(cfg_run.epochs * 2)  # 2 an epoch; the warm-up of make_scheduler, then the cosine to its floor
     warmup, floor = min(int(cfg.warmup_epochs * 2), steps // 2), cfg.min_lr_ratio
