@@ -59,7 +59,7 @@ class ExportedERN(nn.Module):
     def forward(self, images):
         x = standardize(images * 255, self.mean, self.std)
         views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
-        return mean_over_views(self.model, views)[0].softmax(1)
+        return mean_over_views(self.model, views, stack=False)[0].softmax(1)
 
 
 def export_inputs(image_size):

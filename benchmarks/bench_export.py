@@ -1,7 +1,8 @@
 """Export speed and accuracy: the network in PyTorch eager against the exported model.onnx in onnxruntime.
 
 For the CPU-preset model (PRESETS["cpu"]) and the default model (96 px, 27.7 M), in float32
-on the CPU, with the same inputs (normalization and softmax included on both sides, no flip TTA):
+on the CPU, with the same inputs (normalization and softmax included on both sides, one pass; --tta: the model's
+test-time views inside both, a pass a view, as export.py writes it):
 
   batch 1     milliseconds per face, one face per call (a camera, a notebook)
   batch 64    milliseconds per face at 64 faces per call (a folder, a video)
@@ -88,6 +89,8 @@ def main():
     ap.add_argument("--calls", type=int, default=200, help="batch-1 calls per round (batch 64: a tenth)")
     ap.add_argument("--threads", type=int, default=0, help="threads of both runtimes; 0 = one per core")
     ap.add_argument("--models", default="cpu preset,default", help="which of: " + ", ".join(MODELS))
+    ap.add_argument("--tta", action="store_true", help="both sides with the model's test-time views, as export.py "
+                    "writes it by default (the CPU preset's twenty), not one pass")
     ap.add_argument("--checkpoint", default="", help="a trained CPU-preset checkpoint: accuracy and int8 variants")
     ap.add_argument("--data_dir", default="", help="the dataset of --checkpoint (validation split: accuracy)")
     ap.add_argument("--cache_dir", default="outputs/cache")
@@ -114,9 +117,10 @@ def main():
                                            torch.full((3,), 0.25), 0, {}), ckpt_path)
         ckpt = ern.load_checkpoint(ckpt_path)
         model, cfg = ern.model_from_checkpoint(ckpt)
-        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), False, 0, 0.0).eval()  # one pass, no TTA
+        views = (cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if args.tta else (False, 0, 0.0)  # else one pass
+        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), *views).eval()
         onnx_path = tmp / f"{name.replace(' ', '_')}.onnx"
-        differences = ex.export_onnx(ckpt_path, onnx_path, tta_flip=False, tta_shift=0, tta_zoom=0.0)
+        differences = ex.export_onnx(ckpt_path, onnx_path, *views)
         size = ckpt["image_size"]
 
         def torch_run(x):
@@ -145,10 +149,12 @@ def main():
                 times[k]["batch 1"].append(ms_per_face(run, x1, args.calls))
                 times[k]["batch 64"].append(ms_per_face(run, x64, max(1, args.calls // 10)))
         best = {k: {b: min(v) for b, v in t.items()} for k, t in times.items()}
-        row = {"parameters": ern.count_parameters(model), "image_size": size, "stem_stride": cfg.stem_stride, "export_check": differences,
+        row = {"parameters": ern.count_parameters(model), "image_size": size, "stem_stride": cfg.stem_stride,
+               "views": len(ern.tta_views(torch.zeros(1, 3, size, size), *views)), "export_check": differences,
                "ms_per_face": best, "rounds": times,
                "speedup_vs_eager": {k: {b: best["PyTorch eager"][b] / v for b, v in t.items()} for k, t in best.items()}}
-        print(f"{name} ({row['parameters'] / 1e6:.1f} M parameters, {size} px; export check {max(differences.values()):.1e})")
+        print(f"{name} ({row['parameters'] / 1e6:.1f} M parameters, {size} px, {row['views']} view(s); export check "
+              f"{max(differences.values()):.1e})")
         print(f"  {'runtime':<28} {'batch 1 ms/face':>16} {'x eager':>8} {'batch 64 ms/face':>17} {'x eager':>8}")
         for k, t in best.items():
             up = row["speedup_vs_eager"][k]
