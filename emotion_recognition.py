@@ -2145,18 +2145,18 @@ def tta_view_count(cfg):
     return (2 if cfg.tta_flip else 1) * (2 if cfg.tta_zoom else 1) * (1 + len(TTA_SHIFTS) if cfg.tta_shift else 1)
 
 
-VIEWS_PER_CALL_FACES = 64  # a few faces' test-time views go through the model together, up to this many images a
-# call: one face's twenty views 7x faster than one call each where bf16 is native (4x in float32); 64 faces' twenty at
-# once were 2.2x slower than a view a call (BENCHMARKS.md, "Test-time views stacked")
+TTA_IMAGES_PER_CALL = 64  # a few faces' test-time views go through the model together, up to this many images a
+# call: one face's twenty views 7-10x faster than a call each where bf16 is native (4-6x in float32); 64 faces'
+# twenty at once were 2.2-3x slower than a view a call (BENCHMARKS.md, "Test-time views stacked")
 
 
 def mean_over_views(model, views, channels_last=False, stack=True):
     """The model's outputs (logits, context logits, features) for each view, averaged in float32; None for what the
     model does not give. What evaluation, prediction and an exported model compute of one batch. stack: views of a
-    small batch go through the model together (VIEWS_PER_CALL_FACES); False: a call a view (an ONNX graph, whose
+    small batch go through the model together (TTA_IMAGES_PER_CALL); False: a call a view (an ONNX graph, whose
     batch is not known when it is traced)."""
     # without stack, the batch's size is never read: reading it would fix the batch of a graph being traced
-    per_call = max(1, VIEWS_PER_CALL_FACES // len(views[0])) if stack else 1
+    per_call = max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0]))) if stack else 1
     sums = None
     for i in range(0, len(views), per_call):
         group = views[i:i + per_call]
@@ -2827,7 +2827,8 @@ def global_batch_norm(model):
 
 def run_inference_sharded(model, images, mean, std, device, cfg, tta=True):
     """run_inference over all of images, each rank its contiguous share, gathered in order on every rank: the
-    outputs one process gives (BatchNorm in evaluation treats every face alone)."""
+    outputs one process gives (BatchNorm in evaluation treats every face alone), to rounding (a rank's last batch may
+    stack its views where one process's does not: mean_over_views)."""
     rank, world = rank_and_world()
     if world == 1:
         return run_inference(model, images, mean, std, device, cfg, tta)
