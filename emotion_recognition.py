@@ -1483,7 +1483,7 @@ def split_report(split, class_names):
         "file_list_sha256": file_list_fingerprint(split.paths),
         "per_class": {n: int((split.labels == i).sum()) for i, n in enumerate(class_names)},
         "formats": dict(Counter(split.formats)),
-        "image_sizes": {f"{h}x{w}": n for (h, w), n in Counter(split.sizes).most_common(10)},
+        "image_sizes": {f"{w}x{h}": n for (h, w), n in Counter(split.sizes).most_common(10)},  # width x height
     }
 
 

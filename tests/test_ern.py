@@ -481,6 +481,13 @@ def test_yolov5_face_rows_give_each_face_its_box_and_7_point_polygons_stay_polyg
     np.testing.assert_allclose(splits["val"].boxes[order], want, atol=2e-6)  # the box around each outline
 
 
+def test_the_data_report_gives_image_sizes_width_first():
+    """As a video's 640x480: width x height (it gave height first, unsaid)."""
+    split = ern.Split("train", ["a.png", "b.png", "c.png"], np.array([0, 1, 0]), np.zeros((3, 4), np.float32),
+                      formats=["png"] * 3, sizes=[(128, 160), (128, 160), (480, 640)])
+    assert ern.split_report(split, ["x", "y"])["image_sizes"] == {"160x128": 2, "640x480": 1}
+
+
 def make_split_folders(root, splits=("train", "valid", "test")):
     for s in splits:
         (root / s / "images").mkdir(parents=True)
