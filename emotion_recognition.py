@@ -2589,7 +2589,7 @@ def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_si
 RUN_FILES = ("config.json", "provenance.json", "train.log", "metrics.jsonl", "data_report.json", "best_emotion_model.pth",
              "final_emotion_model.pth", "last.pth", "evaluation_results.json", "evaluation_predictions.csv",
              "training_history.png", "confusion_matrix.png", "context_similarities.png", "feature_space.png",
-             "attention_maps.png", "data_problems.txt")
+             "feature_space.csv", "attention_maps.png", "data_problems.txt")
 
 
 def claim_folder(run_dir):
@@ -3264,7 +3264,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
 
 def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir, extra, train_hashes=None):
     """Evaluate one split and write evaluation_results.json, evaluation_predictions.csv and the confusion, context,
-    t-SNE and attention plots."""
+    t-SNE (with its points: feature_space.csv) and attention plots."""
     out = run_inference(model, split.images, mean, std, device, cfg)
     results = evaluation_results(split, out, class_names, train_hashes)
     results.update(extra)
@@ -3276,6 +3276,7 @@ def write_evaluation(model, split, class_names, mean, std, device, cfg, run_dir,
     write_json(results, run_dir / "evaluation_results.json")  # before the plots: a failing plot loses no number
     write_predictions(split, out["logits"], class_names, train_hashes, run_dir / "evaluation_predictions.csv")
     drawn = {"context_similarities.png": prototypes is not None, "feature_space.png": cfg.tsne_samples > 0,
+             "feature_space.csv": cfg.tsne_samples > 0,
              "attention_maps.png": cfg.attention_samples > 0 and isinstance(model, ERN)}
     for name in (n for n, yes in drawn.items() if not yes):  # a resume's earlier figure would not match these numbers
         with contextlib.suppress(OSError):
@@ -3434,8 +3435,24 @@ def plot_context(prototypes, mean_q, class_names, path, split):
     save_figure(fig, path)
 
 
+def write_points(path, idx, labels, emb, class_names, prototypes):
+    """feature_space.csv: each point of feature_space.png, a face (its row in evaluation_predictions.csv, its true
+    class) or a class's prototype, and its t-SNE coordinates."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = csv.writer(f)
+            rows.writerow(["point", "face", "class", "x", "y"])
+            for face, y, (x1, x2) in zip(idx.tolist(), labels.tolist(), emb[:len(idx)].tolist()):
+                rows.writerow(["face", face, class_names[y], f"{x1:.4f}", f"{x2:.4f}"])
+            for name, (x1, x2) in zip(class_names if prototypes else [], emb[len(idx):].tolist()):
+                rows.writerow(["prototype", "", name, f"{x1:.4f}", f"{x2:.4f}"])
+
+    atomic_write(path, write)
+
+
 def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed, split):
-    """t-SNE of a random sample of the features, prototypes embedded alongside and marked."""
+    """t-SNE of a random sample of the features, prototypes embedded alongside and marked; its points in a CSV beside
+    it (write_points)."""
     plt = pyplot()
     from sklearn.manifold import TSNE
     rng = np.random.default_rng(seed)
@@ -3444,8 +3461,12 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
     if prototypes is not None:
         pts = np.concatenate([pts, F.normalize(prototypes.float(), dim=1).numpy()])
     fig, ax = plt.subplots(figsize=(9, 8))
+    points = path.with_suffix(".csv")  # the figure's points, to draw it again another way
+    with contextlib.suppress(OSError):
+        points.unlink(missing_ok=True)  # an earlier evaluation's
     if len(pts) >= 5:
         emb = TSNE(2, perplexity=min(30.0, (len(pts) - 1) / 3), init="pca", random_state=seed).fit_transform(pts)
+        write_points(points, idx, labels[idx], emb, class_names, prototypes is not None)
         cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
         for i, name in enumerate(class_names):
             m = labels[idx] == i

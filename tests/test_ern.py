@@ -28,9 +28,9 @@ from conftest import TINY, ern, pr, run_script
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "provenance.json",
              "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "evaluation_predictions.csv",
              "training_history.png", "confusion_matrix.png", "context_similarities.png", "feature_space.png",
-             "attention_maps.png"]
+             "feature_space.csv", "attention_maps.png"]
 EVAL_FILES = ["evaluation_results.json", "evaluation_predictions.csv", "data_report.json", "confusion_matrix.png",
-              "context_similarities.png", "attention_maps.png", "feature_space.png"]
+              "context_similarities.png", "attention_maps.png", "feature_space.png", "feature_space.csv"]
 PLOTS = [n for n in RUN_FILES if n.endswith(".png")]
 RESULT_KEYS = ["accuracy", "test_accuracy", "macro_f1", "class_names", "classification_report", "confusion_matrix",
                "evaluated_split", "num_parameters", "best_epoch", "best_val_accuracy", "training_seconds", "config"]
@@ -123,6 +123,39 @@ def test_run_evaluation_results(trained, tiny_dataset):
     assert results["num_parameters"] == ern.count_parameters(ern.build_model(cfg, 8))
     assert results["training_seconds"] > 0
     assert "test accuracy" in proc.stdout
+
+
+def test_run_feature_space_points_name_their_faces(trained):
+    """feature_space.csv, the points of feature_space.png: each sampled face once (--tsne_samples=60 of the test
+    split's 32: all), as its row in evaluation_predictions.csv and its true class there, then each class's prototype."""
+    run_dir, _ = trained
+    with open(run_dir / "evaluation_predictions.csv", newline="", encoding="utf-8") as f:
+        faces = list(csv.DictReader(f))
+    with open(run_dir / "feature_space.csv", newline="", encoding="utf-8") as f:
+        points = list(csv.DictReader(f))
+    sampled = [p for p in points if p["point"] == "face"]
+    assert sorted(int(p["face"]) for p in sampled) == list(range(len(faces))) and len(faces) == 32
+    assert all(p["class"] == faces[int(p["face"])]["true"] for p in sampled)
+    assert [p["class"] for p in points[len(sampled):]] == read_results(run_dir)["class_names"]
+    assert {p["point"] for p in points[len(sampled):]} == {"prototype"}
+    xy = np.array([[float(p["x"]), float(p["y"])] for p in points])
+    assert np.isfinite(xy).all() and len(np.unique(xy.round(3), axis=0)) == len(points)  # a point each
+
+
+def test_a_feature_space_too_small_for_t_sne_leaves_no_points(tmp_path):
+    """Four faces and no prototypes: the figure says too few, and an earlier evaluation's feature_space.csv is
+    removed, not left to disagree with it; with the prototypes (4 + 3 points) the points are written."""
+    path, points = tmp_path / "feature_space.png", tmp_path / "feature_space.csv"
+    points.write_text("an earlier evaluation's")
+    features, labels = torch.randn(4, 16), np.array([0, 1, 2, 0])
+    ern.plot_feature_space(features, labels, None, ["a", "b", "c"], path, 100, 0, "val")
+    assert path.stat().st_size > 10_000 and not points.exists()
+    ern.plot_feature_space(features, labels, torch.randn(3, 16), ["a", "b", "c"], path, 100, 0, "val")
+    with open(points, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert sorted(r[:3] for r in rows[1:5]) == [["face", "0", "a"], ["face", "1", "b"], ["face", "2", "c"],
+                                                ["face", "3", "a"]]  # in the sample's (random) order
+    assert [r[:3] for r in rows[5:]] == [["prototype", "", "a"], ["prototype", "", "b"], ["prototype", "", "c"]]
 
 
 def test_run_best_epoch_is_the_best_validation_epoch(trained):

@@ -479,11 +479,11 @@ def test_a_resume_of_a_finished_run_says_so(finished, tmp_path, capsys):
     """It repeats the final evaluation, rewriting the run's results: it did so without a word. A figure it does not
     draw again (--tsne_samples=0, --attention_samples=0) is removed, not left to disagree with the new numbers."""
     run = Path(shutil.copytree(finished, tmp_path / "run"))
-    for earlier in ("feature_space.png", "attention_maps.png", "confusion_matrix.png"):
+    for earlier in ("feature_space.png", "feature_space.csv", "attention_maps.png", "confusion_matrix.png"):
         (run / earlier).write_bytes(b"an earlier evaluation's figure")
     ern.main([f"--resume={run}", f"--cache_dir={tmp_path / 'cache'}", "--tsne_samples=0", "--attention_samples=0"])
     assert f"the run had finished (epoch {EPOCHS}); the final evaluation is repeated" in capsys.readouterr().out
-    assert not (run / "feature_space.png").exists() and not (run / "attention_maps.png").exists()
+    assert not [n for n in ("feature_space.png", "feature_space.csv", "attention_maps.png") if (run / n).exists()]
     assert (run / "confusion_matrix.png").stat().st_size > 10_000  # drawn again
 
 
