@@ -3435,21 +3435,6 @@ def plot_context(prototypes, mean_q, class_names, path, split):
     save_figure(fig, path)
 
 
-def write_points(path, idx, labels, emb, class_names, prototypes):
-    """feature_space.csv: each point of feature_space.png, a face (its row in evaluation_predictions.csv, its true
-    class) or a class's prototype, and its t-SNE coordinates."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = csv.writer(f)
-            rows.writerow(["point", "face", "class", "x", "y"])
-            for face, y, (x1, x2) in zip(idx.tolist(), labels.tolist(), emb[:len(idx)].tolist()):
-                rows.writerow(["face", face, class_names[y], f"{x1:.4f}", f"{x2:.4f}"])
-            for name, (x1, x2) in zip(class_names if prototypes else [], emb[len(idx):].tolist()):
-                rows.writerow(["prototype", "", name, f"{x1:.4f}", f"{x2:.4f}"])
-
-    atomic_write(path, write)
-
-
 def plot_feature_space(features, labels, prototypes, class_names, path, max_points, seed, split):
     """t-SNE of a random sample of the features, prototypes embedded alongside and marked; its points in a CSV beside
     it (write_points)."""
@@ -3466,7 +3451,7 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
         points.unlink(missing_ok=True)  # an earlier evaluation's
     if len(pts) >= 5:
         emb = TSNE(2, perplexity=min(30.0, (len(pts) - 1) / 3), init="pca", random_state=seed).fit_transform(pts)
-        write_points(points, idx, labels[idx], emb, class_names, prototypes is not None)
+        write_points(points, idx, labels[idx], emb, class_names)
         cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
         for i, name in enumerate(class_names):
             m = labels[idx] == i
@@ -3480,6 +3465,22 @@ def plot_feature_space(features, labels, prototypes, class_names, path, max_poin
     ax.set_xticks([])
     ax.set_yticks([])
     save_figure(fig, path)
+
+
+def write_points(path, idx, labels, emb, class_names):
+    """feature_space.csv: each point of feature_space.png, a face (its row in evaluation_predictions.csv, 0 the first
+    after the header, and its true class) or a class's prototype (emb's rows after the faces'), and its t-SNE
+    coordinates."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            rows = csv.writer(f)
+            rows.writerow(["point", "face", "class", "x", "y"])
+            for face, label, (x, y) in zip(idx.tolist(), labels.tolist(), emb[:len(idx)].tolist()):
+                rows.writerow(["face", face, class_names[label], f"{x:.4f}", f"{y:.4f}"])
+            for name, (x, y) in zip(class_names, emb[len(idx):].tolist()):
+                rows.writerow(["prototype", "", name, f"{x:.4f}", f"{y:.4f}"])
+
+    atomic_write(path, write)
 
 
 def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):

@@ -144,18 +144,20 @@ def test_run_feature_space_points_name_their_faces(trained):
 
 def test_a_feature_space_too_small_for_t_sne_leaves_no_points(tmp_path):
     """Four faces and no prototypes: the figure says too few, and an earlier evaluation's feature_space.csv is
-    removed, not left to disagree with it; with the prototypes (4 + 3 points) the points are written."""
+    removed, not left to disagree with it; with the prototypes the points are written: a sample of 3 of 6 faces, each
+    with its own class, then the prototypes."""
     path, points = tmp_path / "feature_space.png", tmp_path / "feature_space.csv"
     points.write_text("an earlier evaluation's")
-    features, labels = torch.randn(4, 16), np.array([0, 1, 2, 0])
-    ern.plot_feature_space(features, labels, None, ["a", "b", "c"], path, 100, 0, "val")
+    names, labels = ["a", "b", "c"], np.array([0, 1, 2, 0, 2, 1])
+    ern.plot_feature_space(torch.randn(4, 16), labels[:4], None, names, path, 100, 0, "val")
     assert path.stat().st_size > 10_000 and not points.exists()
-    ern.plot_feature_space(features, labels, torch.randn(3, 16), ["a", "b", "c"], path, 100, 0, "val")
+    ern.plot_feature_space(torch.randn(6, 16), labels, torch.randn(3, 16), names, path, 3, 0, "val")
     with open(points, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    assert sorted(r[:3] for r in rows[1:5]) == [["face", "0", "a"], ["face", "1", "b"], ["face", "2", "c"],
-                                                ["face", "3", "a"]]  # in the sample's (random) order
-    assert [r[:3] for r in rows[5:]] == [["prototype", "", "a"], ["prototype", "", "b"], ["prototype", "", "c"]]
+        header, *rows = list(csv.reader(f))
+    assert header == ["point", "face", "class", "x", "y"] and len(rows) == 6
+    faces = [int(r[1]) for r in rows[:3]]
+    assert len(set(faces)) == 3 and [r[:3] for r in rows[:3]] == [["face", str(i), names[labels[i]]] for i in faces]
+    assert [r[:3] for r in rows[3:]] == [["prototype", "", "a"], ["prototype", "", "b"], ["prototype", "", "c"]]
 
 
 def test_run_best_epoch_is_the_best_validation_epoch(trained):
