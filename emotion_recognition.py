@@ -2147,7 +2147,7 @@ def tta_view_count(cfg):
 
 TTA_IMAGES_PER_CALL = 64  # a few faces' test-time views go through the model together, up to this many images a
 # call: one face's twenty views 7-10x faster than a call each where bf16 is native (4-6x in float32); 64 faces'
-# twenty at once were 2.2-3x slower than a view a call (BENCHMARKS.md, "Test-time views stacked")
+# twenty at once were 2.2-3.1x slower than a view a call (BENCHMARKS.md, "Test-time views stacked")
 
 
 def mean_over_views(model, views, channels_last=False, stack=True):
