@@ -37,6 +37,7 @@ import errno
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -642,6 +643,17 @@ def write_json(obj, path):
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
+def write_csv(path, header, rows):
+    """A CSV of header and rows, UTF-8 (file names that are not: as the file system gave them), written whole."""
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            out = csv.writer(f)
+            out.writerow(header)
+            out.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def write_image(path, bgr):
     """cv2.imwrite for any file name: encoded by OpenCV, written by Python (OpenCV's own writer fails on a non-ASCII
     name on Windows and crashes, SIGSEGV, on one that is not UTF-8). OSError, with the reason, where it cannot."""
@@ -1129,9 +1141,14 @@ def scan_split(name, source, num_classes, keypoint_values=0, tally=None):
         problems += bad
     tally = collections.Counter() if tally is None else tally
     split, bad, notes, no_face = read_label_files(name, pairs, num_classes, keypoint_values, tally)
-    if tally["face landmarks"] > tally["15 fields"] / 2:
+    if face_rows_read(tally):
         split, bad, notes, no_face = read_label_files(name, pairs, num_classes, keypoint_values, face_rows=True)
     return split, problems + bad, notes, no_face
+
+
+def face_rows_read(tally):
+    """Whether scan_split read a split's 15-field rows as YOLOv5-face's: most of them read so (its tally)."""
+    return tally["face landmarks"] > tally["15 fields"] / 2
 
 
 def read_label_files(name, pairs, num_classes, keypoint_values, tally=None, face_rows=False):
@@ -1591,7 +1608,7 @@ def scan_splits(folders, splits_wanted, num_classes, keypoint_values, log_file):
         if name in folders:
             tally = collections.Counter()
             splits[name], found, repeated, empty = scan_split(name, folders[name], num_classes, keypoint_values, tally)
-            if tally["face landmarks"] > tally["15 fields"] / 2:
+            if face_rows_read(tally):
                 face_notes.append(f"{tally['face landmarks']} of the {name} split's {tally['15 fields']} label rows "
                                   f"of 15 fields read as YOLOv5-face's (a box, then five landmarks in it): they are "
                                   f"read so, not as 7-point polygons (kpt_shape: [5, 2] in data.yaml would say so)")
@@ -2162,8 +2179,7 @@ def mean_over_views(model, views, channels_last=False, stack=True):
         group = views[i:i + per_call]
         x = torch.cat(group) if len(group) > 1 else group[0]
         outs = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-        part = [None if t is None else t.float() if len(group) == 1 else
-                t.float().reshape(len(group), -1, *t.shape[1:]).sum(0) for t in outs]
+        part = [None if t is None else t.float().reshape(len(group), -1, *t.shape[1:]).sum(0) for t in outs]
         sums = part if sums is None else [None if a is None else a + b for a, b in zip(sums, part)]
     return tuple(None if t is None else t / len(views) for t in sums)
 
@@ -3301,18 +3317,12 @@ def write_predictions(split, logits, class_names, train_hashes, path):
     face by face."""
     probs, pred = logits.float().softmax(1).numpy(), logits.argmax(1).tolist()
     in_train = [""] * len(split) if train_hashes is None else [int(h in train_hashes) for h in split.hashes]
-
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = csv.writer(f)
-            rows.writerow(["image", "cx", "cy", "w", "h", "true", "predicted", "confidence", "image_in_train",
-                           *class_names])
+    rows = ([image, *(f"{v:.6g}" for v in box), class_names[y], class_names[k], f"{p[k]:.4f}", dup,
+             *(f"{v:.4f}" for v in p)]
             for image, box, y, k, p, dup in zip(split.paths, split.boxes.tolist(), split.labels.tolist(), pred, probs,
-                                                in_train):
-                rows.writerow([image, *(f"{v:.6g}" for v in box), class_names[y], class_names[k], f"{p[k]:.4f}", dup,
-                               *(f"{v:.4f}" for v in p)])
-
-    atomic_write(path, write)
+                                                in_train))
+    write_csv(path, ["image", "cx", "cy", "w", "h", "true", "predicted", "confidence", "image_in_train", *class_names],
+              rows)
 
 
 def final_evaluation(model, splits, eval_split, class_names, mean, std, device, cfg, run_dir, log_file, record,
@@ -3471,16 +3481,11 @@ def write_points(path, idx, labels, emb, class_names):
     """feature_space.csv: each point of feature_space.png, a face (its row in evaluation_predictions.csv, 0 the first
     after the header, and its true class) or a class's prototype (emb's rows after the faces'), and its t-SNE
     coordinates."""
-    def write(tmp):
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            rows = csv.writer(f)
-            rows.writerow(["point", "face", "class", "x", "y"])
-            for face, label, (x, y) in zip(idx.tolist(), labels.tolist(), emb[:len(idx)].tolist()):
-                rows.writerow(["face", face, class_names[label], f"{x:.4f}", f"{y:.4f}"])
-            for name, (x, y) in zip(class_names, emb[len(idx):].tolist()):
-                rows.writerow(["prototype", "", name, f"{x:.4f}", f"{y:.4f}"])
-
-    atomic_write(path, write)
+    face_points = (["face", face, class_names[label], f"{x:.4f}", f"{y:.4f}"]
+                   for face, label, (x, y) in zip(idx.tolist(), labels.tolist(), emb[:len(idx)].tolist()))
+    prototype_points = (["prototype", "", name, f"{x:.4f}", f"{y:.4f}"]
+                        for name, (x, y) in zip(class_names, emb[len(idx):].tolist()))
+    write_csv(path, ["point", "face", "class", "x", "y"], itertools.chain(face_points, prototype_points))
 
 
 def overlay(ax, face, heat, title, vmin=0.0, vmax=1.0):
