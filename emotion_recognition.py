@@ -2492,11 +2492,14 @@ def checkpoint_in(path, name):
     try:
         if not path.is_dir():
             return str(path)
+        try:
+            (path / name).stat()  # not is_file(): Python 3.14's says False where the folder may not be entered
+        except FileNotFoundError:
+            held = sorted(p.name for p in path.iterdir() if p.suffix == ".pth")
+            raise UserError(f"{path} is a folder without {name}; its checkpoints: "
+                            f"{', '.join(held) or 'none'}") from None
     except OSError as e:  # a name too long, a folder this user may not enter
         raise UserError(f"cannot read the checkpoint {path}: {e.strerror or e}") from None
-    if not (path / name).is_file():
-        held = sorted(p.name for p in path.iterdir() if p.suffix == ".pth")
-        raise UserError(f"{path} is a folder without {name}; its checkpoints: {', '.join(held) or 'none'}")
     return str(path / name)
 
 
@@ -2509,6 +2512,8 @@ def load_checkpoint(path):
         raise UserError(f"{path} is an export, which runs in onnxruntime (README); give the .pth it was exported from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # a file this user may not read (another's run on a shared machine)
+        raise UserError(f"cannot read the checkpoint {path}: {e.strerror or e}") from None
     except Exception as e:  # torch raises several types for foreign or damaged files
         with open(path, "rb") as f:
             head = f.read(2)
@@ -3791,10 +3796,14 @@ def main(argv, started=None):
         return run_training(*resumed(action.resume, overrides), argv=argv, started=started)
     cfg = preset_for_machine(cfg, overrides)  # the same stages as the preset's: validated above
     if action.demo:
-        data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")
-        if not (data / "data.yaml").exists():
-            print(f"writing a synthetic dataset of drawn faces to {data} ...")
-            make_synthetic_dataset(data, seed=cfg.seed)
+        data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data").expanduser()  # as run_training's
+        try:
+            if not (data / "data.yaml").exists():
+                print(f"writing a synthetic dataset of drawn faces to {data} ...")
+                make_synthetic_dataset(data, seed=cfg.seed)
+        except OSError as e:  # a read-only checkout, a full disk, a --data_dir under a file or in another's folder
+            raise UserError(f"cannot write the demo's dataset in {data}: {e.strerror or e}; choose a writable "
+                            f"--data_dir") from None
         cfg = dataclasses.replace(cfg, data_dir=str(data))
     return run_training(cfg, argv=argv, started=started)
 

@@ -725,15 +725,23 @@ class FaceTracker:
     """A video's faces across frames: each face continues the live track whose last box it overlaps most
     (IoU >= min_iou, best pairs first) or starts a new one; a track ends once its face has gone unseen for more than
     max_gap seconds and at least min_missed classified frames. Each track's probabilities are smoothed
-    exponentially in time: its past keeps smoothing ** (elapsed / SMOOTHING_STEP) of the weight (0 = raw)."""
+    exponentially in time: its past keeps smoothing ** (elapsed / SMOOTHING_STEP) of the weight (0 = raw). Where the
+    frames change size (a WebRTC stream rescales to its bandwidth) the tracks' boxes are rescaled with them."""
 
     def __init__(self, smoothing, min_iou=TRACK_IOU, max_gap=TRACK_MAX_GAP, min_missed=TRACK_MIN_MISSED):
         self.min_iou, self.max_gap, self.min_missed, self.smoothing = min_iou, max_gap, min_missed, smoothing
         self.tracks, self.next_id = {}, 0  # id -> {"box", "seen" (s), "missed", "probs"}
+        self.size = None  # the last frame's (width, height)
 
-    def update(self, faces, probs, now):
+    def update(self, faces, probs, now, size=None):
         """Track numbers and smoothed probabilities of one frame's faces at time now (s; whole-frame rows share
-        WHOLE_FRAME)."""
+        WHOLE_FRAME); size: the frame's (width, height) (None: as the last frame's)."""
+        if size is not None and self.size is not None and size != self.size:
+            sx, sy = size[0] / self.size[0], size[1] / self.size[1]
+            for track in self.tracks.values():
+                x1, y1, x2, y2 = track["box"]
+                track["box"] = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
+        self.size = size or self.size
         pairs = sorted(((box_iou(t["box"], box), tid, j) for tid, t in self.tracks.items() if tid != WHOLE_FRAME
                         for j, (box, detected, _) in enumerate(faces) if detected), reverse=True)
         match = {}
@@ -982,7 +990,7 @@ def predict_video(predictor, source, out, args):
             for batch in in_batches(prepared, args.batch, frames_per_batch):
                 for (index, t, image, faces), probs in zip(batch, classify_batch(predictor, batch)):
                     with ctrl_c_deferred():  # the summary stays in step with the CSV
-                        ids, smoothed = tracker.update(faces, probs, t)
+                        ids, smoothed = tracker.update(faces, probs, t, image.shape[1::-1])
                         out.rows(source.path, index, t, faces, predictor.describe(faces, probs), ids)
                         for tid, track_p, (_, detected, crop) in zip(ids, smoothed, faces):
                             if crop is None:

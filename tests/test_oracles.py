@@ -301,11 +301,20 @@ def test_csv_probabilities_are_the_models_softmax_on_that_faces_crop(tmp_path):
 
 def test_demo_writes_its_dataset_and_trains_with_its_preset_under_the_command_line(tmp_path, monkeypatch):
     """--demo: the synthetic dataset of drawn faces (8 classes, 150 training and 50 validation faces each), then a run
-    with the demo preset's values, the command line's over them (here one epoch)."""
-    monkeypatch.chdir(tmp_path)
-    run_dir, results = ern.main(["--demo", "--epochs=1", f"--data_dir={tmp_path / 'demo'}", "--tsne_samples=0",
+    with the demo preset's values, the command line's over them (here one epoch). --data_dir=~/demo, which the shell
+    leaves as it is, is the home folder's (before: the faces went to a folder named ~ in the working folder, and
+    training looked for them in the home folder). A --data_dir it cannot write (here: under a file) is one line
+    (before: a NotADirectoryError traceback)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ern.UserError, match="^cannot write the demo's dataset in .*file/demo: Not a directory; choose"):
+        ern.main(["--demo", f"--data_dir={tmp_path / 'file' / 'demo'}"])
+    run_dir, results = ern.main(["--demo", "--epochs=1", "--data_dir=~/demo", "--tsne_samples=0",
                                  "--attention_samples=0", f"--output_dir={tmp_path / 'run'}",
                                  f"--cache_dir={tmp_path / 'cache'}"])
+    assert list((tmp_path / "cwd").iterdir()) == []
     names, folders, _, _ = ern.read_data_yaml(tmp_path / "demo")
     assert names == ern.DEMO_CLASSES and set(folders) == {"train", "val"}
     assert len(list(folders["train"].iterdir())) == 8 * 150 and len(list(folders["val"].iterdir())) == 8 * 50

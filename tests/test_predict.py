@@ -996,6 +996,22 @@ def test_tracker_keeps_ids_by_overlap_and_smooths():
     assert ids == [2] and smoothed[0] == pytest.approx(q)  # a new track starts raw
 
 
+def test_a_track_follows_its_face_through_a_change_of_frame_size():
+    """A WebRTC stream rescales with its bandwidth: two faces, the frame halved, each keeps its track and its smoothing.
+    Before: the boxes were compared across the sizes, so each face started a new track (an overlap below TRACK_IOU)."""
+    step = pr.SMOOTHING_STEP
+    tracker = pr.FaceTracker(smoothing=0.5)
+    p, q = np.eye(2)
+    face = lambda box: (box, True, None)
+    ids, _ = tracker.update([face((200, 100, 400, 300)), face((420, 100, 620, 300))], [p, q], 0.0, (640, 480))
+    assert ids == [0, 1]
+    ids, smoothed = tracker.update([face((211, 51, 311, 151)), face((101, 49, 201, 149))], [p, q], step, (320, 240))
+    assert ids == [1, 0]
+    assert smoothed[0] == pytest.approx(0.5 * q + 0.5 * p) and smoothed[1] == pytest.approx(0.5 * p + 0.5 * q)
+    ids, _ = tracker.update([face((200, 100, 400, 300))], [q], 2 * step, (640, 480))  # and back
+    assert ids == [0] and tracker.update([face((200, 100, 400, 300))], [q], 3 * step)[0] == [0]  # no size: as before
+
+
 def test_tracks_end_and_smooth_in_seconds_not_classified_frames():
     """Every frame of 30 a second: a face missed for 0.4 s keeps its track (max_gap 0.5 s). One frame a second
     (--every=30): two missed detections keep it and three end it (counted in frames, ten missed frames kept a track for

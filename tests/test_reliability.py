@@ -897,6 +897,37 @@ def test_bad_checkpoint_file_gives_one_clear_line(finished, tiny_dataset, tmp_pa
     assert not (tmp_path / "pwned").exists(), "the checkpoint ran code: torch.load without weights_only=True"
 
 
+def test_a_checkpoint_this_user_may_not_read_is_one_line(finished, tiny_dataset, tmp_path, monkeypatch):
+    """Another user's run on a shared machine: open() refuses its checkpoint (the system's PermissionError, made here
+    for root, whom permissions do not stop) or its folder. Before: torch.load's PermissionError, then the same again
+    from the handler that read the file's first bytes, a chained traceback; the folder's, from is_file (Python 3.14's
+    is_file says False there instead: then "a folder without best_emotion_model.pth" whose listing names it)."""
+    shutil.copytree(finished, tmp_path / "theirs", ignore=shutil.ignore_patterns(".lock"))
+    real_open, real_stat, theirs = open, Path.stat, str(tmp_path / "theirs" / "best_emotion_model.pth")
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == theirs:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    def refusing_stat(path, *args, **kwargs):  # a folder without the execute permission: nothing in it has a status
+        if path.parent == tmp_path / "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    monkeypatch.setattr(Path, "stat", refusing_stat)
+    (tmp_path / "locked").mkdir()
+    for checkpoint in (tmp_path / "theirs", tmp_path / "locked"):
+        with pytest.raises(ern.UserError) as refused:
+            ern.main([f"--evaluate={checkpoint}", f"--data_dir={tiny_dataset}", f"--output_dir={tmp_path / 'out'}",
+                      f"--cache_dir={tmp_path / 'cache'}"])
+        assert str(refused.value).startswith(f"cannot read the checkpoint {checkpoint}") \
+            and str(refused.value).endswith(": Permission denied"), refused.value
+        with pytest.raises(ern.UserError, match=f"^cannot read the checkpoint {re.escape(str(checkpoint))}"):
+            pr.main([str(tiny_dataset), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'pred'}"])
+
+
 def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
     """Another output folder, batch size, learning rate, weight decay, time budget or preset: one line naming the
     field and why, before any work; the run's own folder is no change. (Before: a TypeError traceback, a scheduler
