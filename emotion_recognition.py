@@ -481,6 +481,15 @@ def cpu_model():
     return cpuinfo("model name") or platform.processor()
 
 
+def user_path(path):
+    """path with a leading ~ or ~user expanded, as a shell would have (it leaves --name=~/... as typed); as it is where
+    that names no home folder: a file called ~draft.jpg, or no $HOME and no passwd entry (pathlib raises there)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def user_cache_dir():
     """Where verdicts about this machine are kept across runs and datasets: $XDG_CACHE_HOME/ern or ~/.cache/ern;
     without a home directory (no $HOME and no passwd entry: some containers) the user's own in the temporary folder."""
@@ -794,7 +803,7 @@ def read_data_yaml(data_dir, problems=None):
     class of names at another place (compared in any case), is raised, or appended to `problems` if a list is given
     (so that it is reported together with the label and image problems).
     """
-    data_dir = Path(data_dir).expanduser()
+    data_dir = user_path(data_dir)
     yaml_path = data_dir if data_dir.suffix.lower() in (".yaml", ".yml") else data_dir / "data.yaml"
     if not yaml_path.is_file():
         others = sorted(p.name for p in data_dir.glob("*.y*ml")) if data_dir.is_dir() else []
@@ -911,7 +920,7 @@ def split_sources(doc, yaml_path):
     if "val" in doc and "validation" in doc:
         notes.append("data.yaml gives both val and validation: val is read")
     for path in paths:
-        root = base / Path(path).expanduser()  # ~ as --data_dir's
+        root = base / user_path(path)  # ~ as --data_dir's
         if not root.is_dir():
             notes.append(f"data.yaml's path {path!r} does not exist here; its splits are read from {base}")
             absent = f"; its path {path!r} does not exist ({os.path.abspath(root)}: a relative path is taken from " \
@@ -925,12 +934,12 @@ def split_sources(doc, yaml_path):
         number = " (YAML read the name as a number: quote it)" if entries and not all(isinstance(v, str) for v in raw) \
             else ""
         # not resolved: labels lie beside a link
-        given = [Path(os.path.abspath(root / Path(e).expanduser())) for e in entries]
+        given = [Path(os.path.abspath(root / user_path(e))) for e in entries]
         given = [g / "images" if (g / "images").is_dir() and (g / "labels").is_dir() else g for g in given]
         fallback = next((base / s / "images" for s in standard if (base / s / "images").is_dir()), None)
         if given and all(g.exists() for g in given):
             for g, entry in zip(given, entries):  # Roboflow's ../train/images, from an export unpacked in another
-                if (root == base and not Path(entry).expanduser().is_absolute() and g.is_dir() and fallback is not None
+                if (root == base and not user_path(entry).is_absolute() and g.is_dir() and fallback is not None
                         and base not in g.parents and not os.path.samefile(g, fallback)):
                     raise UserError(f"{yaml_path}: '{key}: {entry}' is {g}, outside the yaml's folder, and {fallback} "
                                     f"lies beside the yaml too (an export unpacked inside another): point '{key}' at "
@@ -1410,7 +1419,7 @@ def load_split_pixels(split, cfg, log_file=None, rebuilt=False):
     the problems found while decoding (unreadable, truncated, not an image).
     """
     size, margin = cfg.image_size, cfg.crop_margin
-    cache_dir = Path(cfg.cache_dir).expanduser()
+    cache_dir = user_path(cfg.cache_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1660,7 +1669,7 @@ def stop_on_problems(problems, yaml_problems, cfg, log_file):
     log; a resume, whose folder changes only once the data fit, has none: in the cache folder)."""
     shown = "\n  ".join(problems[:50])
     if len(problems) > 50:  # the first 50 can all be of one kind
-        listing = (Path(log_file).parent if log_file else Path(cfg.cache_dir).expanduser()) / "data_problems.txt"
+        listing = (Path(log_file).parent if log_file else user_path(cfg.cache_dir)) / "data_problems.txt"
         try:
             listing.parent.mkdir(parents=True, exist_ok=True)
             listing.write_text("".join(f"{p}\n" for p in problems), encoding="utf-8", errors="backslashreplace")
@@ -2488,7 +2497,7 @@ def training_state(optimizer, scheduler, scaler, history, best, steps):
 
 def checkpoint_in(path, name):
     """path, or the checkpoint `name` of the run folder that path names (best_emotion_model.pth, last.pth)."""
-    path = Path(path).expanduser()  # the shell leaves --checkpoint=~/... unexpanded
+    path = user_path(path)  # the shell leaves --checkpoint=~/... unexpanded
     try:
         if not path.is_dir():
             return str(path)
@@ -2661,7 +2670,7 @@ def make_run_dir(cfg, resuming=False):
     A folder that holds a run takes --overwrite=true (its files removed) or a resume; one that holds what a refused
     run left has its train.log emptied and its data_problems.txt removed."""
     if cfg.output_dir:
-        run_dir = Path(cfg.output_dir).expanduser()  # the shell leaves --output_dir=~/... unexpanded
+        run_dir = user_path(cfg.output_dir)  # the shell leaves --output_dir=~/... unexpanded
         try:
             if run_dir.exists() and not run_dir.is_dir():
                 raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")
@@ -3579,7 +3588,7 @@ def run_evaluation(cfg, action, overrides):
     if made:
         folder = unique_folder(own_folder / f"eval__{time.strftime('%Y%m%d-%H%M%S')}")
         cfg = dataclasses.replace(cfg, output_dir=str(folder))
-    elif Path(cfg.output_dir).expanduser().resolve() in (own_folder.resolve(), Path(action.evaluate).resolve().parent):
+    elif user_path(cfg.output_dir).resolve() in (own_folder.resolve(), Path(action.evaluate).resolve().parent):
         raise UserError(f"--output_dir={cfg.output_dir} holds the checkpoint evaluated: an evaluation writes into a "
                         f"folder of its own (without --output_dir, {own_folder / 'eval__TIME'})")
     run_dir, lock = make_run_dir(cfg)
@@ -3620,9 +3629,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
     --time_budget counts from (the script: its process's start; a caller such as a notebook: now)."""
     started = started or time.time()
     # absolute data and cache folders in the config and checkpoints: --resume works from any folder
-    cfg = dataclasses.replace(cfg, data_dir=str(Path(cfg.data_dir).expanduser().resolve()),
-                              cache_dir=str(Path(cfg.cache_dir).expanduser().resolve()),
-                              output_dir=cfg.output_dir and str(Path(cfg.output_dir).expanduser()))
+    cfg = dataclasses.replace(cfg, data_dir=str(user_path(cfg.data_dir).resolve()),
+                              cache_dir=str(user_path(cfg.cache_dir).resolve()),
+                              output_dir=cfg.output_dir and str(user_path(cfg.output_dir)))
     device = init_distributed(cfg)
     rank, world = rank_and_world()
     if cfg.batch_size % world:
@@ -3762,7 +3771,7 @@ def resumed(last, overrides):
     if "optimizer" not in ckpt:
         raise UserError(f"{last} holds weights but no training state; resume from the run's last.pth")
     folder = Path(last).parent
-    if Path(overrides.get("output_dir", folder)).expanduser().resolve() == folder.resolve():
+    if user_path(overrides.get("output_dir", folder)).resolve() == folder.resolve():
         overrides.pop("output_dir", None)  # naming the run's own folder is no change
     saved = config_from_checkpoint(ckpt)
     unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != getattr(saved, k)]
@@ -3796,7 +3805,7 @@ def main(argv, started=None):
         return run_training(*resumed(action.resume, overrides), argv=argv, started=started)
     cfg = preset_for_machine(cfg, overrides)  # the same stages as the preset's: validated above
     if action.demo:
-        data = Path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data").expanduser()  # as run_training's
+        data = user_path(cfg.data_dir if "data_dir" in overrides else "outputs/demo_data")  # as run_training's
         try:
             if not (data / "data.yaml").exists():
                 print(f"writing a synthetic dataset of drawn faces to {data} ...")

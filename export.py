@@ -26,7 +26,7 @@ import torch.nn as nn
 from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
                                  decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, mean_over_views,
                                  model_from_checkpoint, network_crop, read_overrides, standardize,
-                                 stop_on_ctrl_c_and_sigterm, tta_view_count, tta_views)
+                                 stop_on_ctrl_c_and_sigterm, tta_view_count, tta_views, user_path)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -146,7 +146,7 @@ def run_export(args):
     """model.onnx at args.output, or beside the checkpoint; exit status 1 when onnxruntime disagrees with PyTorch by
     more than EXPORT_TOLERANCE (nothing written then). The checkpoint is read before anything is written."""
     ckpt = load_checkpoint(args.checkpoint)
-    path = Path(args.output).expanduser() if args.output else Path(args.checkpoint).parent / "model.onnx"
+    path = user_path(args.output) if args.output else Path(args.checkpoint).parent / "model.onnx"
     try:
         folder = path.is_dir() or args.output.endswith(("/", os.sep))  # model.onnx in it, as --checkpoint's
         path = path / "model.onnx" if folder else path

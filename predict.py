@@ -40,7 +40,8 @@ from emotion_recognition import (IMAGE_EXTS, INFERENCE_SETTINGS, Terminated, Use
                                  fit_threads_to_cpu, folder_files, inference_config, inference_model, list_file_lines,
                                  load_checkpoint, network_crop, opencv_message, ordered_prefetch, out_of_memory_named,
                                  overlay, pyplot, read_overrides, resolve_device, run_inference, save_figure,
-                                 stop_on_ctrl_c_and_sigterm, unique_folder, validate_device, write_image, write_json)
+                                 stop_on_ctrl_c_and_sigterm, unique_folder, user_path, validate_device, write_image,
+                                 write_json)
 
 
 @dataclass
@@ -329,13 +330,13 @@ def read_list_files(specs):
         if not spec.startswith("@"):
             parts.append(spec)
             continue
-        listing = Path(spec[1:]).expanduser()
+        listing = user_path(spec[1:])
         try:
             lines = list_file_lines(listing)
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
         for _, line in lines:
-            beside = listing.parent / Path(line).expanduser()
+            beside = listing.parent / user_path(line)
             try:
                 parts.append(os.path.normpath(beside) if beside.exists() else line)
             except OSError:  # a name too long, a folder this user may not enter: the input fails on its own
@@ -377,7 +378,7 @@ def prediction_inputs(specs):
                          MediaSource("error", part, error="a camera's index is below 100 (OpenCV reads N from 100 up "
                                                           "as another backend's camera N % 100)"))
             continue
-        path = Path(part).expanduser()
+        path = user_path(part)
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
@@ -1067,7 +1068,7 @@ def run_prediction(args, specs):
     with quiet:  # stdout carries the JSON lines alone: the model's loading notes (channels_last off) go to stderr
         predictor = EmotionPredictor(args.checkpoint, args.device, args.detect_faces, **settings)
     inputs = prediction_inputs(specs)
-    out_dir = Path(args.output_dir).expanduser() if args.output_dir else unique_folder(
+    out_dir = user_path(args.output_dir) if args.output_dir else unique_folder(
         Path("outputs") / f"predict__{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         held = (out_dir / "predictions.csv").exists()

@@ -869,6 +869,21 @@ def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path,
             main(args)
 
 
+def test_a_name_that_begins_with_a_tilde_is_a_name(checkpoint, tmp_path, monkeypatch):
+    """~draft.jpg (an editor's working copy) as an input and a line of an @list, --output_dir=~out, and export's
+    --output=~m.onnx: where ~name names no user the shell leaves it as typed, and pathlib's expanduser raised
+    RuntimeError on it (a traceback before)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(HOPPER, tmp_path / "~draft.jpg")
+    (tmp_path / "inputs.txt").write_text("~draft.jpg\n")
+    assert pr.main(["~draft.jpg", f"--checkpoint={checkpoint}", "--output_dir=~out"]) == 0
+    assert pr.main(["@inputs.txt", f"--checkpoint={checkpoint}", "--output_dir=~listed"]) == 0
+    for out in ("~out", "~listed"):
+        rows = read_csv(tmp_path / out)
+        assert [(Path(r["source"]).name, r["face_detected"]) for r in rows] == [("~draft.jpg", "true")]
+    assert ex.main([f"--checkpoint={checkpoint}", "--output=~m.onnx"]) == 0 and (tmp_path / "~m.onnx").exists()
+
+
 def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, tmp_path):
     """The default outputs/ under the current folder, or --output_dir inside the folder read: a second run reads
     its photos, not the first run's annotated copies (it nested them one level deeper each time), also where the
