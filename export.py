@@ -95,9 +95,13 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
                            cfg.tta_zoom).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)
-    torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
-                      verbose=False)
+    try:
+        torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
+                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                          verbose=False)
+    except ImportError as e:  # an onnxscript or onnx older than this torch, whose exporter imports their parts lazily
+        raise UserError(f"torch {torch.__version__}'s ONNX exporter cannot import {e.name or e} (an onnxscript or onnx "
+                        f"older than it): pip install --upgrade onnxscript onnx") from None
     graph = onnx.load(str(path))
     views = tta_view_count(cfg)
     views_note = f" (and its {views - 1} other test-time views, averaged)" if views > 1 else ""
