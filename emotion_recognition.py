@@ -482,12 +482,17 @@ def cpu_model():
 
 
 def user_path(path):
-    """path with a leading ~ or ~user expanded, as a shell would have (it leaves --name=~/... as typed); as it is where
-    that names no home folder: a file called ~draft.jpg, or no $HOME and no passwd entry (pathlib raises there)."""
+    """path with a leading ~ or ~user expanded, as a shell would have (it leaves --name=~/... as typed); left as typed
+    where ~name names no user (a file called ~draft.jpg). UserError where ~ names no home folder (no $HOME and no passwd
+    entry: some containers). pathlib's expanduser raises RuntimeError for both."""
+    path = Path(path)
     try:
-        return Path(path).expanduser()
+        return path.expanduser()
     except RuntimeError:
-        return Path(path)
+        if path.parts[0] == "~":
+            raise UserError(f"{path}: ~ names no home folder here (no $HOME, no passwd entry); give the folder "
+                            f"itself") from None
+        return path
 
 
 def user_cache_dir():

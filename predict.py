@@ -107,6 +107,8 @@ TIMELINE_TRACKS = 6  # tracks drawn in a video's timeline (the longest ones)
 TIMELINE_POINTS = 4096  # points a track's timeline holds at most, even (its figure is 1,100 pixels wide): then each two
 # are averaged into one, and the frames that follow in groups as large (the last unfinished group is not drawn)
 FALLBACK_FPS = 30.0  # a container or camera that gives no frame rate
+CAMERA_PATIENCE = 2.0  # seconds a camera may deliver no frame (warming up after it opens, a dropped USB frame) before
+# it counts as stopped
 STILL_SECONDS = 10.0  # the longest pause of a video file its annotated copy holds as a still
 ANNOTATED_FPS = 60.0  # at most, for an annotated video: WebM files that claim 1000 fps would repeat each frame 33 times
 # Memory
@@ -703,7 +705,8 @@ def video_frames(capture, every, max_frames, fps):
     """(frame index, time in seconds, RGB frame) of every `every`-th frame (the others are grabbed, neither
     converted nor classified). A file's time is the frame's own timestamp, right for variable-frame-rate video
     (phones, browsers, screen recorders), where index / fps drifts; where the container gives none, it is
-    counted on from the last one at fps. fps 0 (a camera): the wall clock since the first frame."""
+    counted on from the last one at fps. fps 0 (a camera): the wall clock since the first frame; a camera's failed
+    read is tried again for CAMERA_PATIENCE seconds before the camera counts as stopped."""
     start, index, classified, last = None, 0, 0, (0, -1.0)  # last: (index, time) of the last stamped frame
     while not max_frames or classified < max_frames:
         if index % every:
@@ -711,6 +714,10 @@ def video_frames(capture, every, max_frames, fps):
                 return
         else:
             ok, frame = capture.read()
+            deadline = time.monotonic() + CAMERA_PATIENCE
+            while not ok and not fps and time.monotonic() < deadline:
+                time.sleep(0.05)
+                ok, frame = capture.read()
             if not ok:
                 return
             classified += 1

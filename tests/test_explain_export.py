@@ -385,7 +385,7 @@ def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
     assert status == 1 and list(tmp_path.iterdir()) == []
 
 
-def test_an_onnxruntime_too_old_or_missing_is_one_line_and_leaves_no_file(run, tmp_path, monkeypatch):
+def test_an_onnx_package_too_old_or_missing_is_one_line_and_leaves_no_file(run, tmp_path, monkeypatch):
     """The export stamped with an opset this onnxruntime does not know (as an older onnxruntime meets today's
     exporter; a real load failure): one line with the versions and onnxruntime's own limit. An onnxscript older than
     torch's exporter (the part it imports lazily missing: a ModuleNotFoundError traceback before) and a package that
@@ -409,9 +409,10 @@ def test_an_onnxruntime_too_old_or_missing_is_one_line_and_leaves_no_file(run, t
     apis = _lazy_import.onnxscript_apis  # the part of onnxscript that torch's exporter imports when it first runs
     monkeypatch.setattr(apis, "_name", "onnxscript._framework_apis.torch_99_99")  # as an older onnxscript lacks it
     monkeypatch.setattr(apis, "_module", None)
-    with pytest.raises(ern.UserError, match=rf"^torch {re.escape(torch.__version__)}'s ONNX exporter cannot import "
-                                            r"onnxscript\._framework_apis\.torch_99_99 \(an onnxscript or onnx older "
-                                            r"than it\): pip install --upgrade onnxscript onnx$"):
+    with pytest.raises(ern.UserError, match=rf"^torch {re.escape(torch.__version__)}'s ONNX exporter needs a newer "
+                                            r"onnxscript \(No module named "
+                                            r"'onnxscript\._framework_apis\.torch_99_99'\): "
+                                            r"pip install --upgrade onnxscript onnx$"):
         ex.main(args)
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets where it is not installed

@@ -579,6 +579,34 @@ def test_a_camera_that_stops_delivering_frames_is_said_to(checkpoint, tmp_path, 
     assert entry["warnings"] == ([] if max_frames else stopped)
 
 
+class FlakyCamera:
+    """A capture whose reads numbered in `fails` (from 1) return no frame, as a camera warming up or dropping one."""
+
+    def __init__(self, capture, fails):
+        self.capture, self.fails, self.reads = capture, fails, 0
+
+    def read(self):
+        self.reads += 1
+        return (False, None) if self.reads in self.fails else self.capture.read()
+
+    def __getattr__(self, name):
+        return getattr(self.capture, name)
+
+
+def test_a_camera_that_misses_a_few_reads_goes_on(checkpoint, tmp_path, monkeypatch):
+    """Some cameras return no frame for their first reads after opening (warming up), or drop one: the camera went on
+    to its 5 frames here, past three failed reads at the start and two in the middle. Before: the first failed read
+    ended it ("no frame could be decoded", exit 1)."""
+    clip = write_video(tmp_path / "clip.mp4", frames=5)
+    monkeypatch.setattr(pr, "open_video", lambda source: (FlakyCamera(cv2.VideoCapture(str(clip)), {1, 2, 3, 8, 9}),
+                                                          0.0, 0, []))
+    assert pr.main(["camera:0", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"]) == 0
+    [entry] = json.loads((tmp_path / "out" / "summary.json").read_text())["sources"]
+    assert entry["frames"] == 5 and entry["error"] is None
+    stopped = "the camera stopped delivering frames after 5 (unplugged, or taken by another program)"
+    assert entry["warnings"] == [stopped]
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_ends_a_camera_and_sigterm_ends_the_run(checkpoint, tmp_path, monkeypatch, stop):
     """Ctrl-C is how a camera ends: its entry is kept and the next input starts. SIGTERM (docker stop, SLURM's
@@ -882,6 +910,16 @@ def test_a_name_that_begins_with_a_tilde_is_a_name(checkpoint, tmp_path, monkeyp
         rows = read_csv(tmp_path / out)
         assert [(Path(r["source"]).name, r["face_detected"]) for r in rows] == [("~draft.jpg", "true")]
     assert ex.main([f"--checkpoint={checkpoint}", "--output=~m.onnx"]) == 0 and (tmp_path / "~m.onnx").exists()
+    pwd = pytest.importorskip("pwd")  # and no home folder at all (some containers): ~/x names none, ~draft.jpg a file
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(ern.UserError, match=r"^~/preds: ~ names no home folder here \(no \$HOME, no passwd entry\)"):
+        pr.main(["~draft.jpg", f"--checkpoint={checkpoint}", "--output_dir=~/preds"])
+    assert ern.user_path("~draft.jpg") == Path("~draft.jpg") and not (tmp_path / "~").exists()
 
 
 def test_a_folder_input_leaves_out_the_predictions_written_into_it(checkpoint, tmp_path):
