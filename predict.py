@@ -706,20 +706,19 @@ def video_frames(capture, every, max_frames, fps):
     converted nor classified). A file's time is the frame's own timestamp, right for variable-frame-rate video
     (phones, browsers, screen recorders), where index / fps drifts; where the container gives none, it is
     counted on from the last one at fps. fps 0 (a camera): the wall clock since the first frame; a camera's failed
-    read is tried again for CAMERA_PATIENCE seconds before the camera counts as stopped."""
+    read or grab is tried again for CAMERA_PATIENCE seconds before the camera counts as stopped."""
     start, index, classified, last = None, 0, 0, (0, -1.0)  # last: (index, time) of the last stamped frame
     while not max_frames or classified < max_frames:
-        if index % every:
-            if not capture.grab():
-                return
-        else:
-            ok, frame = capture.read()
-            deadline = time.monotonic() + CAMERA_PATIENCE
-            while not ok and not fps and time.monotonic() < deadline:
-                time.sleep(0.05)
-                ok, frame = capture.read()
-            if not ok:
-                return
+        skipped = index % every
+        read = (lambda: (capture.grab(), None)) if skipped else capture.read
+        ok, frame = read()
+        deadline = time.monotonic() + CAMERA_PATIENCE
+        while not ok and not fps and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ok, frame = read()
+        if not ok:
+            return
+        if not skipped:
             classified += 1
             start = start or time.monotonic()  # a camera's clock starts at its first frame, not at its opening
             if fps:
