@@ -2502,7 +2502,7 @@ def training_state(optimizer, scheduler, scaler, history, best, steps):
 
 def checkpoint_in(path, name):
     """path, or the checkpoint `name` of the run folder that path names (best_emotion_model.pth, last.pth)."""
-    path = user_path(path)  # the shell leaves --checkpoint=~/... unexpanded
+    path = user_path(path)
     try:
         if not path.is_dir():
             return str(path)
@@ -2675,7 +2675,7 @@ def make_run_dir(cfg, resuming=False):
     A folder that holds a run takes --overwrite=true (its files removed) or a resume; one that holds what a refused
     run left has its train.log emptied and its data_problems.txt removed."""
     if cfg.output_dir:
-        run_dir = user_path(cfg.output_dir)  # the shell leaves --output_dir=~/... unexpanded
+        run_dir = user_path(cfg.output_dir)
         try:
             if run_dir.exists() and not run_dir.is_dir():
                 raise UserError(f"--output_dir={run_dir} is a file, not a folder; choose another --output_dir")

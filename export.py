@@ -100,10 +100,11 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
                           dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
                           verbose=False)
     except ImportError as e:  # an onnxscript or onnx older than this torch, whose exporter imports their parts lazily
-        if (e.name or "").split(".")[0] not in ("onnx", "onnxscript", "onnx_ir"):
+        package = (e.name or "").split(".")[0]
+        if package not in ("onnx", "onnxscript", "onnx_ir"):
             raise
-        raise UserError(f"torch {torch.__version__}'s ONNX exporter needs a newer {e.name.split('.')[0]} ({e}): pip "
-                        f"install --upgrade onnxscript onnx") from None
+        raise UserError(f"torch {torch.__version__}'s ONNX exporter needs a newer {package} ({e}): pip install "
+                        f"--upgrade onnxscript onnx") from None
     graph = onnx.load(str(path))
     views = tta_view_count(cfg)
     views_note = f" (and its {views - 1} other test-time views, averaged)" if views > 1 else ""
