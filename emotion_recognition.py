@@ -753,9 +753,16 @@ def ordered_prefetch(fn, items, pool, depth, pixels=None):
 def list_file_lines(path):
     """The entries of a list file (a split's image list, predict.py's @list.txt): (line number, text) of each line
     that is not blank or a # comment, without the quotes that Explorer's "Copy as path" puts around it; UTF-8, or
-    UTF-16 with its byte-order mark (PowerShell's >). Raises OSError or UnicodeDecodeError."""
+    UTF-16 with its byte-order mark (Windows PowerShell's >) or without (some editors, cmd /u). Raises OSError or
+    UnicodeDecodeError."""
     data = Path(path).read_bytes()
-    text = data.decode("utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig")
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding = "utf-16"
+    elif b"\x00" in data:  # no path holds a NUL: UTF-16 without its mark; ASCII's zero bytes come first in big-endian
+        encoding = "utf-16-be" if data[0::2].count(0) > data[1::2].count(0) else "utf-16-le"
+    else:
+        encoding = "utf-8-sig"
+    text = data.decode(encoding)
     entries = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -1730,7 +1737,7 @@ def warn_of_duplicates(splits, duplicates, cfg, log_file):
             del splits[name]
 
 
-STATISTICS_SAMPLE = 4096  # training images (evenly spaced) behind the normalization
+STATISTICS_SAMPLE = 4096  # every (N // 4096)-th training image behind the normalization: 4096-8191 (all, where fewer)
 
 
 def dataset_normalization(images):
@@ -2070,7 +2077,6 @@ class ERN(nn.Module):
                                         DualAttention(cout, channel_attention, spatial_attention, reduction, attention_residual)))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = cin
         self.context = EmotionContext(cin, num_classes, temperature) if context else None
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(cin * (2 if context else 1), num_classes)
@@ -2478,8 +2484,8 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
 # ---------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
-# predict.py's settings: the command line's, else the checkpoint's (export.py takes the tta_* ones; --evaluate every
-# setting so)
+# EmotionPredictor's settings: those given, else the checkpoint's (predict.py's command line gives all but
+# eval_batch_size; export.py takes the tta_* ones; --evaluate every setting so)
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
 
 
@@ -2584,7 +2590,7 @@ def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None
         raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
     if image_size is not None and image_size != ckpt["image_size"]:
         raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
-    cfg = config_from_checkpoint(ckpt)  # a key older files lack: its default
+    cfg = config_from_checkpoint(ckpt)  # a key older files lack: ADDED's value, else its default
     if expected is not None:
         differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
                   for k in ARCHITECTURE if getattr(cfg, k) != getattr(expected, k)]
@@ -2608,11 +2614,11 @@ def inference_config(ckpt, device, **settings):
     return cfg
 
 
-def inference_model(ckpt, cfg, device, log_file=None, class_names=None, image_size=None):
+def inference_model(ckpt, cfg, device, log_file=None, class_names=None):
     """The checkpoint's network ready for run_inference with cfg's inference settings: (model on the device, in
     channels_last where this machine's probe passed; cfg as it computes; the checkpoint's mean and std). Refused
-    where its classes or image size differ from class_names or image_size (--evaluate's data)."""
-    model, _ = model_from_checkpoint(ckpt, class_names, image_size)
+    where its classes differ from class_names (--evaluate's data)."""
+    model, _ = model_from_checkpoint(ckpt, class_names)
     cfg, _ = channels_last_checked(model, cfg, device, log_file)
     return place_model(model, cfg, device), cfg, *checkpoint_normalization(ckpt, device)
 
@@ -3573,7 +3579,7 @@ FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperat
 
 # What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
 # what computes, and whether a data problem stops it (the data is the checkpoint's, unless --data_dir is given)
-EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "run_name", "overwrite", "strict")
+EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "overwrite", "strict")
 
 
 def run_evaluation(cfg, action, overrides):
@@ -3614,7 +3620,7 @@ def run_evaluation(cfg, action, overrides):
         sizes = f"--eval_batch_size={cfg.eval_batch_size}, --attention_samples={cfg.attention_samples}, " \
             f"--tsne_samples={cfg.tsne_samples}"  # the figures' too
         with out_of_memory_named(device, sizes):
-            model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names, cfg.image_size)
+            model, cfg, mean, std = inference_model(ckpt, cfg, device, run_dir / "train.log", class_names)
             results = write_evaluation(model, splits[split], class_names, mean, std, device, cfg, run_dir, {
                 "evaluated_split": split, "arithmetic": arithmetic(cfg, device),
                 "num_parameters": count_parameters(model),

@@ -91,7 +91,7 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
         ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
     cfg = inference_config(ckpt, "cpu", tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom)
-    exported = ExportedERN(model.float(), *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
+    exported = ExportedERN(model, *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
                            cfg.tta_zoom).eval()
     size = ckpt["image_size"]
     example = torch.rand(2, 3, size, size)

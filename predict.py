@@ -89,6 +89,7 @@ FACE_MIN_NEIGHBORS = 5  # Haar: overlapping hits a face needs
 FACE_MIN_SIZE = 0.08  # smallest face side, fraction of the image's shorter side
 PROFILE_OVERLAP = 0.3  # a profile hit overlapping a kept face by this IoU is that face
 FACE_CROP_SCALE = 1.25  # crop side / Haar box side: the framing most like the training crops' (benchmarks/crop_calibration.py)
+FACE_CROP_SHIFT = 0.0  # the crop's centre below the Haar box's, in Haar sides (likewise)
 # Videos
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".3gp", ".flv", ".ts", ".mts",
               ".m2ts", ".ogv", ".gif"}  # what OpenCV's FFmpeg backend opens; a GIF, animated or still, is a video: its
@@ -198,7 +199,7 @@ def normalized_box(box, image_shape):
     return ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
 
 
-def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=0.0):
+def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=FACE_CROP_SHIFT):
     """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
     training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's."""
     x1, y1, x2, y2 = box
@@ -530,7 +531,7 @@ class PredictionOutputs:
         self.file.flush()
 
     def claim(self, name, suffix=None):
-        """A path under annotated/ for one source that no other source of this call has (name_2, name_3, ...)."""
+        """A path (under annotated/, explain/ or timelines/) that nothing else of this call has (name_2, name_3, ...)."""
         path = Path(name).with_suffix(suffix) if suffix else Path(name)
         stem, n = path.with_suffix(""), 1
         while path in self.claimed:

@@ -11,7 +11,7 @@ On the second half it compares, against the model's prediction on the training c
 
   placed exactly    the training crop's region cut back out of the photo (resampling alone)
   Haar box + margin the tight Haar box widened by the checkpoint's crop_margin (what a plain loop does)
-  fitted            the fitted framing (predict.py's FACE_CROP_SCALE; its shift is 0)
+  fitted            the fitted framing (what predict.py's FACE_CROP_SCALE and FACE_CROP_SHIFT would be set to)
   scale S           other framings, the fitted shift kept (--scales)
 
     python benchmarks/crop_calibration.py --checkpoint=outputs/RUN/best_emotion_model.pth \
@@ -73,7 +73,7 @@ def main():
         region = (x0 * zoom + ox, y0 * zoom + oy, x1 * zoom + ox, y1 * zoom + oy)
         found = [b for b in predictor.detector(photo) if pr.box_iou(b, region) > 0.1]
         haar = max(found, key=lambda b: pr.box_iou(b, region)) if found else None
-        crop = ern.crop_box(image, split.boxes[i], margin, predictor.image_size).transpose(2, 0, 1)  # as in training
+        crop = ern.network_crop(image, split.boxes[i], margin, predictor.image_size)  # as in training
         samples.append((int(split.labels[i]), crop, photo, region, haar, fmt))
     detected = [s for s in samples if s[4] is not None]
     fit, test = detected[: len(detected) // 2], detected[len(detected) // 2:]

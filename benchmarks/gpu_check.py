@@ -6,7 +6,7 @@ writes one JSON file, anew after each stage (a run cut short keeps what it measu
 stopped it), and beside it copies of the training run's log, metrics and results (the run folder's checkpoints are
 too big to bring back from a lent machine).
 
-    python benchmarks/pack_data.py                 # here, once: packed/affectnet96 (about 57 MiB, git-ignored)
+    python benchmarks/pack_data.py                 # here, once: packed/affectnet96 (about 58.5 MiB, git-ignored)
     python benchmarks/gpu_check.py --json=$OUT/gpu_check.json --minutes=7   # on the GPU machine, packed/ carried along
     python benchmarks/gpu_check.py --smoke         # the same code path on the CPU, tiny synthetic data, < 1 minute
 

@@ -64,7 +64,7 @@ def main():
     png = np.flatnonzero(np.array(val.formats) == "png")
     as_decoded = np.asarray(val.images[png])
     reencoded = np.empty_like(as_decoded)
-    crop = lambda image, i: ern.crop_box(image, val.boxes[i], cfg.crop_margin, cfg.image_size).transpose(2, 0, 1)
+    crop = lambda image, i: ern.network_crop(image, val.boxes[i], cfg.crop_margin, cfg.image_size)
     for j, i in enumerate(png):
         rgb, _ = ern.decode_image(val.paths[i])
         if not np.array_equal(crop(rgb, i), as_decoded[j]):

@@ -172,6 +172,20 @@ def test_run_best_epoch_is_the_best_validation_epoch(trained):
     assert {"model", "config", "normalization", "metrics", "image_size"} <= set(best)
 
 
+def label_crops(split_dir, margin, size):
+    """Each face of a split of one face an image, read here: (uint8 crops (N, 3, S, S), labels, boxes, file names)."""
+    crops, labels, boxes, names = [], [], [], []
+    for label_file in sorted((split_dir / "labels").glob("*.txt")):
+        image_file = next((split_dir / "images").glob(label_file.stem + ".*"))
+        image = cv2.cvtColor(cv2.imread(str(image_file)), cv2.COLOR_BGR2RGB)
+        cls, *box = (float(v) for v in label_file.read_text().split())
+        crops.append(ern.crop_box(image, box, margin, size).transpose(2, 0, 1))
+        labels.append(int(cls))
+        boxes.append(box)
+        names.append(image_file.name)
+    return np.stack(crops), np.array(labels), boxes, names
+
+
 def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_dataset):
     """Rebuild the best model from its checkpoint, crop the test faces here, and recount the confusion matrix; each
     face's row of evaluation_predictions.csv holds its box, classes and probabilities as computed here."""
@@ -180,20 +194,12 @@ def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_da
     ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
     model, cfg = ern.model_from_checkpoint(ckpt)
     model.eval()
-    crops, labels, boxes, names = [], [], [], []
-    for label_file in sorted((tiny_dataset / "test" / "labels").glob("*.txt")):
-        image_file = next((tiny_dataset / "test" / "images").glob(label_file.stem + ".*"))
-        image = cv2.cvtColor(cv2.imread(str(image_file)), cv2.COLOR_BGR2RGB)
-        cls, *box = (float(v) for v in label_file.read_text().split())
-        crops.append(ern.crop_box(image, box, cfg.crop_margin, ckpt["image_size"]).transpose(2, 0, 1))
-        labels.append(int(cls))
-        boxes.append(box)
-        names.append(image_file.name)
+    crops, labels, boxes, names = label_crops(tiny_dataset / "test", cfg.crop_margin, ckpt["image_size"])
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
-    x = ern.standardize(torch.from_numpy(np.stack(crops)), mean, std)
+    x = ern.standardize(torch.from_numpy(crops), mean, std)
     with torch.no_grad():
         logits = (model(x)[0] + model(x.flip(3))[0]) / 2  # flip TTA, as the evaluation does
-    cm = np.bincount(np.array(labels) * 8 + logits.argmax(1).numpy(), minlength=64).reshape(8, 8)  # rows true
+    cm = np.bincount(labels * 8 + logits.argmax(1).numpy(), minlength=64).reshape(8, 8)  # rows true
     assert cm.tolist() == results["confusion_matrix"]
 
     classes = results["class_names"]
@@ -207,6 +213,41 @@ def test_run_confusion_matrix_matches_an_independent_evaluation(trained, tiny_da
         np.testing.assert_allclose([float(row[c]) for c in classes], p, atol=2e-4)
         assert float(row["confidence"]) == pytest.approx(p.max(), abs=2e-4)
     assert sum(int(row["image_in_train"]) for row in rows.values()) == results["samples_duplicating_train"]
+
+
+def test_run_validates_on_the_validation_split_with_the_training_splits_normalization(trained, tiny_dataset):
+    """The best checkpoint's validation figures recounted here: accuracy and hybrid loss (smoothed targets, the KL
+    term at its weight) of the valid split's crops with the mirror, the per-epoch validation of --val_faces=0,
+    against numpy; the test split's loss differs, so the check tells the splits apart. Its normalization is the
+    per-channel mean and std of every training crop (fewer than STATISTICS_SAMPLE)."""
+    run_dir, _ = trained
+    ckpt = ern.load_checkpoint(run_dir / "best_emotion_model.pth")
+    model, cfg = ern.model_from_checkpoint(ckpt)
+    model.eval()
+    pixels = label_crops(tiny_dataset / "train", cfg.crop_margin, ckpt["image_size"])[0] / 255
+    np.testing.assert_allclose(ckpt["normalization"]["mean"], pixels.mean((0, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(ckpt["normalization"]["std"], pixels.std((0, 2, 3)) + 1e-3, atol=1e-6)
+    mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
+
+    def log_softmax(v):
+        v = v - v.max(1, keepdims=True)
+        return v - np.log(np.exp(v).sum(1, keepdims=True))
+
+    def accuracy_and_loss(split):
+        faces, labels, _, _ = label_crops(tiny_dataset / split, cfg.crop_margin, ckpt["image_size"])
+        x = ern.standardize(torch.from_numpy(faces), mean, std)
+        with torch.no_grad():
+            (z, s, _), (z_mirror, s_mirror, _) = model(x), model(x.flip(3))
+        z, s = ((z + z_mirror) / 2).double().numpy(), ((s + s_mirror) / 2).double().numpy()
+        t = np.full(z.shape, cfg.label_smoothing / z.shape[1])
+        t[np.arange(len(labels)), labels] += 1 - cfg.label_smoothing
+        ce, kl = -(t * log_softmax(z)).sum(1).mean(), (t * (np.log(t) - log_softmax(s))).sum(1).mean()
+        return (z.argmax(1) == labels).mean(), ce + cfg.context_weight * kl
+
+    accuracy, loss = accuracy_and_loss("valid")
+    assert ckpt["metrics"]["val_accuracy"] == pytest.approx(accuracy)
+    assert ckpt["metrics"]["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert accuracy_and_loss("test")[1] != pytest.approx(loss, rel=1e-3)
 
 
 def test_evaluation_predictions_name_the_classes_and_the_faces_in_the_training_split(tmp_path):
@@ -722,6 +763,16 @@ def test_parse_label_file_says_what_cannot_be_read(tmp_path):
     assert boxes == [] and len(problems) == 1 and problems[0].startswith(f"{folder}: cannot read the label file (")
 
 
+def test_a_list_file_in_utf16_without_its_byte_order_mark_reads_as_with_it(tmp_path):
+    """An editor's UTF-16 without the mark PowerShell writes: read as UTF-8, its NULs went into the paths (a
+    ValueError traceback where the path was opened)."""
+    text = '\u5199\u771f/b.jpg\r\n# faces\r\nimg/a.jpg\r\n"img/\u00e9t\u00e9.jpg"\r\n'  # a first path of no ASCII
+    want = [(1, "\u5199\u771f/b.jpg"), (3, "img/a.jpg"), (4, "img/\u00e9t\u00e9.jpg")]
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be"):
+        (tmp_path / "list.txt").write_bytes(text.encode(encoding))
+        assert ern.list_file_lines(tmp_path / "list.txt") == want, encoding
+
+
 def test_upper_case_label_suffixes_are_label_files(tmp_path):
     make_split_folders(tmp_path, ("train",))
     cv2.imwrite(str(tmp_path / "train" / "images" / "a.jpg"), np.full((16, 16, 3), 99, np.uint8))
@@ -1194,7 +1245,7 @@ def test_ablations_build_and_run(switch):
     assert (ern.count_parameters(model) < ern.count_parameters(full)) == bool(off)
     with torch.no_grad():
         logits, s, f = model(torch.randn(2, 3, 32, 32))
-    assert logits.shape == (2, 8) and f.shape == (2, model.feature_dim)
+    assert logits.shape == (2, 8) and f.shape == (2, 80)  # the last stage's 640 channels x 0.125
     assert (s is None) == (not cfg.context)
     if s is not None:
         assert s.shape == (2, 8)
@@ -1307,7 +1358,7 @@ def test_hybrid_loss_without_context_is_cross_entropy():
     total, ce, kl = ern.hybrid_loss(logits, None, target, 0.5)
     assert kl.item() == 0.0
     assert total.item() == ce.item()
-    assert ce.item() == pytest.approx(-(target * F.log_softmax(logits, 1)).sum(1).mean().item(), rel=1e-6)
+    assert ce.item() == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-6)  # PyTorch's, on soft targets
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])

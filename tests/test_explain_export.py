@@ -93,6 +93,20 @@ def test_maps_have_the_input_size_and_lie_in_the_unit_interval(trained, tiny_dat
                                  tta=False)  # explain_faces computes in float32
     assert maps["probabilities"] == pytest.approx(expected["logits"].softmax(1).numpy(), abs=1e-5)
     assert maps["q"] == pytest.approx(expected["context_logits"].softmax(1).numpy(), abs=1e-5)
+    inputs = []  # each spatial gate's input, in the stages' order; its gate by CBAM's formula, upsampled
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+             for m in model.modules() if isinstance(m, ern.SpatialAttention)]
+    try:
+        with torch.no_grad():
+            model(ern.standardize(torch.from_numpy(faces), mean, std))
+    finally:
+        for h in hooks:
+            h.remove()
+    gates = [torch.sigmoid(F.batch_norm(F.conv2d(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1),
+                                                 m.conv.weight, padding=3), m.bn.running_mean, m.bn.running_var,
+                                        m.bn.weight, m.bn.bias, eps=m.bn.eps)).detach() for m, x in inputs]
+    want = torch.cat([F.interpolate(g, size=32, mode="bilinear", align_corners=False) for g in gates], 1)
+    assert maps["gates"] == pytest.approx(want.numpy(), abs=1e-5)
 
 
 def test_gradcam_is_cam_for_a_network_ending_in_pooling_and_a_linear_layer(tiny_dataset, cache):
@@ -169,7 +183,8 @@ def test_without_spatial_attention_gradcam_still_works_and_the_panel_says_so(tin
 
 def test_evaluation_results_say_none_for_a_class_the_split_lacks(trained, tiny_dataset, cache, tmp_path):
     """context_mean_q of a split without one class: that row is null (NaN is not JSON; strict readers refuse it),
-    the others are distributions."""
+    the others the mean context distribution q = softmax(s) of each class's faces, s averaged over the face and its
+    mirror (the run's test-time views), recounted here: not the mean of the classifier's probabilities."""
     model, cfg, mean, std = trained
     names, splits, _ = ern.load_dataset(ern.Config(data_dir=str(tiny_dataset), image_size=32, cache_dir=str(cache),
                                                    decode_threads=1), None, ("test",))
@@ -179,7 +194,13 @@ def test_evaluation_results_say_none_for_a_class_the_split_lacks(trained, tiny_d
     written = json.loads((tmp_path / "evaluation_results.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"{c} in evaluation_results.json"))
     assert written["context_mean_q"][0] == [None] * len(names)
-    assert np.allclose(np.array(written["context_mean_q"][1:]).sum(1), 1, atol=1e-5)
+    x = ern.standardize(torch.from_numpy(np.asarray(split.images)), mean, std)
+    with torch.no_grad():
+        (z, s, _), (z_mirror, s_mirror, _) = model.eval()(x), model(x.flip(3))
+    q, p = ((s + s_mirror) / 2).softmax(1).numpy(), ((z + z_mirror) / 2).softmax(1).numpy()
+    want = np.stack([q[split.labels == k].mean(0) for k in range(1, len(names))])
+    assert np.array(written["context_mean_q"][1:]) == pytest.approx(want, abs=1e-5)
+    assert np.abs(want - np.stack([p[split.labels == k].mean(0) for k in range(1, len(names))])).max() > 1e-3
 
 
 def test_explain_writes_one_picture_per_face(run, tiny_dataset, tmp_path, monkeypatch):
@@ -256,19 +277,30 @@ def test_export_agrees_with_pytorch_and_says_by_how_much(exported, trained):
 
 
 def test_export_without_flip_tta_is_one_pass(run, trained, tmp_path):
-    """--tta_flip=false: one view in the graph; --tta_shift= (empty) is the checkpoint's, as the help says; an
-    --output naming a folder still to be made (a trailing /) gets its model.onnx."""
+    """--tta_flip=false --tta_shift=0: one view in the graph; --tta_shift= (empty) is the checkpoint's, as the help
+    says (a copy of the checkpoint whose run evaluated 2 px shifts: its five views); an --output naming a folder still
+    to be made (a trailing /) gets its model.onnx."""
     model, _, mean, std = trained
-    assert ex.main([f"--checkpoint={run}", f"--output={tmp_path / 'exports'}/", "--tta_flip=false",
-                    "--tta_shift="]) == 0
-    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["model.onnx"]
-    session = onnxruntime.InferenceSession(str(tmp_path / "exports" / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
-    assert json.loads(session.get_modelmeta().custom_metadata_map["tta_flip"]) is False
+    ckpt = torch.load(run / "best_emotion_model.pth", map_location="cpu", weights_only=True)
+    ckpt["config"]["tta_shift"] = 2
+    torch.save(ckpt, tmp_path / "shift2.pth")
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     single, averaged = single_and_mirrored(model, x, mean, std)
     assert np.abs(single - averaged).max() > 1e-3  # the two oracles differ on these inputs, so the check below tells
-    assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(single, abs=1e-5)
+    views = [torch.from_numpy(np.ascontiguousarray(v)) for v in views_oracle(x.numpy(), 2, False)]
+    with torch.no_grad():
+        logits = [model.eval()((v - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))[0] for v in views]
+    shifted = (sum(logits) / len(logits)).softmax(1).numpy()
+    assert np.abs(shifted - single).max() > 1e-4
+    for shift, want in (("", shifted), ("0", single)):
+        out = tmp_path / f"exports{shift}"
+        assert ex.main([f"--checkpoint={tmp_path / 'shift2.pth'}", f"--output={out}/", "--tta_flip=false",
+                        f"--tta_shift={shift}"]) == 0
+        assert [p.name for p in out.iterdir()] == ["model.onnx"]
+        session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert (json.loads(meta["tta_flip"]), json.loads(meta["tta_shift"])) == (False, int(shift or 2))
+        assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(want, abs=1e-5)
 
 
 def test_export_with_zoom_and_shift_tta_averages_twenty_views(run, trained, tmp_path):

@@ -52,8 +52,9 @@ def test_the_class_order_is_data_yamls_in_every_report_and_the_checkpoint(ordere
         assert report[name]["precision"] == pytest.approx(cm[k, k] / cm[:, k].sum() if cm[:, k].sum() else 0.0)
     ckpt = ern.load_checkpoint(ordered_run / "best_emotion_model.pth")
     assert ckpt["class_names"] == NAMES
-    assert list(pr.EmotionPredictor(ordered_run, "cpu").describe([((0, 0, 1, 1), True, None)], np.eye(4)[[2]])[0]
-                ["probabilities"]) == NAMES
+    [face] = pr.EmotionPredictor(ordered_run, "cpu").describe([((0, 0, 1, 1), True, None)], np.eye(4)[[2]])
+    assert face["emotion"] == "Anger" and list(face["probabilities"]) == NAMES  # class 2 of data.yaml's order
+    assert face["probabilities"] == {"Surprise": 0.0, "Happy": 0.0, "Anger": 1.0, "Sad": 0.0}
 
 
 # ---------------------------------------------------------------------------------------------

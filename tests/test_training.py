@@ -431,6 +431,47 @@ def test_a_pass_cut_short_averages_its_statistics_over_its_own_steps():
     assert torch.count_nonzero(model.linear.weight) == 0  # lr 0: the logits stayed zero throughout
 
 
+class FixedLogits(nn.Module):
+    """The same logits z and context logits s for every face, whatever the input."""
+
+    def __init__(self, z, s):
+        super().__init__()
+        self.z, self.s = nn.Parameter(torch.tensor(z)), nn.Parameter(torch.tensor(s))
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.z.expand(n, -1), self.s.expand(n, -1), x.mean((2, 3))
+
+
+def test_an_epochs_loss_is_the_hybrid_loss_of_its_settings():
+    """train_one_epoch's loss terms, on a model whose logits z and context logits s are fixed (SGD at lr 0), against
+    numpy: CE(z, t) and KL(t || softmax(s)) of each face's label-smoothed target t at --label_smoothing=0.2, averaged
+    over the 96 faces, and the loss CE + 0.3 KL at --context_weight=0.3 (neither the defaults: a pass that ignored
+    either setting, or the context logits, gives other figures)."""
+    z, s = [0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 0.25, 1.0], [1.0, 0.0, -2.0, 0.5, 3.0, -1.0, 0.0, 2.0]
+    cfg = ern.Config(batch_size=16, label_smoothing=0.2, context_weight=0.3, grad_clip=0.0, amp=False,
+                     channels_last=False)
+    model = FixedLogits(z, s)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    labels = torch.arange(96) % 8
+    images = torch.randint(0, 256, (96, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stats = ern.train_one_epoch(model, images, labels, torch.zeros(3), torch.ones(3), optimizer, scheduler,
+                                torch.amp.GradScaler("cpu", enabled=False), cfg, 1, num_classes=8)
+
+    def log_softmax(v):
+        v = np.array(v, np.float64)
+        return v - v.max() - np.log(np.exp(v - v.max()).sum())
+
+    t = np.full((96, 8), 0.2 / 8)
+    t[np.arange(96), labels.numpy()] += 0.8
+    ce, kl = -(t * log_softmax(z)).sum(1).mean(), (t * (np.log(t) - log_softmax(s))).sum(1).mean()
+    assert stats["train_ce"] == pytest.approx(ce, rel=1e-5)
+    assert stats["train_kl"] == pytest.approx(kl, rel=1e-5)
+    assert stats["train_loss"] == pytest.approx(ce + 0.3 * kl, rel=1e-5)
+    assert stats["train_accuracy"] == pytest.approx(1 / 8)  # z's argmax is class 2, an eighth of the labels
+
+
 def test_epochs_before_the_deadline():
     """The re-plan after each epoch: more epochs where time is left (the last a fraction), none where it is not, never
     past the maximum."""
