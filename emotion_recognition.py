@@ -20,8 +20,8 @@ Measured (2-core AMD EPYCs, no GPU; BENCHMARKS.md): --preset=cpu trains on the A
 training faces in 30 minutes and reaches 74.26 % validation accuracy (eleven seeds; 2.8 M parameters, 55-62 epochs) on
 a Zen 5 EPYC with native bf16 (2026-12-04 to 06), and 72.30 % (four seeds) in float32 on a Zen 3 EPYC with AVX2 only
 (2026-12-05), where it trains one block a stage (1.2 M parameters, 33-34 epochs; two blocks fit 17.5-18 epochs there
-and reach 70.03 %, three seeds). The preset of 2026-12-02 (lr 2e-3, the mirror alone) reached 71.28 %
-with native bf16 (three seeds) on a family 25 model 17 EPYC, which steps at half the Zen 5's speed.
+and reach 70.03 %, three seeds). On a Zen 4 EPYC with native bf16, which steps at 0.6x the Zen 5's speed, it
+fits 28-35 epochs and reaches 72.97 % (three seeds, 2026-12-07).
 How many epochs fit, and so the figure, depends on the machine's speed that day. The 96 px, 27.7 M-parameter,
 50-epoch default is the GPU protocol. Every field of Config can be overridden as --name=value.
 """
@@ -165,7 +165,7 @@ PRESETS = {
 # A preset's fields where it trains in float32 on a CPU (no native bf16, or --amp=false) and the command line gives
 # none of them (preset_for_machine). cpu: one block a stage, whose step costs 0.56x: on a 2-core AVX2 CPU it fits
 # twice the epochs in 30 minutes and reaches 2.3 points more; where bf16 is native two blocks fit 55-62 epochs and
-# do better than one block does even at 100.
+# do better than one block does even at 100 (on a Zen 4, 35 epochs of two: 0.33 above 54 of one, one seed).
 PRESETS_FLOAT32_CPU = {"cpu": dict(blocks="1,1,1,1")}
 
 
