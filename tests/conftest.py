@@ -4,7 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy.special import log_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "emotion_recognition.py"
@@ -16,7 +18,7 @@ import emotion_recognition as ern  # noqa: E402
 import export as ex  # noqa: E402
 import predict as pr  # noqa: E402
 
-__all__ = ["ROOT", "SCRIPT", "PREDICT", "EXPORT", "TINY", "ern", "ex", "pr", "run_script"]  # what the tests import
+__all__ = ["ROOT", "SCRIPT", "PREDICT", "EXPORT", "TINY", "ern", "ex", "pr", "run_script", "hybrid_loss_terms"]  # what the tests import
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one core per worker, for its own tensors too
     ern.torch.set_num_threads(1)
@@ -62,3 +64,14 @@ def run_script(*args, cwd, timeout=300, check=True, script=SCRIPT, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def hybrid_loss_terms(z, s, labels, smoothing):
+    """The hybrid loss's two terms in numpy and scipy, an oracle outside torch: the means over the faces of CE(z, t)
+    and KL(t || softmax(s)), t each face's one-hot label smoothed by `smoothing` over the classes. z, s: logits and
+    context logits, (N, K), or (K,) for every face alike."""
+    labels = np.asarray(labels)
+    z, s = (np.broadcast_to(np.asarray(v, np.float64), (len(labels), np.shape(v)[-1])) for v in (z, s))
+    t = np.full(z.shape, smoothing / z.shape[1])
+    t[np.arange(len(labels)), labels] += 1 - smoothing
+    return -(t * log_softmax(z, 1)).sum(1).mean(), (t * (np.log(t) - log_softmax(s, 1))).sum(1).mean()

@@ -22,9 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from scipy.special import log_softmax
 
-from conftest import TINY, ern, pr, run_script
+from conftest import TINY, ern, hybrid_loss_terms, pr, run_script
 
 RUN_FILES = ["best_emotion_model.pth", "final_emotion_model.pth", "last.pth", "config.json", "provenance.json",
              "train.log", "metrics.jsonl", "data_report.json", "evaluation_results.json", "evaluation_predictions.csv",
@@ -236,9 +235,7 @@ def test_run_validates_on_the_validation_split_with_the_training_splits_normaliz
         with torch.no_grad():
             (z, s, _), (z_mirror, s_mirror, _) = model(x), model(x.flip(3))
         z, s = ((z + z_mirror) / 2).double().numpy(), ((s + s_mirror) / 2).double().numpy()
-        t = np.full(z.shape, cfg.label_smoothing / z.shape[1])
-        t[np.arange(len(labels)), labels] += 1 - cfg.label_smoothing
-        ce, kl = -(t * log_softmax(z, 1)).sum(1).mean(), (t * (np.log(t) - log_softmax(s, 1))).sum(1).mean()
+        ce, kl = hybrid_loss_terms(z, s, labels, cfg.label_smoothing)
         return (z.argmax(1) == labels).mean(), ce + cfg.context_weight * kl
 
     accuracy, loss = accuracy_and_loss("valid")

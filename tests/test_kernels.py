@@ -3,7 +3,8 @@ names trains in the default settings (at batch 8) under the oneDNN instruction s
 (ONEDNN_MAX_CPU_ISA makes it run the narrower ones): oneDNN 3.12 crashes or hangs in some channels_last kernels
 (benchmarks/onednn_*_repro.py), and the probe must catch them before training does. The 27.7 M-parameter default
 model trains under the CPU's own level only, and SSE41 and AVX are left to benchmarks/isa_matrix.py: with them
-this test took 5.4 minutes (BENCHMARKS.md). The probe's verdicts on a child that aborts, hangs or computes wrong
+this test took 5.4 minutes (BENCHMARKS.md). A named model whose layers' shapes another one has is left out, and
+the CPU's own level is not also run capped at it: neither reaches another kernel. The probe's verdicts on a child that aborts, hangs or computes wrong
 numbers, and its cache, are checked with small models that do so on purpose. The 1x1 shortcuts, whose weight gradient
 crashed under three levels, are checked against float64 and, without the probe, where they crashed."""
 import contextlib
@@ -23,17 +24,22 @@ import torch.nn as nn
 
 from conftest import ROOT, ern
 
+PRESET = "cpu preset (width 0.4, 96 px, stride-2 stem)"
 # The defaults with each preset's overrides, and the sizes the README names (BENCHMARKS.md: the full matrix).
 CPU, DEMO = ern.PRESETS["cpu"], ern.PRESETS["demo"]
 NAMED = {"default (width 1.0, 96 px)": {},
-         "cpu preset where bf16 is native (width 0.4, 96 px, stride-2 stem, two blocks a stage)": dict(CPU),
-         "cpu preset in float32 (one block a stage)": {**CPU, **ern.PRESETS_FLOAT32_CPU["cpu"]},
+         # as --preset=cpu trains at the level: two blocks a stage in bf16, one in float32 (preset_for_machine); the
+         # other adds no layer of another shape, hence no kernel (LEFT_OUT)
+         PRESET: {**CPU, "preset": "cpu"},
          "cpu preset of 11-24 (width 0.5, 64 px)": {**CPU, "image_size": 64, "stem_stride": 1, "width": 0.5},
          "cpu preset of 11-30 (width 0.5, 48 px, stride-1 stem)": {**CPU, "image_size": 48, "stem_stride": 1, "width": 0.5},
-         "short ablation (cpu preset, width 0.25, 48 px)": {**CPU, "image_size": 48, "stem_stride": 1, "width": 0.25},
-         "demo (width 0.25, 48 px)": dict(DEMO),
+         "demo (width 0.25, 48 px)": dict(DEMO),  # and the short ablations' model (LEFT_OUT)
          "width 0.25 at 64 px": {"width": 0.25, "image_size": 64},
          "width 0.25 at 96 px": {"width": 0.25}}
+# Named models the matrix leaves out, each with the one in it whose layers have the same shapes
+LEFT_OUT = {"cpu preset with the other count of blocks": ({**CPU, "blocks": "1,1,1,1"}, dict(CPU)),
+            "short ablation (the cpu preset at width 0.25, 48 px, stride-1 stem)": (
+                {**CPU, "image_size": 48, "stem_stride": 1, "width": 0.25}, dict(DEMO))}
 
 # argv: the repository, {name: Config overrides}, "probed" (as the script does it) or "forced" (channels_last without
 # the probe: the script before it), steps. One JSON line per model that trained.
@@ -45,7 +51,7 @@ import emotion_recognition as ern
 if __name__ == "__main__":
     cpu = torch.device("cpu")
     for name, overrides in json.loads(sys.argv[2]).items():
-        cfg = ern.Config(**overrides)
+        cfg = ern.preset_for_machine(ern.Config(**overrides), {})
         model = ern.build_model(cfg, 8)
         cfg, verdict = ern.channels_last_checked(model, cfg, cpu) if sys.argv[3] == "probed" else (cfg, None)
         model = ern.place_model(model, cfg, cpu)
@@ -58,14 +64,15 @@ if __name__ == "__main__":
                                         class_weights=ern.inverse_frequency_weights(cfg, y, 8))
         ern.run_inference(model, x.numpy(), mean, std, cpu, cfg)
         print(json.dumps({"model": name, "channels_last": cfg.channels_last, "autocast": str(ern.autocast_dtype(cfg, cpu)),
-                          "probe": verdict and verdict["reason"], "loss": stats["train_loss"]}), flush=True)
+                          "probe": verdict and verdict["reason"], "blocks": cfg.blocks, "loss": stats["train_loss"]}), flush=True)
 """
 
 
 # oneDNN's instruction-set levels, in order, with the CPU flags each adds (ONEDNN_MAX_CPU_ISA=NAME caps it at one)
 ONEDNN_ISAS = {"SSE41": ("sse4_1",), "AVX": ("avx",), "AVX2": ("avx2", "fma"),
                "AVX512_CORE": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "AVX512_CORE_VNNI": ("avx512_vnni",),
-               "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16")}
+               "AVX512_CORE_BF16": ("avx512_bf16",), "AVX512_CORE_FP16": ("avx512_fp16",),
+               "AVX512_CORE_AMX": ("amx_tile", "amx_int8", "amx_bf16"), "AVX512_CORE_AMX_FP16": ("amx_fp16",)}
 
 
 def onednn_isas(flags):
@@ -79,13 +86,25 @@ def onednn_isas(flags):
     return have
 
 
+def own_level(flags):
+    """This CPU's own level where ONEDNN_ISAS tells it (the widest listed that it runs), else None: levels that the
+    list leaves out may be wider (AVX2_VNNI above AVX2, AVX10_2 above the last)."""
+    have = onednn_isas(flags)
+    if not have or have[-1] == list(ONEDNN_ISAS)[-1] or (have[-1] == "AVX2" and "avx_vnni" in flags):
+        return None
+    return have[-1]
+
+
 DEFAULT = "default (width 1.0, 96 px)"
-LEVELS = [isa for isa in onednn_isas(ern.cpu_flags()) if isa not in ("SSE41", "AVX")]
+FLAGS = ern.cpu_flags()
+LEVELS = [isa for isa in onednn_isas(FLAGS) if isa not in ("SSE41", "AVX")]
+CAPPED = [isa for isa in LEVELS if isa != own_level(FLAGS)]  # capping at the CPU's own level changes no kernel
 
 
-@pytest.mark.parametrize("isa", [None, *LEVELS])
+@pytest.mark.parametrize("isa", [None, *CAPPED])
 def test_every_named_model_trains_a_step_under_each_instruction_set(isa):
-    """isa None: the CPU's own level, every model; a level: every model but the default one."""
+    """isa None: the CPU's own level, every model; a narrower level: every model but the default one. The CPU preset
+    has one block a stage where the level computes in float32, as preset_for_machine gives it."""
     models = {k: {**v, "batch_size": 8} for k, v in NAMED.items() if isa is None or k != DEFAULT}  # the probe's too
     env = dict(os.environ, **({} if isa is None else {"ONEDNN_MAX_CPU_ISA": isa}))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), json.dumps(models), "probed", "1"], env=env,
@@ -96,6 +115,30 @@ def test_every_named_model_trains_a_step_under_each_instruction_set(isa):
     for line in lines:
         assert line["loss"] == line["loss"] and line["loss"] > 0, line  # finite (NaN != NaN)
         assert line["probe"], line  # the probe decided (channels_last is on by default)
+    preset = next(line for line in lines if line["model"] == PRESET)
+    assert preset["blocks"] == ("2,2,2,2" if preset["autocast"] == "torch.bfloat16" else "1,1,1,1"), preset
+
+
+def layer_shapes(overrides):
+    """(layer, input shape) of each layer with weights or a computation of its own, in a training pass at batch 8."""
+    cfg = ern.Config(**overrides)
+    model, seen = ern.build_model(cfg, 8).train(), set()
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.add((repr(m), tuple(args[0].shape))))
+             for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Identity)]
+    model(torch.randn(8, 3, cfg.image_size, cfg.image_size))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", LEFT_OUT)
+def test_a_named_model_left_out_of_the_matrix_has_its_stand_ins_layer_shapes(name):
+    """oneDNN picks a kernel by the layer, its input's shape, the dtype and the level: a model whose layers have the
+    stand-in's shapes (more blocks repeat them) reaches the stand-in's kernels, and the matrix runs either one."""
+    left_out, stand_in = LEFT_OUT[name]
+    shapes, covered = layer_shapes(left_out), layer_shapes(stand_in)
+    assert len(shapes) >= 30 and shapes == covered, sorted(shapes ^ covered)
+    assert layer_shapes({**left_out, "width": 0.5}) - covered  # the check tells another width apart
 
 
 @pytest.mark.parametrize("stride, size", [(2, 12), (2, 7), (1, 6)])
