@@ -112,7 +112,8 @@ def run(name, overrides, seed, args):
 
 
 def step_time(name, overrides, args, steps=6):
-    """Seconds per training step of the row's model and batch, in this process."""
+    """Seconds per training step of the row's model and batch, in this process, compiled as the trainer compiles it
+    (--compile); the two warm-up steps before them (which pay the compilation) timed apart."""
     import torch
     import emotion_recognition as ern
     cfg, _, given = ern.parse_args(["--preset=cpu", "--device=cpu", f"--amp={str(args.bf16).lower()}",
@@ -129,15 +130,17 @@ def step_time(name, overrides, args, steps=6):
                       generator=gen)
     y = torch.randint(0, 8, (len(x),), generator=gen)
     mean, std = torch.full((3,), 128.0), torch.full((3,), 64.0)
-    run = lambda a, b: ern.train_one_epoch(model, x[a:b], y[a:b], mean, std, optimizer, scheduler, scaler, cfg, 1,
+    net = torch.compile(model) if cfg.compile else model
+    run = lambda a, b: ern.train_one_epoch(net, x[a:b], y[a:b], mean, std, optimizer, scheduler, scaler, cfg, 1,
                                            num_classes=8)
-    run(0, 2 * cfg.batch_size)
     t0 = time.perf_counter()
+    run(0, 2 * cfg.batch_size)
+    t1 = time.perf_counter()
     run(2 * cfg.batch_size, len(x))
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = (time.perf_counter() - t1) / steps
     return {"row": name, "image_size": cfg.image_size, "stem_stride": cfg.stem_stride, "blocks": cfg.blocks,
-            "batch": cfg.batch_size, "channels_last": cfg.channels_last,
-            "step_seconds": seconds, "ms_per_face": 1000 * seconds / cfg.batch_size}
+            "batch": cfg.batch_size, "channels_last": cfg.channels_last, "compile": cfg.compile,
+            "warmup_seconds": t1 - t0, "step_seconds": seconds, "ms_per_face": 1000 * seconds / cfg.batch_size}
 
 
 def main():
@@ -160,11 +163,13 @@ def main():
     if args.step_time:
         print(f"{cpu_model()}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}, "
               f"{'bf16 autocast' if args.bf16 else 'float32'}")
-        print("| change | px | stem stride | blocks | batch | channels_last | s/step | ms/face |\n|---|---|---|---|---|---|---|---|")
+        print("| change | px | stem stride | blocks | batch | channels_last | compile | two warm-up steps, s | s/step | "
+              "ms/face |\n|---|---|---|---|---|---|---|---|---|---|")
         for name, changes in cumulative(names):
             r = step_time(name, changes, args)
-            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | {r['step_seconds']:.3f} | "
-                  f"{r['ms_per_face']:.2f} |", flush=True)
+            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | "
+                  f"{r['compile']} | {r['warmup_seconds']:.1f} | {r['step_seconds']:.3f} | {r['ms_per_face']:.2f} |",
+                  flush=True)
         return
     table = [run(name, changes, int(s), args) for name, changes in cumulative(names) for s in args.seeds.split(",")]
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
