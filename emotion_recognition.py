@@ -2187,13 +2187,14 @@ TTA_IMAGES_PER_CALL = 64  # a few faces' test-time views go through the model to
 # twenty at once were 2.2-3.1x slower than a view a call (BENCHMARKS.md, "Test-time views stacked")
 
 
-def mean_over_views(model, views, channels_last=False, stack=True):
+def mean_over_views(model, views, channels_last=False, per_call=None):
     """The model's outputs (logits, context logits, features) for each view, averaged in float32; None for what the
-    model does not give. What evaluation, prediction and an exported model compute of one batch. stack: views of a
-    small batch go through the model together (TTA_IMAGES_PER_CALL); False: a call a view (an ONNX graph, whose
-    batch is not known when it is traced)."""
-    # without stack, the batch's size is never read: reading it would fix the batch of a graph being traced
-    per_call = max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0]))) if stack else 1
+    model does not give. What evaluation, prediction and an exported model compute of one batch. per_call: the views
+    that go through the model together; None: as many of a small batch's as make TTA_IMAGES_PER_CALL images, a view a
+    call for a large batch; an ONNX graph, whose batch is not known when it is traced, gives len(views): every view
+    in one call (onnxruntime was no slower so at 64 faces, 1.7x faster at one: BENCHMARKS.md)."""
+    # given per_call, the batch's size is never read: reading it would fix the batch of a graph being traced
+    per_call = per_call or max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0])))
     sums = None
     for i in range(0, len(views), per_call):
         group = views[i:i + per_call]

@@ -6,9 +6,10 @@ Export a model trained by emotion_recognition.py to ONNX, and check the export a
 
 model.onnx takes RGB face crops in [0, 1], (N, 3, S, S) float32, and gives class probabilities (N, K), as evaluation
 and predict.py compute them in float32: the checkpoint's normalization, its test-time views (the crop, its zoom,
-shifts and mirrors, averaged: tta_views) and the softmax are inside the graph, and its metadata holds the class
-names (in data.yaml's order), the image size and the crop margin. It runs in onnxruntime without PyTorch or these
-scripts (README). Before model.onnx is written, onnxruntime and PyTorch are compared on noise and on real face crops.
+shifts and mirrors, averaged: tta_views; all of a call's views through the network as one batch) and the softmax are
+inside the graph, and its metadata holds the class names (in data.yaml's order), the image size and the crop margin.
+It runs in onnxruntime without PyTorch or these scripts (README). Before model.onnx is written, onnxruntime and
+PyTorch are compared on noise and on real face crops.
 """
 
 import dataclasses
@@ -59,7 +60,7 @@ class ExportedERN(nn.Module):
     def forward(self, images):
         x = standardize(images * 255, self.mean, self.std)
         views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
-        return mean_over_views(self.model, views, stack=False)[0].softmax(1)
+        return mean_over_views(self.model, views, per_call=len(views))[0].softmax(1)
 
 
 def export_inputs(image_size):

@@ -2,7 +2,8 @@
 
 For the CPU-preset model (PRESETS["cpu"]) and the default model (96 px, 27.7 M), in float32
 on the CPU, with the same inputs (normalization and softmax included on both sides, one pass; --tta: the model's
-test-time views inside both, a pass a view, as export.py writes it):
+test-time views inside both, as export.py writes them: every view in one pass; and the graph export.py wrote before
+2026-12-07, a pass a view, beside it):
 
   batch 1     milliseconds per face, one face per call (a camera, a notebook)
   batch 64    milliseconds per face at 64 faces per call (a folder, a video)
@@ -36,6 +37,24 @@ import export as ex  # noqa: E402
 MODELS = {"cpu preset": ern.PRESETS["cpu"], "default": {}}
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+class PassAView(ex.ExportedERN):
+    """The graph export.py wrote before 2026-12-07: the same views, the network once a view."""
+
+    def forward(self, images):
+        views = ern.tta_views(ern.standardize(images * 255, self.mean, self.std), self.tta_flip, self.tta_shift,
+                              self.tta_zoom)
+        return ern.mean_over_views(self.model, views, per_call=1)[0].softmax(1)
+
+
+def export_seconds(module, path, size):
+    """Seconds to export module as export.py does (its arguments), to path."""
+    t0 = time.perf_counter()
+    torch.onnx.export(module, (torch.rand(2, 3, size, size),), str(path), input_names=["images"],
+                      output_names=["probabilities"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                      dynamo=True, external_data=False, verbose=False)
+    return time.perf_counter() - t0
 
 
 def session(path, level="all", threads=0):
@@ -131,6 +150,13 @@ def main():
         for level in LEVELS:
             s = session(onnx_path, level, threads)
             runs[f"onnxruntime {level}"] = lambda x, s=s: s.run(["probabilities"], {"images": x})[0]
+        exports = {}
+        if args.tta:  # the same views a pass each, against every view in one pass (export.py's)
+            exports = {"every view in one pass": export_seconds(eager, tmp / "together.onnx", ckpt["image_size"]),
+                       "a pass a view": export_seconds(PassAView(model, *ern.checkpoint_normalization(ckpt, "cpu"),
+                                                                 *views).eval(), tmp / "each.onnx", ckpt["image_size"])}
+            s = session(tmp / "each.onnx", "all", threads)
+            runs["onnxruntime all, a pass a view"] = lambda x, s=s: s.run(["probabilities"], {"images": x})[0]
         val = None
         if args.checkpoint and args.data_dir and name == "cpu preset":
             data_cfg = dataclasses.replace(cfg, data_dir=args.data_dir, cache_dir=args.cache_dir)
@@ -151,10 +177,11 @@ def main():
         best = {k: {b: min(v) for b, v in t.items()} for k, t in times.items()}
         row = {"parameters": ern.count_parameters(model), "image_size": size, "stem_stride": cfg.stem_stride,
                "views": len(ern.tta_views(torch.zeros(1, 3, size, size), *views)), "export_check": differences,
+               "export_seconds": exports,
                "ms_per_face": best, "rounds": times,
                "speedup_vs_eager": {k: {b: best["PyTorch eager"][b] / v for b, v in t.items()} for k, t in best.items()}}
         print(f"{name} ({row['parameters'] / 1e6:.1f} M parameters, {size} px, {row['views']} view(s); export check "
-              f"{max(differences.values()):.1e})")
+              f"{max(differences.values()):.1e})" + "".join(f"; export {k}: {v:.1f} s" for k, v in exports.items()))
         print(f"  {'runtime':<28} {'batch 1 ms/face':>16} {'x eager':>8} {'batch 64 ms/face':>17} {'x eager':>8}")
         for k, t in best.items():
             up = row["speedup_vs_eager"][k]

@@ -1466,20 +1466,20 @@ def test_test_time_views_average_the_logits_of_the_zoomed_shifted_and_mirrored_f
 
 def test_a_few_faces_views_go_through_the_model_together(one_thread):
     """mean_over_views: a batch's test-time views in calls of at most TTA_IMAGES_PER_CALL images (one face's twenty
-    views: one call, 7x faster than twenty), a large batch's a view a call, and without stack (an ONNX graph) a view a
-    call whatever the batch; each output the mean of what one call a view gives."""
+    views: one call, 7x faster than twenty), a large batch's a view a call, and with per_call (an ONNX graph: every
+    view) that many views a call whatever the batch; each output the mean of what one call a view gives."""
     calls = []
     for context in (True, False):  # without the context module: no context logits (None) across two calls
         torch.manual_seed(0)
         model = ern.build_model(ern.Config(image_size=16, width=0.125, blocks="1,1", context=context), 4).eval()
         model.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
-        for n, stack, sizes in ((1, True, [20]), (3, True, [60]), (4, True, [64, 16]), (40, True, [40] * 20),
-                                (100, True, [100] * 20), (1, False, [1] * 20)):
+        for n, per_call, sizes in ((1, None, [20]), (3, None, [60]), (4, None, [64, 16]), (40, None, [40] * 20),
+                                   (100, None, [100] * 20), (1, 20, [20]), (100, 20, [2000]), (5, 8, [40, 40, 20])):
             views = ern.tta_views(torch.randn(n, 3, 16, 16), True, 2, 0.75)
             for channels_last in (False, True):
                 calls.clear()
                 with torch.no_grad():
-                    got = ern.mean_over_views(model, views, channels_last, stack)
+                    got = ern.mean_over_views(model, views, channels_last, per_call)
                     assert calls == sizes
                     each = [model(v) for v in views]
                 assert (got[0] - each[0][0]).abs().max() > 1e-3  # the views differ, so the checks below tell
