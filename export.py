@@ -81,13 +81,14 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
     onnxruntime against PyTorch.
     tta_flip, tta_shift, tta_zoom: None = the checkpoint's. Returns the largest probability difference per input
     kind."""
-    try:
-        import onnx
-        for package in ("onnxruntime", "onnxscript"):  # onnx_session's; torch.onnx.export's (it fails deep in torch)
+    for package in ("onnx", "onnxruntime", "onnxscript"):  # onnx_session's; torch.onnx.export's (it fails deep in torch)
+        try:
             importlib.import_module(package)
-    except ImportError as e:  # not installed, or a binary part that does not load
-        raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name else
-                        f"export could not import its packages: {e}") from None
+        except ImportError as e:  # not installed, or a binary part that does not load (onnxruntime 1.18 under numpy 2)
+            raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name
+                            else f"export could not import {package} ({str(e) or 'a binary part did not load'}): pip "
+                                 f"install --upgrade -r requirements.txt") from None
+    import onnx
     if ckpt is None:
         ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)

@@ -420,8 +420,9 @@ def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
 def test_an_onnx_package_too_old_or_missing_is_one_line_and_leaves_no_file(run, tmp_path, monkeypatch):
     """The export stamped with an opset this onnxruntime does not know (as an older onnxruntime meets today's
     exporter; a real load failure): one line with the versions and onnxruntime's own limit. An onnxscript older than
-    torch's exporter (the part it imports lazily missing: a ModuleNotFoundError traceback before) and a package that
-    is not installed: one line naming it. Nothing written in any case."""
+    torch's exporter (the part it imports lazily missing: a ModuleNotFoundError traceback before), a package that is
+    not installed, and one whose binary part does not load (built against another numpy): one line naming it.
+    Nothing written in any case."""
     import onnx
     save = onnx.save
 
@@ -449,5 +450,17 @@ def test_an_onnx_package_too_old_or_missing_is_one_line_and_leaves_no_file(run, 
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # what `import onnxscript` meets where it is not installed
     with pytest.raises(ern.UserError, match="export needs onnxscript, which is not installed: pip install -r"):
+        ex.main(args)
+    monkeypatch.undo()
+    real_import = ex.importlib.import_module
+
+    def built_for_numpy_1(name, *args):  # what importing onnxruntime 1.18 under numpy 2 raises (numpy prints the rest)
+        if name == "onnxruntime":
+            raise ImportError()
+        return real_import(name, *args)
+
+    monkeypatch.setattr(ex.importlib, "import_module", built_for_numpy_1)
+    with pytest.raises(ern.UserError, match=r"^export could not import onnxruntime \(a binary part did not load\): "
+                                            r"pip install --upgrade -r requirements.txt$"):
         ex.main(args)
     assert list(tmp_path.iterdir()) == []
