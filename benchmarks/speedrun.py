@@ -111,7 +111,7 @@ def run(name, overrides, seed, args):
             "best_val_accuracy": results["accuracy"], "macro_f1": results["macro_f1"], "command": shlex.join(cmd)}
 
 
-def step_time(name, overrides, args, steps=6):
+def step_time(name, overrides, args, steps=20):
     """Seconds per training step of the row's model and batch, in this process, compiled as the trainer compiles it
     (--compile); the two warm-up steps before them (which pay the compilation) timed apart."""
     import torch
