@@ -39,3 +39,27 @@ def test_a_row_runs_the_preset_with_its_changes_and_reads_the_final_epoch_back(t
     assert command[2:8] == [f"--data_dir={tiny_dataset}", "--preset=cpu", "--amp=false", "--time_budget=1.0",
                             "--seed=0", f"--output_dir={run}"]
     assert command[-len(shlex.split(extra)):] == shlex.split(extra)
+
+
+def test_the_step_time_screen_times_the_compiled_model_where_the_row_compiles(monkeypatch):
+    """--step_time of a row with --compile=true trains what torch.compile returned (the screen once timed the eager
+    model under that row's name), and of a row without it never compiles."""
+    import argparse
+    import torch
+
+    class Counted(torch.nn.Module):  # torch.compile's stand-in: the same model, its calls counted
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.calls = model, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.model(x)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(Counted(model)) or compiled[-1])
+    tiny = "--image_size=32 --stem_stride=1 --width=0.125 --blocks=1,1,1,1 --batch_size=8 --channels_last=false"
+    for flag, want in (("--compile=false", 0), ("--compile=true", 1)):
+        row = sr.step_time("row", f"{tiny} {flag}", argparse.Namespace(bf16=False), steps=3)
+        assert row["compile"] is bool(want) and len(compiled) == want and row["step_seconds"] > 0
+    assert compiled[0].calls == 2 + 3  # the warm-up steps and the timed ones
