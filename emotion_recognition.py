@@ -2192,7 +2192,7 @@ def mean_over_views(model, views, channels_last=False, per_call=None):
     model does not give. What evaluation, prediction and an exported model compute of one batch. per_call: the views
     that go through the model together; None: as many of a small batch's as make TTA_IMAGES_PER_CALL images, a view a
     call for a large batch; an ONNX graph, whose batch is not known when it is traced, gives len(views): every view
-    in one call (onnxruntime was no slower so at 64 faces, 1.7x faster at one: BENCHMARKS.md)."""
+    in one call (in onnxruntime 1.7-1.8x faster at one face, 0.91x at 64: BENCHMARKS.md)."""
     # given per_call, the batch's size is never read: reading it would fix the batch of a graph being traced
     per_call = per_call or max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0])))
     sums = None

@@ -75,19 +75,29 @@ def export_inputs(image_size):
     return {"random": noise, "real": real}
 
 
+def trace_to_onnx(module, path, size):
+    """Write module (images (N, 3, size, size) -> probabilities (N, K), N any) to path as an ONNX graph."""
+    torch.onnx.export(module, (torch.rand(2, 3, size, size),), str(path), input_names=["images"],
+                      output_names=["probabilities"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+                      dynamo=True, external_data=False, verbose=False)
+
+
 def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, ckpt=None):
     """Write model.onnx from an ERN checkpoint (ckpt: that file already loaded; the metadata names the file), its
     metadata (class names, image size, crop margin, test-time views, metrics, config) inside; then run it with
     onnxruntime against PyTorch.
     tta_flip, tta_shift, tta_zoom: None = the checkpoint's. Returns the largest probability difference per input
     kind."""
-    for package in ("onnx", "onnxruntime", "onnxscript"):  # onnx_session's; torch.onnx.export's (it fails deep in torch)
+    # onnx_session's; torch.onnx.export's (it would fail deep in torch)
+    for package in ("onnx", "onnxruntime", "onnxscript"):
         try:
             importlib.import_module(package)
-        except ImportError as e:  # not installed, or a binary part that does not load (onnxruntime 1.18 under numpy 2)
-            raise UserError(f"export needs {e.name}, which is not installed: pip install -r requirements.txt" if e.name
-                            else f"export could not import {package} ({str(e) or 'a binary part did not load'}): pip "
-                                 f"install --upgrade -r requirements.txt") from None
+        except ModuleNotFoundError as e:  # not installed
+            raise UserError(f"export needs {e.name or package}, which is not installed: pip install -r "
+                            f"requirements.txt") from None
+        except ImportError as e:  # a binary part that does not load (onnxruntime 1.18 under numpy 2)
+            raise UserError(f"export could not import {package} ({str(e) or 'a binary part did not load'}): pip "
+                            f"install --upgrade -r requirements.txt") from None
     import onnx
     if ckpt is None:
         ckpt = load_checkpoint(checkpoint)
@@ -96,11 +106,8 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
     exported = ExportedERN(model, *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
                            cfg.tta_zoom).eval()
     size = ckpt["image_size"]
-    example = torch.rand(2, 3, size, size)
     try:
-        torch.onnx.export(exported, (example,), str(path), input_names=["images"], output_names=["probabilities"],
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
-                          verbose=False)
+        trace_to_onnx(exported, path, size)
     except ImportError as e:  # an onnxscript or onnx older than this torch, whose exporter imports their parts lazily
         package = (e.name or "").split(".")[0]
         if package not in ("onnx", "onnxscript", "onnx_ir"):

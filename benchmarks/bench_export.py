@@ -1,9 +1,10 @@
 """Export speed and accuracy: the network in PyTorch eager against the exported model.onnx in onnxruntime.
 
 For the CPU-preset model (PRESETS["cpu"]) and the default model (96 px, 27.7 M), in float32
-on the CPU, with the same inputs (normalization and softmax included on both sides, one pass; --tta: the model's
-test-time views inside both, as export.py writes them: every view in one pass; and the graph export.py wrote before
-2026-12-07, a pass a view, beside it):
+on the CPU, with the same inputs (normalization and softmax included on both sides, the image alone; --tta: the
+model's test-time views inside both, as export.py writes them, every view in one pass, so PyTorch eager stacks them
+all too, unlike predict.py's TTA_IMAGES_PER_CALL; and the graph export.py wrote before 2026-12-07, a pass a view,
+beside them):
 
   batch 1     milliseconds per face, one face per call (a camera, a notebook)
   batch 64    milliseconds per face at 64 faces per call (a folder, a video)
@@ -49,11 +50,9 @@ class PassAView(ex.ExportedERN):
 
 
 def export_seconds(module, path, size):
-    """Seconds to export module as export.py does (its arguments), to path."""
+    """Seconds to export module to path as export.py does."""
     t0 = time.perf_counter()
-    torch.onnx.export(module, (torch.rand(2, 3, size, size),), str(path), input_names=["images"],
-                      output_names=["probabilities"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                      dynamo=True, external_data=False, verbose=False)
+    ex.trace_to_onnx(module, path, size)
     return time.perf_counter() - t0
 
 
@@ -109,7 +108,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="threads of both runtimes; 0 = one per core")
     ap.add_argument("--models", default="cpu preset,default", help="which of: " + ", ".join(MODELS))
     ap.add_argument("--tta", action="store_true", help="both sides with the model's test-time views, as export.py "
-                    "writes it by default (the CPU preset's twenty), not one pass")
+                    "writes it by default (the CPU preset's twenty), not the image alone")
     ap.add_argument("--checkpoint", default="", help="a trained CPU-preset checkpoint: accuracy and int8 variants")
     ap.add_argument("--data_dir", default="", help="the dataset of --checkpoint (validation split: accuracy)")
     ap.add_argument("--cache_dir", default="outputs/cache")
@@ -136,7 +135,7 @@ def main():
                                            torch.full((3,), 0.25), 0, {}), ckpt_path)
         ckpt = ern.load_checkpoint(ckpt_path)
         model, cfg = ern.model_from_checkpoint(ckpt)
-        views = (cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if args.tta else (False, 0, 0.0)  # else one pass
+        views = (cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if args.tta else (False, 0, 0.0)  # else the image alone
         eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), *views).eval()
         onnx_path = tmp / f"{name.replace(' ', '_')}.onnx"
         differences = ex.export_onnx(ckpt_path, onnx_path, *views)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import emotion_recognition as ern  # noqa: E402
-from test_kernels import CHILD, NAMED, onednn_isas  # noqa: E402
+from test_kernels import BLOCK_COUNTS, CHILD, CPU_PRESET, NAMED, onednn_isas  # noqa: E402
 
 def outcome(isa, name, overrides, batch, mode, threads, timeout, cache):
     """One model's two training steps in a child (test_kernels.CHILD) under the oneDNN level isa."""
@@ -38,6 +38,10 @@ def outcome(isa, name, overrides, batch, mode, threads, timeout, cache):
     return {"result": "ok", "seconds": round(time.time() - t0, 1), **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+# the test's models, the CPU preset with each count of blocks under every level
+MODELS = {**{k: v for k, v in NAMED.items() if k != CPU_PRESET}, **BLOCK_COUNTS}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="isa_matrix.json")
@@ -52,7 +56,7 @@ def main():
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for isa in isas:
-            for name, overrides in NAMED.items():
+            for name, overrides in MODELS.items():
                 row = {"isa": isa, "threads": threads, "model": name}
                 for mode in ("forced", "probed"):
                     row[mode] = outcome(isa, name, overrides, args.batch, mode, threads, args.timeout, args.cache)

@@ -167,8 +167,8 @@ def main():
               "ms/face |\n|---|---|---|---|---|---|---|---|---|---|")
         for name, changes in cumulative(names):
             r = step_time(name, changes, args)
-            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | {r['channels_last']} | "
-                  f"{r['compile']} | {r['warmup_seconds']:.1f} | {r['step_seconds']:.3f} | {r['ms_per_face']:.2f} |",
+            print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | "
+                  f"{r['channels_last']} | {r['compile']} | {r['warmup_seconds']:.1f} | {r['step_seconds']:.3f} | {r['ms_per_face']:.2f} |",
                   flush=True)
         return
     table = [run(name, changes, int(s), args) for name, changes in cumulative(names) for s in args.seeds.split(",")]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -317,6 +318,13 @@ def test_export_with_zoom_and_shift_tta_averages_twenty_views(run, trained, tmp_
     want = (sum(logits) / len(logits)).softmax(1).numpy()
     assert np.abs(want - single_and_mirrored(model, x, mean, std)[1]).max() > 1e-4  # the other views count
     assert session.run(["probabilities"], {"images": x.numpy()})[0] == pytest.approx(want, abs=1e-5)
+    ex.trace_to_onnx(ex.ExportedERN(model, mean, std, False, 0, 0.0).eval(), tmp_path / "one.onnx", 32)  # the image alone
+
+    def convolutions(path):
+        graph = onnx.load(str(path))
+        return sum(n.op_type == "Conv" for g in (graph.graph, *graph.functions) for n in g.node)
+
+    assert convolutions(tmp_path / "twenty.onnx") == convolutions(tmp_path / "one.onnx") > 20  # the views in one pass
 
 
 def test_export_carries_the_metadata(exported, run):
