@@ -1,8 +1,9 @@
 """Which models crash in channels_last under which oneDNN instruction set, with and without the probe.
 
-For every model that tests/test_kernels.py names and every oneDNN level this CPU can run (ONEDNN_MAX_CPU_ISA), in a
-child process each (test_kernels.CHILD): two training steps at --batch faces in channels_last with the probe bypassed ("forced": what
-the script did before the probe) and then as the script does it now ("probed": the probe's verdict, then the steps).
+For every model that tests/test_kernels.py names (the CPU preset with each count of blocks) and every oneDNN level
+this CPU can run (ONEDNN_MAX_CPU_ISA), in a child process each (test_kernels.CHILD): two training steps at --batch
+faces in channels_last with the probe bypassed ("forced": what the script did before the probe) and then as the script
+does it now ("probed": the probe's verdict, then the steps).
 A child that dies or hangs past --timeout is reported as such. Prints a table, writes JSON.
 
     python benchmarks/isa_matrix.py --json=isa_matrix.json [--batch=8] [--threads=1,2] [--isas=AVX2,AVX512_CORE]
