@@ -50,6 +50,7 @@ class ExportedERN(nn.Module):
     """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
     checkpoint's normalization, run_inference's test-time views (tta_views: the logits of the image, its zoom, shifts
     and mirrors, averaged) and the softmax inside the graph."""
+    views_per_call = None  # None: every view in one pass (benchmarks/bench_export.py times 1, the graph before)
 
     def __init__(self, model, mean, std, tta_flip, tta_shift, tta_zoom):
         super().__init__()
@@ -60,7 +61,7 @@ class ExportedERN(nn.Module):
     def forward(self, images):
         x = standardize(images * 255, self.mean, self.std)
         views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
-        return mean_over_views(self.model, views, per_call=len(views))[0].softmax(1)
+        return mean_over_views(self.model, views, per_call=self.views_per_call or len(views))[0].softmax(1)
 
 
 def export_inputs(image_size):
@@ -88,7 +89,7 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
     onnxruntime against PyTorch.
     tta_flip, tta_shift, tta_zoom: None = the checkpoint's. Returns the largest probability difference per input
     kind."""
-    # onnx_session's; torch.onnx.export's (it would fail deep in torch)
+    # onnx for the metadata, onnxruntime for onnx_session, onnxscript for torch.onnx.export (which fails deep in torch)
     for package in ("onnx", "onnxruntime", "onnxscript"):
         try:
             importlib.import_module(package)

@@ -42,11 +42,7 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.
 
 class PassAView(ex.ExportedERN):
     """The graph export.py wrote before 2026-12-07: the same views, the network once a view."""
-
-    def forward(self, images):
-        views = ern.tta_views(ern.standardize(images * 255, self.mean, self.std), self.tta_flip, self.tta_shift,
-                              self.tta_zoom)
-        return ern.mean_over_views(self.model, views, per_call=1)[0].softmax(1)
+    views_per_call = 1
 
 
 def export_seconds(module, path, size):

@@ -168,8 +168,8 @@ def main():
         for name, changes in cumulative(names):
             r = step_time(name, changes, args)
             print(f"| {name} | {r['image_size']} | {r['stem_stride']} | {r['blocks']} | {r['batch']} | "
-                  f"{r['channels_last']} | {r['compile']} | {r['warmup_seconds']:.1f} | {r['step_seconds']:.3f} | {r['ms_per_face']:.2f} |",
-                  flush=True)
+                  f"{r['channels_last']} | {r['compile']} | {r['warmup_seconds']:.1f} | {r['step_seconds']:.3f} | "
+                  f"{r['ms_per_face']:.2f} |", flush=True)
         return
     table = [run(name, changes, int(s), args) for name, changes in cumulative(names) for s in args.seeds.split(",")]
     machine = f"{cpu_model()} ({'bf16' if 'avx512_bf16' in cpu_flags() else 'no bf16'}" + \
