@@ -142,7 +142,7 @@ class Config:
 @dataclass
 class Action:
     """What a call does besides training a new model: at most one. Kept apart from Config, which is saved in
-    every checkpoint and holds only what shapes a model and its training."""
+    every checkpoint (the run's settings, where it ran included) and rebuilds the run."""
     demo: bool = False  # write a synthetic dataset of drawn faces and train on it briefly
     evaluate: str = ""  # checkpoint (or run folder: its best_emotion_model.pth) to evaluate, no training
     resume: str = ""  # last.pth (or run folder) of an interrupted run
@@ -3574,7 +3574,8 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 # Main
 # ---------------------------------------------------------------------------------------------
 
-# What --evaluate takes from the checkpoint: the preprocessing, the architecture, and what rebuilds a held-out split
+# What --evaluate always takes from the checkpoint, refused on its command line: the preprocessing, the architecture,
+# and what rebuilds a held-out split
 FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
 
 
@@ -3675,8 +3676,9 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
                 raise
             compiler = " on the CPU it needs a working C++ compiler (g++ or clang; MSVC on Windows): install one, or" \
                 if device.type == "cpu" else ""
-            raise UserError(f"--compile=true failed: {str(e).strip().splitlines()[0][:200]};{compiler} pass "
-                            f"--compile=false (a resume may too)") from None
+            inner = e.inner_exception  # e's own first line can be "backend='inductor' raised:", which says nothing
+            reason = f"{type(inner).__name__}: {inner}".strip().splitlines()[0][:200]
+            raise UserError(f"--compile=true failed: {reason};{compiler} pass --compile=false (a resume may too)") from None
 
 
 def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
