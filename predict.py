@@ -679,6 +679,7 @@ def predict_images(predictor, sources, out, progress, args):
                     out.rows(source.path, None, None, faces, rows, ids)
                     out.source({"source": source.path, "kind": "image", "frames": 1,
                                 "faces": sum(face.detected for face in faces),
+                                "whole": sum(not face.detected and face.crop is not None for face in faces),
                                 "no_face": sum(face.crop is None for face in faces), "rows": len(faces),
                                 "dominant_emotion": dominant, "emotion_share": share,
                                 "annotated": None if annotated is None else str(annotated), "error": None,
@@ -1049,7 +1050,8 @@ def predict_video(predictor, source, out, args):
                                  f"by another program)")
     tally = tallies[True] if tallies[True].rows else tallies[False]  # faces; if none, whole frames
     share, dominant = tally.shares(predictor.class_names)
-    entry.update(frames=counts["frames"], fps=fps or None, faces=tallies[True].rows, no_face=counts["no_face"],
+    entry.update(frames=counts["frames"], fps=fps or None, faces=tallies[True].rows, whole=tallies[False].rows,
+                 no_face=counts["no_face"],
                  tracks=tracker.next_id, rows=tallies[True].rows + tallies[False].rows + counts["no_face"],
                  dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)

@@ -514,13 +514,19 @@ def test_no_face_no_emotion(checkpoint, tmp_path):
         assert all(row[c] == "" for c in CLASSES)
     assert (rows[0]["x2"], rows[0]["y2"]) == ("300.0", "200.0")
     image, video = json.loads((tmp_path / "a" / "summary.json").read_text())["sources"]
-    assert (image["faces"], image["no_face"], image["rows"], image["dominant_emotion"], image["emotion_share"]) == \
-        (0, 1, 1, None, {})
-    assert (video["faces"], video["no_face"], video["rows"], video["tracks"], video["dominant_emotion"]) == (0, 3, 3, 0, None)
+    assert (image["faces"], image["whole"], image["no_face"], image["rows"], image["dominant_emotion"],
+            image["emotion_share"]) == (0, 0, 1, 1, None, {})
+    assert (video["faces"], video["whole"], video["no_face"], video["rows"], video["tracks"],
+            video["dominant_emotion"]) == (0, 0, 3, 3, 0, None)
     assert f"{blank}: no face" in proc.stdout and "3 frame(s) without a face" in proc.stdout
-    predict(f"{blank}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'b'}", "--detect_faces=false", cwd=tmp_path)
-    [row] = read_csv(tmp_path / "b")
+    predict(f"{blank}", f"{tmp_path / 'empty.mp4'}", f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'b'}",
+            "--detect_faces=false", cwd=tmp_path)
+    row = read_csv(tmp_path / "b")[0]
     assert row["face_detected"] == "false" and row["emotion"] in CLASSES
+    image, video = json.loads((tmp_path / "b" / "summary.json").read_text())["sources"]
+    # summary.json: the classified whole image or frames counted as such, not as faces nor as rows without one
+    assert (image["faces"], image["whole"], image["no_face"], image["rows"]) == (0, 1, 0, 1)
+    assert (video["faces"], video["whole"], video["no_face"], video["rows"]) == (0, 3, 0, 3)
     assert sum(float(row[c]) for c in CLASSES) == pytest.approx(1, abs=1e-3)
     assert pr.EmotionPredictor(checkpoint)(cv2.imread(str(blank))) == [
         {"box": [0.0, 0.0, 300.0, 200.0], "face_detected": False, "emotion": None, "confidence": None, "probabilities": None}]
