@@ -142,7 +142,7 @@ class Config:
 @dataclass
 class Action:
     """What a call does besides training a new model: at most one. Kept apart from Config, which is saved in
-    every checkpoint (the run's settings, where it ran included) and rebuilds the run."""
+    every checkpoint and holds only what shapes a model and its training."""
     demo: bool = False  # write a synthetic dataset of drawn faces and train on it briefly
     evaluate: str = ""  # checkpoint (or run folder: its best_emotion_model.pth) to evaluate, no training
     resume: str = ""  # last.pth (or run folder) of an interrupted run
@@ -3677,7 +3677,7 @@ def run_training(cfg, resume_ckpt=None, build=build_model, argv=(), started=None
             compiler = " on the CPU it needs a working C++ compiler (g++ or clang; MSVC on Windows): install one, or" \
                 if device.type == "cpu" else ""
             inner = e.inner_exception  # e's own first line can be "backend='inductor' raised:", which says nothing
-            reason = f"{type(inner).__name__}: {inner}".strip().splitlines()[0][:200]
+            reason = f"{type(inner).__name__}: {str(inner).strip()}".splitlines()[0][:200]
             raise UserError(f"--compile=true failed: {reason};{compiler} pass --compile=false (a resume may too)") from None
 
 

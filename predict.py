@@ -489,7 +489,7 @@ def source_line(entry):
     if image and entry["no_face"]:
         return f"{entry['source']}: no face{warnings}"
     dominant, classified = entry["dominant_emotion"], entry["rows"] - entry["no_face"]
-    whole = classified and not entry["faces"]  # --detect_faces=false: each image or frame is the face
+    whole = entry["whole"] > 0  # --detect_faces=false: each image or frame is the face
     top = entry["emotion_share"].get(dominant, 0.0)  # counts for a photo: "100%" of one face read as a confidence
     tied = [k for k, v in entry["emotion_share"].items() if v == top and k != dominant]
     if not dominant:
@@ -1050,10 +1050,9 @@ def predict_video(predictor, source, out, args):
                                  f"by another program)")
     tally = tallies[True] if tallies[True].rows else tallies[False]  # faces; if none, whole frames
     share, dominant = tally.shares(predictor.class_names)
-    entry.update(frames=counts["frames"], fps=fps or None, faces=tallies[True].rows, whole=tallies[False].rows,
-                 no_face=counts["no_face"],
-                 tracks=tracker.next_id, rows=tallies[True].rows + tallies[False].rows + counts["no_face"],
-                 dominant_emotion=dominant,
+    faces, whole, no_face = tallies[True].rows, tallies[False].rows, counts["no_face"]
+    entry.update(frames=counts["frames"], fps=fps or None, faces=faces, whole=whole, no_face=no_face,
+                 tracks=tracker.next_id, rows=faces + whole + no_face, dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
         plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline_path)

@@ -154,18 +154,18 @@ def test_equal_shares_go_to_the_larger_mean_probability_not_the_first_class():
 
 def test_a_whole_image_line_says_so_not_zero_faces_detected():
     """--detect_faces=false: "0 face(s) detected ... (1 of 1 face(s))" contradicted itself."""
-    image = {"source": "a.jpg", "kind": "image", "faces": 0, "no_face": 0, "rows": 1, "dominant_emotion": "Happy",
-             "emotion_share": {"Happy": 1.0}}
+    image = {"source": "a.jpg", "kind": "image", "faces": 0, "whole": 1, "no_face": 0, "rows": 1,
+             "dominant_emotion": "Happy", "emotion_share": {"Happy": 1.0}}
     assert pr.source_line(image) == "a.jpg: whole image classified, 1 row(s); emotion Happy"
-    video = {**image, "source": "v.mp4", "kind": "video", "frames": 3, "tracks": 1, "rows": 3,
+    video = {**image, "source": "v.mp4", "kind": "video", "frames": 3, "tracks": 1, "whole": 3, "rows": 3,
              "dominant_emotion": "Sad", "emotion_share": {"Sad": 2 / 3}}
     assert pr.source_line({**video, "tracks": 0}) == "v.mp4: 3 frames, whole frames classified, 3 row(s); top " \
                                                    "emotion Sad (67% of the frames)"
     # a video's faces are detections, one a frame: "300 face(s) detected" read as 300 people
-    faces = {**video, "frames": 300, "faces": 300, "rows": 300}
+    faces = {**video, "frames": 300, "faces": 300, "whole": 0, "rows": 300}
     assert pr.source_line(faces) == "v.mp4: 300 frames, 1 face track(s), 300 face detection(s), 300 row(s); top " \
                                     "emotion Sad (67% of the faces)"
-    assert pr.source_line({**image, "faces": 1}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
+    assert pr.source_line({**image, "faces": 1, "whole": 0}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
                                                     "face(s))"
     tie = {**faces, "dominant_emotion": "Contempt", "emotion_share": {"Contempt": 0.5, "Happy": 0.0, "Neutral": 0.5}}
     assert pr.source_line(tie).endswith("; top emotion Contempt (50% of the faces), as many as Neutral (the higher "
