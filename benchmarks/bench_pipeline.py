@@ -24,6 +24,9 @@ cache, training feed, memory. Every comparison measures both sides in the same r
 Times are time.perf_counter over the measured steps only; warm-up steps are excluded. A benchmark,
 not a test: it prints a table and writes JSON, and asserts nothing about time. The targets in the
 table are the ones the project set for a 2-core CPU machine.
+
+The baseline needs torchvision, which the scripts and tests do not use (not in requirements.txt): install the build
+that matches your torch, from the index your torch came from.
 """
 
 import argparse

@@ -14,6 +14,9 @@ validated the whole split each epoch with the mirror alone.
 OUT is an ordinary run folder (evaluation_results.json, metrics.jsonl, train.log, plots; keep it
 outside the repository). Its checkpoints hold ResNet-18 weights under ERN's format tag and config,
 so --evaluate and predict.py refuse them ("weights do not fit the architecture").
+
+Needs torchvision, which the scripts and tests do not use (not in requirements.txt): install the build that matches
+your torch, from the index your torch came from.
 """
 
 import argparse
