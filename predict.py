@@ -675,13 +675,12 @@ def predict_images(predictor, sources, out, progress, args):
                     warnings.append(f"could not write {annotated}: {e.strerror or e}")
                     annotated = None
                 share, dominant = emotion_shares(probs, predictor.class_names)
+                detected, no_face = sum(face.detected for face in faces), sum(face.crop is None for face in faces)
                 with ctrl_c_deferred():  # the image's rows and its summary entry are written together
                     out.rows(source.path, None, None, faces, rows, ids)
                     out.source({"source": source.path, "kind": "image", "frames": 1,
-                                "faces": sum(face.detected for face in faces),
-                                "whole": sum(not face.detected and face.crop is not None for face in faces),
-                                "no_face": sum(face.crop is None for face in faces), "rows": len(faces),
-                                "dominant_emotion": dominant, "emotion_share": share,
+                                "faces": detected, "whole": len(faces) - detected - no_face, "no_face": no_face,
+                                "rows": len(faces), "dominant_emotion": dominant, "emotion_share": share,
                                 "annotated": None if annotated is None else str(annotated), "error": None,
                                 "warnings": [w for w in warnings if w]})
 

@@ -165,8 +165,8 @@ def test_a_whole_image_line_says_so_not_zero_faces_detected():
     faces = {**video, "frames": 300, "faces": 300, "whole": 0, "rows": 300}
     assert pr.source_line(faces) == "v.mp4: 300 frames, 1 face track(s), 300 face detection(s), 300 row(s); top " \
                                     "emotion Sad (67% of the faces)"
-    assert pr.source_line({**image, "faces": 1, "whole": 0}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion Happy (1 of 1 " \
-                                                    "face(s))"
+    assert pr.source_line({**image, "faces": 1, "whole": 0}) == "a.jpg: 1 face(s) detected, 1 row(s); top emotion " \
+                                                                "Happy (1 of 1 face(s))"
     tie = {**faces, "dominant_emotion": "Contempt", "emotion_share": {"Contempt": 0.5, "Happy": 0.0, "Neutral": 0.5}}
     assert pr.source_line(tie).endswith("; top emotion Contempt (50% of the faces), as many as Neutral (the higher "
                                         "mean probability decided)")  # a tie was shown as one emotion's
