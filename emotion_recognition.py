@@ -1145,6 +1145,8 @@ def folder_files(folder, passed_over=None):
     if passed_over is not None:
         passed_over += [(f, f"a link to {os.readlink(f)}, which does not exist, so it is left out")
                         for f in sorted(found) if f.is_symlink() and not f.exists()]
+        passed_over += [(f, "not a regular file (a pipe, a socket or a device), so it is left out")
+                        for f in sorted(found) if f.exists() and not f.is_file()]
     return sorted(f for f in found if f.is_file())
 
 
@@ -1515,13 +1517,16 @@ def file_list_fingerprint(paths):
 
 
 def split_report(split, class_names):
+    """A split's part of data_report.json: its samples (faces) per class; its images, their formats and sizes, each
+    image once however many faces it holds."""
+    images = dict(zip(split.paths, zip(split.formats, split.sizes)))
     return {
         "samples": len(split),
-        "images": len(set(split.paths)),
+        "images": len(images),
         "file_list_sha256": file_list_fingerprint(split.paths),
         "per_class": {n: int((split.labels == i).sum()) for i, n in enumerate(class_names)},
-        "formats": dict(Counter(split.formats)),
-        "image_sizes": {f"{w}x{h}": n for (h, w), n in Counter(split.sizes).most_common(10)},  # width x height
+        "formats": dict(Counter(f for f, _ in images.values())),
+        "image_sizes": {f"{w}x{h}": n for (h, w), n in Counter(s for _, s in images.values()).most_common(10)},  # w x h
     }
 
 
@@ -2135,8 +2140,8 @@ def hybrid_loss(logits, context_logits, target, context_weight, class_weights=No
 
 
 def inverse_frequency_weights(cfg, train_y, num_classes):
-    """--class_weights: inverse class frequency of the training split (a mean of 1 over its samples; hybrid_loss
-    divides by the batch's sum of weights, so only their ratios count); else None."""
+    """--class_weights: inverse class frequency of the training split (a mean of 1 over its samples where every class
+    has some; hybrid_loss divides by the batch's sum of weights, so only their ratios count); else None."""
     if not cfg.class_weights:
         return None
     counts = torch.bincount(train_y, minlength=num_classes).float().clamp(min=1)  # an absent class: as if once
@@ -2189,10 +2194,10 @@ TTA_IMAGES_PER_CALL = 64  # a few faces' test-time views go through the model to
 
 def mean_over_views(model, views, channels_last=False, per_call=None):
     """The model's outputs (logits, context logits, features) for each view, averaged in float32; None for what the
-    model does not give. What evaluation, prediction and an exported model compute of one batch. per_call: the views
+    model does not give. per_call: the views
     that go through the model together; None: as many of a small batch's as make TTA_IMAGES_PER_CALL images, a view a
     call for a large batch; an ONNX graph, whose batch is not known when it is traced, gives len(views): every view
-    in one call (in onnxruntime 1.7-1.8x faster at one face, 0.91x at 64: BENCHMARKS.md)."""
+    in one call (in onnxruntime 1.7-1.8x faster at one face, 0.91x at 64: BENCHMARKS.md). view_outputs calls it."""
     # given per_call, the batch's size is never read: reading it would fix the batch of a graph being traced
     per_call = per_call or max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0])))
     sums = None
@@ -2205,19 +2210,26 @@ def mean_over_views(model, views, channels_last=False, per_call=None):
     return tuple(None if t is None else t / len(views) for t in sums)
 
 
+def view_outputs(model, images, mean, std, cfg, tta=True, per_call=None):
+    """The outputs (logits, context logits, features; mean_over_views) of one batch of 0-255 images (N, 3, S, S) on
+    their device, each averaged over cfg's test-time views (tta_views; tta=False: the image alone), with cfg's
+    autocast and layout: what evaluation, prediction (both by run_inference) and an exported model compute."""
+    x = standardize(images, mean, std)
+    views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
+    amp_dtype = autocast_dtype(cfg, images.device)
+    with torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+        return mean_over_views(model, views, cfg.channels_last, per_call)
+
+
 @torch.inference_mode()
 def run_inference(model, images, mean, std, device, cfg, tta=True):
-    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches, each the mean over
-    cfg's test-time views (tta_views; tta=False: the images alone); None for what the model does not give (context
-    logits without the context module)."""
+    """Logits, context logits and features of a uint8 (N, 3, S, S) array, in large batches (view_outputs); None for
+    what the model does not give (context logits without the context module)."""
     model.eval()
-    amp_dtype = autocast_dtype(cfg, device)
     outs = defaultdict(list)
     for i in range(0, len(images), cfg.eval_batch_size):
-        x = standardize(torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device), mean, std)
-        views = tta_views(x, cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if tta else [x]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, s, f = mean_over_views(model, views, cfg.channels_last)
+        x = torch.from_numpy(np.asarray(images[i:i + cfg.eval_batch_size])).to(device)
+        logits, s, f = view_outputs(model, x, mean, std, cfg, tta)
         for name, t in (("logits", logits), ("context_logits", s), ("features", f)):
             if t is not None:
                 outs[name].append(t.cpu())
@@ -2486,8 +2498,12 @@ def channels_last_checked(model, cfg, device, log_file=None, batch=None):
 
 CHECKPOINT_FORMAT = "ern-checkpoint-v1"
 # EmotionPredictor's settings: those given, else the checkpoint's (predict.py's command line gives all but
-# eval_batch_size; export.py takes the tta_* ones; --evaluate every setting so)
+# eval_batch_size; export.py takes the tta_* ones; --evaluate's, all of them)
 INFERENCE_SETTINGS = ("amp", "channels_last", "tta_flip", "tta_shift", "tta_zoom", "eval_batch_size")
+
+
+# what checkpoint_dict writes into every checkpoint: load_checkpoint refuses a file without one of them
+CHECKPOINT_KEYS = ("model", "config", "class_names", "normalization", "image_size", "epoch", "metrics")
 
 
 def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **state):
@@ -2498,7 +2514,8 @@ def checkpoint_dict(model, cfg, class_names, mean, std, epoch, metrics, **state)
 
 
 def training_state(optimizer, scheduler, scaler, history, best, steps):
-    """What --resume continues from beside the weights: steps, the optimizer steps taken (a fractional last pass
+    """What --resume continues from beside the weights: the optimizer's, schedule's and GradScaler's states, the
+    history, the best epoch so far, the random state, and steps: the optimizer steps taken (a fractional last pass
     took fewer than a pass's)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -2540,10 +2557,16 @@ def load_checkpoint(path):
             head = f.read(2)
         reason = ("not a file that torch.save wrote" if head not in (b"PK", b"\x80\x02") else  # zip; old pickle
                   "it holds Python objects, not only tensors and values (a model saved whole: torch.save(model)?)"
-                  if "Weights only load failed" in str(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                  if "Weights only load failed" in str(e) else
+                  "it is cut short or damaged (a copy or download that did not finish?)"
+                  if "central directory" in str(e) else  # a zip without its end
+                  f"{type(e).__name__}: {str(e).splitlines()[0].split('. ')[0][:200]}")  # torch's first sentence
         raise UserError(f"{path} is not a readable checkpoint: {reason}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an ERN checkpoint without its {', '.join(missing)}: edited, or written by other code")
     return ckpt
 
 
@@ -2584,31 +2607,34 @@ ARCHITECTURE = ("width", "blocks", "stem_stride", "channel_attention", "spatial_
                 "attention_residual", "context")
 
 
-def model_from_checkpoint(ckpt, class_names=None, image_size=None, expected=None):
-    """Rebuild the network a checkpoint describes; refuse one whose classes, image size or
-    architecture (that of the Config `expected`, if given) differ."""
-    if class_names is not None and list(class_names) != ckpt["class_names"]:
+def refuse_other_classes(ckpt, class_names):
+    """A checkpoint is used only on data of its classes, in its order (--evaluate's, a resume's)."""
+    if list(class_names) != ckpt["class_names"]:
         raise UserError(f"checkpoint classes {ckpt['class_names']} differ from the dataset's {list(class_names)}")
-    if image_size is not None and image_size != ckpt["image_size"]:
-        raise UserError(f"checkpoint image size {ckpt['image_size']} differs from the run's {image_size}")
-    cfg = config_from_checkpoint(ckpt)  # a key older files lack: ADDED's value, else its default
-    if expected is not None:
-        differ = [f"--{k}={getattr(cfg, k)} in the checkpoint, {getattr(expected, k)} in the run"
-                  for k in ARCHITECTURE if getattr(cfg, k) != getattr(expected, k)]
-        if differ:
-            raise UserError(f"checkpoint architecture differs from the run's: {'; '.join(differ)}")
-    model = build_model(cfg, len(ckpt["class_names"]))
+
+
+def load_weights(model, ckpt):
+    """The checkpoint's weights into the network its config describes; one line where they do not fit it."""
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit the architecture its config describes: {str(e)[:300]}") from None
+
+
+def model_from_checkpoint(ckpt, class_names=None):
+    """Rebuild the network a checkpoint describes; refuse one whose classes differ from class_names (where given)."""
+    if class_names is not None:
+        refuse_other_classes(ckpt, class_names)
+    cfg = config_from_checkpoint(ckpt)  # a key older files lack: ADDED's value, else its default
+    model = build_model(cfg, len(ckpt["class_names"]))
+    load_weights(model, ckpt)
     return model, cfg
 
 
 def inference_config(ckpt, device, **settings):
-    """The checkpoint's config as predict.py and export.py compute with it: the inference settings given
-    (INFERENCE_SETTINGS; None: the checkpoint's) in place of its own, and this machine's device (a model trained
-    with --device=cuda predicts on a laptop); validated, as --evaluate's command line is (--tta_shift=-1)."""
+    """The checkpoint's config as --evaluate, predict.py and export.py compute with it: the settings given (their
+    INFERENCE_SETTINGS, --evaluate's EVALUATED_WITH; None: the checkpoint's) in place of its own, and the device
+    given (a model trained with --device=cuda predicts on a laptop); validated (--tta_shift=-1 is refused)."""
     given = {k: v for k, v in settings.items() if v is not None}
     cfg = dataclasses.replace(config_from_checkpoint(ckpt), **given, device=str(device))
     validate_config(cfg)
@@ -3191,7 +3217,7 @@ def epoch_line(epoch, epochs, stats, improved):
 def restore_training_state(resume, model, optimizer, scheduler, scaler):
     """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first
     epoch)."""
-    model.load_state_dict(resume["model"])
+    load_weights(model, resume)
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
@@ -3363,7 +3389,7 @@ def final_evaluation(model, splits, eval_split, class_names, mean, std, device, 
         plot_history(history, run_dir / "training_history.png")
     except KeyboardInterrupt:
         log(f"\ninterrupted during the final evaluation; training is complete ({best_path}). Evaluate with:\n  "
-            f"{script_command(f'--evaluate={best_path}')}", log_file)
+            f"{script_command(f'--evaluate={os.path.abspath(best_path)}')}", log_file)
         raise SystemExit(130)
     subset = f" on {min(cfg.val_faces, len(splits['val'])):,} faces, one view" if cfg.val_faces else ""
     final = history[-1]
@@ -3574,28 +3600,27 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 # Main
 # ---------------------------------------------------------------------------------------------
 
-# What --evaluate always takes from the checkpoint, refused on its command line: the preprocessing, the architecture,
-# and what rebuilds a held-out split
-FROM_CHECKPOINT = ("image_size", "crop_margin", *ARCHITECTURE, "context_temperature", "dropout", "seed", "val_fraction")
-
-
 # What --evaluate takes from this machine rather than from the checkpoint: where the decode cache and the outputs go,
 # what computes, and whether a data problem stops it (the data is the checkpoint's, unless --data_dir is given)
 EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "overwrite", "strict")
+# What --evaluate's command line may give: the above, the inference settings, the data and the figures' sizes; the
+# rest (the preprocessing, the network, what rebuilds a held-out split, the training) is the checkpoint's, refused
+EVALUATED_WITH = (*EVALUATION_MACHINE, *INFERENCE_SETTINGS, "data_dir", "drop_duplicates", "deterministic",
+                  "tsne_samples", "attention_samples")
 
 
 def run_evaluation(cfg, action, overrides):
     """--evaluate: the checkpoint's settings (as predict.py takes them: its inference settings unless the command line
-    gives others; FROM_CHECKPOINT's always), this machine's EVALUATION_MACHINE; the results and figures in a folder of
-    their own. Its config in evaluation_results.json is the checkpoint's run, not today's defaults."""
+    gives others), this machine's EVALUATION_MACHINE; the results and figures in a folder of their own. Its config in
+    evaluation_results.json is the checkpoint's run with what the command line gave: what evaluated."""
     ckpt = load_checkpoint(action.evaluate)
-    clash = [k for k in (*FROM_CHECKPOINT, "preset") if k in overrides]
+    clash = [k for k in overrides if k not in EVALUATED_WITH]
     if clash:
-        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint; drop them")
+        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint (its preprocessing, "
+                        f"network and training); drop {'it' if len(clash) == 1 else 'them'}")
     own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
-    cfg = dataclasses.replace(config_from_checkpoint(ckpt),
-                              **{**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides})
-    validate_config(cfg)
+    given = {**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides}
+    cfg = inference_config(ckpt, given.pop("device"), **given)
     made = not cfg.output_dir  # an evaluation folder of its own: removed again where it holds no results
     own_folder = Path(action.evaluate).parent  # never the output: --overwrite would delete the model (or a link's)
     if made:
@@ -3695,7 +3720,7 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
                         f"all, and {faces} does not divide among {world} processes; train them with python")
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
-        model_from_checkpoint(resume_ckpt, class_names, cfg.image_size, cfg)  # refuses a foreign checkpoint
+        refuse_other_classes(resume_ckpt, class_names)  # its network and image size: resumed() kept them
         steps_per_epoch = epoch_steps(faces, cfg)
         trained = steps_taken(resume_ckpt, steps_per_epoch)
         if trained > total_steps(cfg, steps_per_epoch):
@@ -3775,7 +3800,9 @@ RESUME_FIXED = {"output_dir": "a run continues in its own folder (copy the folde
                 **dict.fromkeys(("val_fraction", "drop_duplicates", "crop_margin"), "the faces trained and validated on "
                                 "would change"),
                 **dict.fromkeys(("val_faces", "tta_flip", "tta_shift", "tta_zoom"), "the best epoch so far was "
-                                "chosen by validating so (--evaluate evaluates with others)")}
+                                "chosen by validating so (--evaluate evaluates with others)"),
+                **dict.fromkeys(("image_size", *ARCHITECTURE), "the checkpoint's weights are of its own network and "
+                                "image size")}
 
 
 def resumed(last, overrides):
@@ -3790,7 +3817,8 @@ def resumed(last, overrides):
     saved = config_from_checkpoint(ckpt)
     unresumable = [k for k in RESUME_FIXED if k in overrides and overrides[k] != getattr(saved, k)]
     if unresumable:
-        raise UserError(f"--resume cannot change {', '.join('--' + k for k in unresumable)}: "
+        changes = ", ".join(f"--{k}={overrides[k]} (the run's: {getattr(saved, k)})" for k in unresumable)
+        raise UserError(f"--resume cannot change {changes}: "
                         f"{'; '.join(dict.fromkeys(RESUME_FIXED[k] for k in unresumable))}")
     best = folder / "best_emotion_model.pth"
     if ckpt.get("best", {}).get("epoch", 0) > 0 and not best.exists():  # else found missing after the training

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from emotion_recognition import (UserError, checkpoint_in, checkpoint_normalization, console_escapes, count_parameters,
-                                 decode_image, fit_threads_to_cpu, inference_config, load_checkpoint, mean_over_views,
-                                 model_from_checkpoint, network_crop, read_overrides, standardize,
-                                 stop_on_ctrl_c_and_sigterm, tta_view_count, tta_views, user_path)
+from emotion_recognition import (EVALUATION_MACHINE, UserError, checkpoint_in, checkpoint_normalization, console_escapes,
+                                 count_parameters, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
+                                 model_from_checkpoint, network_crop, read_overrides, stop_on_ctrl_c_and_sigterm,
+                                 tta_view_count, user_path, view_outputs)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
-LOCAL_FIELDS = ("data_dir", "cache_dir", "output_dir", "device")  # the training machine's: left out of a file to share
+LOCAL_FIELDS = ("data_dir", *EVALUATION_MACHINE)  # the training machine's: left out of a file to share
 EXPORT_TOLERANCE = 1e-4  # largest probability difference between the export and PyTorch that is accepted
 
 
@@ -47,21 +47,20 @@ class Export:
 
 
 class ExportedERN(nn.Module):
-    """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K), with the
-    checkpoint's normalization, run_inference's test-time views (tta_views: the logits of the image, its zoom, shifts
-    and mirrors, averaged) and the softmax inside the graph."""
-    views_per_call = None  # None: every view in one pass (benchmarks/bench_export.py times 1, the graph before)
+    """What model.onnx computes: RGB images in [0, 1], (N, 3, S, S) -> class probabilities (N, K): evaluation's
+    view_outputs (the checkpoint's normalization; cfg's test-time views, the logits of the image, its zoom, shifts and
+    mirrors averaged), in float32 and the contiguous layout, and the softmax, inside the graph."""
 
-    def __init__(self, model, mean, std, tta_flip, tta_shift, tta_zoom):
+    def __init__(self, model, mean, std, cfg):
         super().__init__()
-        self.model, self.tta_flip, self.tta_shift, self.tta_zoom = model, tta_flip, tta_shift, tta_zoom
+        self.model, self.cfg = model, dataclasses.replace(cfg, amp=False, channels_last=False)
+        self.views_per_call = tta_view_count(cfg)  # all in one pass: the graph's batch is not known when it is traced
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
     def forward(self, images):
-        x = standardize(images * 255, self.mean, self.std)
-        views = tta_views(x, self.tta_flip, self.tta_shift, self.tta_zoom)
-        return mean_over_views(self.model, views, per_call=self.views_per_call or len(views))[0].softmax(1)
+        logits = view_outputs(self.model, images * 255, self.mean, self.std, self.cfg, per_call=self.views_per_call)[0]
+        return logits.softmax(1)
 
 
 def export_inputs(image_size):
@@ -104,8 +103,7 @@ def export_onnx(checkpoint, path, tta_flip=None, tta_shift=None, tta_zoom=None, 
         ckpt = load_checkpoint(checkpoint)
     model, _ = model_from_checkpoint(ckpt)
     cfg = inference_config(ckpt, "cpu", tta_flip=tta_flip, tta_shift=tta_shift, tta_zoom=tta_zoom)
-    exported = ExportedERN(model, *checkpoint_normalization(ckpt, "cpu"), cfg.tta_flip, cfg.tta_shift,
-                           cfg.tta_zoom).eval()
+    exported = ExportedERN(model, *checkpoint_normalization(ckpt, "cpu"), cfg).eval()
     size = ckpt["image_size"]
     try:
         trace_to_onnx(exported, path, size)

@@ -199,6 +199,21 @@ def normalized_box(box, image_shape):
     return ((x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h)
 
 
+def given_box(box, image_shape):
+    """A caller's pixel box (x1, y1, x2, y2) as floats; refused in one line unless it is four finite numbers, x1 < x2
+    and y1 < y2, that overlap the image (a box outside it would be classified as a face of padding)."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise UserError(f"box {box!r}: give four numbers, x1, y1, x2, y2, in pixels") from None
+    h, w = image_shape[:2]
+    if not all(map(math.isfinite, (x1, y1, x2, y2))) or x1 >= x2 or y1 >= y2:
+        raise UserError(f"box {box!r}: x1, y1, x2, y2 in pixels, finite, x1 < x2 and y1 < y2")
+    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:
+        raise UserError(f"box {box!r} lies outside the {w}x{h} image")
+    return x1, y1, x2, y2
+
+
 def face_crop_box(box, image_shape, scale=FACE_CROP_SCALE, shift=FACE_CROP_SHIFT):
     """A detected pixel box -> the normalized cx, cy, w, h of the square region that frames the face as the
     training crops did: `scale` Haar sides wide, its centre `shift` sides below the box's."""
@@ -259,7 +274,7 @@ class EmotionPredictor:
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         self.device = resolve_device(str(device))
-        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, inference_config(ckpt, device, **settings),
+        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, inference_config(ckpt, self.device, **settings),
                                                                     self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector() if detect_faces else None
@@ -276,8 +291,8 @@ class EmotionPredictor:
         h, w = image.shape[:2]
         margin = self.cfg.crop_margin
         if boxes is not None:
-            return [Face(tuple(map(float, b)), True, self.crop(image, normalized_box(b, image.shape), margin))
-                    for b in boxes]
+            boxes = [given_box(b, image.shape) for b in boxes]
+            return [Face(b, True, self.crop(image, normalized_box(b, image.shape), margin)) for b in boxes]
         whole = (0.0, 0.0, float(w), float(h))
         if self.detector is None:
             return [Face(whole, False, self.crop(image, WHOLE_IMAGE, margin))]
@@ -316,6 +331,9 @@ class EmotionPredictor:
 # Inputs: photos, folders, videos, cameras and list files
 # ---------------------------------------------------------------------------------------------
 
+CAMERA = r"camera:\d{1,4}"  # a camera input: OpenCV's device index N
+
+
 @dataclass
 class MediaSource:
     """One input of predict.py: an image, a video, a camera, or what a folder holds."""
@@ -327,7 +345,8 @@ class MediaSource:
 
 def read_list_files(specs):
     """The command line's inputs with each @list.txt replaced by its entries (list_file_lines), one input a line: a
-    relative path is taken from the list's folder where it is there, else from the current folder."""
+    relative path is taken from the list's folder where it is there, else from the current folder where it is there;
+    one in neither is named as beside the list."""
     parts = []
     for spec in specs:
         if not spec.startswith("@"):
@@ -340,8 +359,9 @@ def read_list_files(specs):
             raise UserError(f"{spec}: cannot read the list file {listing}: {e}") from None
         for _, line in lines:
             beside = listing.parent / user_path(line)
-            try:
-                parts.append(os.path.normpath(beside) if beside.exists() else line)
+            try:  # a missing input is named where it was looked for: beside the list
+                here = beside.exists() or not (user_path(line).exists() or re.fullmatch(CAMERA, line))
+                parts.append(os.path.normpath(beside) if here else line)
             except OSError:  # a name too long, a folder this user may not enter: the input fails on its own
                 parts.append(line)
     if not parts:
@@ -376,7 +396,7 @@ def prediction_inputs(specs):
     finds them; a file named on its own with an unknown extension is tried as an image."""
     found = []
     for part in read_list_files(specs):
-        if re.fullmatch(r"camera:\d{1,4}", part):
+        if re.fullmatch(CAMERA, part):
             found.append(MediaSource("camera", part, part.replace(":", "_")) if int(part[7:]) < 100 else
                          MediaSource("error", part, error="a camera's index is below 100 (OpenCV reads N from 100 up "
                                                           "as another backend's camera N % 100)"))
@@ -968,10 +988,14 @@ def predict_video(predictor, source, out, args):
     timeline, counts = Timeline(), Counter()
     tallies = {True: EmotionTally(len(predictor.class_names)), False: EmotionTally(len(predictor.class_names))}  # of
     # the face rows (True) and the whole frames
-    name = out.claim(source.name, ".mp4")
-    annotated, timeline_path = out.path(name), out.path(name.with_suffix(".png"), "timelines")
-    video = AnnotatedVideo(annotated, lambda: (fps or frame_rate(capture) or FALLBACK_FPS) / args.every,
-                           camera, entry["warnings"])  # a camera's rate is read at its first frame
+    try:
+        name = out.claim(source.name, ".mp4")
+        annotated, timeline_path = out.path(name), out.path(name.with_suffix(".png"), "timelines")
+        video = AnnotatedVideo(annotated, lambda: (fps or frame_rate(capture) or FALLBACK_FPS) / args.every,
+                               camera, entry["warnings"])  # a camera's rate is read at its first frame
+    except BaseException:  # an output folder that cannot be made: the camera is not held until the process ends
+        capture.release()
+        raise
 
     def prepare(frame):
         return (*frame, predictor.faces(frame[2], still=False))
@@ -1054,8 +1078,11 @@ def predict_video(predictor, source, out, args):
                  tracks=tracker.next_id, rows=faces + whole + no_face, dominant_emotion=dominant,
                  emotion_share=share, annotated=str(annotated) if video.writer else None)
     if counts["frames"]:
-        plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline_path)
-        entry["timeline"] = str(timeline_path)
+        try:
+            plot_timeline(timeline, predictor.class_names, f"{source.path} (smoothing {args.smoothing})", timeline_path)
+            entry["timeline"] = str(timeline_path)
+        except UserError as e:  # the rows stand, as where an annotated copy cannot be written
+            entry["warnings"].append(str(e))
     if interrupted:
         out.source(entry)
         raise KeyboardInterrupt
@@ -1089,22 +1116,23 @@ def run_prediction(args, specs):
         out = PredictionOutputs(out_dir, predictor.class_names, args.jsonl)
     except OSError as e:
         raise UserError(f"cannot write the predictions into {out_dir}: {e.strerror or e}") from None
-    for source in inputs:
-        if source.kind == "error":
-            out.source({"source": source.path, "kind": "input", "error": source.error})
-    if predictor.cfg.preset == "demo":
-        say("note: this is a --demo model, which knows drawn faces only; train on real faces before predicting on "
-            "photos", sys.stderr)
     left_out = [s.path for s in inputs if s.kind == "ignored"]
-    if left_out:
-        say(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
-            f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", sys.stderr)
     images = [s for s in inputs if s.kind == "image"]
-    if args.explain and any(s.kind in ("video", "camera") for s in inputs):
-        say("note: --explain writes a picture for each face of every classified video frame"
-            f"{'' if args.max_frames or args.every > 1 else '; --every=N or --max_frames=N write fewer'}", sys.stderr)
     interrupted, stopped = False, None
-    try:
+    try:  # from here on, however it ends, summary.json is written and predictions.csv closed
+        for source in inputs:
+            if source.kind == "error":
+                out.source({"source": source.path, "kind": "input", "error": source.error})
+        if predictor.cfg.preset == "demo":
+            say("note: this is a --demo model, which knows drawn faces only; train on real faces before predicting "
+                "on photos", sys.stderr)
+        if left_out:
+            say(f"note: left out {len(left_out)} file(s) that are neither images nor videos (listed in summary.json): "
+                f"{', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}", sys.stderr)
+        if args.explain and any(s.kind in ("video", "camera") for s in inputs):
+            say("note: --explain writes a picture for each face of every classified video frame"
+                f"{'' if args.max_frames or args.every > 1 else '; --every=N or --max_frames=N write fewer'}",
+                sys.stderr)
         with out_of_memory_named(predictor.device, f"--batch={args.batch}"):
             with tqdm(total=len(images), desc="images", unit="image", leave=False,
                       disable=None if len(images) > 1 else True) as bar:

@@ -42,7 +42,10 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "extended": ort.
 
 class PassAView(ex.ExportedERN):
     """The graph export.py wrote before 2026-12-07: the same views, the network once a view."""
-    views_per_call = 1
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.views_per_call = 1
 
 
 def export_seconds(module, path, size):
@@ -131,8 +134,10 @@ def main():
                                            torch.full((3,), 0.25), 0, {}), ckpt_path)
         ckpt = ern.load_checkpoint(ckpt_path)
         model, cfg = ern.model_from_checkpoint(ckpt)
-        views = (cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom) if args.tta else (False, 0, 0.0)  # else the image alone
-        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), *views).eval()
+        if not args.tta:  # the image alone
+            cfg = dataclasses.replace(cfg, tta_flip=False, tta_shift=0, tta_zoom=0.0)
+        views = (cfg.tta_flip, cfg.tta_shift, cfg.tta_zoom)
+        eager = ex.ExportedERN(model, *ern.checkpoint_normalization(ckpt, "cpu"), cfg).eval()
         onnx_path = tmp / f"{name.replace(' ', '_')}.onnx"
         differences = ex.export_onnx(ckpt_path, onnx_path, *views)
         size = ckpt["image_size"]
@@ -149,7 +154,7 @@ def main():
         if args.tta:  # the same views a pass each, against every view in one pass (export.py's)
             exports = {"every view in one pass": export_seconds(eager, tmp / "together.onnx", ckpt["image_size"]),
                        "a pass a view": export_seconds(PassAView(model, *ern.checkpoint_normalization(ckpt, "cpu"),
-                                                                 *views).eval(), tmp / "each.onnx", ckpt["image_size"])}
+                                                                 cfg).eval(), tmp / "each.onnx", ckpt["image_size"])}
             s = session(tmp / "each.onnx", "all", threads)
             runs["onnxruntime all, a pass a view"] = lambda x, s=s: s.run(["probabilities"], {"images": x})[0]
         val = None

@@ -36,7 +36,7 @@ def main():
         ckpt = ern.load_checkpoint(path)
         cfg = dataclasses.replace(ern.config_from_checkpoint(ckpt), data_dir=args.data_dir, cache_dir=args.cache_dir)
         names, splits, _ = ern.load_dataset(cfg, None, ("train", "val"))
-        model, _ = ern.model_from_checkpoint(ckpt, names, cfg.image_size)
+        model, _ = ern.model_from_checkpoint(ckpt, names)
         if model.context is None:
             raise SystemExit(f"{path}: no context module, no prototypes")
         mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))

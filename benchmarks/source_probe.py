@@ -58,7 +58,7 @@ def main():
     class_names, splits, _ = ern.load_dataset(cfg, splits_wanted=("val",))
     val = splits["val"]
     device = torch.device("cpu")
-    model = ern.place_model(ern.model_from_checkpoint(ckpt, class_names, cfg.image_size)[0], cfg, device)
+    model = ern.place_model(ern.model_from_checkpoint(ckpt, class_names)[0], cfg, device)
     mean, std = (torch.tensor(ckpt["normalization"][k]) for k in ("mean", "std"))
 
     png = np.flatnonzero(np.array(val.formats) == "png")

@@ -330,7 +330,9 @@ def test_evaluate_without_data_dir_uses_the_checkpoints_data_and_a_refused_one_l
     with pytest.raises(ern.UserError, match="no such split"):
         ern.main([f"--evaluate={tmp_path / 'run'}", f"--data_dir={no_test}", "--split=test",
                   f"--cache_dir={tmp_path / 'cache'}"])
-    for given in ("--preset=cpu", "--image_size=64"):  # what the checkpoint fixes: its settings, its preprocessing
+    # what the checkpoint fixes: its settings, its preprocessing, its training (which evaluation_results.json's
+    # config recorded as given before, though nothing used them)
+    for given in ("--preset=cpu", "--image_size=64", "--epochs=5", "--lr=0.5", "--aug_flip=0"):
         with pytest.raises(ern.UserError, match=f"--evaluate takes {given.split('=')[0]} from the checkpoint"):
             ern.main([f"--evaluate={tmp_path / 'run'}", given])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best_emotion_model.pth"]
@@ -551,11 +553,14 @@ def test_yolov5_face_rows_give_each_face_its_box_and_7_point_polygons_stay_polyg
     np.testing.assert_allclose(splits["val"].boxes[order], want, atol=2e-6)  # the box around each outline
 
 
-def test_the_data_report_gives_image_sizes_width_first():
-    """As a video's 640x480: width x height (it gave height first, unsaid)."""
-    split = ern.Split("train", ["a.png", "b.png", "c.png"], np.array([0, 1, 0]), np.zeros((3, 4), np.float32),
-                      formats=["png"] * 3, sizes=[(128, 160), (128, 160), (480, 640)])
-    assert ern.split_report(split, ["x", "y"])["image_sizes"] == {"160x128": 2, "640x480": 1}
+def test_the_data_report_gives_image_sizes_width_first_an_image_once():
+    """As a video's 640x480: width x height (it gave height first, unsaid). An image with two faces is one image of
+    its size and format (it counted once per face)."""
+    split = ern.Split("train", ["a.png", "a.png", "b.png", "c.jpg"], np.array([0, 1, 1, 0]), np.zeros((4, 4), np.float32),
+                      formats=["png", "png", "png", "jpeg"], sizes=[(128, 160), (128, 160), (128, 160), (480, 640)])
+    report = ern.split_report(split, ["x", "y"])
+    assert (report["samples"], report["images"], report["per_class"]) == (4, 3, {"x": 2, "y": 2})
+    assert report["image_sizes"] == {"160x128": 2, "640x480": 1} and report["formats"] == {"png": 2, "jpeg": 1}
 
 
 def make_split_folders(root, splits=("train", "valid", "test")):
@@ -1164,7 +1169,7 @@ def test_a_checkpoint_of_a_removed_option_is_refused_naming_it_and_the_commit():
     ckpt = {"config": {**dataclasses.asdict(cfg), "context_fusion": "concat", "affinity_weight": 0.0,
                        "optimizer": "adamw"},
             "class_names": [str(k) for k in range(8)], "image_size": cfg.image_size, "model": model.state_dict()}
-    ern.model_from_checkpoint(ckpt, expected=cfg)
+    ern.model_from_checkpoint(ckpt)
     for option, value, commit in (("context_fusion", "logits", "da10df0"), ("prototype_init", "imprint", "da10df0"),
                                   ("context_target", "teacher", "da10df0"), ("affinity_weight", 0.1, "da10df0"),
                                   ("logit_adjustment", 1.0, "da10df0"), ("mixup", 0.2, "bfdced2"), ("cutmix", 1.0, "bfdced2"),
@@ -1699,7 +1704,7 @@ def test_cache_is_rebuilt_when_a_file_changes_and_reused_when_none_does(tiny_dat
     assert len(load()) == len(first) - 1  # a removed file rebuilds too
 
 
-def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network():
+def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network(tmp_path):
     """--stem_stride=2: the same weights (the parameter count and shapes do not change), an input twice the side, and
     every stage's feature map the size the stride-1 network has at half that side; other strides are refused."""
     base = ern.Config(width=0.125, blocks="1,1,1,1")
@@ -1715,9 +1720,12 @@ def test_a_stride_2_stem_reads_twice_the_size_through_the_same_network():
     with pytest.raises(ern.UserError, match="--image_size must be >= 64 for '1,1,1,1' stages and a stride-2 stem"):
         ern.validate_config(dataclasses.replace(base, stem_stride=2, image_size=48))
     # the same weights fit either stride, so only the config can tell a checkpoint's stem (--resume, --evaluate)
-    ckpt = {"config": dataclasses.asdict(base), "class_names": [str(k) for k in range(8)], "image_size": 32,
-            "model": one.state_dict()}
-    with pytest.raises(ern.UserError, match="--stem_stride=1 in the checkpoint, 2 in the run"):
-        ern.model_from_checkpoint(ckpt, expected=dataclasses.replace(base, stem_stride=2))
+    last = tmp_path / "last.pth"
+    torch.save({**ern.checkpoint_dict(one, base, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 1, {}),
+                "optimizer": {}}, last)
+    with pytest.raises(ern.UserError, match=r"--resume cannot change --stem_stride=2 \(the run's: 1\)"):
+        ern.resumed(last, {"stem_stride": 2})
+    with pytest.raises(ern.UserError, match="--evaluate takes --stem_stride from the checkpoint"):
+        ern.main([f"--evaluate={last}", "--stem_stride=2"])
     with pytest.raises(ern.UserError, match="--stem_stride must be 1 or 2"):
         ern.validate_config(dataclasses.replace(base, stem_stride=3))

@@ -663,6 +663,10 @@ def test_a_named_pipe_is_named_not_read(tmp_path):
     os.mkfifo(tmp_path / "pipe.jpg")
     [source] = pr.prediction_inputs([str(tmp_path / "pipe.jpg")])
     assert (source.kind, source.error) == ("error", "not a file or folder (a camera is camera:N)")
+    shutil.copy(HOPPER, tmp_path / "photo.jpg")  # in a folder it was passed over without a word
+    assert [(s.kind, s.path, s.error) for s in pr.prediction_inputs([str(tmp_path)])] == [
+        ("image", str(tmp_path / "photo.jpg"), ""),
+        ("error", str(tmp_path / "pipe.jpg"), "not a regular file (a pipe, a socket or a device), so it is left out")]
 
 
 def test_a_list_file_of_inputs(checkpoint, tmp_path):
@@ -680,11 +684,12 @@ def test_a_list_file_is_read_from_its_own_folder_as_windows_writes_it(tmp_path, 
     for folder, name in (("batch", "a.jpg"), ("work", "a.jpg"), ("work", "b.jpg")):
         (tmp_path / folder / "img" / name).write_bytes(b"x")
     listing = tmp_path / "batch" / "list.txt"
-    listing.write_text('# photos of day 1\r\nimg/a.jpg\r\n"img/b.jpg"\r\n\r\ncamera:0\r\n' + "y" * 300 + "\r\n",
-                       encoding="utf-16")
+    listing.write_text('# photos of day 1\r\nimg/a.jpg\r\n"img/b.jpg"\r\n\r\ncamera:0\r\n' + "y" * 300 +
+                       "\r\nimg/gone.jpg\r\n", encoding="utf-16")
     monkeypatch.chdir(tmp_path / "work")
     assert pr.read_list_files([f"@{listing}", "x.jpg"]) == [str(tmp_path / "batch" / "img" / "a.jpg"), "img/b.jpg",
-                                                            "camera:0", "y" * 300, "x.jpg"]  # a name too long fails
+                                                            "camera:0", "y" * 300,  # a name too long fails on its own
+                                                            str(tmp_path / "batch" / "img" / "gone.jpg"), "x.jpg"]
     [source] = pr.prediction_inputs(["y" * 300])  # on its own
     assert source.kind == "error"
 
@@ -761,6 +766,24 @@ def test_prediction_crops_are_the_training_crops(tiny_dataset, tmp_path):
         box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
         [(_, detected, crop)] = predictor.faces(image, boxes=[box])
         assert detected and np.array_equal(crop, split.images[i])
+
+
+def test_given_boxes_that_are_no_boxes_are_refused(tmp_path):
+    """EmotionPredictor's boxes=: a box partly outside the image is cropped as a label box is; one wholly outside,
+    empty or inverted is refused in one line (each was classified as a face, of padding), as are NaN and three
+    numbers (bare ValueErrors)."""
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1")
+    path = tmp_path / "m.pth"
+    torch.save(ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, CLASSES, torch.zeros(3), torch.ones(3), 0, {}), path)
+    predictor = pr.EmotionPredictor(path, detect_faces=False)
+    image = np.zeros((400, 300, 3), np.uint8)
+    [face] = predictor(image, boxes=[(-50, 10, 20, 90)])
+    assert face["face_detected"] and face["emotion"] in CLASSES and face["box"] == [-50, 10, 20, 90]
+    for box, words in (((300, 10, 360, 90), "lies outside the 300x400 image"), ((10, 10, 10, 50), "x1 < x2"),
+                       ((50, 10, 20, 90), "x1 < x2"), ((float("nan"), 0, 10, 10), "finite"),
+                       ((1, 2, 3), "give four numbers"), (None, "give four numbers")):
+        with pytest.raises(ern.UserError, match=re.escape(words)):
+            predictor(image, boxes=[box])
 
 
 AFFECTNET_FRAMING = (1.42, -0.056)  # the export's training crops, in Haar sides and shift (BENCHMARKS.md)
@@ -885,6 +908,25 @@ def test_an_explanation_that_cannot_be_written_is_its_photos_warning(checkpoint,
     assert clip["warnings"] == [f"--explain: could not write {explain / video.stem}_frame000000_face0.png: File name "
                                 f"too long; no more pictures of this source"]
     assert len(read_csv(tmp_path / "out")) == 4
+
+
+def test_a_timeline_that_cannot_be_written_is_its_videos_warning(checkpoint, tmp_path, monkeypatch):
+    """A video's timeline figure that fails to be written (a disk filling up: save_figure's one line) is that video's
+    warning; its rows, its annotated copy and the next input stand (it stopped the whole run, exit status 2)."""
+    video, photo = write_video(tmp_path / "clip.mp4", frames=3), tmp_path / "photo.jpg"
+    shutil.copy(HOPPER, photo)
+
+    def disk_full(timeline, class_names, title, path):
+        raise ern.UserError(f"could not write {path}: No space left on device")
+
+    monkeypatch.setattr(pr, "plot_timeline", disk_full)
+    status = pr.main([str(video), str(photo), f"--checkpoint={checkpoint}", f"--output_dir={tmp_path / 'out'}"])
+    clip, image = sorted(json.loads((tmp_path / "out" / "summary.json").read_text())["sources"],
+                         key=lambda entry: entry["kind"] == "image")
+    timeline = tmp_path / "out" / "timelines" / "clip.png"
+    assert status == 0 and clip["frames"] == 3 and Path(clip["annotated"]).exists() and "timeline" not in clip
+    assert clip["warnings"] == [f"could not write {timeline}: No space left on device"]
+    assert image["rows"] == 1 and image["error"] is None
 
 
 def test_home_folders_long_names_and_dollar_signs_in_names(checkpoint, tmp_path, monkeypatch):

@@ -624,12 +624,19 @@ def test_overwrite_that_cannot_remove_an_old_file_says_which_and_gives_the_folde
 
 def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
     """torch's own words for these were "Weights only load failed. In PyTorch 2.6, we changed the default...", a
-    message about torch's versions where the file was the problem."""
+    message about torch's versions where the file was the problem. A checkpoint without one of its keys (a KeyError
+    before), or cut short (torch's words cut off mid-sentence)."""
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     torch.save(nn.Linear(2, 2), tmp_path / "whole.pth")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "state_dict.pth")
+    cfg = ern.Config(image_size=32, width=0.125, blocks="1,1,1,1")
+    ckpt = ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 0, {})
+    torch.save({k: v for k, v in ckpt.items() if k != "class_names"}, tmp_path / "nameless.pth")  # a KeyError before
+    torch.save(ckpt, tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:-100])  # torch's words stopped mid-sentence
     for name, reason in (("junk", "not a file that torch.save wrote"), ("whole", "a model saved whole"),
-                         ("state_dict", "not an ERN checkpoint")):
+                         ("state_dict", "not an ERN checkpoint"), ("nameless", "an ERN checkpoint without its class_names"),
+                         ("cut", "it is cut short or damaged")):
         with pytest.raises(ern.UserError, match=re.escape(reason)):
             ern.load_checkpoint(tmp_path / f"{name}.pth")
 
@@ -847,10 +854,13 @@ def test_a_resume_past_a_damaged_provenance_record_starts_it_again(finished, tin
 @pytest.mark.parametrize("change, words", [
     (["--width=0.25"], ["width", "0.125", "0.25"]),
     (["--blocks=1,1,1"], ["blocks", "1,1,1,1", "1,1,1"]),
-    (["--image_size=48"], ["image size", "32", "48"]),
+    (["--image_size=48"], ["image_size", "32", "48"]),
     ("renamed", ["Anger", "Rage"]),
 ], ids=["width", "blocks", "image_size", "class_names"])
 def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_dataset, tmp_path, change, words):
+    """Another network or image size on --resume's command line: one line naming the value and the run's, before the
+    data is decoded (before: after decoding every split at the new size). Data of other classes: once its names are
+    read."""
     (tmp_path / "run").mkdir()
     last = Path(shutil.copy(finished / "last.pth", tmp_path / "run" / "last.pth"))
     shutil.copy(finished / "best_emotion_model.pth", tmp_path / "run")
@@ -863,8 +873,9 @@ def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_da
         ern.main([f"--resume={last}", f"--cache_dir={tmp_path / 'cache'}", *change])
     message = str(refused.value).replace(str(tmp_path), "")
     assert "\n" not in message and all(w in message for w in words), message
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "best_emotion_model.pth", "last.pth"], \
+    assert {p.name for p in (tmp_path / "run").iterdir()} - {".lock"} == {"best_emotion_model.pth", "last.pth"}, \
         "training started"
+    assert (tmp_path / "cache").exists() == (words[0] == "Anger"), "decoded before refusing another network"
 
 
 class RunsCode:
@@ -946,7 +957,7 @@ def test_resume_refuses_what_it_cannot_honour(tiny_dataset, tmp_path):
                        ("--preset=cpu", "--preset"), ("--seed=1", "--seed"), ("--val_fraction=0.2", "--val_fraction"),
                        ("--drop_duplicates=true", "--drop_duplicates"), ("--crop_margin=0.2", "--crop_margin"),
                        ("--val_faces=8", "--val_faces"), ("--tta_zoom=0.9", "--tta_zoom")):
-        with pytest.raises(ern.UserError, match=f"^--resume cannot change {field}:"):
+        with pytest.raises(ern.UserError, match=rf"^--resume cannot change {field}=[^ ]+ \(the run's: "):
             ern.main([f"--resume={last}", arg])
     ckpt = torch.load(last, weights_only=True)
     torch.save({**ckpt, "best": {"epoch": 1, "val_accuracy": 0.5}}, last)
