@@ -1114,9 +1114,9 @@ def folder_files(folder, passed_over=None):
     """The files under folder that a dataset or a prediction reads: none hidden (a dot-name, or in a dot-folder such
     as .ipynb_checkpoints) and none of what Windows leaves beside images (SYSTEM_FILES). A linked folder is read
     where it leads outside folder (an album on another disk), each real folder once (a link loop ends); one that
-    leads inside is not (its files keep their own names). A subfolder this user may not list, and a link that leads
-    nowhere (a dataset fetched in part: git-annex, DVC), are added to the list passed_over as (path, why); folder
-    itself raises OSError."""
+    leads inside is not (its files keep their own names). A subfolder this user may not list, a link that leads
+    nowhere (a dataset fetched in part: git-annex, DVC) and what is no regular file (a pipe, a socket, a device) are
+    added to the list passed_over as (path, why); folder itself raises OSError."""
     top = os.path.realpath(folder)
 
     def followed(root, name):
@@ -2194,10 +2194,10 @@ TTA_IMAGES_PER_CALL = 64  # a few faces' test-time views go through the model to
 
 def mean_over_views(model, views, channels_last=False, per_call=None):
     """The model's outputs (logits, context logits, features) for each view, averaged in float32; None for what the
-    model does not give. per_call: the views
-    that go through the model together; None: as many of a small batch's as make TTA_IMAGES_PER_CALL images, a view a
-    call for a large batch; an ONNX graph, whose batch is not known when it is traced, gives len(views): every view
-    in one call (in onnxruntime 1.7-1.8x faster at one face, 0.91x at 64: BENCHMARKS.md). view_outputs calls it."""
+    model does not give (view_outputs calls it). per_call: the views that go through the model together; None: as
+    many of a small batch's as make TTA_IMAGES_PER_CALL images, a view a call for a large batch; an ONNX graph, whose
+    batch is not known when it is traced, gives len(views): every view in one call (in onnxruntime 1.7-1.8x faster
+    at one face, 0.91x at 64: BENCHMARKS.md)."""
     # given per_call, the batch's size is never read: reading it would fix the batch of a graph being traced
     per_call = per_call or max(1, TTA_IMAGES_PER_CALL // max(1, len(views[0])))
     sums = None
@@ -2566,7 +2566,8 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not an ERN checkpoint (no '{CHECKPOINT_FORMAT}' format tag; a bare state_dict?)")
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
-        raise UserError(f"{path} is an ERN checkpoint without its {', '.join(missing)}: edited, or written by other code")
+        raise UserError(f"{path} is an ERN checkpoint without its {', '.join(missing)}: edited, or written by other "
+                        f"code")
     return ckpt
 
 
@@ -2617,8 +2618,11 @@ def load_weights(model, ckpt):
     """The checkpoint's weights into the network its config describes; one line where they do not fit it."""
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint weights do not fit the architecture its config describes: {str(e)[:300]}") from None
+    except RuntimeError as e:  # torch's message: a heading, then a tab-indented line per kind of mismatch
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()] or [str(e)]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise UserError(f"checkpoint weights do not fit the architecture its config describes: {lines[0][:200]}"
+                        f"{more}") from None
 
 
 def model_from_checkpoint(ckpt, class_names=None):
@@ -3214,10 +3218,9 @@ def epoch_line(epoch, epochs, stats, improved):
             f"{stats['epoch_seconds']:6.1f}s{' *' if improved else ''}")
 
 
-def restore_training_state(resume, model, optimizer, scheduler, scaler):
-    """Load a last.pth's weights, optimizer, schedule, GradScaler and random state; returns (history, best, first
-    epoch)."""
-    load_weights(model, resume)
+def restore_training_state(resume, optimizer, scheduler, scaler):
+    """Load a last.pth's optimizer, schedule, GradScaler and random state (its weights: train_in_folder, before the
+    run's folder changes); returns (history, best, first epoch)."""
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     if resume["scaler"]:  # empty when saved without fp16 (another GPU, or the CPU): a fresh scaler then
@@ -3250,7 +3253,7 @@ def train(model, train_x, train_y, val, class_names, mean, std, cfg, run_dir, de
     weights = inverse_frequency_weights(cfg, train_y, k)
     history, best, start, done = [], {"val_accuracy": -1.0, "epoch": 0}, 1, 0  # done: the training steps taken
     if resume is not None:
-        history, best, start = restore_training_state(resume, model, optimizer, scheduler, scaler)
+        history, best, start = restore_training_state(resume, optimizer, scheduler, scaler)
         done = steps_taken(resume, steps_per_epoch)
     rank, world = rank_and_world()
     writes, ddp = rank == 0, world > 1  # under torchrun, rank 0 alone writes
@@ -3605,8 +3608,8 @@ def plot_attention_maps(model, split, pred, class_names, mean, std, device, cfg,
 EVALUATION_MACHINE = ("cache_dir", "decode_threads", "device", "output_dir", "overwrite", "strict")
 # What --evaluate's command line may give: the above, the inference settings, the data and the figures' sizes; the
 # rest (the preprocessing, the network, what rebuilds a held-out split, the training) is the checkpoint's, refused
-EVALUATED_WITH = (*EVALUATION_MACHINE, *INFERENCE_SETTINGS, "data_dir", "drop_duplicates", "deterministic",
-                  "tsne_samples", "attention_samples")
+EVALUATED_WITH = (*EVALUATION_MACHINE, *INFERENCE_SETTINGS, "data_dir", "drop_duplicates", "tsne_samples",
+                  "attention_samples")
 
 
 def run_evaluation(cfg, action, overrides):
@@ -3616,8 +3619,8 @@ def run_evaluation(cfg, action, overrides):
     ckpt = load_checkpoint(action.evaluate)
     clash = [k for k in overrides if k not in EVALUATED_WITH]
     if clash:
-        raise UserError(f"--evaluate takes {', '.join('--' + k for k in clash)} from the checkpoint (its preprocessing, "
-                        f"network and training); drop {'it' if len(clash) == 1 else 'them'}")
+        raise UserError(f"--evaluate does not take {', '.join('--' + k for k in clash)}: it evaluates with the "
+                        f"checkpoint's preprocessing, network and settings; drop {'it' if len(clash) == 1 else 'them'}")
     own_data = "data_dir" not in overrides  # the data it was trained on (from the folder that training ran in)
     given = {**{k: getattr(cfg, k) for k in EVALUATION_MACHINE}, **overrides}
     cfg = inference_config(ckpt, given.pop("device"), **given)
@@ -3715,12 +3718,14 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     with local_rank_zero_first():  # one decode, then the others read the cache
         class_names, splits, report = load_dataset(cfg, log_file)
     faces = len(splits["train"])
+    model = build(cfg, len(class_names))
     if min(cfg.batch_size, faces) % world:  # a training set smaller than the batch is each step's batch
         raise UserError(f"{faces} training faces, fewer than --batch_size={cfg.batch_size}: each step takes them "
                         f"all, and {faces} does not divide among {world} processes; train them with python")
     if resume_ckpt is not None:
         mean, std = checkpoint_normalization(resume_ckpt, "cpu")
-        refuse_other_classes(resume_ckpt, class_names)  # its network and image size: resumed() kept them
+        refuse_other_classes(resume_ckpt, class_names)
+        load_weights(model, resume_ckpt)  # before the folder changes: weights of another network are refused
         steps_per_epoch = epoch_steps(faces, cfg)
         trained = steps_taken(resume_ckpt, steps_per_epoch)
         if trained > total_steps(cfg, steps_per_epoch):
@@ -3740,7 +3745,6 @@ def train_in_folder(run_dir, cfg, device, resume_ckpt, build, argv, started):
     log("splits: " + ", ".join(f"{n} {len(s)}" for n, s in splits.items()) +
         ("" if eval_split == "test" else " | no test split: the final evaluation is on the validation split"), log_file)
     mean, std = mean.to(device), std.to(device)
-    model = build(cfg, len(class_names))
     with local_rank_zero_first():  # one probe per machine: the other processes read its verdict
         cfg, layout_verdict = channels_last_checked(model, cfg, device, log_file, cfg.batch_size // world)
     if world > 1 and layout_verdict is not None:

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from emotion_recognition import (EVALUATION_MACHINE, UserError, checkpoint_in, checkpoint_normalization, console_escapes,
-                                 count_parameters, decode_image, fit_threads_to_cpu, inference_config, load_checkpoint,
-                                 model_from_checkpoint, network_crop, read_overrides, stop_on_ctrl_c_and_sigterm,
-                                 tta_view_count, user_path, view_outputs)
+from emotion_recognition import (EVALUATION_MACHINE, UserError, checkpoint_in, checkpoint_normalization,
+                                 console_escapes, count_parameters, decode_image, fit_threads_to_cpu, inference_config,
+                                 load_checkpoint, model_from_checkpoint, network_crop, read_overrides,
+                                 stop_on_ctrl_c_and_sigterm, tta_view_count, user_path, view_outputs)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file

@@ -274,8 +274,8 @@ class EmotionPredictor:
         checkpoint = checkpoint_in(checkpoint, "best_emotion_model.pth")  # a run folder: its best model
         ckpt = load_checkpoint(checkpoint)
         self.device = resolve_device(str(device))
-        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, inference_config(ckpt, self.device, **settings),
-                                                                    self.device)
+        cfg = inference_config(ckpt, self.device, **settings)
+        self.model, self.cfg, self.mean, self.std = inference_model(ckpt, cfg, self.device)
         self.class_names, self.image_size, self.checkpoint = ckpt["class_names"], ckpt["image_size"], str(checkpoint)
         self.detector = FaceDetector() if detect_faces else None
 
@@ -360,8 +360,8 @@ def read_list_files(specs):
         for _, line in lines:
             beside = listing.parent / user_path(line)
             try:  # a missing input is named where it was looked for: beside the list
-                here = beside.exists() or not (user_path(line).exists() or re.fullmatch(CAMERA, line))
-                parts.append(os.path.normpath(beside) if here else line)
+                from_list_folder = beside.exists() or not (user_path(line).exists() or re.fullmatch(CAMERA, line))
+                parts.append(os.path.normpath(beside) if from_list_folder else line)
             except OSError:  # a name too long, a folder this user may not enter: the input fails on its own
                 parts.append(line)
     if not parts:

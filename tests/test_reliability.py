@@ -633,10 +633,10 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path):
     ckpt = ern.checkpoint_dict(ern.build_model(cfg, 8), cfg, ern.DEMO_CLASSES, torch.zeros(3), torch.ones(3), 0, {})
     torch.save({k: v for k, v in ckpt.items() if k != "class_names"}, tmp_path / "nameless.pth")  # a KeyError before
     torch.save(ckpt, tmp_path / "full.pth")
-    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:-100])  # torch's words stopped mid-sentence
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:-100])  # torch's words: cut mid-sentence
     for name, reason in (("junk", "not a file that torch.save wrote"), ("whole", "a model saved whole"),
-                         ("state_dict", "not an ERN checkpoint"), ("nameless", "an ERN checkpoint without its class_names"),
-                         ("cut", "it is cut short or damaged")):
+                         ("state_dict", "not an ERN checkpoint"), ("cut", "it is cut short or damaged"),
+                         ("nameless", "an ERN checkpoint without its class_names")):
         with pytest.raises(ern.UserError, match=re.escape(reason)):
             ern.load_checkpoint(tmp_path / f"{name}.pth")
 
@@ -856,14 +856,20 @@ def test_a_resume_past_a_damaged_provenance_record_starts_it_again(finished, tin
     (["--blocks=1,1,1"], ["blocks", "1,1,1,1", "1,1,1"]),
     (["--image_size=48"], ["image_size", "32", "48"]),
     ("renamed", ["Anger", "Rage"]),
-], ids=["width", "blocks", "image_size", "class_names"])
+    ("foreign weights", ["weights do not fit"]),
+], ids=["width", "blocks", "image_size", "class_names", "weights"])
 def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_dataset, tmp_path, change, words):
     """Another network or image size on --resume's command line: one line naming the value and the run's, before the
-    data is decoded (before: after decoding every split at the new size). Data of other classes: once its names are
-    read."""
+    data is decoded (before: after decoding every split at the new size). Data of other classes, or weights of
+    another network than the config says (a baseline's): once the data is read, before the folder changes."""
     (tmp_path / "run").mkdir()
     last = Path(shutil.copy(finished / "last.pth", tmp_path / "run" / "last.pth"))
     shutil.copy(finished / "best_emotion_model.pth", tmp_path / "run")
+    if change == "foreign weights":
+        ckpt = torch.load(last, weights_only=True)
+        wider = ern.Config(**{**ckpt["config"], "width": 0.25})
+        torch.save({**ckpt, "model": ern.build_model(wider, 8).state_dict()}, last)
+        change = []
     if change == "renamed":
         data = Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
         doc = yaml.safe_load((data / "data.yaml").read_text())
@@ -875,7 +881,8 @@ def test_resume_refuses_a_checkpoint_that_differs_from_the_run(finished, tiny_da
     assert "\n" not in message and all(w in message for w in words), message
     assert {p.name for p in (tmp_path / "run").iterdir()} - {".lock"} == {"best_emotion_model.pth", "last.pth"}, \
         "training started"
-    assert (tmp_path / "cache").exists() == (words[0] == "Anger"), "decoded before refusing another network"
+    assert (tmp_path / "cache").exists() == (words[0] in ("Anger", "weights do not fit")), \
+        "decoded before refusing another network"
 
 
 class RunsCode:
@@ -1452,7 +1459,7 @@ def test_a_resume_where_fewer_gpus_are_visible_restores_the_random_state_of_thos
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
-    assert ern.restore_training_state(resume, model, optimizer, scheduler, scaler)[2] == 2
+    assert ern.restore_training_state(resume, optimizer, scheduler, scaler)[2] == 2
     assert len(restored) == 1 and torch.equal(restored[0], saved[0])
 
 

@@ -170,7 +170,7 @@ def test_resuming_a_run_saved_without_fp16_into_an_fp16_scaler(tmp_path):
     ckpt = ern.load_checkpoint(tmp_path / "last.pth")
     assert ckpt["scaler"] == {}
     fp16_scaler = torch.amp.GradScaler("cpu", enabled=True)
-    history, best, start = ern.restore_training_state(ckpt, model, optimizer, scheduler, fp16_scaler)
+    history, best, start = ern.restore_training_state(ckpt, optimizer, scheduler, fp16_scaler)
     assert (history, best["epoch"], start) == ([{"epoch": 1}], 1, 2)
     assert fp16_scaler.get_scale() == 2.0 ** 16  # a fresh scaler's
 
