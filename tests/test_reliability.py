@@ -1570,7 +1570,8 @@ def test_cvats_yolo_1_1_image_list_is_read_from_the_export(tmp_path):
 
 def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_dataset, tmp_path):
     """An unlabelled test/images (a competition's) stopped even --strict=false; an empty test/images without its
-    empty labels/ (which zip tools drop) stopped every run."""
+    empty labels/ (which zip tools drop) stopped every run. Label files put among the images of an images/ folder
+    are named in the refusal (it said only that labels/ was missing)."""
     data = Path(shutil.copytree(tiny_dataset, tmp_path / "data")).resolve()
     shutil.rmtree(data / "test" / "labels")
     n = len(list((data / "test" / "images").iterdir()))
@@ -1585,8 +1586,12 @@ def test_a_split_without_labels_is_a_problem_and_an_empty_one_is_empty(tiny_data
         p.unlink()
     split, problems, *_ = ern.scan_split("test", data / "test" / "images", 8)
     assert len(split) == 0 and problems == []
+    for label in (data / "train" / "labels").iterdir():  # beside the images in images/: Ultralytics would not read them
+        label.rename(data / "train" / "images" / label.name)
     shutil.rmtree(data / "train" / "labels")
-    with pytest.raises(ern.UserError, match="train split: images in .* but no labels folder"):
+    n = len(list((data / "train" / "images").glob("*.txt")))
+    with pytest.raises(ern.UserError, match=rf"train split: images in .* but no labels folder .* \({n} \.txt files lie "
+                                            rf"among the images: .* move them there\)$"):
         ern.scan_split("train", data / "train" / "images", 8)
 
 
