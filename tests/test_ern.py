@@ -1057,10 +1057,11 @@ def positive_input(shape=(2, 32, 6, 6), seed=0):
     return torch.rand(shape, generator=g) + 0.1
 
 
-@pytest.mark.parametrize("block", [ern.ChannelAttention(32, reduction=4), ern.SpatialAttention(),
-                                   ern.DualAttention(32, reduction=4, residual=False)], ids=lambda b: type(b).__name__)
-def test_attention_preserves_shape_and_gates_in_unit_interval(block):
-    block.eval()
+@pytest.mark.parametrize("make", [lambda: ern.ChannelAttention(32, reduction=4), ern.SpatialAttention,
+                                  lambda: ern.DualAttention(32, reduction=4, residual=False)],
+                         ids=["ChannelAttention", "SpatialAttention", "DualAttention"])
+def test_attention_preserves_shape_and_gates_in_unit_interval(make):
+    block = make().eval()  # built in the test, from torch_seeded's state, not at collection
     x = positive_input()
     with torch.no_grad():
         out = block(x)

