@@ -1232,11 +1232,13 @@ def folder_pairs(name, images_dir):
             others.append(p)
     # an empty folder is an empty split, labels or not (zip tools drop empty folders)
     if images and not (labelled and (not beside or any(is_label_file(p) for p in label_files))):
-        stray = 0 if beside else sum(p.suffix.lower() == ".txt" for p in image_files)
-        missing = (f"no labels folder {labels_dir}" + (f" ({stray} .txt files lie among the images: an images folder's "
-                                                         f"label files are read from labels/, as Ultralytics reads "
-                                                         f"them; move them there)" if stray else "") if not beside else
-                   f"no labels folder {images_dir.parent / 'labels'} and no label files beside them")
+        if beside:
+            missing = f"no labels folder {images_dir.parent / 'labels'} and no label files beside them"
+        else:
+            missing = f"no labels folder {labels_dir}"
+            if stray := sum(map(is_label_file, image_files)):
+                missing += (f" ({stray} .txt files lie among the images: an images folder's label files are read "
+                            f"from labels/, as Ultralytics reads them; move them there)")
         if name == "train":
             raise UserError(f"{name} split: images in {images_dir} but {missing}")
         return {}, problems + [f"{images_dir}: {len(images)} images but {missing}: add the labels, or take the split "
