@@ -600,29 +600,35 @@ def preset_for_machine(cfg, overrides):
 WINDOWS_FILE_IN_USE = (5, 32)  # the winerror of a file another program has open: access denied, sharing violation
 
 
+def replace_file(src, dst):
+    """os.replace(src, dst), tried again for a few seconds while Windows refuses it because another program holds one
+    of them for a moment (a virus scanner, an indexer, a reader). Returns nothing; raises the last refusal."""
+    for wait in (0.1, 0.3, 1.0, 2.0, None):
+        try:
+            return os.replace(src, dst)
+        except PermissionError as e:
+            if getattr(e, "winerror", None) not in WINDOWS_FILE_IN_USE or wait is None:
+                raise
+            time.sleep(wait)
+
+
 def atomic_write(path, write):
     """write(temporary path) beside path, then rename: a crash mid-write never breaks a good file. A write the
     system refuses (a full disk, a read-only folder) is one UserError naming the file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs may share a cache folder
-    held = False  # Windows: the rename refused because another program holds the file
+    renaming = False  # Windows' access denied while writing is a read-only folder; while renaming, a file held open
     try:
         write(tmp)
-        for wait in (0.1, 0.3, 1.0, 2.0, None):
-            try:
-                os.replace(tmp, path)
-                break
-            except PermissionError as e:  # a virus scanner, an indexer or a reader holds one of them for a moment
-                held = getattr(e, "winerror", None) in WINDOWS_FILE_IN_USE
-                if not held or wait is None:
-                    raise
-                time.sleep(wait)
+        renaming = True
+        replace_file(tmp, path)
     except BaseException as e:  # Ctrl-C or a full disk mid-write: leave no half-written file beside the good one
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc...] ... write failed")
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            held = renaming and getattr(e, "winerror", None) in WINDOWS_FILE_IN_USE
             advice = "close the program that holds it open" if held else "free some space or choose a writable folder"
             raise UserError(f"could not write {path}: {reason}; {advice} (nothing half-written is left)") from None
         raise

@@ -27,7 +27,7 @@ import torch.nn as nn
 from emotion_recognition import (EVALUATION_MACHINE, UserError, checkpoint_in, checkpoint_normalization,
                                  console_escapes, count_parameters, decode_image, fit_threads_to_cpu, inference_config,
                                  load_checkpoint, model_from_checkpoint, network_crop, read_overrides,
-                                 stop_on_ctrl_c_and_sigterm, tta_view_count, user_path, view_outputs)
+                                 replace_file, stop_on_ctrl_c_and_sigterm, tta_view_count, user_path, view_outputs)
 from predict import WHOLE_IMAGE, FaceDetector, detected_face_crop
 
 ONNX_FORMAT = "ern-onnx-v1"  # the model metadata tag of an exported .onnx file
@@ -185,7 +185,7 @@ def run_export(args):
             print(f"error: onnxruntime differs from PyTorch by up to {worst:.2e} > {EXPORT_TOLERANCE:g} ({report}); "
                   f"nothing written", file=sys.stderr)
             return 1
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:

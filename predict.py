@@ -25,6 +25,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -582,6 +583,16 @@ class PredictionOutputs:
         return errors
 
 
+def drawable(row):
+    """A row's emotion as OpenCV's Hershey font can draw it (printable ASCII; it draws anything else as "?"): accents
+    dropped (Überraschung: Uberraschung); a name with any other letter (生气, złość) or none as its class id ("class
+    3": its number in the YOLO labels, and the order of predictions.csv's probability columns)."""
+    letters = "".join(c for c in unicodedata.normalize("NFKD", row["emotion"]) if not unicodedata.combining(c))
+    if letters and all(" " <= c <= "~" for c in letters):
+        return letters
+    return f"class {list(row['probabilities']).index(row['emotion'])}"
+
+
 def annotate(image, faces, rows, tracks=None):
     """A BGR copy of an RGB image with each face's box, emotion and confidence (and track number)."""
     out = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
@@ -590,7 +601,7 @@ def annotate(image, faces, rows, tracks=None):
     for j, ((box, detected, _), row) in enumerate(zip(faces, rows)):
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         color = (60, 200, 60) if detected else (0, 165, 255)  # green: a face; orange: the whole image
-        label = "no face" if row["emotion"] is None else f"{row['emotion']} {row['confidence']:.2f}"
+        label = "no face" if row["emotion"] is None else f"{drawable(row)} {row['confidence']:.2f}"
         if tracks is not None and tracks[j] != WHOLE_FRAME:
             label = f"#{tracks[j]} " + label
         cv2.rectangle(out, (x1, y1), (x2 - 1, y2 - 1), color, thick)

@@ -427,6 +427,26 @@ def test_a_failed_export_check_leaves_no_file(run, tmp_path, monkeypatch):
     assert status == 1 and list(tmp_path.iterdir()) == []
 
 
+def test_an_export_whose_file_windows_holds_for_a_moment_is_written(run, tmp_path, monkeypatch):
+    """A model.onnx that a viewer or a virus scanner holds open when the export renames onto it (PermissionError,
+    WinError 32 on Windows): the export tries again for a few seconds, as the trainer's files do, and writes it."""
+    target, real, refusals = tmp_path / "m.onnx", ex.os.replace, [2]
+
+    def replace(src, dst):
+        if Path(dst) == target and refusals[0]:
+            refusals[0] -= 1
+            error = PermissionError(13, "The process cannot access the file because it is being used by another process")
+            error.winerror = 32
+            raise error
+        real(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", replace)
+    monkeypatch.setattr(ern.time, "sleep", lambda s: None)
+    assert ex.main([f"--checkpoint={run / 'best_emotion_model.pth'}", f"--output={target}"]) == 0
+    assert refusals == [0] and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert onnx.load(target).metadata_props  # the whole export, not a partial file
+
+
 def test_an_onnx_package_too_old_or_missing_is_one_line_and_leaves_no_file(run, tmp_path, monkeypatch):
     """The export stamped with an opset this onnxruntime does not know (as an older onnxruntime meets today's
     exporter; a real load failure): one line with the versions and onnxruntime's own limit. An onnxscript older than

@@ -419,6 +419,24 @@ def test_a_video_that_decodes_nothing_names_its_codec():
     assert pr.codec_name(Header(0)) == pr.codec_name(Header(-1)) == "codec unknown"
 
 
+def test_a_class_name_opencvs_font_cannot_draw_is_drawn_without_accents_or_as_its_class_id():
+    """OpenCV's Hershey font draws printable ASCII alone (anything else as "?"): an annotated picture names Ärger as
+    Arger and 生气 (class 1 of four) or a name of no letters (class 3) by its id, pixel for pixel as if the model's
+    classes had those names."""
+    image = np.full((120, 160, 3), 128, np.uint8)
+
+    def drawn(name, names):
+        row = {"emotion": name, "confidence": 0.5, "probabilities": dict.fromkeys(names, 0.25)}
+        return pr.annotate(image, [((20, 40, 100, 110), True, None)], [row])
+
+    names = ["Ärger", "生气", "Sad", ""]
+    assert (drawn("Ärger", names) == drawn("Arger", ["Arger"])).all()
+    assert (drawn("生气", names) == drawn("class 1", ["class 1"])).all()
+    assert (drawn("", names) == drawn("class 3", ["class 3"])).all()
+    assert (drawn("class 1", ["class 1"]) != drawn("class 2", ["class 2"])).any()  # the label is in the picture
+    assert (drawn("Sad", names) == drawn("Sad", ["Sad"])).all()
+
+
 def test_frames_that_change_size_stay_in_the_annotated_video(tmp_path):
     """A WebRTC or screen recording changes resolution mid-stream; OpenCV's writer drops frames of another size than
     its first without a word, so the annotated video lost them."""

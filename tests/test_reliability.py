@@ -591,7 +591,8 @@ def test_on_windows_a_run_folder_is_claimed_with_a_byte_lock(tmp_path, monkeypat
 
 def test_on_windows_a_file_held_for_a_moment_is_replaced_and_one_held_longer_is_named(tmp_path, monkeypatch):
     """Windows refuses to replace a file that a virus scanner, an indexer or a reader holds (PermissionError,
-    WinError 32): atomic_write tries again for a few seconds, then says what holds it, not "free some space"."""
+    WinError 32): atomic_write tries again for a few seconds, then says what holds it, not "free some space" (which
+    it says where the write itself is refused)."""
     real, refusals = os.replace, [2]
 
     def replace(src, dst):
@@ -609,6 +610,14 @@ def test_on_windows_a_file_held_for_a_moment_is_replaced_and_one_held_longer_is_
     refusals[0] = 99
     with pytest.raises(ern.UserError, match="close the program that holds it open"):
         ern.atomic_write(tmp_path / "b.json", lambda p: p.write_text("{}"))
+
+    def write_refused(path):  # Windows' answer to a write in a read-only folder: access denied, the same winerror 5
+        error = PermissionError(13, "Access is denied")
+        error.winerror = 5
+        raise error
+
+    with pytest.raises(ern.UserError, match="Access is denied; free some space or choose a writable folder"):
+        ern.atomic_write(tmp_path / "c.json", write_refused)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # nothing half-written is left
 
 
